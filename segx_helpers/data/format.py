@@ -1,0 +1,418 @@
+"""The one dataset format every notebook reads, and its validator.
+
+A dataset is a folder::
+
+    images/<id>.png|jpg   the images (RGB, grayscale or 16-bit grayscale)
+    masks/<id>.png        clinical-interest region, binary, same size as the image (optional per image)
+    labels.csv            image_id + one ``label`` column of class names (multiclass)
+                          or one 0/1 column per class (multilabel)
+    splits.csv            image_id,split with split in {train, val, test}
+    dataset.json          name, modality, task, class_names, mask_description, source, licence, ...
+
+``load_dataset`` validates all of it and raises :class:`DatasetFormatError` naming the offending file.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+from PIL import Image, UnidentifiedImageError
+
+from ..io import atomic_path, check_safe_id, write_json
+
+TASKS = ("multiclass", "multilabel")
+SPLITS = ("train", "val", "test")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+class DatasetFormatError(ValueError):
+    """A dataset folder does not follow the format; the message names the file and the fix."""
+
+
+class NonBinaryMaskWarning(UserWarning):
+    """A mask had values other than {0, 1} or {0, 255} and was thresholded at half its range."""
+
+
+@dataclass
+class DatasetInfo:
+    """Contents of ``dataset.json``: what the dataset is and how to read its labels and masks."""
+
+    name: str
+    modality: str
+    task: str
+    class_names: list[str]
+    mask_description: str
+    source: str = ""
+    licence: str = ""
+    channels: int = 3
+    generator: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise DatasetFormatError(f"dataset.json: task must be one of {TASKS}, got {self.task!r}.")
+        if not self.class_names or len(set(self.class_names)) != len(self.class_names):
+            raise DatasetFormatError(f"dataset.json: class_names must be a non-empty list of distinct names, got {self.class_names!r}.")
+        if self.channels not in (1, 3):
+            raise DatasetFormatError(f"dataset.json: channels must be 1 or 3, got {self.channels!r}.")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+@dataclass
+class LoadedDataset:
+    """A validated dataset: its description and one row per image.
+
+    ``table`` columns: image_id, split, image_path, mask_path (None when absent) and, for a
+    multiclass task, ``label`` (class name) and ``target`` (class index); for a multilabel task one
+    0/1 column per class. ``targets`` gives the targets as an array: ``(N,)`` int class indices
+    (multiclass) or ``(N, C)`` float 0/1 (multilabel), in table order.
+    """
+
+    root: Path
+    info: DatasetInfo
+    table: pd.DataFrame
+
+    @property
+    def targets(self) -> np.ndarray:
+        if self.info.task == "multiclass":
+            return self.table["target"].to_numpy(dtype=np.int64)
+        return self.table[self.info.class_names].to_numpy(dtype=np.float32)
+
+    def split(self, name: str) -> pd.DataFrame:
+        """Rows of one split, in a stable order."""
+        if name not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {name!r}")
+        return self.table[self.table["split"] == name].reset_index(drop=True)
+
+
+# ----------------------------------------------------------------------------------------- reading
+
+def read_image(path: str | Path, channels: int = 3) -> np.ndarray:
+    """Read an image as uint8 ``(H, W, channels)``.
+
+    RGBA loses its alpha channel, grayscale is replicated to RGB when ``channels == 3``, and 16-bit
+    radiographs are scaled to 8 bits by their bit depth (12-bit when the maximum is below 4096).
+    Unreadable, zero-byte and truncated files raise :class:`DatasetFormatError` naming the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetFormatError(f"Missing image file: {path}")
+    if path.stat().st_size == 0:
+        raise DatasetFormatError(f"Empty (zero-byte) image file: {path}")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            array = _to_uint8(img)
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise DatasetFormatError(f"Unreadable or truncated image file: {path} ({err})") from err
+    if array.ndim == 2:
+        array = array[:, :, None]
+    if channels == 3 and array.shape[2] == 1:
+        array = np.repeat(array, 3, axis=2)
+    elif channels == 1 and array.shape[2] == 3:
+        array = np.asarray(Image.fromarray(array).convert("L"))[:, :, None]
+    return np.ascontiguousarray(array)
+
+
+def _to_uint8(img: Image.Image) -> np.ndarray:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        values = np.asarray(img, dtype=np.float64)
+        depth = 4095.0 if values.max() < 4096 else 65535.0
+        return np.clip(np.round(values / depth * 255.0), 0, 255).astype(np.uint8)
+    if img.mode == "F":
+        values = np.asarray(img, dtype=np.float64)
+        span = max(values.max() - values.min(), 1e-12)
+        return np.round((values - values.min()) / span * 255.0).astype(np.uint8)
+    if img.mode in ("L", "RGB"):
+        return np.asarray(img)
+    if img.mode in ("1", "P", "LA"):
+        return np.asarray(img.convert("L" if img.mode != "P" else "RGB"))
+    return np.asarray(img.convert("RGB"))
+
+
+def read_mask(path: str | Path, expected_size: tuple[int, int] | None = None) -> np.ndarray:
+    """Read a binary mask as bool ``(H, W)``.
+
+    Masks stored as {0, 1} or {0, 255} are read exactly; any other values are thresholded at half
+    the value range with a :class:`NonBinaryMaskWarning` naming the file. ``expected_size`` is the
+    image's ``(H, W)``; a mask of another size is an error.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetFormatError(f"Missing mask file: {path}")
+    if path.stat().st_size == 0:
+        raise DatasetFormatError(f"Empty (zero-byte) mask file: {path}")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            values = np.asarray(img.convert("L") if img.mode not in ("L", "1", "I;16", "I") else img)
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise DatasetFormatError(f"Unreadable or truncated mask file: {path} ({err})") from err
+    if values.ndim != 2:
+        raise DatasetFormatError(f"Mask {path} must be single-channel, got shape {values.shape}.")
+    if expected_size is not None and values.shape != tuple(expected_size):
+        raise DatasetFormatError(
+            f"Mask {path} has size {values.shape[1]}x{values.shape[0]} (WxH) but its image is "
+            f"{expected_size[1]}x{expected_size[0]}; masks must have the same size as their image."
+        )
+    if values.dtype == bool:
+        return values
+    unique = np.unique(values)
+    if np.isin(unique, (0, 1)).all() or np.isin(unique, (0, 255)).all():
+        return values > 0
+    top = float(values.max()) if values.max() > 1 else 1.0
+    warnings.warn(
+        f"Mask {path} is not binary (values {unique[:6].tolist()}...); thresholded at {top / 2:g}.",
+        NonBinaryMaskWarning,
+        stacklevel=2,
+    )
+    return values > top / 2
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """``(H, W)`` of an image file without decoding the pixels."""
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise DatasetFormatError(f"Unreadable image file: {path} ({err})") from err
+    return height, width
+
+
+# ----------------------------------------------------------------------------------------- loading
+
+def load_info(root: str | Path) -> DatasetInfo:
+    """Read and check ``dataset.json``."""
+    path = Path(root) / "dataset.json"
+    if not path.is_file():
+        raise DatasetFormatError(
+            f"{path} not found: a dataset folder needs dataset.json (run notebook 01 or "
+            "segx_helpers.data.write_dataset to create one)."
+        )
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise DatasetFormatError(f"{path} is not valid JSON: {err}") from err
+    known = {f for f in DatasetInfo.__dataclass_fields__}
+    missing = {"name", "modality", "task", "class_names", "mask_description"} - raw.keys()
+    if missing:
+        raise DatasetFormatError(f"{path} lacks the fields {sorted(missing)}.")
+    return DatasetInfo(**{k: v for k, v in raw.items() if k in known})
+
+
+def load_dataset(root: str | Path, check_files: bool = True) -> LoadedDataset:
+    """Load and validate a dataset folder.
+
+    Checks labels.csv and splits.csv against each other and against dataset.json, and (when
+    ``check_files``) that every image is readable and every mask exists where expected, has the
+    image's size and is binary. Every problem raises :class:`DatasetFormatError` naming the file.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetFormatError(f"Dataset folder {root} does not exist.")
+    info = load_info(root)
+    labels = _read_csv(root / "labels.csv", required=["image_id"])
+    splits = _read_csv(root / "splits.csv", required=["image_id", "split"])
+    for frame, name in ((labels, "labels.csv"), (splits, "splits.csv")):
+        frame["image_id"] = frame["image_id"].astype(str)
+        dupes = frame["image_id"][frame["image_id"].duplicated()].unique()
+        if len(dupes):
+            raise DatasetFormatError(f"{root / name}: duplicate image ids {list(dupes[:5])}.")
+        for image_id in frame["image_id"]:
+            try:
+                check_safe_id(image_id)
+            except ValueError as err:
+                raise DatasetFormatError(f"{root / name}: {err}") from None
+    table = _parse_labels(labels, info, root / "labels.csv")
+    bad_split = sorted(set(splits["split"]) - set(SPLITS))
+    if bad_split:
+        raise DatasetFormatError(f"{root / 'splits.csv'}: unknown split names {bad_split}; use {SPLITS}.")
+    unknown = sorted(set(table["image_id"]) - set(splits["image_id"]))
+    if unknown:
+        raise DatasetFormatError(f"{root / 'labels.csv'}: ids not in splits.csv: {unknown[:5]}.")
+    extra = sorted(set(splits["image_id"]) - set(table["image_id"]))
+    if extra:
+        raise DatasetFormatError(f"{root / 'splits.csv'}: ids without a row in labels.csv: {extra[:5]}.")
+    table = table.merge(splits[["image_id", "split"]], on="image_id", how="left")
+    for split in SPLITS:
+        if not (table["split"] == split).any():
+            raise DatasetFormatError(f"{root / 'splits.csv'}: the {split!r} split is empty.")
+    table["image_path"] = [_find_image(root, i) for i in table["image_id"]]
+    table["mask_path"] = [_mask_or_none(root, i) for i in table["image_id"]]
+    if check_files:
+        for row in table.itertuples():
+            size = image_size(row.image_path)
+            read_image(row.image_path, channels=info.channels)
+            if row.mask_path is not None:
+                read_mask(row.mask_path, expected_size=size)
+    _warn_missing_classes(table, info)
+    order = ["image_id", "split", "image_path", "mask_path"]
+    table = table[order + [c for c in table.columns if c not in order]]
+    return LoadedDataset(root=root, info=info, table=table.reset_index(drop=True))
+
+
+def _read_csv(path: Path, required: Sequence[str]) -> pd.DataFrame:
+    if not path.is_file():
+        raise DatasetFormatError(f"{path} not found.")
+    try:
+        frame = pd.read_csv(path, dtype={"image_id": str})
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise DatasetFormatError(f"{path} cannot be parsed as CSV: {err}") from err
+    missing = [c for c in required if c not in frame.columns]
+    if missing:
+        raise DatasetFormatError(f"{path} lacks the columns {missing} (has {list(frame.columns)}).")
+    if frame["image_id"].isna().any():
+        raise DatasetFormatError(f"{path}: empty image_id in rows {frame.index[frame['image_id'].isna()].tolist()[:5]}.")
+    return frame
+
+
+def _parse_labels(labels: pd.DataFrame, info: DatasetInfo, path: Path) -> pd.DataFrame:
+    table = labels.copy()
+    if info.task == "multiclass":
+        if "label" not in table.columns:
+            raise DatasetFormatError(f"{path}: a multiclass dataset needs a 'label' column of class names.")
+        if table["label"].isna().any():
+            rows = table.loc[table["label"].isna(), "image_id"].tolist()[:5]
+            raise DatasetFormatError(f"{path}: missing (NaN) labels for ids {rows}.")
+        table["label"] = table["label"].astype(str)
+        unknown = sorted(set(table["label"]) - set(info.class_names))
+        if unknown:
+            raise DatasetFormatError(f"{path}: unknown class names {unknown}; dataset.json lists {info.class_names}.")
+        lookup = {name: i for i, name in enumerate(info.class_names)}
+        table["target"] = table["label"].map(lookup).astype(np.int64)
+        return table[["image_id", "label", "target"]]
+    missing = [c for c in info.class_names if c not in table.columns]
+    if missing:
+        raise DatasetFormatError(f"{path}: a multilabel dataset needs one 0/1 column per class; missing {missing}.")
+    extra = [c for c in table.columns if c not in info.class_names and c != "image_id"]
+    if extra:
+        raise DatasetFormatError(f"{path}: unknown class columns {extra}; dataset.json lists {info.class_names}.")
+    values = table[info.class_names]
+    if values.isna().any().any():
+        rows = table.loc[values.isna().any(axis=1), "image_id"].tolist()[:5]
+        raise DatasetFormatError(f"{path}: missing (NaN) labels for ids {rows}.")
+    if not values.isin([0, 1]).all().all():
+        raise DatasetFormatError(f"{path}: multilabel columns must hold only 0 or 1.")
+    table[info.class_names] = values.astype(np.int64)
+    return table[["image_id"] + info.class_names]
+
+
+def _find_image(root: Path, image_id: str) -> str:
+    for suffix in IMAGE_SUFFIXES:
+        candidate = root / "images" / f"{image_id}{suffix}"
+        if candidate.is_file():
+            return str(candidate)
+    raise DatasetFormatError(f"Missing image for id {image_id!r}: expected {root / 'images' / image_id}.png or .jpg")
+
+
+def _mask_or_none(root: Path, image_id: str) -> str | None:
+    candidate = root / "masks" / f"{image_id}.png"
+    return str(candidate) if candidate.is_file() else None
+
+
+def _warn_missing_classes(table: pd.DataFrame, info: DatasetInfo) -> None:
+    for split in SPLITS:
+        part = table[table["split"] == split]
+        if info.task == "multiclass":
+            counts = part["target"].value_counts()
+            absent = [n for i, n in enumerate(info.class_names) if counts.get(i, 0) == 0]
+        else:
+            absent = [n for n in info.class_names if part[n].sum() == 0]
+        if absent:
+            warnings.warn(
+                f"The {split!r} split has no images of class(es) {absent}: per-class metrics for them are undefined there.",
+                UserWarning,
+                stacklevel=3,
+            )
+
+
+# ----------------------------------------------------------------------------------------- writing
+
+def make_splits(
+    image_ids: Sequence[str],
+    seed: int,
+    fractions: tuple[float, float, float] = (0.7, 0.1, 0.2),
+    stratify: Sequence | None = None,
+) -> pd.DataFrame:
+    """Assign train/val/test deterministically given ``seed`` (7:1:2 like the reference code).
+
+    With ``stratify`` (one class key per id) each class is split in the same proportions.
+    """
+    if not np.isclose(sum(fractions), 1.0) or min(fractions) <= 0:
+        raise ValueError(f"fractions must be three positive numbers summing to 1, got {fractions}")
+    ids = np.asarray([str(i) for i in image_ids])
+    keys = np.zeros(len(ids), dtype=int) if stratify is None else pd.factorize(pd.Series(list(stratify)).astype(str))[0]
+    rng = np.random.default_rng(seed)
+    split = np.empty(len(ids), dtype=object)
+    for key in np.unique(keys):
+        members = rng.permutation(np.flatnonzero(keys == key))
+        n_train = int(round(fractions[0] * len(members)))
+        n_val = int(round(fractions[1] * len(members)))
+        split[members[:n_train]] = "train"
+        split[members[n_train:n_train + n_val]] = "val"
+        split[members[n_train + n_val:]] = "test"
+    return pd.DataFrame({"image_id": ids, "split": split})
+
+
+def write_dataset(
+    root: str | Path,
+    info: DatasetInfo,
+    samples: Iterable[tuple[str, np.ndarray, np.ndarray | None]],
+    labels: pd.DataFrame,
+    splits: pd.DataFrame,
+    overwrite: bool = False,
+    image_format: str = "png",
+    extra_tables: Callable[[], dict[str, pd.DataFrame]] | None = None,
+) -> Path:
+    """Write a dataset folder atomically from ``(image_id, image (H, W[, C]) uint8, mask (H, W) bool | None)``.
+
+    Everything is written to a temporary sibling folder that is renamed onto ``root`` only when
+    complete. An existing ``root`` is replaced only with ``overwrite=True`` *and* only if it was
+    written by this package (its dataset.json carries a ``generator`` entry): user data is never
+    replaced. ``extra_tables`` returns more CSV files to write (name -> frame), e.g. the synthetic
+    artefact table; it is called after ``samples`` is consumed.
+    """
+    root = Path(root)
+    if root.exists() and overwrite:
+        _check_owned(root)
+    with atomic_path(root, overwrite=overwrite) as tmp:
+        (tmp / "images").mkdir(parents=True)
+        (tmp / "masks").mkdir()
+        seen: set[str] = set()
+        for image_id, image, mask in samples:
+            check_safe_id(image_id)
+            if image_id in seen:
+                raise DatasetFormatError(f"Duplicate image id {image_id!r} while writing {root}.")
+            seen.add(image_id)
+            Image.fromarray(np.asarray(image, dtype=np.uint8).squeeze()).save(tmp / "images" / f"{image_id}.{image_format}")
+            if mask is not None:
+                if mask.shape != image.shape[:2]:
+                    raise DatasetFormatError(f"Mask for {image_id!r} has shape {mask.shape}, image {image.shape[:2]}.")
+                Image.fromarray(np.where(mask, 255, 0).astype(np.uint8)).save(tmp / "masks" / f"{image_id}.png")
+        for name, frame in (extra_tables() if extra_tables else {}).items():
+            frame.to_csv(tmp / name, index=False)
+        labels.to_csv(tmp / "labels.csv", index=False)
+        splits.to_csv(tmp / "splits.csv", index=False)
+        write_json(tmp / "dataset.json", asdict(info))
+        load_dataset(tmp, check_files=False)
+    return root
+
+
+def _check_owned(root: Path) -> None:
+    try:
+        info = load_info(root)
+    except DatasetFormatError:
+        info = None
+    if info is None or not info.generator:
+        raise FileExistsError(
+            f"{root} exists and was not written by segx_helpers (no 'generator' entry in its dataset.json); "
+            "refusing to replace it. Choose another folder or remove it yourself."
+        )

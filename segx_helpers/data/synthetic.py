@@ -1,0 +1,437 @@
+"""Synthetic datasets that make the point of SegX visible (the tutorial's embedded default data).
+
+Both generators draw a clinical-interest region (a skin lesion; the two lung fields) whose
+*inside* alone decides the label, plus spurious artefacts placed strictly *outside* that region
+whose presence is correlated with the label by a parameter. A classifier trained where the
+shortcut holds can learn it; a test split generated with the correlation changed (or reversed)
+then exposes the predictions that relied on it, which is what SegU is meant to catch.
+
+The shortcut correlation is the Pearson (phi) correlation between the binary artefact indicator
+and the binary "has the shortcut class" indicator. It is realised exactly in expectation: with
+probability ``|rho|`` the artefact copies the class indicator (or its complement when
+``rho < 0``), otherwise it is drawn independently with the class prevalence.
+
+Every image is drawn from its own random stream ``default_rng([seed, index])``: datasets are
+deterministic given the seed and independent of generation order.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image, ImageDraw, ImageFilter
+from scipy import ndimage
+from tqdm.auto import tqdm
+
+from .format import DatasetInfo, load_info, make_splits, write_dataset
+
+DERM_CLASSES = ("nevus", "melanoma", "keratosis")
+CXR_FINDINGS = ("nodule", "opacity", "effusion")
+CXR_TOKENS = {"nodule": "ecg_lead", "opacity": "text_marker", "effusion": "chest_tube"}
+
+
+@dataclass
+class SyntheticConfig:
+    """Parameters of a synthetic dataset; all of them are written to ``dataset.json``.
+
+    ``shortcut_correlation`` applies to the train and val splits, ``test_shortcut_correlation`` to
+    the test split (0 decorrelates it, negative values reverse the shortcut).
+    """
+
+    n_images: int = 1000
+    image_size: int = 128
+    seed: int = 0
+    shortcut_correlation: float = 0.8
+    test_shortcut_correlation: float = 0.0
+    split_fractions: tuple[float, float, float] = (0.7, 0.1, 0.2)
+    class_prevalence: tuple[float, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if self.n_images < 10:
+            raise ValueError(f"n_images must be at least 10, got {self.n_images}")
+        if self.image_size < 32:
+            raise ValueError(f"image_size must be at least 32 pixels, got {self.image_size}")
+        for name in ("shortcut_correlation", "test_shortcut_correlation"):
+            value = getattr(self, name)
+            if not -1.0 <= value <= 1.0:
+                raise ValueError(f"{name} must lie in [-1, 1], got {value}")
+
+
+def shortcut_indicator(has_class: np.ndarray, rho: float, prevalence: float, rng: np.random.Generator) -> np.ndarray:
+    """Binary artefact indicators whose phi correlation with ``has_class`` is ``rho`` in expectation."""
+    has_class = np.asarray(has_class, dtype=bool)
+    copy = rng.random(has_class.shape) < abs(rho)
+    independent = rng.random(has_class.shape) < prevalence
+    artefact = np.where(copy, has_class, independent)
+    return ~artefact if rho < 0 else artefact
+
+
+def phi_correlation(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson correlation of two binary arrays (0.0 when either is constant)."""
+    a = np.asarray(a, dtype=float)
+    b = np.asarray(b, dtype=float)
+    if a.std() == 0 or b.std() == 0:
+        return 0.0
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+# ------------------------------------------------------------------------------- drawing helpers
+
+def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
+    """Smooth random field in [-1, 1], ``(size, size)``, with about ``cells`` blobs per side."""
+    grid = rng.uniform(-1, 1, (cells + 1, cells + 1)).astype(np.float32)
+    return np.asarray(Image.fromarray(grid, mode="F").resize((size, size), Image.BICUBIC)).clip(-1, 1)
+
+
+def _polar_blob(size: int, cx: float, cy: float, radius: float, amplitudes: np.ndarray, phases: np.ndarray,
+                aspect: float = 1.0, angle: float = 0.0) -> np.ndarray:
+    """Star-shaped region ``r(theta) = R (1 + sum_k a_k cos(k theta + phi_k))``; bool ``(size, size)``."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    dx, dy = xx - cx, yy - cy
+    rot_x = dx * np.cos(angle) + dy * np.sin(angle)
+    rot_y = (-dx * np.sin(angle) + dy * np.cos(angle)) * aspect
+    theta = np.arctan2(rot_y, rot_x)
+    boundary = np.ones_like(theta)
+    for k, (a, p) in enumerate(zip(amplitudes, phases), start=2):
+        boundary += a * np.cos(k * theta + p)
+    return np.hypot(rot_x, rot_y) < radius * boundary
+
+
+def _disc(size: int, cx: float, cy: float, r: float) -> np.ndarray:
+    yy, xx = np.mgrid[0:size, 0:size]
+    return (xx - cx) ** 2 + (yy - cy) ** 2 <= r * r
+
+
+def _stroke_layer(size: int, draw_fn) -> np.ndarray:
+    """Rasterise PIL drawing calls into a float coverage layer in [0, 1]."""
+    layer = Image.new("L", (size, size), 0)
+    draw_fn(ImageDraw.Draw(layer))
+    return np.asarray(layer, dtype=np.float32) / 255.0
+
+
+def _paint(image: np.ndarray, coverage: np.ndarray, colour) -> None:
+    """Alpha-blend ``colour`` into ``image`` (float, ``(H, W, C)``) in place where ``coverage`` > 0."""
+    alpha = np.clip(coverage, 0, 1)[..., None]
+    image[:] = image * (1 - alpha) + np.asarray(colour, dtype=np.float32) * alpha
+
+
+def _outside(coverage: np.ndarray, region: np.ndarray, margin: int) -> np.ndarray:
+    """Zero ``coverage`` inside ``region`` dilated by ``margin`` pixels (artefacts stay outside)."""
+    grown = ndimage.binary_dilation(region, iterations=margin) if margin > 0 else region
+    return np.where(grown, 0.0, coverage)
+
+
+# ------------------------------------------------------------------------------- synthetic-derm
+
+def _draw_derm(rng: np.random.Generator, size: int, label: str, ink: bool) -> tuple[np.ndarray, np.ndarray, dict]:
+    """One dermoscopy-like image ``(S, S, 3)`` uint8, its lesion mask ``(S, S)`` and the artefacts drawn."""
+    s = float(size)
+    skin = np.array([[233, 190, 160], [215, 165, 130], [190, 140, 105], [160, 110, 80]], dtype=np.float32)
+    base = skin[rng.integers(len(skin))] + rng.normal(0, 6, 3)
+    texture = _smooth_noise(rng, size, 6)[..., None] * 10 + _smooth_noise(rng, size, 24)[..., None] * 5
+    image = base + texture + rng.normal(0, 3, (size, size, 1))
+
+    cx, cy = s / 2 + rng.uniform(-0.1, 0.1, 2) * s
+    radius = rng.uniform(0.15, 0.22) * s
+    if label == "melanoma":
+        amps = rng.uniform(0.03, 0.1, 6)
+        mask = _polar_blob(size, cx, cy, radius, amps, rng.uniform(0, 2 * np.pi, 6))
+    elif label == "nevus":
+        amps = np.concatenate([rng.uniform(0.0, 0.05, 2), rng.uniform(0.0, 0.03, 2)])
+        mask = _polar_blob(size, cx, cy, radius, amps, rng.uniform(0, 2 * np.pi, 4))
+    else:
+        amps = rng.uniform(0.0, 0.03, 2)
+        mask = _polar_blob(size, cx, cy, radius, amps, rng.uniform(0, 2 * np.pi, 2),
+                           aspect=rng.uniform(1.3, 1.6), angle=rng.uniform(0, np.pi))
+    soft = ndimage.gaussian_filter(mask.astype(np.float32), 1.0)
+    inner = ndimage.binary_erosion(mask, iterations=2)
+    ys, xs = np.nonzero(inner)
+
+    if label == "keratosis":
+        colour = np.array([185, 150, 95], dtype=np.float32) * rng.uniform(0.9, 1.08)
+        stripes = np.sin(np.mgrid[0:size, 0:size][0] * rng.uniform(0.8, 1.2) + _smooth_noise(rng, size, 6) * 3)
+        lesion = colour + stripes[..., None] * 14
+        dots, dot_colour = rng.integers(5, 10), (245, 240, 225)
+    else:
+        melanoma = label == "melanoma"
+        colour = np.array([115, 70, 42] if not melanoma else [100, 60, 38], dtype=np.float32) * rng.uniform(0.8, 1.15)
+        lesion = np.broadcast_to(colour + _smooth_noise(rng, size, 5)[..., None] * 8, (size, size, 3)).copy()
+        n_blotches = rng.integers(1, 3) if melanoma else int(rng.random() < 0.3)
+        palette = rng.permutation(np.array([[35, 25, 25], [90, 100, 130], [150, 60, 60]]))
+        for blotch_colour in palette[:n_blotches]:
+            blotch = _polar_blob(size, cx + rng.uniform(-0.5, 0.5) * radius, cy + rng.uniform(-0.5, 0.5) * radius,
+                                 radius * rng.uniform(0.3, 0.5), rng.uniform(0, 0.2, 3), rng.uniform(0, 6.3, 3))
+            strength = rng.uniform(0.45, 0.85) if melanoma else rng.uniform(0.2, 0.4)
+            _paint(lesion, ndimage.gaussian_filter(blotch.astype(np.float32), 1.0) * strength, blotch_colour)
+        dots = rng.integers(3, 11) if melanoma else rng.integers(0, 3)
+        dot_colour = (20, 15, 15)
+    for i in rng.choice(len(ys), size=min(len(ys), dots), replace=False):
+        _paint(lesion, _disc(size, xs[i], ys[i], rng.uniform(0.8, 1.6)).astype(np.float32), dot_colour)
+    _paint(image, soft, np.zeros(3))
+    image += soft[..., None] * lesion
+
+    artefacts = {"ink": bool(ink), "ruler": bool(rng.random() < 0.2), "vignette": bool(rng.random() < 0.25),
+                 "hair": bool(rng.random() < 0.3)}
+    if artefacts["vignette"]:
+        yy, xx = np.mgrid[0:size, 0:size]
+        dist = np.hypot(xx - s / 2, yy - s / 2) / (s / 2)
+        _paint(image, _outside(np.clip((dist - 1.05) * 4, 0, 1), mask, 3), (15, 12, 12))
+    if artefacts["hair"]:
+        def hairs(draw):
+            for _ in range(rng.integers(2, 6)):
+                pts = np.cumsum(rng.normal(0, s / 10, (6, 2)), axis=0) + rng.uniform(0, s, 2)
+                draw.line([tuple(p) for p in pts], fill=255, width=1)
+        _paint(image, _outside(_stroke_layer(size, hairs), mask, 2) * 0.8, (40, 30, 25))
+    if artefacts["ruler"]:
+        def ruler(draw):
+            draw.rectangle([0, s * 0.9, s, s], fill=255)
+        band = _outside(_stroke_layer(size, ruler), mask, 2)
+        _paint(image, band, (225, 225, 215))
+        ticks = _stroke_layer(size, lambda d: [d.line([(x, s * 0.9), (x, s * 0.95)], fill=255, width=1)
+                                              for x in np.arange(2, s, s / 16)])
+        _paint(image, _outside(ticks, mask, 2), (30, 30, 30))
+    if artefacts["ink"]:
+        ring = radius * rng.uniform(1.45, 1.8)
+        start = rng.uniform(0, 360)
+        sweep = rng.uniform(90, 200)
+
+        def ink_mark(draw):
+            draw.arc([cx - ring, cy - ring, cx + ring, cy + ring], start, start + sweep, fill=255, width=max(2, size // 40))
+            for _ in range(rng.integers(1, 4)):
+                angle = np.deg2rad(rng.uniform(0, 360))
+                px, py = cx + ring * 1.1 * np.cos(angle), cy + ring * 1.1 * np.sin(angle)
+                draw.ellipse([px - size / 40, py - size / 40, px + size / 40, py + size / 40], fill=255)
+        _paint(image, _outside(_stroke_layer(size, ink_mark), mask, 3) * 0.9, (95, 40, 150))
+    image = np.asarray(Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).filter(ImageFilter.SMOOTH))
+    return image, mask, artefacts
+
+
+def generate_synthetic_derm(root: str | Path, config: SyntheticConfig | None = None, overwrite: bool = False,
+                            progress: bool = True) -> Path:
+    """Write ``synthetic-derm``: dermoscopy-like RGB images, one lesion each (mask = lesion).
+
+    Classes depend only on the lesion: ``nevus`` (round, uniform brown), ``melanoma`` (irregular
+    border, several colours, dark dots), ``keratosis`` (oval, light tan, bright milia-like dots).
+    The spurious artefact is a purple ink marker drawn around (never on) the lesion, correlated with
+    ``melanoma``; rulers, hairs and dark vignette corners appear at random as nuisance.
+    """
+    config = config or SyntheticConfig(class_prevalence=(0.45, 0.3, 0.25))
+    prevalence = np.asarray(config.class_prevalence or (0.45, 0.3, 0.25), dtype=float)
+    if len(prevalence) != len(DERM_CLASSES) or not np.isclose(prevalence.sum(), 1):
+        raise ValueError(f"class_prevalence must be {len(DERM_CLASSES)} numbers summing to 1, got {config.class_prevalence}")
+    rng = np.random.default_rng([config.seed, 10_000_000])
+    ids = [f"derm_{i:05d}" for i in range(config.n_images)]
+    labels = rng.choice(len(DERM_CLASSES), size=config.n_images, p=prevalence)
+    splits = make_splits(ids, seed=config.seed, fractions=config.split_fractions, stratify=labels)
+    is_melanoma = labels == DERM_CLASSES.index("melanoma")
+    ink = _split_shortcut(splits["split"].to_numpy(), is_melanoma, config, prevalence[1], rng)
+
+    records = []
+
+    def samples():
+        for i, image_id in enumerate(tqdm(ids, desc="synthetic-derm", disable=not progress)):
+            image, mask, artefacts = _draw_derm(np.random.default_rng([config.seed, i]), config.image_size,
+                                                DERM_CLASSES[labels[i]], ink[i])
+            records.append({"image_id": image_id, **artefacts})
+            yield image_id, image, mask
+
+    info = DatasetInfo(
+        name="synthetic-derm", modality="dermoscopy (synthetic)", task="multiclass", class_names=list(DERM_CLASSES),
+        mask_description="the lesion", source="segx_helpers.data.synthetic.generate_synthetic_derm",
+        licence="CC0-1.0 (generated)", channels=3,
+        generator={**_config_dict(config, prevalence), "shortcut_class": "melanoma", "shortcut_artefact": "ink",
+                   "nuisance_artefacts": ["ruler", "vignette", "hair"]},
+    )
+    frame = pd.DataFrame({"image_id": ids, "label": [DERM_CLASSES[k] for k in labels]})
+    _write_with_artefacts(root, info, samples(), frame, splits, records, overwrite)
+    return Path(root)
+
+
+# ------------------------------------------------------------------------------- synthetic-cxr
+
+def _draw_cxr(rng: np.random.Generator, size: int, findings: dict, tokens: dict) -> tuple[np.ndarray, np.ndarray, dict]:
+    """One radiograph-like grayscale image ``(S, S)`` uint8 and its lung mask ``(S, S)``."""
+    s = float(size)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    image = np.full((size, size), 18.0, dtype=np.float32)
+    body = ((xx - s / 2) / (0.46 * s)) ** 2 + ((yy - 0.62 * s) / (0.62 * s)) ** 2 < 1
+    image[body] = 105
+    image += _smooth_noise(rng, size, 5) * 8
+
+    scale = rng.uniform(0.92, 1.05)
+    lungs = np.zeros((size, size), dtype=bool)
+    for side in (-1, 1):
+        cx = s / 2 + side * 0.19 * s * scale
+        ax, ay = 0.14 * s * scale, 0.29 * s * scale
+        cy = 0.5 * s + rng.uniform(-0.02, 0.02) * s
+        shape = ((xx - cx) / ax) ** 2 + ((yy - cy) / ay) ** 2 < 1
+        shape &= yy > cy - ay * 0.92
+        shape &= np.abs(xx - s / 2) > 0.06 * s
+        lungs |= shape
+    heart = ((xx - 0.56 * s) / (0.15 * s)) ** 2 + ((yy - 0.68 * s) / (0.12 * s)) ** 2 < 1
+    lungs &= ~heart
+    image[lungs] = 48
+    image += np.where(lungs, _smooth_noise(rng, size, 8) * 6, 0)
+    image[heart & body] = 140
+    spine = np.abs(xx - s / 2) < 0.035 * s
+    image[spine & (yy > 0.12 * s)] = 165 + 10 * np.sin(yy[spine & (yy > 0.12 * s)] * 0.8)
+    diaphragm = (yy > 0.5 * s + 0.29 * s * scale) & body
+    image[diaphragm & ~spine] = np.maximum(image[diaphragm & ~spine], 125)
+    ribs = _stroke_layer(size, lambda d: [
+        d.arc([s / 2 + side * 0.02 * s - 0.36 * s, y - 0.12 * s, s / 2 + side * 0.02 * s + 0.36 * s, y + 0.12 * s],
+              200 if side < 0 else 270, 270 if side < 0 else 340, fill=255, width=max(1, size // 64))
+        for y in np.arange(0.26 * s, 0.8 * s, 0.075 * s) for side in (-1, 1)])
+    image += ribs * 28
+
+    inner = ndimage.binary_erosion(lungs, iterations=max(2, size // 32))
+    if findings["effusion"]:
+        side = rng.choice([-1, 1])
+        lung_side = inner & ((xx - s / 2) * side > 0)
+        bottom = yy[lung_side].max()
+        level = bottom - rng.uniform(0.1, 0.16) * s
+        cx = xx[lung_side].mean()
+        meniscus = level - ((xx - cx) / (0.14 * s)) ** 2 * 0.05 * s
+        fluid = (lungs & ((xx - s / 2) * side > 0) & (yy > meniscus)).astype(np.float32)
+        image += ndimage.gaussian_filter(fluid, 1.0) * 95
+    if findings["opacity"]:
+        ys, xs = np.nonzero(inner)
+        k = rng.integers(len(ys))
+        cloud = _disc(size, xs[k], ys[k], rng.uniform(0.08, 0.12) * s).astype(np.float32)
+        cloud = ndimage.gaussian_filter(cloud, 0.03 * s) * (0.6 + 0.4 * _smooth_noise(rng, size, 12))
+        image += np.where(lungs, cloud, 0) * 70
+    if findings["nodule"]:
+        ys, xs = np.nonzero(ndimage.binary_erosion(lungs, iterations=max(3, size // 20)))
+        for k in rng.choice(len(ys), size=rng.integers(1, 3), replace=False):
+            nodule = _disc(size, xs[k], ys[k], rng.uniform(0.025, 0.04) * s).astype(np.float32)
+            image += ndimage.gaussian_filter(nodule, 0.6) * 70
+
+    keep_out = lungs | heart
+    if tokens["ecg_lead"]:
+        side = rng.choice([-1, 1])
+        px, py = s / 2 + side * rng.uniform(0.3, 0.4) * s, rng.uniform(0.12, 0.2) * s
+        r = 0.035 * s
+        lead = _stroke_layer(size, lambda d: (d.ellipse([px - r, py - r, px + r, py + r], outline=255, width=max(1, size // 64)),
+                                              d.line([(px, py + r), (px + side * 0.1 * s, py + 0.3 * s)], fill=255, width=1)))
+        image = np.maximum(image, _outside(lead, keep_out, 2) * 235)
+    if tokens["text_marker"]:
+        corner_x = rng.choice([0.04, 0.62]) * s
+        marker = _stroke_layer(size, lambda d: [d.rectangle([corner_x + j * 0.045 * s, 0.9 * s, corner_x + j * 0.045 * s + 0.03 * s,
+                                                             0.95 * s], fill=255) for j in range(rng.integers(5, 8))])
+        image = np.maximum(image, _outside(marker, keep_out, 2) * 230)
+    if tokens["chest_tube"]:
+        side = rng.choice([-1, 1])
+        x0 = s / 2 + side * 0.47 * s
+        tube = _stroke_layer(size, lambda d: d.line([(x0, 0.95 * s), (s / 2 + side * 0.42 * s, 0.75 * s),
+                                                     (s / 2 + side * 0.38 * s, 0.45 * s)], fill=255, width=max(2, size // 40)))
+        image = np.maximum(image, _outside(tube, keep_out, 2) * 220)
+    letter = rng.choice(["L", "R"])
+    text = _stroke_layer(size, lambda d: d.text((0.06 * s, 0.04 * s), letter, fill=255))
+    image = np.maximum(image, text * 240)
+    image += rng.normal(0, 3, image.shape)
+    image = ndimage.gaussian_filter(image, 0.5)
+    return np.clip(image, 0, 255).astype(np.uint8), lungs, {**tokens, "laterality": letter}
+
+
+def generate_synthetic_cxr(root: str | Path, config: SyntheticConfig | None = None, overwrite: bool = False,
+                           progress: bool = True) -> Path:
+    """Write ``synthetic-cxr``: grayscale chest-radiograph-like images (mask = both lung fields).
+
+    Multi-label findings inside the lungs: ``nodule``, ``opacity``, ``effusion`` (fluid with a
+    meniscus at a lung base). Each finding has a spurious token outside the lungs correlated with it
+    (ECG lead, text marker, chest tube); the laterality letter is always present.
+    """
+    config = config or SyntheticConfig(class_prevalence=(0.3, 0.3, 0.25))
+    prevalence = np.asarray(config.class_prevalence or (0.3, 0.3, 0.25), dtype=float)
+    if len(prevalence) != len(CXR_FINDINGS) or not ((prevalence > 0) & (prevalence < 1)).all():
+        raise ValueError(f"class_prevalence must be {len(CXR_FINDINGS)} probabilities in (0, 1), got {config.class_prevalence}")
+    rng = np.random.default_rng([config.seed, 20_000_000])
+    ids = [f"cxr_{i:05d}" for i in range(config.n_images)]
+    labels = rng.random((config.n_images, len(CXR_FINDINGS))) < prevalence
+    stratum = labels @ (2 ** np.arange(len(CXR_FINDINGS)))
+    splits = make_splits(ids, seed=config.seed, fractions=config.split_fractions, stratify=stratum)
+    token_flags = {CXR_TOKENS[f]: _split_shortcut(splits["split"].to_numpy(), labels[:, j], config, prevalence[j], rng)
+                   for j, f in enumerate(CXR_FINDINGS)}
+    records = []
+
+    def samples():
+        for i, image_id in enumerate(tqdm(ids, desc="synthetic-cxr", disable=not progress)):
+            findings = {f: bool(labels[i, j]) for j, f in enumerate(CXR_FINDINGS)}
+            tokens = {t: bool(flags[i]) for t, flags in token_flags.items()}
+            image, mask, drawn = _draw_cxr(np.random.default_rng([config.seed, i]), config.image_size, findings, tokens)
+            records.append({"image_id": image_id, **drawn})
+            yield image_id, image, mask
+
+    info = DatasetInfo(
+        name="synthetic-cxr", modality="chest X-ray (synthetic)", task="multilabel", class_names=list(CXR_FINDINGS),
+        mask_description="both lung fields", source="segx_helpers.data.synthetic.generate_synthetic_cxr",
+        licence="CC0-1.0 (generated)", channels=1,
+        generator={**_config_dict(config, prevalence), "shortcut_tokens": CXR_TOKENS,
+                   "nuisance_artefacts": ["laterality"]},
+    )
+    frame = pd.DataFrame({"image_id": ids, **{f: labels[:, j].astype(int) for j, f in enumerate(CXR_FINDINGS)}})
+    _write_with_artefacts(root, info, samples(), frame, splits, records, overwrite)
+    return Path(root)
+
+
+# ------------------------------------------------------------------------------- shared plumbing
+
+def _split_shortcut(split: np.ndarray, has_class: np.ndarray, config: SyntheticConfig, prevalence: float,
+                    rng: np.random.Generator) -> np.ndarray:
+    rho = np.where(split == "test", config.test_shortcut_correlation, config.shortcut_correlation)
+    out = np.zeros(len(split), dtype=bool)
+    for value in np.unique(rho):
+        rows = rho == value
+        out[rows] = shortcut_indicator(has_class[rows], float(value), prevalence, rng)
+    return out
+
+
+def _config_dict(config: SyntheticConfig, prevalence: np.ndarray) -> dict:
+    values = asdict(config)
+    values["class_prevalence"] = [float(p) for p in prevalence]
+    values["split_fractions"] = list(config.split_fractions)
+    return values
+
+
+def _write_with_artefacts(root, info, samples, labels, splits, records, overwrite) -> None:
+    """Write the dataset plus ``artefacts.csv`` (which spurious marks each image carries), atomically."""
+    write_dataset(root, info, samples, labels, splits, overwrite=overwrite,
+                  extra_tables=lambda: {"artefacts.csv": pd.DataFrame(records)})
+
+
+def load_artefacts(root: str | Path) -> pd.DataFrame:
+    """The per-image artefact table of a synthetic dataset, merged with its splits."""
+    root = Path(root)
+    artefacts = pd.read_csv(root / "artefacts.csv", dtype={"image_id": str})
+    splits = pd.read_csv(root / "splits.csv", dtype={"image_id": str})
+    return artefacts.merge(splits, on="image_id")
+
+
+GENERATORS = {"synthetic-derm": generate_synthetic_derm, "synthetic-cxr": generate_synthetic_cxr}
+
+
+def ensure_synthetic(name: str, root: str | Path, config: SyntheticConfig | None = None, progress: bool = True) -> Path:
+    """Generate a synthetic dataset unless an identical one (same generator parameters) is already there.
+
+    Re-running a notebook is therefore cheap and safe. A folder holding different parameters is
+    replaced only if this package generated it; anything else is refused.
+    """
+    if name not in GENERATORS:
+        raise ValueError(f"Unknown synthetic dataset {name!r}; choose one of {sorted(GENERATORS)}")
+    root = Path(root)
+    config = config or SyntheticConfig()
+    if root.exists():
+        try:
+            existing = load_info(root).generator
+        except Exception:
+            existing = None
+        wanted = _config_dict(config, np.asarray(config.class_prevalence or _default_prevalence(name)))
+        if existing and all(existing.get(k) == v for k, v in wanted.items()) and (root / "artefacts.csv").is_file():
+            return root
+        return GENERATORS[name](root, config, overwrite=True, progress=progress)
+    return GENERATORS[name](root, config, progress=progress)
+
+
+def _default_prevalence(name: str) -> tuple[float, ...]:
+    return (0.45, 0.3, 0.25) if name == "synthetic-derm" else (0.3, 0.3, 0.25)

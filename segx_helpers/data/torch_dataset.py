@@ -1,0 +1,116 @@
+"""The torch ``Dataset`` over the folder format, with paired image/mask transforms.
+
+Geometric transforms (resize, flips, rotations) go through ``torchvision.transforms.v2`` with the
+mask wrapped as ``tv_tensors.Mask``: one call transforms both with identical parameters, and the
+mask is resized with nearest-neighbour interpolation so it stays binary.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+from .format import LoadedDataset, read_image, read_mask
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """Per-channel mean and std applied after scaling pixels to [0, 1]; stored in checkpoints."""
+
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+
+    @classmethod
+    def for_channels(cls, channels: int) -> "Normalization":
+        """ImageNet statistics for RGB; their channel average for single-channel images."""
+        if channels == 3:
+            return cls()
+        return cls(mean=(float(np.mean(IMAGENET_MEAN)),), std=(float(np.mean(IMAGENET_STD)),))
+
+    def denormalize(self, images: torch.Tensor | np.ndarray) -> np.ndarray:
+        """``(N, C, H, W)`` normalised tensor -> ``(N, H, W, C)`` float array in [0, 1] for display."""
+        array = images.detach().cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
+        mean = np.asarray(self.mean, dtype=np.float32)[None, :, None, None]
+        std = np.asarray(self.std, dtype=np.float32)[None, :, None, None]
+        return np.clip(array * std + mean, 0, 1).transpose(0, 2, 3, 1)
+
+
+def make_transforms(image_size: int, normalization: Normalization, train: bool = False,
+                    rotation_degrees: float = 15.0) -> v2.Compose:
+    """Paired transforms for ``(tv_tensors.Image uint8, tv_tensors.Mask)``; augmentation only when ``train``."""
+    steps: list = [v2.Resize((image_size, image_size), antialias=True)]
+    if train:
+        steps += [v2.RandomHorizontalFlip(), v2.RandomVerticalFlip(), v2.RandomRotation(rotation_degrees)]
+    steps += [v2.ToDtype({tv_tensors.Image: torch.float32, tv_tensors.Mask: torch.float32, "others": None}, scale=True),
+              v2.Normalize(mean=list(normalization.mean), std=list(normalization.std))]
+    return v2.Compose(steps)
+
+
+class SegXDataset(Dataset):
+    """One split of a dataset as torch samples.
+
+    Each item is a dict: ``image`` float ``(C, H, W)`` normalised, ``mask`` float ``(1, H, W)`` in
+    {0, 1} (all zeros and ``has_mask`` False when the image has no mask), ``target`` (int64 class
+    index for multiclass, float ``(C,)`` 0/1 for multilabel) and ``image_id``.
+    With ``cache=True`` decoded images and masks are kept in memory (about 50 MB for 1,000 RGB
+    images at 128 px), which makes epochs after the first much faster.
+    """
+
+    def __init__(self, data: LoadedDataset, split: str | None, image_size: int,
+                 normalization: Normalization | None = None, train: bool = False, cache: bool = True) -> None:
+        self.data = data
+        self.rows = data.table if split is None else data.split(split)
+        if len(self.rows) == 0:
+            raise ValueError(f"Split {split!r} of {data.root} has no images.")
+        self.channels = data.info.channels
+        self.normalization = normalization or Normalization.for_channels(self.channels)
+        if len(self.normalization.mean) != self.channels:
+            raise ValueError(f"normalization has {len(self.normalization.mean)} channels but {data.root} images have {self.channels}.")
+        self.transform = make_transforms(image_size, self.normalization, train=train)
+        all_targets = data.targets
+        index = {image_id: i for i, image_id in enumerate(data.table["image_id"])}
+        self.targets = all_targets[[index[i] for i in self.rows["image_id"]]]
+        self._cache: dict[int, tuple[np.ndarray, np.ndarray | None]] | None = {} if cache else None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def image_ids(self) -> list[str]:
+        return self.rows["image_id"].tolist()
+
+    def _load(self, i: int) -> tuple[np.ndarray, np.ndarray | None]:
+        if self._cache is not None and i in self._cache:
+            return self._cache[i]
+        row = self.rows.iloc[i]
+        image = read_image(row["image_path"], channels=self.channels)
+        mask = read_mask(row["mask_path"], expected_size=image.shape[:2]) if row["mask_path"] is not None else None
+        if self._cache is not None:
+            self._cache[i] = (image, mask)
+        return image, mask
+
+    def __getitem__(self, i: int) -> dict:
+        image, mask = self._load(i)
+        has_mask = mask is not None
+        mask_array = mask if has_mask else np.zeros(image.shape[:2], dtype=bool)
+        image_t = tv_tensors.Image(torch.from_numpy(image).permute(2, 0, 1))
+        mask_t = tv_tensors.Mask(torch.from_numpy(mask_array.astype(np.uint8))[None])
+        image_t, mask_t = self.transform(image_t, mask_t)
+        target = self.targets[i]
+        target_t = torch.as_tensor(target, dtype=torch.int64 if self.data.info.task == "multiclass" else torch.float32)
+        return {"image": image_t.as_subclass(torch.Tensor), "mask": (mask_t.as_subclass(torch.Tensor) > 0.5).float(),
+                "target": target_t, "has_mask": has_mask, "image_id": self.rows.iloc[i]["image_id"]}
+
+    def tensors(self) -> dict:
+        """The whole split as stacked tensors (handy for explanation and analysis on small splits)."""
+        items = [self[i] for i in range(len(self))]
+        return {"image": torch.stack([x["image"] for x in items]), "mask": torch.stack([x["mask"] for x in items]),
+                "target": torch.stack([x["target"] for x in items]), "has_mask": np.array([x["has_mask"] for x in items]),
+                "image_id": [x["image_id"] for x in items]}

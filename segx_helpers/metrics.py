@@ -1,0 +1,225 @@
+"""Metrics: classification, segmentation and localisation, with bootstrap confidence intervals.
+
+Signatures follow scikit-learn: ``metric(y_true, y_score)``. Classification scores are class
+probabilities ``(N, C)``; multiclass ``y_true`` is ``(N,)`` class indices, multilabel ``(N, C)`` 0/1.
+Segmentation and localisation metrics take batches ``(N, H, W)`` and return per-sample ``(N,)``
+arrays so that they can be averaged, bootstrapped or paired.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
+
+# ------------------------------------------------------------------------------ classification
+
+
+def one_hot(y_true: np.ndarray, num_classes: int) -> np.ndarray:
+    """``(N,)`` class indices -> ``(N, C)`` 0/1; ``(N, C)`` input is returned as int."""
+    y_true = np.asarray(y_true)
+    if y_true.ndim == 2:
+        return y_true.astype(int)
+    out = np.zeros((len(y_true), num_classes), dtype=int)
+    out[np.arange(len(y_true)), y_true.astype(int)] = 1
+    return out
+
+
+def per_class_auroc(y_true: np.ndarray, y_score: np.ndarray) -> np.ndarray:
+    """One-vs-rest AUROC per class ``(C,)``; NaN for a class absent or omnipresent in ``y_true``."""
+    y_score = np.asarray(y_score, dtype=float)
+    onehot = one_hot(y_true, y_score.shape[1])
+    return np.array([roc_auc_score(onehot[:, c], y_score[:, c]) if 0 < onehot[:, c].sum() < len(onehot) else np.nan
+                     for c in range(y_score.shape[1])])
+
+
+def per_class_auprc(y_true: np.ndarray, y_score: np.ndarray) -> np.ndarray:
+    """Average precision per class ``(C,)``; NaN for a class absent from ``y_true``."""
+    y_score = np.asarray(y_score, dtype=float)
+    onehot = one_hot(y_true, y_score.shape[1])
+    return np.array([average_precision_score(onehot[:, c], y_score[:, c]) if onehot[:, c].sum() > 0 else np.nan
+                     for c in range(y_score.shape[1])])
+
+
+def macro_auroc(y_true: np.ndarray, y_score: np.ndarray) -> float:
+    """Mean one-vs-rest AUROC over the classes where it is defined."""
+    values = per_class_auroc(y_true, y_score)
+    return float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
+
+
+def macro_auprc(y_true: np.ndarray, y_score: np.ndarray) -> float:
+    """Mean average precision over the classes present in ``y_true``."""
+    values = per_class_auprc(y_true, y_score)
+    return float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
+
+
+def predict_labels(y_score: np.ndarray, task: str, thresholds: Sequence[float] | None = None) -> np.ndarray:
+    """Decisions from scores: argmax ``(N,)`` (multiclass) or ``y_score >= thresholds`` ``(N, C)`` (multilabel)."""
+    y_score = np.asarray(y_score)
+    if task == "multiclass":
+        return y_score.argmax(axis=1)
+    if task != "multilabel":
+        raise ValueError(f"task must be 'multiclass' or 'multilabel', got {task!r}")
+    cut = np.full(y_score.shape[1], 0.5) if thresholds is None else np.asarray(thresholds, dtype=float)
+    return (y_score >= cut[None, :]).astype(int)
+
+
+def macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """Macro F1 of decisions (class indices or 0/1 matrices)."""
+    y_true = np.asarray(y_true)
+    if y_true.ndim == 1:
+        return float(f1_score(y_true, y_pred, average="macro", labels=np.unique(np.concatenate([y_true, y_pred])),
+                              zero_division=0))
+    return float(f1_score(y_true, y_pred, average="macro", zero_division=0))
+
+
+def accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """Share of exactly right decisions (subset accuracy for multilabel)."""
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    if y_true.ndim == 1:
+        return float((y_true == y_pred).mean())
+    return float((y_true == y_pred).all(axis=1).mean())
+
+
+def select_thresholds(y_true: np.ndarray, y_score: np.ndarray) -> np.ndarray:
+    """Per-class decision thresholds ``(C,)`` maximising F1 on the given (validation) data.
+
+    Candidate thresholds are the observed scores; ties in F1 go to the higher threshold. A class
+    absent from ``y_true`` keeps 0.5.
+    """
+    y_score = np.asarray(y_score, dtype=float)
+    onehot = one_hot(y_true, y_score.shape[1])
+    thresholds = np.full(y_score.shape[1], 0.5)
+    for c in range(y_score.shape[1]):
+        positives = onehot[:, c].sum()
+        if positives == 0:
+            continue
+        order = np.argsort(-y_score[:, c], kind="stable")
+        sorted_scores = y_score[order, c]
+        true_pos = np.cumsum(onehot[order, c])
+        predicted = np.arange(1, len(order) + 1)
+        f1 = 2 * true_pos / (predicted + positives)
+        last_of_tie = np.r_[sorted_scores[1:] != sorted_scores[:-1], True]
+        f1 = np.where(last_of_tie, f1, -1)
+        thresholds[c] = sorted_scores[int(np.argmax(f1))]
+    return thresholds
+
+
+def bootstrap_ci(metric: Callable[..., float], *arrays: np.ndarray, n_resamples: int = 1000, seed: int = 0,
+                 confidence: float = 0.95) -> tuple[float, float, float]:
+    """``(point estimate, low, high)``: percentile bootstrap over rows of ``arrays`` (resampled together).
+
+    Resamples where the metric is undefined (NaN, e.g. one class only) are dropped.
+    """
+    arrays = tuple(np.asarray(a) for a in arrays)
+    n = len(arrays[0])
+    if any(len(a) != n for a in arrays):
+        raise ValueError("bootstrap_ci: all arrays need the same number of rows")
+    point = float(metric(*arrays))
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(n_resamples):
+        rows = rng.integers(0, n, n)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            value = metric(*(a[rows] for a in arrays))
+        if np.isfinite(value):
+            values.append(value)
+    if not values:
+        return point, float("nan"), float("nan")
+    tail = (1 - confidence) / 2 * 100
+    low, high = np.percentile(values, [tail, 100 - tail])
+    return point, float(low), float(high)
+
+
+def classification_report(y_true: np.ndarray, y_score: np.ndarray, task: str, class_names: Sequence[str],
+                          thresholds: Sequence[float] | None = None, n_resamples: int = 1000,
+                          seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Summary table (metric, value, 95 % CI) and per-class table (AUROC, AUPRC, F1, support)."""
+    y_true, y_score = np.asarray(y_true), np.asarray(y_score)
+    cut = None if thresholds is None else np.asarray(thresholds)
+
+    def f1(t, s):
+        return macro_f1(t, predict_labels(s, task, cut))
+
+    metrics: dict[str, Callable] = {"macro AUROC": macro_auroc, "macro AUPRC": macro_auprc, "macro F1": f1}
+    if task == "multiclass":
+        metrics["accuracy"] = lambda t, s: accuracy(t, predict_labels(s, task))
+    rows = []
+    for name, fn in metrics.items():
+        value, low, high = bootstrap_ci(fn, y_true, y_score, n_resamples=n_resamples, seed=seed)
+        rows.append({"metric": name, "value": value, "ci_low": low, "ci_high": high})
+    onehot = one_hot(y_true, y_score.shape[1])
+    decisions = one_hot(predict_labels(y_score, task, cut), y_score.shape[1])
+    per_class = pd.DataFrame({
+        "class": list(class_names), "AUROC": per_class_auroc(y_true, y_score), "AUPRC": per_class_auprc(y_true, y_score),
+        "F1": [f1_score(onehot[:, c], decisions[:, c], zero_division=0) for c in range(len(class_names))],
+        "support": onehot.sum(axis=0),
+    })
+    return pd.DataFrame(rows), per_class
+
+
+# ------------------------------------------------------------------------------ segmentation
+
+
+def _as_batch(a: np.ndarray, name: str) -> np.ndarray:
+    a = np.asarray(a)
+    if a.ndim == 2:
+        a = a[None]
+    if a.ndim != 3:
+        raise ValueError(f"{name} must have shape (N, H, W), got {a.shape}")
+    return a
+
+
+def _check_pair(pred: np.ndarray, true: np.ndarray, names=("y_pred", "y_true")) -> tuple[np.ndarray, np.ndarray]:
+    pred, true = _as_batch(pred, names[0]), _as_batch(true, names[1])
+    if pred.shape != true.shape:
+        raise ValueError(f"{names[0]} {pred.shape} and {names[1]} {true.shape} must have the same shape (N, H, W)")
+    return pred, true
+
+
+def dice_score(y_true: np.ndarray, y_pred: np.ndarray, empty_value: float = 1.0) -> np.ndarray:
+    """Per-image Dice ``2|A∩B| / (|A|+|B|)`` of binary masks ``(N, H, W)``; ``empty_value`` when both are empty."""
+    pred, true = _check_pair(y_pred, y_true)
+    pred, true = pred.astype(bool), true.astype(bool)
+    inter = (pred & true).sum(axis=(1, 2))
+    total = pred.sum(axis=(1, 2)) + true.sum(axis=(1, 2))
+    return np.where(total > 0, 2 * inter / np.maximum(total, 1), empty_value).astype(float)
+
+
+def iou_score(y_true: np.ndarray, y_pred: np.ndarray, empty_value: float = 1.0) -> np.ndarray:
+    """Per-image IoU ``|A∩B| / |A∪B|`` of binary masks ``(N, H, W)``; ``empty_value`` when both are empty."""
+    pred, true = _check_pair(y_pred, y_true)
+    pred, true = pred.astype(bool), true.astype(bool)
+    inter = (pred & true).sum(axis=(1, 2))
+    union = (pred | true).sum(axis=(1, 2))
+    return np.where(union > 0, inter / np.maximum(union, 1), empty_value).astype(float)
+
+
+def select_mask_threshold(y_true: np.ndarray, y_prob: np.ndarray,
+                          candidates: Sequence[float] = tuple(np.round(np.arange(0.1, 0.91, 0.05), 2))) -> float:
+    """Probability threshold (among ``candidates``) with the best mean Dice on validation masks."""
+    scores = [dice_score(y_true, np.asarray(y_prob) >= t).mean() for t in candidates]
+    best = float(candidates[int(np.argmax(scores))])
+    return best
+
+
+@dataclass
+class SegmentationSummary:
+    """Mean Dice and IoU with their bootstrap CIs."""
+
+    dice: tuple[float, float, float]
+    iou: tuple[float, float, float]
+
+    def as_frame(self) -> pd.DataFrame:
+        return pd.DataFrame([{"metric": "Dice", "value": self.dice[0], "ci_low": self.dice[1], "ci_high": self.dice[2]},
+                             {"metric": "IoU", "value": self.iou[0], "ci_low": self.iou[1], "ci_high": self.iou[2]}])
+
+
+def segmentation_summary(y_true: np.ndarray, y_pred: np.ndarray, n_resamples: int = 1000, seed: int = 0) -> SegmentationSummary:
+    """Mean per-image Dice and IoU of binary masks with bootstrap CIs."""
+    return SegmentationSummary(dice=bootstrap_ci(np.mean, dice_score(y_true, y_pred), n_resamples=n_resamples, seed=seed),
+                               iou=bootstrap_ci(np.mean, iou_score(y_true, y_pred), n_resamples=n_resamples, seed=seed))

@@ -1,0 +1,150 @@
+"""Model factories (torchvision classifiers, smp segmenters) and CAM target-layer lookup.
+
+Nothing downloads by default: classifiers start from random weights (``pretrained=False``) and
+segmenters from ``encoder_weights=None``. ImageNet weights are an explicit opt-in that fails with
+a clear message when offline.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torchvision import models as tv_models
+
+CLASSIFIER_ARCHS = ("resnet18", "resnet50", "densenet121")
+_TV_WEIGHTS = {"resnet18": "ResNet18_Weights", "resnet50": "ResNet50_Weights", "densenet121": "DenseNet121_Weights"}
+
+
+class WeightsUnavailableError(RuntimeError):
+    """Pretrained weights were requested but could not be obtained (usually: no internet)."""
+
+
+def pick_device(preferred: str | None = None) -> torch.device:
+    """``preferred`` if given, else CUDA, then Apple MPS, then CPU."""
+    if preferred:
+        return torch.device(preferred)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def build_classifier(arch: str = "resnet18", num_classes: int = 2, in_channels: int = 3,
+                     pretrained: bool = False) -> nn.Module:
+    """A torchvision ResNet / DenseNet with a fresh ``num_classes`` head; outputs logits ``(N, num_classes)``.
+
+    ``in_channels=1`` swaps the stem for single-channel images (with pretrained weights the RGB
+    filters are summed, the usual adaptation). ReLUs are made non-in-place so hooks and
+    explainers see unmodified activations.
+    """
+    if arch not in CLASSIFIER_ARCHS:
+        raise ValueError(f"Unknown classifier arch {arch!r}; choose one of {CLASSIFIER_ARCHS}.")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    weights = None
+    if pretrained:
+        weights = getattr(tv_models, _TV_WEIGHTS[arch]).IMAGENET1K_V1
+    try:
+        model = getattr(tv_models, arch)(weights=weights)
+    except (OSError, RuntimeError) as err:
+        raise WeightsUnavailableError(
+            f"Could not obtain ImageNet weights for {arch} ({err}). You seem to be offline: use pretrained=False "
+            "(the default) or place the weights in the torch hub cache first."
+        ) from err
+    if arch.startswith("resnet"):
+        model.fc = nn.Linear(model.fc.in_features, num_classes)
+        if in_channels != 3:
+            model.conv1 = _adapt_stem(model.conv1, in_channels)
+    else:
+        model.classifier = nn.Linear(model.classifier.in_features, num_classes)
+        if in_channels != 3:
+            model.features.conv0 = _adapt_stem(model.features.conv0, in_channels)
+        model = DenseNetClassifier(model)
+    disable_inplace_relu(model)
+    return model
+
+
+class DenseNetClassifier(nn.Module):
+    """torchvision DenseNet with its functional in-place ReLU replaced by a module.
+
+    torchvision's ``DenseNet.forward`` applies ``F.relu(features, inplace=True)``, which rewrites the
+    activations that Grad-CAM hooks on ``features`` and trips explainers; here the same computation
+    runs with an out-of-place ``nn.ReLU``. The state dict keys stay torchvision's.
+    """
+
+    def __init__(self, densenet: nn.Module) -> None:
+        super().__init__()
+        self.features = densenet.features
+        self.relu = nn.ReLU(inplace=False)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = densenet.classifier
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.pool(self.relu(self.features(x))), 1))
+
+
+def _adapt_stem(conv: nn.Conv2d, in_channels: int) -> nn.Conv2d:
+    new = nn.Conv2d(in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, bias=conv.bias is not None)
+    with torch.no_grad():
+        new.weight.copy_(conv.weight.sum(dim=1, keepdim=True).repeat(1, in_channels, 1, 1) / in_channels)
+    return new
+
+
+def disable_inplace_relu(model: nn.Module) -> nn.Module:
+    """Set ``inplace=False`` on every ``nn.ReLU`` (in-place ReLUs corrupt hooked activations)."""
+    for module in model.modules():
+        if isinstance(module, nn.ReLU):
+            module.inplace = False
+    return model
+
+
+def build_segmenter(encoder: str = "resnet18", encoder_weights: str | None = None, in_channels: int = 3,
+                    arch: str = "Unet", decoder_channels: tuple[int, ...] = (256, 128, 64, 32, 16)) -> nn.Module:
+    """A segmentation-models-pytorch model with one output channel (logits ``(N, 1, H, W)``).
+
+    ``encoder_weights=None`` (default) downloads nothing; ``"imagenet"`` downloads the encoder
+    weights and raises :class:`WeightsUnavailableError` when that fails. Inputs must have height
+    and width divisible by 32. Narrower ``decoder_channels`` (e.g. ``(128, 64, 32, 16, 8)``) train
+    about twice as fast on a CPU.
+    """
+    import segmentation_models_pytorch as smp
+
+    try:
+        extra = {"decoder_channels": tuple(decoder_channels)} if arch in ("Unet", "UnetPlusPlus") else {}
+        return smp.create_model(arch, encoder_name=encoder, encoder_weights=encoder_weights, in_channels=in_channels,
+                                classes=1, **extra)
+    except (OSError, RuntimeError, ConnectionError) as err:
+        if encoder_weights is None:
+            raise
+        raise WeightsUnavailableError(
+            f"Could not download {encoder_weights!r} weights for the {encoder} encoder ({err}). You seem to be offline: "
+            "use encoder_weights=None (the default)."
+        ) from err
+
+
+def find_target_layer(model: nn.Module) -> nn.Module:
+    """The layer Grad-CAM should hook: the last block of a ResNet, the feature stack of a DenseNet,
+    otherwise the last ``nn.Conv2d``. Raises ``ValueError`` (asking for ``target_layers``) if none exists."""
+    if hasattr(model, "layer4") and isinstance(model.layer4, nn.Sequential):
+        return model.layer4[-1]
+    features = getattr(model, "features", None)
+    if isinstance(features, nn.Sequential) and any(isinstance(m, nn.Conv2d) for m in features.modules()):
+        return features
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    if not convs:
+        raise ValueError(
+            f"Could not find a convolutional layer in {type(model).__name__} for CAM methods; "
+            "pass target_layers=[<the layer to explain>] explicitly."
+        )
+    return convs[-1]
+
+
+def previous_block(model: nn.Module) -> nn.Module:
+    """The block before the default target layer (ResNet ``layer3``, DenseNet ``denseblock3``):
+    twice the spatial resolution, for comparing explanation resolution."""
+    if hasattr(model, "layer3"):
+        return model.layer3[-1]
+    features = getattr(model, "features", None)
+    if features is not None and hasattr(features, "denseblock3"):
+        return features.denseblock3
+    raise ValueError(f"No known earlier block for {type(model).__name__}; pass target_layers explicitly.")

@@ -1,0 +1,307 @@
+"""Training: one loop for segmenters and classifiers, losses, prediction, and checkpoints.
+
+A checkpoint is one file holding the state dict plus everything needed to rebuild and use the
+model (``meta``: architecture, task, class names, image size, normalisation, thresholds, training
+configuration, metrics). It is loaded with ``torch.load(weights_only=True)``: no arbitrary pickles.
+Saving refuses to overwrite an existing file unless asked.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from .io import atomic_path
+from .models import build_classifier, build_segmenter, pick_device
+
+CHECKPOINT_FORMAT = "segx-checkpoint-v1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, corrupt, or does not match what the caller expects."""
+
+
+# ------------------------------------------------------------------------------ reproducibility
+
+def set_seed(seed: int) -> None:
+    """Seed Python, NumPy and torch, and ask torch for deterministic kernels (exact repeats on CPU)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def make_loader(dataset, batch_size: int, shuffle: bool, seed: int = 0, num_workers: int = 0) -> DataLoader:
+    """A DataLoader whose shuffling order depends only on ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=num_workers,
+                      persistent_workers=num_workers > 0)
+
+
+# ------------------------------------------------------------------------------ losses
+
+class DiceBCELoss(nn.Module):
+    """Dice + BCE on logits ``(N, 1, H, W)`` against masks in {0, 1} (smp's binary Dice loss)."""
+
+    def __init__(self, dice_weight: float = 1.0, bce_weight: float = 1.0) -> None:
+        super().__init__()
+        import segmentation_models_pytorch as smp
+
+        self.dice = smp.losses.DiceLoss(mode="binary", from_logits=True)
+        self.bce = nn.BCEWithLogitsLoss()
+        self.dice_weight, self.bce_weight = dice_weight, bce_weight
+
+    def forward(self, logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        return self.dice_weight * self.dice(logits, masks) + self.bce_weight * self.bce(logits, masks)
+
+
+def classification_loss(task: str, class_weights: np.ndarray | None = None) -> nn.Module:
+    """Cross-entropy on logits (multiclass) or BCE-with-logits (multilabel), optionally class-weighted.
+
+    For multilabel, ``class_weights`` act as ``pos_weight`` (weight of positives per class).
+    """
+    weight = None if class_weights is None else torch.as_tensor(class_weights, dtype=torch.float32)
+    if task == "multiclass":
+        return nn.CrossEntropyLoss(weight=weight)
+    if task == "multilabel":
+        return nn.BCEWithLogitsLoss(pos_weight=weight)
+    raise ValueError(f"task must be 'multiclass' or 'multilabel', got {task!r}")
+
+
+def balanced_class_weights(targets: np.ndarray, task: str) -> np.ndarray:
+    """Inverse-frequency weights: ``N / (C * count_c)`` (multiclass) or ``negatives / positives`` (multilabel)."""
+    targets = np.asarray(targets)
+    if task == "multiclass":
+        counts = np.bincount(targets, minlength=int(targets.max()) + 1).astype(float)
+        return len(targets) / (len(counts) * np.maximum(counts, 1))
+    positives = targets.sum(axis=0).astype(float)
+    return (len(targets) - positives) / np.maximum(positives, 1)
+
+
+# ------------------------------------------------------------------------------ the loop
+
+@dataclass
+class TrainConfig:
+    """How to train. ``monitor`` names a key of the validation dict; higher is better."""
+
+    epochs: int = 10
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    patience: int = 5
+    monitor: str = "val_score"
+    seed: int = 0
+    device: str | None = None
+    amp: bool = True
+    max_batches_per_epoch: int | None = None
+
+
+@dataclass
+class History:
+    """One record per epoch: train loss, validation values, seconds; plus the best epoch."""
+
+    records: list[dict] = field(default_factory=list)
+    best_epoch: int = -1
+    best_value: float = -math.inf
+
+    def frame(self):
+        import pandas as pd
+
+        return pd.DataFrame(self.records)
+
+
+def fit(model: nn.Module, loss_fn: nn.Module, train_loader: DataLoader, validate: Callable[[nn.Module], dict],
+        config: TrainConfig, target_key: str = "target", checkpoint_path: str | Path | None = None,
+        meta: dict | None = None, overwrite: bool = False, resume: bool = False) -> History:
+    """Train ``model`` with AdamW, keeping the weights of the best validation epoch.
+
+    ``validate(model)`` returns a dict with ``config.monitor`` (higher is better) plus anything to
+    log. With ``checkpoint_path`` the best model is saved there (with ``meta``) and the latest
+    epoch to ``<path>.last.pt`` for ``resume``. An existing checkpoint is an error unless
+    ``overwrite`` or ``resume``. Stops early after ``patience`` epochs without improvement. The
+    model ends in eval mode holding the best weights.
+    """
+    set_seed(config.seed)
+    device = pick_device(config.device)
+    model.to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(config.epochs, 1))
+    use_amp = config.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    history = History()
+    start_epoch = 0
+    path = Path(checkpoint_path) if checkpoint_path is not None else None
+    last_path = path.with_name(path.name + ".last.pt") if path is not None else None
+    if path is not None and path.exists() and not (overwrite or resume):
+        raise FileExistsError(f"Checkpoint {path} already exists; pass overwrite=True to retrain, or resume=True to continue.")
+    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if resume and last_path is not None and last_path.exists():
+        raw = read_checkpoint(last_path)
+        model.load_state_dict(raw["state_dict"])
+        state = raw["training_state"]
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        history = History(records=json.loads(state["history"]), best_epoch=int(state["best_epoch"]),
+                          best_value=float(state["best_value"]))
+        best_state = read_checkpoint(path)["state_dict"] if path.exists() else best_state
+        start_epoch = int(state["epoch"]) + 1
+        torch.manual_seed(config.seed + start_epoch)
+
+    for epoch in range(start_epoch, config.epochs):
+        if epoch - history.best_epoch > config.patience and history.best_epoch >= 0:
+            break
+        started = time.perf_counter()
+        model.train()
+        losses = []
+        batches = tqdm(train_loader, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
+                       total=_n_batches(train_loader, config.max_batches_per_epoch))
+        for step, batch in enumerate(batches):
+            if config.max_batches_per_epoch is not None and step >= config.max_batches_per_epoch:
+                break
+            images = batch["image"].to(device)
+            targets = batch[target_key].to(device)
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(device_type=device.type, enabled=use_amp):
+                loss = loss_fn(model(images), targets)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"Training loss became {loss.item()} at epoch {epoch + 1}; lower the learning rate.")
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            losses.append(loss.item())
+            batches.set_postfix(loss=f"{np.mean(losses):.4f}")
+        scheduler.step()
+        model.eval()
+        values = validate(model)
+        if config.monitor not in values:
+            raise KeyError(f"validate() returned {sorted(values)}, which lacks the monitored key {config.monitor!r}")
+        record = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), **{k: float(v) for k, v in values.items()},
+                  "seconds": time.perf_counter() - started}
+        history.records.append(record)
+        print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+        if values[config.monitor] > history.best_value:
+            history.best_value, history.best_epoch = float(values[config.monitor]), epoch
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            if path is not None:
+                save_checkpoint(path, model, {**(meta or {}), "history": history.records,
+                                              "train_config": asdict(config)}, overwrite=True)
+        if last_path is not None:
+            save_checkpoint(last_path, model, meta or {}, overwrite=True, training_state={
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch,
+                "history": json.dumps(history.records), "best_epoch": history.best_epoch,
+                "best_value": history.best_value})
+    model.load_state_dict(best_state)
+    model.eval()
+    return history
+
+
+def _n_batches(loader: DataLoader, cap: int | None) -> int:
+    return len(loader) if cap is None else min(len(loader), cap)
+
+
+# ------------------------------------------------------------------------------ prediction
+
+@torch.no_grad()
+def predict_classifier(model: nn.Module, loader: DataLoader, task: str, device: str | None = None) -> dict:
+    """Class probabilities ``(N, C)`` (softmax or sigmoid), targets and ids for a whole loader."""
+    device = pick_device(device)
+    model.to(device).eval()
+    probs, targets, ids = [], [], []
+    for batch in loader:
+        logits = model(batch["image"].to(device)).float()
+        probs.append((logits.softmax(1) if task == "multiclass" else logits.sigmoid()).cpu().numpy())
+        targets.append(batch["target"].numpy())
+        ids += list(batch["image_id"])
+    return {"probs": np.concatenate(probs), "targets": np.concatenate(targets), "image_id": ids}
+
+
+@torch.no_grad()
+def predict_masks(model: nn.Module, images: torch.Tensor | DataLoader, device: str | None = None,
+                  batch_size: int = 32) -> np.ndarray:
+    """Foreground probabilities ``(N, H, W)`` from a segmenter, for a tensor ``(N, C, H, W)`` or a loader."""
+    device = pick_device(device)
+    model.to(device).eval()
+    batches = images if isinstance(images, DataLoader) else torch.split(torch.as_tensor(images), batch_size)
+    out = []
+    for batch in batches:
+        x = batch["image"] if isinstance(batch, dict) else batch
+        out.append(model(x.to(device)).float().sigmoid()[:, 0].cpu().numpy())
+    return np.concatenate(out)
+
+
+# ------------------------------------------------------------------------------ checkpoints
+
+def save_checkpoint(path: str | Path, model: nn.Module, meta: dict, overwrite: bool = False,
+                    training_state: dict | None = None) -> Path:
+    """Write ``model``'s weights and ``meta`` (JSON-serialisable) to one file, atomically.
+
+    Refuses to replace an existing file unless ``overwrite``.
+    """
+    path = Path(path)
+    payload = {"format": CHECKPOINT_FORMAT, "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+               "meta_json": json.dumps(meta, default=_jsonable)}
+    if training_state is not None:
+        payload["training_state"] = training_state
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        torch.save(payload, tmp)
+    return path
+
+
+def _jsonable(value):
+    if isinstance(value, (np.generic,)):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "__dataclass_fields__"):
+        return asdict(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """Load a checkpoint file safely (``weights_only=True``); returns state_dict, meta and training_state."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"Checkpoint {path} not found.")
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for truncated / foreign files
+        raise CheckpointError(f"Checkpoint {path} is corrupt or not a segx_helpers checkpoint ({type(err).__name__}: {err}).") from err
+    if not isinstance(raw, dict) or raw.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not a {CHECKPOINT_FORMAT} file.")
+    return {"state_dict": raw["state_dict"], "meta": json.loads(raw["meta_json"]),
+            "training_state": raw.get("training_state")}
+
+
+def load_checkpoint(path: str | Path, expected_kind: str | None = None, device: str | None = None) -> tuple[nn.Module, dict]:
+    """Rebuild the model described by a checkpoint and load its weights; returns ``(model, meta)`` in eval mode.
+
+    ``expected_kind`` ("classifier" or "segmenter") guards against passing the wrong file.
+    """
+    raw = read_checkpoint(path)
+    meta = raw["meta"]
+    kind = meta.get("kind")
+    if expected_kind is not None and kind != expected_kind:
+        raise CheckpointError(f"{path} holds a {kind!r}, not a {expected_kind!r}.")
+    if kind == "classifier":
+        model = build_classifier(meta["arch"], num_classes=len(meta["class_names"]), in_channels=meta["in_channels"])
+    elif kind == "segmenter":
+        model = build_segmenter(meta["encoder"], encoder_weights=None, in_channels=meta["in_channels"],
+                                arch=meta.get("arch", "Unet"))
+    else:
+        raise CheckpointError(f"{path}: unknown model kind {kind!r} in its metadata.")
+    try:
+        model.load_state_dict(raw["state_dict"])
+    except RuntimeError as err:
+        raise CheckpointError(f"{path} does not match the architecture in its metadata: {str(err)[:500]}") from err
+    return model.to(pick_device(device)).eval(), meta
