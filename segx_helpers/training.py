@@ -297,7 +297,7 @@ def load_checkpoint(path: str | Path, expected_kind: str | None = None, device: 
         model = build_classifier(meta["arch"], num_classes=len(meta["class_names"]), in_channels=meta["in_channels"])
     elif kind == "segmenter":
         model = build_segmenter(meta["encoder"], encoder_weights=None, in_channels=meta["in_channels"],
-                                arch=meta.get("arch", "Unet"))
+                                arch=meta.get("arch", "Unet"), decoder_channels=tuple(meta["decoder_channels"]))
     else:
         raise CheckpointError(f"{path}: unknown model kind {kind!r} in its metadata.")
     try:

@@ -7,9 +7,8 @@ shortcut holds can learn it; a test split generated with the correlation changed
 then exposes the predictions that relied on it, which is what SegU is meant to catch.
 
 The shortcut correlation is the Pearson (phi) correlation between the binary artefact indicator
-and the binary "has the shortcut class" indicator. It is realised exactly in expectation: with
-probability ``|rho|`` the artefact copies the class indicator (or its complement when
-``rho < 0``), otherwise it is drawn independently with the class prevalence.
+and the binary "has the shortcut class" indicator, realised per split up to rounding (see
+:func:`shortcut_indicator`).
 
 Every image is drawn from its own random stream ``default_rng([seed, index])``: datasets are
 deterministic given the seed and independent of generation order.
@@ -59,12 +58,22 @@ class SyntheticConfig:
                 raise ValueError(f"{name} must lie in [-1, 1], got {value}")
 
 
-def shortcut_indicator(has_class: np.ndarray, rho: float, prevalence: float, rng: np.random.Generator) -> np.ndarray:
-    """Binary artefact indicators whose phi correlation with ``has_class`` is ``rho`` in expectation."""
+def shortcut_indicator(has_class: np.ndarray, rho: float, rng: np.random.Generator) -> np.ndarray:
+    """Binary artefact indicators whose phi correlation with ``has_class`` is ``rho``.
+
+    A random ``|rho|`` share of the images copies the class indicator; in the others the artefact
+    is given to the same share of positives and negatives (exact counts, not coin flips), so it
+    carries no information there. The realised correlation is then ``rho`` up to rounding.
+    """
     has_class = np.asarray(has_class, dtype=bool)
-    copy = rng.random(has_class.shape) < abs(rho)
-    independent = rng.random(has_class.shape) < prevalence
-    artefact = np.where(copy, has_class, independent)
+    n = len(has_class)
+    copy = np.zeros(n, dtype=bool)
+    copy[rng.permutation(n)[:int(round(abs(rho) * n))]] = True
+    artefact = has_class & copy
+    rate = has_class.mean() if n else 0.0
+    for group in (has_class & ~copy, ~has_class & ~copy):
+        members = rng.permutation(np.flatnonzero(group))
+        artefact[members[:int(round(rate * len(members)))]] = True
     return ~artefact if rho < 0 else artefact
 
 
@@ -150,7 +159,7 @@ def _draw_derm(rng: np.random.Generator, size: int, label: str, ink: bool) -> tu
     ys, xs = np.nonzero(inner)
 
     if label == "keratosis":
-        colour = np.array([185, 150, 95], dtype=np.float32) * rng.uniform(0.9, 1.08)
+        colour = base * rng.uniform(0.66, 0.76) + np.array([18, 16, -8], dtype=np.float32)
         stripes = np.sin(np.mgrid[0:size, 0:size][0] * rng.uniform(0.8, 1.2) + _smooth_noise(rng, size, 6) * 3)
         lesion = colour + stripes[..., None] * 14
         dots, dot_colour = rng.integers(5, 10), (245, 240, 225)
@@ -226,7 +235,7 @@ def generate_synthetic_derm(root: str | Path, config: SyntheticConfig | None = N
     labels = rng.choice(len(DERM_CLASSES), size=config.n_images, p=prevalence)
     splits = make_splits(ids, seed=config.seed, fractions=config.split_fractions, stratify=labels)
     is_melanoma = labels == DERM_CLASSES.index("melanoma")
-    ink = _split_shortcut(splits["split"].to_numpy(), is_melanoma, config, prevalence[1], rng)
+    ink = _split_shortcut(splits["split"].to_numpy(), is_melanoma, config, rng)
 
     records = []
 
@@ -351,7 +360,7 @@ def generate_synthetic_cxr(root: str | Path, config: SyntheticConfig | None = No
     labels = rng.random((config.n_images, len(CXR_FINDINGS))) < prevalence
     stratum = labels @ (2 ** np.arange(len(CXR_FINDINGS)))
     splits = make_splits(ids, seed=config.seed, fractions=config.split_fractions, stratify=stratum)
-    token_flags = {CXR_TOKENS[f]: _split_shortcut(splits["split"].to_numpy(), labels[:, j], config, prevalence[j], rng)
+    token_flags = {CXR_TOKENS[f]: _split_shortcut(splits["split"].to_numpy(), labels[:, j], config, rng)
                    for j, f in enumerate(CXR_FINDINGS)}
     records = []
 
@@ -377,13 +386,13 @@ def generate_synthetic_cxr(root: str | Path, config: SyntheticConfig | None = No
 
 # ------------------------------------------------------------------------------- shared plumbing
 
-def _split_shortcut(split: np.ndarray, has_class: np.ndarray, config: SyntheticConfig, prevalence: float,
+def _split_shortcut(split: np.ndarray, has_class: np.ndarray, config: SyntheticConfig,
                     rng: np.random.Generator) -> np.ndarray:
     rho = np.where(split == "test", config.test_shortcut_correlation, config.shortcut_correlation)
     out = np.zeros(len(split), dtype=bool)
     for value in np.unique(rho):
         rows = rho == value
-        out[rows] = shortcut_indicator(has_class[rows], float(value), prevalence, rng)
+        out[rows] = shortcut_indicator(has_class[rows], float(value), rng)
     return out
 
 
@@ -435,3 +444,29 @@ def ensure_synthetic(name: str, root: str | Path, config: SyntheticConfig | None
 
 def _default_prevalence(name: str) -> tuple[float, ...]:
     return (0.45, 0.3, 0.25) if name == "synthetic-derm" else (0.3, 0.3, 0.25)
+
+
+def measure_shortcut(root: str | Path) -> pd.DataFrame:
+    """Measured phi correlation between each shortcut artefact and its class, per split.
+
+    Columns: split, pair ("<artefact> ~ <class>"), measured, parameter (the generator's setting).
+    """
+    root = Path(root)
+    info = load_info(root)
+    artefacts = load_artefacts(root)
+    labels = pd.read_csv(root / "labels.csv", dtype={"image_id": str})
+    table = artefacts.merge(labels, on="image_id")
+    if info.task == "multiclass":
+        pairs = {info.generator["shortcut_class"]: info.generator["shortcut_artefact"]}
+        has = {c: (table["label"] == c).to_numpy() for c in pairs}
+    else:
+        pairs = dict(info.generator["shortcut_tokens"])
+        has = {c: table[c].to_numpy() == 1 for c in pairs}
+    rows = []
+    for split in ("train", "val", "test"):
+        in_split = (table["split"] == split).to_numpy()
+        parameter = info.generator["test_shortcut_correlation" if split == "test" else "shortcut_correlation"]
+        for class_name, artefact in pairs.items():
+            rows.append({"split": split, "pair": f"{artefact} ~ {class_name}", "parameter": parameter,
+                         "measured": phi_correlation(table.loc[in_split, artefact].astype(bool), has[class_name][in_split])})
+    return pd.DataFrame(rows)

@@ -1,0 +1,38 @@
+# Two commands do everything (see README):  make tutorial  |  make test
+# The virtual environment is created on first use; nothing else needs installing by hand.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: tutorial tutorial-full test test-fast benchmark clean-outputs
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "Python 3.10+ is needed, found " + sys.version' 
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[test]"
+	@touch $(STAMP)
+
+## Run every notebook in quick mode on the embedded synthetic data; results under outputs/
+tutorial: $(STAMP)
+	MPLBACKEND=Agg $(PY) -m segx_helpers.runner
+
+## Same, in full mode (longer training, all test images explained)
+tutorial-full: $(STAMP)
+	MPLBACKEND=Agg $(PY) -m segx_helpers.runner --full
+
+## The test suite, notebooks included (what CI runs)
+test: $(STAMP)
+	MPLBACKEND=Agg $(PY) -m pytest
+
+## The unit tests only, without executing the notebooks
+test-fast: $(STAMP)
+	MPLBACKEND=Agg $(PY) -m pytest -m "not notebooks"
+
+## Throughput and overhead benchmark (prints a table, writes benchmarks/results/)
+benchmark: $(STAMP)
+	$(PY) benchmarks/run_benchmark.py
+
+clean-outputs:
+	rm -rf outputs

@@ -1,0 +1,469 @@
+"""Converters from the raw layouts of public clinical data sets to the package's dataset format.
+
+Each ``convert_<name>(raw_dir, out_dir, seed=0, image_size=None, overwrite=False)`` checks the raw
+layout (a missing file or folder raises :class:`DatasetFormatError` naming it), builds the labels
+and a 7:1:2 train/val/test split stratified by label and deterministic in ``seed``, and writes the
+dataset through :func:`write_dataset` (atomically). ``image_size`` resizes every image (bilinear)
+and mask (nearest) to a square of that many pixels; by default the original size is kept.
+
+Real data is user data: its ``dataset.json`` has no ``generator`` entry, so ``write_dataset``
+never replaces a converted real dataset, even with ``overwrite=True``. Delete the folder yourself
+to convert again.
+
+``data_download.sh`` runs the converters through the command line::
+
+    python -m segx_helpers.data.real <dataset> <raw_dir> <out_dir> [--seed N] [--image-size N]
+
+which first looks for the raw layout in ``raw_dir`` and up to two folder levels below it (archives
+often unpack into a folder of their own).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+from tqdm.auto import tqdm
+
+from ..io import check_safe_id
+from .format import IMAGE_SUFFIXES, DatasetFormatError, DatasetInfo, make_splits, read_image, read_mask, write_dataset
+
+HAM_CLASSES = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
+HAM_CLASS_NAMES = {
+    "akiec": "actinic keratosis / intraepithelial carcinoma (Bowen's disease)",
+    "bcc": "basal cell carcinoma",
+    "bkl": "benign keratosis-like lesion (solar lentigo, seborrhoeic keratosis, lichen-planus-like keratosis)",
+    "df": "dermatofibroma",
+    "mel": "melanoma",
+    "nv": "melanocytic nevus",
+    "vasc": "vascular lesion (angioma, angiokeratoma, pyogenic granuloma, haemorrhage)",
+}
+HAM_METADATA_FILES = ("HAM10000_metadata.csv", "HAM10000_metadata.tab")
+HAM_IMAGE_DIRS = ("HAM10000_images_part_1", "HAM10000_images_part_2", "images")
+HAM_MASK_DIRS = ("HAM10000_segmentations_lesion_tschandl", "ISIC2018_Task1_Training_GroundTruth", "masks")
+
+CHESTX_DET10_CLASSES = ("Atelectasis", "Calcification", "Consolidation", "Effusion", "Emphysema", "Fibrosis",
+                        "Fracture", "Mass", "Nodule", "Pneumothorax")
+CHESTX_DET10_JSON_FILES = ("train.json", "test.json")
+CHESTX_DET10_IMAGE_DIRS = ("train", "test", "images")
+
+TB_LABEL = re.compile(r"_([01])$")
+NLM_TB_SOURCE = "https://lhncbc.nlm.nih.gov/LHC-downloads/downloads.html#tuberculosis-image-data-sets"
+NLM_TB_LICENCE = (
+    "Released by the U.S. National Library of Medicine for research use; cite Jaeger S. et al., Two public "
+    "chest X-ray datasets for computer-aided screening of pulmonary diseases, Quant Imaging Med Surg "
+    "4(6):475-477 (2014). Check the source page for the current terms."
+)
+
+
+class MissingMaskWarning(UserWarning):
+    """Some images of a real data set have no mask; they are kept without one (the format allows it)."""
+
+
+@dataclass(frozen=True)
+class _Record:
+    """One image to convert: its id, its file, and the mask files whose union is its mask (none: no mask)."""
+
+    image_id: str
+    image: Path
+    masks: tuple[Path, ...] = ()
+
+
+# ----------------------------------------------------------------------------------------- HAM10000
+
+def convert_ham10000(raw_dir: str | Path, out_dir: str | Path, seed: int = 0, image_size: int | None = None,
+                     overwrite: bool = False) -> Path:
+    """Convert HAM10000 (7-class dermoscopy) with its lesion masks.
+
+    Expects ``HAM10000_metadata.csv`` (``image_id``, ``dx``, optionally ``lesion_id``), the images
+    as ``<image_id>.jpg`` in ``HAM10000_images_part_1/``, ``HAM10000_images_part_2/`` or ``images/``,
+    and the masks as ``<image_id>_segmentation.png`` in ``HAM10000_segmentations_lesion_tschandl/``,
+    ``ISIC2018_Task1_Training_GroundTruth/`` or ``masks/``. Images of one lesion share a split, so
+    no lesion is seen in training and again in testing.
+    """
+    raw_dir = _existing_dir(raw_dir)
+    meta = _read_ham_metadata(raw_dir)
+    images = _index_files(_require_any_dir(raw_dir, HAM_IMAGE_DIRS, "image"), IMAGE_SUFFIXES)
+    masks = _index_files([raw_dir / d for d in HAM_MASK_DIRS], (".png",), strip="_segmentation")
+    _check_all_found(meta["image_id"], images, raw_dir, HAM_IMAGE_DIRS)
+    records = [_Record(i, images[i], _as_tuple(masks.get(i))) for i in meta["image_id"]]
+    labels = pd.DataFrame({"image_id": meta["image_id"], "label": meta["dx"]})
+    info = DatasetInfo(
+        name="ham10000",
+        modality="dermoscopy",
+        task="multiclass",
+        class_names=list(HAM_CLASSES),
+        mask_description="the skin lesion (HAM10000 lesion segmentations, Tschandl et al. 2020, or ISIC 2018 Task 1)",
+        source="https://doi.org/10.7910/DVN/DBW86T",
+        licence=(
+            "CC BY-NC 4.0 (non-commercial use only); cite Tschandl P. et al., The HAM10000 dataset, Sci Data "
+            "5:180161 (2018), and for the lesion masks Tschandl P. et al., Nat Med 26:1229-1234 (2020)."
+        ),
+        channels=3,
+    )
+    return _write(out_dir, info, records, labels, _lesion_splits(meta, seed), image_size, overwrite)
+
+
+def _read_ham_metadata(raw_dir: Path) -> pd.DataFrame:
+    path = next((raw_dir / name for name in HAM_METADATA_FILES if (raw_dir / name).is_file()), None)
+    if path is None:
+        raise DatasetFormatError(
+            f"{raw_dir / HAM_METADATA_FILES[0]} not found: the HAM10000 metadata table (columns image_id, dx, "
+            "lesion_id) is required."
+        )
+    meta = pd.read_csv(path, sep="\t" if path.suffix == ".tab" else ",", dtype=str)
+    missing = [c for c in ("image_id", "dx") if c not in meta.columns]
+    if missing:
+        raise DatasetFormatError(f"{path} lacks the columns {missing} (has {list(meta.columns)}).")
+    if meta["image_id"].isna().any():
+        raise DatasetFormatError(f"{path}: empty image_id in rows {meta.index[meta['image_id'].isna()].tolist()[:5]}.")
+    meta["image_id"] = meta["image_id"].str.strip()
+    meta["dx"] = meta["dx"].str.strip().fillna("(empty)")
+    duplicated = meta["image_id"][meta["image_id"].duplicated()].tolist()
+    if duplicated:
+        raise DatasetFormatError(f"{path}: duplicate image ids {duplicated[:5]}.")
+    unknown = sorted(set(meta["dx"]) - set(HAM_CLASSES))
+    if unknown:
+        raise DatasetFormatError(f"{path}: unknown dx values {unknown}; expected one of {list(HAM_CLASSES)}.")
+    for image_id in meta["image_id"]:
+        _check_id(image_id, path)
+    return meta.sort_values("image_id").reset_index(drop=True)
+
+
+def _lesion_splits(meta: pd.DataFrame, seed: int) -> pd.DataFrame:
+    """Split the lesions (stratified by their class), then give every image its lesion's split."""
+    if "lesion_id" not in meta.columns:
+        return make_splits(meta["image_id"], seed, stratify=meta["dx"])
+    lesion = meta["lesion_id"].fillna(meta["image_id"])
+    lesion_class = meta.groupby(lesion)["dx"].first()
+    lesion_splits = make_splits(lesion_class.index, seed, stratify=lesion_class.to_numpy())
+    split_of = dict(zip(lesion_splits["image_id"], lesion_splits["split"]))
+    return pd.DataFrame({"image_id": meta["image_id"], "split": lesion.map(split_of).to_numpy()})
+
+
+# ---------------------------------------------------------------------------- Shenzhen, Montgomery
+
+def convert_shenzhen(raw_dir: str | Path, out_dir: str | Path, seed: int = 0, image_size: int | None = None,
+                     overwrite: bool = False) -> Path:
+    """Convert the Shenzhen tuberculosis chest X-ray set with its lung masks.
+
+    Expects ``CXR_png/<name>.png`` with ``name`` ending in ``_0`` (normal) or ``_1`` (TB) and the
+    lung masks as ``masks/<name>_mask.png`` (or ``masks/<name>.png``). The NLM archive has no
+    masks; images without one are kept without a mask.
+    """
+    raw_dir = _existing_dir(raw_dir)
+    images = _tb_images(raw_dir)
+    masks = _index_files([raw_dir / "masks"], (".png",), strip="_mask")
+    records = [_Record(image_id, path, _as_tuple(masks.get(image_id))) for image_id, path in images]
+    info = _tb_info("shenzhen-cxr", "both lung fields (manual lung segmentation)")
+    return _write_tb(out_dir, info, records, seed, image_size, overwrite)
+
+
+def convert_montgomery(raw_dir: str | Path, out_dir: str | Path, seed: int = 0, image_size: int | None = None,
+                       overwrite: bool = False) -> Path:
+    """Convert the Montgomery County tuberculosis chest X-ray set with its lung masks.
+
+    Expects ``CXR_png/MCUCXR_xxxx_<0|1>.png`` and the per-lung masks of the same name in
+    ``ManualMask/leftMask/`` and ``ManualMask/rightMask/``; the mask is their union. An image
+    lacking either lung mask is kept without a mask.
+    """
+    raw_dir = _existing_dir(raw_dir)
+    images = _tb_images(raw_dir)
+    left, right = (_index_files([_require_dir(raw_dir / "ManualMask" / side)], (".png",))
+                   for side in ("leftMask", "rightMask"))
+    records = [
+        _Record(image_id, path, (left[image_id], right[image_id]) if image_id in left and image_id in right else ())
+        for image_id, path in images
+    ]
+    info = _tb_info("montgomery-cxr", "both lung fields (union of the manual left and right lung masks)")
+    return _write_tb(out_dir, info, records, seed, image_size, overwrite)
+
+
+def _tb_images(raw_dir: Path) -> list[tuple[str, Path]]:
+    folder = _require_dir(raw_dir / "CXR_png")
+    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() == ".png")
+    if not paths:
+        raise DatasetFormatError(f"{folder} holds no PNG images.")
+    for path in paths:
+        if not TB_LABEL.search(path.stem):
+            raise DatasetFormatError(
+                f"{path}: cannot read its label: file names in CXR_png must end in _0 (normal) or _1 (tuberculosis)."
+            )
+    return [(_check_id(p.stem, p), p) for p in paths]
+
+
+def _tb_info(name: str, mask_description: str) -> DatasetInfo:
+    return DatasetInfo(name=name, modality="chest X-ray", task="multilabel", class_names=["tb"],
+                       mask_description=mask_description, source=NLM_TB_SOURCE, licence=NLM_TB_LICENCE, channels=1)
+
+
+def _write_tb(out_dir, info: DatasetInfo, records: list[_Record], seed: int, image_size, overwrite: bool) -> Path:
+    ids = [r.image_id for r in records]
+    tb = [int(TB_LABEL.search(i).group(1)) for i in ids]
+    labels = pd.DataFrame({"image_id": ids, "tb": tb})
+    return _write(out_dir, info, records, labels, make_splits(ids, seed, stratify=tb), image_size, overwrite)
+
+
+# ------------------------------------------------------------------------------------ ChestX-Det10
+
+def convert_chestx_det10(raw_dir: str | Path, out_dir: str | Path, seed: int = 0, image_size: int | None = None,
+                         overwrite: bool = False) -> Path:
+    """Convert ChestX-Det10 (10 chest X-ray findings, multilabel) and optional lung masks.
+
+    Expects ``train.json`` and/or ``test.json`` (records ``{"file_name", "syms", "boxes"}``; the
+    boxes are not used), the images in ``train/``, ``test/`` or ``images/`` and lung masks, where
+    available, as ``masks/<stem>.png``. The official train/test division is not kept: all images
+    are split 7:1:2, stratified by each image's rarest finding (or "none").
+    """
+    raw_dir = _existing_dir(raw_dir)
+    findings = _read_chestx_annotations(raw_dir)
+    images = _index_files(_require_any_dir(raw_dir, CHESTX_DET10_IMAGE_DIRS, "image"), IMAGE_SUFFIXES)
+    masks = _index_files([raw_dir / "masks"], (".png",))
+    _check_all_found(list(findings), images, raw_dir, CHESTX_DET10_IMAGE_DIRS)
+    ids = sorted(findings)
+    records = [_Record(i, images[i], _as_tuple(masks.get(i))) for i in ids]
+    labels = pd.DataFrame({"image_id": ids})
+    for name in CHESTX_DET10_CLASSES:
+        labels[name] = [int(name in findings[i]) for i in ids]
+    info = DatasetInfo(
+        name="chestx-det10",
+        modality="chest X-ray",
+        task="multilabel",
+        class_names=list(CHESTX_DET10_CLASSES),
+        mask_description="both lung fields (where lung masks were supplied in masks/)",
+        source="https://github.com/Deepwise-AILab/ChestX-Det10-Dataset",
+        licence=(
+            "Images from NIH ChestX-ray14 (no use restrictions; cite Wang X. et al., CVPR 2017, and acknowledge the "
+            "NIH Clinical Center); annotations from ChestX-Det10, cite Liu J. et al., arXiv:2006.10550 (2020). The "
+            "annotation repository states no licence: ask the authors before redistributing."
+        ),
+        channels=1,
+    )
+    splits = make_splits(ids, seed, stratify=_rarest_finding(labels[list(CHESTX_DET10_CLASSES)]))
+    return _write(out_dir, info, records, labels, splits, image_size, overwrite)
+
+
+def _read_chestx_annotations(raw_dir: Path) -> dict[str, set[str]]:
+    """Image id -> set of findings, from every annotation file present."""
+    paths = [raw_dir / name for name in CHESTX_DET10_JSON_FILES if (raw_dir / name).is_file()]
+    if not paths:
+        raise DatasetFormatError(
+            f"Neither {raw_dir / 'train.json'} nor {raw_dir / 'test.json'} found: ChestX-Det10 needs its annotation files."
+        )
+    findings: dict[str, set[str]] = {}
+    for path in paths:
+        try:
+            entries = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise DatasetFormatError(f"{path} is not valid JSON: {err}") from err
+        if not isinstance(entries, list):
+            raise DatasetFormatError(f"{path} must hold a list of records with file_name and syms.")
+        for entry in entries:
+            if not isinstance(entry, dict) or "file_name" not in entry or not isinstance(entry.get("syms"), list):
+                raise DatasetFormatError(f"{path}: every record needs file_name and a syms list, got {entry!r:.120}.")
+            image_id = Path(_check_id(entry["file_name"], path)).stem
+            unknown = sorted(set(entry["syms"]) - set(CHESTX_DET10_CLASSES))
+            if unknown:
+                raise DatasetFormatError(f"{path}: {entry['file_name']} has unknown findings {unknown}.")
+            if image_id in findings:
+                raise DatasetFormatError(f"{path}: image {entry['file_name']} is annotated more than once.")
+            findings[image_id] = set(entry["syms"])
+    return findings
+
+
+def _rarest_finding(onehot: pd.DataFrame) -> np.ndarray:
+    """Each image's rarest finding in this data set, or "none": a stratification key that spreads rare findings."""
+    ranked = onehot[onehot.sum().sort_values(kind="stable").index]
+    return np.where(ranked.any(axis=1), ranked.idxmax(axis=1), "none")
+
+
+# ---------------------------------------------------------------------------- Kaggle bundle, layouts
+
+LAYOUTS: dict[str, tuple[str, Callable[[Path], bool]]] = {
+    "ham10000": ("HAM10000_metadata.csv", lambda d: any((d / n).is_file() for n in HAM_METADATA_FILES)),
+    "montgomery": ("CXR_png/ and ManualMask/", lambda d: (d / "CXR_png").is_dir() and (d / "ManualMask").is_dir()),
+    "shenzhen": ("CXR_png/ without ManualMask/",
+                 lambda d: (d / "CXR_png").is_dir() and not (d / "ManualMask").is_dir()),
+    "chestx-det10": ("train.json or test.json", lambda d: any((d / n).is_file() for n in CHESTX_DET10_JSON_FILES)),
+}
+CONVERTERS: dict[str, Callable[..., Path]] = {
+    "ham10000": convert_ham10000,
+    "shenzhen": convert_shenzhen,
+    "montgomery": convert_montgomery,
+    "chestx-det10": convert_chestx_det10,
+}
+KAGGLE_BUNDLE = "mingchengzhu/segx-used-datasets"
+KAGGLE_LAYOUTS = {"ham": ("ham10000",), "chestx": ("montgomery", "shenzhen", "chestx-det10")}
+
+
+def convert_segx_kaggle(raw_dir: str | Path, out_dir: str | Path, which: str = "ham", seed: int = 0,
+                        image_size: int | None = None, overwrite: bool = False) -> Path:
+    """Convert the authors' Kaggle bundle (``mingchengzhu/segx-used-datasets``), once unzipped.
+
+    Its exact layout is not documented, so this finds which known raw layout it holds (HAM10000
+    for ``which="ham"``; Montgomery, Shenzhen or ChestX-Det10 for ``which="chestx"``) in
+    ``raw_dir`` or up to two folder levels below, and runs that converter.
+    """
+    if which not in KAGGLE_LAYOUTS:
+        raise ValueError(f"which must be one of {sorted(KAGGLE_LAYOUTS)}, got {which!r}")
+    name, root = find_layout(raw_dir, KAGGLE_LAYOUTS[which])
+    return CONVERTERS[name](root, out_dir, seed=seed, image_size=image_size, overwrite=overwrite)
+
+
+def find_layout(raw_dir: str | Path, names: Sequence[str], depth: int = 2) -> tuple[str, Path]:
+    """The first of the named raw layouts found in ``raw_dir`` or up to ``depth`` folder levels below.
+
+    Returns ``(layout name, folder)``, searching level by level; raises :class:`DatasetFormatError`
+    listing what was looked for when nothing matches.
+    """
+    raw_dir = _existing_dir(raw_dir)
+    level = [raw_dir]
+    for _ in range(depth + 1):
+        for folder in level:
+            for name in names:
+                if LAYOUTS[name][1](folder):
+                    return name, folder
+        level = [child for folder in level for child in sorted(folder.iterdir())
+                 if child.is_dir() and not child.name.startswith((".", "__MACOSX"))]
+    looked_for = "; ".join(f"{LAYOUTS[name][0]} ({name})" for name in names)
+    raise DatasetFormatError(
+        f"No known raw dataset layout in {raw_dir} or up to {depth} folder levels below it; looked for: {looked_for}."
+    )
+
+
+# ------------------------------------------------------------------------------------ shared steps
+
+def _write(out_dir, info: DatasetInfo, records: list[_Record], labels: pd.DataFrame, splits: pd.DataFrame,
+           image_size: int | None, overwrite: bool) -> Path:
+    """Read, optionally resize and write every record; warn once about the images without a mask."""
+    if image_size is not None and image_size < 1:
+        raise ValueError(f"image_size must be a positive number of pixels, got {image_size}")
+    unmasked = [r.image_id for r in records if not r.masks]
+    if unmasked:
+        warnings.warn(
+            f"{info.name}: {len(unmasked)} of {len(records)} images have no mask (e.g. {unmasked[:3]}); they are "
+            "kept without one.",
+            MissingMaskWarning,
+            stacklevel=3,
+        )
+
+    def samples():
+        for record in tqdm(records, desc=info.name, unit="image"):
+            image, mask = _load(record, info.channels, image_size)
+            yield record.image_id, image, mask
+
+    return write_dataset(out_dir, info, samples(), labels, splits, overwrite=overwrite)
+
+
+def _load(record: _Record, channels: int, image_size: int | None) -> tuple[np.ndarray, np.ndarray | None]:
+    image = read_image(record.image, channels=channels)
+    mask = None
+    if record.masks:
+        mask = np.logical_or.reduce([read_mask(p, expected_size=image.shape[:2]) for p in record.masks])
+    if image_size is not None:
+        image = _resize(image, image_size, Image.Resampling.BILINEAR)
+        if mask is not None:
+            mask = _resize(np.where(mask, 255, 0).astype(np.uint8), image_size, Image.Resampling.NEAREST) > 0
+    return image, mask
+
+
+def _resize(array: np.ndarray, size: int, resample: Image.Resampling) -> np.ndarray:
+    plane = array[:, :, 0] if array.ndim == 3 and array.shape[2] == 1 else array
+    return np.asarray(Image.fromarray(plane).resize((size, size), resample))
+
+
+def _index_files(folders: Sequence[Path], suffixes: Sequence[str], strip: str = "") -> dict[str, Path]:
+    """Map file stem (less ``strip`` at its end) -> file, over those of ``folders`` that exist.
+
+    The first folder listed wins when a stem occurs twice.
+    """
+    index: dict[str, Path] = {}
+    for folder in folders:
+        if folder.is_dir():
+            for path in sorted(folder.iterdir()):
+                if path.suffix.lower() in suffixes:
+                    index.setdefault(path.stem.removesuffix(strip), path)
+    return index
+
+
+def _check_all_found(ids: Sequence[str], files: dict[str, Path], raw_dir: Path, folders: Sequence[str]) -> None:
+    missing = [i for i in ids if i not in files]
+    if missing:
+        raise DatasetFormatError(
+            f"{len(missing)} of {len(ids)} images listed in the annotations are missing from "
+            f"{[str(raw_dir / f) for f in folders]} (e.g. {missing[:5]}); is part of the download missing?"
+        )
+
+
+def _existing_dir(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.is_dir():
+        raise DatasetFormatError(f"Raw data folder {path} does not exist.")
+    return path
+
+
+def _require_dir(path: Path) -> Path:
+    if not path.is_dir():
+        raise DatasetFormatError(f"Folder {path} not found.")
+    return path
+
+
+def _require_any_dir(root: Path, folders: Sequence[str], what: str) -> list[Path]:
+    present = [root / f for f in folders if (root / f).is_dir()]
+    if not present:
+        raise DatasetFormatError(f"No {what} folder in {root}: expected at least one of {list(folders)}.")
+    return present
+
+
+def _check_id(image_id: str, source: Path) -> str:
+    try:
+        return check_safe_id(image_id)
+    except ValueError as err:
+        raise DatasetFormatError(f"{source}: {err}") from None
+
+
+def _as_tuple(path: Path | None) -> tuple[Path, ...]:
+    return () if path is None else (path,)
+
+
+# --------------------------------------------------------------------------------------------- CLI
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line used by data_download.sh; returns the exit status."""
+    parser = argparse.ArgumentParser(
+        prog="python -m segx_helpers.data.real",
+        description="Convert a downloaded raw dataset to the segx_helpers dataset format.",
+    )
+    parser.add_argument("dataset", choices=[*CONVERTERS, "segx-kaggle"])
+    parser.add_argument("raw_dir", type=Path, help="the unpacked download (the layout may sit up to two levels down)")
+    parser.add_argument("out_dir", type=Path, help="the dataset folder to create; an existing one is never replaced")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the train/val/test split (default 0)")
+    parser.add_argument("--image-size", type=int, default=None, help="resize to a square of N pixels (default: keep)")
+    parser.add_argument("--which", choices=sorted(KAGGLE_LAYOUTS), default="ham",
+                        help="segx-kaggle only: the dermoscopy (ham) or chest X-ray (chestx) part (default ham)")
+    args = parser.parse_args(argv)
+    warnings.formatwarning = lambda message, *_args, **_kwargs: f"warning: {message}\n"
+    options = {"seed": args.seed, "image_size": args.image_size}
+    try:
+        if args.dataset == "segx-kaggle":
+            out = convert_segx_kaggle(args.raw_dir, args.out_dir, which=args.which, **options)
+        else:
+            _, root = find_layout(args.raw_dir, (args.dataset,))
+            out = CONVERTERS[args.dataset](root, args.out_dir, **options)
+    except (DatasetFormatError, FileExistsError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"converted {len(pd.read_csv(out / 'labels.csv'))} images into {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""Small helpers the notebooks share: where files live, what to run when something is missing,
+the Colab setup cell, and figure saving.
+
+The repository URL lives here and only here; the notebooks' Colab cells are checked against it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO_URL = "https://github.com/segx-tutorials/segx-tutorials"
+NOTEBOOKS = (
+    "01_dataset_prep", "02_train_segmenter", "03_train_classifier", "04_segx_maps", "05_segu_analysis",
+    "06_adapt_new_modality",
+)
+
+
+def colab_badge(notebook: str) -> str:
+    """Markdown for the "Open in Colab" badge of ``notebooks/<notebook>.ipynb``."""
+    repo = REPO_URL.removeprefix("https://github.com/")
+    return (f"[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]"
+            f"(https://colab.research.google.com/github/{repo}/blob/main/notebooks/{notebook}.ipynb)")
+
+
+def colab_setup_source() -> str:
+    """Source of every notebook's first code cell: on Colab only, install this package; elsewhere do nothing."""
+    return (
+        "# Colab only: install the helper package from the repository (does nothing anywhere else).\n"
+        "import sys\n"
+        "\n"
+        "if \"google.colab\" in sys.modules:\n"
+        "    import subprocess\n"
+        "\n"
+        f"    subprocess.run([sys.executable, \"-m\", \"pip\", \"install\", \"-q\", \"git+{REPO_URL}\"], check=True)"
+    )
+
+
+@dataclass(frozen=True)
+class TutorialPaths:
+    """Where the tutorial keeps data, trained models and results (all relative to one root).
+
+    ``data/<name>/`` datasets (notebook 01), ``artifacts/<name>/`` checkpoints (02, 03),
+    ``outputs/<name>/`` maps, scores and figures (04, 05, 06).
+    """
+
+    root: Path
+
+    @classmethod
+    def at(cls, root: str | Path) -> "TutorialPaths":
+        return cls(Path(root).resolve())
+
+    def dataset(self, name: str) -> Path:
+        return self.root / "data" / name
+
+    def segmenter(self, name: str) -> Path:
+        return self.root / "artifacts" / name / "segmenter.pt"
+
+    def classifier(self, name: str) -> Path:
+        return self.root / "artifacts" / name / "classifier.pt"
+
+    def outputs(self, name: str) -> Path:
+        return self.root / "outputs" / name
+
+    def figures(self, name: str) -> Path:
+        return self.outputs(name) / "figures"
+
+    def maps(self, name: str) -> Path:
+        return self.outputs(name) / "maps"
+
+    def segu(self, name: str) -> Path:
+        return self.outputs(name) / "segu"
+
+
+class MissingArtifactError(FileNotFoundError):
+    """An earlier notebook's output is missing; the message says which notebook makes it."""
+
+
+def require(path: str | Path, made_by: str) -> Path:
+    """Return ``path`` if it exists, else raise :class:`MissingArtifactError` naming the notebook to run."""
+    path = Path(path)
+    if not path.exists():
+        raise MissingArtifactError(
+            f"{path} is missing. Run notebook {made_by} first (or set PREPARE_MISSING = True in the parameters cell "
+            "to produce it here in quick mode)."
+        )
+    return path
+
+
+def save_figure(fig, path: str | Path, dpi: int = 120) -> Path:
+    """Save a matplotlib figure as PNG (creating folders) and return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")
+    return path

@@ -1,0 +1,224 @@
+"""Plots for the notebooks: dataset overviews, training curves, overlays, galleries, SegU figures.
+
+Every function returns the matplotlib ``Figure`` so notebooks can show and save it; every figure
+has a title, axis labels and a legend where one is needed.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+
+from .data.format import LoadedDataset, read_image, read_mask
+
+MASK_COLOUR = "#00e5ff"
+TOP_COLOUR = "#ffffff"
+
+
+def _outline(ax, mask: np.ndarray, colour: str = MASK_COLOUR, width: float = 1.2) -> None:
+    if mask is not None and mask.any() and not mask.all():
+        ax.contour(mask.astype(float), levels=[0.5], colors=[colour], linewidths=width)
+
+
+def _as_display(image: np.ndarray) -> np.ndarray:
+    image = np.asarray(image)
+    if image.ndim == 3 and image.shape[-1] == 1:
+        image = image[..., 0]
+    return image
+
+
+# ------------------------------------------------------------------------------ datasets
+
+def describe_dataset(data: LoadedDataset) -> pd.DataFrame:
+    """One row per image: id, split, label(s) and the mask's share of the image (NaN without a mask)."""
+    table = data.table.copy()
+    areas = []
+    for path in table["mask_path"]:
+        areas.append(float(read_mask(path).mean()) if path is not None else np.nan)
+    table["mask_area"] = areas
+    if data.info.task == "multilabel":
+        names = data.info.class_names
+        table["label"] = [", ".join(n for n in names if row[n]) or "none" for _, row in table[names].iterrows()]
+    return table.drop(columns=["image_path", "mask_path"])
+
+
+def show_examples(data: LoadedDataset, per_class: int = 4, seed: int = 0) -> plt.Figure:
+    """A grid of images with their mask outline, one row per class (multilabel: images with that finding)."""
+    rng = np.random.default_rng(seed)
+    names = data.info.class_names
+    fig, axes = plt.subplots(len(names), per_class, figsize=(2.2 * per_class, 2.3 * len(names)), squeeze=False)
+    for r, name in enumerate(names):
+        if data.info.task == "multiclass":
+            rows = data.table[data.table["label"] == name]
+        else:
+            rows = data.table[data.table[name] == 1]
+        chosen = rows.iloc[rng.permutation(len(rows))[:per_class]]
+        for c in range(per_class):
+            ax = axes[r, c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c >= len(chosen):
+                ax.axis("off")
+                continue
+            row = chosen.iloc[c]
+            image = read_image(row["image_path"], channels=data.info.channels)
+            ax.imshow(_as_display(image), cmap="gray" if data.info.channels == 1 else None)
+            if row["mask_path"] is not None:
+                _outline(ax, read_mask(row["mask_path"]))
+            ax.set_title(row["image_id"], fontsize=8)
+            if c == 0:
+                ax.set_ylabel(name, fontsize=11)
+    fig.suptitle(f"{data.info.name}: examples per class (outline = {data.info.mask_description})")
+    fig.legend(handles=[plt.Line2D([], [], color=MASK_COLOUR, label=f"mask: {data.info.mask_description}")],
+               loc="lower center", ncol=1, frameon=False)
+    fig.tight_layout(rect=(0, 0.03, 1, 0.97))
+    return fig
+
+
+def plot_class_balance(summary: pd.DataFrame, data: LoadedDataset) -> plt.Figure:
+    """Images per class and split (multilabel: images carrying each finding)."""
+    if data.info.task == "multiclass":
+        counts = summary.groupby(["split", "label"]).size().rename("images").reset_index()
+    else:
+        counts = summary.melt(id_vars=["split"], value_vars=data.info.class_names, var_name="label")
+        counts = counts[counts["value"] == 1].groupby(["split", "label"]).size().rename("images").reset_index()
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    sns.barplot(data=counts, x="label", y="images", hue="split", hue_order=["train", "val", "test"],
+                order=data.info.class_names, ax=ax)
+    ax.set(title=f"{data.info.name}: class balance per split", xlabel="class", ylabel="number of images")
+    fig.tight_layout()
+    return fig
+
+
+def plot_mask_area(summary: pd.DataFrame, data: LoadedDataset) -> plt.Figure:
+    """Distribution of the mask's share of the image, per class."""
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    sns.histplot(data=summary.dropna(subset=["mask_area"]), x="mask_area", hue="label", element="step",
+                 stat="density", common_norm=False, ax=ax)
+    ax.set(title=f"{data.info.name}: area of the {data.info.mask_description} (share of image)",
+           xlabel="mask area / image area", ylabel="density")
+    fig.tight_layout()
+    return fig
+
+
+def plot_shortcut_correlation(table: pd.DataFrame) -> plt.Figure:
+    """Measured phi correlation between artefact and class per split, next to the generator's setting.
+
+    ``table`` columns: split, pair (e.g. "ink ~ melanoma"), measured, parameter.
+    """
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    sns.barplot(data=table, x="split", y="measured", hue="pair", order=["train", "val", "test"], ax=ax)
+    for i, split in enumerate(["train", "val", "test"]):
+        value = table.loc[table["split"] == split, "parameter"].iloc[0]
+        ax.hlines(value, i - 0.4, i + 0.4, colors="black", linestyles="--", label="generator setting" if i == 0 else None)
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set(title="Spurious artefact vs class: phi correlation per split", xlabel="split",
+           ylabel="phi correlation", ylim=(-1.05, 1.05))
+    ax.legend(loc="lower left", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+# ------------------------------------------------------------------------------ training
+
+def plot_history(history: pd.DataFrame, metric: str, title: str) -> plt.Figure:
+    """Training loss and a validation metric per epoch, side by side."""
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    axes[0].plot(history["epoch"], history["train_loss"], marker="o", label="train loss")
+    axes[0].set(title="training loss", xlabel="epoch", ylabel="loss")
+    axes[1].plot(history["epoch"], history[metric], marker="o", color="C1", label=metric)
+    axes[1].set(title=f"validation {metric}", xlabel="epoch", ylabel=metric)
+    for ax in axes:
+        ax.legend()
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_segmentation_grid(images: np.ndarray, true: np.ndarray, pred: np.ndarray, titles: Sequence[str],
+                           title: str) -> plt.Figure:
+    """Rows of image / true mask / predicted mask / error overlay (images ``(N, H, W, C)`` in [0, 1])."""
+    n = len(images)
+    fig, axes = plt.subplots(n, 4, figsize=(9, 2.3 * n), squeeze=False)
+    for i in range(n):
+        error = np.zeros(true[i].shape + (3,))
+        error[true[i] & ~pred[i]] = (1.0, 0.2, 0.2)
+        error[~true[i] & pred[i]] = (1.0, 0.8, 0.0)
+        error[true[i] & pred[i]] = (0.2, 0.8, 0.3)
+        panels = [(_as_display(images[i]), "image"), (true[i], "true mask"), (pred[i], "predicted mask"), (error, "errors")]
+        for j, (panel, name) in enumerate(panels):
+            ax = axes[i, j]
+            ax.imshow(panel, cmap="gray" if panel.ndim == 2 else None, vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(name)
+        axes[i, 0].set_ylabel(titles[i], fontsize=8)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c, label=lbl) for c, lbl in
+               (((0.2, 0.8, 0.3), "hit"), ((1.0, 0.2, 0.2), "missed"), ((1.0, 0.8, 0.0), "false alarm"))]
+    fig.legend(handles=handles, loc="lower center", ncol=3, frameon=False)
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.03, 1, 0.98))
+    return fig
+
+
+def plot_score_distribution(values: np.ndarray, name: str, title: str) -> plt.Figure:
+    """Histogram of per-image scores with the mean marked."""
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    sns.histplot(values, bins=30, ax=ax, label="images")
+    ax.axvline(np.mean(values), color="C3", ls="--", label=f"mean = {np.mean(values):.3f}")
+    ax.set(title=title, xlabel=name, ylabel="number of images")
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def plot_confusion(y_true: np.ndarray, y_pred: np.ndarray, class_names: Sequence[str], title: str) -> plt.Figure:
+    """Row-normalised confusion matrix with counts."""
+    k = len(class_names)
+    counts = np.zeros((k, k), dtype=int)
+    np.add.at(counts, (np.asarray(y_true), np.asarray(y_pred)), 1)
+    share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    annot = np.array([[f"{share[i, j]:.2f}\n({counts[i, j]})" for j in range(k)] for i in range(k)])
+    fig, ax = plt.subplots(figsize=(4.8, 4))
+    sns.heatmap(share, annot=annot, fmt="", cmap="Blues", vmin=0, vmax=1, xticklabels=class_names,
+                yticklabels=class_names, ax=ax, cbar_kws={"label": "share of true class"})
+    ax.set(title=title, xlabel="predicted class", ylabel="true class")
+    fig.tight_layout()
+    return fig
+
+
+def plot_roc_curves(y_true: np.ndarray, y_score: np.ndarray, class_names: Sequence[str], title: str) -> plt.Figure:
+    """One-vs-rest ROC curve per class with its AUROC in the legend."""
+    from sklearn.metrics import roc_curve
+
+    from .metrics import one_hot
+
+    onehot = one_hot(y_true, len(class_names))
+    fig, ax = plt.subplots(figsize=(4.8, 4.2))
+    for c, name in enumerate(class_names):
+        if 0 < onehot[:, c].sum() < len(onehot):
+            fpr, tpr, _ = roc_curve(onehot[:, c], y_score[:, c])
+            from sklearn.metrics import auc
+
+            ax.plot(fpr, tpr, label=f"{name} (AUROC {auc(fpr, tpr):.3f})")
+    ax.plot([0, 1], [0, 1], color="grey", ls=":", label="chance")
+    ax.set(title=title, xlabel="false positive rate", ylabel="true positive rate")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def plot_shortcut_accuracy(table: pd.DataFrame, title: str) -> plt.Figure:
+    """Accuracy where the artefact agrees vs disagrees with the label (from ``pipeline.shortcut_breakdown``)."""
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    sns.barplot(data=table, x="class", y="accuracy", hue="artefact vs label", ax=ax)
+    for container in ax.containers:
+        ax.bar_label(container, fmt="%.2f", fontsize=8)
+    ax.set(title=title, xlabel="class the artefact is correlated with", ylabel="accuracy", ylim=(0, 1.1))
+    fig.tight_layout()
+    return fig

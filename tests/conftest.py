@@ -1,0 +1,49 @@
+"""Shared fixtures: tiny datasets written through the package's own writer."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from segx_helpers.data.format import DatasetInfo, make_splits, write_dataset
+
+os.environ.setdefault("MPLBACKEND", "Agg")
+os.environ.setdefault("TQDM_DISABLE", "1")
+torch.set_num_threads(2)
+
+
+def tiny_samples(n: int, size: int = 32, seed: int = 0, channels: int = 3):
+    """``n`` random images with a centred square mask."""
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        shape = (size, size, channels) if channels == 3 else (size, size)
+        image = rng.integers(0, 256, shape, dtype=np.uint8)
+        mask = np.zeros((size, size), dtype=bool)
+        mask[size // 4: 3 * size // 4, size // 4: 3 * size // 4] = True
+        yield f"img_{i:03d}", image, mask
+
+
+@pytest.fixture
+def make_tiny_dataset(tmp_path):
+    """Factory: write a small valid dataset and return its folder."""
+
+    def make(name: str = "tiny", n: int = 30, task: str = "multiclass", size: int = 32, channels: int = 3) -> "Path":
+        root = tmp_path / name
+        ids = [f"img_{i:03d}" for i in range(n)]
+        if task == "multiclass":
+            classes = ["a", "b", "c"]
+            labels = pd.DataFrame({"image_id": ids, "label": [classes[i % 3] for i in range(n)]})
+            strat = labels["label"]
+        else:
+            classes = ["x", "y"]
+            labels = pd.DataFrame({"image_id": ids, "x": [i % 2 for i in range(n)], "y": [(i // 2) % 2 for i in range(n)]})
+            strat = labels["x"] * 2 + labels["y"]
+        info = DatasetInfo(name=name, modality="test", task=task, class_names=classes, mask_description="a square",
+                           channels=channels, generator={"test": True})
+        write_dataset(root, info, tiny_samples(n, size, channels=channels), labels, make_splits(ids, 0, stratify=strat))
+        return root
+
+    return make

@@ -1,0 +1,143 @@
+"""The dataset format: loading, and every validation error naming its file."""
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from segx_helpers.data import DatasetFormatError, NonBinaryMaskWarning, load_dataset, make_splits, read_image, read_mask
+
+
+def test_load_returns_rows_targets_and_paths(make_tiny_dataset):
+    data = load_dataset(make_tiny_dataset(n=30))
+    assert len(data.table) == 30
+    assert set(data.table["split"]) == {"train", "val", "test"}
+    assert data.targets.shape == (30,)
+    assert data.targets[:3].tolist() == [0, 1, 2]
+    assert data.table["mask_path"].notna().all()
+
+
+def test_multilabel_targets_are_a_matrix(make_tiny_dataset):
+    data = load_dataset(make_tiny_dataset(task="multilabel", n=24))
+    assert data.targets.shape == (24, 2)
+    assert data.targets[3].tolist() == [1.0, 1.0]
+
+
+def test_splits_are_deterministic_and_stratified():
+    ids = [f"i{k}" for k in range(100)]
+    strat = [k % 2 for k in range(100)]
+    a, b = make_splits(ids, 3, stratify=strat), make_splits(ids, 3, stratify=strat)
+    assert a.equals(b)
+    assert not a.equals(make_splits(ids, 4, stratify=strat))
+    counts = a.assign(s=strat).groupby(["split", "s"]).size()
+    assert counts["train", 0] == counts["train", 1] == 35
+    assert counts["test", 0] == counts["test", 1] == 10
+
+
+@pytest.mark.parametrize("breaker, message", [
+    (lambda r: (r / "images" / "img_003.png").unlink(), "Missing image for id 'img_003'"),
+    (lambda r: (r / "images" / "img_004.png").write_bytes(b""), "img_004.png"),
+    (lambda r: (r / "images" / "img_005.png").write_bytes((r / "images" / "img_005.png").read_bytes()[:200]), "img_005.png"),
+    (lambda r: Image.fromarray(np.zeros((16, 16), np.uint8)).save(r / "masks" / "img_006.png"), "img_006.png"),
+    (lambda r: (r / "labels.csv").write_text((r / "labels.csv").read_text() + "ghost,a\n"), "ghost"),
+    (lambda r: (r / "labels.csv").write_text((r / "labels.csv").read_text().replace(",b\n", ",zebra\n", 1)), "zebra"),
+    (lambda r: (r / "splits.csv").write_text((r / "splits.csv").read_text().replace("val", "train")), "'val' split is empty"),
+    (lambda r: (r / "labels.csv").write_text("id,label\n"), "labels.csv lacks the columns"),
+    (lambda r: (r / "labels.csv").write_text((r / "labels.csv").read_text().replace("img_001,b", "img_001,")), "NaN"),
+    (lambda r: (r / "dataset.json").unlink(), "dataset.json"),
+    (lambda r: (r / "labels.csv").write_text((r / "labels.csv").read_text() + "img_000,a\n"), "duplicate image ids"),
+    (lambda r: (r / "labels.csv").write_text((r / "labels.csv").read_text().replace("img_002", "../evil")), "Unsafe image id"),
+])
+def test_each_validation_error_names_the_file(make_tiny_dataset, breaker, message):
+    root = make_tiny_dataset()
+    breaker(root)
+    with pytest.raises(DatasetFormatError, match=message.replace("(", r"\(").replace(".", r"\.").replace("'", "'")) as err:
+        load_dataset(root)
+    assert str(root) in str(err.value) or "id" in str(err.value)
+
+
+def test_non_binary_mask_is_thresholded_with_a_warning(tmp_path):
+    values = np.zeros((8, 8), np.uint8)
+    values[:, 4:] = 200
+    values[0, 0] = 90
+    Image.fromarray(values).save(tmp_path / "m.png")
+    with pytest.warns(NonBinaryMaskWarning, match="m.png"):
+        mask = read_mask(tmp_path / "m.png")
+    assert mask[:, 4:].all() and not mask[:, :4].any()
+
+
+def test_binary_masks_read_without_warning(tmp_path):
+    Image.fromarray(np.array([[0, 1], [1, 0]], np.uint8)).save(tmp_path / "a.png")
+    Image.fromarray(np.array([[0, 255], [255, 0]], np.uint8)).save(tmp_path / "b.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert read_mask(tmp_path / "a.png").tolist() == read_mask(tmp_path / "b.png").tolist() == [[False, True], [True, False]]
+
+
+def test_mask_of_wrong_size_is_refused(tmp_path):
+    Image.fromarray(np.zeros((8, 9), np.uint8)).save(tmp_path / "m.png")
+    with pytest.raises(DatasetFormatError, match="m.png has size 9x8"):
+        read_mask(tmp_path / "m.png", expected_size=(8, 8))
+
+
+@pytest.mark.parametrize("mode, shape, maximum", [("RGBA", (6, 5, 4), 255), ("L", (6, 5), 255), ("I;16", (6, 5), 4095),
+                                                    ("I;16", (6, 5), 65535)])
+def test_image_modes_become_uint8_rgb(tmp_path, mode, shape, maximum):
+    values = np.linspace(0, maximum, np.prod(shape)).reshape(shape)
+    if mode == "I;16":
+        img = Image.fromarray(values.astype(np.uint16))
+    else:
+        img = Image.fromarray(values.astype(np.uint8), mode=mode if mode != "L" else None)
+    img.save(tmp_path / "x.png")
+    out = read_image(tmp_path / "x.png", channels=3)
+    assert out.shape == (6, 5, 3) and out.dtype == np.uint8
+    if mode == "RGBA":
+        assert (out == values[..., :3].astype(np.uint8)).all()
+    else:
+        assert out.max() == 255 and out.min() == 0
+        assert (out[..., 0] == out[..., 2]).all()
+    gray = read_image(tmp_path / "x.png", channels=1)
+    assert gray.shape == (6, 5, 1)
+
+
+def test_missing_split_class_warns(make_tiny_dataset):
+    root = make_tiny_dataset(n=30)
+    labels = pd.read_csv(root / "labels.csv")
+    splits = pd.read_csv(root / "splits.csv").set_index("image_id")
+    test_ids = splits.index[splits["split"] == "test"]
+    labels.loc[labels["image_id"].isin(test_ids), "label"] = "a"
+    labels.to_csv(root / "labels.csv", index=False)
+    with pytest.warns(UserWarning, match="'test' split has no images of class"):
+        load_dataset(root)
+
+
+def test_dataset_json_task_is_checked(make_tiny_dataset):
+    root = make_tiny_dataset()
+    info = json.loads((root / "dataset.json").read_text())
+    info["task"] = "regression"
+    (root / "dataset.json").write_text(json.dumps(info))
+    with pytest.raises(DatasetFormatError, match="task must be one of"):
+        load_dataset(root)
+
+
+def test_writer_refuses_to_replace_user_data(make_tiny_dataset, tmp_path):
+    from segx_helpers.data.format import DatasetInfo, write_dataset
+
+    user = tmp_path / "user_data"
+    shutil.copytree(make_tiny_dataset(), user)
+    info = json.loads((user / "dataset.json").read_text())
+    info["generator"] = {}
+    (user / "dataset.json").write_text(json.dumps(info))
+    before = sorted(p.name for p in (user / "images").iterdir())
+    args = (DatasetInfo(name="x", modality="m", task="multiclass", class_names=["a"], mask_description="m"), iter([]),
+            pd.DataFrame({"image_id": []}), pd.DataFrame({"image_id": [], "split": []}))
+    with pytest.raises(FileExistsError, match="refusing"):
+        write_dataset(user, *args)
+    with pytest.raises(FileExistsError, match="not written by segx_helpers"):
+        write_dataset(user, *args, overwrite=True)
+    assert sorted(p.name for p in (user / "images").iterdir()) == before

@@ -1,0 +1,123 @@
+"""Synthetic generators: determinism, mask/image alignment, shortcut correlation, reuse."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from segx_helpers.data import SyntheticConfig, ensure_synthetic, generate_synthetic_cxr, generate_synthetic_derm, load_dataset
+from segx_helpers.data.format import read_image, read_mask
+from segx_helpers.data.synthetic import measure_shortcut, phi_correlation, shortcut_indicator
+
+
+@pytest.fixture(scope="module")
+def derm(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth") / "derm"
+    return generate_synthetic_derm(root, SyntheticConfig(n_images=300, image_size=64, seed=1, shortcut_correlation=0.8,
+                                                         test_shortcut_correlation=-0.5), progress=False)
+
+
+@pytest.fixture(scope="module")
+def cxr(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth") / "cxr"
+    return generate_synthetic_cxr(root, SyntheticConfig(n_images=300, image_size=64, seed=1, shortcut_correlation=0.7),
+                                  progress=False)
+
+
+@pytest.mark.parametrize("rho", [-1.0, -0.5, 0.0, 0.3, 0.8, 1.0])
+def test_shortcut_indicator_realises_the_correlation(rho):
+    rng = np.random.default_rng(0)
+    has = rng.random(400) < 0.3
+    assert phi_correlation(shortcut_indicator(has, rho, rng), has) == pytest.approx(rho, abs=0.06)
+
+
+def test_derm_is_valid_and_deterministic(derm, tmp_path):
+    data = load_dataset(derm)
+    assert data.info.task == "multiclass" and data.info.class_names == ["nevus", "melanoma", "keratosis"]
+    assert len(data.table) == 300 and data.table["mask_path"].notna().all()
+    again = generate_synthetic_derm(tmp_path / "again", SyntheticConfig(n_images=300, image_size=64, seed=1,
+                                                                        shortcut_correlation=0.8,
+                                                                        test_shortcut_correlation=-0.5), progress=False)
+    for image_id in ("derm_00000", "derm_00123"):
+        assert (read_image(derm / "images" / f"{image_id}.png") == read_image(again / "images" / f"{image_id}.png")).all()
+    assert (pd.read_csv(derm / "splits.csv")).equals(pd.read_csv(again / "splits.csv"))
+
+
+def test_derm_seed_changes_the_data(derm, tmp_path):
+    other = generate_synthetic_derm(tmp_path / "other", SyntheticConfig(n_images=30, image_size=64, seed=2), progress=False)
+    assert not (read_image(derm / "images" / "derm_00000.png") == read_image(other / "images" / "derm_00000.png")).all()
+
+
+def test_derm_lesion_is_aligned_with_its_mask(derm):
+    """Inside the mask the colour is far from the skin; in a ring just outside it, it is skin again."""
+    from scipy import ndimage
+
+    for i in range(0, 300, 23):
+        image = read_image(derm / "images" / f"derm_{i:05d}.png").astype(float)
+        mask = read_mask(derm / "masks" / f"derm_{i:05d}.png")
+        assert 0.02 < mask.mean() < 0.3
+        ring = ndimage.binary_dilation(mask, iterations=5) & ~ndimage.binary_dilation(mask, iterations=2)
+        skin = np.median(image[ring], axis=0)
+        distance = np.linalg.norm(image - skin, axis=2)
+        assert np.median(distance[mask]) > np.median(distance[ring]) + 15
+
+
+def test_derm_ink_is_never_inside_the_lesion(derm):
+    artefacts = pd.read_csv(derm / "artefacts.csv")
+    inked = artefacts.loc[artefacts["ink"], "image_id"][:10]
+    for image_id in inked:
+        image = read_image(derm / "images" / f"{image_id}.png").astype(int)
+        purple = (image[..., 2] - image[..., 1] > 60) & (image[..., 0] - image[..., 1] > 20)
+        mask = read_mask(derm / "masks" / f"{image_id}.png")
+        assert purple.sum() > 5
+        assert not (purple & mask).any()
+
+
+def test_derm_shortcut_matches_the_parameters(derm):
+    table = measure_shortcut(derm).set_index("split")
+    assert table.loc["train", "measured"] == pytest.approx(0.8, abs=0.08)
+    assert table.loc["test", "measured"] == pytest.approx(-0.5, abs=0.12)
+    assert table.loc["test", "parameter"] == -0.5
+
+
+def test_cxr_is_multilabel_grayscale_with_lung_masks(cxr):
+    data = load_dataset(cxr)
+    assert data.info.task == "multilabel" and data.info.channels == 1
+    assert data.targets.shape == (300, 3)
+    image = read_image(cxr / "images" / "cxr_00000.png", channels=1)
+    mask = read_mask(cxr / "masks" / "cxr_00000.png")
+    assert image.shape == (64, 64, 1)
+    assert 0.1 < mask.mean() < 0.45
+    assert image[..., 0][mask].mean() < image[..., 0][~mask & (image[..., 0] > 60)].mean()
+
+
+def test_cxr_shortcut_matches_the_parameter(cxr):
+    table = measure_shortcut(cxr)
+    train = table[table["split"] == "train"]
+    assert len(train) == 3
+    assert np.allclose(train["measured"], 0.7, atol=0.1)
+    assert np.allclose(table.loc[table["split"] == "test", "measured"], 0.0, atol=0.2)
+
+
+def test_ensure_reuses_identical_and_refuses_foreign(tmp_path, make_tiny_dataset):
+    config = SyntheticConfig(n_images=20, image_size=32, seed=0)
+    root = ensure_synthetic("synthetic-derm", tmp_path / "d", config, progress=False)
+    stamp = (root / "labels.csv").stat().st_mtime_ns
+    ensure_synthetic("synthetic-derm", root, config, progress=False)
+    assert (root / "labels.csv").stat().st_mtime_ns == stamp
+    ensure_synthetic("synthetic-derm", root, SyntheticConfig(n_images=20, image_size=32, seed=5), progress=False)
+    assert (root / "labels.csv").stat().st_mtime_ns != stamp
+    foreign = make_tiny_dataset(name="foreign")
+    import json
+    info = json.loads((foreign / "dataset.json").read_text())
+    info["generator"] = {}
+    (foreign / "dataset.json").write_text(json.dumps(info))
+    with pytest.raises(FileExistsError):
+        ensure_synthetic("synthetic-derm", foreign, config, progress=False)
+
+
+def test_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="shortcut_correlation"):
+        SyntheticConfig(shortcut_correlation=1.5)
+    with pytest.raises(ValueError, match="n_images"):
+        SyntheticConfig(n_images=3)
