@@ -19,10 +19,10 @@ from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
 
 
 def one_hot(y_true: np.ndarray, num_classes: int) -> np.ndarray:
-    """``(N,)`` class indices -> ``(N, C)`` 0/1; ``(N, C)`` input is returned as int."""
+    """``(N,)`` class indices -> ``(N, C)`` 0/1; ``(N, C)`` input (or 0/1 labels of a single class) as int."""
     y_true = np.asarray(y_true)
-    if y_true.ndim == 2:
-        return y_true.astype(int)
+    if y_true.ndim == 2 or num_classes == 1:
+        return y_true.reshape(len(y_true), -1).astype(int)
     out = np.zeros((len(y_true), num_classes), dtype=int)
     out[np.arange(len(y_true)), y_true.astype(int)] = 1
     return out

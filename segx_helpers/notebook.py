@@ -39,8 +39,9 @@ def colab_setup_source() -> str:
 class TutorialPaths:
     """Where the tutorial keeps data, trained models and results (all relative to one root).
 
-    ``data/<name>/`` datasets (notebook 01), ``artifacts/<name>/`` checkpoints (02, 03),
-    ``outputs/<name>/`` maps, scores and figures (04, 05, 06).
+    ``data/<name>/`` datasets (notebook 01; real datasets converted by ``data_download.sh`` sit in
+    ``data/<name>/dataset/`` next to their ``raw/`` download), ``artifacts/<name>/`` checkpoints
+    (02, 03), ``outputs/<name>/`` maps, scores and figures (04, 05, 06).
     """
 
     root: Path
@@ -50,7 +51,8 @@ class TutorialPaths:
         return cls(Path(root).resolve())
 
     def dataset(self, name: str) -> Path:
-        return self.root / "data" / name
+        converted = self.root / "data" / name / "dataset"
+        return converted if converted.is_dir() else self.root / "data" / name
 
     def segmenter(self, name: str) -> Path:
         return self.root / "artifacts" / name / "segmenter.pt"

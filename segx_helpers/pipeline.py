@@ -17,8 +17,9 @@ from .data.torch_dataset import Normalization, SegXDataset
 from .metrics import (classification_report, dice_score, iou_score, macro_auroc, predict_labels, select_mask_threshold,
                       select_thresholds)
 from .models import build_classifier, build_segmenter
+from .notebook import TutorialPaths, require
 from .training import (DiceBCELoss, TrainConfig, balanced_class_weights, classification_loss, fit,
-                       load_checkpoint, make_loader, predict_classifier, predict_masks, save_checkpoint)
+                       load_checkpoint, make_loader, predict_classifier, predict_masks, save_checkpoint, set_seed)
 
 
 @dataclass
@@ -28,6 +29,12 @@ class TrainedModel:
     model: nn.Module
     meta: dict
     history: pd.DataFrame
+
+
+def load_trained(checkpoint: str | Path, kind: str) -> TrainedModel:
+    """Load a checkpoint written by ``train_segmenter`` / ``train_classifier`` (``kind`` "segmenter" or "classifier")."""
+    model, meta = load_checkpoint(checkpoint, expected_kind=kind)
+    return TrainedModel(model, meta, pd.DataFrame(meta.get("history", [])))
 
 
 def _datasets(data: LoadedDataset, image_size: int, augment: bool = True):
@@ -46,8 +53,7 @@ def train_segmenter(data: LoadedDataset, checkpoint: str | Path, image_size: int
     """
     checkpoint = Path(checkpoint)
     if checkpoint.exists() and not retrain:
-        model, meta = load_checkpoint(checkpoint, expected_kind="segmenter")
-        return TrainedModel(model, meta, pd.DataFrame(meta.get("history", [])))
+        return load_trained(checkpoint, "segmenter")
     if image_size % 32:
         raise ValueError(f"image_size must be divisible by 32 for a U-Net, got {image_size}")
     if data.table["mask_path"].isna().all():
@@ -61,6 +67,7 @@ def train_segmenter(data: LoadedDataset, checkpoint: str | Path, image_size: int
     def validate(model: nn.Module) -> dict:
         return {"val_dice": float(dice_score(val_masks, predict_masks(model, val_loader) >= 0.5).mean())}
 
+    set_seed(config.seed)
     model = build_segmenter(encoder, encoder_weights=encoder_weights, in_channels=data.info.channels,
                             decoder_channels=decoder_channels)
     meta = {"kind": "segmenter", "arch": "Unet", "encoder": encoder, "decoder_channels": list(decoder_channels),
@@ -87,8 +94,7 @@ def train_classifier(data: LoadedDataset, checkpoint: str | Path, image_size: in
     """
     checkpoint = Path(checkpoint)
     if checkpoint.exists() and not retrain:
-        model, meta = load_checkpoint(checkpoint, expected_kind="classifier")
-        return TrainedModel(model, meta, pd.DataFrame(meta.get("history", [])))
+        return load_trained(checkpoint, "classifier")
     config = config or TrainConfig(lr=1e-3, monitor="val_auroc")
     task = data.info.task
     train_set, val_set, norm = _datasets(data, image_size)
@@ -100,6 +106,7 @@ def train_classifier(data: LoadedDataset, checkpoint: str | Path, image_size: in
         result = predict_classifier(model, val_loader, task)
         return {"val_auroc": macro_auroc(result["targets"], result["probs"])}
 
+    set_seed(config.seed)
     model = build_classifier(arch, num_classes=data.info.num_classes, in_channels=data.info.channels, pretrained=pretrained)
     meta = {"kind": "classifier", "arch": arch, "task": task, "class_names": data.info.class_names,
             "in_channels": data.info.channels, "image_size": image_size, "normalization": asdict(norm),
@@ -199,3 +206,42 @@ FULL = RunSettings(n_images=1000, image_size=128, seg_epochs=15, cls_epochs=15, 
 def run_settings(quick: bool) -> RunSettings:
     """``QUICK`` or ``FULL``."""
     return QUICK if quick else FULL
+
+
+def segmenter_config(settings: RunSettings, seed: int = 0) -> TrainConfig:
+    """The segmenter's training configuration for a run mode (shared by notebook 02 and ``prepare_models``)."""
+    return TrainConfig(epochs=settings.seg_epochs, lr=3e-3, monitor="val_dice", seed=seed,
+                       max_batches_per_epoch=settings.max_batches_per_epoch)
+
+
+def classifier_config(settings: RunSettings, seed: int = 0) -> TrainConfig:
+    """The classifier's training configuration for a run mode (shared by notebook 03 and ``prepare_models``)."""
+    return TrainConfig(epochs=settings.cls_epochs, lr=1e-3, monitor="val_auroc", seed=seed,
+                       max_batches_per_epoch=settings.max_batches_per_epoch)
+
+
+def prepare_dataset(name: str, paths: TutorialPaths, settings: RunSettings, prepare_missing: bool = False,
+                    seed: int = 0) -> LoadedDataset:
+    """Load ``data/<name>``; when it is missing, generate it (synthetic sets, ``prepare_missing``) or
+    say which notebook or script makes it."""
+    from .data.format import load_dataset
+    from .data.synthetic import GENERATORS, SyntheticConfig, ensure_synthetic
+
+    root = paths.dataset(name)
+    if not root.exists() and prepare_missing and name in GENERATORS:
+        ensure_synthetic(name, root, SyntheticConfig(n_images=settings.n_images, image_size=settings.image_size, seed=seed))
+    made_by = "01_dataset_prep" if name in GENERATORS else f"data_download.sh {name}"
+    return load_dataset(require(root, made_by), check_files=False)
+
+
+def prepare_models(name: str, paths: TutorialPaths, data: LoadedDataset, settings: RunSettings,
+                   prepare_missing: bool = False, seed: int = 0) -> tuple[TrainedModel, TrainedModel]:
+    """Load the segmenter and classifier of notebooks 02 and 03; train them here in the given mode
+    when they are missing and ``prepare_missing`` is set, else say which notebook to run."""
+    if not paths.segmenter(name).exists() and prepare_missing:
+        train_segmenter(data, paths.segmenter(name), image_size=settings.image_size, config=segmenter_config(settings, seed))
+    if not paths.classifier(name).exists() and prepare_missing:
+        train_classifier(data, paths.classifier(name), image_size=settings.image_size,
+                         config=classifier_config(settings, seed))
+    return (load_trained(require(paths.segmenter(name), "02_train_segmenter"), "segmenter"),
+            load_trained(require(paths.classifier(name), "03_train_classifier"), "classifier"))

@@ -119,7 +119,7 @@ def read_image(path: str | Path, channels: int = 3) -> np.ndarray:
         array = np.repeat(array, 3, axis=2)
     elif channels == 1 and array.shape[2] == 3:
         array = np.asarray(Image.fromarray(array).convert("L"))[:, :, None]
-    return np.ascontiguousarray(array)
+    return np.array(array, copy=True)
 
 
 def _to_uint8(img: Image.Image) -> np.ndarray:
@@ -246,7 +246,7 @@ def load_dataset(root: str | Path, check_files: bool = True) -> LoadedDataset:
         if not (table["split"] == split).any():
             raise DatasetFormatError(f"{root / 'splits.csv'}: the {split!r} split is empty.")
     table["image_path"] = [_find_image(root, i) for i in table["image_id"]]
-    table["mask_path"] = [_mask_or_none(root, i) for i in table["image_id"]]
+    table["mask_path"] = pd.Series([_mask_or_none(root, i) for i in table["image_id"]], index=table.index, dtype=object)
     if check_files:
         for row in table.itertuples():
             size = image_size(row.image_path)

@@ -119,7 +119,10 @@ def _read_ham_metadata(raw_dir: Path) -> pd.DataFrame:
             f"{raw_dir / HAM_METADATA_FILES[0]} not found: the HAM10000 metadata table (columns image_id, dx, "
             "lesion_id) is required."
         )
-    meta = pd.read_csv(path, sep="\t" if path.suffix == ".tab" else ",", dtype=str)
+    try:
+        meta = pd.read_csv(path, sep="\t" if path.suffix == ".tab" else ",", dtype=str)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise DatasetFormatError(f"{path} cannot be parsed as a table: {err}") from err
     missing = [c for c in ("image_id", "dx") if c not in meta.columns]
     if missing:
         raise DatasetFormatError(f"{path} lacks the columns {missing} (has {list(meta.columns)}).")
@@ -164,6 +167,7 @@ def convert_shenzhen(raw_dir: str | Path, out_dir: str | Path, seed: int = 0, im
     masks = _index_files([raw_dir / "masks"], (".png",), strip="_mask")
     records = [_Record(image_id, path, _as_tuple(masks.get(image_id))) for image_id, path in images]
     info = _tb_info("shenzhen-cxr", "both lung fields (manual lung segmentation)")
+    info.licence += " The lung masks are distributed separately (doi:10.17632/8gf9vpkhgy) under their own terms."
     return _write_tb(out_dir, info, records, seed, image_size, overwrite)
 
 
@@ -450,16 +454,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--which", choices=sorted(KAGGLE_LAYOUTS), default="ham",
                         help="segx-kaggle only: the dermoscopy (ham) or chest X-ray (chestx) part (default ham)")
     args = parser.parse_args(argv)
-    warnings.formatwarning = lambda message, *_args, **_kwargs: f"warning: {message}\n"
     options = {"seed": args.seed, "image_size": args.image_size}
-    try:
-        if args.dataset == "segx-kaggle":
-            out = convert_segx_kaggle(args.raw_dir, args.out_dir, which=args.which, **options)
-        else:
-            _, root = find_layout(args.raw_dir, (args.dataset,))
-            out = CONVERTERS[args.dataset](root, args.out_dir, **options)
-    except (DatasetFormatError, FileExistsError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    error = None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        try:
+            if args.dataset == "segx-kaggle":
+                out = convert_segx_kaggle(args.raw_dir, args.out_dir, which=args.which, **options)
+            else:
+                _, root = find_layout(args.raw_dir, (args.dataset,))
+                out = CONVERTERS[args.dataset](root, args.out_dir, **options)
+        except (DatasetFormatError, FileExistsError) as err:
+            error = err
+    for warning in caught:
+        print(f"warning: {warning.message}", file=sys.stderr)
+    if error is not None:
+        print(f"error: {error}", file=sys.stderr)
         return 1
     print(f"converted {len(pd.read_csv(out / 'labels.csv'))} images into {out}")
     return 0

@@ -456,11 +456,10 @@ def measure_shortcut(root: str | Path) -> pd.DataFrame:
     artefacts = load_artefacts(root)
     labels = pd.read_csv(root / "labels.csv", dtype={"image_id": str})
     table = artefacts.merge(labels, on="image_id")
+    pairs = shortcut_pairs(info)
     if info.task == "multiclass":
-        pairs = {info.generator["shortcut_class"]: info.generator["shortcut_artefact"]}
         has = {c: (table["label"] == c).to_numpy() for c in pairs}
     else:
-        pairs = dict(info.generator["shortcut_tokens"])
         has = {c: table[c].to_numpy() == 1 for c in pairs}
     rows = []
     for split in ("train", "val", "test"):
@@ -470,3 +469,11 @@ def measure_shortcut(root: str | Path) -> pd.DataFrame:
             rows.append({"split": split, "pair": f"{artefact} ~ {class_name}", "parameter": parameter,
                          "measured": phi_correlation(table.loc[in_split, artefact].astype(bool), has[class_name][in_split])})
     return pd.DataFrame(rows)
+
+
+def shortcut_pairs(info: DatasetInfo) -> dict[str, str]:
+    """Class name -> the artefact column (in ``artefacts.csv``) correlated with it; empty for real data."""
+    generator = info.generator or {}
+    if "shortcut_class" in generator:
+        return {generator["shortcut_class"]: generator["shortcut_artefact"]}
+    return dict(generator.get("shortcut_tokens", {}))

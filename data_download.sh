@@ -1,0 +1,216 @@
+#!/usr/bin/env bash
+# Download a public clinical dataset and convert it to the segx_helpers dataset format.
+# Run ./data_download.sh -h for the usage.
+set -euo pipefail
+
+# ------------------------------------------------------------------------------------------ sources
+# dataset|key|file|default URL|sha256 ("" = no known checksum: the file is used, reported as not verified)
+# SEGX_<DATASET>_URL (e.g. SEGX_HAM10000_URL, SEGX_CHESTX_DET10_URL) replaces the folder of every URL
+# of that dataset: the file is then fetched from "$SEGX_<DATASET>_URL/<file>".
+# SEGX_<KEY>_SHA256 (e.g. SEGX_SHENZHEN_SHA256) sets the checksum a file must have.
+SOURCES=(
+  "ham10000|HAM10000|HAM10000_dataverse.zip|https://dataverse.harvard.edu/api/access/dataset/:persistentId/?persistentId=doi:10.7910/DVN/DBW86T&format=original|"
+  "shenzhen|SHENZHEN|ChinaSet_AllFiles.zip|https://openi.nlm.nih.gov/imgs/collections/ChinaSet_AllFiles.zip|"
+  "montgomery|MONTGOMERY|NLM-MontgomeryCXRSet.zip|https://openi.nlm.nih.gov/imgs/collections/NLM-MontgomeryCXRSet.zip|"
+  "chestx-det10|CHESTX_DET10_TRAIN_JSON|train.json|https://raw.githubusercontent.com/Deepwise-AILab/ChestX-Det10-Dataset/c535e9a32995e6d6a44dea810501190b18ed264d/train.json|8e9dd7123bdd9e5ce8d8cd7bd304fd24afdf0081930654b82c2003422d59de9c"
+  "chestx-det10|CHESTX_DET10_TEST_JSON|test.json|https://raw.githubusercontent.com/Deepwise-AILab/ChestX-Det10-Dataset/c535e9a32995e6d6a44dea810501190b18ed264d/test.json|c18482a77111186789c67d836db27a522c717cdb638eff59bc463362a60a46f1"
+  "chestx-det10|CHESTX_DET10_TRAIN_IMAGES|train_data.zip|http://resource.deepwise.com/xraychallenge/train_data.zip|"
+  "chestx-det10|CHESTX_DET10_TEST_IMAGES|test_data.zip|http://resource.deepwise.com/xraychallenge/test_data.zip|"
+)
+KAGGLE_BUNDLE="mingchengzhu/segx-used-datasets"
+KAGGLE_FILE="segx-used-datasets.zip"
+DATASETS="ham10000 shenzhen montgomery chestx-det10 segx-kaggle"
+
+usage() {
+  cat <<EOF
+usage: ./data_download.sh <dataset> [--data-dir DIR] [--which ham|chestx]
+
+Downloads <dataset> into DIR/<dataset>/raw/ (default DIR: data), checks the SHA-256 of every file
+whose checksum is known, unpacks it and converts it to DIR/<dataset>/dataset/ with
+segx_helpers.data.real. Downloads resume where they stopped; a file already downloaded and
+verified is not fetched again; an existing converted dataset is never overwritten.
+
+datasets:
+  ham10000      HAM10000 dermoscopy, 7 classes, with lesion masks (Harvard Dataverse, CC BY-NC 4.0)
+  shenzhen      Shenzhen tuberculosis chest X-rays (NLM); lung masks are a separate manual download
+  montgomery    Montgomery County tuberculosis chest X-rays with lung masks (NLM)
+  chestx-det10  ChestX-Det10, 10 chest X-ray findings (Deepwise); no lung masks
+  segx-kaggle   the SegX authors' Kaggle bundle $KAGGLE_BUNDLE (needs a Kaggle account,
+                the kaggle CLI and an API token); --which picks its ham (default) or chestx part,
+                converted to DIR/segx-kaggle-<which>/dataset/
+
+environment:
+  SEGX_<DATASET>_URL   fetch that dataset's files from this folder URL instead (e.g. SEGX_SHENZHEN_URL)
+  SEGX_<KEY>_SHA256    expected checksum of one file (keys: ${KEYS[*]} KAGGLE)
+EOF
+}
+
+die() {
+  echo "error: $*" >&2
+  exit 1
+}
+
+sha256_of() {
+  if command -v sha256sum >/dev/null; then sha256sum "$1" | cut -d' ' -f1; else shasum -a 256 "$1" | cut -d' ' -f1; fi
+}
+
+# verify FILE KEY EXPECTED: a mismatch moves FILE aside to FILE.bad and stops the script.
+verify() {
+  local file=$1 key=$2 expected=$3 actual
+  actual=$(sha256_of "$file")
+  if [[ -z $expected ]]; then
+    echo "$(basename "$file"): sha256 $actual (not verified: no known checksum; set SEGX_${key}_SHA256 to check it)"
+  elif [[ $actual == "$expected" ]]; then
+    echo "$(basename "$file"): sha256 verified"
+  else
+    mv -f "$file" "$file.bad"
+    die "$(basename "$file") has sha256 $actual but $expected was expected; moved it aside to $file.bad (delete it and re-run to download again)"
+  fi
+}
+
+# download URL TARGET: resumable download into TARGET.part, renamed to TARGET when complete.
+download() {
+  local url=$1 target=$2 host log code rc=0
+  host=${url#*://}
+  host=${host%%/*}
+  log=$(mktemp)
+  echo "downloading $(basename "$target") from $host ..."
+  code=$(curl -fsSL --retry 3 --connect-timeout 30 -C - -w '%{http_code}' -o "$target.part" "$url" 2>"$log") || rc=$?
+  if ((rc == 33)); then # the server cannot resume: start again from the beginning
+    rm -f "$target.part"
+    rc=0
+    code=$(curl -fsSL --retry 3 --connect-timeout 30 -w '%{http_code}' -o "$target.part" "$url" 2>"$log") || rc=$?
+  fi
+  if ((rc == 22)) && [[ $code == 416 ]]; then # nothing left to fetch: the partial file was complete
+    rc=0
+  fi
+  if ((rc == 6 || rc == 7 || rc == 28)); then
+    rm -f "$log"
+    die "cannot reach $host: you seem to be offline; download $url manually, save it as $target and re-run"
+  elif ((rc != 0)); then
+    local reason
+    reason=$(head -n 1 "$log")
+    rm -f "$log"
+    die "download of $url failed (curl exit $rc: ${reason:-no message}); re-run to retry (a partial download is resumed)"
+  fi
+  rm -f "$log"
+  mv -f "$target.part" "$target"
+}
+
+# unpack ARCHIVE DIR: extract a zip into DIR, then every zip it contained next to itself (into a folder
+# named after it, unless its entries already sit in that folder). Done once: a stamp file remembers it.
+unpack() {
+  local archive=$1 dir=$2 stamp
+  stamp="$dir/.$(basename "$archive").unpacked"
+  [[ -f $stamp ]] && return 0
+  echo "unpacking $(basename "$archive") ..."
+  "$PY" - "$archive" "$dir" <<'PYTHON'
+import sys
+import zipfile
+from pathlib import Path
+
+
+def extract(archive: Path, dest: Path) -> list[Path]:
+    with zipfile.ZipFile(archive) as zf:
+        names = [n for n in zf.namelist() if not n.startswith("__MACOSX/")]
+        zf.extractall(dest, members=names)
+    return [dest / n for n in names if n.lower().endswith(".zip")]
+
+
+for inner in extract(Path(sys.argv[1]), Path(sys.argv[2])):
+    with zipfile.ZipFile(inner) as zf:
+        nested = all(n.startswith(inner.stem + "/") for n in zf.namelist())
+    extract(inner, inner.parent if nested else inner.parent / inner.stem)
+    inner.unlink()
+PYTHON
+  touch "$stamp"
+}
+
+# fetch KEY FILE URL SHA256: download FILE into $RAW unless it is already there and verified.
+fetch() {
+  local key=$1 file=$2 url=$3 expected=$4 override
+  override="SEGX_${key}_SHA256"
+  expected=${!override:-$expected}
+  if [[ -f $RAW/$file ]]; then
+    echo "$file: already downloaded, not fetching it again"
+  else
+    download "$url" "$RAW/$file"
+  fi
+  verify "$RAW/$file" "$key" "$expected"
+  [[ $file != *.zip ]] || unpack "$RAW/$file" "$RAW"
+}
+
+fetch_kaggle() {
+  command -v kaggle >/dev/null ||
+    die "segx-kaggle needs the kaggle CLI (pip install kaggle) and a Kaggle account; see https://www.kaggle.com/docs/api"
+  local config=${KAGGLE_CONFIG_DIR:-$HOME/.kaggle}
+  if [[ ! -f $config/kaggle.json && (-z ${KAGGLE_USERNAME:-} || -z ${KAGGLE_KEY:-}) ]]; then
+    die "no Kaggle credentials: create an API token on https://www.kaggle.com/settings (Account > API > Create New Token) and save it as $config/kaggle.json, or set KAGGLE_USERNAME and KAGGLE_KEY"
+  fi
+  if [[ -f $RAW/$KAGGLE_FILE ]]; then
+    echo "$KAGGLE_FILE: already downloaded, not fetching it again"
+  else
+    echo "downloading $KAGGLE_BUNDLE from Kaggle ..."
+    kaggle datasets download "$KAGGLE_BUNDLE" -p "$RAW" ||
+      die "the Kaggle download of $KAGGLE_BUNDLE failed (offline, or its terms not accepted on https://www.kaggle.com/datasets/$KAGGLE_BUNDLE?)"
+  fi
+  verify "$RAW/$KAGGLE_FILE" KAGGLE "${SEGX_KAGGLE_SHA256:-}"
+  unpack "$RAW/$KAGGLE_FILE" "$RAW"
+}
+
+# ------------------------------------------------------------------------------------------- main
+KEYS=()
+for row in "${SOURCES[@]}"; do
+  IFS='|' read -r _ key _ _ _ <<<"$row"
+  KEYS+=("$key")
+done
+
+DATASET=""
+DATA_DIR=data
+WHICH=ham
+while (($#)); do
+  case $1 in
+    -h | --help) usage; exit 0 ;;
+    --data-dir) [[ $# -ge 2 ]] || die "--data-dir needs a folder"; DATA_DIR=$2; shift 2 ;;
+    --which) [[ $# -ge 2 ]] || die "--which needs ham or chestx"; WHICH=$2; shift 2 ;;
+    -*) usage >&2; exit 2 ;;
+    *) [[ -z $DATASET ]] || { usage >&2; exit 2; }; DATASET=$1; shift ;;
+  esac
+done
+[[ -n $DATASET ]] || { usage >&2; exit 2; }
+[[ " $DATASETS " == *" $DATASET "* ]] || { echo "error: unknown dataset '$DATASET'; choose one of: $DATASETS" >&2; exit 2; }
+[[ $WHICH == ham || $WHICH == chestx ]] || die "--which must be ham or chestx, got '$WHICH'"
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+PY="$REPO/.venv/bin/python"
+[[ -x $PY ]] || PY=python3
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+
+RAW="$DATA_DIR/$DATASET/raw"
+OUT="$DATA_DIR/$DATASET/dataset"
+[[ $DATASET != segx-kaggle ]] || OUT="$DATA_DIR/segx-kaggle-$WHICH/dataset"
+if [[ -e $OUT ]]; then
+  echo "$OUT already exists; not overwriting it (delete it yourself to convert again)."
+  exit 0
+fi
+mkdir -p "$RAW"
+
+if [[ $DATASET == segx-kaggle ]]; then
+  fetch_kaggle
+else
+  url_override="SEGX_$(tr 'a-z-' 'A-Z_' <<<"$DATASET")_URL"
+  for row in "${SOURCES[@]}"; do
+    IFS='|' read -r name key file url sha <<<"$row"
+    [[ $name == "$DATASET" ]] || continue
+    [[ -z ${!url_override:-} ]] || url="${!url_override%/}/$file"
+    fetch "$key" "$file" "$url" "$sha"
+  done
+fi
+
+case $DATASET in
+  ham10000) echo "note: HAM10000 is licensed CC BY-NC 4.0 (non-commercial use only); cite Tschandl et al. 2018." ;;
+  shenzhen) echo "note: the NLM archive has no lung masks; they are a manual download (566 of 662 images): https://doi.org/10.17632/8gf9vpkhgy.2 or https://www.kaggle.com/datasets/yoctoman/shcxr-lung-mask (Kaggle account). Put them as <name>_mask.png in a masks/ folder next to CXR_png/, delete $OUT and re-run." ;;
+  chestx-det10) echo "note: ChestX-Det10 has no lung masks; put any you have as masks/<image>.png next to train.json, delete $OUT and re-run." ;;
+esac
+
+"$PY" -m segx_helpers.data.real "$DATASET" "$RAW" "$OUT" --which "$WHICH"

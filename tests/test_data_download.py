@@ -1,0 +1,289 @@
+"""data_download.sh against a local HTTP server (with Range support) serving tiny fixture archives."""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import threading
+import zipfile
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from segx_helpers.data import load_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+BASH = shutil.which("bash")
+
+
+def png_bytes(seed: int, rgb: bool = False, mask: bool = False) -> bytes:
+    rng = np.random.default_rng(seed)
+    if mask:
+        array = np.zeros((32, 32), np.uint8)
+        array[8:24, 8:24] = 255
+    else:
+        array = rng.integers(0, 256, (32, 32, 3) if rgb else (32, 32), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def zip_bytes(members: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return buffer.getvalue()
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def shenzhen_zip() -> bytes:
+    """The NLM archive's layout (ChinaSet_AllFiles/CXR_png), 10 normal and 10 TB images, with masks."""
+    members = {}
+    for i in range(20):
+        name = f"CHNCXR_{i:04d}_{i % 2}"
+        members[f"ChinaSet_AllFiles/CXR_png/{name}.png"] = png_bytes(i)
+        members[f"ChinaSet_AllFiles/masks/{name}_mask.png"] = png_bytes(i, mask=True)
+    return zip_bytes(members)
+
+
+@pytest.fixture
+def server():
+    """A local server of ``files`` (name -> bytes) that honours ``Range: bytes=N-`` and logs every request."""
+    files: dict[str, bytes] = {}
+    requests: list[tuple[str, str | None]] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            requests.append((self.path, self.headers.get("Range")))
+            body = files.get(self.path.lstrip("/"))
+            if body is None:
+                self.send_error(404)
+                return
+            start = 0
+            match = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")
+            if match and int(match.group(1)) >= len(body):
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{len(body)}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            if match:
+                start = int(match.group(1))
+                self.send_response(206)
+                self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+            else:
+                self.send_response(200)
+            self.send_header("Content-Length", str(len(body) - start))
+            self.send_header("Accept-Ranges", "bytes")
+            self.end_headers()
+            self.wfile.write(body[start:])
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield SimpleNamespace(url=f"http://127.0.0.1:{httpd.server_port}/", files=files, requests=requests)
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def run(tmp_path, *args, **env):
+    """Run the script from the repository root with a clean SEGX_/KAGGLE_ environment plus ``env``."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("SEGX_", "KAGGLE_"))}
+    return subprocess.run([BASH, "data_download.sh", *args, "--data-dir", str(tmp_path / "data")], cwd=REPO,
+                          env={**base, **env}, capture_output=True, text=True, timeout=300)
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_download_verifies_unpacks_and_converts(tmp_path, server):
+    server.files["ChinaSet_AllFiles.zip"] = body = shenzhen_zip()
+    result = run(tmp_path, "shenzhen", SEGX_SHENZHEN_URL=server.url, SEGX_SHENZHEN_SHA256=sha256(body))
+    assert result.returncode == 0, result.stderr
+    assert "ChinaSet_AllFiles.zip: sha256 verified" in result.stdout
+    raw = tmp_path / "data" / "shenzhen" / "raw"
+    assert (raw / "ChinaSet_AllFiles.zip").read_bytes() == body and not (raw / "ChinaSet_AllFiles.zip.part").exists()
+    ds = load_dataset(tmp_path / "data" / "shenzhen" / "dataset")
+    assert len(ds.table) == 20 and ds.info.class_names == ["tb"] and ds.table["mask_path"].notna().all()
+    assert ds.table.set_index("image_id").loc["CHNCXR_0003_1", "tb"] == 1
+
+
+def test_unknown_checksum_is_reported_as_not_verified(tmp_path, server):
+    server.files["ChinaSet_AllFiles.zip"] = body = shenzhen_zip()
+    result = run(tmp_path, "shenzhen", SEGX_SHENZHEN_URL=server.url)
+    assert result.returncode == 0, result.stderr
+    assert f"sha256 {sha256(body)} (not verified" in result.stdout
+
+
+def test_interrupted_download_resumes(tmp_path, server):
+    server.files["ChinaSet_AllFiles.zip"] = body = shenzhen_zip()
+    raw = tmp_path / "data" / "shenzhen" / "raw"
+    raw.mkdir(parents=True)
+    half = len(body) // 2
+    (raw / "ChinaSet_AllFiles.zip.part").write_bytes(body[:half])
+    result = run(tmp_path, "shenzhen", SEGX_SHENZHEN_URL=server.url, SEGX_SHENZHEN_SHA256=sha256(body))
+    assert result.returncode == 0, result.stderr
+    assert server.requests == [("/ChinaSet_AllFiles.zip", f"bytes={half}-")]
+    assert (raw / "ChinaSet_AllFiles.zip").read_bytes() == body
+    assert not (raw / "ChinaSet_AllFiles.zip.part").exists()
+    assert "sha256 verified" in result.stdout
+
+
+def test_complete_partial_file_is_accepted(tmp_path, server):
+    server.files["ChinaSet_AllFiles.zip"] = body = shenzhen_zip()
+    raw = tmp_path / "data" / "shenzhen" / "raw"
+    raw.mkdir(parents=True)
+    (raw / "ChinaSet_AllFiles.zip.part").write_bytes(body)
+    result = run(tmp_path, "shenzhen", SEGX_SHENZHEN_URL=server.url, SEGX_SHENZHEN_SHA256=sha256(body))
+    assert result.returncode == 0, result.stderr
+    assert server.requests == [("/ChinaSet_AllFiles.zip", f"bytes={len(body)}-")]
+    assert (raw / "ChinaSet_AllFiles.zip").read_bytes() == body
+
+
+def test_missing_file_on_the_server_is_an_error(tmp_path, server):
+    result = run(tmp_path, "shenzhen", SEGX_SHENZHEN_URL=server.url)
+    assert result.returncode != 0
+    assert "download of " in result.stderr and "404" in result.stderr
+    assert not (tmp_path / "data" / "shenzhen" / "raw" / "ChinaSet_AllFiles.zip").exists()
+
+
+def test_checksum_mismatch_moves_the_file_aside(tmp_path, server):
+    server.files["ChinaSet_AllFiles.zip"] = body = shenzhen_zip()
+    result = run(tmp_path, "shenzhen", SEGX_SHENZHEN_URL=server.url, SEGX_SHENZHEN_SHA256="0" * 64)
+    assert result.returncode != 0
+    raw = tmp_path / "data" / "shenzhen" / "raw"
+    assert (raw / "ChinaSet_AllFiles.zip.bad").read_bytes() == body
+    assert not (raw / "ChinaSet_AllFiles.zip").exists()
+    assert not (tmp_path / "data" / "shenzhen" / "dataset").exists()
+    assert "moved it aside" in result.stderr
+
+
+def test_second_run_neither_downloads_nor_overwrites(tmp_path, server):
+    server.files["ChinaSet_AllFiles.zip"] = body = shenzhen_zip()
+    env = {"SEGX_SHENZHEN_URL": server.url, "SEGX_SHENZHEN_SHA256": sha256(body)}
+    assert run(tmp_path, "shenzhen", **env).returncode == 0
+    dataset = tmp_path / "data" / "shenzhen" / "dataset"
+    labels = (dataset / "labels.csv").read_bytes()
+    (dataset / "user_notes.txt").write_text("mine")
+
+    again = run(tmp_path, "shenzhen", **env)
+    assert again.returncode == 0 and "already exists; not overwriting it" in again.stdout
+    assert len(server.requests) == 1
+    assert (dataset / "labels.csv").read_bytes() == labels and (dataset / "user_notes.txt").read_text() == "mine"
+
+    shutil.rmtree(dataset)
+    third = run(tmp_path, "shenzhen", **env)
+    assert third.returncode == 0, third.stderr
+    assert "already downloaded" in third.stdout and "sha256 verified" in third.stdout
+    assert len(server.requests) == 1
+    assert (dataset / "labels.csv").read_bytes() == labels
+
+
+def test_offline_prints_one_clear_line(tmp_path):
+    port = closed_port()
+    result = run(tmp_path, "shenzhen", SEGX_SHENZHEN_URL=f"http://127.0.0.1:{port}/")
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"error: cannot reach 127.0.0.1:{port}: you seem to be offline")
+    assert "ChinaSet_AllFiles.zip manually, save it as" in lines[0]
+    assert not (tmp_path / "data" / "shenzhen" / "dataset").exists()
+
+
+def test_multi_file_dataset_fetches_every_file(tmp_path, server):
+    train = [{"file_name": f"{100 + i}.png", "syms": ["Nodule"] if i % 2 else [], "boxes": []} for i in range(16)]
+    test = [{"file_name": f"{200 + i}.png", "syms": ["Effusion", "Mass"] if i % 2 else [], "boxes": []} for i in range(6)]
+    server.files.update({
+        "train.json": json.dumps(train).encode(),
+        "test.json": json.dumps(test).encode(),
+        "train_data.zip": zip_bytes({f"train/{r['file_name']}": png_bytes(i) for i, r in enumerate(train)}),
+        "test_data.zip": zip_bytes({f"test/{r['file_name']}": png_bytes(i) for i, r in enumerate(test)}),
+    })
+    checksums = {f"SEGX_CHESTX_DET10_{key}_SHA256": sha256(server.files[name]) for key, name in
+                 [("TRAIN_JSON", "train.json"), ("TEST_JSON", "test.json"), ("TRAIN_IMAGES", "train_data.zip"),
+                  ("TEST_IMAGES", "test_data.zip")]}
+    result = run(tmp_path, "chestx-det10", SEGX_CHESTX_DET10_URL=server.url, **checksums)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("sha256 verified") == 4
+    with pytest.warns(UserWarning):
+        table = load_dataset(tmp_path / "data" / "chestx-det10" / "dataset").table.set_index("image_id")
+    assert len(table) == 22
+    assert table.loc["201", ["Effusion", "Mass", "Nodule"]].tolist() == [1, 1, 0]
+
+
+def test_usage_and_unknown_dataset(tmp_path):
+    usage = run(tmp_path, "-h")
+    assert usage.returncode == 0 and "usage: ./data_download.sh <dataset>" in usage.stdout
+    assert "SEGX_<DATASET>_URL" in usage.stdout
+    unknown = run(tmp_path, "nope")
+    assert unknown.returncode == 2 and "unknown dataset 'nope'" in unknown.stderr
+
+
+def fake_kaggle(bin_dir: Path) -> Path:
+    """A stand-in ``kaggle`` CLI: copies $FAKE_KAGGLE_ZIP into the folder given by -p and logs its call."""
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    script = bin_dir / "kaggle"
+    script.write_text(
+        '#!/bin/bash\necho "$*" >> "$FAKE_KAGGLE_LOG"\n'
+        'while (($#)); do [[ $1 == -p ]] && dest=$2; shift; done\n'
+        'cp "$FAKE_KAGGLE_ZIP" "$dest/segx-used-datasets.zip"\n'
+    )
+    script.chmod(0o755)
+    return bin_dir
+
+
+def test_kaggle_needs_the_cli(tmp_path):
+    result = run(tmp_path, "segx-kaggle", PATH=f"{tmp_path / 'empty'}:/usr/bin:/bin", HOME=str(tmp_path))
+    assert result.returncode != 0 and "needs the kaggle CLI" in result.stderr
+
+
+def test_kaggle_needs_credentials(tmp_path):
+    bin_dir = fake_kaggle(tmp_path / "bin")
+    log = tmp_path / "kaggle.log"
+    result = run(tmp_path, "segx-kaggle", PATH=f"{bin_dir}:/usr/bin:/bin", HOME=str(tmp_path / "home"),
+                 FAKE_KAGGLE_LOG=str(log))
+    assert result.returncode != 0
+    assert "no Kaggle credentials" in result.stderr and "kaggle.json" in result.stderr
+    assert "KAGGLE_USERNAME" in result.stderr and not log.exists()
+
+
+def test_kaggle_bundle_is_unpacked_and_converted(tmp_path):
+    """The bundle holds images.zip and masks.zip next to the metadata; both are unpacked and found."""
+    ids = [f"ISIC_{i:07d}" for i in range(20)]
+    metadata = "lesion_id,image_id,dx\n" + "".join(f"HAM_{i:04d},{i_d},{'mel' if i % 2 else 'nv'}\n"
+                                                    for i, i_d in enumerate(ids))
+    bundle = zip_bytes({
+        "segx/HAM10000_metadata.csv": metadata.encode(),
+        "segx/images.zip": zip_bytes({f"{i_d}.png": png_bytes(i, rgb=True) for i, i_d in enumerate(ids)}),
+        "segx/masks.zip": zip_bytes({f"masks/{i_d}_segmentation.png": png_bytes(0, mask=True) for i_d in ids}),
+    })
+    (tmp_path / "bundle.zip").write_bytes(bundle)
+    bin_dir = fake_kaggle(tmp_path / "bin")
+    result = run(tmp_path, "segx-kaggle", "--which", "ham", PATH=f"{bin_dir}:/usr/bin:/bin",
+                 HOME=str(tmp_path / "home"), KAGGLE_USERNAME="someone", KAGGLE_KEY="secret",
+                 FAKE_KAGGLE_ZIP=str(tmp_path / "bundle.zip"), FAKE_KAGGLE_LOG=str(tmp_path / "kaggle.log"))
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "kaggle.log").read_text().split()[:3] == ["datasets", "download", "mingchengzhu/segx-used-datasets"]
+    with pytest.warns(UserWarning):
+        ds = load_dataset(tmp_path / "data" / "segx-kaggle-ham" / "dataset")
+    assert len(ds.table) == 20 and ds.table["mask_path"].notna().all()
+    assert ds.table.set_index("image_id").loc["ISIC_0000001", "label"] == "mel"

@@ -1,0 +1,89 @@
+"""Classification and segmentation metrics against hand-computed values."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from segx_helpers.metrics import (accuracy, bootstrap_ci, classification_report, dice_score, iou_score, macro_auprc,
+                                  macro_auroc, macro_f1, predict_labels, select_mask_threshold, select_thresholds)
+
+
+def test_macro_auroc_hand_case():
+    y = np.array([0, 0, 1, 1])
+    scores = np.array([[0.9, 0.1], [0.6, 0.4], [0.65, 0.35], [0.2, 0.8]])
+    # class 1 scores: negatives 0.1, 0.4; positives 0.35, 0.8 -> 3 of 4 pairs ordered -> 0.75, same for class 0
+    assert macro_auroc(y, scores) == pytest.approx(0.75)
+
+
+def test_macro_auroc_ignores_absent_classes():
+    y = np.array([[1, 0], [0, 0], [1, 0]])
+    scores = np.array([[0.9, 0.2], [0.1, 0.3], [0.8, 0.1]])
+    assert macro_auroc(y, scores) == pytest.approx(1.0)
+
+
+def test_macro_auprc_hand_case():
+    y = np.array([[1], [0], [1], [0]])
+    scores = np.array([[0.9], [0.8], [0.7], [0.1]])
+    # ranks: TP (P=1), FP, TP (P=2/3) -> AP = (1 + 2/3) / 2
+    assert macro_auprc(y, scores) == pytest.approx((1 + 2 / 3) / 2)
+
+
+def test_f1_and_accuracy():
+    assert macro_f1(np.array([0, 1, 1]), np.array([0, 1, 0])) == pytest.approx((2 / 3 + 2 / 3) / 2)
+    assert accuracy(np.array([[1, 0], [0, 1]]), np.array([[1, 0], [1, 1]])) == 0.5
+
+
+def test_threshold_maximises_f1():
+    y = np.array([0, 0, 1, 1, 1, 0])
+    s = np.array([0.1, 0.3, 0.35, 0.6, 0.8, 0.7])
+    t = select_thresholds(y, s[:, None])[0]
+    # candidates: >=0.35 gives TP3 FP2 (F1 0.75); >=0.6 gives TP2 FP1 (0.667); >=0.8 gives 0.5
+    assert t == pytest.approx(0.35)
+    decisions = predict_labels(s[:, None], "multilabel", [t])[:, 0]
+    assert decisions.tolist() == [0, 0, 1, 1, 1, 1]
+
+
+def test_threshold_absent_class_keeps_default():
+    assert select_thresholds(np.zeros((4, 1)), np.random.default_rng(0).random((4, 1)))[0] == 0.5
+
+
+def test_bootstrap_is_seeded_and_brackets_the_estimate():
+    rng = np.random.default_rng(0)
+    values = rng.normal(0.8, 0.1, 200)
+    a = bootstrap_ci(np.mean, values, n_resamples=300, seed=1)
+    b = bootstrap_ci(np.mean, values, n_resamples=300, seed=1)
+    assert a == b
+    point, low, high = a
+    assert low < point < high
+    assert high - low == pytest.approx(2 * 1.96 * 0.1 / np.sqrt(200), rel=0.3)
+
+
+def test_classification_report_tables():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 120)
+    scores = rng.dirichlet(np.ones(3), 120)
+    scores[np.arange(120), y] += 0.5
+    summary, per_class = classification_report(y, scores / scores.sum(1, keepdims=True), "multiclass", ["a", "b", "c"],
+                                               n_resamples=50)
+    assert summary["metric"].tolist() == ["macro AUROC", "macro AUPRC", "macro F1", "accuracy"]
+    assert (summary["ci_low"] <= summary["value"]).all() and (summary["value"] <= summary["ci_high"]).all()
+    assert per_class["support"].sum() == 120
+
+
+def test_dice_and_iou_hand_case():
+    true = np.zeros((2, 4, 4), bool)
+    pred = np.zeros((2, 4, 4), bool)
+    true[0, :2] = True          # 8 pixels
+    pred[0, 1:3] = True         # 8 pixels, overlap 4
+    assert dice_score(true, pred)[0] == pytest.approx(0.5)
+    assert iou_score(true, pred)[0] == pytest.approx(4 / 12)
+    assert dice_score(true, pred)[1] == 1.0 and iou_score(true, pred, empty_value=0.0)[1] == 0.0
+    with pytest.raises(ValueError, match="same shape"):
+        dice_score(true, pred[:, :3])
+
+
+def test_mask_threshold_selection():
+    true = np.zeros((1, 4, 4), bool)
+    true[0, :2] = True
+    prob = np.where(true, 0.3, 0.1)
+    assert select_mask_threshold(true, prob) == pytest.approx(0.15)

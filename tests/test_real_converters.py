@@ -1,0 +1,298 @@
+"""Real-data converters, run on tiny fixture folders that mimic each raw download layout."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from segx_helpers.data import DatasetFormatError, load_dataset, read_image, read_mask
+from segx_helpers.data.real import (CHESTX_DET10_CLASSES, HAM_CLASSES, MissingMaskWarning, convert_chestx_det10,
+                                    convert_ham10000, convert_montgomery, convert_segx_kaggle, convert_shenzhen,
+                                    find_layout, main)
+
+SIZE = 32
+
+
+def save_rgb(path, seed):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)).save(path)
+
+
+def save_gray(path, seed, value=None):
+    """An 8-bit grayscale PNG, or a 16-bit one filled with ``value`` when given."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if value is None:
+        Image.fromarray(np.random.default_rng(seed).integers(0, 256, (SIZE, SIZE), dtype=np.uint8)).save(path)
+    else:
+        Image.fromarray(np.full((SIZE, SIZE), value, dtype=np.uint16)).save(path)
+
+
+def save_mask(path, rows=slice(8, 24), cols=slice(8, 24)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mask = np.zeros((SIZE, SIZE), dtype=np.uint8)
+    mask[rows, cols] = 255
+    Image.fromarray(mask).save(path)
+
+
+# ------------------------------------------------------------------------------------------ HAM10000
+
+def make_ham(raw, image_dirs=("HAM10000_images_part_1", "HAM10000_images_part_2"),
+             mask_dir="HAM10000_segmentations_lesion_tschandl", mask_name="{}_segmentation.png", lesions=True):
+    """7 classes x 10 lesions; the first lesion of every class has two images; the last image has no mask."""
+    rows = []
+    for c, dx in enumerate(HAM_CLASSES):
+        for lesion in range(10):
+            for shot in range(2 if lesion == 0 else 1):
+                rows.append({"lesion_id": f"HAM_{c}{lesion:02d}", "image_id": f"ISIC_{len(rows):07d}", "dx": dx,
+                             "dx_type": "histo", "age": 50, "sex": "male", "localization": "back"})
+    meta = pd.DataFrame(rows)
+    for n, image_id in enumerate(meta["image_id"]):
+        save_rgb(raw / image_dirs[n % len(image_dirs)] / f"{image_id}.jpg", n)
+        if n < len(meta) - 1:
+            save_mask(raw / mask_dir / mask_name.format(image_id))
+    raw.mkdir(parents=True, exist_ok=True)
+    (meta if lesions else meta.drop(columns="lesion_id")).to_csv(raw / "HAM10000_metadata.csv", index=False)
+    return meta
+
+
+def test_ham10000_labels_masks_and_splits(tmp_path):
+    meta = make_ham(tmp_path / "raw")
+    with pytest.warns(MissingMaskWarning, match=r"1 of 77 images have no mask"):
+        out = convert_ham10000(tmp_path / "raw", tmp_path / "ham")
+    ds = load_dataset(out)
+    table = ds.table.set_index("image_id")
+    assert len(table) == 77
+    assert ds.info.class_names == list(HAM_CLASSES)
+    assert ds.info.task == "multiclass" and ds.info.channels == 3
+    assert ds.info.generator == {} and "DBW86T" in ds.info.source and "CC BY-NC" in ds.info.licence
+    mel = meta.loc[meta["dx"] == "mel", "image_id"].iloc[0]
+    assert table.loc[mel, "label"] == "mel" and table.loc[mel, "target"] == HAM_CLASSES.index("mel")
+    last = meta["image_id"].iloc[-1]
+    assert table.loc[last, "mask_path"] is None
+    assert table["mask_path"].notna().sum() == 76
+    image = read_image(table.loc[mel, "image_path"])
+    mask = read_mask(table.loc[mel, "mask_path"])
+    assert image.shape == (SIZE, SIZE, 3) and mask.shape == (SIZE, SIZE)
+    assert mask[16, 16] and not mask[0, 0]
+    assert set(table["split"]) == {"train", "val", "test"}
+
+
+def test_ham10000_keeps_each_lesion_in_one_split(tmp_path):
+    meta = make_ham(tmp_path / "raw")
+    with pytest.warns(MissingMaskWarning):
+        out = convert_ham10000(tmp_path / "raw", tmp_path / "ham", seed=3)
+    table = load_dataset(out).table.merge(meta[["image_id", "lesion_id"]], on="image_id")
+    assert (table.groupby("lesion_id")["split"].nunique() == 1).all()
+    assert (table.groupby("lesion_id").size() == 2).sum() == 7
+    per_class = table.drop_duplicates("lesion_id").groupby(["label", "split"]).size().unstack()
+    assert (per_class[["train", "val", "test"]] == [7, 1, 2]).all().all()
+
+
+def test_ham10000_splits_depend_only_on_seed(tmp_path):
+    make_ham(tmp_path / "raw")
+    with pytest.warns(MissingMaskWarning):
+        first = load_dataset(convert_ham10000(tmp_path / "raw", tmp_path / "a", seed=1)).table
+        again = load_dataset(convert_ham10000(tmp_path / "raw", tmp_path / "b", seed=1)).table
+        other = load_dataset(convert_ham10000(tmp_path / "raw", tmp_path / "c", seed=2)).table
+    assert first["split"].tolist() == again["split"].tolist()
+    assert first["split"].tolist() != other["split"].tolist()
+
+
+def test_ham10000_alternative_layout_and_resize(tmp_path):
+    make_ham(tmp_path / "raw", image_dirs=("images",), mask_dir="ISIC2018_Task1_Training_GroundTruth", lesions=False)
+    with pytest.warns(MissingMaskWarning):
+        out = convert_ham10000(tmp_path / "raw", tmp_path / "ham", image_size=16)
+    row = load_dataset(out).table.iloc[0]
+    assert read_image(row["image_path"]).shape == (16, 16, 3)
+    mask = read_mask(row["mask_path"])
+    assert mask.shape == (16, 16) and mask[8, 8] and not mask[0, 0]
+
+
+def test_ham10000_missing_metadata_is_named(tmp_path):
+    make_ham(tmp_path / "raw")
+    (tmp_path / "raw" / "HAM10000_metadata.csv").unlink()
+    with pytest.raises(DatasetFormatError, match="HAM10000_metadata.csv not found"):
+        convert_ham10000(tmp_path / "raw", tmp_path / "ham")
+    assert not (tmp_path / "ham").exists()
+
+
+def test_ham10000_missing_image_or_folder_is_an_error(tmp_path):
+    meta = make_ham(tmp_path / "raw")
+    (tmp_path / "raw" / "HAM10000_images_part_1" / f"{meta['image_id'][0]}.jpg").unlink()
+    with pytest.raises(DatasetFormatError, match=r"1 of 77 images .* missing"):
+        convert_ham10000(tmp_path / "raw", tmp_path / "ham")
+    for folder in ("HAM10000_images_part_1", "HAM10000_images_part_2"):
+        shutil.rmtree(tmp_path / "raw" / folder)
+    with pytest.raises(DatasetFormatError, match="No image folder"):
+        convert_ham10000(tmp_path / "raw", tmp_path / "ham")
+
+
+def test_ham10000_unknown_diagnosis_is_an_error(tmp_path):
+    meta = make_ham(tmp_path / "raw")
+    meta.loc[0, "dx"] = "xyz"
+    meta.to_csv(tmp_path / "raw" / "HAM10000_metadata.csv", index=False)
+    with pytest.raises(DatasetFormatError, match="unknown dx values"):
+        convert_ham10000(tmp_path / "raw", tmp_path / "ham")
+
+
+def test_converted_real_data_is_never_overwritten(tmp_path):
+    make_ham(tmp_path / "raw")
+    with pytest.warns(MissingMaskWarning):
+        out = convert_ham10000(tmp_path / "raw", tmp_path / "ham")
+    before = (out / "labels.csv").read_bytes()
+    with pytest.warns(MissingMaskWarning), pytest.raises(FileExistsError, match="refusing to overwrite"):
+        convert_ham10000(tmp_path / "raw", out)
+    with pytest.warns(MissingMaskWarning), pytest.raises(FileExistsError, match="not written by segx_helpers"):
+        convert_ham10000(tmp_path / "raw", out, overwrite=True)
+    assert (out / "labels.csv").read_bytes() == before
+
+
+# --------------------------------------------------------------------------------- Shenzhen, Montgomery
+
+def make_tb(raw, prefix, masks="masks"):
+    """10 normal + 10 TB images (the first one 16-bit); masks for all but the last image."""
+    names = [f"{prefix}_{i:04d}_{i % 2}" for i in range(20)]
+    for i, name in enumerate(names):
+        save_gray(raw / "CXR_png" / f"{name}.png", i, value=2048 if i == 0 else None)
+        if i == len(names) - 1:
+            continue
+        if masks == "masks":
+            save_mask(raw / "masks" / (f"{name}_mask.png" if i % 3 else f"{name}.png"))
+        else:
+            save_mask(raw / "ManualMask" / "leftMask" / f"{name}.png", cols=slice(2, 12))
+            save_mask(raw / "ManualMask" / "rightMask" / f"{name}.png", cols=slice(20, 30))
+    return names
+
+
+def test_shenzhen_labels_masks_and_16_bit(tmp_path):
+    names = make_tb(tmp_path / "raw", "CHNCXR")
+    with pytest.warns(MissingMaskWarning, match="1 of 20"):
+        out = convert_shenzhen(tmp_path / "raw", tmp_path / "shenzhen")
+    ds = load_dataset(out)
+    table = ds.table.set_index("image_id")
+    assert len(table) == 20
+    assert ds.info.task == "multilabel" and ds.info.class_names == ["tb"] and ds.info.channels == 1
+    assert table.loc["CHNCXR_0003_1", "tb"] == 1 and table.loc["CHNCXR_0004_0", "tb"] == 0
+    assert ds.targets.sum() == 10
+    sixteen = read_image(table.loc[names[0], "image_path"], channels=1)
+    assert sixteen.shape == (SIZE, SIZE, 1) and (sixteen == 128).all()
+    assert table.loc[names[-1], "mask_path"] is None and table["mask_path"].notna().sum() == 19
+    assert read_mask(table.loc[names[3], "mask_path"]).sum() == 16 * 16
+    assert set(table["split"]) == {"train", "val", "test"}
+    assert (table.groupby("split")["tb"].sum()[["train", "val", "test"]] == [7, 1, 2]).all()
+
+
+def test_shenzhen_layout_errors(tmp_path):
+    with pytest.raises(DatasetFormatError, match="CXR_png not found"):
+        convert_shenzhen(tmp_path, tmp_path / "out")
+    save_gray(tmp_path / "raw" / "CXR_png" / "CHNCXR_0001.png", 0)
+    with pytest.raises(DatasetFormatError, match="must end in _0"):
+        convert_shenzhen(tmp_path / "raw", tmp_path / "out")
+    (tmp_path / "raw" / "CXR_png" / "CHNCXR_0001.png").rename(tmp_path / "raw" / "CXR_png" / "bad name_0.png")
+    with pytest.raises(DatasetFormatError, match="Unsafe image id"):
+        convert_shenzhen(tmp_path / "raw", tmp_path / "out")
+
+
+def test_montgomery_mask_is_union_of_both_lungs(tmp_path):
+    names = make_tb(tmp_path / "raw", "MCUCXR", masks="ManualMask")
+    (tmp_path / "raw" / "ManualMask" / "rightMask" / f"{names[5]}.png").unlink()
+    with pytest.warns(MissingMaskWarning, match="2 of 20"):
+        out = convert_montgomery(tmp_path / "raw", tmp_path / "montgomery", image_size=16)
+    ds = load_dataset(out)
+    table = ds.table.set_index("image_id")
+    assert ds.info.name == "montgomery-cxr" and ds.info.channels == 1
+    mask = read_mask(table.loc[names[2], "mask_path"])
+    assert mask.shape == (16, 16)
+    assert mask[8, 3] and mask[8, 12] and not mask[8, 8]
+    assert table.loc[names[5], "mask_path"] is None
+    assert table.loc[names[1], "tb"] == 1
+
+
+def test_montgomery_requires_its_mask_folders(tmp_path):
+    make_tb(tmp_path / "raw", "MCUCXR", masks="ManualMask")
+    shutil.rmtree(tmp_path / "raw" / "ManualMask" / "rightMask")
+    with pytest.raises(DatasetFormatError, match="rightMask not found"):
+        convert_montgomery(tmp_path / "raw", tmp_path / "out")
+
+
+# ------------------------------------------------------------------------------------------ ChestX-Det10
+
+def make_chestx(raw):
+    """20 images: 10 without findings, one per finding, and multi-finding ones; train/ and test/ folders."""
+    records = [{"file_name": f"{36000 + i}.png", "syms": [], "boxes": []} for i in range(10)]
+    records += [{"file_name": f"{36100 + i}.png", "syms": [name], "boxes": [[1, 1, 5, 5]]}
+                for i, name in enumerate(CHESTX_DET10_CLASSES)]
+    records[-1]["syms"] = ["Pneumothorax", "Effusion", "Effusion"]
+    records[-1]["boxes"] *= 3
+    train, test = records[:14], records[14:]
+    raw.mkdir(parents=True)
+    (raw / "train.json").write_text(json.dumps(train))
+    (raw / "test.json").write_text(json.dumps(test))
+    for n, (folder, record) in enumerate([("train", r) for r in train] + [("test", r) for r in test]):
+        save_gray(raw / folder / record["file_name"], n, value=40000 if n == 0 else None)
+        if n % 2 == 0:
+            save_mask(raw / "masks" / record["file_name"])
+    return records
+
+
+def test_chestx_det10_multilabel_targets(tmp_path):
+    make_chestx(tmp_path / "raw")
+    with pytest.warns(MissingMaskWarning, match="10 of 20"):
+        out = convert_chestx_det10(tmp_path / "raw", tmp_path / "chestx")
+    with pytest.warns(UserWarning, match="no images of class"):
+        ds = load_dataset(out)
+    table = ds.table.set_index("image_id")
+    assert len(table) == 20
+    assert ds.info.class_names == list(CHESTX_DET10_CLASSES) and ds.info.channels == 1
+    assert table.loc["36109", list(CHESTX_DET10_CLASSES)].tolist() == [0, 0, 0, 1, 0, 0, 0, 0, 0, 1]
+    assert table.loc["36102", "Consolidation"] == 1 and table.loc["36102"][list(CHESTX_DET10_CLASSES)].sum() == 1
+    assert table.loc["36000", list(CHESTX_DET10_CLASSES)].sum() == 0
+    assert (read_image(table.loc["36000", "image_path"], channels=1) == 156).all()
+    assert table.loc["36000", "mask_path"] is not None and table.loc["36001", "mask_path"] is None
+    assert set(table["split"]) == {"train", "val", "test"}
+
+
+def test_chestx_det10_errors_name_the_missing_files(tmp_path):
+    (tmp_path / "raw").mkdir()
+    with pytest.raises(DatasetFormatError, match="train.json"):
+        convert_chestx_det10(tmp_path / "raw", tmp_path / "out")
+    records = make_chestx(tmp_path / "chestx")
+    (tmp_path / "chestx" / "test" / records[-1]["file_name"]).unlink()
+    with pytest.raises(DatasetFormatError, match=r"1 of 20 images .*36109"):
+        convert_chestx_det10(tmp_path / "chestx", tmp_path / "out")
+    (tmp_path / "chestx" / "test.json").write_text(json.dumps([{"file_name": "1.png", "syms": ["Cardiomegaly"]}]))
+    with pytest.raises(DatasetFormatError, match="unknown findings"):
+        convert_chestx_det10(tmp_path / "chestx", tmp_path / "out")
+
+
+# ------------------------------------------------------------------------------- Kaggle bundle, CLI
+
+def test_segx_kaggle_finds_the_layout_below_the_download(tmp_path):
+    bundle = tmp_path / "raw" / "segx-used-datasets" / "ham"
+    make_ham(bundle, image_dirs=("images",), mask_dir="masks", mask_name="{}.png")
+    with pytest.warns(MissingMaskWarning):
+        out = convert_segx_kaggle(tmp_path / "raw", tmp_path / "ham", which="ham")
+    ds = load_dataset(out)
+    assert ds.info.name == "ham10000" and len(ds.table) == 77 and ds.table["mask_path"].notna().sum() == 76
+    with pytest.raises(DatasetFormatError, match=r"looked for: CXR_png/ and ManualMask/ .*train.json or test.json"):
+        convert_segx_kaggle(tmp_path / "raw", tmp_path / "chestx", which="chestx")
+
+
+def test_find_layout_searches_two_levels_down(tmp_path):
+    make_tb(tmp_path / "raw" / "a" / "b", "CHNCXR")
+    assert find_layout(tmp_path / "raw", ["montgomery", "shenzhen"]) == ("shenzhen", tmp_path / "raw" / "a" / "b")
+    with pytest.raises(DatasetFormatError, match="No known raw dataset layout"):
+        find_layout(tmp_path, ["shenzhen"])
+
+
+def test_cli_converts_then_refuses_to_overwrite(tmp_path, capsys):
+    make_tb(tmp_path / "raw" / "ChinaSet_AllFiles", "CHNCXR")
+    assert main(["shenzhen", str(tmp_path / "raw"), str(tmp_path / "out"), "--image-size", "16"]) == 0
+    assert "converted 20 images" in capsys.readouterr().out
+    assert read_image(load_dataset(tmp_path / "out").table["image_path"][0], channels=1).shape == (16, 16, 1)
+    assert main(["shenzhen", str(tmp_path / "raw"), str(tmp_path / "out")]) == 1
+    assert "already exists" in capsys.readouterr().err

@@ -1,0 +1,144 @@
+"""Training loop, checkpoints (round trip, refusal to overwrite, corrupt files), resume and determinism."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from segx_helpers.data import load_dataset
+from segx_helpers.data.torch_dataset import SegXDataset
+from segx_helpers.models import build_classifier
+from segx_helpers.pipeline import train_classifier, train_segmenter
+from segx_helpers.training import (CheckpointError, DiceBCELoss, TrainConfig, balanced_class_weights, classification_loss,
+                                   fit, load_checkpoint, make_loader, read_checkpoint, save_checkpoint)
+
+META = {"kind": "classifier", "arch": "resnet18", "class_names": ["a", "b", "c"], "in_channels": 3}
+
+
+def _loss_on(model, loader, loss_fn):
+    model.eval()
+    with torch.no_grad():
+        return float(np.mean([loss_fn(model(b["image"]), b["target"]).item() for b in loader]))
+
+
+def test_fit_lowers_the_loss_and_keeps_best_weights(make_tiny_dataset):
+    data = load_dataset(make_tiny_dataset(n=30, size=32))
+    train = SegXDataset(data, "train", 32)
+    loader = make_loader(train, 8, shuffle=True)
+    torch.manual_seed(0)
+    model = build_classifier("resnet18", 3)
+    loss_fn = classification_loss("multiclass")
+    before = _loss_on(model, make_loader(train, 8, shuffle=False), loss_fn)
+    history = fit(model, loss_fn, loader, lambda m: {"val_score": -_loss_on(m, make_loader(train, 8, False), loss_fn)},
+                  TrainConfig(epochs=4, lr=3e-3, patience=10))
+    after = _loss_on(model, make_loader(train, 8, shuffle=False), loss_fn)
+    assert after < 0.7 * before
+    assert len(history.records) == 4
+    assert -after == pytest.approx(history.best_value, rel=1e-4)
+    assert not model.training
+
+
+def test_early_stopping_stops(make_tiny_dataset):
+    data = load_dataset(make_tiny_dataset(n=30, size=32))
+    loader = make_loader(SegXDataset(data, "train", 32), 8, shuffle=True)
+    values = iter([0.5, 0.4, 0.3, 0.2, 0.1, 0.0])
+    history = fit(build_classifier("resnet18", 3), classification_loss("multiclass"), loader,
+                  lambda m: {"val_score": next(values)}, TrainConfig(epochs=6, patience=1))
+    assert len(history.records) == 2 and history.best_epoch == 0
+
+
+def test_checkpoint_round_trip_gives_identical_outputs(tmp_path):
+    model = build_classifier("resnet18", 3).eval()
+    path = save_checkpoint(tmp_path / "c.pt", model, META)
+    loaded, meta = load_checkpoint(path, expected_kind="classifier")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+    assert meta == META
+
+
+def test_save_refuses_to_overwrite(tmp_path):
+    model = build_classifier("resnet18", 3)
+    path = save_checkpoint(tmp_path / "c.pt", model, META)
+    stamp = path.read_bytes()
+    with pytest.raises(FileExistsError, match="refusing to overwrite"):
+        save_checkpoint(path, build_classifier("resnet18", 3), META)
+    assert path.read_bytes() == stamp
+    save_checkpoint(path, model, {**META, "note": 1}, overwrite=True)
+    assert read_checkpoint(path)["meta"]["note"] == 1
+
+
+def test_corrupt_and_foreign_checkpoints_fail_clearly(tmp_path):
+    path = save_checkpoint(tmp_path / "c.pt", build_classifier("resnet18", 3), META)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+    with pytest.raises(CheckpointError, match="truncated.pt is corrupt"):
+        load_checkpoint(truncated)
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "foreign.pt")
+    with pytest.raises(CheckpointError, match="not a segx-checkpoint"):
+        load_checkpoint(tmp_path / "foreign.pt")
+    with pytest.raises(CheckpointError, match="not a 'segmenter'"):
+        load_checkpoint(path, expected_kind="segmenter")
+    other = save_checkpoint(tmp_path / "other.pt", build_classifier("resnet18", 5), META)
+    with pytest.raises(CheckpointError, match="does not match the architecture"):
+        load_checkpoint(other)
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_pickled_code_is_never_executed(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    torch.save({"format": "segx-checkpoint-v1", "payload": Evil()}, tmp_path / "evil.pt", _use_new_zipfile_serialization=True)
+    with pytest.raises(CheckpointError, match="corrupt or not a segx_helpers checkpoint"):
+        read_checkpoint(tmp_path / "evil.pt")
+
+
+def test_train_classifier_writes_checkpoint_resumes_and_is_deterministic(make_tiny_dataset, tmp_path):
+    data = load_dataset(make_tiny_dataset(n=30, size=32))
+    config = TrainConfig(epochs=2, lr=1e-3, monitor="val_auroc")
+    first = train_classifier(data, tmp_path / "a.pt", image_size=32, config=config)
+    second = train_classifier(data, tmp_path / "b.pt", image_size=32, config=config)
+    for k, v in first.model.state_dict().items():
+        assert torch.equal(v, second.model.state_dict()[k]), k
+    meta = read_checkpoint(tmp_path / "a.pt")["meta"]
+    assert meta["class_names"] == ["a", "b", "c"] and meta["image_size"] == 32 and len(meta["history"]) == 2
+    with pytest.raises(FileExistsError):
+        from segx_helpers.training import fit as _fit
+        _fit(build_classifier("resnet18", 3), classification_loss("multiclass"), [], lambda m: {}, config,
+             checkpoint_path=tmp_path / "a.pt")
+    reloaded = train_classifier(data, tmp_path / "a.pt", image_size=32, config=config)
+    assert reloaded.meta["history"] == meta["history"]
+    longer = TrainConfig(epochs=3, lr=1e-3, monitor="val_auroc")
+    from segx_helpers.pipeline import _datasets
+    train_set, val_set, _ = _datasets(data, 32)
+    model = build_classifier("resnet18", 3)
+    model.load_state_dict(read_checkpoint(tmp_path / "a.pt.last.pt")["state_dict"])
+    history = fit(model, classification_loss("multiclass"), make_loader(train_set, 32, True), lambda m: {"val_auroc": 0.5},
+                  longer, checkpoint_path=tmp_path / "a.pt", resume=True)
+    assert [r["epoch"] for r in history.records] == [1, 2, 3]
+
+
+def test_train_segmenter_stores_threshold(make_tiny_dataset, tmp_path):
+    data = load_dataset(make_tiny_dataset(n=30, size=32))
+    trained = train_segmenter(data, tmp_path / "s.pt", image_size=32, decoder_channels=(16, 8, 8, 8, 8),
+                              config=TrainConfig(epochs=1, monitor="val_dice"))
+    meta = read_checkpoint(tmp_path / "s.pt")["meta"]
+    assert 0.1 <= meta["threshold"] <= 0.9 and meta["kind"] == "segmenter"
+    loaded, _ = load_checkpoint(tmp_path / "s.pt")
+    assert loaded(torch.zeros(1, 3, 32, 32)).shape == (1, 1, 32, 32)
+
+
+def test_dice_bce_loss_is_small_for_perfect_logits():
+    masks = torch.zeros(2, 1, 8, 8)
+    masks[:, :, 2:6, 2:6] = 1
+    perfect = (masks * 2 - 1) * 20
+    assert DiceBCELoss()(perfect, masks).item() < 1e-3
+    assert DiceBCELoss()(-perfect, masks).item() > 1.5
+
+
+def test_balanced_class_weights():
+    assert balanced_class_weights(np.array([0, 0, 0, 1]), "multiclass").tolist() == pytest.approx([4 / 6, 2.0])
+    assert balanced_class_weights(np.array([[1, 0], [0, 0], [0, 1], [0, 1]]), "multilabel").tolist() == [3.0, 1.0]
