@@ -1,0 +1,166 @@
+"""SegU: how far a prediction's *original* explanation lies from the clinical-interest region,
+read as a certainty score, and the tools to check that it separates right from wrong predictions.
+
+Scores take ``(maps, masks) -> (N,)`` with maps the un-masked explanations ``(N, H, W)`` and masks
+the segmenter's binary prediction ``(N, H, W)``. Higher means more certain. For an empty mask
+(no clinical region found) or a map with no positive value (nothing explained) every score is
+0.0, the least certain value, and a :class:`~segx_helpers.segx.DegenerateMapWarning` says how
+many samples were affected. A constant positive map selects every pixel as its "top" region,
+so its overlap score is the mask's share of the image.
+"""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pandas as pd
+from scipy import ndimage, stats
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+from .metrics import _loc_inputs, _warn_degenerate, bootstrap_ci, relevance_mass, top_percent_iou
+from .segx import top_percent
+
+
+def segu_overlap(maps: np.ndarray, masks: np.ndarray, p: float = 5.0) -> np.ndarray:
+    """The paper's SegU score as implemented here: the share of the top-``p`` % saliency region that
+    lies inside the predicted clinical-interest mask, ``|top_p(map) ∩ mask| / |top_p(map)|``.
+
+    The paper describes SegU as the distance between the original explanation and the clinical
+    region without publishing a formula; the reference code defines the saliency region as the
+    top 5 % pixels and the mask as the segmenter output > 0.5, so we score their overlap.
+    """
+    maps, masks = _loc_inputs(maps, masks)
+    top = top_percent(maps, p)
+    size = top.sum(axis=(1, 2))
+    inside = (top & masks).sum(axis=(1, 2))
+    degenerate = (size == 0) | ~masks.any(axis=(1, 2))
+    _warn_degenerate(degenerate, "an all-zero map or an empty mask")
+    return np.where(degenerate, 0.0, inside / np.maximum(size, 1))
+
+
+def segu_mass(maps: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """Continuous variant without a threshold: the share of all attribution inside the mask."""
+    maps, masks = _loc_inputs(maps, masks)
+    empty = ~masks.any(axis=(1, 2))
+    _warn_degenerate(empty, "an empty mask")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        score = relevance_mass(maps, masks)
+    _warn_degenerate(~empty & (maps.max(axis=(1, 2)) <= 0), "an all-zero map")
+    return np.where(empty, 0.0, score)
+
+
+def segu_iou(maps: np.ndarray, masks: np.ndarray, p: float = 5.0) -> np.ndarray:
+    """IoU of the top-``p`` % saliency region with the mask (penalises a small region inside a large mask)."""
+    maps, masks = _loc_inputs(maps, masks)
+    _warn_degenerate(~masks.any(axis=(1, 2)) | (maps.max(axis=(1, 2)) <= 0), "an all-zero map or an empty mask")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return top_percent_iou(maps, masks, p)
+
+
+def segu_distance(maps: np.ndarray, masks: np.ndarray, p: float = 5.0) -> np.ndarray:
+    """Distance-based certainty ``1 - mean_dist / diagonal`` in [0, 1].
+
+    ``mean_dist`` is the mean Euclidean distance (pixels) from the top-``p`` % saliency pixels to
+    the nearest mask pixel (0 inside the mask), ``diagonal`` the image diagonal: 1.0 when the whole
+    saliency region is inside the mask, lower the farther away it lies.
+    """
+    maps, masks = _loc_inputs(maps, masks)
+    top = top_percent(maps, p)
+    n, h, w = maps.shape
+    diagonal = float(np.hypot(h, w))
+    degenerate = ~top.any(axis=(1, 2)) | ~masks.any(axis=(1, 2))
+    _warn_degenerate(degenerate, "an all-zero map or an empty mask")
+    out = np.zeros(n)
+    for i in np.flatnonzero(~degenerate):
+        distance = ndimage.distance_transform_edt(~masks[i])
+        out[i] = 1.0 - distance[top[i]].mean() / diagonal
+    return out
+
+
+SEGU_SCORES = {"SegU overlap (paper)": segu_overlap, "SegU mass": segu_mass, "SegU IoU": segu_iou,
+               "SegU distance": segu_distance}
+
+
+def segu_scores(maps: np.ndarray, masks: np.ndarray, p: float = 5.0) -> pd.DataFrame:
+    """All SegU variants per sample: a frame with one column per score, ``N`` rows."""
+    return pd.DataFrame({
+        name: (fn(maps, masks) if fn is segu_mass else fn(maps, masks, p)) for name, fn in SEGU_SCORES.items()
+    })
+
+
+# ------------------------------------------------------------------------------ evaluation
+
+def separation(correct: np.ndarray, certainty: np.ndarray, n_resamples: int = 1000, seed: int = 0) -> dict:
+    """How well a certainty score separates correct from incorrect predictions.
+
+    Returns the Mann-Whitney U test (two-sided p-value), its effect size as the rank-biserial
+    correlation (``2 * AUC - 1``, positive when correct predictions score higher), and the AUROC
+    and AUPRC of *low* certainty for detecting *incorrect* predictions, each with a bootstrap CI.
+    """
+    correct = np.asarray(correct, dtype=bool)
+    certainty = np.asarray(certainty, dtype=float)
+    if correct.all() or not correct.any():
+        raise ValueError("separation needs both correct and incorrect predictions")
+    u, p_value = stats.mannwhitneyu(certainty[correct], certainty[~correct], alternative="two-sided")
+    auc_correct = u / (correct.sum() * (~correct).sum())
+    wrong = (~correct).astype(int)
+
+    def auroc(y, s):
+        return roc_auc_score(y, -s) if 0 < y.sum() < len(y) else np.nan
+
+    def auprc(y, s):
+        return average_precision_score(y, -s) if y.sum() > 0 else np.nan
+
+    auroc_ci = bootstrap_ci(auroc, wrong, certainty, n_resamples=n_resamples, seed=seed)
+    auprc_ci = bootstrap_ci(auprc, wrong, certainty, n_resamples=n_resamples, seed=seed)
+    return {"n_correct": int(correct.sum()), "n_incorrect": int((~correct).sum()), "mann_whitney_u": float(u),
+            "p_value": float(p_value), "rank_biserial": float(2 * auc_correct - 1),
+            "auroc": auroc_ci[0], "auroc_low": auroc_ci[1], "auroc_high": auroc_ci[2],
+            "auprc": auprc_ci[0], "auprc_low": auprc_ci[1], "auprc_high": auprc_ci[2],
+            "error_rate": float((~correct).mean())}
+
+
+def risk_coverage(correct: np.ndarray, confidence: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Selective prediction: keep the most confident first. Returns ``(coverage, risk)`` ``(N,)``.
+
+    ``risk[k-1]`` is the expected error rate among the ``k`` most confident predictions; within a
+    group of tied confidences errors are spread evenly (the expectation over tie orders), so the
+    curve does not depend on an arbitrary ordering.
+    """
+    correct = np.asarray(correct, dtype=bool)
+    confidence = np.asarray(confidence, dtype=float)
+    n = len(correct)
+    if n == 0:
+        raise ValueError("risk_coverage needs at least one prediction")
+    order = np.argsort(-confidence, kind="stable")
+    conf_sorted = confidence[order]
+    errors_sorted = (~correct[order]).astype(float)
+    _, group_start, group_size = np.unique(-conf_sorted, return_index=True, return_counts=True)
+    expected = np.empty(n)
+    for start, size in zip(group_start, group_size):
+        expected[start:start + size] = errors_sorted[start:start + size].mean()
+    cumulative = np.cumsum(expected)
+    k = np.arange(1, n + 1)
+    return k / n, cumulative / k
+
+
+def aurc(correct: np.ndarray, confidence: np.ndarray) -> float:
+    """Area under the risk-coverage curve: the mean of ``risk`` over coverages ``1/N .. 1`` (lower is better)."""
+    return float(risk_coverage(correct, confidence)[1].mean())
+
+
+def fit_combination(certainty_val: np.ndarray, confidence_val: np.ndarray, correct_val: np.ndarray) -> LogisticRegression:
+    """A logistic model of correctness from (SegU certainty, classifier confidence), fitted on validation only."""
+    features = np.column_stack([certainty_val, confidence_val])
+    correct_val = np.asarray(correct_val, dtype=int)
+    if correct_val.min() == correct_val.max():
+        raise ValueError("the validation predictions are all correct (or all wrong): nothing to fit")
+    return LogisticRegression(C=1.0).fit(features, correct_val)
+
+
+def combined_confidence(model: LogisticRegression, certainty: np.ndarray, confidence: np.ndarray) -> np.ndarray:
+    """Probability of being correct under a fitted :func:`fit_combination` model ``(N,)``."""
+    return model.predict_proba(np.column_stack([certainty, confidence]))[:, 1]

@@ -1,0 +1,105 @@
+"""SegU scores on hand-made maps and masks, and the evaluation tools on known cases."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from segx_helpers.segu import (aurc, combined_confidence, fit_combination, risk_coverage, segu_distance, segu_iou,
+                               segu_mass, segu_overlap, segu_scores, separation)
+from segx_helpers.segx import DegenerateMapWarning
+
+SIZE = 20
+
+
+def _mask():
+    mask = np.zeros((1, SIZE, SIZE), bool)
+    mask[0, :, :10] = True  # left half
+    return mask
+
+
+def _map(region):
+    m = np.zeros((1, SIZE, SIZE), np.float32)
+    m[0][region] = 1.0
+    return m
+
+
+INSIDE = (slice(0, 4), slice(0, 5))       # 20 pixels = 5 % of 400, all inside
+OUTSIDE = (slice(0, 4), slice(15, 20))    # 20 pixels, all outside
+HALF = (slice(0, 4), slice(8, 13))        # 20 pixels, 8 inside
+
+
+@pytest.mark.parametrize("region, overlap", [(INSIDE, 1.0), (OUTSIDE, 0.0), (HALF, 0.4)])
+def test_overlap_mass_and_iou(region, overlap):
+    maps, masks = _map(region), _mask()
+    assert segu_overlap(maps, masks)[0] == pytest.approx(overlap)
+    assert segu_mass(maps, masks)[0] == pytest.approx(overlap)
+    assert segu_iou(maps, masks)[0] == pytest.approx(overlap * 20 / (200 + 20 - overlap * 20))
+
+
+def test_distance_score():
+    masks = _mask()
+    assert segu_distance(_map(INSIDE), masks)[0] == pytest.approx(1.0)
+    far = segu_distance(_map(OUTSIDE), masks)[0]
+    # columns 15..19 are 6..10 px from column 9: mean 8 px over the diagonal
+    assert far == pytest.approx(1 - 8 / np.hypot(SIZE, SIZE))
+    assert segu_distance(_map(HALF), masks)[0] > far
+
+
+def test_empty_mask_and_empty_map_give_zero_with_warning():
+    empty_mask = np.zeros((1, SIZE, SIZE), bool)
+    for fn in (segu_overlap, segu_mass, segu_iou, segu_distance):
+        with pytest.warns(DegenerateMapWarning):
+            assert fn(_map(INSIDE), empty_mask)[0] == 0.0
+        with pytest.warns(DegenerateMapWarning):
+            assert fn(np.zeros((1, SIZE, SIZE)), _mask())[0] == 0.0
+
+
+def test_constant_map_scores_the_mask_share():
+    assert segu_overlap(np.full((1, SIZE, SIZE), 0.7), _mask())[0] == pytest.approx(0.5)
+
+
+def test_scores_frame_has_every_variant():
+    frame = segu_scores(np.concatenate([_map(INSIDE), _map(OUTSIDE)]), np.repeat(_mask(), 2, axis=0))
+    assert frame.shape == (2, 4)
+    assert (frame.iloc[0] > frame.iloc[1]).all()
+
+
+def test_separation_on_known_auroc():
+    correct = np.array([1, 1, 1, 0, 0], bool)
+    certainty = np.array([0.9, 0.8, 0.3, 0.4, 0.1])
+    result = separation(correct, certainty, n_resamples=50)
+    # incorrect detected by low certainty: pairs (wrong, right) ordered correctly: 0.1 < all 3; 0.4 < 0.9, 0.8 -> 5/6
+    assert result["auroc"] == pytest.approx(5 / 6)
+    assert result["rank_biserial"] == pytest.approx(2 * 5 / 6 - 1)
+    assert result["n_incorrect"] == 2 and 0 <= result["p_value"] <= 1
+    with pytest.raises(ValueError, match="both correct and incorrect"):
+        separation(np.ones(3, bool), np.ones(3))
+
+
+def test_risk_coverage_hand_case():
+    correct = np.array([1, 0, 1, 1], bool)
+    confidence = np.array([0.9, 0.8, 0.7, 0.1])
+    coverage, risk = risk_coverage(correct, confidence)
+    assert coverage.tolist() == [0.25, 0.5, 0.75, 1.0]
+    assert risk.tolist() == pytest.approx([0, 0.5, 1 / 3, 0.25])
+    assert aurc(correct, confidence) == pytest.approx((0 + 0.5 + 1 / 3 + 0.25) / 4)
+
+
+def test_risk_coverage_spreads_ties():
+    correct = np.array([1, 0], bool)
+    _, risk = risk_coverage(correct, np.array([0.5, 0.5]))
+    assert risk.tolist() == pytest.approx([0.5, 0.5])
+    perfect = aurc(np.array([1, 1, 0, 0], bool), np.array([0.9, 0.8, 0.2, 0.1]))
+    worst = aurc(np.array([1, 1, 0, 0], bool), np.array([0.1, 0.2, 0.8, 0.9]))
+    assert perfect < worst
+
+
+def test_combination_is_fitted_and_scores_in_unit_interval():
+    rng = np.random.default_rng(0)
+    correct = rng.random(100) < 0.7
+    certainty = np.where(correct, 0.8, 0.3) + rng.normal(0, 0.1, 100)
+    confidence = rng.random(100)
+    model = fit_combination(certainty, confidence, correct)
+    combined = combined_confidence(model, certainty, confidence)
+    assert combined.shape == (100,) and ((0 <= combined) & (combined <= 1)).all()
+    assert aurc(correct, combined) < aurc(correct, confidence)
