@@ -7,9 +7,11 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
+import torch
 from torch import nn
 
 from .data.format import LoadedDataset
@@ -37,19 +39,20 @@ def load_trained(checkpoint: str | Path, kind: str) -> TrainedModel:
     return TrainedModel(model, meta, pd.DataFrame(meta.get("history", [])))
 
 
-def _datasets(data: LoadedDataset, image_size: int, augment: bool = True):
-    norm = Normalization.for_channels(data.info.channels)
-    return (SegXDataset(data, "train", image_size, norm, train=augment), SegXDataset(data, "val", image_size, norm),
+def _datasets(data: LoadedDataset, image_size: int, normalization: Normalization | None = None):
+    norm = normalization or Normalization.for_channels(data.info.channels)
+    return (SegXDataset(data, "train", image_size, norm, train=True), SegXDataset(data, "val", image_size, norm),
             norm)
 
 
 def train_segmenter(data: LoadedDataset, checkpoint: str | Path, image_size: int = 128, encoder: str = "resnet18",
                     decoder_channels: tuple[int, ...] = (128, 64, 32, 16, 8), encoder_weights: str | None = None,
                     config: TrainConfig | None = None, batch_size: int = 32, num_workers: int = 0,
-                    retrain: bool = False) -> TrainedModel:
+                    normalization: Normalization | None = None, retrain: bool = False) -> TrainedModel:
     """Train (or load) a U-Net on the dataset's masks; Dice + BCE loss, best epoch by validation Dice.
 
     The binarisation threshold is then chosen on the validation split and stored in the checkpoint.
+    ``normalization`` defaults to ImageNet statistics (their channel mean for grayscale).
     """
     checkpoint = Path(checkpoint)
     if checkpoint.exists() and not retrain:
@@ -59,7 +62,7 @@ def train_segmenter(data: LoadedDataset, checkpoint: str | Path, image_size: int
     if data.table["mask_path"].isna().all():
         raise ValueError(f"{data.root} has no masks: a segmenter cannot be trained on it.")
     config = config or TrainConfig(lr=3e-3, monitor="val_dice")
-    train_set, val_set, norm = _datasets(data, image_size)
+    train_set, val_set, norm = _datasets(data, image_size, normalization)
     train_loader = make_loader(train_set, batch_size, shuffle=True, seed=config.seed, num_workers=num_workers)
     val_loader = make_loader(val_set, 64, shuffle=False)
     val_masks = val_set.tensors()["mask"][:, 0].numpy() > 0.5
@@ -86,7 +89,8 @@ def train_segmenter(data: LoadedDataset, checkpoint: str | Path, image_size: int
 
 def train_classifier(data: LoadedDataset, checkpoint: str | Path, image_size: int = 128, arch: str = "resnet18",
                      pretrained: bool = False, class_weighting: bool = False, config: TrainConfig | None = None,
-                     batch_size: int = 32, num_workers: int = 0, retrain: bool = False) -> TrainedModel:
+                     batch_size: int = 32, num_workers: int = 0, normalization: Normalization | None = None,
+                     retrain: bool = False) -> TrainedModel:
     """Train (or load) a torchvision classifier; best epoch by validation macro AUROC.
 
     Multilabel decision thresholds (per class, maximising F1 on validation, as the reference code
@@ -97,7 +101,7 @@ def train_classifier(data: LoadedDataset, checkpoint: str | Path, image_size: in
         return load_trained(checkpoint, "classifier")
     config = config or TrainConfig(lr=1e-3, monitor="val_auroc")
     task = data.info.task
-    train_set, val_set, norm = _datasets(data, image_size)
+    train_set, val_set, norm = _datasets(data, image_size, normalization)
     train_loader = make_loader(train_set, batch_size, shuffle=True, seed=config.seed, num_workers=num_workers)
     val_loader = make_loader(val_set, 64, shuffle=False)
     weights = balanced_class_weights(train_set.targets, task) if class_weighting else None
@@ -129,19 +133,21 @@ def split_tensors(data: LoadedDataset, split: str, meta: dict) -> dict:
     return SegXDataset(data, split, meta["image_size"], norm).tensors()
 
 
-def evaluate_segmenter(trained: TrainedModel, data: LoadedDataset, split: str = "test") -> dict:
-    """Predicted masks on a split and per-image Dice / IoU against the true masks.
+def evaluate_segmenter(trained: TrainedModel, data: LoadedDataset, split: str = "test",
+                       image_size: int | None = None) -> dict:
+    """Predicted masks on a split and per-image Dice / IoU against the true masks, at ``image_size``
+    (default: the segmenter's own; predictions are resized bilinearly before thresholding).
 
     Returns ``image`` ``(N, C, H, W)``, ``true`` / ``pred`` bool ``(N, H, W)``, ``prob`` ``(N, H, W)``,
     ``dice`` / ``iou`` ``(N,)``, ``image_id``; images without a true mask are dropped.
     """
-    tensors = split_tensors(data, split, trained.meta)
+    size = image_size or trained.meta["image_size"]
+    tensors = split_tensors(data, split, {**trained.meta, "image_size": size})
     keep = np.flatnonzero(tensors["has_mask"])
-    images = tensors["image"][keep]
-    prob = predict_masks(trained.model, images)
+    prob = mask_probabilities(trained, data, split, size)[keep]
     true = tensors["mask"][keep, 0].numpy() > 0.5
     pred = prob >= trained.meta["threshold"]
-    return {"image": images, "true": true, "prob": prob, "pred": pred, "dice": dice_score(true, pred),
+    return {"image": tensors["image"][keep], "true": true, "prob": prob, "pred": pred, "dice": dice_score(true, pred),
             "iou": iou_score(true, pred), "image_id": [tensors["image_id"][i] for i in keep]}
 
 
@@ -184,10 +190,15 @@ def shortcut_breakdown(result: dict, artefacts: pd.DataFrame, shortcut: dict[str
 @dataclass(frozen=True)
 class RunSettings:
     """How much work each notebook does. ``QUICK`` is what CI and ``make tutorial`` run on 2 CPU cores;
-    ``FULL`` is for a real run (a GPU or patience)."""
+    ``FULL`` is for a real run (a GPU or patience).
+
+    ``seg_image_size`` is the segmenter's input size: quick mode segments at half resolution (the
+    clinical regions are large blobs) and upsamples the probabilities, which makes it 4x cheaper.
+    """
 
     n_images: int
     image_size: int
+    seg_image_size: int
     seg_epochs: int
     cls_epochs: int
     max_batches_per_epoch: int | None
@@ -197,9 +208,9 @@ class RunSettings:
     bootstrap: int
 
 
-QUICK = RunSettings(n_images=1000, image_size=128, seg_epochs=3, cls_epochs=3, max_batches_per_epoch=12,
+QUICK = RunSettings(n_images=1000, image_size=128, seg_image_size=64, seg_epochs=3, cls_epochs=3, max_batches_per_epoch=12,
                     shap_images=48, shap_nsamples=16, shap_background=16, bootstrap=200)
-FULL = RunSettings(n_images=1000, image_size=128, seg_epochs=15, cls_epochs=15, max_batches_per_epoch=None,
+FULL = RunSettings(n_images=1000, image_size=128, seg_image_size=128, seg_epochs=15, cls_epochs=15, max_batches_per_epoch=None,
                    shap_images=200, shap_nsamples=50, shap_background=50, bootstrap=1000)
 
 
@@ -239,9 +250,108 @@ def prepare_models(name: str, paths: TutorialPaths, data: LoadedDataset, setting
     """Load the segmenter and classifier of notebooks 02 and 03; train them here in the given mode
     when they are missing and ``prepare_missing`` is set, else say which notebook to run."""
     if not paths.segmenter(name).exists() and prepare_missing:
-        train_segmenter(data, paths.segmenter(name), image_size=settings.image_size, config=segmenter_config(settings, seed))
+        train_segmenter(data, paths.segmenter(name), image_size=settings.seg_image_size,
+                        config=segmenter_config(settings, seed))
     if not paths.classifier(name).exists() and prepare_missing:
         train_classifier(data, paths.classifier(name), image_size=settings.image_size,
                          config=classifier_config(settings, seed))
     return (load_trained(require(paths.segmenter(name), "02_train_segmenter"), "segmenter"),
             load_trained(require(paths.classifier(name), "03_train_classifier"), "classifier"))
+
+
+def mask_probabilities(source, data: LoadedDataset, split: str, image_size: int,
+                       images: torch.Tensor | None = None) -> np.ndarray:
+    """Clinical-interest probabilities ``(N, image_size, image_size)`` for one split, from any mask source.
+
+    ``source`` may be a :class:`TrainedModel` segmenter or a path to its checkpoint (run with its own
+    image size and normalisation, then resized), a folder of ``<id>.png`` masks (e.g. the dataset's
+    ``masks/`` or masks made by another tool), or any callable ``images (N, C, H, W) -> (N, H, W)``
+    (then ``images`` must be given, prepared as the classifier expects).
+    """
+    import torch.nn.functional as F
+
+    from .data.format import read_mask
+
+    if isinstance(source, (str, Path)) and Path(source).is_dir():
+        ids = data.split(split)["image_id"]
+        masks = []
+        for image_id in ids:
+            path = Path(source) / f"{image_id}.png"
+            if not path.is_file():
+                raise FileNotFoundError(f"No mask for {image_id!r} in {source} (expected {path})")
+            masks.append(torch.from_numpy(read_mask(path).astype(np.float32))[None, None])
+        return np.concatenate([F.interpolate(m, size=(image_size, image_size), mode="nearest")[:, 0].numpy()
+                               for m in masks])
+    if isinstance(source, (str, Path)):
+        source = load_trained(source, "segmenter")
+    if isinstance(source, TrainedModel):
+        tensors = split_tensors(data, split, source.meta)
+        prob = torch.from_numpy(predict_masks(source.model, tensors["image"]))[:, None]
+        return F.interpolate(prob, size=(image_size, image_size), mode="bilinear", align_corners=False)[:, 0].numpy()
+    if callable(source):
+        if images is None:
+            raise ValueError("a callable mask source needs the images it should segment: pass images=")
+        out = np.asarray(source(images), dtype=np.float32)
+        if out.shape != (len(images), image_size, image_size):
+            raise ValueError(f"the mask callable returned shape {out.shape}, expected {(len(images), image_size, image_size)}")
+        return out
+    raise TypeError(f"Unsupported mask source {type(source).__name__}: use a segmenter, checkpoint path, mask folder or callable")
+
+
+def background_images(data: LoadedDataset, meta: dict, n: int, seed: int = 0) -> torch.Tensor:
+    """``n`` training images ``(n, C, H, W)`` prepared for the classifier: the Gradient SHAP background."""
+    norm = Normalization(**{k: tuple(v) for k, v in meta["normalization"].items()})
+    train = SegXDataset(data, "train", meta["image_size"], norm, cache=False)
+    rows = np.random.default_rng(seed).choice(len(train), size=min(n, len(train)), replace=False)
+    return torch.stack([train[int(i)]["image"] for i in rows])
+
+
+def explain_predictions(classifier: TrainedModel, images: torch.Tensor, method: str, **options):
+    """:func:`segx_helpers.explain.explain` for a trained classifier: its predicted classes
+    (argmax, or the per-class validation thresholds for multilabel) are the targets."""
+    from .explain import explain
+
+    return explain(classifier.model, images, None, method, task=classifier.meta["task"],
+                   thresholds=classifier.meta.get("thresholds"), **options)
+
+
+def localisation_table(explanations: dict, aligned: dict, true_masks: np.ndarray, n_resamples: int = 1000,
+                       seed: int = 0) -> pd.DataFrame:
+    """Localisation metrics against the ground-truth masks, original vs SegX, per method (paired)."""
+    from .metrics import localisation_scores, paired_summary
+
+    frames = []
+    for method, e in explanations.items():
+        truth = true_masks[e.image_index]
+        summary = paired_summary(localisation_scores(e.maps, truth), localisation_scores(aligned[method], truth),
+                                 n_resamples=n_resamples, seed=seed)
+        frames.append(summary.assign(method=method, predictions=len(e)))
+    table = pd.concat(frames, ignore_index=True)
+    return table[["method", "metric", "predictions", "original", "SegX", "difference", "original_mean", "SegX_mean",
+                  "difference_mean"]]
+
+
+def segx_results(name: str, paths: TutorialPaths, data: LoadedDataset, segmenter: TrainedModel,
+                 classifier: TrainedModel, settings: RunSettings, methods: Sequence[str] = ("gradcam", "gradient_shap"),
+                 seed: int = 0) -> None:
+    """Notebook 04's results in one call (for a fresh runtime that skipped it): explain the test split,
+    apply SegX with the predicted masks, and save each method's results folder and the test masks."""
+    from .data.torch_dataset import Normalization
+    from .results import prediction_table, save_results, save_split_arrays
+    from .segx import segx
+
+    test = split_tensors(data, "test", classifier.meta)
+    images = Normalization(**classifier.meta["normalization"]).denormalize(test["image"])
+    mask_prob = mask_probabilities(segmenter, data, "test", classifier.meta["image_size"])
+    for method in methods:
+        if method == "gradient_shap":
+            e = explain_predictions(classifier, test["image"][: settings.shap_images], method,
+                                    nsamples=settings.shap_nsamples,
+                                    background=background_images(data, classifier.meta, settings.shap_background, seed))
+        else:
+            e = explain_predictions(classifier, test["image"], method)
+        aligned = segx(e.maps, mask_prob[e.image_index], threshold=segmenter.meta["threshold"])
+        table = prediction_table(e, test["image_id"], test["target"].numpy(), data.info.task, data.info.class_names)
+        save_results(paths.maps(name) / method, table, e.maps, aligned, images, mask_prob)
+    save_split_arrays(paths.maps(name) / "test_masks.npz", mask_prob=mask_prob,
+                      true_masks=test["mask"][:, 0].numpy() > 0.5, image_id=np.array(test["image_id"]))

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from .notebook import NOTEBOOKS
+from .report import write_report
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 
@@ -64,12 +65,11 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     timings = run_notebooks(args.root, quick=not args.full, only=args.only)
     outputs = Path(args.root).resolve() / "outputs"
+    write_report(args.root)
     print(f"\n[segx-tutorial] {len(timings)} notebooks in {time.perf_counter() - started:.0f} s")
     print(f"[segx-tutorial] executed notebooks: {outputs / 'notebooks'}")
     print(f"[segx-tutorial] figures and results: {outputs}/<dataset>/")
-    report = outputs / "report.md"
-    if report.is_file():
-        print(f"[segx-tutorial] summary report:     {report}")
+    print(f"[segx-tutorial] summary report:     {outputs / 'report.md'}")
     return 0
 
 

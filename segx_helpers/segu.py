@@ -164,3 +164,16 @@ def fit_combination(certainty_val: np.ndarray, confidence_val: np.ndarray, corre
 def combined_confidence(model: LogisticRegression, certainty: np.ndarray, confidence: np.ndarray) -> np.ndarray:
     """Probability of being correct under a fitted :func:`fit_combination` model ``(N,)``."""
     return model.predict_proba(np.column_stack([certainty, confidence]))[:, 1]
+
+
+def separation_table(table: pd.DataFrame, scores: list[str], group: str | None = None, n_resamples: int = 1000,
+                     seed: int = 0) -> pd.DataFrame:
+    """:func:`separation` for several score columns of a per-prediction table (needs a ``correct``
+    column), optionally per ``group`` (e.g. method). One row per (group, score)."""
+    rows = []
+    groups = table.groupby(group, sort=False) if group else [("all", table)]
+    for name, part in groups:
+        for score in scores:
+            result = separation(part["correct"].to_numpy(), part[score].to_numpy(), n_resamples=n_resamples, seed=seed)
+            rows.append({"group": name, "score": score, **result})
+    return pd.DataFrame(rows)

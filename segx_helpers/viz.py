@@ -222,3 +222,147 @@ def plot_shortcut_accuracy(table: pd.DataFrame, title: str) -> plt.Figure:
     ax.set(title=title, xlabel="class the artefact is correlated with", ylabel="accuracy", ylim=(0, 1.1))
     fig.tight_layout()
     return fig
+
+
+# ------------------------------------------------------------------------------ explanations
+
+def overlay(image: np.ndarray, heat: np.ndarray, mask: np.ndarray | None = None, top: np.ndarray | None = None,
+            alpha: float = 0.5) -> np.ndarray:
+    """RGB uint8 ``(H, W, 3)``: ``image`` (``(H, W[, C])`` in [0, 1]) blended with ``heat`` as a jet
+    heat map (scaled to its 99th percentile, so a few extreme SHAP pixels do not wash it out), with
+    the mask outlined in cyan and the top-p % region outlined in white."""
+    from matplotlib import colormaps
+    from scipy import ndimage
+
+    image = np.asarray(image, dtype=np.float32)
+    if image.ndim == 2 or image.shape[-1] == 1:
+        image = np.repeat(image.reshape(image.shape[0], image.shape[1], 1), 3, axis=2)
+    positive = heat[heat > 0]
+    peak = float(np.percentile(positive, 99)) if positive.size else 0.0
+    coloured = colormaps["jet"](np.clip(heat / peak, 0, 1) if peak > 0 else heat)[..., :3]
+    out = (1 - alpha) * image + alpha * coloured
+    for region, colour in ((mask, (0.0, 0.9, 1.0)), (top, (1.0, 1.0, 1.0))):
+        if region is not None and region.any():
+            edge = region & ~ndimage.binary_erosion(region)
+            out[edge] = colour
+    return (np.clip(out, 0, 1) * 255).astype(np.uint8)
+
+
+def plot_segx_gallery(images: np.ndarray, rows: Sequence[tuple[int, str]], maps: dict[str, tuple[np.ndarray, np.ndarray]],
+                      masks: np.ndarray, p: float = 5.0, title: str = "Original vs SegX maps") -> plt.Figure:
+    """Gallery: per row an image with its mask, then each method's original and SegX map.
+
+    ``rows``: ``(image index, row label)``; ``maps``: method -> ``(original, segx)``, each ``(len(rows), H, W)``
+    in row order; ``masks`` ``(N, H, W)`` the clinical-interest masks used by SegX.
+    """
+    from .segx import top_percent
+
+    methods = list(maps)
+    n_cols = 1 + 2 * len(methods)
+    fig, axes = plt.subplots(len(rows), n_cols, figsize=(2.1 * n_cols, 2.2 * len(rows)), squeeze=False)
+    for r, (index, label) in enumerate(rows):
+        mask = masks[index] >= 0.5
+        axes[r, 0].imshow(overlay(images[index], np.zeros(mask.shape), mask, alpha=0.0))
+        axes[r, 0].set_ylabel(label, fontsize=8)
+        for m, method in enumerate(methods):
+            original, aligned = maps[method]
+            for c, (heat, kind) in enumerate(((original[r], "original"), (aligned[r], "SegX"))):
+                top = top_percent(heat, p)[0]
+                axes[r, 1 + 2 * m + c].imshow(overlay(images[index], heat, mask, top))
+                if r == 0:
+                    axes[r, 1 + 2 * m + c].set_title(f"{method}\n{kind}", fontsize=9)
+        if r == 0:
+            axes[r, 0].set_title("image + mask", fontsize=9)
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
+    handles = [plt.Line2D([], [], color=(0.0, 0.9, 1.0), label="clinical-interest mask"),
+               plt.Line2D([], [], color="white", marker="s", markerfacecolor="white", markeredgecolor="black",
+                          linestyle="none", label=f"top {p:g} % pixels"),
+               plt.Rectangle((0, 0), 1, 1, color="red", alpha=0.6, label="map (jet: blue low, red high)")]
+    fig.legend(handles=handles, loc="lower center", ncol=3, frameon=False, fontsize=9)
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.04, 1, 0.97))
+    return fig
+
+
+def plot_localisation_change(summary: pd.DataFrame, title: str) -> plt.Figure:
+    """Mean of each localisation metric, original vs SegX, per method (``summary`` needs columns
+    method, metric, original_mean, SegX_mean)."""
+    long = summary.melt(id_vars=["method", "metric"], value_vars=["original_mean", "SegX_mean"], var_name="map",
+                        value_name="mean")
+    long["map"] = long["map"].str.replace("_mean", "")
+    grid = sns.catplot(data=long, x="metric", y="mean", hue="map", col="method", kind="bar", height=3.4, aspect=1.5,
+                       palette=["#9e9e9e", "#1f77b4"])
+    grid.set_xticklabels(rotation=30, ha="right")
+    grid.set_axis_labels("localisation metric (vs ground-truth mask)", "mean over test predictions")
+    grid.set(ylim=(0, 1.05))
+    grid.figure.suptitle(title, y=1.03)
+    return grid.figure
+
+
+# ------------------------------------------------------------------------------ SegU
+
+def plot_certainty_by_outcome(table: pd.DataFrame, score: str, title: str, by: str = "method") -> plt.Figure:
+    """Violin plots with points of a certainty score for correct vs incorrect predictions, per ``by``."""
+    frame = table.assign(prediction=np.where(table["correct"], "correct", "incorrect"))
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    sns.violinplot(data=frame, x=by, y=score, hue="prediction", hue_order=["correct", "incorrect"], cut=0,
+                   inner=None, split=False, ax=ax, palette=["#4caf50", "#e53935"], alpha=0.35)
+    sns.stripplot(data=frame, x=by, y=score, hue="prediction", hue_order=["correct", "incorrect"], dodge=True,
+                  size=3, ax=ax, palette=["#2e7d32", "#b71c1c"], legend=False)
+    ax.set(title=title, xlabel=by, ylabel=score)
+    ax.legend(title="prediction", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    return fig
+
+
+def plot_risk_coverage(curves: dict[str, tuple[np.ndarray, np.ndarray, float]], title: str) -> plt.Figure:
+    """Risk-coverage curves; ``curves``: name -> ``(coverage, risk, AURC)``."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, (coverage, risk, area) in curves.items():
+        ax.plot(coverage, risk, label=f"{name} (AURC {area:.3f})")
+    base = next(iter(curves.values()))[1][-1]
+    ax.axhline(base, color="grey", ls=":", label=f"no abstention (risk {base:.3f})")
+    ax.set(title=title, xlabel="coverage (share of predictions kept)", ylabel="risk (error rate among kept)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_auroc_with_ci(table: pd.DataFrame, label: str, title: str) -> plt.Figure:
+    """Horizontal bars of AUROC with 95 % CIs (``table`` columns: ``label``, auroc, auroc_low, auroc_high)."""
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(table) + 1.4))
+    y = np.arange(len(table))
+    ax.barh(y, table["auroc"], color="#90caf9", label="AUROC")
+    ax.errorbar(table["auroc"], y, xerr=[table["auroc"] - table["auroc_low"], table["auroc_high"] - table["auroc"]],
+                fmt="none", ecolor="black", capsize=3, label="95 % CI")
+    ax.axvline(0.5, color="grey", ls=":", label="chance")
+    ax.set_yticks(y, table[label])
+    ax.set(title=title, xlabel="AUROC for detecting incorrect predictions", xlim=(0, 1))
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_prediction_gallery(images: np.ndarray, maps: np.ndarray, masks: np.ndarray, titles: Sequence[str],
+                            title: str, p: float = 5.0, ncols: int = 4) -> plt.Figure:
+    """One panel per prediction: the image with its original map, mask outline and top-p % outline."""
+    from .segx import top_percent
+
+    n = len(maps)
+    nrows = max(1, int(np.ceil(n / ncols)))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(2.6 * ncols, 3.2 * nrows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for k in range(n):
+        ax = axes.ravel()[k]
+        ax.imshow(overlay(images[k], maps[k], masks[k] >= 0.5, top_percent(maps[k], p)[0]))
+        ax.set_title(titles[k], fontsize=8)
+    handles = [plt.Line2D([], [], color=(0.0, 0.9, 1.0), label="predicted clinical-interest mask"),
+               plt.Line2D([], [], color="white", marker="s", markerfacecolor="white", markeredgecolor="black",
+                          linestyle="none", label=f"top {p:g} % of the original map")]
+    fig.legend(handles=handles, loc="lower center", ncol=2, frameon=False, fontsize=9)
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.04, 1, 0.97))
+    return fig

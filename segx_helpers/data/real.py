@@ -343,6 +343,46 @@ def find_layout(raw_dir: str | Path, names: Sequence[str], depth: int = 2) -> tu
     )
 
 
+# ------------------------------------------------------------------------------------ your own folder
+
+def import_folder(images_dir: str | Path, labels_csv: str | Path, out_dir: str | Path, task: str,
+                  class_names: Sequence[str] | None = None, masks_dir: str | Path | None = None, mask_suffix: str = "",
+                  name: str | None = None, modality: str = "", mask_description: str = "clinical-interest region",
+                  channels: int = 3, seed: int = 0, image_size: int | None = None, overwrite: bool = False) -> Path:
+    """Bring your own data: a folder of images, an optional folder of masks and a labels CSV.
+
+    ``labels_csv`` has ``image_id`` plus a ``label`` column (``task="multiclass"``) or one 0/1 column
+    per class (``task="multilabel"``). Images are ``images_dir/<image_id>.png|jpg``; masks, when
+    given, ``masks_dir/<image_id><mask_suffix>.png`` (an image without a mask file is kept without
+    one). ``class_names`` fixes the class order (default: sorted labels, or the CSV's columns).
+    """
+    images_dir, labels_csv = _require_dir(Path(images_dir)), Path(labels_csv)
+    if not labels_csv.is_file():
+        raise DatasetFormatError(f"Labels file {labels_csv} not found.")
+    labels = pd.read_csv(labels_csv, dtype={"image_id": str})
+    if "image_id" not in labels.columns:
+        raise DatasetFormatError(f"{labels_csv} needs an image_id column (has {list(labels.columns)}).")
+    if task == "multiclass":
+        if "label" not in labels.columns:
+            raise DatasetFormatError(f"{labels_csv} needs a 'label' column for a multiclass task.")
+        class_names = list(class_names or sorted(labels["label"].dropna().astype(str).unique()))
+        stratum = labels["label"].astype(str)
+    elif task == "multilabel":
+        class_names = list(class_names or [c for c in labels.columns if c != "image_id"])
+        stratum = labels[class_names].astype(str).agg("".join, axis=1)
+    else:
+        raise ValueError(f"task must be 'multiclass' or 'multilabel', got {task!r}")
+    ids = [_check_id(i, labels_csv) for i in labels["image_id"]]
+    images = _index_files([images_dir], IMAGE_SUFFIXES)
+    _check_all_found(ids, images, images_dir.parent, [images_dir.name])
+    masks = _index_files([Path(masks_dir)], (".png",), strip=mask_suffix) if masks_dir is not None else {}
+    records = [_Record(i, images[i], _as_tuple(masks.get(i))) for i in ids]
+    info = DatasetInfo(name=name or Path(out_dir).name, modality=modality, task=task, class_names=class_names,
+                       mask_description=mask_description, source=str(images_dir), licence="", channels=channels)
+    splits = make_splits(ids, seed=seed, stratify=stratum)
+    return _write(out_dir, info, records, labels, splits, image_size, overwrite)
+
+
 # ------------------------------------------------------------------------------------ shared steps
 
 def _write(out_dir, info: DatasetInfo, records: list[_Record], labels: pd.DataFrame, splits: pd.DataFrame,

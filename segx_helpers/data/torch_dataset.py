@@ -114,3 +114,12 @@ class SegXDataset(Dataset):
         return {"image": torch.stack([x["image"] for x in items]), "mask": torch.stack([x["mask"] for x in items]),
                 "target": torch.stack([x["target"] for x in items]), "has_mask": np.array([x["has_mask"] for x in items]),
                 "image_id": [x["image_id"] for x in items]}
+
+
+def estimate_normalization(data: LoadedDataset, max_images: int = 200) -> Normalization:
+    """Per-channel mean and std of the training images (for modalities far from ImageNet, e.g. microscopy)."""
+    rows = data.split("train").head(max_images)
+    pixels = np.concatenate([read_image(p, channels=data.info.channels).reshape(-1, data.info.channels) / 255.0
+                             for p in rows["image_path"]])
+    return Normalization(mean=tuple(float(v) for v in pixels.mean(axis=0)),
+                         std=tuple(float(max(v, 1e-3)) for v in pixels.std(axis=0)))

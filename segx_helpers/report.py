@@ -1,0 +1,92 @@
+"""The one-page summary of a tutorial run: ``outputs/report.md`` with the key tables and figures.
+
+It reads only what the notebooks saved (metric CSVs, the SegU summary, figures) and says which
+notebook to run for anything missing, so it can be rebuilt at any time:
+``python -m segx_helpers.report [root]``.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from .io import write_text
+
+
+def _table(frame: pd.DataFrame) -> str:
+    """A DataFrame as a Markdown table (no extra dependency)."""
+    cells = frame.astype(object).where(frame.notna(), "")
+    lines = ["| " + " | ".join(str(c) for c in cells.columns) + " |", "|" + "---|" * len(cells.columns)]
+    for row in cells.itertuples(index=False):
+        lines.append("| " + " | ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in row) + " |")
+    return "\n".join(lines)
+
+
+def _with_ci(frame: pd.DataFrame, value: str = "value", low: str = "ci_low", high: str = "ci_high") -> pd.Series:
+    return frame.apply(lambda r: f"{r[value]:.3f} [{r[low]:.3f}, {r[high]:.3f}]", axis=1)
+
+
+def build_report(root: str | Path, dataset: str = "synthetic-derm") -> str:
+    """Markdown text of the summary for one dataset's run under ``root``."""
+    out = Path(root) / "outputs"
+    here = out / dataset
+    parts = [f"# SegX tutorial: summary of the run on `{dataset}`", ""]
+    timings = out / "timings.json"
+    if timings.is_file():
+        times = json.loads(timings.read_text())
+        parts += [f"Notebooks run: {len(times)}, total {sum(times.values()):.0f} s "
+                  f"({', '.join(f'{k} {v:.0f} s' for k, v in times.items())}).", ""]
+
+    def section(title: str, path: Path, made_by: str, render) -> None:
+        parts.append(f"## {title}")
+        parts.append(render(path) if path.exists() else f"_Missing: run notebook {made_by}._")
+        parts.append("")
+
+    def metrics(path: Path) -> str:
+        frame = pd.read_csv(path)
+        return _table(pd.DataFrame({"metric": frame["metric"], "test value [95 % CI]": _with_ci(frame)}))
+
+    section("Segmentation (test split)", here / "segmentation_metrics.csv", "02_train_segmenter", metrics)
+    section("Classification (test split, shortcut removed)", here / "classification_metrics.csv", "03_train_classifier",
+            metrics)
+
+    def localisation(path: Path) -> str:
+        frame = pd.read_csv(path)
+        keep = frame["metric"].isin(["relevance mass", "pointing game", "top-5% IoU"])
+        return _table(frame.loc[keep, ["method", "metric", "predictions", "original", "SegX", "difference"]])
+
+    section("Localisation against the true lesion: original vs SegX maps", here / "localisation_table.csv",
+            "04_segx_maps", localisation)
+
+    def segu(path: Path) -> str:
+        summary = json.loads(path.read_text())
+        frame = pd.DataFrame(summary["separation"])
+        frame = frame[frame["score"].isin(["SegU overlap (paper)", "confidence"])]
+        table = pd.DataFrame({"explanation": frame["group"], "certainty": frame["score"],
+                              "incorrect / all": frame["n_incorrect"].astype(str) + " / "
+                              + (frame["n_incorrect"] + frame["n_correct"]).astype(str),
+                              "AUROC for flagging errors [95 % CI]": _with_ci(frame, "auroc", "auroc_low", "auroc_high")})
+        aurc = pd.DataFrame({"certainty": list(summary["aurc"]), "AURC (lower is better)": list(summary["aurc"].values())})
+        return _table(table) + "\n\nSelective prediction (Grad-CAM):\n\n" + _table(aurc)
+
+    section("SegU: does the explanation flag incorrect predictions?", here / "segu" / "summary.json",
+            "05_segu_analysis", segu)
+    figures = [("SegX gallery", "04_gallery.png"), ("Localisation", "04_localisation.png"),
+               ("SegU by outcome", "05_segu_by_outcome.png"), ("Risk-coverage", "05_risk_coverage.png")]
+    parts.append("## Key figures")
+    for title, name in figures:
+        path = here / "figures" / name
+        parts.append(f"![{title}]({path.relative_to(out).as_posix()})" if path.is_file() else f"_{title}: missing._")
+        parts.append("")
+    return "\n".join(parts)
+
+
+def write_report(root: str | Path, dataset: str = "synthetic-derm") -> Path:
+    """Write ``<root>/outputs/report.md`` and return its path."""
+    return write_text(Path(root) / "outputs" / "report.md", build_report(root, dataset))
+
+
+if __name__ == "__main__":
+    print(write_report(sys.argv[1] if len(sys.argv) > 1 else "."))

@@ -1,0 +1,128 @@
+"""explain(): every method on small models, targets, engines agreeing, model state restored."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torchvision import models as tv_models
+
+from segx_helpers.explain import CAM_METHODS, explain, predicted_targets
+from segx_helpers.models import build_classifier
+
+
+class TinyNet(nn.Module):
+    """A small CNN with in-place ReLUs (the kind of model that trips explainers)."""
+
+    def __init__(self, classes: int = 3) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+                                      nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(inplace=True))
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, classes))
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+@pytest.fixture
+def tiny():
+    torch.manual_seed(0)
+    return TinyNet(), torch.randn(5, 3, 32, 32)
+
+
+@pytest.mark.parametrize("method", CAM_METHODS)
+def test_every_cam_method_gives_maps_at_input_resolution(tiny, method):
+    model, x = tiny
+    result = explain(model, x, targets=[0, 1, 2, 0, 1], method=method, progress=False)
+    assert result.maps.shape == (5, 32, 32) and result.maps.dtype == np.float32
+    assert np.isfinite(result.maps).all() and result.maps.min() >= 0 and result.maps.max() <= 1 + 1e-6
+    assert result.class_index.tolist() == [0, 1, 2, 0, 1]
+
+
+def test_fast_gradcam_matches_pytorch_grad_cam_for_several_classes_per_image():
+    torch.manual_seed(0)
+    model = build_classifier("resnet18", 4).eval()
+    x = torch.randn(6, 3, 64, 64)
+    targets = [[0], [1, 3], [], [0, 1, 2, 3], [2], [3, 0]]
+    fast = explain(model, x, targets, "gradcam", engine="fast", batch_size=4, progress=False)
+    library = explain(model, x, targets, "gradcam", engine="library", batch_size=4, progress=False)
+    assert fast.image_index.tolist() == library.image_index.tolist() == [0, 1, 1, 3, 3, 3, 3, 4, 5, 5]
+    assert fast.class_index.tolist() == library.class_index.tolist() == [0, 1, 3, 0, 1, 2, 3, 2, 3, 0]
+    assert np.abs(fast.maps - library.maps).max() <= 1e-5
+
+
+def test_default_targets_follow_the_prediction(tiny):
+    model, x = tiny
+    with torch.no_grad():
+        probs = model(x).softmax(1).numpy()
+    result = explain(model, x, method="gradcam", progress=False)
+    assert result.class_index.tolist() == probs.argmax(1).tolist()
+    assert np.allclose(result.scores, probs.max(1), atol=1e-6)
+    multilabel = predicted_targets(np.array([[0.9, 0.2, 0.6], [0.1, 0.1, 0.1]]), "multilabel", [0.5, 0.5, 0.7])
+    assert multilabel == [[0], []]
+
+
+def test_gradient_shap_engines_are_exact_on_a_linear_model():
+    """For a linear model with one background image, expected gradients are exactly (x - b) * w."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 2))
+    x, background = torch.randn(3, 3, 8, 8), torch.randn(1, 3, 8, 8)
+    weight = model[1].weight.detach().reshape(2, 3, 8, 8)
+    expected = ((x - background) * weight[1]).abs().mean(1).numpy()
+    for engine in ("fast", "library"):
+        result = explain(model, x, targets=1, method="gradient_shap", background=background, nsamples=4,
+                         engine=engine, progress=False)
+        assert np.allclose(result.maps, expected, atol=1e-5), engine
+
+
+def test_gradient_shap_on_torchvision_resnet_with_inplace_relus():
+    torch.manual_seed(0)
+    model = tv_models.resnet18(weights=None, num_classes=3)
+    assert any(isinstance(m, nn.ReLU) and m.inplace for m in model.modules())
+    x, background = torch.randn(2, 3, 32, 32), torch.randn(8, 3, 32, 32)
+    fast = explain(model, x, targets=[0, 2], method="gradient_shap", background=background, nsamples=32, progress=False)
+    library = explain(model, x, targets=[0, 2], method="gradient_shap", background=background, nsamples=32,
+                      engine="library", progress=False)
+    assert fast.maps.shape == library.maps.shape == (2, 32, 32)
+    for a, b in zip(fast.maps, library.maps):
+        assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.5
+
+
+def test_gradient_shap_needs_a_background(tiny):
+    model, x = tiny
+    with pytest.raises(ValueError, match="background"):
+        explain(model, x, method="gradient_shap", progress=False)
+
+
+def test_densenet_gradcam_works():
+    torch.manual_seed(0)
+    model = build_classifier("densenet121", 2)
+    result = explain(model, torch.randn(2, 3, 64, 64), [0, 1], "gradcam", progress=False)
+    assert result.maps.shape == (2, 64, 64) and result.maps.max() > 0
+
+
+def test_model_state_is_restored(tiny):
+    model, x = tiny
+    model.train()
+    model.head[2].weight.requires_grad_(False)
+    explain(model, x, method="gradcam", progress=False)
+    assert model.training
+    assert not model.head[2].weight.requires_grad and model.features[0].weight.requires_grad
+
+
+def test_bad_inputs_are_refused(tiny):
+    model, x = tiny
+    with pytest.raises(ValueError, match="shape \\(N, C, H, W\\)"):
+        explain(model, x[0], progress=False)
+    with pytest.raises(ValueError, match="out of range"):
+        explain(model, x, targets=7, progress=False)
+    with pytest.raises(ValueError, match="one entry per image"):
+        explain(model, x, targets=[0, 1], progress=False)
+    with pytest.raises(ValueError, match="Unknown method"):
+        explain(model, x, method="lime", progress=False)
+    with pytest.raises(ValueError, match="target_layers"):
+        explain(nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 2)), x, progress=False)
+    bad = x.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        explain(model, bad, progress=False)

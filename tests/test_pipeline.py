@@ -1,0 +1,142 @@
+"""End-to-end pieces on a tiny synthetic dataset: mask sources, evaluation, results on disk, offline."""
+from __future__ import annotations
+
+import socket
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from segx_helpers.data import SyntheticConfig, generate_synthetic_derm, load_dataset
+from segx_helpers.data.synthetic import load_artefacts
+from segx_helpers.explain import explain
+from segx_helpers.notebook import MissingArtifactError, TutorialPaths
+from segx_helpers.pipeline import (evaluate_classifier, evaluate_segmenter, explain_predictions, mask_probabilities,
+                                   prepare_dataset, prepare_models, run_settings, segx_results, shortcut_breakdown,
+                                   split_tensors, train_classifier, train_segmenter)
+from segx_helpers.results import load_results, load_split_arrays, prediction_table, save_results
+from segx_helpers.segu import segu_scores
+from segx_helpers.segx import segx
+from segx_helpers.training import TrainConfig
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny derm dataset and briefly trained models, built with every socket to the outside blocked."""
+    root = tmp_path_factory.mktemp("pipeline")
+    real_connect = socket.socket.connect
+
+    def guarded(self, address):
+        host = address[0] if isinstance(address, tuple) else address
+        if host not in ("127.0.0.1", "::1", "localhost") and not str(host).startswith("/"):
+            raise AssertionError(f"network access attempted: {address}")
+        return real_connect(self, address)
+
+    socket.socket.connect = guarded
+    try:
+        data_root = generate_synthetic_derm(root / "data" / "synthetic-derm",
+                                            SyntheticConfig(n_images=60, image_size=64, seed=3), progress=False)
+        data = load_dataset(data_root)
+        seg = train_segmenter(data, root / "artifacts" / "synthetic-derm" / "segmenter.pt", image_size=64,
+                              decoder_channels=(16, 8, 8, 8, 8), config=TrainConfig(epochs=1, monitor="val_dice"))
+        cls = train_classifier(data, root / "artifacts" / "synthetic-derm" / "classifier.pt", image_size=64,
+                               config=TrainConfig(epochs=1, monitor="val_auroc"))
+    finally:
+        socket.socket.connect = real_connect
+    return root, data, seg, cls
+
+
+def test_the_default_path_never_touches_the_network(trained):
+    root, data, seg, cls = trained
+    assert (root / "artifacts" / "synthetic-derm" / "segmenter.pt").is_file()
+
+
+def test_mask_sources_agree_in_shape(trained):
+    root, data, seg, cls = trained
+    tensors = split_tensors(data, "test", cls.meta)
+    from_model = mask_probabilities(seg, data, "test", 64)
+    from_path = mask_probabilities(root / "artifacts" / "synthetic-derm" / "segmenter.pt", data, "test", 64)
+    from_disk = mask_probabilities(data.root / "masks", data, "test", 64)
+    from_callable = mask_probabilities(lambda x: np.ones((len(x), 64, 64)), data, "test", 64, images=tensors["image"])
+    assert from_model.shape == from_path.shape == from_disk.shape == from_callable.shape == (len(tensors["image"]), 64, 64)
+    assert np.allclose(from_model, from_path)
+    assert set(np.unique(from_disk)) <= {0.0, 1.0}
+    assert (from_disk > 0.5).mean() == pytest.approx((tensors["mask"].numpy() > 0.5).mean(), abs=0.01)
+    with pytest.raises(ValueError, match="needs the images"):
+        mask_probabilities(lambda x: x, data, "test", 64)
+    with pytest.raises(ValueError, match="returned shape"):
+        mask_probabilities(lambda x: np.ones((1, 2, 2)), data, "test", 64, images=tensors["image"])
+
+
+def test_evaluations_return_documented_keys(trained):
+    root, data, seg, cls = trained
+    seg_eval = evaluate_segmenter(seg, data, "test", image_size=64)
+    assert seg_eval["dice"].shape == (len(seg_eval["image_id"]),) and seg_eval["pred"].dtype == bool
+    cls_eval = evaluate_classifier(cls, data, "test", n_resamples=20)
+    assert cls_eval["probs"].shape == (len(cls_eval["image_id"]), 3)
+    assert np.allclose(cls_eval["probs"].sum(1), 1, atol=1e-5)
+    breakdown = shortcut_breakdown(cls_eval, load_artefacts(data.root), {"melanoma": "ink"}, data.info.class_names)
+    assert breakdown["artefact vs label"].tolist() == ["agrees", "disagrees"]
+    assert breakdown["images"].sum() == len(cls_eval["image_id"])
+
+
+def test_results_round_trip_and_segu(trained, tmp_path):
+    root, data, seg, cls = trained
+    tensors = split_tensors(data, "test", cls.meta)
+    e = explain_predictions(cls, tensors["image"], "gradcam", progress=False)
+    masks = mask_probabilities(seg, data, "test", 64)
+    aligned = segx(e.maps, masks[e.image_index])
+    table = prediction_table(e, tensors["image_id"], tensors["target"].numpy(), "multiclass", data.info.class_names)
+    assert (table["correct"] == (tensors["target"].numpy()[e.image_index] == e.class_index)).all()
+    images = np.random.default_rng(0).random((len(tensors["image"]), 64, 64, 3))
+    folder = save_results(tmp_path / "gradcam", table, e.maps, aligned, images, masks)
+    manifest, maps, segx_maps = load_results(folder)
+    assert len(manifest) == len(e) and np.allclose(maps, e.maps) and np.allclose(segx_maps, aligned)
+    assert all((folder / p).is_file() for p in manifest["overlay"])
+    scores = segu_scores(maps, masks[manifest["image_index"]] >= 0.5)
+    assert scores.shape == (len(e), 4) and scores.notna().all().all()
+    save_results(folder, table, e.maps, aligned, images, masks)
+    (tmp_path / "foreign").mkdir()
+    with pytest.raises(FileExistsError, match="not written here"):
+        save_results(tmp_path / "foreign", table, e.maps, aligned, images, masks)
+
+
+def test_prepare_helpers_say_which_notebook_to_run(trained, tmp_path):
+    root, data, seg, cls = trained
+    settings = run_settings(quick=True)
+    with pytest.raises(MissingArtifactError, match="01_dataset_prep"):
+        prepare_dataset("synthetic-derm", TutorialPaths.at(tmp_path), settings)
+    with pytest.raises(MissingArtifactError, match="02_train_segmenter"):
+        prepare_models("synthetic-derm", TutorialPaths.at(tmp_path), data, settings)
+    paths = TutorialPaths.at(root)
+    loaded_seg, loaded_cls = prepare_models("synthetic-derm", paths, data, settings)
+    assert loaded_cls.meta["class_names"] == data.info.class_names
+
+
+def test_segx_results_writes_what_notebook_05_reads(trained):
+    root, data, seg, cls = trained
+    paths = TutorialPaths.at(root)
+    settings = run_settings(quick=True)
+    segx_results("synthetic-derm", paths, data, seg, cls, settings, methods=("gradcam",))
+    arrays = load_split_arrays(paths.maps("synthetic-derm") / "test_masks.npz")
+    manifest, maps, _ = load_results(paths.maps("synthetic-derm") / "gradcam")
+    assert arrays["mask_prob"].shape[0] == len(arrays["image_id"]) and len(manifest) == len(maps)
+
+
+def test_foreign_classifier_and_callable_mask_source(trained):
+    """The pipeline functions work with a model and a mask source the package did not create."""
+    root, data, seg, cls = trained
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+    tensors = split_tensors(data, "test", cls.meta)
+    e = explain(model, tensors["image"], None, "gradcam", target_layers=[model[2]], progress=False)
+    centre = np.zeros((len(tensors["image"]), 64, 64))
+    centre[:, 16:48, 16:48] = 1
+    masks = mask_probabilities(lambda x: centre, data, "test", 64, images=tensors["image"])
+    aligned = segx(e.maps, masks[e.image_index])
+    assert (aligned[:, :16] == 0).all() and aligned.shape == e.maps.shape
+    scores = segu_scores(e.maps, masks[e.image_index] >= 0.5)
+    assert ((scores >= 0) & (scores <= 1)).all().all()
