@@ -256,18 +256,28 @@ def relevance_mass(maps: np.ndarray, masks: np.ndarray) -> np.ndarray:
 
 
 def relevance_rank_accuracy(maps: np.ndarray, masks: np.ndarray) -> np.ndarray:
-    """Share of the ``K = |mask|`` highest-ranked pixels that fall inside the mask ``(N,)``."""
+    """Share of the ``K = |mask|`` highest-ranked pixels that fall inside the mask ``(N,)``.
+
+    Pixels tied with the K-th value count in expectation (as if ties were ordered at random).
+    """
     maps, masks = _loc_inputs(maps, masks)
     n = len(maps)
     flat = maps.reshape(n, -1)
     flat_masks = masks.reshape(n, -1)
     sizes = flat_masks.sum(axis=1)
-    order = np.argsort(-flat, axis=1, kind="stable")
-    ranked_inside = np.take_along_axis(flat_masks, order, axis=1)
-    hits = np.array([ranked_inside[i, :sizes[i]].sum() for i in range(n)], dtype=float)
     valid = (sizes > 0) & (flat.max(axis=1) > 0)
     _warn_degenerate(~valid, "an empty mask or an all-zero map")
-    return np.where(valid, hits / np.maximum(sizes, 1), 0.0)
+    out = np.zeros(n)
+    pixels = flat.shape[1]
+    for i in np.flatnonzero(valid):
+        k = int(sizes[i])
+        kth = np.partition(flat[i], pixels - k)[pixels - k]
+        above = flat[i] > kth
+        tied = flat[i] == kth
+        from_ties = k - above.sum()
+        inside = (above & flat_masks[i]).sum() + from_ties * (tied & flat_masks[i]).sum() / tied.sum()
+        out[i] = inside / k
+    return out
 
 
 def pointing_game(maps: np.ndarray, masks: np.ndarray) -> np.ndarray:
@@ -310,21 +320,21 @@ def energy_pointing_game(maps: np.ndarray, masks: np.ndarray) -> np.ndarray:
     return np.where(valid, inside / np.where(total > 0, total, 1), 0.0)
 
 
-LOCALISATION_METRICS: dict[str, Callable[..., np.ndarray]] = {
-    "relevance mass": relevance_mass,
-    "relevance rank": relevance_rank_accuracy,
-    "pointing game": pointing_game,
-    "top-5% IoU": top_percent_iou,
-    "top-5% Dice": top_percent_dice,
-    "energy pointing game": energy_pointing_game,
-}
+def localisation_scores(maps: np.ndarray, masks: np.ndarray, p: float = 5.0) -> pd.DataFrame:
+    """Every localisation metric per sample: a frame with one column per metric, ``N`` rows
+    (the top-p % region is computed once and shared by the IoU and Dice columns)."""
+    from .segx import top_percent
 
-
-def localisation_scores(maps: np.ndarray, masks: np.ndarray) -> pd.DataFrame:
-    """Every localisation metric per sample: a frame with one column per metric, ``N`` rows."""
+    maps, masks = _loc_inputs(maps, masks)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return pd.DataFrame({name: fn(maps, masks) for name, fn in LOCALISATION_METRICS.items()})
+        top = top_percent(maps, p)
+        return pd.DataFrame({"relevance mass": relevance_mass(maps, masks),
+                             "relevance rank": relevance_rank_accuracy(maps, masks),
+                             "pointing game": pointing_game(maps, masks),
+                             "top-5% IoU": iou_score(masks, top, empty_value=0.0),
+                             "top-5% Dice": dice_score(masks, top, empty_value=0.0),
+                             "energy pointing game": energy_pointing_game(maps, masks)})
 
 
 def paired_summary(original: pd.DataFrame, aligned: pd.DataFrame, n_resamples: int = 1000, seed: int = 0) -> pd.DataFrame:

@@ -16,8 +16,8 @@ from torch import nn
 
 from .data.format import LoadedDataset
 from .data.torch_dataset import Normalization, SegXDataset
-from .metrics import (classification_report, dice_score, iou_score, macro_auroc, predict_labels, select_mask_threshold,
-                      select_thresholds)
+from .metrics import (classification_report, dice_score, iou_score, macro_auroc, predict_labels, relevance_mass,
+                      select_mask_threshold, select_thresholds)
 from .models import build_classifier, build_segmenter
 from .notebook import TutorialPaths, require
 from .training import (DiceBCELoss, TrainConfig, balanced_class_weights, classification_loss, fit,
@@ -355,3 +355,30 @@ def segx_results(name: str, paths: TutorialPaths, data: LoadedDataset, segmenter
         save_results(paths.maps(name) / method, table, e.maps, aligned, images, mask_prob)
     save_split_arrays(paths.maps(name) / "test_masks.npz", mask_prob=mask_prob,
                       true_masks=test["mask"][:, 0].numpy() > 0.5, image_id=np.array(test["image_id"]))
+
+
+def analyse_maps(maps: np.ndarray, predicted_masks: np.ndarray, true_masks: np.ndarray | None = None,
+                 p: float = 5.0) -> pd.DataFrame:
+    """Everything computed on top of a batch of explanations, one row per map: the SegU variants of the
+    original maps against the predicted masks and, given true masks, the localisation metrics of the
+    original and the SegX maps. Intermediate results (top-p regions, distance transforms) are shared."""
+    import warnings
+
+    from .metrics import localisation_scores
+    from .segu import distance_from_top, overlap_from_top
+    from .segx import check_maps, segx, top_percent
+
+    maps = check_maps(maps)
+    predicted = np.asarray(predicted_masks) >= 0.5
+    top = top_percent(maps, p)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        frame = pd.DataFrame({"SegU overlap (paper)": overlap_from_top(top, predicted),
+                              "SegU mass": np.where(predicted.any(axis=(1, 2)), relevance_mass(maps, predicted), 0.0),
+                              "SegU IoU": iou_score(predicted, top, empty_value=0.0),
+                              "SegU distance": distance_from_top(top, predicted)})
+    if true_masks is not None:
+        aligned = segx(maps, predicted)
+        original = localisation_scores(maps, true_masks, p).add_prefix("original ")
+        frame = pd.concat([frame, original, localisation_scores(aligned, true_masks, p).add_prefix("SegX ")], axis=1)
+    return frame

@@ -31,7 +31,11 @@ def segu_overlap(maps: np.ndarray, masks: np.ndarray, p: float = 5.0) -> np.ndar
     top 5 % pixels and the mask as the segmenter output > 0.5, so we score their overlap.
     """
     maps, masks = _loc_inputs(maps, masks)
-    top = top_percent(maps, p)
+    return overlap_from_top(top_percent(maps, p), masks)
+
+
+def overlap_from_top(top: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """:func:`segu_overlap` from an already computed top-p region ``(N, H, W)`` bool."""
     size = top.sum(axis=(1, 2))
     inside = (top & masks).sum(axis=(1, 2))
     degenerate = (size == 0) | ~masks.any(axis=(1, 2))
@@ -68,15 +72,24 @@ def segu_distance(maps: np.ndarray, masks: np.ndarray, p: float = 5.0) -> np.nda
     saliency region is inside the mask, lower the farther away it lies.
     """
     maps, masks = _loc_inputs(maps, masks)
-    top = top_percent(maps, p)
-    n, h, w = maps.shape
+    return distance_from_top(top_percent(maps, p), masks)
+
+
+def distance_from_top(top: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """:func:`segu_distance` from an already computed top-p region; each distinct mask's distance
+    transform is computed once (maps of several classes of one image share it)."""
+    n, h, w = top.shape
     diagonal = float(np.hypot(h, w))
     degenerate = ~top.any(axis=(1, 2)) | ~masks.any(axis=(1, 2))
     _warn_degenerate(degenerate, "an all-zero map or an empty mask")
     out = np.zeros(n)
-    for i in np.flatnonzero(~degenerate):
-        distance = ndimage.distance_transform_edt(~masks[i])
-        out[i] = 1.0 - distance[top[i]].mean() / diagonal
+    todo = np.flatnonzero(~degenerate)
+    if len(todo):
+        packed = np.packbits(masks[todo].reshape(len(todo), -1), axis=1)
+        _, first, which = np.unique(packed, axis=0, return_index=True, return_inverse=True)
+        distances = [ndimage.distance_transform_edt(~masks[todo[k]]) for k in first]
+        for j, i in enumerate(todo):
+            out[i] = 1.0 - distances[which.ravel()[j]][top[i]].mean() / diagonal
     return out
 
 

@@ -103,3 +103,24 @@ def test_combination_is_fitted_and_scores_in_unit_interval():
     combined = combined_confidence(model, certainty, confidence)
     assert combined.shape == (100,) and ((0 <= combined) & (combined <= 1)).all()
     assert aurc(correct, combined) < aurc(correct, confidence)
+
+
+def test_batched_analysis_matches_the_individual_functions():
+    """analyse_maps shares intermediate results; it must give exactly what the public functions give."""
+    from segx_helpers.metrics import localisation_scores
+    from segx_helpers.pipeline import analyse_maps
+    from segx_helpers.segx import segx
+
+    rng = np.random.default_rng(1)
+    maps = rng.random((6, SIZE, SIZE)).astype(np.float32) ** 4
+    maps[2] = 0.0
+    predicted = np.repeat(_mask(), 6, axis=0)
+    predicted[3] = False
+    truth = rng.random((6, SIZE, SIZE)) > 0.5
+    with pytest.warns(DegenerateMapWarning):
+        expected = segu_scores(maps, predicted)
+    frame = analyse_maps(maps, predicted, truth)
+    for column in expected:
+        assert np.allclose(frame[column], expected[column]), column
+    assert np.allclose(frame["SegX relevance mass"], localisation_scores(segx(maps, predicted), truth)["relevance mass"])
+    assert np.allclose(frame["original top-5% IoU"], localisation_scores(maps, truth)["top-5% IoU"])
