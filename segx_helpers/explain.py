@@ -132,17 +132,22 @@ def explain(model: nn.Module, images: torch.Tensor | np.ndarray, targets=None, m
         if background.shape[1:] != images.shape[1:]:
             raise ValueError(f"background {tuple(background.shape)} must have the images' shape {tuple(images.shape[1:])}")
     model.to(device)
+    layers = None
+    if method in CAM_METHODS:
+        layers = list(target_layers) if target_layers is not None else [find_target_layer(model)]
     with evaluation_mode(model):
-        probs = _predict(model, images, task, batch_size, device)
-        if targets is None:
-            targets = predicted_targets(probs, task, thresholds)
-        targets = _normalise_targets(targets, len(images), probs.shape[1])
-        if method in CAM_METHODS:
-            layers = list(target_layers) if target_layers is not None else [find_target_layer(model)]
-            maps, pairs = _explain_cam(model, images, targets, method, layers, engine, batch_size, progress, device)
+        if method == "gradcam" and engine == "fast" and len(layers) == 1:
+            maps, pairs, probs = _fast_gradcam(model, images, targets, task, thresholds, layers[0], batch_size,
+                                               progress, device)
         else:
-            maps, pairs = _explain_shap(model, images, targets, background, nsamples, engine, batch_size, seed,
-                                        progress, device)
+            probs = _predict(model, images, task, batch_size, device)
+            chosen = predicted_targets(probs, task, thresholds) if targets is None else targets
+            chosen = _normalise_targets(chosen, len(images), probs.shape[1])
+            if method in CAM_METHODS:
+                maps, pairs = _library_cam(model, images, chosen, method, layers, batch_size, progress, device)
+            else:
+                maps, pairs = _explain_shap(model, images, chosen, background, nsamples, engine, batch_size, seed,
+                                            progress, device)
     if not np.isfinite(maps).all():
         raise FloatingPointError(f"{method} produced NaN/inf maps; check the model and inputs")
     image_index = np.asarray([p[0] for p in pairs], dtype=np.int64)
@@ -177,38 +182,29 @@ def _cam_class(method: str):
             "scorecam": pgc.ScoreCAM, "eigencam": pgc.EigenCAM, "layercam": pgc.LayerCAM}[method]
 
 
-def _explain_cam(model, images, targets, method, layers, engine, batch_size, progress, device):
+def _library_cam(model, images, targets, method, layers, batch_size, progress, device):
+    """Any CAM method through pytorch-grad-cam, one (image, class) pair per input row."""
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     maps, pairs = [], []
-    fast = engine == "fast" and len(layers) == 1
-    cam = None if fast else _cam_class(method)(model=model, target_layers=layers)
-    try:
+    with _cam_class(method)(model=model, target_layers=layers) as cam:
         for start in _batches(len(images), batch_size, progress, method):
             chunk = images[start:start + batch_size]
-            chunk_targets = targets[start:start + batch_size]
-            if fast:
-                batch_maps, batch_pairs = _fast_gradcam(model, chunk, chunk_targets, layers[0], device)
-            else:
-                batch_pairs = [(i, c) for i, row in enumerate(chunk_targets) for c in row]
-                if not batch_pairs:
-                    continue
-                rows = torch.as_tensor([i for i, _ in batch_pairs])
-                batch_maps = cam(input_tensor=chunk[rows].to(device).requires_grad_(True),
-                                 targets=[ClassifierOutputTarget(c) for _, c in batch_pairs])
-                if hasattr(cam, "activations_and_grads"):
-                    cam.activations_and_grads.clear()
-            maps.append(batch_maps)
+            batch_pairs = [(i, c) for i, row in enumerate(targets[start:start + batch_size]) for c in row]
+            if not batch_pairs:
+                continue
+            rows = torch.as_tensor([i for i, _ in batch_pairs])
+            maps.append(cam(input_tensor=chunk[rows].to(device).requires_grad_(True),
+                            targets=[ClassifierOutputTarget(c) for _, c in batch_pairs]))
+            cam.activations_and_grads.clear()
             pairs += [(start + i, c) for i, c in batch_pairs]
-    finally:
-        if cam is not None:
-            cam.activations_and_grads.release()
     h, w = images.shape[-2:]
     return (np.concatenate(maps) if maps else np.zeros((0, h, w), np.float32)), pairs
 
 
-def _fast_gradcam(model, chunk, chunk_targets, layer, device):
-    """Grad-CAM for every (image, class) pair of a batch: one forward, one backward per round.
+def _fast_gradcam(model, images, targets, task, thresholds, layer, batch_size, progress, device):
+    """Grad-CAM for every (image, class) pair: per batch one forward (which also gives the
+    probabilities and, when ``targets`` is None, the predicted classes) and one backward per round.
 
     Round ``r`` back-propagates the sum of each image's ``r``-th target logit; in eval mode images do
     not interact, so each image's gradient is exactly its own target's gradient. Post-processing is
@@ -216,30 +212,43 @@ def _fast_gradcam(model, chunk, chunk_targets, layer, device):
     """
     from pytorch_grad_cam.utils.image import scale_cam_image
 
+    height, width = images.shape[-2:]
+    maps, pairs, probs = [], [], []
     captured = {}
     handle = layer.register_forward_hook(lambda module, inputs, output: captured.__setitem__("a", output))
     try:
-        logits = model(chunk.to(device).requires_grad_(True))
+        for start in _batches(len(images), batch_size, progress, "gradcam"):
+            logits = model(images[start:start + batch_size].to(device).requires_grad_(True))
+            if logits.ndim != 2:
+                raise ValueError(f"The model must output logits of shape (N, classes); got {tuple(logits.shape)}")
+            batch_probs = _probabilities(logits.detach().float(), task).cpu().numpy()
+            probs.append(batch_probs)
+            if targets is None:
+                chunk_targets = predicted_targets(batch_probs, task, thresholds)
+            else:
+                if start == 0:
+                    targets = _normalise_targets(targets, len(images), logits.shape[1])
+                chunk_targets = targets[start:start + batch_size]
+            activations = captured.pop("a")
+            rounds = max((len(row) for row in chunk_targets), default=0)
+            found: dict[tuple[int, int], tuple[int, np.ndarray]] = {}
+            for r in range(rounds):
+                rows = [i for i, row in enumerate(chunk_targets) if len(row) > r]
+                classes = [chunk_targets[i][r] for i in rows]
+                selected = logits[torch.as_tensor(rows), torch.as_tensor(classes)].sum()
+                grads = torch.autograd.grad(selected, activations, retain_graph=r + 1 < rounds)[0]
+                weights = grads[rows].mean(dim=(2, 3), keepdim=True)
+                cam = torch.relu((weights * activations[rows]).sum(dim=1)).detach().cpu().numpy()
+                scaled = scale_cam_image(scale_cam_image(cam, (width, height)))
+                for k, (i, c) in enumerate(zip(rows, classes)):
+                    found[(i, r)] = (c, scaled[k])
+            for i, r in sorted(found):
+                maps.append(found[(i, r)][1])
+                pairs.append((start + i, found[(i, r)][0]))
     finally:
         handle.remove()
-    activations = captured["a"]
-    rounds = max((len(row) for row in chunk_targets), default=0)
-    height, width = chunk.shape[-2:]
-    found: dict[tuple[int, int], tuple[int, np.ndarray]] = {}
-    for r in range(rounds):
-        rows = [i for i, row in enumerate(chunk_targets) if len(row) > r]
-        classes = [chunk_targets[i][r] for i in rows]
-        selected = logits[torch.as_tensor(rows), torch.as_tensor(classes)].sum()
-        grads = torch.autograd.grad(selected, activations, retain_graph=r + 1 < rounds)[0]
-        weights = grads[rows].mean(dim=(2, 3), keepdim=True)
-        cam = torch.relu((weights * activations[rows]).sum(dim=1)).detach().cpu().numpy()
-        scaled = scale_cam_image(scale_cam_image(cam, (width, height)))
-        for k, (i, c) in enumerate(zip(rows, classes)):
-            found[(i, r)] = (c, scaled[k])
-    keys = sorted(found)
-    if not keys:
-        return np.zeros((0, height, width), np.float32), []
-    return np.stack([found[k][1] for k in keys]), [(i, found[(i, r)][0]) for i, r in keys]
+    stacked = np.stack(maps) if maps else np.zeros((0, height, width), np.float32)
+    return stacked, pairs, np.concatenate(probs)
 
 
 # ------------------------------------------------------------------------------ Gradient SHAP
@@ -264,7 +273,7 @@ def _explain_shap(model, images, targets, background, nsamples, engine, batch_si
     if engine == "library":
         attributions = _library_shap(model, images, pairs, background, nsamples, seed, progress, device)
     else:
-        attributions = _fast_shap(model, images, pairs, background, nsamples, batch_size, seed, progress, device)
+        attributions = _fast_shap(model, images, targets, background, nsamples, batch_size, seed, progress, device)
     return np.abs(attributions).mean(axis=1), pairs
 
 
@@ -290,31 +299,38 @@ def _library_shap(model, images, pairs, background, nsamples, seed, progress, de
     return out
 
 
-def _fast_shap(model, images, pairs, background, nsamples, batch_size, seed, progress, device) -> np.ndarray:
-    """Expected gradients for many (image, class) pairs at once.
+def _fast_shap(model, images, targets, background, nsamples, batch_size, seed, progress, device) -> np.ndarray:
+    """Expected gradients for every (image, target class) pair, image-major like the pairs.
 
-    Like shap: for each pair, ``nsamples`` draws of a background image ``b`` and ``t ~ U(0, 1)``;
-    the gradient of the target logit at ``b + t (x - b)`` times ``(x - b)``, averaged.
+    Like shap: per image ``nsamples`` draws of a background image ``b`` and ``t ~ U(0, 1)``; the
+    gradient of the target logit at ``b + t (x - b)`` times ``(x - b)``, averaged. Unlike the
+    reference usage, only the target classes are explained, and all targets of an image share one
+    forward pass over its samples (one backward per target).
     """
     generator = torch.Generator().manual_seed(seed)
     n_bg = len(background)
-    out = np.zeros((len(pairs),) + tuple(images.shape[1:]), dtype=np.float32)
-    pairs_per_chunk = max(1, (batch_size * 4) // nsamples)
-    bar = tqdm(total=len(pairs), desc="gradient_shap", disable=not progress, leave=False)
-    for start in range(0, len(pairs), pairs_per_chunk):
-        chunk = pairs[start:start + pairs_per_chunk]
-        x = images[torch.as_tensor([i for i, _ in chunk])].to(device)
-        classes = torch.as_tensor([c for _, c in chunk], device=device).repeat_interleave(nsamples)
+    images_per_chunk = max(1, (2 * batch_size) // nsamples)
+    found: dict[tuple[int, int], np.ndarray] = {}
+    bar = tqdm(total=sum(len(t) for t in targets), desc="gradient_shap", disable=not progress, leave=False)
+    for start in range(0, len(images), images_per_chunk):
+        chunk = [i for i in range(start, min(len(images), start + images_per_chunk)) if targets[i]]
+        if not chunk:
+            continue
+        x = images[torch.as_tensor(chunk)].to(device)
         refs = background[torch.randint(0, n_bg, (len(chunk) * nsamples,), generator=generator).to(device)]
         t = torch.rand(len(chunk) * nsamples, 1, 1, 1, generator=generator).to(device)
-        x_rep = x.repeat_interleave(nsamples, dim=0)
-        delta = x_rep - refs
+        delta = x.repeat_interleave(nsamples, dim=0) - refs
         inputs = (refs + t * delta).requires_grad_(True)
         logits = model(inputs)
-        selected = logits[torch.arange(len(inputs), device=device), classes].sum()
-        grads = torch.autograd.grad(selected, inputs)[0]
-        phi = (grads * delta).reshape(len(chunk), nsamples, *images.shape[1:]).mean(dim=1)
-        out[start:start + len(chunk)] = phi.detach().cpu().numpy()
-        bar.update(len(chunk))
+        rounds = max(len(targets[i]) for i in chunk)
+        for r in range(rounds):
+            members = [j for j, i in enumerate(chunk) if len(targets[i]) > r]
+            rows = torch.cat([torch.arange(j * nsamples, (j + 1) * nsamples) for j in members]).to(device)
+            classes = torch.as_tensor([targets[chunk[j]][r] for j in members], device=device).repeat_interleave(nsamples)
+            grads = torch.autograd.grad(logits[rows, classes].sum(), inputs, retain_graph=r + 1 < rounds)[0]
+            phi = (grads[rows] * delta[rows]).reshape(len(members), nsamples, *images.shape[1:]).mean(dim=1)
+            for k, j in enumerate(members):
+                found[(chunk[j], r)] = phi[k].detach().cpu().numpy()
+            bar.update(len(members))
     bar.close()
-    return out
+    return np.stack([found[key] for key in sorted(found)])

@@ -264,19 +264,23 @@ def relevance_rank_accuracy(maps: np.ndarray, masks: np.ndarray) -> np.ndarray:
     n = len(maps)
     flat = maps.reshape(n, -1)
     flat_masks = masks.reshape(n, -1)
-    sizes = flat_masks.sum(axis=1)
+    sizes = np.count_nonzero(flat_masks, axis=1)
     valid = (sizes > 0) & (flat.max(axis=1) > 0)
     _warn_degenerate(~valid, "an empty mask or an all-zero map")
+    from .segx import kth_largest_positive
+
     out = np.zeros(n)
-    pixels = flat.shape[1]
-    for i in np.flatnonzero(valid):
-        k = int(sizes[i])
-        kth = np.partition(flat[i], pixels - k)[pixels - k]
-        above = flat[i] > kth
-        tied = flat[i] == kth
-        from_ties = k - above.sum()
-        inside = (above & flat_masks[i]).sum() + from_ties * (tied & flat_masks[i]).sum() / tied.sum()
-        out[i] = inside / k
+    rows = np.flatnonzero(valid)
+    if len(rows):
+        values, inside_mask, k = flat[rows], flat_masks[rows], sizes[rows]
+        kth = kth_largest_positive(values, k)[:, None]
+        positive = values > 0
+        above = positive & (values > kth)
+        tied = np.where(kth > 0, values == kth, ~positive)
+        from_ties = k - np.count_nonzero(above, axis=1)
+        inside = (np.count_nonzero(above & inside_mask, axis=1)
+                  + from_ties * np.count_nonzero(tied & inside_mask, axis=1) / np.count_nonzero(tied, axis=1))
+        out[rows] = inside / k
     return out
 
 

@@ -83,13 +83,12 @@ def distance_from_top(top: np.ndarray, masks: np.ndarray) -> np.ndarray:
     degenerate = ~top.any(axis=(1, 2)) | ~masks.any(axis=(1, 2))
     _warn_degenerate(degenerate, "an all-zero map or an empty mask")
     out = np.zeros(n)
-    todo = np.flatnonzero(~degenerate)
-    if len(todo):
-        packed = np.packbits(masks[todo].reshape(len(todo), -1), axis=1)
-        _, first, which = np.unique(packed, axis=0, return_index=True, return_inverse=True)
-        distances = [ndimage.distance_transform_edt(~masks[todo[k]]) for k in first]
-        for j, i in enumerate(todo):
-            out[i] = 1.0 - distances[which.ravel()[j]][top[i]].mean() / diagonal
+    distances: dict[bytes, np.ndarray] = {}
+    for i in np.flatnonzero(~degenerate):
+        key = np.packbits(masks[i]).tobytes()
+        if key not in distances:
+            distances[key] = ndimage.distance_transform_edt(~masks[i])
+        out[i] = 1.0 - distances[key][top[i]].mean() / diagonal
     return out
 
 

@@ -25,10 +25,11 @@ def check_maps(maps: np.ndarray, name: str = "maps") -> np.ndarray:
         maps = maps[None]
     if maps.ndim != 3:
         raise ValueError(f"{name} must have shape (N, H, W), got {maps.shape}")
-    if not np.isfinite(maps).all():
+    low, high = (float(maps.min()), float(maps.max())) if maps.size else (0.0, 0.0)
+    if not (np.isfinite(low) and np.isfinite(high)):
         bad = np.flatnonzero(~np.isfinite(maps).all(axis=(1, 2)))
         raise ValueError(f"{name} contain NaN or inf values (maps {bad[:5].tolist()}); refusing to score them")
-    if (maps < 0).any():
+    if low < 0:
         warnings.warn(f"{name} have negative values; they are clipped to 0 (use absolute values for signed attributions)",
                       UserWarning, stacklevel=3)
         maps = np.maximum(maps, 0)
@@ -102,5 +103,22 @@ def top_percent(maps: np.ndarray, p: float = 5.0) -> np.ndarray:
     n, h, w = maps.shape
     flat = maps.reshape(n, h * w)
     k = max(1, math.ceil(p / 100.0 * h * w))
-    kth = np.partition(flat, h * w - k, axis=1)[:, h * w - k]
-    return ((flat >= kth[:, None]) & (flat > 0)).reshape(n, h, w)
+    return ((flat >= kth_largest_positive(flat, k)[:, None]) & (flat > 0)).reshape(n, h, w)
+
+
+def kth_largest_positive(flat: np.ndarray, k: int | np.ndarray) -> np.ndarray:
+    """Per row of ``flat`` ``(N, P)``: the k-th largest value when the row has at least k positive
+    values, else 0 (so ``flat >= kth`` together with ``flat > 0`` keeps every positive pixel).
+
+    ``k`` may differ per row. Zeros are replaced by distinct negative numbers before partitioning:
+    with thousands of tied zeros (a SegX map is zero outside the mask) numpy's partition is ten
+    times slower.
+    """
+    pixels = flat.shape[1]
+    work = np.where(flat > 0, flat, -np.arange(1, pixels + 1, dtype=np.float32)[None, :])
+    ks = np.broadcast_to(np.asarray(k), (len(flat),))
+    if (ks == ks[0]).all():
+        kth = np.partition(work, pixels - int(ks[0]), axis=1)[:, pixels - int(ks[0])]
+    else:
+        kth = np.array([np.partition(row, pixels - int(kk))[pixels - int(kk)] for row, kk in zip(work, ks)])
+    return np.where(kth > 0, kth, 0).astype(flat.dtype)

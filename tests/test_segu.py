@@ -120,6 +120,10 @@ def test_batched_analysis_matches_the_individual_functions():
     with pytest.warns(DegenerateMapWarning):
         expected = segu_scores(maps, predicted)
     frame = analyse_maps(maps, predicted, truth)
+    assert np.allclose(frame["SegX pointing game"], localisation_scores(segx(maps, predicted), truth)["pointing game"])
+    assert np.allclose(frame["original energy pointing game"], localisation_scores(maps, truth)["energy pointing game"])
+    assert np.allclose(frame["original relevance rank"], localisation_scores(maps, truth)["relevance rank"])
+    assert np.allclose(frame["SegX top-5% Dice"], localisation_scores(segx(maps, predicted), truth)["top-5% Dice"])
     for column in expected:
         assert np.allclose(frame[column], expected[column]), column
     assert np.allclose(frame["SegX relevance mass"], localisation_scores(segx(maps, predicted), truth)["relevance mass"])
