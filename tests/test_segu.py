@@ -128,3 +128,11 @@ def test_batched_analysis_matches_the_individual_functions():
         assert np.allclose(frame[column], expected[column]), column
     assert np.allclose(frame["SegX relevance mass"], localisation_scores(segx(maps, predicted), truth)["relevance mass"])
     assert np.allclose(frame["original top-5% IoU"], localisation_scores(maps, truth)["top-5% IoU"])
+
+
+def test_mask_covering_the_whole_image_trusts_every_map():
+    full = np.ones((2, SIZE, SIZE), bool)
+    maps = np.concatenate([_map(INSIDE), _map(OUTSIDE)])
+    frame = segu_scores(maps, full)
+    assert np.allclose(frame["SegU overlap (paper)"], 1.0) and np.allclose(frame["SegU distance"], 1.0)
+    assert np.allclose(frame["SegU IoU"], 20 / 400)
