@@ -5,6 +5,7 @@ notebook is cheap and never clobbers a model) unless ``retrain=True``.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
@@ -39,6 +40,20 @@ def load_trained(checkpoint: str | Path, kind: str) -> TrainedModel:
     return TrainedModel(model, meta, pd.DataFrame(meta.get("history", [])))
 
 
+def _with_weights_if_online(build, requested, pretrained_value, scratch_value):
+    """Build a model; ``requested="if-online"`` tries pretrained weights and falls back to random
+    initialisation, saying so, when they cannot be downloaded. Returns ``(model, weights used)``."""
+    from .models import WeightsUnavailableError
+
+    if requested != "if-online":
+        return build(requested), requested
+    try:
+        return build(pretrained_value), pretrained_value
+    except WeightsUnavailableError as err:
+        print(f"Pretrained weights unavailable, training from scratch instead: {err}")
+        return build(scratch_value), scratch_value
+
+
 def _datasets(data: LoadedDataset, image_size: int, normalization: Normalization | None = None):
     norm = normalization or Normalization.for_channels(data.info.channels)
     return (SegXDataset(data, "train", image_size, norm, train=True), SegXDataset(data, "val", image_size, norm),
@@ -53,6 +68,8 @@ def train_segmenter(data: LoadedDataset, checkpoint: str | Path, image_size: int
 
     The binarisation threshold is then chosen on the validation split and stored in the checkpoint.
     ``normalization`` defaults to ImageNet statistics (their channel mean for grayscale).
+    ``encoder_weights``: None (random, the default), "imagenet", or "if-online" (ImageNet when they
+    can be downloaded, else random with a message).
     """
     checkpoint = Path(checkpoint)
     if checkpoint.exists() and not retrain:
@@ -71,8 +88,10 @@ def train_segmenter(data: LoadedDataset, checkpoint: str | Path, image_size: int
         return {"val_dice": float(dice_score(val_masks, predict_masks(model, val_loader) >= 0.5).mean())}
 
     set_seed(config.seed)
-    model = build_segmenter(encoder, encoder_weights=encoder_weights, in_channels=data.info.channels,
-                            decoder_channels=decoder_channels)
+    model, encoder_weights = _with_weights_if_online(
+        lambda weights: build_segmenter(encoder, encoder_weights=weights, in_channels=data.info.channels,
+                                        decoder_channels=decoder_channels),
+        encoder_weights, "imagenet", None)
     meta = {"kind": "segmenter", "arch": "Unet", "encoder": encoder, "decoder_channels": list(decoder_channels),
             "in_channels": data.info.channels, "image_size": image_size, "normalization": asdict(norm),
             "dataset": data.info.name, "mask_description": data.info.mask_description, "threshold": 0.5}
@@ -88,13 +107,14 @@ def train_segmenter(data: LoadedDataset, checkpoint: str | Path, image_size: int
 
 
 def train_classifier(data: LoadedDataset, checkpoint: str | Path, image_size: int = 128, arch: str = "resnet18",
-                     pretrained: bool = False, class_weighting: bool = False, config: TrainConfig | None = None,
+                     pretrained: bool | str = False, class_weighting: bool = False, config: TrainConfig | None = None,
                      batch_size: int = 32, num_workers: int = 0, normalization: Normalization | None = None,
                      retrain: bool = False) -> TrainedModel:
     """Train (or load) a torchvision classifier; best epoch by validation macro AUROC.
 
     Multilabel decision thresholds (per class, maximising F1 on validation, as the reference code
-    does) are stored in the checkpoint; multiclass decisions are the argmax.
+    does) are stored in the checkpoint; multiclass decisions are the argmax. ``pretrained``: False
+    (default), True, or "if-online" (ImageNet weights when they can be downloaded, else random).
     """
     checkpoint = Path(checkpoint)
     if checkpoint.exists() and not retrain:
@@ -111,7 +131,10 @@ def train_classifier(data: LoadedDataset, checkpoint: str | Path, image_size: in
         return {"val_auroc": macro_auroc(result["targets"], result["probs"])}
 
     set_seed(config.seed)
-    model = build_classifier(arch, num_classes=data.info.num_classes, in_channels=data.info.channels, pretrained=pretrained)
+    model, pretrained = _with_weights_if_online(
+        lambda weights: build_classifier(arch, num_classes=data.info.num_classes, in_channels=data.info.channels,
+                                         pretrained=weights),
+        pretrained, True, False)
     meta = {"kind": "classifier", "arch": arch, "task": task, "class_names": data.info.class_names,
             "in_channels": data.info.channels, "image_size": image_size, "normalization": asdict(norm),
             "dataset": data.info.name, "pretrained": pretrained, "thresholds": None}
@@ -214,9 +237,11 @@ FULL = RunSettings(n_images=1000, image_size=128, seg_image_size=128, seg_epochs
                    shap_images=200, shap_nsamples=50, shap_background=50, bootstrap=1000)
 
 
-def run_settings(quick: bool) -> RunSettings:
-    """``QUICK`` or ``FULL``."""
-    return QUICK if quick else FULL
+def run_settings(quick: bool, real_data: bool = False) -> RunSettings:
+    """``QUICK`` or ``FULL``; ``real_data`` switches to the paper's full image size (256 px) for
+    classifier and segmenter, for datasets fetched by ``data_download.sh``."""
+    settings = QUICK if quick else FULL
+    return dataclasses.replace(settings, image_size=256, seg_image_size=256) if real_data else settings
 
 
 def segmenter_config(settings: RunSettings, seed: int = 0) -> TrainConfig:
@@ -315,17 +340,19 @@ def explain_predictions(classifier: TrainedModel, images: torch.Tensor, method: 
                    thresholds=classifier.meta.get("thresholds"), **options)
 
 
-def localisation_table(explanations: dict, aligned: dict, true_masks: np.ndarray, n_resamples: int = 1000,
-                       seed: int = 0) -> pd.DataFrame:
-    """Localisation metrics against the ground-truth masks, original vs SegX, per method (paired)."""
+def localisation_table(explanations: dict, aligned: dict, true_masks: np.ndarray, has_mask: np.ndarray | None = None,
+                       n_resamples: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """Localisation metrics against the ground-truth masks, original vs SegX, per method (paired);
+    predictions on images without a true mask (``has_mask`` False) are left out."""
     from .metrics import localisation_scores, paired_summary
 
     frames = []
     for method, e in explanations.items():
-        truth = true_masks[e.image_index]
-        summary = paired_summary(localisation_scores(e.maps, truth), localisation_scores(aligned[method], truth),
-                                 n_resamples=n_resamples, seed=seed)
-        frames.append(summary.assign(method=method, predictions=len(e)))
+        keep = np.ones(len(e), bool) if has_mask is None else np.asarray(has_mask)[e.image_index]
+        truth = true_masks[e.image_index][keep]
+        summary = paired_summary(localisation_scores(e.maps[keep], truth),
+                                 localisation_scores(aligned[method][keep], truth), n_resamples=n_resamples, seed=seed)
+        frames.append(summary.assign(method=method, predictions=int(keep.sum())))
     table = pd.concat(frames, ignore_index=True)
     return table[["method", "metric", "predictions", "original", "SegX", "difference", "original_mean", "SegX_mean",
                   "difference_mean"]]

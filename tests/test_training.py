@@ -142,3 +142,24 @@ def test_dice_bce_loss_is_small_for_perfect_logits():
 def test_balanced_class_weights():
     assert balanced_class_weights(np.array([0, 0, 0, 1]), "multiclass").tolist() == pytest.approx([4 / 6, 2.0])
     assert balanced_class_weights(np.array([[1, 0], [0, 0], [0, 1], [0, 1]]), "multilabel").tolist() == [3.0, 1.0]
+
+
+def test_pretrained_weights_fail_clearly_offline_and_if_online_falls_back(make_tiny_dataset, tmp_path, monkeypatch):
+    """Offline, ImageNet weights are an explicit error; "if-online" trains from scratch and records it."""
+    import torchvision.models as tv
+
+    from segx_helpers.models import WeightsUnavailableError
+
+    def offline(*args, weights=None, **kwargs):
+        if weights is not None:
+            raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
+        return real(*args, **kwargs)
+
+    real = tv.resnet18
+    monkeypatch.setattr(tv, "resnet18", offline)
+    with pytest.raises(WeightsUnavailableError, match="offline"):
+        build_classifier("resnet18", 3, pretrained=True)
+    data = load_dataset(make_tiny_dataset(n=30, size=32))
+    trained = train_classifier(data, tmp_path / "c.pt", image_size=32, pretrained="if-online",
+                               config=TrainConfig(epochs=1, monitor="val_auroc"))
+    assert trained.meta["pretrained"] is False

@@ -477,3 +477,13 @@ def shortcut_pairs(info: DatasetInfo) -> dict[str, str]:
     if "shortcut_class" in generator:
         return {generator["shortcut_class"]: generator["shortcut_artefact"]}
     return dict(generator.get("shortcut_tokens", {}))
+
+
+def has_shortcut_artefact(root: str | Path, image_ids: list[str]) -> np.ndarray:
+    """Per image id: does it carry any spurious artefact correlated with a class? (all False for real data)."""
+    root = Path(root)
+    pairs = shortcut_pairs(load_info(root))
+    if not pairs or not (root / "artefacts.csv").is_file():
+        return np.zeros(len(image_ids), dtype=bool)
+    table = load_artefacts(root).set_index("image_id").loc[list(image_ids)]
+    return table[sorted(set(pairs.values()))].astype(bool).any(axis=1).to_numpy()
