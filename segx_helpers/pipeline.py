@@ -17,8 +17,7 @@ from torch import nn
 
 from .data.format import LoadedDataset
 from .data.torch_dataset import Normalization, SegXDataset
-from .metrics import (classification_report, dice_score, iou_score, macro_auroc, predict_labels, relevance_mass,
-                      select_mask_threshold, select_thresholds)
+from .metrics import (classification_report, dice_score, iou_score, macro_auroc, predict_labels, select_mask_threshold, select_thresholds)
 from .models import build_classifier, build_segmenter
 from .notebook import TutorialPaths, require
 from .training import (DiceBCELoss, TrainConfig, balanced_class_weights, classification_loss, fit,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -30,7 +31,7 @@ def tiny_samples(n: int, size: int = 32, seed: int = 0, channels: int = 3):
 def make_tiny_dataset(tmp_path):
     """Factory: write a small valid dataset and return its folder."""
 
-    def make(name: str = "tiny", n: int = 30, task: str = "multiclass", size: int = 32, channels: int = 3) -> "Path":
+    def make(name: str = "tiny", n: int = 30, task: str = "multiclass", size: int = 32, channels: int = 3) -> Path:
         root = tmp_path / name
         ids = [f"img_{i:03d}" for i in range(n)]
         if task == "multiclass":

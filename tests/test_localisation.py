@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import pytest
 
 from segx_helpers.metrics import (energy_pointing_game, localisation_scores, paired_summary, pointing_game,

@@ -123,8 +123,8 @@ def test_train_classifier_writes_checkpoint_resumes_and_is_deterministic(make_ti
 
 def test_train_segmenter_stores_threshold(make_tiny_dataset, tmp_path):
     data = load_dataset(make_tiny_dataset(n=30, size=32))
-    trained = train_segmenter(data, tmp_path / "s.pt", image_size=32, decoder_channels=(16, 8, 8, 8, 8),
-                              config=TrainConfig(epochs=1, monitor="val_dice"))
+    train_segmenter(data, tmp_path / "s.pt", image_size=32, decoder_channels=(16, 8, 8, 8, 8),
+                    config=TrainConfig(epochs=1, monitor="val_dice"))
     meta = read_checkpoint(tmp_path / "s.pt")["meta"]
     assert 0.1 <= meta["threshold"] <= 0.9 and meta["kind"] == "segmenter"
     loaded, _ = load_checkpoint(tmp_path / "s.pt")

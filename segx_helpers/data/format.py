@@ -14,7 +14,6 @@ A dataset is a folder::
 from __future__ import annotations
 
 import json
-import shutil
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path

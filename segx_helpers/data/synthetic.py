@@ -29,6 +29,7 @@ from .format import DatasetInfo, load_info, make_splits, write_dataset
 DERM_CLASSES = ("nevus", "melanoma", "keratosis")
 CXR_FINDINGS = ("nodule", "opacity", "effusion")
 CXR_TOKENS = {"nodule": "ecg_lead", "opacity": "text_marker", "effusion": "chest_tube"}
+DEFAULT_PREVALENCE = {"synthetic-derm": (0.45, 0.3, 0.25), "synthetic-cxr": (0.3, 0.3, 0.25)}
 
 
 @dataclass
@@ -226,8 +227,8 @@ def generate_synthetic_derm(root: str | Path, config: SyntheticConfig | None = N
     The spurious artefact is a purple ink marker drawn around (never on) the lesion, correlated with
     ``melanoma``; rulers, hairs and dark vignette corners appear at random as nuisance.
     """
-    config = config or SyntheticConfig(class_prevalence=(0.45, 0.3, 0.25))
-    prevalence = np.asarray(config.class_prevalence or (0.45, 0.3, 0.25), dtype=float)
+    config = config or SyntheticConfig()
+    prevalence = np.asarray(config.class_prevalence or DEFAULT_PREVALENCE["synthetic-derm"], dtype=float)
     if len(prevalence) != len(DERM_CLASSES) or not np.isclose(prevalence.sum(), 1):
         raise ValueError(f"class_prevalence must be {len(DERM_CLASSES)} numbers summing to 1, got {config.class_prevalence}")
     rng = np.random.default_rng([config.seed, 10_000_000])
@@ -351,8 +352,8 @@ def generate_synthetic_cxr(root: str | Path, config: SyntheticConfig | None = No
     meniscus at a lung base). Each finding has a spurious token outside the lungs correlated with it
     (ECG lead, text marker, chest tube); the laterality letter is always present.
     """
-    config = config or SyntheticConfig(class_prevalence=(0.3, 0.3, 0.25))
-    prevalence = np.asarray(config.class_prevalence or (0.3, 0.3, 0.25), dtype=float)
+    config = config or SyntheticConfig()
+    prevalence = np.asarray(config.class_prevalence or DEFAULT_PREVALENCE["synthetic-cxr"], dtype=float)
     if len(prevalence) != len(CXR_FINDINGS) or not ((prevalence > 0) & (prevalence < 1)).all():
         raise ValueError(f"class_prevalence must be {len(CXR_FINDINGS)} probabilities in (0, 1), got {config.class_prevalence}")
     rng = np.random.default_rng([config.seed, 20_000_000])
@@ -435,15 +436,11 @@ def ensure_synthetic(name: str, root: str | Path, config: SyntheticConfig | None
             existing = load_info(root).generator
         except Exception:
             existing = None
-        wanted = _config_dict(config, np.asarray(config.class_prevalence or _default_prevalence(name)))
+        wanted = _config_dict(config, np.asarray(config.class_prevalence or DEFAULT_PREVALENCE[name]))
         if existing and all(existing.get(k) == v for k, v in wanted.items()) and (root / "artefacts.csv").is_file():
             return root
         return GENERATORS[name](root, config, overwrite=True, progress=progress)
     return GENERATORS[name](root, config, progress=progress)
-
-
-def _default_prevalence(name: str) -> tuple[float, ...]:
-    return (0.45, 0.3, 0.25) if name == "synthetic-derm" else (0.3, 0.3, 0.25)
 
 
 def measure_shortcut(root: str | Path) -> pd.DataFrame:
