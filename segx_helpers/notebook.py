@@ -88,6 +88,27 @@ def require(path: str | Path, made_by: str) -> Path:
     return path
 
 
+def resolve_quick(quick: bool | None, device: str | None = None) -> bool:
+    """The notebooks' ``QUICK`` parameter as a boolean: ``None`` (the default) means quick on a CPU, full on a GPU.
+
+    Prints one line saying which mode was chosen and why. ``True``/``False`` are kept as given (``make tutorial``
+    and CI inject ``QUICK = True``). ``device`` overrides the detected device type (``"cuda"``, ``"mps"``, ``"cpu"``).
+    """
+    if quick is not None:
+        quick = bool(quick)
+        print(f"mode: {'quick' if quick else 'full'} (QUICK = {quick} was set explicitly)")
+        return quick
+    if device is None:
+        from .models import pick_device
+
+        device = pick_device().type
+    quick = device == "cpu"
+    why = ("no GPU found, so the small settings that finish in minutes on a CPU" if quick
+           else f"a GPU ({device}) is available, so the full settings")
+    print(f"mode: {'quick' if quick else 'full'} (QUICK = None: {why}; set QUICK = True or False to choose)")
+    return quick
+
+
 def save_figure(fig, path: str | Path, dpi: int = 120) -> Path:
     """Save a matplotlib figure as PNG (creating folders) and return the path."""
     path = Path(path)

@@ -9,7 +9,7 @@ import types
 import nbformat
 import pytest
 
-from segx_helpers.notebook import NOTEBOOKS, REPO_URL, colab_setup_source
+from segx_helpers.notebook import NOTEBOOKS, REPO_URL, colab_setup_source, resolve_quick
 from segx_helpers.runner import NOTEBOOK_DIR, available_notebooks, run_notebooks
 
 NAMES = available_notebooks()
@@ -31,8 +31,23 @@ def test_notebook_structure(name):
     assert "colab.research.google.com" in nb.cells[0].source and f"notebooks/{name}.ipynb" in nb.cells[0].source
     assert code[0].source == colab_setup_source(), "run the Colab cell sync: its source must come from REPO_URL"
     params = [c for c in code if "parameters" in c.metadata.get("tags", [])]
-    assert len(params) == 1 and "QUICK = False" in params[0].source and "ROOT" in params[0].source
+    assert len(params) == 1 and "QUICK = None " in params[0].source and "ROOT" in params[0].source
+    # QUICK = None is resolved to a boolean first thing in the setup cell, before any use of QUICK
+    setup = code[code.index(params[0]) + 1].source
+    resolved = setup.index("QUICK = resolve_quick(QUICK)")
+    assert "QUICK" not in setup[:resolved]
     assert "What you learned" in nb.cells[-1].source
+
+
+def test_resolve_quick_picks_quick_on_a_cpu_and_full_on_a_gpu(capsys):
+    assert resolve_quick(None, device="cpu") is True
+    assert "quick" in capsys.readouterr().out.splitlines()[0]
+    assert resolve_quick(None, device="cuda") is False
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and "full" in out and "GPU" in out
+    assert resolve_quick(True, device="cuda") is True and resolve_quick(False, device="cpu") is False
+    assert "explicitly" in capsys.readouterr().out
+    assert isinstance(resolve_quick(None), bool)  # the detected device
 
 
 def test_colab_cell_is_a_noop_outside_colab(monkeypatch):
