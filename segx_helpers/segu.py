@@ -1,12 +1,18 @@
 """SegU: how far a prediction's *original* explanation lies from the clinical-interest region,
 read as a certainty score, and the tools to check that it separates right from wrong predictions.
 
+The paper (Zhang, Zhu, Luo 2025, Eq. 9-10) defines two scores: ``c_IoU``, the IoU of the original
+map's top-5 % region with the segmenter's mask (:func:`segu_iou`), and ``c_AUITC``, the area under the
+IoU-threshold curve (:func:`segu_auitc`). :func:`segu_share_inside`, :func:`segu_mass` and
+:func:`segu_distance` are our variants. These are the plain numpy reference implementations; the
+notebooks use :func:`segx_helpers.analysis.analyse`, which gives the same values batched.
+
 Scores take ``(maps, masks) -> (N,)`` with maps the un-masked explanations ``(N, H, W)`` and masks
 the segmenter's binary prediction ``(N, H, W)``. Higher means more certain. For an empty mask
 (no clinical region found) or a map with no positive value (nothing explained) every score is
 0.0, the least certain value, and a :class:`~segx_helpers.segx.DegenerateMapWarning` says how
 many samples were affected. A constant positive map selects every pixel as its "top" region,
-so its overlap score is the mask's share of the image.
+so its share-inside score is the mask's share of the image.
 """
 from __future__ import annotations
 
@@ -18,24 +24,23 @@ from scipy import ndimage, stats
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from .metrics import _loc_inputs, _warn_degenerate, bootstrap_ci, relevance_mass, top_percent_iou
+from .metrics import _loc_inputs, _warn_degenerate, auitc, bootstrap_ci, relevance_mass, top_percent_iou
 from .segx import top_percent
 
 
-def segu_overlap(maps: np.ndarray, masks: np.ndarray, p: float = 5.0) -> np.ndarray:
-    """The paper's SegU score as implemented here: the share of the top-``p`` % saliency region that
+def segu_share_inside(maps: np.ndarray, masks: np.ndarray, p: float = 5.0) -> np.ndarray:
+    """Our variant (not the paper's score): the share of the original top-``p`` % saliency region that
     lies inside the predicted clinical-interest mask, ``|top_p(map) ∩ mask| / |top_p(map)|``.
 
-    The paper describes SegU as the distance between the original explanation and the clinical
-    region without publishing a formula; the reference code defines the saliency region as the
-    top 5 % pixels and the mask as the segmenter output > 0.5, so we score their overlap.
+    Unlike the paper's :func:`segu_iou` it does not penalise a small saliency region inside a large
+    mask, so it reads "did the explanation stay inside the region?" rather than "does it cover it?".
     """
     maps, masks = _loc_inputs(maps, masks)
     return overlap_from_top(top_percent(maps, p), masks)
 
 
 def overlap_from_top(top: np.ndarray, masks: np.ndarray) -> np.ndarray:
-    """:func:`segu_overlap` from an already computed top-p region ``(N, H, W)`` bool."""
+    """:func:`segu_share_inside` from an already computed top-p region ``(N, H, W)`` bool."""
     size = top.sum(axis=(1, 2))
     inside = (top & masks).sum(axis=(1, 2))
     degenerate = (size == 0) | ~masks.any(axis=(1, 2))
@@ -56,12 +61,22 @@ def segu_mass(maps: np.ndarray, masks: np.ndarray) -> np.ndarray:
 
 
 def segu_iou(maps: np.ndarray, masks: np.ndarray, p: float = 5.0) -> np.ndarray:
-    """IoU of the top-``p`` % saliency region with the mask (penalises a small region inside a large mask)."""
+    """The paper's ``c_IoU`` (Eq. 9): IoU of the *original* map's top-``p`` % region with the predicted mask."""
     maps, masks = _loc_inputs(maps, masks)
     _warn_degenerate(~masks.any(axis=(1, 2)) | (maps.max(axis=(1, 2)) <= 0), "an all-zero map or an empty mask")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return top_percent_iou(maps, masks, p)
+        return np.where(masks.any(axis=(1, 2)), top_percent_iou(maps, masks, p), 0.0)
+
+
+def segu_auitc(maps: np.ndarray, masks: np.ndarray, n_thresholds: int = 101) -> np.ndarray:
+    """The paper's ``c_AUITC`` (Eq. 10): the area under the IoU–threshold curve of the *original* map
+    against the predicted mask, ``∫_0^1 c_IoU(τ) dτ`` (see :func:`segx_helpers.metrics.auitc` for the
+    grid and the scaling). 0.0 for an all-zero map or an empty mask, with a warning."""
+    maps, masks = _loc_inputs(maps, masks)
+    degenerate = ~masks.any(axis=(1, 2)) | (maps.max(axis=(1, 2)) <= 0)
+    _warn_degenerate(degenerate, "an all-zero map or an empty mask")
+    return np.where(degenerate, 0.0, auitc(maps, masks, n_thresholds))
 
 
 def segu_distance(maps: np.ndarray, masks: np.ndarray, p: float = 5.0) -> np.ndarray:
@@ -92,15 +107,17 @@ def distance_from_top(top: np.ndarray, masks: np.ndarray) -> np.ndarray:
     return out
 
 
-SEGU_SCORES = {"SegU overlap (paper)": segu_overlap, "SegU mass": segu_mass, "SegU IoU": segu_iou,
-               "SegU distance": segu_distance}
+SEGU_SCORES = {"c_IoU": segu_iou, "c_AUITC": segu_auitc, "SegU share inside": segu_share_inside,
+               "SegU mass": segu_mass, "SegU distance": segu_distance}
+"""The paper's two scores (``c_IoU``, ``c_AUITC``) and our variants, by column name. These numpy
+functions are the reference implementations; :func:`segx_helpers.analysis.analyse` computes the
+same columns batched on the maps' device and is what the notebooks call."""
 
 
-def segu_scores(maps: np.ndarray, masks: np.ndarray, p: float = 5.0) -> pd.DataFrame:
-    """All SegU variants per sample: a frame with one column per score, ``N`` rows."""
-    return pd.DataFrame({
-        name: (fn(maps, masks) if fn is segu_mass else fn(maps, masks, p)) for name, fn in SEGU_SCORES.items()
-    })
+def segu_scores(maps: np.ndarray, masks: np.ndarray, p: float = 5.0, n_thresholds: int = 101) -> pd.DataFrame:
+    """All SegU scores per sample with the reference functions: one column per score, ``N`` rows."""
+    options = {segu_mass: {}, segu_auitc: {"n_thresholds": n_thresholds}}
+    return pd.DataFrame({name: fn(maps, masks, **options.get(fn, {"p": p})) for name, fn in SEGU_SCORES.items()})
 
 
 # ------------------------------------------------------------------------------ evaluation

@@ -63,14 +63,25 @@ def dilate(masks: np.ndarray, margin: int) -> np.ndarray:
 
 
 def segx(maps: np.ndarray, masks: np.ndarray, mode: str = "binary", threshold: float = 0.5, margin: int = 0,
-         renormalize: bool = False) -> np.ndarray:
+         renormalize: bool = False, order: str = "mask-then-top", p: float = 5.0) -> np.ndarray:
     """SegX maps ``(N, H, W)``: the explanation kept only where the clinical-interest mask allows.
 
-    ``mode="binary"`` (the reference behaviour): multiply by ``masks >= threshold`` (dilated by
-    ``margin`` pixels). ``mode="soft"``: multiply by the segmenter's probabilities (``margin``
-    then takes the maximum probability within the margin). ``renormalize`` rescales each map so
-    its maximum is 1 (all-zero maps stay zero).
+    The saliency map of SegX is ``top_percent(segx(...), p)``. ``order`` says which comes first:
+
+    * ``"mask-then-top"`` (default, as the reference code ``algo_fn/segx_gradcam.py`` does): the map
+      times the mask; its top ``p`` % then lies entirely inside the mask.
+    * ``"top-then-mask"`` (the paper, Eq. 7: ``m_segX = m_seg · m_xai`` with ``m_xai`` the original
+      top ``p`` %): the map on its *original* top-``p`` % region, times the mask. This can only remove
+      pixels from the original saliency map, so the gains it shows are small.
+
+    ``mode="binary"``: multiply by ``masks >= threshold`` (our default: the threshold the segmenter
+    tuned on validation; the reference code uses ``> 0.5``), dilated by ``margin`` pixels. Boolean
+    masks are used as they are. ``mode="soft"``: multiply by the segmenter's probabilities
+    (``margin`` then takes the maximum probability within the margin). ``renormalize`` rescales each
+    map so its maximum is 1 (all-zero maps stay zero).
     """
+    if order not in ("mask-then-top", "top-then-mask"):
+        raise ValueError(f"order must be 'mask-then-top' or 'top-then-mask', got {order!r}")
     maps = check_maps(maps)
     masks = check_masks(masks, maps.shape)
     if mode == "binary":
@@ -84,22 +95,30 @@ def segx(maps: np.ndarray, masks: np.ndarray, mode: str = "binary", threshold: f
     else:
         raise ValueError(f"mode must be 'binary' or 'soft', got {mode!r}")
     out = maps * weight
+    if order == "top-then-mask":
+        out = out * top_percent(maps, p)
     if renormalize:
         peak = out.max(axis=(1, 2), keepdims=True)
         out = np.where(peak > 0, out / np.where(peak > 0, peak, 1), 0)
     return out.astype(np.float32)
 
 
-def top_percent(maps: np.ndarray, p: float = 5.0) -> np.ndarray:
-    """Saliency maps: bool ``(N, H, W)`` marking each map's top ``p`` % pixels (the reference uses p = 5).
+def top_percent(maps: np.ndarray, p: float = 5.0, rule: str = "ties-kept") -> np.ndarray:
+    """Saliency maps: bool ``(N, H, W)`` marking each map's top ``p`` % pixels (the paper uses p = 5).
 
-    ``k = ceil(p/100 * H*W)`` pixels are kept, plus any pixels tied with the k-th value, so a
-    constant positive map keeps every pixel. Only positive pixels qualify: an all-zero map keeps
-    none. No division happens, so no NaN can appear.
+    ``rule="ties-kept"`` (default): ``k = ceil(p/100 * H*W)`` pixels are kept, plus any pixels tied
+    with the k-th value, so a constant positive map keeps every pixel. Only positive pixels qualify:
+    an all-zero map keeps none. ``rule="percentile"``: the reference code's
+    ``map > np.percentile(map, 100 - p)``. The two agree on maps without ties at the cut; on tied
+    maps the reference keeps fewer pixels (a constant map: none).
     """
     maps = check_maps(maps)
     if not 0 < p <= 100:
         raise ValueError(f"p must be in (0, 100], got {p}")
+    if rule == "percentile":
+        return maps > np.percentile(maps, 100 - p, axis=(1, 2), keepdims=True)
+    if rule != "ties-kept":
+        raise ValueError(f"rule must be 'ties-kept' or 'percentile', got {rule!r}")
     n, h, w = maps.shape
     flat = maps.reshape(n, h * w)
     k = max(1, math.ceil(p / 100.0 * h * w))

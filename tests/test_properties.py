@@ -9,14 +9,14 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from segx_helpers.metrics import energy_pointing_game, pointing_game, relevance_mass, relevance_rank_accuracy
-from segx_helpers.segu import segu_distance, segu_iou, segu_mass, segu_overlap
+from segx_helpers.segu import segu_auitc, segu_distance, segu_iou, segu_mass, segu_share_inside
 from segx_helpers.segx import segx, top_percent
 
 SHAPE = (2, 8, 8)
 maps_strategy = arrays(np.float32, SHAPE, elements=st.floats(0, 10, width=32))
 masks_strategy = arrays(np.bool_, SHAPE)
-SCORES = [relevance_mass, relevance_rank_accuracy, pointing_game, energy_pointing_game, segu_overlap, segu_mass,
-          segu_iou, segu_distance]
+SCORES = [relevance_mass, relevance_rank_accuracy, pointing_game, energy_pointing_game, segu_share_inside, segu_mass,
+          segu_iou, segu_auitc, segu_distance]
 
 
 def quiet(fn, *args):
@@ -40,7 +40,7 @@ def test_scores_are_invariant_to_map_scaling(maps, masks, factor):
     scaled = (maps.astype(np.float64) * factor).astype(np.float32)
     if not np.array_equal(np.argsort(maps.ravel(), kind="stable"), np.argsort(scaled.ravel(), kind="stable")):
         return  # float32 rounding merged or split ties; the invariance is about the order, which changed
-    for fn in (relevance_mass, segu_overlap, segu_iou, pointing_game):
+    for fn in (relevance_mass, segu_share_inside, segu_iou, pointing_game):
         assert np.allclose(quiet(fn, maps, masks), quiet(fn, scaled, masks), atol=1e-5), fn.__name__
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from segx_helpers.segu import (aurc, combined_confidence, fit_combination, risk_coverage, segu_distance, segu_iou,
-                               segu_mass, segu_overlap, segu_scores, separation)
+from segx_helpers.segu import (aurc, combined_confidence, fit_combination, risk_coverage, segu_auitc, segu_distance, segu_iou,
+                               segu_mass, segu_share_inside, segu_scores, separation)
 from segx_helpers.segx import DegenerateMapWarning
 
 SIZE = 20
@@ -31,7 +31,7 @@ HALF = (slice(0, 4), slice(8, 13))        # 20 pixels, 8 inside
 @pytest.mark.parametrize("region, overlap", [(INSIDE, 1.0), (OUTSIDE, 0.0), (HALF, 0.4)])
 def test_overlap_mass_and_iou(region, overlap):
     maps, masks = _map(region), _mask()
-    assert segu_overlap(maps, masks)[0] == pytest.approx(overlap)
+    assert segu_share_inside(maps, masks)[0] == pytest.approx(overlap)
     assert segu_mass(maps, masks)[0] == pytest.approx(overlap)
     assert segu_iou(maps, masks)[0] == pytest.approx(overlap * 20 / (200 + 20 - overlap * 20))
 
@@ -47,7 +47,7 @@ def test_distance_score():
 
 def test_empty_mask_and_empty_map_give_zero_with_warning():
     empty_mask = np.zeros((1, SIZE, SIZE), bool)
-    for fn in (segu_overlap, segu_mass, segu_iou, segu_distance):
+    for fn in (segu_share_inside, segu_mass, segu_iou, segu_auitc, segu_distance):
         with pytest.warns(DegenerateMapWarning):
             assert fn(_map(INSIDE), empty_mask)[0] == 0.0
         with pytest.warns(DegenerateMapWarning):
@@ -55,12 +55,12 @@ def test_empty_mask_and_empty_map_give_zero_with_warning():
 
 
 def test_constant_map_scores_the_mask_share():
-    assert segu_overlap(np.full((1, SIZE, SIZE), 0.7), _mask())[0] == pytest.approx(0.5)
+    assert segu_share_inside(np.full((1, SIZE, SIZE), 0.7), _mask())[0] == pytest.approx(0.5)
 
 
 def test_scores_frame_has_every_variant():
     frame = segu_scores(np.concatenate([_map(INSIDE), _map(OUTSIDE)]), np.repeat(_mask(), 2, axis=0))
-    assert frame.shape == (2, 4)
+    assert list(frame.columns) == ["c_IoU", "c_AUITC", "SegU share inside", "SegU mass", "SegU distance"]
     assert (frame.iloc[0] > frame.iloc[1]).all()
 
 
@@ -105,34 +105,9 @@ def test_combination_is_fitted_and_scores_in_unit_interval():
     assert aurc(correct, combined) < aurc(correct, confidence)
 
 
-def test_batched_analysis_matches_the_individual_functions():
-    """analyse_maps shares intermediate results; it must give exactly what the public functions give."""
-    from segx_helpers.metrics import localisation_scores
-    from segx_helpers.pipeline import analyse_maps
-    from segx_helpers.segx import segx
-
-    rng = np.random.default_rng(1)
-    maps = rng.random((6, SIZE, SIZE)).astype(np.float32) ** 4
-    maps[2] = 0.0
-    predicted = np.repeat(_mask(), 6, axis=0)
-    predicted[3] = False
-    truth = rng.random((6, SIZE, SIZE)) > 0.5
-    with pytest.warns(DegenerateMapWarning):
-        expected = segu_scores(maps, predicted)
-    frame = analyse_maps(maps, predicted, truth)
-    assert np.allclose(frame["SegX pointing game"], localisation_scores(segx(maps, predicted), truth)["pointing game"])
-    assert np.allclose(frame["original energy pointing game"], localisation_scores(maps, truth)["energy pointing game"])
-    assert np.allclose(frame["original relevance rank"], localisation_scores(maps, truth)["relevance rank"])
-    assert np.allclose(frame["SegX top-5% Dice"], localisation_scores(segx(maps, predicted), truth)["top-5% Dice"])
-    for column in expected:
-        assert np.allclose(frame[column], expected[column]), column
-    assert np.allclose(frame["SegX relevance mass"], localisation_scores(segx(maps, predicted), truth)["relevance mass"])
-    assert np.allclose(frame["original top-5% IoU"], localisation_scores(maps, truth)["top-5% IoU"])
-
-
 def test_mask_covering_the_whole_image_trusts_every_map():
     full = np.ones((2, SIZE, SIZE), bool)
     maps = np.concatenate([_map(INSIDE), _map(OUTSIDE)])
     frame = segu_scores(maps, full)
-    assert np.allclose(frame["SegU overlap (paper)"], 1.0) and np.allclose(frame["SegU distance"], 1.0)
-    assert np.allclose(frame["SegU IoU"], 20 / 400)
+    assert np.allclose(frame["SegU share inside"], 1.0) and np.allclose(frame["SegU distance"], 1.0)
+    assert np.allclose(frame["c_IoU"], 20 / 400)

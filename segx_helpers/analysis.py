@@ -1,0 +1,351 @@
+"""The one analysis path: SegX, SegU and localisation scores for a batch of explanation maps.
+
+Notebooks 04 and 05, ``pipeline.segx_results``, the benchmark and any command call :func:`analyse`;
+nothing else computes these scores for users. It runs on torch tensors on the maps' device (CPU or
+CUDA), batched over maps, with no per-threshold and no per-map Python loop:
+
+* the top-``p`` % saliency region is one ``torch.kthvalue`` per map (the tie rule of
+  :func:`segx_helpers.segx.top_percent`: the ``k = ceil(p % · H·W)`` largest pixels plus any tied
+  with the k-th, positive pixels only);
+* the areas under the IoU–threshold curve (the paper's ``c_AUITC`` and ``AUITC``) come from one
+  histogram per map over the threshold grid: each pixel falls in the bin of the highest threshold it
+  reaches, and reversed cumulative sums give the selected and intersecting pixel counts at every
+  threshold at once, so the cost does not grow with the number of thresholds;
+* overlaps, masses and the pointing game are batched sums.
+
+The numpy functions in :mod:`segx_helpers.segx`, :mod:`segx_helpers.segu` and
+:mod:`segx_helpers.metrics` are the plain reference implementations; the tests check that this
+engine gives the same values (to 1e-6) on random and hand-made maps, ties included.
+
+Shapes: ``maps`` ``(M, H, W)``, one per explained (image, class); masks ``(N, H, W)`` bool, one per
+image, picked for each map by ``image_index`` ``(M,)`` (or ``(M, H, W)`` when ``image_index`` is None).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+ORDERS = ("mask-then-top", "top-then-mask")
+"""SegX orders. ``mask-then-top`` (the reference code): multiply the map by the mask, then take the
+top p % of the product. ``top-then-mask`` (the paper, Eq. 7): take the original top p %, then keep
+its part inside the mask."""
+
+SEGU_PAPER = ("c_IoU", "c_AUITC")
+SEGU_VARIANTS = ("SegU share inside", "SegU mass", "SegU distance")
+LOCALISATION = ("IoU@p", "AUITC", "relevance mass", "relevance rank", "pointing game")
+
+
+class DegenerateWarning(UserWarning):
+    """Some maps were all zero or some masks empty; their scores are set to a documented value."""
+
+
+def binarise_masks(prob: np.ndarray | torch.Tensor, threshold: float = 0.5, reference: bool = False):
+    """The one place where segmenter probabilities become masks: ``prob >= threshold`` (our default,
+    with the threshold tuned on validation and stored in the segmenter's checkpoint), or the reference
+    code's ``prob > 0.5`` when ``reference=True``. Boolean arrays pass through unchanged."""
+    if getattr(prob, "dtype", None) in (bool, np.bool_, torch.bool):
+        return prob
+    if reference:
+        return prob > 0.5
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+    return prob >= threshold
+
+
+def segx_label(order: str) -> str:
+    """Column prefix of the SegX maps of one order."""
+    check_order(order)
+    return f"SegX {order}"
+
+
+def check_order(order: str) -> str:
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+    return order
+
+
+# ------------------------------------------------------------------------------ engine (torch)
+
+def _tensor(x, device, dtype=None) -> torch.Tensor:
+    t = torch.as_tensor(x, device=device)
+    return t.to(dtype) if dtype is not None else t
+
+
+def _check_maps(maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(maps (M, H, W) float32, per-map min (M,), per-map max (M,))``; NaN/inf refused, negatives clipped."""
+    if maps.ndim == 2:
+        maps = maps[None]
+    if maps.ndim != 3:
+        raise ValueError(f"maps must have shape (M, H, W), got {tuple(maps.shape)}")
+    maps = maps.float()
+    if not maps.numel():
+        return maps, maps.new_zeros(len(maps)), maps.new_zeros(len(maps))
+    low, high = torch.aminmax(maps.flatten(1), dim=1)  # NaN and inf propagate into these
+    if not (torch.isfinite(low).all() and torch.isfinite(high).all()):
+        bad = torch.nonzero(~(torch.isfinite(low) & torch.isfinite(high))).flatten()[:5].tolist()
+        raise ValueError(f"maps contain NaN or inf values (maps {bad}); refusing to score them")
+    if low.min() < 0:
+        warnings.warn("maps have negative values; they are clipped to 0 (use absolute values for signed attributions)",
+                      UserWarning, stacklevel=3)
+        maps, low, high = maps.clamp_min(0), low.clamp_min(0), high.clamp_min(0)
+    return maps, low, high
+
+
+def top_p_cut(flat: torch.Tensor, p: float) -> torch.Tensor:
+    """Per row of ``flat`` ``(M, P)``: the value ``v`` such that ``(flat >= v) & (flat > 0)`` is the
+    top-``p`` % region (the k-th largest value, or 0 when a row has fewer than k positive values)."""
+    if not 0 < p <= 100:
+        raise ValueError(f"p must be in (0, 100], got {p}")
+    pixels = flat.shape[1]
+    k = max(1, math.ceil(p / 100.0 * pixels))
+    kth = torch.topk(flat, k, dim=1, sorted=False).values.min(dim=1).values
+    return torch.where(kth > 0, kth, torch.zeros_like(kth))
+
+
+def top_p_region(flat: torch.Tensor, p: float) -> torch.Tensor:
+    """Boolean top-``p`` % region ``(M, P)`` of ``flat`` ``(M, P)``."""
+    return (flat >= top_p_cut(flat, p)[:, None]) & (flat > 0)
+
+
+def segx_maps(flat: torch.Tensor, masks: torch.Tensor, order: str, p: float,
+              top: torch.Tensor | None = None) -> torch.Tensor:
+    """SegX maps ``(M, P)``: the map inside the mask (``mask-then-top``), or the map on its original
+    top-``p`` % region inside the mask (``top-then-mask``). The top-``p`` % region of the result is the
+    saliency map of that order in both cases."""
+    check_order(order)
+    out = flat * masks
+    if order == "top-then-mask":
+        out = out * (top_p_region(flat, p) if top is None else top)
+    return out
+
+
+def threshold_grid(n_thresholds: int) -> np.ndarray:
+    """The thresholds ``tau_j = j / (n - 1)``, ``j = 0 .. n - 1``, in float32 (correctly rounded)."""
+    if n_thresholds < 2:
+        raise ValueError(f"n_thresholds must be at least 2, got {n_thresholds}")
+    return np.arange(n_thresholds, dtype=np.float32) / np.float32(n_thresholds - 1)
+
+
+def auitc_from_flat(flat: torch.Tensor, masks: Sequence[torch.Tensor], n_thresholds: int = 101,
+                    low: torch.Tensor | None = None, high: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """Area under the IoU–threshold curve ``(M,)`` of each map of ``flat`` ``(M, P)`` against each mask
+    set in ``masks`` (each ``(M, P)`` bool), as :func:`segx_helpers.metrics.auitc` defines it.
+
+    Each map is min-max scaled to [0, 1] (a constant positive map becomes all ones). Every pixel gets
+    the index of the highest threshold it reaches (``#{j: tau_j <= v} - 1``, exact, also for values on
+    a threshold), combined with its mask bits into one code; one ``bincount`` then counts, per map,
+    threshold bin and mask pattern. Reversed cumulative sums give, at every threshold at once, the
+    selected pixels and those inside each mask, hence the IoU curve, integrated with the trapezoid rule.
+    """
+    rows, pixels = flat.shape
+    last = n_thresholds - 1
+    threshold_grid(n_thresholds)
+    if low is None or high is None:
+        low, high = torch.aminmax(flat, dim=1)
+    low, span = low[:, None], (high - low)[:, None]
+    scaled = torch.where(span > 0, (flat - low) / torch.where(span > 0, span, torch.ones_like(span)),
+                         torch.ones_like(flat))
+    # the bin, in float32 (exact for integers below 2**24): floor(v * last), corrected where rounding
+    # put v on the wrong side of a threshold tau_j = fl32(j / last)
+    bins = torch.floor(scaled * last).clamp_(0, last)
+    bins += ((bins < last) & (scaled >= (bins + 1) / last)).float()
+    bins -= (scaled < bins / last).float()
+    width = n_thresholds * 2 ** len(masks)
+    code = bins
+    for k, mask in enumerate(masks):
+        code = code + mask * float(n_thresholds * 2 ** k)
+    code = code + torch.arange(rows, device=flat.device, dtype=flat.dtype)[:, None] * float(width)
+    counts = torch.bincount(code.flatten().long(), minlength=rows * width)
+    counts = counts.reshape(rows, 2 ** len(masks), n_thresholds).flip(2).cumsum(2).flip(2).double()
+    selected = counts.sum(dim=1)
+    pattern = torch.arange(2 ** len(masks), device=flat.device)
+    areas = []
+    for k, mask in enumerate(masks):
+        inside = counts[:, (pattern >> k) & 1 == 1].sum(dim=1)
+        union = selected + mask.sum(dim=1, keepdim=True).double() - inside
+        iou = torch.where(union > 0, inside / union.clamp_min(1), torch.zeros_like(union))
+        areas.append(((iou[:, 1:] + iou[:, :-1]) / 2).sum(dim=1) / last)
+    return areas
+
+
+def _iou(region: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    inter = (region & mask).sum(dim=1).double()
+    union = region.sum(dim=1).double() + mask.sum(dim=1).double() - inter
+    return torch.where(union > 0, inter / union.clamp_min(1), torch.zeros_like(union))
+
+
+def _mass(flat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    total = flat.sum(dim=1, dtype=torch.float64)
+    inside = (flat * mask).sum(dim=1, dtype=torch.float64)
+    return torch.where(total > 0, inside / torch.where(total > 0, total, torch.ones_like(total)),
+                       torch.zeros_like(total))
+
+
+def _pointing(flat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    peak = flat.max(dim=1, keepdim=True).values
+    hit = ((flat == peak) & mask).any(dim=1) & (peak[:, 0] > 0)
+    return hit.double()
+
+
+def _rank(flat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Relevance rank accuracy: share of the ``K = |mask|`` highest pixels inside the mask, ties in
+    expectation (as :func:`segx_helpers.metrics.relevance_rank_accuracy`)."""
+    sizes = mask.sum(dim=1)
+    valid = (sizes > 0) & (flat.max(dim=1).values > 0)
+    out = torch.zeros(len(flat), dtype=torch.float64, device=flat.device)
+    if not valid.any():
+        return out
+    values, inside, k = flat[valid], mask[valid], sizes[valid]
+    ordered = torch.sort(values, dim=1, descending=True).values
+    kth = ordered.gather(1, (k - 1)[:, None])
+    kth = torch.where(kth > 0, kth, torch.zeros_like(kth))
+    positive = values > 0
+    above = positive & (values > kth)
+    tied = torch.where(kth > 0, values == kth, ~positive)
+    from_ties = (k - above.sum(dim=1)).double()
+    hits = (above & inside).sum(dim=1).double() + from_ties * (tied & inside).sum(dim=1).double() / tied.sum(dim=1).double()
+    out[valid] = hits / k.double()
+    return out
+
+
+def _warn(flags: torch.Tensor, what: str) -> None:
+    count = int(flags.sum())
+    if count:
+        warnings.warn(f"{count} map(s) have {what}; their scores are set to 0.0", DegenerateWarning, stacklevel=3)
+
+
+def analyse(maps, predicted_masks, true_masks=None, image_index=None, has_true_mask=None, *, p: float = 5.0,
+            n_thresholds: int = 101, orders: Sequence[str] = ORDERS, localisation: bool = True,
+            distance: bool = False, device: str | torch.device | None = None) -> pd.DataFrame:
+    """Every SegU and localisation score, one row per map.
+
+    ``maps`` ``(M, H, W)`` the *original* explanations (numpy or torch; computed on ``device``, default
+    the maps' own). ``predicted_masks`` the segmenter's *binary* masks (see :func:`binarise_masks`),
+    ``true_masks`` the ground truth (optional), both ``(N, H, W)`` picked per map by ``image_index``
+    ``(M,)``, or ``(M, H, W)`` when ``image_index`` is None. ``has_true_mask`` ``(N,)``: images without a
+    ground-truth mask get NaN localisation scores.
+
+    Columns: the paper's SegU scores ``c_IoU`` (IoU of the original top-``p`` % region with the predicted
+    mask, Eq. 9) and ``c_AUITC`` (area under the IoU–threshold curve, Eq. 10, trapezoid over
+    ``n_thresholds`` evenly spaced thresholds), then our variants ``SegU share inside`` (share of the top
+    ``p`` % inside the mask), ``SegU mass`` (share of all attribution inside) and, with
+    ``distance=True``, ``SegU distance`` (scipy's exact distance transform on the CPU, once per distinct
+    mask). Given ``true_masks`` (and ``localisation``): ``IoU@p``, ``AUITC``, relevance mass, relevance
+    rank and pointing game of the original map and of the SegX map of each order, as
+    ``"<original|SegX <order>> <metric>"`` with ``IoU@p`` written ``IoU@5%`` for ``p = 5``.
+
+    Degenerate inputs (an all-zero map, an empty mask) score 0.0 with a :class:`DegenerateWarning`;
+    an empty batch gives an empty frame with the same columns.
+    """
+    for order in orders:
+        check_order(order)
+    maps = torch.as_tensor(maps)
+    device = torch.device(device) if device is not None else maps.device
+    maps, low, high = _check_maps(maps.to(device))
+    m, h, w = maps.shape
+    index = None if image_index is None else _tensor(np.asarray(image_index, dtype=np.int64), device)
+
+    def per_map(masks):
+        masks = _tensor(np.asarray(masks) if not torch.is_tensor(masks) else masks, device)
+        if masks.dtype != torch.bool:
+            raise TypeError("masks must be boolean: binarise probabilities once with binarise_masks(prob, threshold)")
+        if masks.ndim == 2:
+            masks = masks[None]
+        if index is not None:
+            masks = masks[index] if len(index) else masks[:0]
+        if masks.shape != (m, h, w):
+            raise ValueError(f"masks give shape {tuple(masks.shape)} per map but the maps have shape {(m, h, w)}")
+        return masks.reshape(m, h * w)
+
+    columns = _columns(p, orders, true_masks is not None and localisation, distance)
+    if m == 0:
+        warnings.warn("no maps to analyse: returning an empty table", DegenerateWarning, stacklevel=2)
+        return pd.DataFrame({c: pd.Series(dtype=float) for c in columns})
+    flat = maps.reshape(m, h * w)
+    predicted = per_map(predicted_masks)
+    top = top_p_region(flat, p)
+    empty_map, empty_mask = high <= 0, ~predicted.any(dim=1)
+    _warn(empty_map | empty_mask, "no positive value or an empty predicted mask")
+    usable = ~(empty_map | empty_mask)
+    truth = per_map(true_masks) if true_masks is not None and localisation else None
+
+    with torch.no_grad():
+        auitc = auitc_from_flat(flat, [predicted] + ([truth] if truth is not None else []), n_thresholds, low, high)
+        top_size = top.sum(dim=1).double()
+        hits = (top & predicted).sum(dim=1).double()
+        zero = torch.zeros(m, dtype=torch.float64, device=device)
+        out = {
+            "c_IoU": torch.where(usable, _iou(top, predicted), zero),
+            "c_AUITC": torch.where(usable, auitc[0], zero),
+            "SegU share inside": torch.where(usable, hits / top_size.clamp_min(1), zero),
+            "SegU mass": torch.where(usable, _mass(flat, predicted), zero),
+        }
+        if distance:
+            from .segu import distance_from_top
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                out["SegU distance"] = torch.as_tensor(distance_from_top(
+                    top.reshape(m, h, w).cpu().numpy(), predicted.reshape(m, h, w).cpu().numpy()))
+        if truth is not None:
+            sets = {"original": (flat, top, auitc[1])}
+            for order in orders:
+                aligned = segx_maps(flat, predicted, order, p, top)
+                aligned_top = top_p_region(aligned, p)
+                sets[segx_label(order)] = (aligned, aligned_top, auitc_from_flat(aligned, [truth], n_thresholds)[0])
+            label = f"IoU@{p:g}%"
+            for name, (values, region, area) in sets.items():
+                out[f"{name} {label}"] = _iou(region, truth)
+                out[f"{name} AUITC"] = area
+                out[f"{name} relevance mass"] = _mass(values, truth)
+                out[f"{name} relevance rank"] = _rank(values, truth)
+                out[f"{name} pointing game"] = _pointing(values, truth)
+    frame = pd.DataFrame({name: value.cpu().numpy().astype(np.float64) for name, value in out.items()})
+    if truth is not None and has_true_mask is not None:
+        known = np.asarray(has_true_mask, dtype=bool)
+        known = known[np.asarray(image_index)] if image_index is not None else known
+        localisation_columns = [c for c in frame.columns if not c.startswith(("c_", "SegU"))]
+        frame.loc[~known, localisation_columns] = np.nan
+    return frame[columns]
+
+
+def _columns(p: float, orders: Sequence[str], localisation: bool, distance: bool) -> list[str]:
+    columns = ["c_IoU", "c_AUITC", "SegU share inside", "SegU mass"] + (["SegU distance"] if distance else [])
+    if localisation:
+        for name in ["original"] + [segx_label(o) for o in orders]:
+            columns += [f"{name} {metric.replace('IoU@p', f'IoU@{p:g}%')}" for metric in LOCALISATION]
+    return columns
+
+
+def localisation_columns(table: pd.DataFrame, name: str) -> pd.DataFrame:
+    """The localisation scores of one map kind (``"original"`` or ``"SegX <order>"``) with plain metric names."""
+    prefix = f"{name} "
+    picked = [c for c in table.columns if c.startswith(prefix)]
+    return table[picked].rename(columns=lambda c: c[len(prefix):])
+
+
+def localisation_summary(tables: dict[str, pd.DataFrame], orders: Sequence[str] = ORDERS, n_resamples: int = 1000,
+                         seed: int = 0) -> pd.DataFrame:
+    """Mean (95 % bootstrap CI) of each localisation metric, original vs SegX of each order, with the
+    paired difference; ``tables`` maps a method name to its per-prediction table from :func:`analyse`.
+    Predictions without a ground-truth mask (NaN rows) are left out."""
+    from .metrics import paired_summary
+
+    frames = []
+    for method, table in tables.items():
+        original = localisation_columns(table, "original")
+        if original.empty:
+            raise ValueError(f"the {method} table has no localisation columns: pass true_masks to analyse()")
+        known = original.notna().all(axis=1).to_numpy()
+        for order in orders:
+            aligned = localisation_columns(table, segx_label(order))
+            summary = paired_summary(original[known], aligned[known], n_resamples=n_resamples, seed=seed)
+            frames.append(summary.assign(method=method, order=order, predictions=int(known.sum())))
+    table = pd.concat(frames, ignore_index=True)
+    return table[["method", "order", "metric", "predictions", "original", "SegX", "difference", "original_mean",
+                  "SegX_mean", "difference_mean"]]

@@ -1,0 +1,202 @@
+"""The one analysis path (segx_helpers.analysis): the paper's SegU and localisation scores on hand-made
+cases, and equality with the plain numpy reference implementations on random and tied maps."""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from segx_helpers.analysis import (DegenerateWarning, analyse, binarise_masks, localisation_summary,
+                                   threshold_grid)
+from segx_helpers.metrics import auitc, localisation_scores
+from segx_helpers.segu import segu_auitc, segu_iou, segu_scores, segu_share_inside
+from segx_helpers.segx import segx, top_percent
+
+SIZE = 20
+
+
+def quiet(fn, *args, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fn(*args, **kwargs)
+
+
+def square(lo, hi, size=SIZE):
+    mask = np.zeros((size, size), bool)
+    mask[lo:hi, lo:hi] = True
+    return mask
+
+
+def blob(region, size=SIZE):
+    """A map that is 1 on ``region`` and a faint ramp elsewhere (so its top 5 % is exactly ``region``
+    when the region holds 5 % of the pixels)."""
+    ramp = np.linspace(0, 0.1, size * size, dtype=np.float32).reshape(size, size)
+    return np.where(region, 1.0, ramp).astype(np.float32)
+
+
+def test_c_iou_on_hand_made_cases():
+    mask = square(5, 15)                                   # 100 pixels
+    top = np.zeros((SIZE, SIZE), bool)
+    top[5:7, 5:15] = True                                  # 20 pixels = 5 % of 400, inside the mask
+    outside = np.zeros((SIZE, SIZE), bool)
+    outside[0:2, 0:10] = True                              # 20 pixels outside
+    half = np.zeros((SIZE, SIZE), bool)
+    half[4:6, 5:15] = True                                 # 10 inside, 10 outside
+    maps = np.stack([blob(top), blob(outside), blob(half)])
+    masks = np.stack([mask] * 3)
+    assert segu_iou(maps, masks) == pytest.approx([20 / 100, 0.0, 10 / 110])
+    assert segu_share_inside(maps, masks) == pytest.approx([1.0, 0.0, 0.5])
+    table = analyse(maps, masks)
+    assert table["c_IoU"].to_numpy() == pytest.approx([0.2, 0.0, 10 / 110])
+    assert table["SegU share inside"].to_numpy() == pytest.approx([1.0, 0.0, 0.5])
+
+
+def test_c_iou_nested_regions_and_degenerate_inputs():
+    mask = square(8, 12)                                   # 16 pixels nested inside the 20-pixel top region
+    top = np.zeros((SIZE, SIZE), bool)
+    top[7:12, 8:12] = True                                 # 20 pixels, holds the mask
+    maps = np.stack([blob(top), np.zeros((SIZE, SIZE), np.float32), np.full((SIZE, SIZE), 0.3, np.float32),
+                     blob(top)])
+    masks = np.stack([mask, mask, mask, np.zeros((SIZE, SIZE), bool)])
+    with pytest.warns(DegenerateWarning):
+        table = analyse(maps, masks)
+    # nested: 16 / 20; zero map: 0; constant map keeps every pixel: 16 / 400; empty mask: 0
+    assert table["c_IoU"].to_numpy() == pytest.approx([16 / 20, 0.0, 16 / 400, 0.0])
+    assert table["c_AUITC"].to_numpy()[[1, 3]] == pytest.approx([0.0, 0.0])
+    assert quiet(segu_iou, maps, masks) == pytest.approx(table["c_IoU"].to_numpy())
+
+
+def test_auitc_of_a_map_equal_to_its_mask_is_one_up_to_the_grid():
+    mask = square(4, 12)
+    for n in (11, 101, 1001):
+        value = auitc(mask[None].astype(np.float32), mask[None], n)[0]
+        # only the first trapezoid (tau = 0 selects the whole image) falls short of 1
+        share = mask.mean()
+        assert value == pytest.approx(1 - (1 - share) / (2 * (n - 1)))
+        assert analyse(mask[None].astype(np.float32), mask[None], n_thresholds=n)["c_AUITC"][0] == pytest.approx(value)
+
+
+def test_auitc_converges_as_the_grid_gets_finer():
+    rng = np.random.default_rng(1)
+    maps = rng.random((6, SIZE, SIZE)).astype(np.float32) ** 3
+    masks = rng.random((6, SIZE, SIZE)) > 0.7
+    values = {n: auitc(maps, masks, n) for n in (11, 101, 1001, 10001)}
+    gaps = [np.abs(values[a] - values[10001]).max() for a in (11, 101, 1001)]
+    assert gaps[0] > gaps[1] > gaps[2] and gaps[1] < 0.01 and gaps[2] < 0.001
+
+
+def test_auitc_grows_as_the_map_moves_onto_the_mask():
+    mask = square(5, 15)
+    outside = ~square(3, 17)
+    previous = -1.0
+    for share in (0.0, 0.25, 0.5, 0.75, 1.0):
+        heat = np.where(outside, 1 - share, 0.05).astype(np.float32) + np.where(mask, share, 0.0).astype(np.float32)
+        value = segu_auitc(heat[None], mask[None])[0]
+        assert value > previous
+        previous = value
+
+
+def test_engine_equals_the_reference_functions_on_random_and_tied_maps():
+    rng = np.random.default_rng(0)
+    maps = rng.random((30, 24, 24)).astype(np.float32)
+    maps[:10] = np.round(maps[:10] * 4) / 4               # heavy ties, also at the thresholds
+    maps[10] = 0.0
+    maps[11] = 0.3
+    predicted = rng.random((30, 24, 24)) > 0.6
+    predicted[12] = False
+    truth = rng.random((30, 24, 24)) > 0.5
+    table = quiet(analyse, maps, predicted, truth, distance=True)
+    reference = quiet(segu_scores, maps, predicted)
+    for column in reference.columns:
+        assert np.abs(table[column].to_numpy() - reference[column].to_numpy()).max() < 1e-6, column
+    kinds = {"original": maps, "SegX mask-then-top": segx(maps, predicted),
+             "SegX top-then-mask": segx(maps, predicted, order="top-then-mask")}
+    names = {"IoU@5%": "top-5% IoU", "relevance mass": "relevance mass", "relevance rank": "relevance rank",
+             "pointing game": "pointing game"}
+    for kind, values in kinds.items():
+        loc = quiet(localisation_scores, values, truth)
+        for ours, theirs in names.items():
+            assert np.abs(table[f"{kind} {ours}"].to_numpy() - loc[theirs].to_numpy()).max() < 1e-6, (kind, ours)
+        assert np.abs(table[f"{kind} AUITC"].to_numpy() - quiet(auitc, values, truth)).max() < 1e-6
+
+
+def test_engine_works_per_image_with_an_index_and_marks_missing_ground_truth():
+    rng = np.random.default_rng(2)
+    maps = rng.random((5, 16, 16)).astype(np.float32)
+    per_image = rng.random((3, 16, 16)) > 0.5
+    index = np.array([0, 0, 1, 2, 2])
+    table = analyse(maps, per_image, per_image, image_index=index, has_true_mask=np.array([True, False, True]))
+    direct = analyse(maps, per_image[index], per_image[index])
+    assert np.allclose(table["c_IoU"], direct["c_IoU"])
+    assert table["original AUITC"].isna().tolist() == [False, False, True, False, False]
+    from_tensors = analyse(torch.as_tensor(maps), torch.as_tensor(per_image[index]))
+    assert np.array_equal(from_tensors["c_AUITC"].to_numpy(), direct["c_AUITC"].to_numpy())
+
+
+def test_empty_batch_gives_an_empty_table_with_a_warning():
+    with pytest.warns(DegenerateWarning, match="no maps"):
+        table = analyse(np.zeros((0, 8, 8), np.float32), np.zeros((0, 8, 8), bool), np.zeros((0, 8, 8), bool))
+    assert len(table) == 0 and "c_IoU" in table and "original AUITC" in table
+
+
+def test_probability_masks_are_refused_and_binarised_in_one_place():
+    prob = np.array([[[0.2, 0.5], [0.7, 0.9]]])
+    with pytest.raises(TypeError, match="binarise_masks"):
+        analyse(np.ones((1, 2, 2), np.float32), prob)
+    assert binarise_masks(prob, 0.7).tolist() == [[[False, False], [True, True]]]
+    assert binarise_masks(prob, reference=True).tolist() == [[[False, False], [True, True]]]
+    assert binarise_masks(prob, 0.5).tolist() == [[[False, True], [True, True]]]
+    with pytest.raises(ValueError, match="threshold"):
+        binarise_masks(prob, 1.5)
+
+
+def test_bad_maps_are_refused():
+    maps = np.ones((2, 4, 4), np.float32)
+    maps[1, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        analyse(maps, np.ones((2, 4, 4), bool))
+    with pytest.raises(ValueError, match="shape"):
+        analyse(np.ones((2, 4, 4), np.float32), np.ones((3, 4, 4), bool))
+    with pytest.raises(ValueError, match="order"):
+        analyse(np.ones((2, 4, 4), np.float32), np.ones((2, 4, 4), bool), orders=("mask-first",))
+
+
+def test_threshold_grid_is_evenly_spaced_and_includes_both_ends():
+    grid = threshold_grid(5)
+    assert grid.tolist() == [0.0, 0.25, 0.5, 0.75, 1.0] and grid.dtype == np.float32
+    with pytest.raises(ValueError):
+        threshold_grid(1)
+
+
+def test_segx_orders_on_a_hand_made_case():
+    heat = np.zeros((10, 10), np.float32)
+    heat[0, :5] = [10, 9, 8, 7, 6]                       # the original top 5 %: outside the mask
+    heat[5, 5:10] = [5, 4, 3, 2, 1]                      # lower values inside the mask
+    mask = np.zeros((10, 10), bool)
+    mask[5:, 5:] = True
+    code_order = top_percent(segx(heat[None], mask[None], order="mask-then-top"))[0]
+    paper_order = top_percent(segx(heat[None], mask[None], order="top-then-mask"))[0]
+    assert code_order.sum() == 5 and code_order[5, 5:10].all()   # moved inside the mask
+    assert not paper_order.any()                                  # the original top 5 % had nothing inside
+
+
+def test_top_percent_matches_the_reference_percentile_rule_on_continuous_maps():
+    rng = np.random.default_rng(3)
+    maps = rng.random((4, 128, 128)).astype(np.float32)
+    assert np.array_equal(top_percent(maps, 5.0), top_percent(maps, 5.0, rule="percentile"))
+    tied = np.full((1, 20, 20), 0.5, np.float32)
+    assert top_percent(tied).all() and not top_percent(tied, rule="percentile").any()
+
+
+def test_localisation_summary_pairs_each_order_with_the_original():
+    rng = np.random.default_rng(4)
+    maps = rng.random((12, 16, 16)).astype(np.float32)
+    masks = rng.random((12, 16, 16)) > 0.5
+    table = analyse(maps, masks, masks)
+    summary = localisation_summary({"gradcam": table}, n_resamples=20)
+    assert set(summary["order"]) == {"mask-then-top", "top-then-mask"}
+    assert set(summary["metric"]) == {"IoU@5%", "AUITC", "relevance mass", "relevance rank", "pointing game"}
+    row = summary[(summary["order"] == "mask-then-top") & (summary["metric"] == "relevance mass")].iloc[0]
+    assert row["SegX_mean"] == pytest.approx(1.0)   # SegX against the mask it was cut with
