@@ -12,11 +12,11 @@ import json
 import os
 import re
 import shutil
-import tempfile
+import uuid
 from pathlib import Path
 from typing import Iterator
 
-_SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]*$")
+_SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-]*")
 
 
 def check_safe_id(image_id: str, what: str = "image id") -> str:
@@ -26,7 +26,7 @@ def check_safe_id(image_id: str, what: str = "image id") -> str:
     no id may ever address a file outside its folder.
     """
     text = str(image_id)
-    if not _SAFE_ID.match(text) or ".." in text or len(text) > 200:
+    if not _SAFE_ID.fullmatch(text) or ".." in text or len(text) > 200:
         raise ValueError(
             f"Unsafe {what} {text!r}: ids become file names, so they may only contain letters, digits, "
             "'.', '_' and '-', must not start with '.', and must not contain '..' or path separators."
@@ -36,29 +36,92 @@ def check_safe_id(image_id: str, what: str = "image id") -> str:
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block succeeds.
+    """Yield a temporary path next to ``path``; move it onto ``path`` only if the block succeeds.
 
     Refuses (``FileExistsError``) when ``path`` exists and ``overwrite`` is False. Works for files
     and for folders (whatever the block creates at the temporary path is moved).
+
+    The old version is never deleted before the new one is in place: a file is replaced with one
+    atomic ``os.replace``; a folder is swapped with two renames (old folder to a backup name, new
+    folder onto ``path``) and the backup is removed only afterwards, so a complete version exists
+    at every moment, and a failure between the renames puts the old folder back. Temporary names
+    carry the writer's process id: leftovers of a killed run (``.<name>.<pid>.*.partial``) are
+    removed by the next write to the same path, and a backup left by a run killed between the two
+    renames is renamed back onto ``path`` (or removed when ``path`` exists).
     """
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _recover_leftovers(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists; refusing to overwrite it (pass overwrite=True to replace it).")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    os.close(fd)
-    os.unlink(tmp_name)
-    tmp = Path(tmp_name)
+    tmp = _sibling(path, "partial")
     try:
         yield tmp
         if not tmp.exists():
             raise RuntimeError(f"Nothing was written to the temporary path for {path}.")
-        if path.exists():
-            _remove(path)
-        os.replace(tmp, path)
+        if path.exists() and (tmp.is_dir() or (path.is_dir() and not path.is_symlink())):
+            _swap_folders(tmp, path)
+        else:
+            os.replace(tmp, path)
     finally:
-        if tmp.exists():
+        if tmp.exists() or tmp.is_symlink():
             _remove(tmp)
+
+
+def _sibling(path: Path, kind: str) -> Path:
+    """An unused hidden name next to ``path``: ``.<name>.<pid>.<random>.<kind>``."""
+    while True:
+        candidate = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.{kind}")
+        if not candidate.exists():
+            return candidate
+
+
+def _swap_folders(new: Path, path: Path) -> None:
+    backup = _sibling(path, "old")
+    os.replace(path, backup)
+    try:
+        os.replace(new, path)
+    except BaseException:
+        os.replace(backup, path)
+        raise
+    _remove(backup)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):
+        return False
+    except OSError:  # PermissionError: it exists but is not ours; elsewhere: assume alive, keep its files
+        return True
+    return True
+
+
+def _recover_leftovers(path: Path) -> None:
+    """Clean up after a writer of ``path`` that was killed (see :func:`atomic_path`)."""
+    pattern = re.compile(re.escape(f".{path.name}.") + r"(?:(\d+)\.)?[A-Za-z0-9_]+\.(partial|old)\Z")
+    try:
+        siblings = list(path.parent.iterdir())
+    except OSError:
+        return
+    for sibling in siblings:
+        match = pattern.fullmatch(sibling.name)
+        if match is None:
+            continue
+        pid, kind = match.group(1), match.group(2)
+        if pid is not None and _pid_alive(int(pid)):
+            continue
+        if pid is None and kind == "old":
+            continue
+        try:
+            if kind == "old" and not path.exists():
+                os.replace(sibling, path)  # the complete old version, left by a kill between two renames
+            else:
+                _remove(sibling)
+        except OSError:
+            pass
 
 
 def _remove(path: Path) -> None:

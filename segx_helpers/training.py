@@ -11,6 +11,7 @@ import json
 import math
 import random
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -29,6 +30,10 @@ CHECKPOINT_FORMAT = "segx-checkpoint-v1"
 
 class CheckpointError(ValueError):
     """A checkpoint file is missing, corrupt, or does not match what the caller expects."""
+
+
+class NonFiniteScoreWarning(RuntimeWarning):
+    """A validation score was NaN or infinite: that epoch cannot be the best one."""
 
 
 # ------------------------------------------------------------------------------ reproducibility
@@ -129,6 +134,11 @@ def fit(model: nn.Module, loss_fn: nn.Module, train_loader: DataLoader, validate
     epoch to ``<path>.last.pt`` for ``resume``. An existing checkpoint is an error unless
     ``overwrite`` or ``resume``. Stops early after ``patience`` epochs without improvement. The
     model ends in eval mode holding the best weights.
+
+    A NaN (or infinite) validation score never counts as an improvement and gives a
+    :class:`NonFiniteScoreWarning`. If *no* epoch has a finite score, the last epoch's weights are
+    kept (and saved), ``best_epoch`` is that epoch, ``best_value`` is NaN, and a warning says so: a
+    trained model is never silently replaced by the initial weights.
     """
     set_seed(config.seed)
     device = pick_device(config.device)
@@ -188,8 +198,13 @@ def fit(model: nn.Module, loss_fn: nn.Module, train_loader: DataLoader, validate
                   "seconds": time.perf_counter() - started}
         history.records.append(record)
         print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
-        if values[config.monitor] > history.best_value:
-            history.best_value, history.best_epoch = float(values[config.monitor]), epoch
+        score = float(values[config.monitor])
+        if not math.isfinite(score):
+            warnings.warn(f"Validation {config.monitor} is {score} (not finite) at epoch {epoch + 1}, so this epoch cannot "
+                          "be the best one (AUROC is undefined when the validation split lacks a class).",
+                          NonFiniteScoreWarning, stacklevel=2)
+        elif score > history.best_value:
+            history.best_value, history.best_epoch = score, epoch
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             if path is not None:
                 save_checkpoint(path, model, {**(meta or {}), "history": history.records,
@@ -199,6 +214,17 @@ def fit(model: nn.Module, loss_fn: nn.Module, train_loader: DataLoader, validate
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch,
                 "history": json.dumps(history.records), "best_epoch": history.best_epoch,
                 "best_value": history.best_value})
+    if history.best_epoch < 0 and history.records:
+        # No epoch had a finite score: keep the last epoch's (trained) weights rather than the initial ones.
+        history.best_epoch, history.best_value = len(history.records) - 1, math.nan
+        best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        warnings.warn(f"no epoch had a finite validation {config.monitor} ({history.records[-1].get(config.monitor)}); "
+                      f"keeping the last epoch's weights (epoch {len(history.records)}) instead of a best epoch. Check "
+                      "the validation split (does it hold every class?) or monitor another metric.",
+                      NonFiniteScoreWarning, stacklevel=2)
+        if path is not None:
+            save_checkpoint(path, model, {**(meta or {}), "history": history.records, "train_config": asdict(config)},
+                            overwrite=True)
     model.load_state_dict(best_state)
     model.eval()
     return history

@@ -37,7 +37,7 @@ def test_interrupted_dataset_write_leaves_no_dataset(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("bad", ["../evil", "a/b", "a\\b", ".hidden", "", "x..y", "a b"])
+@pytest.mark.parametrize("bad", ["../evil", "a/b", "a\\b", ".hidden", "", "x..y", "a b", "a\n", "a.png\n"])
 def test_unsafe_ids_are_refused(bad):
     with pytest.raises(ValueError, match="Unsafe"):
         check_safe_id(bad)
@@ -77,3 +77,110 @@ def test_explanations_and_scores_are_deterministic():
     assert np.array_equal(runs[0], runs[1])
     other = explain(model, x, [0, 1, 2], "gradient_shap", background=background, nsamples=8, seed=6, progress=False).maps
     assert not np.array_equal(runs[0], other)
+
+
+# ------------------------------------------------------------------------------ atomic replacement (issue 13)
+
+def test_failed_replace_keeps_the_old_checkpoint(tmp_path, monkeypatch):
+    import os
+
+    from segx_helpers.training import read_checkpoint, save_checkpoint
+
+    path = save_checkpoint(tmp_path / "c.pt", build_classifier("resnet18", 3), {"note": "old"})
+    old = path.read_bytes()
+
+    def broken_replace(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", broken_replace)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(path, build_classifier("resnet18", 3), {"note": "new"}, overwrite=True)
+    monkeypatch.undo()
+    assert path.read_bytes() == old and read_checkpoint(path)["meta"]["note"] == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt"]
+
+
+def _tree(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _write_folder(target, files, overwrite=True):
+    with atomic_path(target, overwrite=overwrite) as tmp:
+        for name, data in files.items():
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / name).write_bytes(data)
+
+
+def test_folder_swap_keeps_one_complete_version_at_every_moment(tmp_path, monkeypatch):
+    """Every rename during a folder replacement happens while a complete copy (old or new) exists;
+    a failure of the final rename restores the old folder."""
+    import os
+
+    target = tmp_path / "results"
+    old = {"manifest.csv": b"old", "raw/a.npy": b"1"}
+    new = {"manifest.csv": b"new", "raw/b.npy": b"2"}
+    _write_folder(target, old)
+    real_replace = os.replace
+    seen = []
+
+    def complete_versions():
+        found = []
+        for folder in tmp_path.iterdir():
+            if folder.is_dir() and _tree(folder) in (old, new):
+                found.append(folder.name)
+        return found
+
+    def watched_replace(src, dst):
+        seen.append(complete_versions())
+        real_replace(src, dst)
+        seen.append(complete_versions())
+
+    monkeypatch.setattr(os, "replace", watched_replace)
+    _write_folder(target, new)
+    assert seen and all(versions for versions in seen), seen
+    assert _tree(target) == new and [p.name for p in tmp_path.iterdir()] == ["results"]
+
+    calls = []
+
+    def failing_second_rename(src, dst):
+        calls.append((src, dst))
+        if len(calls) == 2:
+            raise OSError("interrupted")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing_second_rename)
+    with pytest.raises(OSError, match="interrupted"):
+        _write_folder(target, {"manifest.csv": b"newer"})
+    monkeypatch.undo()
+    assert _tree(target) == new and [p.name for p in tmp_path.iterdir()] == ["results"]
+
+
+def test_leftovers_of_a_killed_run_are_cleaned_or_restored(tmp_path):
+    dead_pid = 999_999_999  # above any pid_max: no such process
+    target = tmp_path / "data.json"
+    target.write_text("old")
+    (tmp_path / f".data.json.{dead_pid}.abc123.partial").write_text("half")
+    (tmp_path / ".data.json.x7k2m9.partial").write_text("half, older naming")
+    with atomic_path(target, overwrite=True) as tmp:
+        tmp.write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.json"] and target.read_text() == "new"
+
+    # killed between the two renames of a folder swap: the old folder sits under its backup name
+    folder = tmp_path / "ds"
+    backup = tmp_path / f".ds.{dead_pid}.abc123.old"
+    backup.mkdir()
+    (backup / "x.txt").write_text("complete old version")
+    with pytest.raises(FileExistsError):
+        with atomic_path(folder, overwrite=False) as tmp:
+            tmp.mkdir()
+    assert (folder / "x.txt").read_text() == "complete old version" and not backup.exists()
+
+
+def test_a_live_runs_partial_file_is_left_alone(tmp_path):
+    import os
+
+    live = tmp_path / f".out.txt.{os.getpid()}.zzz.partial"
+    live.write_text("someone is writing this")
+    with atomic_path(tmp_path / "out.txt") as tmp:
+        tmp.write_text("done")
+    assert live.exists() and (tmp_path / "out.txt").read_text() == "done"

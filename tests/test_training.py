@@ -163,3 +163,43 @@ def test_pretrained_weights_fail_clearly_offline_and_if_online_falls_back(make_t
     trained = train_classifier(data, tmp_path / "c.pt", image_size=32, pretrained="if-online",
                                config=TrainConfig(epochs=1, monitor="val_auroc"))
     assert trained.meta["pretrained"] is False
+
+
+# ------------------------------------------------------------------------------ reliability (issue 13)
+
+def _nan_fit(tmp_path=None, scores=None):
+    import math
+    import warnings
+
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Linear(2, 2)
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    batches = [{"image": torch.randn(4, 2), "target": torch.tensor([0, 1, 0, 1])}]
+    values = iter(scores or [math.nan] * 3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        history = fit(model, nn.CrossEntropyLoss(), batches, lambda m: {"val_score": next(values)},
+                      TrainConfig(epochs=3, amp=False), checkpoint_path=None if tmp_path is None else tmp_path / "c.pt")
+    return model, initial, history, [str(w.message) for w in caught]
+
+
+def test_nan_validation_score_keeps_the_last_epoch_with_a_warning_not_the_initial_weights(tmp_path):
+    """All-NaN validation: the documented fallback is the last epoch's weights, with a warning, never the
+    untrained model; the checkpoint holds those trained weights."""
+    model, initial, history, messages = _nan_fit(tmp_path)
+    assert history.best_epoch == 2
+    assert any(not torch.equal(v, initial[k]) for k, v in model.state_dict().items())
+    assert any("no epoch had a finite" in m and "last epoch" in m for m in messages), messages
+    saved = read_checkpoint(tmp_path / "c.pt")["state_dict"]
+    for k, v in model.state_dict().items():
+        assert torch.equal(saved[k], v), k
+
+
+def test_nan_epochs_never_become_the_best_epoch():
+    import math
+
+    _, _, history, messages = _nan_fit(scores=[0.4, math.nan, math.nan])
+    assert history.best_epoch == 0 and history.best_value == 0.4
+    assert any("epoch 2" in m and "not finite" in m for m in messages), messages
