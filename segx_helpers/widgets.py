@@ -1,31 +1,50 @@
 """An interactive explorer for explanation maps (ipywidgets), with a static fallback.
 
 Pick an image, a method, an explained class, the top-p percentage and the mask mode, and see the
-image with its mask, the original map and the SegX map, with the SegU overlap score.
+image with its mask, the original map and the SegX map, with the SegU score c_IoU (the IoU of the
+original map's top-p % region with the predicted mask, :func:`segx_helpers.segu.segu_iou`).
+
+The predicted mask is binarised with one threshold everywhere: pass the segmenter's tuned
+``segmenter.meta["threshold"]`` as ``threshold``, the value notebooks 04/05 and the analysis use.
 """
 from __future__ import annotations
+
+import io
+from dataclasses import dataclass
 
 import matplotlib.pyplot as plt
 import numpy as np
 
 from .explain import Explanations
-from .segu import segu_overlap
+from .segu import segu_iou
 from .segx import segx, top_percent
 from .viz import overlay
 
 MASK_MODES = {"binary (reference)": {"mode": "binary"}, "binary + 4 px margin": {"mode": "binary", "margin": 4},
               "soft (probabilities)": {"mode": "soft"}}
+SCORE_NAME = "c_IoU"
+
+
+def panel_score(heat: np.ndarray, mask_prob: np.ndarray, p: float, threshold: float = 0.5) -> float:
+    """The SegU score the explorer shows for one map: c_IoU, the IoU of the top-``p`` % region of the
+    *original* map ``heat`` ``(H, W)`` with the predicted mask ``mask_prob >= threshold``."""
+    mask = np.asarray(mask_prob) >= threshold
+    return float(segu_iou(np.asarray(heat)[None], mask[None], p)[0])
 
 
 def render_panels(image: np.ndarray, heat: np.ndarray, mask_prob: np.ndarray, p: float, mask_mode: str,
-                  title: str) -> plt.Figure:
-    """Three panels for one (image, class): image + mask, original map, SegX map (top-p % outlined)."""
-    mask = mask_prob >= 0.5
-    aligned = segx(heat[None], mask_prob[None], **MASK_MODES[mask_mode])[0]
-    certainty = segu_overlap(heat[None], mask[None], p)[0]
+                  title: str, threshold: float = 0.5) -> plt.Figure:
+    """Three panels for one (image, class): image + mask, original map (with its c_IoU), SegX map
+    (top-p % outlined). The mask is ``mask_prob >= threshold`` (use the segmenter's tuned threshold)."""
+    mask = mask_prob >= threshold
+    options = dict(MASK_MODES[mask_mode])
+    if options["mode"] == "binary":
+        options["threshold"] = threshold
+    aligned = segx(heat[None], mask_prob[None], **options)[0]
+    certainty = panel_score(heat, mask_prob, p, threshold)
     fig, axes = plt.subplots(1, 3, figsize=(9, 3.3))
-    panels = [(overlay(image, np.zeros_like(heat), mask, alpha=0.0), "image + predicted mask"),
-              (overlay(image, heat, mask, top_percent(heat, p)[0]), f"original map (SegU overlap {certainty:.2f})"),
+    panels = [(overlay(image, np.zeros_like(heat), mask, alpha=0.0), f"image + predicted mask (≥ {threshold:.2f})"),
+              (overlay(image, heat, mask, top_percent(heat, p)[0]), f"original map ({SCORE_NAME} {certainty:.3f})"),
               (overlay(image, aligned, mask, top_percent(aligned, p)[0]), f"SegX map ({mask_mode})")]
     for ax, (picture, name) in zip(axes, panels):
         ax.imshow(picture)
@@ -37,18 +56,114 @@ def render_panels(image: np.ndarray, heat: np.ndarray, mask_prob: np.ndarray, p:
     return fig
 
 
+@dataclass
+class ExplorerState:
+    """What the explorer shows now (for tests and for reading the selection from code)."""
+
+    method: str
+    map_index: int
+    image_index: int
+    class_name: str
+    p: float
+    mask_mode: str
+    score: float
+    title: str
+
+
+class Explorer:
+    """The widgets and their wiring; :func:`explorer` builds one and displays :attr:`widget`.
+
+    Every change of image, method, class, p or mask mode redraws. When the image or method changes the
+    class list is refreshed and a class is always selected (the same class name when the new list has it,
+    else the first), so a figure shows right away.
+    """
+
+    def __init__(self, images: np.ndarray, explanations: dict[str, Explanations], mask_prob: np.ndarray,
+                 class_names: list[str], image_ids=None, threshold: float = 0.5, p: float = 5.0):
+        import ipywidgets as w
+
+        if not explanations:
+            raise ValueError("explorer needs at least one method in explanations")
+        self.images, self.explanations, self.mask_prob = images, explanations, mask_prob
+        self.class_names = list(class_names)
+        self.image_ids = [str(i) for i in image_ids] if image_ids is not None else [str(i) for i in range(len(images))]
+        self.threshold = float(threshold)
+        self.state: ExplorerState | None = None
+        self.draws = 0
+        explained = sorted(set.intersection(*[set(e.image_index.tolist()) for e in explanations.values()]))
+        if not explained:
+            raise ValueError("no image is explained by every method; nothing to explore")
+        self.image_box = w.Dropdown(options=[(self.image_ids[i], i) for i in explained], value=explained[0],
+                                    description="image")
+        self.method_box = w.Dropdown(options=list(explanations), value=next(iter(explanations)), description="method")
+        self.class_box = w.Dropdown(description="class")
+        self.p_box = w.FloatSlider(value=p, min=1.0, max=50.0, step=1.0, description="top p %")
+        self.mode_box = w.Dropdown(options=list(MASK_MODES), value=next(iter(MASK_MODES)), description="mask")
+        self.score_label = w.HTML(layout=w.Layout(margin="0 0 0 10px"))
+        # The figure goes into an Image widget as PNG bytes: it shows whatever the matplotlib backend
+        # (inline, Agg under papermill) and the front end (JupyterLab, Notebook 7, VS Code, Colab).
+        self.picture = w.Image(format="png")
+        self._refreshing = False
+        self.widget = w.VBox([w.HBox([self.image_box, self.method_box, self.class_box]),
+                              w.HBox([self.p_box, self.mode_box, self.score_label]), self.picture])
+        self.image_box.observe(self.refresh_classes, "value")
+        self.method_box.observe(self.refresh_classes, "value")
+        for box in (self.class_box, self.p_box, self.mode_box):
+            box.observe(self.draw, "value")
+        self.refresh_classes()
+
+    def classes_for(self, index: int, method: str) -> list[tuple[str, int]]:
+        e = self.explanations[method]
+        return [(self.class_names[e.class_index[k]], int(k)) for k in np.flatnonzero(e.image_index == index)]
+
+    def refresh_classes(self, *_) -> None:
+        """New class list for the selected image and method; select a class (ipywidgets 8 selects none)."""
+        previous = self.class_box.label
+        options = self.classes_for(self.image_box.value, self.method_box.value)
+        self._refreshing = True
+        try:
+            self.class_box.options = options
+            if options:
+                labels = [label for label, _ in options]
+                self.class_box.value = options[labels.index(previous) if previous in labels else 0][1]
+        finally:
+            self._refreshing = False
+        self.draw()  # the value may be unchanged (same index under another method): draw anyway
+
+    def draw(self, *_) -> None:
+        if self._refreshing or self.class_box.value is None:
+            return
+        method, k = self.method_box.value, int(self.class_box.value)
+        e = self.explanations[method]
+        index = int(e.image_index[k])
+        class_name = self.class_names[e.class_index[k]]
+        title = f"{self.image_ids[index]}: {class_name} (probability {e.scores[k]:.2f}, {method})"
+        fig = render_panels(self.images[index], e.maps[k], self.mask_prob[index], self.p_box.value, self.mode_box.value,
+                            title, threshold=self.threshold)
+        score = panel_score(e.maps[k], self.mask_prob[index], self.p_box.value, self.threshold)
+        self.state = ExplorerState(method, k, index, class_name, float(self.p_box.value), self.mode_box.value, score,
+                                   title)
+        self.score_label.value = (f"<b>{SCORE_NAME} = {score:.3f}</b> (top {self.p_box.value:g} % of the original "
+                                  f"{method} map vs the predicted mask ≥ {self.threshold:.2f})")
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=100)
+        plt.close(fig)
+        self.picture.value = buffer.getvalue()
+        self.draws += 1
+
+
 def explorer(images: np.ndarray, explanations: dict[str, Explanations], mask_prob: np.ndarray,
-             class_names: list[str], image_ids: list[str] | None = None):
+             class_names: list[str], image_ids=None, threshold: float = 0.5):
     """Show the interactive explorer; without ipywidgets or a notebook kernel, a static figure instead.
 
     ``images`` ``(N, H, W, C)`` in [0, 1]; ``explanations``: method -> :class:`Explanations` over the
-    same images; ``mask_prob`` ``(N, H, W)`` predicted clinical-interest probabilities.
+    same images; ``mask_prob`` ``(N, H, W)`` predicted clinical-interest probabilities, binarised at
+    ``threshold`` (pass ``segmenter.meta["threshold"]``, the segmenter's tuned threshold).
+    Returns the static figure in the fallback, else ``None`` (build an :class:`Explorer` yourself to
+    read its selection from code).
     """
-    image_ids = image_ids or [str(i) for i in range(len(images))]
-    first_method = next(iter(explanations))
-    first = explanations[first_method]
     try:
-        import ipywidgets as w
+        import ipywidgets  # noqa: F401
         from IPython import get_ipython
         from IPython.display import display
 
@@ -56,44 +171,12 @@ def explorer(images: np.ndarray, explanations: dict[str, Explanations], mask_pro
             raise ImportError("not running inside a Jupyter kernel")
     except ImportError as err:
         print(f"Interactive explorer unavailable ({err}); showing a static view of the first explained image instead.")
-        k = 0
-        return render_panels(images[first.image_index[k]], first.maps[k], mask_prob[first.image_index[k]], 5.0,
-                             "binary (reference)", f"{image_ids[first.image_index[k]]}: {class_names[first.class_index[k]]} "
-                             f"({first_method})")
-
-    explained = sorted(set(first.image_index.tolist()).intersection(*[set(e.image_index.tolist()) for e in explanations.values()]))
-    image_box = w.Dropdown(options=[(image_ids[i], i) for i in explained], description="image")
-    method_box = w.Dropdown(options=list(explanations), description="method")
-    class_box = w.Dropdown(description="class")
-    p_box = w.FloatSlider(value=5.0, min=1.0, max=50.0, step=1.0, description="top p %")
-    mode_box = w.Dropdown(options=list(MASK_MODES), description="mask")
-    out = w.Output()
-
-    def classes_for(index: int, method: str) -> list[tuple[str, int]]:
-        e = explanations[method]
-        return [(class_names[e.class_index[k]], int(k)) for k in np.flatnonzero(e.image_index == index)]
-
-    def refresh_classes(*_):
-        class_box.options = classes_for(image_box.value, method_box.value)
-
-    def draw(*_):
-        if class_box.value is None:
-            return
-        e = explanations[method_box.value]
-        k = class_box.value
-        index = int(e.image_index[k])
-        with out:
-            out.clear_output(wait=True)
-            fig = render_panels(images[index], e.maps[k], mask_prob[index], p_box.value, mode_box.value,
-                                f"{image_ids[index]}: {class_names[e.class_index[k]]} "
-                                f"(score {e.scores[k]:.2f}, {method_box.value})")
-            plt.show(fig)
-
-    image_box.observe(refresh_classes, "value")
-    method_box.observe(refresh_classes, "value")
-    for box in (class_box, p_box, mode_box):
-        box.observe(draw, "value")
-    refresh_classes()
-    draw()
-    display(w.VBox([w.HBox([image_box, method_box, class_box]), w.HBox([p_box, mode_box]), out]))
+        ids = [str(i) for i in image_ids] if image_ids is not None else [str(i) for i in range(len(images))]
+        method = next(iter(explanations))
+        first, k = explanations[method], 0
+        index = int(first.image_index[k])
+        return render_panels(images[index], first.maps[k], mask_prob[index], 5.0, "binary (reference)",
+                             f"{ids[index]}: {class_names[first.class_index[k]]} ({method})", threshold=threshold)
+    view = Explorer(images, explanations, mask_prob, class_names, image_ids, threshold=threshold)
+    display(view.widget)
     return None
