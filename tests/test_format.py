@@ -141,3 +141,106 @@ def test_writer_refuses_to_replace_user_data(make_tiny_dataset, tmp_path):
     with pytest.raises(FileExistsError, match="not written by segx_helpers"):
         write_dataset(user, *args, overwrite=True)
     assert sorted(p.name for p in (user / "images").iterdir()) == before
+
+
+# ------------------------------------------------------------------ import_folder and load_dataset for a user's folder
+
+def _user_folder(tmp_path, n=30, grayscale=False, rgb_stored_gray=False):
+    """A user's raw folder: images/<id>.png, labels.csv (multiclass), and their own splits.csv."""
+    from segx_helpers.data.format import make_splits as _make_splits
+
+    raw = tmp_path / "raw"
+    (raw / "images").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    ids = [f"case_{i:03d}" for i in range(n)]
+    for i in ids:
+        plane = rng.integers(0, 255, (16, 16), dtype=np.uint8)
+        if grayscale:
+            Image.fromarray(plane).save(raw / "images" / f"{i}.png")
+        elif rgb_stored_gray:
+            Image.fromarray(np.repeat(plane[:, :, None], 3, axis=2)).save(raw / "images" / f"{i}.png")
+        else:
+            Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(raw / "images" / f"{i}.png")
+    labels = pd.DataFrame({"image_id": ids, "label": [("normal", "abnormal")[k % 2] for k in range(n)]})
+    labels.to_csv(raw / "labels.csv", index=False)
+    own = _make_splits(ids, seed=123).sample(frac=1.0, random_state=1)  # their own split, in another row order
+    own.to_csv(raw / "splits.csv", index=False)
+    return raw, ids, own
+
+
+def test_import_folder_keeps_a_users_splits_file_or_frame(tmp_path):
+    from segx_helpers.data.real import IgnoredSplitsWarning, import_folder
+
+    raw, ids, own = _user_folder(tmp_path)
+    expected = dict(zip(own["image_id"], own["split"]))
+    for name, splits in (("from_file", raw / "splits.csv"), ("from_frame", own)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", IgnoredSplitsWarning)  # no "ignored split" warning when the split is used
+            out = import_folder(raw / "images", raw / "labels.csv", tmp_path / name, task="multiclass", splits=splits,
+                                channels=3)
+        table = load_dataset(out).table
+        assert dict(zip(table["image_id"], table["split"])) == expected
+
+
+def test_import_folder_takes_a_split_column_of_the_labels_file(tmp_path):
+    from segx_helpers.data.real import import_folder
+
+    raw, ids, own = _user_folder(tmp_path)
+    (raw / "splits.csv").unlink()
+    labels = pd.read_csv(raw / "labels.csv").merge(own, on="image_id")
+    labels.to_csv(raw / "labels.csv", index=False)
+    out = import_folder(raw / "images", raw / "labels.csv", tmp_path / "ds", task="multiclass", splits=raw / "labels.csv",
+                        channels=3)
+    table = load_dataset(out).table
+    assert dict(zip(table["image_id"], table["split"])) == dict(zip(own["image_id"], own["split"]))
+    assert list(pd.read_csv(out / "labels.csv").columns) == ["image_id", "label"]
+
+
+def test_import_folder_warns_when_a_users_splits_csv_is_ignored(tmp_path):
+    from segx_helpers.data.real import IgnoredSplitsWarning, import_folder
+
+    raw, ids, own = _user_folder(tmp_path)
+    with pytest.warns(IgnoredSplitsWarning, match="splits.csv.*splits="):
+        out = import_folder(raw / "images", raw / "labels.csv", tmp_path / "ds", task="multiclass", channels=3)
+    assert len(load_dataset(out).table) == len(ids)
+
+
+def test_import_folder_rejects_a_split_that_misses_ids(tmp_path):
+    from segx_helpers.data.real import import_folder
+
+    raw, ids, own = _user_folder(tmp_path)
+    with pytest.raises(DatasetFormatError, match="have no split"):
+        import_folder(raw / "images", raw / "labels.csv", tmp_path / "ds", task="multiclass", splits=own.iloc[1:],
+                      channels=3)
+    with pytest.raises(DatasetFormatError, match="unknown split names"):
+        import_folder(raw / "images", raw / "labels.csv", tmp_path / "ds", task="multiclass",
+                      splits=own.assign(split="training"), channels=3)
+
+
+@pytest.mark.parametrize("kind, expected", [("grayscale", 1), ("rgb_stored_gray", 1), ("colour", 3)])
+def test_import_folder_detects_single_channel_sources_and_says_so(tmp_path, capsys, kind, expected):
+    from segx_helpers.data.real import import_folder
+
+    raw, ids, own = _user_folder(tmp_path, grayscale=kind == "grayscale", rgb_stored_gray=kind == "rgb_stored_gray")
+    out = import_folder(raw / "images", raw / "labels.csv", tmp_path / "ds", task="multiclass", splits=own)
+    said = capsys.readouterr().out
+    assert f"channels={expected}" in said
+    data = load_dataset(out)
+    assert data.info.channels == expected
+    assert read_image(data.table["image_path"][0], channels=data.info.channels).shape == (16, 16, expected)
+
+
+def test_load_dataset_names_ignored_fields_and_import_folder(make_tiny_dataset):
+    root = make_tiny_dataset()
+    info = json.loads((root / "dataset.json").read_text())
+    (root / "dataset.json").write_text(json.dumps({**info, "notes": "x"}))
+    with pytest.warns(UserWarning, match=r"unknown fields \['notes'\] are ignored"):
+        load_dataset(root)
+    foreign = {"title": info["name"], "classes": info["class_names"], "task": info["task"], "modality": "x",
+               "mask_description": "y"}
+    (root / "dataset.json").write_text(json.dumps(foreign))
+    with pytest.raises(DatasetFormatError) as err:
+        load_dataset(root)
+    message = str(err.value)
+    assert "['class_names', 'name']" in message and "['classes', 'title'] are ignored" in message
+    assert "import_folder" in message

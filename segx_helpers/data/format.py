@@ -202,8 +202,15 @@ def load_info(root: str | Path) -> DatasetInfo:
         raise DatasetFormatError(f"{path} is not valid JSON: {err}") from err
     known = {f for f in DatasetInfo.__dataclass_fields__}
     missing = {"name", "modality", "task", "class_names", "mask_description"} - raw.keys()
+    unknown = sorted(raw.keys() - known)
+    ignored = f"; its unknown fields {unknown} are ignored" if unknown else ""
     if missing:
-        raise DatasetFormatError(f"{path} lacks the fields {sorted(missing)}.")
+        raise DatasetFormatError(
+            f"{path} lacks the fields {sorted(missing)}{ignored}. The format's fields are {sorted(known)}; to bring a "
+            "folder of images, masks and a labels CSV into the format, use segx_helpers.data.real.import_folder.")
+    if unknown:
+        warnings.warn(f"{path}: unknown fields {unknown} are ignored (the format's fields are {sorted(known)}).",
+                      UserWarning, stacklevel=3)
     return DatasetInfo(**{k: v for k, v in raw.items() if k in known})
 
 

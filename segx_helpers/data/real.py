@@ -348,13 +348,21 @@ def find_layout(raw_dir: str | Path, names: Sequence[str], depth: int = 2) -> tu
 def import_folder(images_dir: str | Path, labels_csv: str | Path, out_dir: str | Path, task: str,
                   class_names: Sequence[str] | None = None, masks_dir: str | Path | None = None, mask_suffix: str = "",
                   name: str | None = None, modality: str = "", mask_description: str = "clinical-interest region",
-                  channels: int = 3, seed: int = 0, image_size: int | None = None, overwrite: bool = False) -> Path:
+                  channels: int | None = None, seed: int = 0, image_size: int | None = None, overwrite: bool = False,
+                  splits: str | Path | pd.DataFrame | None = None) -> Path:
     """Bring your own data: a folder of images, an optional folder of masks and a labels CSV.
 
     ``labels_csv`` has ``image_id`` plus a ``label`` column (``task="multiclass"``) or one 0/1 column
     per class (``task="multilabel"``). Images are ``images_dir/<image_id>.png|jpg``; masks, when
     given, ``masks_dir/<image_id><mask_suffix>.png`` (an image without a mask file is kept without
     one). ``class_names`` fixes the class order (default: sorted labels, or the CSV's columns).
+
+    ``splits``: your own split, a CSV file or frame with ``image_id`` and ``split`` (train/val/test)
+    columns, kept as it is (a ``split`` column in ``labels_csv`` works too: pass ``splits=labels_csv``).
+    Without it a fresh 7:1:2 split stratified by label is made, with a warning when a ``splits.csv``
+    or a ``split`` column next to your data is thereby ignored. ``channels``: 1 (grayscale) or 3 (RGB);
+    by default 1 when every image is grayscale (single-channel, or RGB with equal channels), else 3,
+    and one printed line says which was chosen.
     """
     images_dir, labels_csv = _require_dir(Path(images_dir)), Path(labels_csv)
     if not labels_csv.is_file():
@@ -362,13 +370,17 @@ def import_folder(images_dir: str | Path, labels_csv: str | Path, out_dir: str |
     labels = pd.read_csv(labels_csv, dtype={"image_id": str})
     if "image_id" not in labels.columns:
         raise DatasetFormatError(f"{labels_csv} needs an image_id column (has {list(labels.columns)}).")
+    user_splits = _user_splits(splits, labels, labels_csv) if splits is not None else None
+    if user_splits is None:
+        _warn_ignored_splits(images_dir, labels_csv, labels)
+    labels = labels.drop(columns=["split"], errors="ignore")
     if task == "multiclass":
         if "label" not in labels.columns:
             raise DatasetFormatError(f"{labels_csv} needs a 'label' column for a multiclass task.")
         class_names = list(class_names or sorted(labels["label"].dropna().astype(str).unique()))
         stratum = labels["label"].astype(str)
     elif task == "multilabel":
-        class_names = list(class_names or [c for c in labels.columns if c != "image_id"])
+        class_names = list(class_names or [c for c in labels.columns if c not in ("image_id", "split")])
         stratum = labels[class_names].astype(str).agg("".join, axis=1)
     else:
         raise ValueError(f"task must be 'multiclass' or 'multilabel', got {task!r}")
@@ -377,10 +389,76 @@ def import_folder(images_dir: str | Path, labels_csv: str | Path, out_dir: str |
     _check_all_found(ids, images, images_dir.parent, [images_dir.name])
     masks = _index_files([Path(masks_dir)], (".png",), strip=mask_suffix) if masks_dir is not None else {}
     records = [_Record(i, images[i], _as_tuple(masks.get(i))) for i in ids]
+    if channels is None:
+        channels = _detect_channels([images[i] for i in ids])
     info = DatasetInfo(name=name or Path(out_dir).name, modality=modality, task=task, class_names=class_names,
                        mask_description=mask_description, source=str(images_dir), licence="", channels=channels)
-    splits = make_splits(ids, seed=seed, stratify=stratum)
+    splits = user_splits if user_splits is not None else make_splits(ids, seed=seed, stratify=stratum)
     return _write(out_dir, info, records, labels, splits, image_size, overwrite)
+
+
+class IgnoredSplitsWarning(UserWarning):
+    """``import_folder`` made a fresh split although a split of the user's own was found next to the data."""
+
+
+def _user_splits(splits: str | Path | pd.DataFrame, labels: pd.DataFrame, labels_csv: Path) -> pd.DataFrame:
+    """The user's split as an ``image_id, split`` frame covering exactly the ids of ``labels``."""
+    source = "the splits frame"
+    if not isinstance(splits, pd.DataFrame):
+        source = str(splits)
+        if not Path(splits).is_file():
+            raise DatasetFormatError(f"Splits file {splits} not found.")
+        splits = labels if Path(splits).resolve() == labels_csv.resolve() else pd.read_csv(splits, dtype={"image_id": str})
+    if not {"image_id", "split"} <= set(splits.columns):
+        raise DatasetFormatError(f"{source} needs image_id and split columns (has {list(splits.columns)}).")
+    frame = splits[["image_id", "split"]].astype(str)
+    bad = sorted(set(frame["split"]) - {"train", "val", "test"})
+    if bad:
+        raise DatasetFormatError(f"{source}: unknown split names {bad}; use train, val and test.")
+    if frame["image_id"].duplicated().any():
+        raise DatasetFormatError(f"{source}: duplicate image ids {frame['image_id'][frame['image_id'].duplicated()].tolist()[:5]}.")
+    ids = labels["image_id"].astype(str)
+    missing = sorted(set(ids) - set(frame["image_id"]))
+    if missing:
+        raise DatasetFormatError(f"{source}: {len(missing)} ids of {labels_csv} have no split (e.g. {missing[:5]}).")
+    extra = sorted(set(frame["image_id"]) - set(ids))
+    if extra:
+        warnings.warn(f"{source}: {len(extra)} ids are not in {labels_csv} and are left out (e.g. {extra[:5]}).",
+                      UserWarning, stacklevel=3)
+    return frame.set_index("image_id").loc[ids].reset_index()
+
+
+def _warn_ignored_splits(images_dir: Path, labels_csv: Path, labels: pd.DataFrame) -> None:
+    found = [str(p) for p in dict.fromkeys(d / "splits.csv" for d in (images_dir, images_dir.parent, labels_csv.parent))
+             if p.is_file()]
+    if "split" in labels.columns:
+        found.append(f"the split column of {labels_csv}")
+    if found:
+        warnings.warn(f"import_folder ignores your split ({', '.join(found)}) and makes a fresh stratified 7:1:2 split; "
+                      "pass splits=<that file> to keep yours.", IgnoredSplitsWarning, stacklevel=3)
+
+
+def _detect_channels(paths: Sequence[Path], max_checked: int = 64) -> int:
+    """1 when the images are grayscale (single-channel files, or RGB ones with equal channels), else 3;
+    prints which. Files are opened for their mode; at most ``max_checked`` RGB files are read in full."""
+    colour, rgb_paths = [], []
+    for path in paths:
+        with Image.open(path) as img:
+            if img.mode in ("RGB", "RGBA", "P", "CMYK", "YCbCr", "PA"):
+                rgb_paths.append(path)
+    step = max(1, -(-len(rgb_paths) // max_checked))
+    for path in rgb_paths[::step]:
+        pixels = read_image(path, channels=3).astype(np.int16)
+        if np.abs(pixels - pixels[:, :, :1]).max() > 2:  # JPEG leaves small differences in gray images
+            colour.append(path)
+            break
+    if colour:
+        print(f"import_folder: channels=3 (RGB): {colour[0].name} is a colour image; pass channels=1 for grayscale")
+        return 3
+    checked = len(paths) - len(rgb_paths) + len(rgb_paths[::step])
+    print(f"import_folder: channels=1 (grayscale): the {checked} of {len(paths)} images checked are all grayscale; "
+          "pass channels=3 to keep RGB")
+    return 1
 
 
 # ------------------------------------------------------------------------------------ shared steps
