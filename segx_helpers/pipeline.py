@@ -1,11 +1,17 @@
 """Recipes the notebooks call: train or load the segmenter and the classifier, and evaluate them.
 
 Each ``train_*`` function skips training when its checkpoint already exists (re-running a
-notebook is cheap and never clobbers a model) unless ``retrain=True``.
+notebook is cheap and never clobbers a model) unless ``retrain=True``. A checkpoint is reused only
+if it was trained on the same thing: every checkpoint stores a *fingerprint* (dataset name, class
+names in order, task, image size, channels, a hash of the training split's ids, the model choices
+and the training settings such as epochs and ``max_batches_per_epoch``), and a mismatch is a
+:class:`~segx_helpers.training.CheckpointError` naming each differing field and how to retrain.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
@@ -20,7 +26,7 @@ from .data.torch_dataset import Normalization, SegXDataset
 from .metrics import (classification_report, dice_score, iou_score, macro_auroc, predict_labels, select_mask_threshold, select_thresholds)
 from .models import build_classifier, build_segmenter
 from .notebook import TutorialPaths, require
-from .training import (DiceBCELoss, TrainConfig, balanced_class_weights, classification_loss, fit,
+from .training import (CheckpointError, DiceBCELoss, TrainConfig, balanced_class_weights, classification_loss, fit,
                        load_checkpoint, make_loader, predict_classifier, predict_masks, save_checkpoint, set_seed)
 
 
@@ -33,10 +39,66 @@ class TrainedModel:
     history: pd.DataFrame
 
 
-def load_trained(checkpoint: str | Path, kind: str) -> TrainedModel:
-    """Load a checkpoint written by ``train_segmenter`` / ``train_classifier`` (``kind`` "segmenter" or "classifier")."""
+def load_trained(checkpoint: str | Path, kind: str, expected: dict | None = None, how_to_retrain: str = "") -> TrainedModel:
+    """Load a checkpoint written by ``train_segmenter`` / ``train_classifier`` (``kind`` "segmenter" or "classifier").
+
+    With ``expected`` (a fingerprint, or some of its fields) the checkpoint must have been trained
+    on exactly that, and to the end, else :class:`CheckpointError` names every differing field and
+    ends with ``how_to_retrain``.
+    """
     model, meta = load_checkpoint(checkpoint, expected_kind=kind)
+    if expected is not None:
+        _check_fingerprint(Path(checkpoint), meta, expected, how_to_retrain)
     return TrainedModel(model, meta, pd.DataFrame(meta.get("history", [])))
+
+
+def training_fingerprint(data: LoadedDataset, image_size: int, config: TrainConfig, **choices) -> dict:
+    """What a model is trained on, as stored in its checkpoint (``meta["fingerprint"]``): dataset name,
+    class names in order, task, image size, channels, SHA-256 of the sorted training ids, the training
+    settings (epochs, max_batches_per_epoch, lr, weight decay, patience, monitor, seed) and ``choices``
+    (architecture, weights, batch size, normalisation)."""
+    train_ids = sorted(str(i) for i in data.split("train")["image_id"])
+    settings = {k: v for k, v in asdict(config).items() if k not in ("device", "amp")}
+    fingerprint = {"dataset": data.info.name, "class_names": list(data.info.class_names), "task": data.info.task,
+                   "image_size": int(image_size), "channels": int(data.info.channels),
+                   "train_ids_sha256": hashlib.sha256("\n".join(train_ids).encode()).hexdigest(),
+                   **settings, **choices}
+    return json.loads(json.dumps(fingerprint, default=lambda v: asdict(v) if dataclasses.is_dataclass(v) else str(v)))
+
+
+_DATA_AND_MODE = ("dataset", "class_names", "task", "image_size", "channels", "train_ids_sha256", "epochs",
+                  "max_batches_per_epoch")
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _check_fingerprint(path: Path, meta: dict, expected: dict, how_to_retrain: str) -> None:
+    stored = meta.get("fingerprint")
+    if not isinstance(stored, dict):
+        raise CheckpointError(f"{path} has no training fingerprint (written by an older segx_helpers), so it cannot be "
+                              f"checked against this dataset and these settings. {how_to_retrain}")
+    missing = object()
+    differ = [f"{key}: checkpoint {_short(stored.get(key, '(absent)'))}, now {_short(value)}"
+              for key, value in expected.items() if stored.get(key, missing) != value]
+    if differ:
+        raise CheckpointError(f"{path} was trained on something else than what is asked for now ("
+                              + "; ".join(differ) + f"). {how_to_retrain}")
+    if meta.get("finished") is False:
+        raise CheckpointError(f"{path} holds an unfinished training run (interrupted?). {how_to_retrain}")
+
+
+def _retrain_hint(path: Path, notebook: str | None = None) -> str:
+    where = f"run notebook {notebook} again with RETRAIN = True" if notebook else "pass retrain=True (RETRAIN = True in the notebook)"
+    return f"To train again, {where} to replace it, or delete or rename {path} (keep it to reuse it with its own settings)."
+
+
+def _check_monitor(config: TrainConfig, key: str) -> None:
+    if config.monitor != key:
+        raise ValueError(f"config.monitor is {config.monitor!r}, but this model is validated with {key!r}: "
+                         f"use TrainConfig(monitor={key!r}, ...).")
 
 
 def _with_weights_if_online(build, requested, pretrained_value, scratch_value):
@@ -71,14 +133,19 @@ def train_segmenter(data: LoadedDataset, checkpoint: str | Path, image_size: int
     can be downloaded, else random with a message).
     """
     checkpoint = Path(checkpoint)
+    config = config or TrainConfig(lr=3e-3, monitor="val_dice")
+    _check_monitor(config, "val_dice")
+    norm = normalization or Normalization.for_channels(data.info.channels)
+    fingerprint = training_fingerprint(data, image_size, config, kind="segmenter", encoder=encoder,
+                                       decoder_channels=list(decoder_channels), encoder_weights=encoder_weights,
+                                       batch_size=batch_size, normalization=asdict(norm))
     if checkpoint.exists() and not retrain:
-        return load_trained(checkpoint, "segmenter")
+        return load_trained(checkpoint, "segmenter", fingerprint, _retrain_hint(checkpoint))
     if image_size % 32:
         raise ValueError(f"image_size must be divisible by 32 for a U-Net, got {image_size}")
     if data.table["mask_path"].isna().all():
         raise ValueError(f"{data.root} has no masks: a segmenter cannot be trained on it.")
-    config = config or TrainConfig(lr=3e-3, monitor="val_dice")
-    train_set, val_set, norm = _datasets(data, image_size, normalization)
+    train_set, val_set, norm = _datasets(data, image_size, norm)
     train_loader = make_loader(train_set, batch_size, shuffle=True, seed=config.seed, num_workers=num_workers)
     val_loader = make_loader(val_set, 64, shuffle=False)
     val_masks = val_set.tensors()["mask"][:, 0].numpy() > 0.5
@@ -93,7 +160,8 @@ def train_segmenter(data: LoadedDataset, checkpoint: str | Path, image_size: int
         encoder_weights, "imagenet", None)
     meta = {"kind": "segmenter", "arch": "Unet", "encoder": encoder, "decoder_channels": list(decoder_channels),
             "in_channels": data.info.channels, "image_size": image_size, "normalization": asdict(norm),
-            "dataset": data.info.name, "mask_description": data.info.mask_description, "threshold": 0.5}
+            "dataset": data.info.name, "mask_description": data.info.mask_description, "threshold": 0.5,
+            "fingerprint": fingerprint, "finished": False}
     history = fit(model, DiceBCELoss(), train_loader, validate, config, target_key="mask", checkpoint_path=checkpoint,
                   meta=meta, overwrite=retrain)
     val_prob = predict_masks(model, val_loader)
@@ -101,6 +169,7 @@ def train_segmenter(data: LoadedDataset, checkpoint: str | Path, image_size: int
     meta["metrics"] = {"val_dice": float(dice_score(val_masks, val_prob >= meta["threshold"]).mean())}
     meta["history"] = history.records
     meta["train_config"] = asdict(config)
+    meta["finished"] = True
     save_checkpoint(checkpoint, model, meta, overwrite=True)
     return TrainedModel(model, meta, history.frame())
 
@@ -116,11 +185,16 @@ def train_classifier(data: LoadedDataset, checkpoint: str | Path, image_size: in
     (default), True, or "if-online" (ImageNet weights when they can be downloaded, else random).
     """
     checkpoint = Path(checkpoint)
-    if checkpoint.exists() and not retrain:
-        return load_trained(checkpoint, "classifier")
     config = config or TrainConfig(lr=1e-3, monitor="val_auroc")
+    _check_monitor(config, "val_auroc")
+    norm = normalization or Normalization.for_channels(data.info.channels)
+    fingerprint = training_fingerprint(data, image_size, config, kind="classifier", arch=arch, pretrained=pretrained,
+                                       class_weighting=class_weighting, batch_size=batch_size,
+                                       normalization=asdict(norm))
+    if checkpoint.exists() and not retrain:
+        return load_trained(checkpoint, "classifier", fingerprint, _retrain_hint(checkpoint))
     task = data.info.task
-    train_set, val_set, norm = _datasets(data, image_size, normalization)
+    train_set, val_set, norm = _datasets(data, image_size, norm)
     train_loader = make_loader(train_set, batch_size, shuffle=True, seed=config.seed, num_workers=num_workers)
     val_loader = make_loader(val_set, 64, shuffle=False)
     weights = balanced_class_weights(train_set.targets, task) if class_weighting else None
@@ -136,7 +210,8 @@ def train_classifier(data: LoadedDataset, checkpoint: str | Path, image_size: in
         pretrained, True, False)
     meta = {"kind": "classifier", "arch": arch, "task": task, "class_names": data.info.class_names,
             "in_channels": data.info.channels, "image_size": image_size, "normalization": asdict(norm),
-            "dataset": data.info.name, "pretrained": pretrained, "thresholds": None}
+            "dataset": data.info.name, "pretrained": pretrained, "thresholds": None, "fingerprint": fingerprint,
+            "finished": False}
     history = fit(model, classification_loss(task, weights), train_loader, validate, config, checkpoint_path=checkpoint,
                   meta=meta, overwrite=retrain)
     val = predict_classifier(model, val_loader, task)
@@ -145,6 +220,7 @@ def train_classifier(data: LoadedDataset, checkpoint: str | Path, image_size: in
     meta["metrics"] = {"val_auroc": macro_auroc(val["targets"], val["probs"])}
     meta["history"] = history.records
     meta["train_config"] = asdict(config)
+    meta["finished"] = True
     save_checkpoint(checkpoint, model, meta, overwrite=True)
     return TrainedModel(model, meta, history.frame())
 
@@ -272,15 +348,27 @@ def prepare_dataset(name: str, paths: TutorialPaths, settings: RunSettings, prep
 def prepare_models(name: str, paths: TutorialPaths, data: LoadedDataset, settings: RunSettings,
                    prepare_missing: bool = False, seed: int = 0) -> tuple[TrainedModel, TrainedModel]:
     """Load the segmenter and classifier of notebooks 02 and 03; train them here in the given mode
-    when they are missing and ``prepare_missing`` is set, else say which notebook to run."""
+    when they are missing and ``prepare_missing`` is set, else say which notebook to run.
+
+    An existing checkpoint must have been trained on this dataset (name, class names, task,
+    channels, training ids) at this mode's image size, epochs and ``max_batches_per_epoch``, else
+    :class:`CheckpointError` (a full run never silently reuses a quick model). Architecture and
+    learning-rate choices made in notebooks 02 and 03 are not checked here."""
     if not paths.segmenter(name).exists() and prepare_missing:
         train_segmenter(data, paths.segmenter(name), image_size=settings.seg_image_size,
                         config=segmenter_config(settings, seed))
     if not paths.classifier(name).exists() and prepare_missing:
         train_classifier(data, paths.classifier(name), image_size=settings.image_size,
                          config=classifier_config(settings, seed))
-    return (load_trained(require(paths.segmenter(name), "02_train_segmenter"), "segmenter"),
-            load_trained(require(paths.classifier(name), "03_train_classifier"), "classifier"))
+    loaded = []
+    for kind, path, image_size, config, notebook in (
+            ("segmenter", paths.segmenter(name), settings.seg_image_size, segmenter_config(settings, seed),
+             "02_train_segmenter"),
+            ("classifier", paths.classifier(name), settings.image_size, classifier_config(settings, seed),
+             "03_train_classifier")):
+        expected = {k: v for k, v in training_fingerprint(data, image_size, config).items() if k in _DATA_AND_MODE}
+        loaded.append(load_trained(require(path, notebook), kind, expected, _retrain_hint(path, notebook)))
+    return loaded[0], loaded[1]
 
 
 def mask_probabilities(source, data: LoadedDataset, split: str, image_size: int,
@@ -322,127 +410,79 @@ def mask_probabilities(source, data: LoadedDataset, split: str, image_size: int,
     raise TypeError(f"Unsupported mask source {type(source).__name__}: use a segmenter, checkpoint path, mask folder or callable")
 
 
-def background_images(data: LoadedDataset, meta: dict, n: int, seed: int = 0) -> torch.Tensor:
-    """``n`` training images ``(n, C, H, W)`` prepared for the classifier: the Gradient SHAP background."""
+def background_images(data: LoadedDataset, meta: dict, n: int, seed: int = 0, reference: bool = False) -> torch.Tensor:
+    """``n`` images ``(n, C, H, W)`` prepared for the classifier: the Gradient SHAP background.
+
+    Default: ``n`` training images drawn at random (seeded). ``reference=True``: the first ``n``
+    validation images, as the reference code does."""
     norm = Normalization(**{k: tuple(v) for k, v in meta["normalization"].items()})
-    train = SegXDataset(data, "train", meta["image_size"], norm, cache=False)
-    rows = np.random.default_rng(seed).choice(len(train), size=min(n, len(train)), replace=False)
-    return torch.stack([train[int(i)]["image"] for i in rows])
+    source = SegXDataset(data, "val" if reference else "train", meta["image_size"], norm, cache=False)
+    count = min(n, len(source))
+    rows = np.arange(count) if reference else np.random.default_rng(seed).choice(len(source), size=count, replace=False)
+    return torch.stack([source[int(i)]["image"] for i in rows])
 
 
-def explain_predictions(classifier: TrainedModel, images: torch.Tensor, method: str, **options):
+def explained_subset(targets: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+    """Positions of ``n`` images to explain with a slow method, drawn at random (seeded) and stratified
+    by class, sorted. ``targets``: ``(N,)`` class indices or ``(N, C)`` 0/1 (stratified by the label set).
+    Taking the *first* ``n`` would explain only one class on a folder whose files sort by class."""
+    targets = np.asarray(targets)
+    if n >= len(targets):
+        return np.arange(len(targets))
+    keys = targets if targets.ndim == 1 else np.unique(targets, axis=0, return_inverse=True)[1].ravel()
+    rng = np.random.default_rng(seed)
+    groups = [rng.permutation(np.flatnonzero(keys == k)) for k in np.unique(keys)]
+    quota = {i: int(round(n * len(g) / len(targets))) for i, g in enumerate(groups)}
+    chosen = np.concatenate([g[: quota[i]] for i, g in enumerate(groups)])
+    rest = np.setdiff1d(np.arange(len(targets)), chosen)
+    missing = n - len(chosen)
+    if missing > 0:
+        chosen = np.concatenate([chosen, rng.choice(rest, size=missing, replace=False)])
+    return np.sort(chosen[:n])
+
+
+def explain_predictions(classifier: TrainedModel, images: torch.Tensor, method: str,
+                        subset: np.ndarray | None = None, **options):
     """:func:`segx_helpers.explain.explain` for a trained classifier: its predicted classes
-    (argmax, or the per-class validation thresholds for multilabel) are the targets."""
+    (argmax, or the per-class validation thresholds for multilabel) are the targets. ``subset``:
+    positions of the images to explain (e.g. :func:`explained_subset`); the result's ``image_index``
+    still refers to rows of ``images``."""
     from .explain import explain
 
-    return explain(classifier.model, images, None, method, task=classifier.meta["task"],
-                   thresholds=classifier.meta.get("thresholds"), **options)
-
-
-def localisation_table(explanations: dict, aligned: dict, true_masks: np.ndarray, has_mask: np.ndarray | None = None,
-                       n_resamples: int = 1000, seed: int = 0) -> pd.DataFrame:
-    """Localisation metrics against the ground-truth masks, original vs SegX, per method (paired);
-    predictions on images without a true mask (``has_mask`` False) are left out."""
-    from .metrics import localisation_scores, paired_summary
-
-    frames = []
-    for method, e in explanations.items():
-        keep = np.ones(len(e), bool) if has_mask is None else np.asarray(has_mask)[e.image_index]
-        truth = true_masks[e.image_index][keep]
-        summary = paired_summary(localisation_scores(e.maps[keep], truth),
-                                 localisation_scores(aligned[method][keep], truth), n_resamples=n_resamples, seed=seed)
-        frames.append(summary.assign(method=method, predictions=int(keep.sum())))
-    table = pd.concat(frames, ignore_index=True)
-    return table[["method", "metric", "predictions", "original", "SegX", "difference", "original_mean", "SegX_mean",
-                  "difference_mean"]]
+    rows = np.arange(len(images)) if subset is None else np.asarray(subset, dtype=np.int64)
+    e = explain(classifier.model, images[torch.as_tensor(rows)], None, method, task=classifier.meta["task"],
+                thresholds=classifier.meta.get("thresholds"), **options)
+    e.image_index = rows[e.image_index]
+    return e
 
 
 def segx_results(name: str, paths: TutorialPaths, data: LoadedDataset, segmenter: TrainedModel,
                  classifier: TrainedModel, settings: RunSettings, methods: Sequence[str] = ("gradcam", "gradient_shap"),
-                 seed: int = 0) -> None:
-    """Notebook 04's results in one call (for a fresh runtime that skipped it): explain the test split,
-    apply SegX with the predicted masks, and save each method's results folder and the test masks."""
-    from .data.torch_dataset import Normalization
-    from .results import prediction_table, save_results, save_split_arrays
-    from .segx import segx
+                 seed: int = 0, p: float = 5.0) -> dict:
+    """Notebook 04's results in one call (for a fresh runtime that skipped it), with the same package
+    calls as the notebook: explain the test split, score every prediction with the one analysis path
+    (:func:`segx_helpers.results.explanation_results`), save each method's results folder and the test
+    masks. Returns method -> :class:`~segx_helpers.results.Results`."""
+    from .analysis import binarise_masks
+    from .results import explanation_results, save_split_arrays
 
     test = split_tensors(data, "test", classifier.meta)
     images = Normalization(**classifier.meta["normalization"]).denormalize(test["image"])
     mask_prob = mask_probabilities(segmenter, data, "test", classifier.meta["image_size"])
+    predicted = binarise_masks(mask_prob, segmenter.meta["threshold"])
+    true_masks = test["mask"][:, 0].numpy() > 0.5
+    targets = test["target"].numpy()
+    out = {}
     for method in methods:
         if method == "gradient_shap":
-            e = explain_predictions(classifier, test["image"][: settings.shap_images], method,
-                                    nsamples=settings.shap_nsamples,
+            rows = explained_subset(targets, settings.shap_images, seed)
+            e = explain_predictions(classifier, test["image"], method, subset=rows, nsamples=settings.shap_nsamples,
                                     background=background_images(data, classifier.meta, settings.shap_background, seed))
         else:
             e = explain_predictions(classifier, test["image"], method)
-        aligned = segx(e.maps, mask_prob[e.image_index], threshold=segmenter.meta["threshold"])
-        table = prediction_table(e, test["image_id"], test["target"].numpy(), data.info.task, data.info.class_names)
-        save_results(paths.maps(name) / method, table, e.maps, aligned, images, mask_prob)
-    save_split_arrays(paths.maps(name) / "test_masks.npz", mask_prob=mask_prob,
-                      true_masks=test["mask"][:, 0].numpy() > 0.5, image_id=np.array(test["image_id"]))
-
-
-def analyse_maps(maps: np.ndarray, predicted_masks: np.ndarray, true_masks: np.ndarray | None = None,
-                 p: float = 5.0) -> pd.DataFrame:
-    """Everything computed on top of a batch of explanations, one row per map: the SegU variants of the
-    original maps against the predicted masks and, given true masks, the localisation metrics of the
-    original and the SegX maps.
-
-    Gives exactly what the individual functions give (tested), but shares the work: one top-p
-    selection per map set, one distance transform per distinct mask, sums reused across scores.
-    """
-    import warnings
-
-    from .metrics import relevance_rank_accuracy
-    from .segu import distance_from_top
-    from .segx import check_maps, check_masks, top_percent
-
-    maps = check_maps(maps)
-    predicted = check_masks(predicted_masks, maps.shape) >= 0.5
-    n = len(maps)
-    total = maps.reshape(n, -1).sum(axis=1, dtype=np.float64)
-    aligned = maps * predicted
-    top = top_percent(maps, p)
-    top_size = np.count_nonzero(top, axis=(1, 2))
-    predicted_size = np.count_nonzero(predicted, axis=(1, 2))
-    hits = np.count_nonzero(top & predicted, axis=(1, 2))
-    usable = (top_size > 0) & (predicted_size > 0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        frame = {"SegU overlap (paper)": np.where(usable, hits / np.maximum(top_size, 1), 0.0),
-                 "SegU mass": np.where((total > 0) & (predicted_size > 0),
-                                       aligned.reshape(n, -1).sum(axis=1, dtype=np.float64) / np.where(total > 0, total, 1),
-                                       0.0),
-                 "SegU IoU": np.where(top_size + predicted_size > 0,
-                                      hits / np.maximum(top_size + predicted_size - hits, 1), 0.0),
-                 "SegU distance": distance_from_top(top, predicted)}
-        if true_masks is not None:
-            truth = check_masks(true_masks, maps.shape) >= 0.5
-            for name, values, selected in (("original", maps, top), ("SegX", aligned, None)):
-                frame.update({f"{name} {k}": v for k, v in _localisation(values, truth, selected, p).items()})
-                frame[f"{name} relevance rank"] = relevance_rank_accuracy(values, truth)
-    return pd.DataFrame(frame)
-
-
-def _localisation(maps: np.ndarray, truth: np.ndarray, top: np.ndarray | None, p: float) -> dict[str, np.ndarray]:
-    """The localisation metrics other than rank accuracy, from shared sums (see ``analyse_maps``)."""
-    from .segx import top_percent
-
-    n = len(maps)
-    flat, inside = maps.reshape(n, -1), truth.reshape(n, -1)
-    top = (top_percent(maps, p) if top is None else top).reshape(n, -1)
-    total = flat.sum(axis=1, dtype=np.float64)
-    in_mask = (flat * inside).sum(axis=1, dtype=np.float64)
-    low, high = flat.min(axis=1).astype(np.float64), flat.max(axis=1).astype(np.float64)
-    mask_size, top_size = np.count_nonzero(inside, axis=1), np.count_nonzero(top, axis=1)
-    hits = np.count_nonzero(top & inside, axis=1)
-    energy_total = total - low * flat.shape[1]
-    return {
-        "relevance mass": np.where(total > 0, in_mask / np.where(total > 0, total, 1), 0.0),
-        "pointing game": ((flat == high[:, None]) & inside).any(axis=1) & (high > 0),
-        "top-5% IoU": np.where(top_size + mask_size > 0, hits / np.maximum(top_size + mask_size - hits, 1), 0.0),
-        "top-5% Dice": np.where(top_size + mask_size > 0, 2 * hits / np.maximum(top_size + mask_size, 1), 0.0),
-        "energy pointing game": np.where(high > low, (in_mask - low * mask_size) / np.where(energy_total > 0, energy_total, 1),
-                                         0.0),
-    }
+        out[method] = explanation_results(e, test["image_id"], targets, data.info.task, data.info.class_names,
+                                          predicted, true_masks, test["has_mask"], p=p)
+        out[method].save(paths.maps(name) / method, images, predicted, p=p)
+    save_split_arrays(paths.maps(name) / "test_masks.npz", mask_prob=mask_prob, predicted_masks=predicted,
+                      true_masks=true_masks, has_mask=np.asarray(test["has_mask"]), image_id=np.array(test["image_id"]))
+    return out

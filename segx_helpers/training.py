@@ -109,6 +109,24 @@ class TrainConfig:
     amp: bool = True
     max_batches_per_epoch: int | None = None
 
+    def __post_init__(self) -> None:
+        problems = []
+        if not isinstance(self.epochs, int) or isinstance(self.epochs, bool) or self.epochs < 1:
+            problems.append(f"epochs must be a positive int, got {self.epochs!r}")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            problems.append(f"lr must be a positive number, got {self.lr!r}")
+        if not (isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0):
+            problems.append(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if not isinstance(self.patience, int) or self.patience < 0:
+            problems.append(f"patience must be an int >= 0, got {self.patience!r}")
+        if not isinstance(self.monitor, str) or not self.monitor:
+            problems.append(f"monitor must name a key of the validation dict (e.g. 'val_auroc'), got {self.monitor!r}")
+        if self.max_batches_per_epoch is not None and (not isinstance(self.max_batches_per_epoch, int)
+                                                        or self.max_batches_per_epoch < 1):
+            problems.append(f"max_batches_per_epoch must be None or a positive int, got {self.max_batches_per_epoch!r}")
+        if problems:
+            raise ValueError("TrainConfig: " + "; ".join(problems))
+
 
 @dataclass
 class History:

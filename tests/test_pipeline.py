@@ -4,6 +4,7 @@ from __future__ import annotations
 import socket
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from torch import nn
@@ -91,11 +92,14 @@ def test_results_round_trip_and_segu(trained, tmp_path):
     assert (table["correct"] == (tensors["target"].numpy()[e.image_index] == e.class_index)).all()
     images = np.random.default_rng(0).random((len(tensors["image"]), 64, 64, 3))
     folder = save_results(tmp_path / "gradcam", table, e.maps, aligned, images, masks)
-    manifest, maps, segx_maps = load_results(folder)
-    assert len(manifest) == len(e) and np.allclose(maps, e.maps) and np.allclose(segx_maps, aligned)
+    loaded = load_results(folder)
+    manifest, maps = loaded.table, loaded.maps
+    assert len(manifest) == len(e) and np.allclose(maps, e.maps) and np.allclose(loaded.segx_maps, aligned)
     assert all((folder / p).is_file() for p in manifest["overlay"])
     scores = segu_scores(maps, masks[manifest["image_index"]] >= 0.5)
-    assert scores.shape == (len(e), 4) and scores.notna().all().all()
+    assert scores.shape == (len(e), 5) and scores.notna().all().all()
+    least = loaded.sort("score").head(3)          # maps travel with their rows
+    assert np.allclose(least.maps, e.maps[np.argsort(e.scores, kind="stable")[:3]])
     save_results(folder, table, e.maps, aligned, images, masks)
     (tmp_path / "foreign").mkdir()
     with pytest.raises(FileExistsError, match="not written here"):
@@ -110,7 +114,10 @@ def test_prepare_helpers_say_which_notebook_to_run(trained, tmp_path):
     with pytest.raises(MissingArtifactError, match="02_train_segmenter"):
         prepare_models("synthetic-derm", TutorialPaths.at(tmp_path), data, settings)
     paths = TutorialPaths.at(root)
-    loaded_seg, loaded_cls = prepare_models("synthetic-derm", paths, data, settings)
+    import dataclasses  # the settings the fixture trained with (prepare_models checks them)
+    trained_with = dataclasses.replace(settings, image_size=64, seg_image_size=64, seg_epochs=1, cls_epochs=1,
+                                       max_batches_per_epoch=None)
+    loaded_seg, loaded_cls = prepare_models("synthetic-derm", paths, data, trained_with)
     assert loaded_cls.meta["class_names"] == data.info.class_names
 
 
@@ -118,10 +125,38 @@ def test_segx_results_writes_what_notebook_05_reads(trained):
     root, data, seg, cls = trained
     paths = TutorialPaths.at(root)
     settings = run_settings(quick=True)
-    segx_results("synthetic-derm", paths, data, seg, cls, settings, methods=("gradcam",))
+    made = segx_results("synthetic-derm", paths, data, seg, cls, settings, methods=("gradcam",))
     arrays = load_split_arrays(paths.maps("synthetic-derm") / "test_masks.npz")
-    manifest, maps, _ = load_results(paths.maps("synthetic-derm") / "gradcam")
-    assert arrays["mask_prob"].shape[0] == len(arrays["image_id"]) and len(manifest) == len(maps)
+    loaded = load_results(paths.maps("synthetic-derm") / "gradcam")
+    assert arrays["mask_prob"].shape[0] == len(arrays["image_id"]) and len(loaded.table) == len(loaded.maps)
+    assert arrays["predicted_masks"].dtype == bool
+    assert np.allclose(loaded.table["c_IoU"], made["gradcam"].table["c_IoU"])
+
+
+def test_notebook_path_and_benchmark_path_give_identical_tables(trained):
+    """Notebook 04 scores with explanation_results; the benchmark calls analyse on the same maps: one path."""
+    from segx_helpers.analysis import analyse, binarise_masks
+    from segx_helpers.results import explanation_results
+
+    root, data, seg, cls = trained
+    tensors = split_tensors(data, "test", cls.meta)
+    e = explain_predictions(cls, tensors["image"], "gradcam", progress=False)
+    predicted = binarise_masks(mask_probabilities(seg, data, "test", 64), seg.meta["threshold"])
+    truth = tensors["mask"][:, 0].numpy() > 0.5
+    notebook = explanation_results(e, tensors["image_id"], tensors["target"].numpy(), "multiclass",
+                                   data.info.class_names, predicted, truth, tensors["has_mask"]).table
+    benchmark = analyse(e.maps, predicted[e.image_index], truth[e.image_index])
+    pd.testing.assert_frame_equal(notebook[benchmark.columns], benchmark)
+
+
+def test_explained_subset_is_stratified_seeded_and_covers_every_class():
+    from segx_helpers.pipeline import explained_subset
+
+    targets = np.repeat([0, 1, 2], [60, 30, 10])        # sorted by class, as many user folders are
+    rows = explained_subset(targets, 20, seed=0)
+    assert len(rows) == 20 and len(set(rows)) == 20 and (np.diff(rows) > 0).all()
+    assert np.bincount(targets[rows]).tolist() == [12, 6, 2]
+    assert (explained_subset(targets, 20, seed=0) == rows).all() and not (explained_subset(targets, 20, seed=1) == rows).all()
 
 
 def test_foreign_classifier_and_callable_mask_source(trained):

@@ -203,3 +203,97 @@ def test_nan_epochs_never_become_the_best_epoch():
     _, _, history, messages = _nan_fit(scores=[0.4, math.nan, math.nan])
     assert history.best_epoch == 0 and history.best_value == 0.4
     assert any("epoch 2" in m and "not finite" in m for m in messages), messages
+
+
+def _reorder_classes(root, order):
+    import json
+
+    info = json.loads((root / "dataset.json").read_text())
+    info["class_names"] = order
+    (root / "dataset.json").write_text(json.dumps(info))
+    return load_dataset(root)
+
+
+def test_checkpoint_of_another_dataset_or_mode_is_refused(make_tiny_dataset, tmp_path):
+    """A checkpoint is reused only when its fingerprint matches; the error names the field and how to retrain."""
+    data = load_dataset(make_tiny_dataset(n=30, size=32))
+    quick = TrainConfig(epochs=1, lr=1e-3, monitor="val_auroc", max_batches_per_epoch=1)
+    path = tmp_path / "c.pt"
+    first = train_classifier(data, path, image_size=32, config=quick)
+    fingerprint = read_checkpoint(path)["meta"]["fingerprint"]
+    assert fingerprint["class_names"] == ["a", "b", "c"] and fingerprint["epochs"] == 1
+    assert len(fingerprint["train_ids_sha256"]) == 64 and fingerprint["max_batches_per_epoch"] == 1
+    assert train_classifier(data, path, image_size=32, config=quick).meta["fingerprint"] == fingerprint
+
+    full = TrainConfig(epochs=2, lr=1e-3, monitor="val_auroc", max_batches_per_epoch=None)
+    with pytest.raises(CheckpointError, match=r"epochs: checkpoint 1, now 2; max_batches_per_epoch: checkpoint 1, now None"
+                                              r".*retrain=True.*delete or rename"):
+        train_classifier(data, path, image_size=32, config=full)
+    with pytest.raises(CheckpointError, match="image_size: checkpoint 32, now 64"):
+        train_classifier(data, path, image_size=64, config=quick)
+    reordered = _reorder_classes(make_tiny_dataset(name="reordered", n=30, size=32), ["b", "a", "c"])
+    with pytest.raises(CheckpointError, match=r"class_names: checkpoint \['a', 'b', 'c'\], now \['b', 'a', 'c'\]"):
+        train_classifier(reordered, path, image_size=32, config=quick)
+    other = load_dataset(make_tiny_dataset(name="other", n=36, size=32))
+    with pytest.raises(CheckpointError, match="dataset: checkpoint 'tiny', now 'other'.*train_ids_sha256"):
+        train_classifier(other, path, image_size=32, config=quick)
+
+    retrained = train_classifier(data, path, image_size=32, config=full, retrain=True)
+    assert retrained.meta["fingerprint"]["epochs"] == 2 and len(retrained.meta["history"]) == 2
+    assert first.meta["fingerprint"] != retrained.meta["fingerprint"]
+
+
+def test_checkpoint_without_fingerprint_or_unfinished_is_not_reused(make_tiny_dataset, tmp_path):
+    data = load_dataset(make_tiny_dataset(n=30, size=32))
+    config = TrainConfig(epochs=1, monitor="val_auroc")
+    save_checkpoint(tmp_path / "old.pt", build_classifier("resnet18", 3), {**META, "image_size": 32})
+    with pytest.raises(CheckpointError, match="no training fingerprint.*retrain=True"):
+        train_classifier(data, tmp_path / "old.pt", image_size=32, config=config)
+    trained = train_classifier(data, tmp_path / "c.pt", image_size=32, config=config)
+    save_checkpoint(tmp_path / "c.pt", trained.model, {**trained.meta, "finished": False}, overwrite=True)
+    with pytest.raises(CheckpointError, match="unfinished"):
+        train_classifier(data, tmp_path / "c.pt", image_size=32, config=config)
+
+
+def test_prepare_models_refuses_models_of_another_mode(make_tiny_dataset, tmp_path):
+    import dataclasses
+
+    from segx_helpers.notebook import TutorialPaths
+    from segx_helpers.pipeline import QUICK, classifier_config, prepare_models, segmenter_config
+
+    data = load_dataset(make_tiny_dataset(n=30, size=32))
+    paths = TutorialPaths.at(tmp_path)
+    quick = dataclasses.replace(QUICK, image_size=32, seg_image_size=32, seg_epochs=1, cls_epochs=1,
+                                max_batches_per_epoch=1)
+    train_segmenter(data, paths.segmenter("tiny"), image_size=32, decoder_channels=(16, 8, 8, 8, 8),
+                    config=segmenter_config(quick))
+    train_classifier(data, paths.classifier("tiny"), image_size=32, config=classifier_config(quick))
+    segmenter, classifier = prepare_models("tiny", paths, data, quick)
+    assert classifier.meta["class_names"] == ["a", "b", "c"]
+    full = dataclasses.replace(quick, seg_epochs=2, cls_epochs=2, max_batches_per_epoch=None)
+    with pytest.raises(CheckpointError, match="segmenter.pt was trained on something else.*epochs: checkpoint 1, now 2"
+                                              ".*notebook 02_train_segmenter again with RETRAIN = True"):
+        prepare_models("tiny", paths, data, full, prepare_missing=True)
+
+
+def test_wrong_monitor_is_refused_before_any_training(make_tiny_dataset, tmp_path, monkeypatch):
+    import segx_helpers.pipeline as pipeline
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(pipeline, "fit", no_training)
+    data = load_dataset(make_tiny_dataset(n=30, size=32))
+    with pytest.raises(ValueError, match="monitor is 'val_score'.*TrainConfig\\(monitor='val_auroc'"):
+        train_classifier(data, tmp_path / "c.pt", image_size=32, config=TrainConfig(epochs=1))
+    with pytest.raises(ValueError, match="monitor='val_dice'"):
+        train_segmenter(data, tmp_path / "s.pt", image_size=32, config=TrainConfig(epochs=1))
+    assert not list(tmp_path.glob("*.pt*"))
+
+
+@pytest.mark.parametrize("bad, message", [({"epochs": 0}, "epochs"), ({"lr": 0.0}, "lr"), ({"patience": -1}, "patience"),
+                                          ({"max_batches_per_epoch": 0}, "max_batches_per_epoch"),
+                                          ({"monitor": ""}, "monitor")])
+def test_train_config_is_checked_when_made(bad, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**bad)
