@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -51,14 +52,28 @@ class Explanations:
         return len(self.maps)
 
 
-def predicted_targets(probs: np.ndarray, task: str, thresholds: Sequence[float] | None = None) -> list[list[int]]:
-    """Classes to explain per image, as the reference code does: the argmax (multiclass) or every
-    class at or above its threshold (multilabel; 0.5 when no thresholds are given)."""
+SELECTIONS = ("decision", "above-threshold")
+
+
+def predicted_targets(probs: np.ndarray, task: str, thresholds: Sequence[float] | None = None,
+                      selection: str = "decision") -> list[list[int]]:
+    """Classes to explain per image.
+
+    ``selection="decision"`` (default): the model's decision, the argmax (multiclass) or every class at
+    or above its threshold (multilabel; 0.5 when no thresholds are given). ``"above-threshold"``: every
+    class at or above its threshold whatever the task, as the reference code does for both of its
+    datasets (with thresholds that maximise each class's F1 on validation, see
+    :func:`segx_helpers.metrics.select_thresholds`); an image can then have none or several.
+    """
     probs = np.asarray(probs)
-    if task == "multiclass":
-        return [[int(c)] for c in probs.argmax(axis=1)]
-    if task != "multilabel":
+    if selection not in SELECTIONS:
+        raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
+    if task not in ("multiclass", "multilabel"):
         raise ValueError(f"task must be 'multiclass' or 'multilabel', got {task!r}")
+    if task == "multiclass" and selection == "decision":
+        return [[int(c)] for c in probs.argmax(axis=1)]
+    if selection == "above-threshold" and thresholds is None:
+        raise ValueError("selection='above-threshold' needs per-class thresholds (e.g. select_thresholds on validation)")
     cut = np.full(probs.shape[1], 0.5) if thresholds is None else np.asarray(thresholds, dtype=float)
     if cut.shape != (probs.shape[1],):
         raise ValueError(f"thresholds must have one value per class ({probs.shape[1]}), got {cut.shape}")
@@ -98,11 +113,39 @@ def _probabilities(logits: torch.Tensor, task: str) -> torch.Tensor:
     return logits.softmax(1) if task == "multiclass" else logits.sigmoid()
 
 
+OUTPUTS = ("logit", "probability", "sigmoid")
+"""What an explanation differentiates: the class ``logit`` (our default), the class ``probability``
+(softmax for multiclass, sigmoid for multilabel), or the ``sigmoid`` of the logit whatever the task
+(what the reference code explains, for both of its datasets)."""
+
+
+def explained_output(logits: torch.Tensor, output: str, task: str) -> torch.Tensor:
+    """The quantity whose gradient the explanation follows, ``(N, classes)``, from the logits."""
+    if output == "logit":
+        return logits
+    if output == "probability":
+        return _probabilities(logits, task)
+    if output == "sigmoid":
+        return logits.sigmoid()
+    raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+
+
+class _ExplainedOutput(nn.Module):
+    """A classifier whose outputs are :func:`explained_output` (for the library engines)."""
+
+    def __init__(self, model: nn.Module, output: str, task: str) -> None:
+        super().__init__()
+        self.model, self.output, self.task = model, output, task
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return explained_output(self.model(x), self.output, self.task)
+
+
 def explain(model: nn.Module, images: torch.Tensor | np.ndarray, targets=None, method: str = "gradcam", *,
             task: str = "multiclass", thresholds: Sequence[float] | None = None,
-            target_layers: Sequence[nn.Module] | None = None, engine: str = "fast", batch_size: int = 32,
+            target_layers: Sequence[nn.Module] | None = None, engine: str = "auto", batch_size: int = 32,
             background: torch.Tensor | None = None, nsamples: int = 50, seed: int = 0, progress: bool = True,
-            device: str | None = None) -> Explanations:
+            device: str | None = None, output: str = "logit", selection: str = "decision") -> Explanations:
     """Explanation maps ``(M, H, W)``, one per (image, target class).
 
     ``images``: ``(N, C, H, W)`` as the model expects them (normalised). ``targets``: ``None`` (the
@@ -110,15 +153,24 @@ def explain(model: nn.Module, images: torch.Tensor | np.ndarray, targets=None, m
     or a list of classes per image. ``target_layers``: for CAMs; found automatically for ResNet,
     DenseNet and any model with a ``Conv2d`` (:func:`segx_helpers.models.find_target_layer`).
     ``background``: ``(B, C, H, W)`` reference images for Gradient SHAP (e.g. training images).
-    ``engine``: ``"fast"`` (gradcam, gradient_shap) or ``"library"``. The model is put in eval
+    ``engine``: ``"auto"`` (default: the fast engine for gradcam and gradient_shap, the libraries'
+    own for the rest), ``"fast"`` (warns for a method without one) or ``"library"``. ``output``: what is explained,
+    the class ``"logit"`` (default), its ``"probability"`` (softmax or sigmoid by ``task``) or its
+    ``"sigmoid"`` (the reference code's choice); see :data:`OUTPUTS`. ``selection``: which classes
+    ``targets=None`` explains, see :func:`predicted_targets`. The model is put in eval
     mode while explaining and restored afterwards.
     """
     if method not in METHODS:
         raise ValueError(f"Unknown method {method!r}; choose one of {METHODS}")
-    if engine not in ("fast", "library"):
-        raise ValueError(f"engine must be 'fast' or 'library', got {engine!r}")
+    if output not in OUTPUTS:
+        raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+    if engine not in ("auto", "fast", "library"):
+        raise ValueError(f"engine must be 'auto', 'fast' or 'library', got {engine!r}")
     if engine == "fast" and method not in FAST_METHODS:
-        engine = "library"
+        warnings.warn(f"{method} has no fast engine (only {FAST_METHODS} do); using pytorch-grad-cam's own. "
+                      "Pass engine='auto' to choose silently.", UserWarning, stacklevel=2)
+    if engine != "library":
+        engine = "fast" if method in FAST_METHODS else "library"
     images = torch.as_tensor(images, dtype=torch.float32)
     if images.ndim != 4:
         raise ValueError(f"images must have shape (N, C, H, W), got {tuple(images.shape)}")
@@ -138,15 +190,16 @@ def explain(model: nn.Module, images: torch.Tensor | np.ndarray, targets=None, m
     with evaluation_mode(model):
         if method == "gradcam" and engine == "fast" and len(layers) == 1:
             maps, pairs, probs = _fast_gradcam(model, images, targets, task, thresholds, layers[0], batch_size,
-                                               progress, device)
+                                               progress, device, output, selection)
         else:
             probs = _predict(model, images, task, batch_size, device)
-            chosen = predicted_targets(probs, task, thresholds) if targets is None else targets
+            chosen = predicted_targets(probs, task, thresholds, selection) if targets is None else targets
             chosen = _normalise_targets(chosen, len(images), probs.shape[1])
+            explained = model if output == "logit" else _ExplainedOutput(model, output, task)
             if method in CAM_METHODS:
-                maps, pairs = _library_cam(model, images, chosen, method, layers, batch_size, progress, device)
+                maps, pairs = _library_cam(explained, images, chosen, method, layers, batch_size, progress, device)
             else:
-                maps, pairs = _explain_shap(model, images, chosen, background, nsamples, engine, batch_size, seed,
+                maps, pairs = _explain_shap(explained, images, chosen, background, nsamples, engine, batch_size, seed,
                                             progress, device)
     if not np.isfinite(maps).all():
         raise FloatingPointError(f"{method} produced NaN/inf maps; check the model and inputs")
@@ -202,7 +255,8 @@ def _library_cam(model, images, targets, method, layers, batch_size, progress, d
     return (np.concatenate(maps) if maps else np.zeros((0, h, w), np.float32)), pairs
 
 
-def _fast_gradcam(model, images, targets, task, thresholds, layer, batch_size, progress, device):
+def _fast_gradcam(model, images, targets, task, thresholds, layer, batch_size, progress, device, output="logit",
+                  selection="decision"):
     """Grad-CAM for every (image, class) pair: per batch one forward (which also gives the
     probabilities and, when ``targets`` is None, the predicted classes) and one backward per round.
 
@@ -224,7 +278,7 @@ def _fast_gradcam(model, images, targets, task, thresholds, layer, batch_size, p
             batch_probs = _probabilities(logits.detach().float(), task).cpu().numpy()
             probs.append(batch_probs)
             if targets is None:
-                chunk_targets = predicted_targets(batch_probs, task, thresholds)
+                chunk_targets = predicted_targets(batch_probs, task, thresholds, selection)
             else:
                 if start == 0:
                     targets = _normalise_targets(targets, len(images), logits.shape[1])
@@ -235,7 +289,7 @@ def _fast_gradcam(model, images, targets, task, thresholds, layer, batch_size, p
             for r in range(rounds):
                 rows = [i for i, row in enumerate(chunk_targets) if len(row) > r]
                 classes = [chunk_targets[i][r] for i in rows]
-                selected = logits[torch.as_tensor(rows), torch.as_tensor(classes)].sum()
+                selected = explained_output(logits, output, task)[torch.as_tensor(rows), torch.as_tensor(classes)].sum()
                 grads = torch.autograd.grad(selected, activations, retain_graph=r + 1 < rounds)[0]
                 weights = grads[rows].mean(dim=(2, 3), keepdim=True)
                 cam = torch.relu((weights * activations[rows]).sum(dim=1)).detach().cpu().numpy()

@@ -44,9 +44,13 @@ def per_class_auprc(y_true: np.ndarray, y_score: np.ndarray) -> np.ndarray:
                      for c in range(y_score.shape[1])])
 
 
-def macro_auroc(y_true: np.ndarray, y_score: np.ndarray) -> float:
-    """Mean one-vs-rest AUROC over the classes where it is defined."""
+def macro_auroc(y_true: np.ndarray, y_score: np.ndarray, require_all: bool = False) -> float:
+    """Mean one-vs-rest AUROC over the classes where it is defined; with ``require_all`` NaN unless it
+    is defined for every class (so a bootstrap resample that lacks a class is dropped and counted,
+    instead of silently averaging over fewer classes)."""
     values = per_class_auroc(y_true, y_score)
+    if require_all and not np.isfinite(values).all():
+        return float("nan")
     return float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
 
 
@@ -108,11 +112,19 @@ def select_thresholds(y_true: np.ndarray, y_score: np.ndarray) -> np.ndarray:
     return thresholds
 
 
+class BootstrapWarning(UserWarning):
+    """A bootstrap interval is unreliable: too few samples, or many resamples where the metric was undefined."""
+
+
 def bootstrap_ci(metric: Callable[..., float], *arrays: np.ndarray, n_resamples: int = 1000, seed: int = 0,
-                 confidence: float = 0.95) -> tuple[float, float, float]:
+                 confidence: float = 0.95, groups: np.ndarray | None = None) -> tuple[float, float, float]:
     """``(point estimate, low, high)``: percentile bootstrap over rows of ``arrays`` (resampled together).
 
-    Resamples where the metric is undefined (NaN, e.g. one class only) are dropped.
+    ``groups`` ``(N,)``: resample whole groups instead of rows (e.g. the image id of each prediction in
+    a multi-label run, so that the predictions of one image stay together; resampling rows would make
+    the interval too narrow). Resamples where the metric is undefined (NaN, e.g. one class only) are
+    dropped; when more than 5 % are, a :class:`BootstrapWarning` says how many. Fewer than 10 rows (or
+    groups) also warn: such an interval means little.
     """
     arrays = tuple(np.asarray(a) for a in arrays)
     n = len(arrays[0])
@@ -120,14 +132,30 @@ def bootstrap_ci(metric: Callable[..., float], *arrays: np.ndarray, n_resamples:
         raise ValueError("bootstrap_ci: all arrays need the same number of rows")
     point = float(metric(*arrays))
     rng = np.random.default_rng(seed)
+    if groups is not None:
+        groups = np.asarray(groups)
+        if len(groups) != n:
+            raise ValueError(f"bootstrap_ci: groups has {len(groups)} entries for {n} rows")
+        _, inverse = np.unique(groups, return_inverse=True)
+        members = [np.flatnonzero(inverse == g) for g in range(inverse.max() + 1)] if n else []
+    units = len(members) if groups is not None else n
+    if units < 10:
+        warnings.warn(f"bootstrap over {units} {'groups' if groups is not None else 'samples'}: the interval is unreliable",
+                      BootstrapWarning, stacklevel=2)
     values = []
     for _ in range(n_resamples):
-        rows = rng.integers(0, n, n)
+        picked = rng.integers(0, units, units) if units else np.zeros(0, int)
+        rows = np.concatenate([members[g] for g in picked]) if groups is not None and units else picked
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             value = metric(*(a[rows] for a in arrays))
         if np.isfinite(value):
             values.append(value)
+    dropped = n_resamples - len(values)
+    if dropped > 0.05 * n_resamples:
+        warnings.warn(f"{dropped} of {n_resamples} bootstrap resamples left the metric undefined (e.g. a class "
+                      "missing) and were dropped: the interval is conditional on the others", BootstrapWarning,
+                      stacklevel=2)
     if not values:
         return point, float("nan"), float("nan")
     tail = (1 - confidence) / 2 * 100
@@ -145,7 +173,13 @@ def classification_report(y_true: np.ndarray, y_score: np.ndarray, task: str, cl
     def f1(t, s):
         return macro_f1(t, predict_labels(s, task, cut))
 
-    metrics: dict[str, Callable] = {"macro AUROC": macro_auroc, "macro AUPRC": macro_auprc, "macro F1": f1}
+    defined = np.isfinite(per_class_auroc(y_true, y_score))
+
+    def auroc(t, s):  # the classes defined on the full sample must all be defined in a resample
+        values = per_class_auroc(t, s)
+        return float(np.mean(values[defined])) if defined.any() and np.isfinite(values[defined]).all() else float("nan")
+
+    metrics: dict[str, Callable] = {"macro AUROC": auroc, "macro AUPRC": macro_auprc, "macro F1": f1}
     if task == "multiclass":
         metrics["accuracy"] = lambda t, s: accuracy(t, predict_labels(s, task))
     rows = []

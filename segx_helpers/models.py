@@ -122,13 +122,21 @@ def build_segmenter(encoder: str = "resnet18", encoder_weights: str | None = Non
         ) from err
 
 
-def find_target_layer(model: nn.Module) -> nn.Module:
-    """The layer Grad-CAM should hook: the last block of a ResNet, the feature stack of a DenseNet,
-    otherwise the last ``nn.Conv2d``. Raises ``ValueError`` (asking for ``target_layers``) if none exists."""
-    if hasattr(model, "layer4") and isinstance(model.layer4, nn.Sequential):
+def find_target_layer(model: nn.Module, rule: str = "last-block") -> nn.Module:
+    """The layer Grad-CAM should hook.
+
+    ``rule="last-block"`` (default): the last block of a ResNet, the feature stack of a DenseNet,
+    otherwise the last ``nn.Conv2d``. ``rule="last-conv"``: the last ``nn.Conv2d`` of any model, what
+    the reference code gets from torchcam (for a ResNet the block's last convolution, before its batch
+    norm, residual sum and ReLU; for a DenseNet the last dense layer's convolution).
+    Raises ``ValueError`` (asking for ``target_layers``) if no convolution exists.
+    """
+    if rule not in ("last-block", "last-conv"):
+        raise ValueError(f"rule must be 'last-block' or 'last-conv', got {rule!r}")
+    if rule == "last-block" and hasattr(model, "layer4") and isinstance(model.layer4, nn.Sequential):
         return model.layer4[-1]
     features = getattr(model, "features", None)
-    if isinstance(features, nn.Sequential) and any(isinstance(m, nn.Conv2d) for m in features.modules()):
+    if rule == "last-block" and isinstance(features, nn.Sequential) and any(isinstance(m, nn.Conv2d) for m in features.modules()):
         return features
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     if not convs:

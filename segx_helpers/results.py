@@ -13,6 +13,7 @@ folder is replaced only if it holds a manifest written here.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -79,15 +80,86 @@ def save_results(folder: str | Path, table: pd.DataFrame, maps: np.ndarray, segx
     return folder
 
 
-def load_results(folder: str | Path) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
-    """Read a results folder: ``(manifest, maps (M, H, W), segx_maps (M, H, W))``."""
+@dataclass
+class Results:
+    """One method's explanations with their rows, aligned: ``table`` has one row per map (image id,
+    class, score, correct, every SegU and localisation score), ``maps`` ``(M, H, W)`` the original
+    explanations and ``segx_maps`` ``(M, H, W)`` the SegX maps, row ``k`` of each belonging together.
+
+    Select with :meth:`select`, :meth:`sort` and :meth:`head`; the maps follow the rows, so nobody
+    computes an index offset.
+    """
+
+    table: pd.DataFrame
+    maps: np.ndarray
+    segx_maps: np.ndarray
+
+    def __post_init__(self) -> None:
+        self.table = self.table.reset_index(drop=True)
+        if not len(self.table) == len(self.maps) == len(self.segx_maps):
+            raise ValueError(f"table ({len(self.table)}), maps ({len(self.maps)}) and segx_maps "
+                             f"({len(self.segx_maps)}) must have one row per map")
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def select(self, rows) -> "Results":
+        """The rows given by a boolean mask ``(M,)`` or positions, maps included."""
+        rows = np.asarray(rows)
+        positions = np.flatnonzero(rows) if rows.dtype == bool else rows.astype(np.int64)
+        return Results(self.table.iloc[positions], self.maps[positions], self.segx_maps[positions])
+
+    def sort(self, by: str, ascending: bool = True) -> "Results":
+        """All rows ordered by a column (stable), maps included."""
+        return self.select(np.argsort(self.table[by].to_numpy(), kind="stable")[:: 1 if ascending else -1])
+
+    def head(self, n: int) -> "Results":
+        return self.select(np.arange(min(n, len(self))))
+
+    def matching(self, table: pd.DataFrame) -> "Results":
+        """The rows explaining the same (image_id, class) pairs as ``table``'s rows, in its order
+        (e.g. another method's maps for the predictions chosen in this one). Raises ``KeyError`` for a
+        pair this method did not explain."""
+        lookup = {pair: k for k, pair in enumerate(zip(self.table["image_id"], self.table["class"]))}
+        wanted = list(zip(table["image_id"], table["class"]))
+        missing = [pair for pair in wanted if pair not in lookup]
+        if missing:
+            raise KeyError(f"not explained here: {missing[:3]}")
+        return self.select(np.array([lookup[pair] for pair in wanted], dtype=np.int64))
+
+    def save(self, folder: str | Path, images: np.ndarray, masks: np.ndarray, p: float = 5.0) -> Path:
+        """:func:`save_results` for these rows and maps."""
+        return save_results(folder, self.table, self.maps, self.segx_maps, images, masks, p=p)
+
+
+def explanation_results(explanations: Explanations, image_ids: Sequence[str], targets: np.ndarray, task: str,
+                        class_names: Sequence[str], predicted_masks: np.ndarray, true_masks: np.ndarray | None = None,
+                        has_true_mask: np.ndarray | None = None, *, p: float = 5.0, order: str = "mask-then-top",
+                        **analysis_options) -> Results:
+    """Explanations of one method, scored: the prediction rows (:func:`prediction_table`), every SegU and
+    localisation score from :func:`segx_helpers.analysis.analyse` (the one analysis path), the maps and
+    their SegX maps in the given ``order``. ``predicted_masks`` / ``true_masks`` are boolean ``(N, H, W)``
+    per image (binarise once with :func:`segx_helpers.analysis.binarise_masks`)."""
+    from .analysis import analyse
+    from .segx import segx
+
+    scores = analyse(explanations.maps, predicted_masks, true_masks, explanations.image_index, has_true_mask, p=p,
+                     **analysis_options)
+    table = pd.concat([prediction_table(explanations, image_ids, targets, task, class_names), scores], axis=1)
+    masks = np.asarray(predicted_masks)[explanations.image_index]
+    aligned = segx(explanations.maps, masks, order=order, p=p) if len(masks) else explanations.maps.copy()
+    return Results(table, explanations.maps, aligned)
+
+
+def load_results(folder: str | Path) -> Results:
+    """Read a results folder written by :func:`save_results` (or :meth:`Results.save`)."""
     folder = Path(folder)
     if not (folder / MANIFEST).is_file():
         raise FileNotFoundError(f"{folder / MANIFEST} not found: run notebook 04_segx_maps first")
     manifest = pd.read_csv(folder / MANIFEST, dtype={"image_id": str})
     maps = np.stack([np.load(folder / p) for p in manifest["raw_map"]]) if len(manifest) else np.zeros((0, 1, 1))
     segx_maps = np.stack([np.load(folder / p) for p in manifest["segx_map"]]) if len(manifest) else np.zeros((0, 1, 1))
-    return manifest, maps, segx_maps
+    return Results(manifest, maps, segx_maps)
 
 
 def save_split_arrays(path: str | Path, **arrays: np.ndarray) -> Path:

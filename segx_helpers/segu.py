@@ -122,17 +122,25 @@ def segu_scores(maps: np.ndarray, masks: np.ndarray, p: float = 5.0, n_threshold
 
 # ------------------------------------------------------------------------------ evaluation
 
-def separation(correct: np.ndarray, certainty: np.ndarray, n_resamples: int = 1000, seed: int = 0) -> dict:
+def separation(correct: np.ndarray, certainty: np.ndarray, n_resamples: int = 1000, seed: int = 0,
+               groups: np.ndarray | None = None) -> dict:
     """How well a certainty score separates correct from incorrect predictions.
 
     Returns the Mann-Whitney U test (two-sided p-value), its effect size as the rank-biserial
     correlation (``2 * AUC - 1``, positive when correct predictions score higher), and the AUROC
     and AUPRC of *low* certainty for detecting *incorrect* predictions, each with a bootstrap CI.
+    ``groups`` ``(N,)`` (e.g. image ids): the bootstrap resamples whole groups, as it must when one
+    image has several predictions (multi-label). A single outcome gives NaN statistics and a warning.
     """
     correct = np.asarray(correct, dtype=bool)
     certainty = np.asarray(certainty, dtype=float)
     if correct.all() or not correct.any():
-        raise ValueError("separation needs both correct and incorrect predictions")
+        warnings.warn(f"separation needs both correct and incorrect predictions, got {int(correct.sum())} correct and "
+                      f"{int((~correct).sum())} incorrect: every statistic is NaN", UserWarning, stacklevel=2)
+        nan = float("nan")
+        return {"n_correct": int(correct.sum()), "n_incorrect": int((~correct).sum()), "mann_whitney_u": nan,
+                "p_value": nan, "rank_biserial": nan, "auroc": nan, "auroc_low": nan, "auroc_high": nan,
+                "auprc": nan, "auprc_low": nan, "auprc_high": nan, "error_rate": float((~correct).mean()) if len(correct) else nan}
     u, p_value = stats.mannwhitneyu(certainty[correct], certainty[~correct], alternative="two-sided")
     auc_correct = u / (correct.sum() * (~correct).sum())
     wrong = (~correct).astype(int)
@@ -143,13 +151,54 @@ def separation(correct: np.ndarray, certainty: np.ndarray, n_resamples: int = 10
     def auprc(y, s):
         return average_precision_score(y, -s) if y.sum() > 0 else np.nan
 
-    auroc_ci = bootstrap_ci(auroc, wrong, certainty, n_resamples=n_resamples, seed=seed)
-    auprc_ci = bootstrap_ci(auprc, wrong, certainty, n_resamples=n_resamples, seed=seed)
+    auroc_ci = bootstrap_ci(auroc, wrong, certainty, n_resamples=n_resamples, seed=seed, groups=groups)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the AUROC call above already warned about the same resamples
+        auprc_ci = bootstrap_ci(auprc, wrong, certainty, n_resamples=n_resamples, seed=seed, groups=groups)
     return {"n_correct": int(correct.sum()), "n_incorrect": int((~correct).sum()), "mann_whitney_u": float(u),
             "p_value": float(p_value), "rank_biserial": float(2 * auc_correct - 1),
             "auroc": auroc_ci[0], "auroc_low": auroc_ci[1], "auroc_high": auroc_ci[2],
             "auprc": auprc_ci[0], "auprc_low": auprc_ci[1], "auprc_high": auprc_ci[2],
             "error_rate": float((~correct).mean())}
+
+
+ERROR_TYPES = ("correct", "artefact present", "artefact absent", "other error")
+
+
+def error_types(correct: np.ndarray, predicted_class: np.ndarray, true_class: np.ndarray, artefact: np.ndarray,
+                shortcut_class: str) -> np.ndarray:
+    """Each prediction's place in the shortcut's error taxonomy ``(N,)``:
+
+    * ``"artefact present"``: wrong, the artefact is in the image and the model called the class the
+      artefact goes with (ink on a naevus -> melanoma): evidence that *is* in the image, outside the
+      lesion, which SegU can see;
+    * ``"artefact absent"``: wrong, the image is of the shortcut class but has no artefact, and the model
+      called something else (a melanoma without ink -> naevus): the evidence is an *absence*, and no map
+      can point at what is not there;
+    * ``"other error"``: every other wrong prediction; ``"correct"`` otherwise.
+    """
+    correct, artefact = np.asarray(correct, bool), np.asarray(artefact, bool)
+    predicted_class, true_class = np.asarray(predicted_class), np.asarray(true_class)
+    kind = np.full(len(correct), "other error", dtype=object)
+    kind[~correct & artefact & (predicted_class == shortcut_class)] = "artefact present"
+    kind[~correct & ~artefact & (true_class == shortcut_class)] = "artefact absent"
+    kind[correct] = "correct"
+    return kind
+
+
+def separation_by_error_type(table: pd.DataFrame, scores: list[str], n_resamples: int = 1000,
+                             seed: int = 0) -> pd.DataFrame:
+    """:func:`separation` of each score for correct predictions vs each error type (``table`` needs an
+    ``error_type`` column from :func:`error_types`) and vs all errors. One row per (errors, score)."""
+    rows = []
+    kinds = ["all errors"] + [k for k in ERROR_TYPES[1:] if (table["error_type"] == k).any()]
+    for kind in kinds:
+        part = table if kind == "all errors" else table[table["error_type"].isin(["correct", kind])]
+        for score in scores:
+            result = separation(part["correct"].to_numpy(), part[score].to_numpy(), n_resamples=n_resamples, seed=seed,
+                                groups=_image_groups(part))
+            rows.append({"errors": kind, "score": score, **result})
+    return pd.DataFrame(rows)
 
 
 def risk_coverage(correct: np.ndarray, confidence: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -195,6 +244,13 @@ def combined_confidence(model: LogisticRegression, certainty: np.ndarray, confid
     return model.predict_proba(np.column_stack([certainty, confidence]))[:, 1]
 
 
+def _image_groups(table: pd.DataFrame) -> np.ndarray | None:
+    """Image ids when some image has several predictions (then the bootstrap resamples images), else None."""
+    if "image_id" in table and table["image_id"].duplicated().any():
+        return table["image_id"].to_numpy()
+    return None
+
+
 def separation_table(table: pd.DataFrame, scores: list[str], group: str | None = None, n_resamples: int = 1000,
                      seed: int = 0) -> pd.DataFrame:
     """:func:`separation` for several score columns of a per-prediction table (needs a ``correct``
@@ -203,6 +259,7 @@ def separation_table(table: pd.DataFrame, scores: list[str], group: str | None =
     groups = table.groupby(group, sort=False) if group else [("all", table)]
     for name, part in groups:
         for score in scores:
-            result = separation(part["correct"].to_numpy(), part[score].to_numpy(), n_resamples=n_resamples, seed=seed)
+            result = separation(part["correct"].to_numpy(), part[score].to_numpy(), n_resamples=n_resamples, seed=seed,
+                                groups=_image_groups(part))
             rows.append({"group": name, "score": score, **result})
     return pd.DataFrame(rows)

@@ -287,21 +287,22 @@ def plot_segx_gallery(images: np.ndarray, rows: Sequence[tuple[int, str]], maps:
 
 
 def plot_localisation_change(summary: pd.DataFrame, title: str) -> plt.Figure:
-    """Mean of each localisation metric, original vs SegX, per method (``summary`` needs columns
-    method, metric, original_mean, SegX_mean)."""
-    long = summary.melt(id_vars=["method", "metric"], value_vars=["original_mean", "SegX_mean"], var_name="map",
-                        value_name="mean")
-    long["map"] = long["map"].str.replace("_mean", "")
+    """Mean of each localisation metric, original vs SegX (per SegX order when ``summary`` has an
+    ``order`` column), per method. ``summary``: columns method, metric, original_mean, SegX_mean
+    (as :func:`segx_helpers.analysis.localisation_summary` returns)."""
+    orders = summary["order"] if "order" in summary else pd.Series("", index=summary.index)
+    original = summary.assign(map="original", mean=summary["original_mean"]).drop_duplicates(["method", "metric"])
+    aligned = summary.assign(map=("SegX " + orders).str.strip(), mean=summary["SegX_mean"])
+    long = pd.concat([original, aligned], ignore_index=True)
+    palette = ["#9e9e9e", "#1f77b4", "#ff7f0e"][: long["map"].nunique()]
     grid = sns.catplot(data=long, x="metric", y="mean", hue="map", col="method", kind="bar", height=3.4, aspect=1.5,
-                       palette=["#9e9e9e", "#1f77b4"])
+                       palette=palette)
     grid.set_xticklabels(rotation=30, ha="right")
     grid.set_axis_labels("localisation metric (vs ground-truth mask)", "mean over test predictions")
     grid.set(ylim=(0, 1.05))
     grid.figure.suptitle(title, y=1.03)
     return grid.figure
 
-
-# ------------------------------------------------------------------------------ SegU
 
 def plot_certainty_by_outcome(table: pd.DataFrame, score: str, title: str, by: str = "method") -> plt.Figure:
     """Violin plots with points of a certainty score for correct vs incorrect predictions, per ``by``."""

@@ -126,3 +126,60 @@ def test_bad_inputs_are_refused(tiny):
     bad[0, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         explain(model, bad, progress=False)
+
+
+# ------------------------------------------------------------------------------ reference behaviour as switches
+
+@pytest.mark.parametrize("engine", ["fast", "library"])
+def test_output_switch_explains_probabilities_for_both_methods_and_engines(engine):
+    """output="probability"/"sigmoid" (the reference explains sigmoid probabilities) differs from the logit,
+    and both engines agree on it."""
+    torch.manual_seed(0)
+    model = build_classifier("resnet18", num_classes=3).eval()
+    x = torch.randn(3, 3, 64, 64)
+    background = torch.randn(4, 3, 64, 64)
+    for method, options in (("gradcam", {}), ("gradient_shap", {"background": background, "nsamples": 8})):
+        logit = explain(model, x, [0, 1, 2], method, engine=engine, progress=False, **options).maps
+        prob = explain(model, x, [0, 1, 2], method, engine=engine, output="probability", progress=False, **options).maps
+        sig = explain(model, x, [0, 1, 2], method, engine=engine, output="sigmoid", progress=False, **options).maps
+        assert not np.allclose(logit, prob, atol=1e-3) and not np.allclose(prob, sig, atol=1e-3), method
+        if method == "gradient_shap":
+            # not a constant factor apart: the probability's gradient is rescaled differently per sample
+            ratio = prob[logit > 1e-6] / logit[logit > 1e-6]
+            assert ratio.std() > 0.05 * ratio.mean()
+    fast = explain(model, x, [0, 1, 2], "gradcam", engine="fast", output="sigmoid", progress=False).maps
+    library = explain(model, x, [0, 1, 2], "gradcam", engine="library", output="sigmoid", progress=False).maps
+    assert np.abs(fast - library).max() < 1e-4
+    with pytest.raises(ValueError, match="output"):
+        explain(model, x, [0, 1, 2], "gradcam", output="softmax", progress=False)
+
+
+def test_reference_selection_explains_every_class_above_its_threshold():
+    probs = np.array([[0.6, 0.3, 0.1], [0.2, 0.5, 0.3], [0.1, 0.1, 0.8]])
+    cut = [0.5, 0.25, 0.3]
+    assert predicted_targets(probs, "multiclass") == [[0], [1], [2]]
+    assert predicted_targets(probs, "multiclass", cut, selection="above-threshold") == [[0, 1], [1, 2], [2]]
+    with pytest.raises(ValueError, match="thresholds"):
+        predicted_targets(probs, "multiclass", selection="above-threshold")
+
+
+def test_reference_target_layer_is_the_last_convolution():
+    from segx_helpers.models import find_target_layer
+
+    resnet = build_classifier("resnet18", num_classes=2)
+    assert find_target_layer(resnet) is resnet.layer4[-1]
+    assert find_target_layer(resnet, rule="last-conv") is resnet.layer4[-1].conv2
+    densenet = tv_models.densenet121(weights=None)
+    last_conv = [m for m in densenet.modules() if isinstance(m, nn.Conv2d)][-1]
+    assert find_target_layer(densenet, rule="last-conv") is last_conv
+
+
+def test_engine_auto_is_silent_and_fast_says_when_it_falls_back(tiny):
+    import warnings as _warnings
+
+    model, x = tiny
+    with _warnings.catch_warnings():
+        _warnings.simplefilter("error")
+        explain(model, x, 0, "gradcam++", progress=False)
+    with pytest.warns(UserWarning, match="no fast engine"):
+        explain(model, x, 0, "gradcam++", engine="fast", progress=False)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from sklearn.metrics import roc_auc_score
 
 from segx_helpers.metrics import (accuracy, bootstrap_ci, classification_report, dice_score, iou_score, macro_auprc,
                                   macro_auroc, macro_f1, predict_labels, select_mask_threshold, select_thresholds)
@@ -87,3 +88,34 @@ def test_mask_threshold_selection():
     true[0, :2] = True
     prob = np.where(true, 0.3, 0.1)
     assert select_mask_threshold(true, prob) == pytest.approx(0.15)
+
+
+def test_bootstrap_resamples_whole_groups_and_warns_when_unreliable():
+    import warnings as _warnings
+
+    from segx_helpers.metrics import BootstrapWarning, bootstrap_ci
+
+    rng = np.random.default_rng(0)
+    per_image = rng.random(40)
+    values = np.repeat(per_image, 5)                 # 5 identical predictions per image: 40 independent units
+    groups = np.repeat(np.arange(40), 5)
+    _, low_rows, high_rows = bootstrap_ci(np.mean, values, n_resamples=400)
+    _, low_groups, high_groups = bootstrap_ci(np.mean, values, n_resamples=400, groups=groups)
+    assert (high_groups - low_groups) > 1.8 * (high_rows - low_rows)   # rows pretend there are 200 units
+    with pytest.warns(BootstrapWarning, match="over 4 samples"):
+        bootstrap_ci(np.mean, np.arange(4.0), n_resamples=50)
+    labels = np.array([0] * 18 + [1] * 2)
+    with pytest.warns(BootstrapWarning, match="left the metric undefined"):
+        bootstrap_ci(lambda y, s: roc_auc_score(y, s) if 0 < y.sum() < len(y) else np.nan, labels, rng.random(20),
+                     n_resamples=200)
+    with _warnings.catch_warnings():
+        _warnings.simplefilter("error")
+        bootstrap_ci(np.mean, rng.random(50), n_resamples=50)      # enough samples: no warning
+
+
+def test_macro_auroc_can_require_every_class():
+    y = np.array([0, 0, 1, 1])
+    scores = np.array([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.4, 0.6]])
+    assert macro_auroc(y, scores, require_all=True) == 1.0
+    three = np.column_stack([scores, np.zeros(4)])   # class 2 never occurs: undefined
+    assert macro_auroc(y, three) == 1.0 and np.isnan(macro_auroc(y, three, require_all=True))

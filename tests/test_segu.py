@@ -72,8 +72,26 @@ def test_separation_on_known_auroc():
     assert result["auroc"] == pytest.approx(5 / 6)
     assert result["rank_biserial"] == pytest.approx(2 * 5 / 6 - 1)
     assert result["n_incorrect"] == 2 and 0 <= result["p_value"] <= 1
-    with pytest.raises(ValueError, match="both correct and incorrect"):
-        separation(np.ones(3, bool), np.ones(3))
+    with pytest.warns(UserWarning, match="both correct and incorrect"):
+        one_outcome = separation(np.ones(3, bool), np.ones(3))
+    assert np.isnan(one_outcome["auroc"]) and one_outcome["n_correct"] == 3
+
+
+def test_error_taxonomy_and_its_separation():
+    from segx_helpers.segu import error_types, separation_by_error_type
+
+    correct = np.array([True, True, False, False, False, True])
+    predicted = np.array(["nevus", "melanoma", "melanoma", "nevus", "nevus", "nevus"])
+    truth = np.array(["nevus", "melanoma", "nevus", "melanoma", "keratosis", "nevus"])
+    ink = np.array([False, True, True, False, True, False])
+    kinds = error_types(correct, predicted, truth, ink, "melanoma")
+    assert kinds.tolist() == ["correct", "correct", "artefact present", "artefact absent", "other error", "correct"]
+    import pandas as pd
+
+    table = pd.DataFrame({"correct": correct, "error_type": kinds, "s": [0.9, 0.8, 0.1, 0.85, 0.5, 0.7]})
+    with pytest.warns(UserWarning):   # a bootstrap over 4 predictions
+        rows = separation_by_error_type(table, ["s"], n_resamples=50).set_index("errors")
+    assert rows.loc["artefact present", "auroc"] == 1.0 and rows.loc["artefact absent", "auroc"] == pytest.approx(1 / 3)
 
 
 def test_risk_coverage_hand_case():
