@@ -8,12 +8,16 @@
     <folder>/segx/<id>__<class>.npy      SegX map (H, W) float32
     <folder>/overlays/<id>__<class>.png  image + map heat + mask outline + top-p % outline
 
-Folders are written whole to a temporary name and renamed when complete, and an existing
-folder is replaced only if it holds a manifest written here.
+    <folder>/.segx_results.json  marker: written by save_results, with the list of files it wrote
+
+Folders are written whole to a temporary name and renamed when complete. An existing folder is
+replaced only if it holds our marker *and* nothing but the files that marker lists: a folder
+made by someone else, or one where the user has added files, is refused, never deleted.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+import json
 from pathlib import Path
 from typing import Sequence
 
@@ -27,6 +31,7 @@ from .segx import top_percent
 from .viz import overlay
 
 MANIFEST = "manifest.csv"
+MARKER = ".segx_results.json"
 
 
 def prediction_table(explanations: Explanations, image_ids: Sequence[str], targets: np.ndarray, task: str,
@@ -54,12 +59,15 @@ def prediction_table(explanations: Explanations, image_ids: Sequence[str], targe
 def save_results(folder: str | Path, table: pd.DataFrame, maps: np.ndarray, segx_maps: np.ndarray,
                  images: np.ndarray, masks: np.ndarray, p: float = 5.0, overwrite: bool = True) -> Path:
     """Write a results folder (see module docstring). ``images`` ``(N, H, W, C)`` in [0, 1] and ``masks``
-    ``(N, H, W)`` are indexed by ``table.image_index``; ``maps``/``segx_maps`` align with ``table`` rows."""
+    ``(N, H, W)`` are indexed by ``table.image_index``; ``maps``/``segx_maps`` align with ``table`` rows.
+
+    An existing ``folder`` is replaced (``overwrite=True``) only if save_results wrote it and it holds
+    nothing else (see the module docstring); otherwise ``FileExistsError``."""
     folder = Path(folder)
     if len(table) != len(maps) or len(maps) != len(segx_maps):
         raise ValueError(f"table ({len(table)}), maps ({len(maps)}) and segx_maps ({len(segx_maps)}) must align")
-    if folder.exists() and not (folder / MANIFEST).is_file():
-        raise FileExistsError(f"{folder} exists and holds no {MANIFEST}: it was not written here, refusing to replace it")
+    if folder.exists() and overwrite:
+        _check_replaceable(folder)
     tops = top_percent(segx_maps, p) if len(segx_maps) else np.zeros_like(segx_maps, dtype=bool)
     manifest = table.copy()
     with atomic_path(folder, overwrite=overwrite) as tmp:
@@ -77,7 +85,31 @@ def save_results(folder: str | Path, table: pd.DataFrame, maps: np.ndarray, segx
         manifest["segx_map"] = [f"segx/{n}.npy" for n in names]
         manifest["overlay"] = [f"overlays/{n}.png" for n in names]
         manifest.to_csv(tmp / MANIFEST, index=False)
+        written = sorted(_files_in(tmp))
+        (tmp / MARKER).write_text(json.dumps({"written_by": "segx_helpers.results.save_results", "files": written},
+                                             indent=1) + "\n")
     return folder
+
+
+def _files_in(folder: Path) -> set[str]:
+    return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if not p.is_dir() or p.is_symlink()} - {MARKER}
+
+
+def _check_replaceable(folder: Path) -> None:
+    """Refuse (``FileExistsError``) to replace ``folder`` unless it holds only what save_results wrote there."""
+    marker = folder / MARKER
+    refuse = f"refusing to replace {folder}; choose another folder, or move your files out / remove it yourself"
+    if not folder.is_dir() or not marker.is_file():
+        raise FileExistsError(f"{folder} exists and was not written here (it has no {MARKER} marker from save_results): {refuse}.")
+    try:
+        listed = json.loads(marker.read_text())["files"]
+        listed = {str(name) for name in listed}
+    except (ValueError, KeyError, TypeError) as err:
+        raise FileExistsError(f"{marker} is unreadable ({err}): {refuse}.") from err
+    extra = sorted(_files_in(folder) - listed)
+    if extra:
+        raise FileExistsError(f"{folder} holds files that save_results did not write ({extra[:5]}"
+                              f"{' ...' if len(extra) > 5 else ''}): {refuse}.")
 
 
 @dataclass

@@ -184,3 +184,36 @@ def test_a_live_runs_partial_file_is_left_alone(tmp_path):
     with atomic_path(tmp_path / "out.txt") as tmp:
         tmp.write_text("done")
     assert live.exists() and (tmp_path / "out.txt").read_text() == "done"
+
+
+# ------------------------------------------------------------------------------ results folders (issue 13)
+
+def _tiny_results():
+    rng = np.random.default_rng(0)
+    table = pd.DataFrame({"image_id": ["a", "b"], "image_index": [0, 1], "class": ["x", "y"], "class_index": [0, 1],
+                          "score": [0.9, 0.8]})
+    maps = rng.random((2, 8, 8)).astype(np.float32)
+    return table, maps, maps * 0.5, rng.random((2, 8, 8, 3)), np.ones((2, 8, 8))
+
+
+def test_save_results_replaces_only_its_own_folders(tmp_path):
+    from segx_helpers.results import save_results
+
+    args = _tiny_results()
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "manifest.csv").write_text("my own manifest\n")
+    (user / "thesis.docx").write_text("months of work")
+    with pytest.raises(FileExistsError, match="not written here.*no .segx_results.json marker"):
+        save_results(user, *args)
+    assert (user / "thesis.docx").read_text() == "months of work" and (user / "manifest.csv").read_text() == "my own manifest\n"
+
+    ours = save_results(tmp_path / "ours", *args)
+    save_results(ours, *args)  # our own folder, untouched since: replaced
+    assert len(pd.read_csv(ours / "manifest.csv")) == 2 and (ours / "raw" / "b__y.npy").is_file()
+    (ours / "raw" / "notes.txt").write_text("added by the user")
+    with pytest.raises(FileExistsError, match=r"raw/notes\.txt"):
+        save_results(ours, *args)
+    assert (ours / "raw" / "notes.txt").read_text() == "added by the user"
+    with pytest.raises(FileExistsError, match="refusing to overwrite"):
+        save_results(tmp_path / "ours", *args, overwrite=False)
