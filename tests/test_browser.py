@@ -23,9 +23,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-import matplotlib
+import matplotlib.pyplot as plt
 import nbformat
-import numpy as np
 import pytest
 
 from segx_helpers.segu import segu_iou
@@ -144,14 +143,14 @@ def test_render_panels_labels_c_iou_and_uses_the_threshold(synthetic):
     titles = [ax.get_title() for ax in fig.axes]
     score = segu_iou(e.maps[0][None], (synthetic["mask_prob"][0] >= THRESHOLD)[None], 5.0)[0]
     assert f"{SCORE_NAME} {score:.3f}" in titles[1] and f"{THRESHOLD:.2f}" in titles[0]
-    matplotlib.pyplot.close(fig)
+    plt.close(fig)
 
 
 def test_explorer_without_a_kernel_shows_a_static_figure(synthetic, capsys):
     s = synthetic
     fig = explorer(s["images"], s["explanations"], s["mask_prob"], s["class_names"], s["image_ids"], threshold=THRESHOLD)
     assert "static view" in capsys.readouterr().out and SCORE_NAME in fig.axes[1].get_title()
-    matplotlib.pyplot.close(fig)
+    plt.close(fig)
 
 
 # ---------------------------------------------------------------- the real browser
