@@ -80,11 +80,32 @@ def predicted_targets(probs: np.ndarray, task: str, thresholds: Sequence[float] 
     return [np.flatnonzero(row >= cut).tolist() for row in probs]
 
 
+def _class_index(value) -> int:
+    """One class index: a Python/NumPy int or an integer 0-d tensor/array (never a float or a bool)."""
+    if isinstance(value, (torch.Tensor, np.ndarray)) and value.ndim == 0:
+        value = value.item()
+    if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
+        return int(value)
+    raise TypeError(f"targets must be integer class indices (an int, one int per image, or a list of ints per image); "
+                    f"got {value!r} ({type(value).__name__}). For probabilities, pass targets=None (the predicted "
+                    "classes) or convert with predicted_targets(probs, task).")
+
+
+def _is_scalar(value) -> bool:
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        return value.ndim == 0
+    return isinstance(value, (str, bytes)) or not hasattr(value, "__iter__")
+
+
 def _normalise_targets(targets, n_images: int, n_classes: int) -> list[list[int]]:
-    if isinstance(targets, (int, np.integer)):
-        targets = [[int(targets)]] * n_images
+    if isinstance(targets, (torch.Tensor, np.ndarray)):
+        if targets.ndim > 2:
+            raise ValueError(f"targets must be an int, (N,) or (N, k) class indices, got shape {tuple(targets.shape)}")
+        targets = targets.tolist()
+    if _is_scalar(targets):
+        targets = [[_class_index(targets)]] * n_images
     else:
-        targets = [[int(t)] if isinstance(t, (int, np.integer)) else [int(c) for c in t] for t in targets]
+        targets = [[_class_index(t)] if _is_scalar(t) else [_class_index(c) for c in t] for t in targets]
     if len(targets) != n_images:
         raise ValueError(f"targets has {len(targets)} entries but there are {n_images} images (one entry per image)")
     bad = sorted({c for row in targets for c in row if not 0 <= c < n_classes})
@@ -95,18 +116,26 @@ def _normalise_targets(targets, n_images: int, n_classes: int) -> list[list[int]
 
 @contextlib.contextmanager
 def evaluation_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Eval mode with frozen parameters for the duration; the caller's mode and flags are restored after."""
-    was_training = model.training
-    flags = [p.requires_grad for p in model.parameters()]
+    """Eval mode with frozen parameters for the duration; the caller's state is restored exactly after:
+    every module's ``training`` flag, every parameter's ``requires_grad`` and ``.grad`` (the same
+    tensor object, with its values, or ``None``), whatever the explainer did in between."""
+    modes = [(m, m.training) for m in model.modules()]
+    params = [(p, p.requires_grad, p.grad, None if p.grad is None else p.grad.detach().clone())
+              for p in model.parameters()]
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
     try:
         yield model
     finally:
-        for p, flag in zip(model.parameters(), flags):
+        for p, flag, grad, values in params:
             p.requires_grad_(flag)
-        model.train(was_training)
+            if grad is not None:
+                with torch.no_grad():
+                    grad.copy_(values)
+            p.grad = grad
+        for m, training in modes:
+            m.training = training
 
 
 def _probabilities(logits: torch.Tensor, task: str) -> torch.Tensor:
@@ -210,13 +239,21 @@ def explain(model: nn.Module, images: torch.Tensor | np.ndarray, targets=None, m
                         method=method)
 
 
+def _check_logits(logits: torch.Tensor, task: str) -> None:
+    if logits.ndim != 2:
+        raise ValueError(f"The model must output logits of shape (N, classes); got {tuple(logits.shape)}")
+    if task == "multiclass" and logits.shape[1] == 1:
+        raise ValueError("The model has one output, but task='multiclass' takes a softmax over the outputs, which is "
+                         "always 1.0 for one output: use task='multilabel' (a sigmoid per output) for a one-output "
+                         "binary model, or give the model one output per class.")
+
+
 @torch.no_grad()
 def _predict(model: nn.Module, images: torch.Tensor, task: str, batch_size: int, device: torch.device) -> np.ndarray:
     out = []
     for batch in torch.split(images, batch_size):
         logits = model(batch.to(device)).float()
-        if logits.ndim != 2:
-            raise ValueError(f"The model must output logits of shape (N, classes); got {tuple(logits.shape)}")
+        _check_logits(logits, task)
         out.append(_probabilities(logits, task).cpu().numpy())
     return np.concatenate(out)
 
@@ -235,12 +272,36 @@ def _cam_class(method: str):
             "scorecam": pgc.ScoreCAM, "eigencam": pgc.EigenCAM, "layercam": pgc.LayerCAM}[method]
 
 
+def _protect_activation(module: nn.Module, inputs, activation):
+    """Forward hook for a CAM target layer: check that it outputs a feature map ``(N, C, H, W)``, and
+    hand the rest of the model a copy, so that an in-place operation after the layer (``ReLU(inplace=True)``,
+    torchvision DenseNet's functional in-place ReLU) cannot rewrite the activations the CAM reads."""
+    if not isinstance(activation, torch.Tensor) or activation.ndim != 4:
+        shape = tuple(activation.shape) if isinstance(activation, torch.Tensor) else type(activation).__name__
+        raise ValueError(f"target layer {type(module).__name__} outputs {shape}, but CAM methods need a layer whose "
+                         "output is a feature map (N, C, H, W), e.g. the last convolutional block: pass "
+                         "target_layers=[<that layer>]")
+    return activation.clone()
+
+
+@contextlib.contextmanager
+def _protected(layers: Sequence[nn.Module]) -> Iterator[None]:
+    """:func:`_protect_activation` on ``layers`` for the duration. Registered after pytorch-grad-cam's own
+    hooks, so the library records the layer's real output and the model continues on the copy."""
+    handles = [layer.register_forward_hook(_protect_activation) for layer in layers]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def _library_cam(model, images, targets, method, layers, batch_size, progress, device):
     """Any CAM method through pytorch-grad-cam, one (image, class) pair per input row."""
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     maps, pairs = [], []
-    with _cam_class(method)(model=model, target_layers=layers) as cam:
+    with _cam_class(method)(model=model, target_layers=layers) as cam, _protected(layers):
         for start in _batches(len(images), batch_size, progress, method):
             chunk = images[start:start + batch_size]
             batch_pairs = [(i, c) for i, row in enumerate(targets[start:start + batch_size]) for c in row]
@@ -269,12 +330,16 @@ def _fast_gradcam(model, images, targets, task, thresholds, layer, batch_size, p
     height, width = images.shape[-2:]
     maps, pairs, probs = [], [], []
     captured = {}
-    handle = layer.register_forward_hook(lambda module, inputs, output: captured.__setitem__("a", output))
+
+    def capture(module, inputs, activation):
+        captured["a"] = activation
+        return _protect_activation(module, inputs, activation)
+
+    handle = layer.register_forward_hook(capture)
     try:
         for start in _batches(len(images), batch_size, progress, "gradcam"):
             logits = model(images[start:start + batch_size].to(device).requires_grad_(True))
-            if logits.ndim != 2:
-                raise ValueError(f"The model must output logits of shape (N, classes); got {tuple(logits.shape)}")
+            _check_logits(logits, task)
             batch_probs = _probabilities(logits.detach().float(), task).cpu().numpy()
             probs.append(batch_probs)
             if targets is None:

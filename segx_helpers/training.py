@@ -262,6 +262,10 @@ def predict_classifier(model: nn.Module, loader: DataLoader, task: str, device: 
     probs, targets, ids = [], [], []
     for batch in loader:
         logits = model(batch["image"].to(device)).float()
+        if task == "multiclass" and logits.ndim == 2 and logits.shape[1] == 1:
+            raise ValueError("The model has one output, but task='multiclass' takes a softmax over the outputs, which "
+                             "is always 1.0 for one output: use task='multilabel' (a sigmoid per output) or give the "
+                             "model one output per class.")
         probs.append((logits.softmax(1) if task == "multiclass" else logits.sigmoid()).cpu().numpy())
         targets.append(batch["target"].numpy())
         ids += list(batch["image_id"])

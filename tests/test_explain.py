@@ -183,3 +183,109 @@ def test_engine_auto_is_silent_and_fast_says_when_it_falls_back(tiny):
         explain(model, x, 0, "gradcam++", progress=False)
     with pytest.warns(UserWarning, match="no fast engine"):
         explain(model, x, 0, "gradcam++", engine="fast", progress=False)
+
+
+# ------------------------------------------------------------------------------ reliability (issue 13)
+
+ENGINES = [("gradcam", "fast"), ("gradcam", "library"), ("gradcam++", "library"), ("gradient_shap", "fast"),
+           ("gradient_shap", "library")]
+
+
+@pytest.mark.parametrize("method, engine", ENGINES)
+def test_model_state_is_restored_exactly(tiny, method, engine):
+    """Every module's training flag, every parameter's grad (same tensor, same values) and requires_grad."""
+    model, x = tiny
+    model.train()
+    model.features[3].eval()
+    model.head[2].bias.requires_grad_(False)
+    model(x).sum().backward()
+    modes = {name: m.training for name, m in model.named_modules()}
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    grads = {name: (p.grad, None if p.grad is None else p.grad.clone()) for name, p in model.named_parameters()}
+    assert grads["features.0.weight"][0] is not None and grads["head.2.bias"][0] is None
+    explain(model, x, [0, 1, 2, 0, 1], method, engine=engine, background=torch.randn(4, 3, 32, 32), nsamples=4,
+            progress=False)
+    assert {name: m.training for name, m in model.named_modules()} == modes
+    assert {name: p.requires_grad for name, p in model.named_parameters()} == flags
+    for name, p in model.named_parameters():
+        original, values = grads[name]
+        assert p.grad is original, name
+        assert values is None or torch.equal(p.grad, values), name
+
+
+class ConvInplace(nn.Module):
+    """Conv -> ReLU(inplace=True) right after the CAM target layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.relu1, self.relu2 = nn.ReLU(inplace=True), nn.ReLU(inplace=True)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+
+    def forward(self, x):
+        return self.head(self.relu2(self.conv2(self.relu1(self.conv1(x)))))
+
+
+def _out_of_place_copy(model):
+    import copy
+
+    reference = copy.deepcopy(model)
+    for m in reference.modules():
+        if isinstance(m, nn.ReLU):
+            m.inplace = False
+    return reference
+
+
+@pytest.mark.parametrize("engine", ["fast", "library"])
+def test_inplace_op_after_the_target_layer_does_not_change_cams(engine):
+    torch.manual_seed(0)
+    model = ConvInplace()
+    reference = _out_of_place_copy(model)
+    x, targets = torch.randn(4, 3, 16, 16), [0, 1, 2, 1]
+    got = explain(model, x, targets, "gradcam", target_layers=[model.conv2], engine=engine, progress=False).maps
+    want = explain(reference, x, targets, "gradcam", target_layers=[reference.conv2], engine=engine, progress=False).maps
+    assert np.abs(got - want).max() <= 1e-5
+    assert np.abs(want).max() > 0.5
+
+
+def test_raw_torchvision_densenet_gives_the_same_cams_as_the_out_of_place_one():
+    """torchvision's DenseNet.forward applies F.relu(features, inplace=True) right after the target layer."""
+    from segx_helpers.models import DenseNetClassifier
+
+    torch.manual_seed(0)
+    raw = tv_models.densenet121(weights=None, num_classes=3).eval()
+    reference = DenseNetClassifier(raw)
+    x = torch.randn(2, 3, 64, 64)
+    want = explain(reference, x, [0, 2], "gradcam", engine="fast", progress=False).maps
+    for engine in ("fast", "library"):
+        got = explain(raw, x, [0, 2], "gradcam", engine=engine, progress=False).maps
+        assert np.abs(got - want).max() <= 1e-4, engine
+
+
+def test_bad_targets_and_target_layers_fail_clearly(tiny):
+    model, x = tiny
+    one = explain(model, x, torch.tensor(1), progress=False)
+    per_image = explain(model, x, torch.tensor([0, 1, 2, 0, 1]), progress=False)
+    array = explain(model, x, np.array([0, 1, 2, 0, 1]), progress=False)
+    assert one.class_index.tolist() == [1] * 5
+    assert per_image.class_index.tolist() == array.class_index.tolist() == [0, 1, 2, 0, 1]
+    with pytest.raises(TypeError, match="integer class indices.*1.5"):
+        explain(model, x, 1.5, progress=False)
+    with pytest.raises(TypeError, match="integer class indices"):
+        explain(model, x, torch.tensor([0.2, 0.8, 0.1, 0.0, 0.4]), progress=False)
+    with pytest.raises(TypeError, match="integer class indices"):
+        explain(model, x, [[0.5], [1], [2], [0], [1]], progress=False)
+    for engine in ("fast", "library"):
+        with pytest.raises(ValueError, match=r"target layer Linear.*\(N, C, H, W\)"):
+            explain(model, x, 0, "gradcam", target_layers=[model.head[2]], engine=engine, progress=False)
+
+
+def test_one_output_model_is_refused_for_multiclass():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 1))
+    x = torch.randn(2, 3, 16, 16)
+    for method in ("gradcam", "gradcam++"):
+        with pytest.raises(ValueError, match="one output.*multilabel"):
+            explain(model, x, None, method, progress=False)
+    result = explain(model, x, None, "gradcam", task="multilabel", thresholds=[0.0], progress=False)
+    assert len(result) == 2 and (result.scores < 1).all()

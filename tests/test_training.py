@@ -297,3 +297,15 @@ def test_wrong_monitor_is_refused_before_any_training(make_tiny_dataset, tmp_pat
 def test_train_config_is_checked_when_made(bad, message):
     with pytest.raises(ValueError, match=message):
         TrainConfig(**bad)
+
+
+def test_predict_classifier_refuses_a_one_output_multiclass_model():
+    from torch import nn
+
+    from segx_helpers.training import predict_classifier
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 1))
+    batches = [{"image": torch.randn(3, 3, 2, 2), "target": torch.tensor([0, 1, 0]), "image_id": ["a", "b", "c"]}]
+    with pytest.raises(ValueError, match="one output.*multilabel"):
+        predict_classifier(model, batches, "multiclass", device="cpu")
+    assert predict_classifier(model, batches, "multilabel", device="cpu")["probs"].shape == (3, 1)
