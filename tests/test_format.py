@@ -244,3 +244,88 @@ def test_load_dataset_names_ignored_fields_and_import_folder(make_tiny_dataset):
     message = str(err.value)
     assert "['class_names', 'name']" in message and "['classes', 'title'] are ignored" in message
     assert "import_folder" in message
+
+
+# ------------------------------------------------------------------------------ reliability (issue 13)
+
+def test_label_map_masks_keep_every_labelled_structure_and_warn_once(tmp_path):
+    """{0, 1, 2} (left and right lung labelled separately): every non-zero label is foreground, one warning per folder."""
+    from segx_helpers.data.format import LabelMapMaskWarning
+
+    labels = np.zeros((8, 8), np.uint8)
+    labels[:, :3], labels[:, 5:] = 1, 2
+    Image.fromarray(labels).save(tmp_path / "a.png")
+    Image.fromarray(labels.astype(np.uint16)).save(tmp_path / "b.png")
+    palette = Image.fromarray(labels, mode="P")
+    palette.putpalette([0, 0, 0, 255, 0, 0, 0, 0, 255] + [0] * 759)
+    palette.save(tmp_path / "c.png")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        masks = [read_mask(tmp_path / name) for name in ("a.png", "b.png", "c.png")]
+    for mask in masks:
+        assert mask.tolist() == (labels > 0).tolist()
+    label_warnings = [w for w in caught if issubclass(w.category, LabelMapMaskWarning)]
+    assert len(label_warnings) == 1 and len(caught) == 1
+    assert "a.png" in str(label_warnings[0].message) and "non-zero" in str(label_warnings[0].message)
+
+
+def test_16_bit_binary_mask_reads_without_a_warning(tmp_path):
+    values = np.zeros((6, 6), np.uint16)
+    values[2:4] = 65535
+    Image.fromarray(values).save(tmp_path / "m16.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert read_mask(tmp_path / "m16.png").tolist() == (values > 0).tolist()
+
+
+def test_grey_8_bit_mask_keeps_the_threshold_rule(tmp_path):
+    values = np.zeros((8, 8), np.uint8)
+    values[:, 4:] = 250
+    values[:, 3] = 60  # an anti-aliased edge below half the maximum
+    Image.fromarray(values).save(tmp_path / "grey.png")
+    with pytest.warns(NonBinaryMaskWarning, match="thresholded at 125"):
+        mask = read_mask(tmp_path / "grey.png")
+    assert mask[:, 4:].all() and not mask[:, :4].any()
+
+
+def test_decompression_bomb_is_a_dataset_format_error_naming_the_file(tmp_path, monkeypatch):
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(tmp_path / "big.png")
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(tmp_path / "bigmask.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 4096 pixels > 2 x 1000: PIL refuses to decode it
+    for reader in (read_image, read_mask):
+        name = "big.png" if reader is read_image else "bigmask.png"
+        with pytest.raises(DatasetFormatError, match=f"{name}.*too many pixels"):
+            reader(tmp_path / name)
+    from segx_helpers.data.format import image_size
+
+    with pytest.raises(DatasetFormatError, match="big.png.*too many pixels"):
+        image_size(tmp_path / "big.png")
+
+
+@pytest.mark.parametrize("content, message", [
+    ("[]", "must hold a JSON object"),
+    (None, "class_names must be a non-empty list of distinct names"),  # "class_names": "ab"
+    ({"class_names": ["a", 2, "c"]}, "class_names must be a non-empty list of distinct names"),
+    ({"name": 7}, "name must be a string"),
+    ({"channels": "3"}, "channels must be 1 or 3"),
+    ({"channels": True}, "channels must be 1 or 3"),
+    ({"generator": "yes"}, "generator must be an object"),
+])
+def test_dataset_json_field_types_are_checked(make_tiny_dataset, content, message):
+    root = make_tiny_dataset()
+    info = json.loads((root / "dataset.json").read_text())
+    if content == "[]":
+        (root / "dataset.json").write_text("[]")
+    else:
+        info.update({"class_names": "ab"} if content is None else content)
+        (root / "dataset.json").write_text(json.dumps(info))
+    with pytest.raises(DatasetFormatError, match=message) as err:
+        load_dataset(root)
+    assert "dataset.json" in str(err.value)
+
+
+def test_zero_byte_image_message_matches_the_docs(make_tiny_dataset):
+    root = make_tiny_dataset()
+    (root / "images" / "img_004.png").write_bytes(b"")
+    with pytest.raises(DatasetFormatError, match=r"^Empty \(zero-byte\) image file: .*img_004\.png$"):
+        load_dataset(root)

@@ -1,10 +1,10 @@
 """Datasets: the folder format, synthetic generators, real-data converters and the torch Dataset."""
-from .format import (DatasetFormatError, DatasetInfo, LoadedDataset, NonBinaryMaskWarning, load_dataset, make_splits,
-                     read_image, read_mask, write_dataset)
+from .format import (DatasetFormatError, DatasetInfo, LabelMapMaskWarning, LoadedDataset, NonBinaryMaskWarning,
+                     load_dataset, make_splits, read_image, read_mask, write_dataset)
 from .synthetic import SyntheticConfig, ensure_synthetic, generate_synthetic_cxr, generate_synthetic_derm, load_artefacts
 
 __all__ = [
-    "DatasetFormatError", "DatasetInfo", "LoadedDataset", "NonBinaryMaskWarning", "load_dataset", "make_splits",
-    "read_image", "read_mask", "write_dataset", "SyntheticConfig", "ensure_synthetic", "generate_synthetic_cxr",
+    "DatasetFormatError", "DatasetInfo", "LabelMapMaskWarning", "LoadedDataset", "NonBinaryMaskWarning", "load_dataset",
+    "make_splits", "read_image", "read_mask", "write_dataset", "SyntheticConfig", "ensure_synthetic", "generate_synthetic_cxr",
     "generate_synthetic_derm", "load_artefacts",
 ]

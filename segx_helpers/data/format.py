@@ -9,6 +9,17 @@ A dataset is a folder::
     splits.csv            image_id,split with split in {train, val, test}
     dataset.json          name, modality, task, class_names, mask_description, source, licence, ...
 
+Optional, written by the synthetic generators (and ignored by everything that does not ask for them):
+
+    artefacts.csv                 image_id + one 0/1 column per artefact kind the image carries
+    artefacts/<id>.png            where the artefacts are: uint8 bit flags, bit k set where artefact kind k
+                                  (the k-th artefact column of artefacts.csv) covers the pixel; non-zero =
+                                  the union of every spurious artefact, always outside the clinical region
+    twins/<id>__<artefact>.png    the image's counterfactual twin: rendered again from the same random
+                                  state with that shortcut artefact removed (or added where it was absent)
+
+Real datasets may carry an ``artefacts.csv`` of annotated artefact flags (e.g. the ISIC trap sets).
+
 ``load_dataset`` validates all of it and raises :class:`DatasetFormatError` naming the offending file.
 """
 from __future__ import annotations
@@ -35,7 +46,17 @@ class DatasetFormatError(ValueError):
 
 
 class NonBinaryMaskWarning(UserWarning):
-    """A mask had values other than {0, 1} or {0, 255} and was thresholded at half its range."""
+    """A mask had values other than {0, 1}, {0, 255} or {0, 65535} and was thresholded at half its maximum."""
+
+
+class LabelMapMaskWarning(NonBinaryMaskWarning):
+    """A mask was an integer label map (e.g. {0, 1, 2}); every non-zero label was read as foreground."""
+
+
+LABEL_MAP_MAX = 31
+"""A mask whose values are all integers up to this (or a palette image) is a label map, not a grey mask."""
+
+_label_map_folders: set[str] = set()
 
 
 @dataclass
@@ -53,12 +74,20 @@ class DatasetInfo:
     generator: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        for name in ("name", "modality", "task", "mask_description", "source", "licence"):
+            if not isinstance(getattr(self, name), str):
+                raise DatasetFormatError(f"dataset.json: {name} must be a string, got {getattr(self, name)!r}.")
         if self.task not in TASKS:
             raise DatasetFormatError(f"dataset.json: task must be one of {TASKS}, got {self.task!r}.")
-        if not self.class_names or len(set(self.class_names)) != len(self.class_names):
-            raise DatasetFormatError(f"dataset.json: class_names must be a non-empty list of distinct names, got {self.class_names!r}.")
-        if self.channels not in (1, 3):
+        if (not isinstance(self.class_names, list) or not self.class_names
+                or not all(isinstance(c, str) and c for c in self.class_names)
+                or len(set(self.class_names)) != len(self.class_names)):
+            raise DatasetFormatError("dataset.json: class_names must be a non-empty list of distinct names (strings), "
+                                     f"got {self.class_names!r}.")
+        if isinstance(self.channels, bool) or self.channels not in (1, 3):
             raise DatasetFormatError(f"dataset.json: channels must be 1 or 3, got {self.channels!r}.")
+        if not isinstance(self.generator, dict):
+            raise DatasetFormatError(f"dataset.json: generator must be an object (a dict), got {self.generator!r}.")
 
     @property
     def num_classes(self) -> int:
@@ -110,6 +139,8 @@ def read_image(path: str | Path, channels: int = 3) -> np.ndarray:
         with Image.open(path) as img:
             img.load()
             array = _to_uint8(img)
+    except Image.DecompressionBombError as err:
+        raise _too_many_pixels(path, "Image", err) from err
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
         raise DatasetFormatError(f"Unreadable or truncated image file: {path} ({err})") from err
     if array.ndim == 2:
@@ -119,6 +150,13 @@ def read_image(path: str | Path, channels: int = 3) -> np.ndarray:
     elif channels == 1 and array.shape[2] == 3:
         array = np.asarray(Image.fromarray(array).convert("L"))[:, :, None]
     return np.array(array, copy=True)
+
+
+def _too_many_pixels(path: Path, what: str, err: Exception) -> DatasetFormatError:
+    return DatasetFormatError(
+        f"{what} file {path} has too many pixels to decode safely ({err}). PIL refuses it as a possible decompression "
+        "bomb; if the file is genuine, raise PIL.Image.MAX_IMAGE_PIXELS before loading (or downscale it)."
+    )
 
 
 def _to_uint8(img: Image.Image) -> np.ndarray:
@@ -140,9 +178,14 @@ def _to_uint8(img: Image.Image) -> np.ndarray:
 def read_mask(path: str | Path, expected_size: tuple[int, int] | None = None) -> np.ndarray:
     """Read a binary mask as bool ``(H, W)``.
 
-    Masks stored as {0, 1} or {0, 255} are read exactly; any other values are thresholded at half
-    the value range with a :class:`NonBinaryMaskWarning` naming the file. ``expected_size`` is the
-    image's ``(H, W)``; a mask of another size is an error.
+    * {0, 1}, {0, 255} and (16-bit) {0, 65535} masks are read exactly, silently.
+    * Integer label maps, i.e. palette images or masks whose values are all at most
+      :data:`LABEL_MAP_MAX` (e.g. {0, 1, 2}: left and right lung labelled separately): every non-zero
+      label is foreground, with one :class:`LabelMapMaskWarning` per folder.
+    * Other grey masks (8- or 16-bit) are thresholded at half their maximum value with a
+      :class:`NonBinaryMaskWarning` naming the file.
+
+    ``expected_size`` is the image's ``(H, W)``; a mask of another size is an error.
     """
     path = Path(path)
     if not path.is_file():
@@ -152,7 +195,10 @@ def read_mask(path: str | Path, expected_size: tuple[int, int] | None = None) ->
     try:
         with Image.open(path) as img:
             img.load()
-            values = np.asarray(img.convert("L") if img.mode not in ("L", "1", "I;16", "I") else img)
+            palette = img.mode == "P"
+            values = np.asarray(img if img.mode in ("L", "1", "P", "I;16", "I;16B", "I;16L", "I") else img.convert("L"))
+    except Image.DecompressionBombError as err:
+        raise _too_many_pixels(path, "Mask", err) from err
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
         raise DatasetFormatError(f"Unreadable or truncated mask file: {path} ({err})") from err
     if values.ndim != 2:
@@ -165,8 +211,20 @@ def read_mask(path: str | Path, expected_size: tuple[int, int] | None = None) ->
     if values.dtype == bool:
         return values
     unique = np.unique(values)
-    if np.isin(unique, (0, 1)).all() or np.isin(unique, (0, 255)).all():
+    if any(np.isin(unique, (0, on)).all() for on in (1, 255, 65535)):
         return values > 0
+    if palette or (np.issubdtype(values.dtype, np.integer) and unique.min() >= 0 and unique.max() <= LABEL_MAP_MAX):
+        folder = str(path.parent.resolve())
+        if folder not in _label_map_folders:
+            _label_map_folders.add(folder)
+            warnings.warn(
+                f"Mask {path} is an integer label map (values {unique[:8].tolist()}): every non-zero label is read as "
+                f"foreground (the union of the labelled structures). Other label-map masks in {path.parent} are read "
+                "the same way without another warning.",
+                LabelMapMaskWarning,
+                stacklevel=2,
+            )
+        return values != 0
     top = float(values.max()) if values.max() > 1 else 1.0
     warnings.warn(
         f"Mask {path} is not binary (values {unique[:6].tolist()}...); thresholded at {top / 2:g}.",
@@ -178,9 +236,16 @@ def read_mask(path: str | Path, expected_size: tuple[int, int] | None = None) ->
 
 def image_size(path: str | Path) -> tuple[int, int]:
     """``(H, W)`` of an image file without decoding the pixels."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetFormatError(f"Missing image file: {path}")
+    if path.stat().st_size == 0:
+        raise DatasetFormatError(f"Empty (zero-byte) image file: {path}")
     try:
         with Image.open(path) as img:
             width, height = img.size
+    except Image.DecompressionBombError as err:
+        raise _too_many_pixels(path, "Image", err) from err
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
         raise DatasetFormatError(f"Unreadable image file: {path} ({err})") from err
     return height, width
@@ -200,6 +265,9 @@ def load_info(root: str | Path) -> DatasetInfo:
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise DatasetFormatError(f"{path} is not valid JSON: {err}") from err
+    if not isinstance(raw, dict):
+        raise DatasetFormatError(f"{path} must hold a JSON object ({{\"name\": ..., \"class_names\": [...], ...}}), "
+                                 f"got a {type(raw).__name__}.")
     known = {f for f in DatasetInfo.__dataclass_fields__}
     missing = {"name", "modality", "task", "class_names", "mask_description"} - raw.keys()
     unknown = sorted(raw.keys() - known)
@@ -377,6 +445,7 @@ def write_dataset(
     overwrite: bool = False,
     image_format: str = "png",
     extra_tables: Callable[[], dict[str, pd.DataFrame]] | None = None,
+    extra_files: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write a dataset folder atomically from ``(image_id, image (H, W[, C]) uint8, mask (H, W) bool | None)``.
 
@@ -384,7 +453,8 @@ def write_dataset(
     complete. An existing ``root`` is replaced only with ``overwrite=True`` *and* only if it was
     written by this package (its dataset.json carries a ``generator`` entry): user data is never
     replaced. ``extra_tables`` returns more CSV files to write (name -> frame), e.g. the synthetic
-    artefact table; it is called after ``samples`` is consumed.
+    artefact table; it is called after ``samples`` is consumed, as is ``extra_files(folder)``, which
+    writes more files into the (temporary) dataset folder, e.g. the synthetic artefact maps and twins.
     """
     root = Path(root)
     if root.exists() and overwrite:
@@ -405,6 +475,8 @@ def write_dataset(
                 Image.fromarray(np.where(mask, 255, 0).astype(np.uint8)).save(tmp / "masks" / f"{image_id}.png")
         for name, frame in (extra_tables() if extra_tables else {}).items():
             frame.to_csv(tmp / name, index=False)
+        if extra_files is not None:
+            extra_files(tmp)
         labels.to_csv(tmp / "labels.csv", index=False)
         splits.to_csv(tmp / "splits.csv", index=False)
         write_json(tmp / "dataset.json", asdict(info))
