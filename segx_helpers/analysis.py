@@ -219,9 +219,23 @@ def _warn(flags: torch.Tensor, what: str) -> None:
         warnings.warn(f"{count} map(s) have {what}; their scores are set to 0.0", DegenerateWarning, stacklevel=3)
 
 
+def segx_saliency(maps, masks, p: float = 5.0, order: str = "mask-then-top", device=None) -> torch.Tensor:
+    """SegX saliency maps, bool ``(M, H, W)`` on ``device``: the top-``p`` % of the SegX map of ``order``
+    (the engine's counterpart of ``top_percent(segx(maps, masks, order=order), p)``); masks boolean ``(M, H, W)``."""
+    maps = torch.as_tensor(maps)
+    device = torch.device(device) if device is not None else maps.device
+    maps, _, _ = _check_maps(maps.to(device))
+    masks = torch.as_tensor(masks, device=device)
+    if masks.dtype != torch.bool or masks.shape != maps.shape:
+        raise ValueError(f"masks must be boolean of the maps' shape {tuple(maps.shape)}")
+    m = len(maps)
+    flat = maps.reshape(m, -1)
+    return top_p_region(segx_maps(flat, masks.reshape(m, -1), order, p), p).reshape(maps.shape)
+
+
 def analyse(maps, predicted_masks, true_masks=None, image_index=None, has_true_mask=None, *, p: float = 5.0,
             n_thresholds: int = 101, orders: Sequence[str] = ORDERS, localisation: bool = True,
-            distance: bool = False, device: str | torch.device | None = None) -> pd.DataFrame:
+            distance: bool = False, artefact_masks=None, device: str | torch.device | None = None) -> pd.DataFrame:
     """Every SegU and localisation score, one row per map.
 
     ``maps`` ``(M, H, W)`` the *original* explanations (numpy or torch; computed on ``device``, default
@@ -237,7 +251,9 @@ def analyse(maps, predicted_masks, true_masks=None, image_index=None, has_true_m
     ``distance=True``, ``SegU distance`` (scipy's exact distance transform on the CPU, once per distinct
     mask). Given ``true_masks`` (and ``localisation``): ``IoU@p``, ``AUITC``, relevance mass, relevance
     rank and pointing game of the original map and of the SegX map of each order, as
-    ``"<original|SegX <order>> <metric>"`` with ``IoU@p`` written ``IoU@5%`` for ``p = 5``.
+    ``"<original|SegX <order>> <metric>"`` with ``IoU@p`` written ``IoU@5%`` for ``p = 5``. Given
+    ``artefact_masks`` (where spurious artefacts are, e.g. the synthetic sets' artefact maps, picked like
+    the other masks): ``artefact mass``, the share of the original map's attribution on them.
 
     Degenerate inputs (an all-zero map, an empty mask) score 0.0 with a :class:`DegenerateWarning`;
     an empty batch gives an empty frame with the same columns.
@@ -262,7 +278,8 @@ def analyse(maps, predicted_masks, true_masks=None, image_index=None, has_true_m
             raise ValueError(f"masks give shape {tuple(masks.shape)} per map but the maps have shape {(m, h, w)}")
         return masks.reshape(m, h * w)
 
-    columns = _columns(p, orders, true_masks is not None and localisation, distance)
+    columns = _columns(p, orders, true_masks is not None and localisation, distance) + \
+        (["artefact mass"] if artefact_masks is not None else [])
     if m == 0:
         warnings.warn("no maps to analyse: returning an empty table", DegenerateWarning, stacklevel=2)
         return pd.DataFrame({c: pd.Series(dtype=float) for c in columns})
@@ -292,6 +309,8 @@ def analyse(maps, predicted_masks, true_masks=None, image_index=None, has_true_m
                 warnings.simplefilter("ignore")
                 out["SegU distance"] = torch.as_tensor(distance_from_top(
                     top.reshape(m, h, w).cpu().numpy(), predicted.reshape(m, h, w).cpu().numpy()))
+        if artefact_masks is not None:
+            out["artefact mass"] = _mass(flat, per_map(artefact_masks))
         if truth is not None:
             sets = {"original": (flat, top, auitc[1])}
             for order in orders:
@@ -309,7 +328,7 @@ def analyse(maps, predicted_masks, true_masks=None, image_index=None, has_true_m
     if truth is not None and has_true_mask is not None:
         known = np.asarray(has_true_mask, dtype=bool)
         known = known[np.asarray(image_index)] if image_index is not None else known
-        localisation_columns = [c for c in frame.columns if not c.startswith(("c_", "SegU"))]
+        localisation_columns = [c for c in frame.columns if c.startswith(("original ", "SegX "))]
         frame.loc[~known, localisation_columns] = np.nan
     return frame[columns]
 

@@ -263,28 +263,6 @@ def evaluate_classifier(trained: TrainedModel, data: LoadedDataset, split: str =
     return result
 
 
-def shortcut_breakdown(result: dict, artefacts: pd.DataFrame, shortcut: dict[str, str], class_names: list[str]) -> pd.DataFrame:
-    """Accuracy where the spurious artefact agrees vs disagrees with the label, per shortcut class.
-
-    ``shortcut`` maps a class name to the artefact column correlated with it (e.g.
-    ``{"melanoma": "ink"}``); "agrees" means artefact present exactly when the class is present.
-    """
-    table = artefacts.set_index("image_id").loc[result["image_id"]]
-    targets = np.asarray(result["targets"])
-    pred = np.asarray(result["pred"])
-    rows = []
-    for class_name, column in shortcut.items():
-        c = class_names.index(class_name)
-        truth = targets == c if targets.ndim == 1 else targets[:, c] > 0.5
-        decided = pred == c if pred.ndim == 1 else pred[:, c] > 0
-        correct = (pred == targets) if targets.ndim == 1 else (decided == truth)
-        agrees = table[column].to_numpy(dtype=bool) == truth
-        for name, rows_mask in (("agrees", agrees), ("disagrees", ~agrees)):
-            rows.append({"class": class_name, "artefact": column, "artefact vs label": name, "images": int(rows_mask.sum()),
-                         "accuracy": float(correct[rows_mask].mean()) if rows_mask.any() else float("nan")})
-    return pd.DataFrame(rows)
-
-
 @dataclass(frozen=True)
 class RunSettings:
     """How much work each notebook does. ``QUICK`` is what CI and ``make tutorial`` run on 2 CPU cores;

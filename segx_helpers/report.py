@@ -15,6 +15,40 @@ import pandas as pd
 from .io import write_text
 
 
+SUMMARY = "summary.json"
+
+
+def update_summary(root: str | Path, dataset: str, **sections) -> Path:
+    """Merge ``sections`` into ``<root>/outputs/summary.json`` under ``dataset`` (nested dicts merge, values
+    replace), atomically: each notebook adds what it measured, and the report and README read it.
+    Non-finite floats are written as null."""
+    import math
+
+    from .io import write_json
+
+    def clean(value):
+        if isinstance(value, dict):
+            return {str(k): clean(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(v) for v in value]
+        if hasattr(value, "item"):
+            value = value.item()
+        return None if isinstance(value, float) and not math.isfinite(value) else value
+
+    def merge(into: dict, new: dict) -> dict:
+        for key, value in new.items():
+            into[key] = merge(into.get(key, {}), value) if isinstance(value, dict) and isinstance(into.get(key), dict) \
+                else value
+        return into
+
+    path = Path(root) / "outputs" / SUMMARY
+    path.parent.mkdir(parents=True, exist_ok=True)
+    current = json.loads(path.read_text()) if path.is_file() else {}
+    current[dataset] = merge(current.get(dataset, {}), clean(sections))
+    write_json(path, current)
+    return path
+
+
 def _table(frame: pd.DataFrame) -> str:
     """A DataFrame as a Markdown table (no extra dependency)."""
     cells = frame.astype(object).where(frame.notna(), "")
@@ -54,8 +88,9 @@ def build_report(root: str | Path, dataset: str = "synthetic-derm") -> str:
 
     def localisation(path: Path) -> str:
         frame = pd.read_csv(path)
-        keep = frame["metric"].isin(["relevance mass", "pointing game", "top-5% IoU"])
-        return _table(frame.loc[keep, ["method", "metric", "predictions", "original", "SegX", "difference"]])
+        keep = frame["metric"].isin(["IoU@5%", "AUITC", "relevance mass", "pointing game"])
+        columns = ["method", "order", "metric", "predictions", "original", "SegX", "difference"]
+        return _table(frame.loc[keep, [c for c in columns if c in frame]])
 
     section("Localisation against the true lesion: original vs SegX maps", here / "localisation_table.csv",
             "04_segx_maps", localisation)
@@ -63,7 +98,7 @@ def build_report(root: str | Path, dataset: str = "synthetic-derm") -> str:
     def segu(path: Path) -> str:
         summary = json.loads(path.read_text())
         frame = pd.DataFrame(summary["separation"])
-        frame = frame[frame["score"].isin(["SegU overlap (paper)", "confidence"])]
+        frame = frame[frame["score"].isin(["c_IoU", "c_AUITC", "confidence"])]
         table = pd.DataFrame({"explanation": frame["group"], "certainty": frame["score"],
                               "incorrect / all": frame["n_incorrect"].astype(str) + " / "
                               + (frame["n_incorrect"] + frame["n_correct"]).astype(str),

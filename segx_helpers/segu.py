@@ -230,6 +230,15 @@ def aurc(correct: np.ndarray, confidence: np.ndarray) -> float:
     return float(risk_coverage(correct, confidence)[1].mean())
 
 
+def augrc(correct: np.ndarray, confidence: np.ndarray) -> float:
+    """Area under the generalised risk-coverage curve (Traub et al. 2024): the mean over coverages
+    ``k/N`` of the share of *all* predictions that are accepted and wrong (errors among the ``k`` most
+    confident, ties spread evenly, divided by ``N``). Lower is better; unlike AURC it does not
+    over-weight the few most confident predictions."""
+    coverage, risk = risk_coverage(correct, confidence)
+    return float((risk * coverage).mean())
+
+
 def fit_combination(certainty_val: np.ndarray, confidence_val: np.ndarray, correct_val: np.ndarray) -> LogisticRegression:
     """A logistic model of correctness from (SegU certainty, classifier confidence), fitted on validation only."""
     features = np.column_stack([certainty_val, confidence_val])

@@ -214,7 +214,7 @@ def plot_roc_curves(y_true: np.ndarray, y_score: np.ndarray, class_names: Sequen
 
 
 def plot_shortcut_accuracy(table: pd.DataFrame, title: str) -> plt.Figure:
-    """Accuracy where the artefact agrees vs disagrees with the label (from ``pipeline.shortcut_breakdown``)."""
+    """Accuracy where the artefact agrees vs disagrees with the label (from ``shortcut.shortcut_breakdown``)."""
     fig, ax = plt.subplots(figsize=(6, 3.4))
     sns.barplot(data=table, x="class", y="accuracy", hue="artefact vs label", ax=ax)
     for container in ax.containers:
@@ -304,13 +304,15 @@ def plot_localisation_change(summary: pd.DataFrame, title: str) -> plt.Figure:
     return grid.figure
 
 
-def plot_certainty_by_outcome(table: pd.DataFrame, score: str, title: str, by: str = "method") -> plt.Figure:
-    """Violin plots with points of a certainty score for correct vs incorrect predictions, per ``by``."""
-    frame = table.assign(prediction=np.where(table["correct"], "correct", "incorrect"))
+def plot_certainty_by_outcome(table: pd.DataFrame, score: str, title: str, by: str = "method",
+                              outcome: str = "correct", labels: tuple[str, str] = ("correct", "incorrect")) -> plt.Figure:
+    """Violin plots with points of a certainty score for the two values of a boolean ``outcome`` column
+    (True first, named by ``labels``), per ``by``."""
+    frame = table.assign(prediction=np.where(table[outcome], labels[0], labels[1]))
     fig, ax = plt.subplots(figsize=(7, 3.8))
-    sns.violinplot(data=frame, x=by, y=score, hue="prediction", hue_order=["correct", "incorrect"], cut=0,
+    sns.violinplot(data=frame, x=by, y=score, hue="prediction", hue_order=list(labels), cut=0,
                    inner=None, split=False, ax=ax, palette=["#4caf50", "#e53935"], alpha=0.35)
-    sns.stripplot(data=frame, x=by, y=score, hue="prediction", hue_order=["correct", "incorrect"], dodge=True,
+    sns.stripplot(data=frame, x=by, y=score, hue="prediction", hue_order=list(labels), dodge=True,
                   size=3, ax=ax, palette=["#2e7d32", "#b71c1c"], legend=False)
     ax.set(title=title, xlabel=by, ylabel=score)
     ax.legend(title="prediction", loc="upper left", bbox_to_anchor=(1.01, 1.0))

@@ -200,3 +200,27 @@ def test_localisation_summary_pairs_each_order_with_the_original():
     assert set(summary["metric"]) == {"IoU@5%", "AUITC", "relevance mass", "relevance rank", "pointing game"}
     row = summary[(summary["order"] == "mask-then-top") & (summary["metric"] == "relevance mass")].iloc[0]
     assert row["SegX_mean"] == pytest.approx(1.0)   # SegX against the mask it was cut with
+
+
+def test_engine_segx_saliency_equals_the_reference_in_both_orders():
+    from segx_helpers.analysis import segx_saliency
+
+    rng = np.random.default_rng(5)
+    maps = rng.random((8, 32, 32)).astype(np.float32)
+    maps[:3] = np.round(maps[:3] * 3) / 3
+    masks = rng.random((8, 32, 32)) > 0.5
+    for order in ("mask-then-top", "top-then-mask"):
+        expected = top_percent(segx(maps, masks, order=order))
+        assert np.array_equal(segx_saliency(maps, masks, order=order).numpy(), expected), order
+
+
+def test_artefact_mass_is_the_share_of_attribution_on_the_artefact():
+    heat = np.zeros((1, 10, 10), np.float32)
+    heat[0, 0, :4] = 1.0          # on the artefact
+    heat[0, 5, 5] = 2.0           # on the lesion
+    artefact = np.zeros((1, 10, 10), bool)
+    artefact[0, 0, :] = True
+    lesion = np.zeros((1, 10, 10), bool)
+    lesion[0, 4:7, 4:7] = True
+    table = analyse(heat, lesion, artefact_masks=artefact)
+    assert table["artefact mass"][0] == pytest.approx(4 / 6) and table["SegU mass"][0] == pytest.approx(2 / 6)

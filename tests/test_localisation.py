@@ -76,12 +76,35 @@ def test_summary_table_has_paired_difference(case):
     assert list(original.columns)[0] == "relevance mass" and len(original) == 5
 
 
-def test_against_quantus_definitions_on_random_cases():
-    """Relevance mass accuracy = sum(a*s)/sum(a) and pointing game = any max pixel in s (Quantus)."""
+def test_against_quantus_on_random_maps():
+    """Our reference functions and the analysis engine give Quantus 0.6's values: relevance mass accuracy,
+    relevance rank accuracy, pointing game, and top-k intersection (our share of the top 5 % inside the mask)."""
+    quantus = pytest.importorskip("quantus")
+    import warnings
+
+    from segx_helpers.analysis import analyse
+    from segx_helpers.segx import top_percent
+
     rng = np.random.default_rng(0)
-    maps = rng.random((20, 8, 8)).astype(np.float32)
-    masks = rng.random((20, 8, 8)) > 0.6
-    expected_mass = (maps * masks).sum(axis=(1, 2)) / maps.sum(axis=(1, 2))
-    expected_hit = np.array([masks[i][maps[i] == maps[i].max()].any() for i in range(20)], float)
-    assert np.allclose(relevance_mass(maps, masks), expected_mass)
-    assert (pointing_game(maps, masks) == expected_hit).all()
+    n, size = 12, 16
+    maps = rng.random((n, size, size)).astype(np.float32)
+    masks = rng.random((n, size, size)) > 0.6
+    batch = dict(model=None, x_batch=rng.random((n, 1, size, size)).astype(np.float32), y_batch=np.zeros(n, int),
+                 a_batch=maps[:, None], s_batch=masks[:, None].astype(float))
+    k = int(np.ceil(0.05 * size * size))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = {name: np.array(metric(**batch), float) for name, metric in {
+            "mass": quantus.RelevanceMassAccuracy(disable_warnings=True),
+            "rank": quantus.RelevanceRankAccuracy(disable_warnings=True),
+            "pointing": quantus.PointingGame(disable_warnings=True),
+            "top-k": quantus.TopKIntersection(k=k, disable_warnings=True)}.items()}
+    engine = analyse(maps, masks, masks)
+    assert np.allclose(relevance_mass(maps, masks), theirs["mass"], atol=1e-6)
+    assert np.allclose(engine["original relevance mass"], theirs["mass"], atol=1e-6)
+    assert np.allclose(relevance_rank_accuracy(maps, masks), theirs["rank"])
+    assert np.allclose(engine["original relevance rank"], theirs["rank"])
+    assert np.array_equal(pointing_game(maps, masks), theirs["pointing"])
+    assert np.array_equal(engine["original pointing game"], theirs["pointing"])
+    assert np.allclose((top_percent(maps) & masks).sum(axis=(1, 2)) / k, theirs["top-k"])
+    assert np.allclose(engine["SegU share inside"], theirs["top-k"])

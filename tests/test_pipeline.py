@@ -14,10 +14,11 @@ from segx_helpers.data.synthetic import load_artefacts
 from segx_helpers.explain import explain
 from segx_helpers.notebook import MissingArtifactError, TutorialPaths
 from segx_helpers.pipeline import (evaluate_classifier, evaluate_segmenter, explain_predictions, mask_probabilities,
-                                   prepare_dataset, prepare_models, run_settings, segx_results, shortcut_breakdown,
+                                   prepare_dataset, prepare_models, run_settings, segx_results,
                                    split_tensors, train_classifier, train_segmenter)
 from segx_helpers.results import load_results, load_split_arrays, prediction_table, save_results
 from segx_helpers.segu import segu_scores
+from segx_helpers.shortcut import shortcut_breakdown
 from segx_helpers.segx import segx
 from segx_helpers.training import TrainConfig
 
@@ -174,3 +175,14 @@ def test_foreign_classifier_and_callable_mask_source(trained):
     assert (aligned[:, :16] == 0).all() and aligned.shape == e.maps.shape
     scores = segu_scores(e.maps, masks[e.image_index] >= 0.5)
     assert ((scores >= 0) & (scores <= 1)).all().all()
+
+
+def test_background_images_reference_takes_the_first_validation_images(trained):
+    from segx_helpers.pipeline import background_images
+
+    root, data, seg, cls = trained
+    reference = background_images(data, cls.meta, 3, reference=True)
+    val = split_tensors(data, "val", cls.meta)["image"][:3]
+    assert torch.allclose(reference, val)
+    ours = background_images(data, cls.meta, 3, seed=0)
+    assert ours.shape == reference.shape and torch.equal(ours, background_images(data, cls.meta, 3, seed=0))

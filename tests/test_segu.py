@@ -129,3 +129,13 @@ def test_mask_covering_the_whole_image_trusts_every_map():
     frame = segu_scores(maps, full)
     assert np.allclose(frame["SegU share inside"], 1.0) and np.allclose(frame["SegU distance"], 1.0)
     assert np.allclose(frame["c_IoU"], 20 / 400)
+
+
+def test_augrc_hand_case():
+    from segx_helpers.segu import augrc
+
+    correct = np.array([True, False, True, True])
+    confidence = np.array([0.9, 0.8, 0.7, 0.6])
+    # accepted-and-wrong share at coverage 1/4..4/4: 0, 1/4, 1/4, 1/4
+    assert augrc(correct, confidence) == pytest.approx(np.mean([0, 0.25, 0.25, 0.25]))
+    assert augrc(correct, np.array([0.6, 0.1, 0.7, 0.9])) == pytest.approx(0.25 / 4)

@@ -121,3 +121,48 @@ def test_config_rejects_bad_values():
         SyntheticConfig(shortcut_correlation=1.5)
     with pytest.raises(ValueError, match="n_images"):
         SyntheticConfig(n_images=3)
+
+
+@pytest.mark.parametrize("name, artefact", [("synthetic-derm", "ink"), ("synthetic-cxr", "chest_tube")])
+def test_artefact_maps_and_counterfactual_twins(tmp_path, name, artefact):
+    """Twins differ from their image only where the flipped artefact is (up to 2 px of smoothing), the
+    artefact maps lie outside the clinical region, and both are deterministic given the seed."""
+    from PIL import Image
+    from scipy import ndimage
+
+    from segx_helpers.data.format import load_dataset
+    from segx_helpers.data.synthetic import (CXR_ARTEFACTS, DERM_ARTEFACTS, GENERATORS, _draw_cxr, _draw_derm,
+                                             artefact_masks, load_artefacts, twin_path)
+
+    config = SyntheticConfig(n_images=60, image_size=64, seed=3)
+    root = GENERATORS[name](tmp_path / "a", config, progress=False)
+    again = GENERATORS[name](tmp_path / "b", config, progress=False)
+    data = load_dataset(root)
+    test = data.split("test")["image_id"].tolist()
+    flags = load_artefacts(root).set_index("image_id")
+    assert flags.loc[test, artefact].any() and not flags.loc[test, artefact].all()
+    for image_id in test:
+        original = np.asarray(Image.open(root / "images" / f"{image_id}.png")).astype(int)
+        twin = np.asarray(Image.open(twin_path(root, image_id, artefact))).astype(int)
+        assert (twin == np.asarray(Image.open(twin_path(again, image_id, artefact)))).all()
+        diff = np.abs(original - twin).reshape(64, 64, -1).max(axis=-1)
+        where = artefact_masks(root, [image_id], [artefact])[0]
+        if not flags.loc[image_id, artefact]:   # the twin gained the artefact: take its map from the generator
+            i = int(image_id.split("_")[1])
+            rng = np.random.default_rng([3, i])
+            if name == "synthetic-derm":
+                label = data.table.set_index("image_id").loc[image_id, "label"]
+                look = "nevus" if flags.loc[image_id, "subtle"] else None
+                bits = _draw_derm(rng, 64, label, True, appearance=look)[3]
+                where = (bits & (1 << DERM_ARTEFACTS.index(artefact))) > 0
+            else:
+                row = data.table.set_index("image_id").loc[image_id]
+                findings = {f: bool(row[f]) for f in ("nodule", "opacity", "effusion")}
+                tokens = {t: bool(flags.loc[image_id, t]) for t in ("ecg_lead", "text_marker", "chest_tube")}
+                bits = _draw_cxr(rng, 64, findings, {**tokens, artefact: True})[3]
+                where = (bits & (1 << CXR_ARTEFACTS.index(artefact))) > 0
+        assert where.any() and diff[~ndimage.binary_dilation(where, iterations=2)].max() == 0, image_id
+        lesion = np.asarray(Image.open(root / "masks" / f"{image_id}.png")) > 0
+        assert not (artefact_masks(root, [image_id])[0] & lesion).any()
+    with pytest.raises(FileNotFoundError, match="twin"):
+        twin_path(root, data.split("train")["image_id"].iloc[0], artefact)

@@ -24,6 +24,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from scipy import ndimage
 from tqdm.auto import tqdm
 
+from ..io import check_safe_id
 from .format import DatasetInfo, load_info, make_splits, write_dataset
 
 DERM_CLASSES = ("nevus", "melanoma", "keratosis")
@@ -37,7 +38,12 @@ class SyntheticConfig:
     """Parameters of a synthetic dataset; all of them are written to ``dataset.json``.
 
     ``shortcut_correlation`` applies to the train and val splits, ``test_shortcut_correlation`` to
-    the test split (0 decorrelates it, negative values reverse the shortcut).
+    the test split (0 decorrelates it, negative values reverse the shortcut). ``subtle_share``
+    (synthetic-derm only): the share of melanomas drawn with a naevus's appearance, which nothing inside
+    the lesion tells apart; for those the ink is the only cue, so a classifier keeps relying on the
+    shortcut however long it trains (as for featureless melanomas in real dermoscopy). The default,
+    0.35, was chosen on datasets of other seeds so that at least 10 % of the test predictions flip with
+    their counterfactual twin in quick and in full mode.
     """
 
     n_images: int = 1000
@@ -47,8 +53,11 @@ class SyntheticConfig:
     test_shortcut_correlation: float = 0.0
     split_fractions: tuple[float, float, float] = (0.7, 0.1, 0.2)
     class_prevalence: tuple[float, ...] = field(default_factory=tuple)
+    subtle_share: float = 0.35
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.subtle_share <= 1.0:
+            raise ValueError(f"subtle_share must lie in [0, 1], got {self.subtle_share}")
         if self.n_images < 10:
             raise ValueError(f"n_images must be at least 10, got {self.n_images}")
         if self.image_size < 32:
@@ -135,8 +144,22 @@ def _outside(coverage: np.ndarray, region: np.ndarray, margin: int) -> np.ndarra
 
 # ------------------------------------------------------------------------------- synthetic-derm
 
-def _draw_derm(rng: np.random.Generator, size: int, label: str, ink: bool) -> tuple[np.ndarray, np.ndarray, dict]:
-    """One dermoscopy-like image ``(S, S, 3)`` uint8, its lesion mask ``(S, S)`` and the artefacts drawn."""
+DERM_ARTEFACTS = ("ink", "ruler", "vignette", "hair")
+CXR_ARTEFACTS = ("ecg_lead", "text_marker", "chest_tube", "laterality")
+
+
+def _bit(coverage: np.ndarray, kind: str, kinds: tuple[str, ...]) -> np.ndarray:
+    """The bit of artefact ``kind`` where it covers a pixel (coverage above 0.05), uint8 ``(S, S)``."""
+    return np.where(coverage > 0.05, 1 << kinds.index(kind), 0).astype(np.uint8)
+
+
+def _draw_derm(rng: np.random.Generator, size: int, label: str, ink: bool,
+               appearance: str | None = None) -> tuple[np.ndarray, np.ndarray, dict, np.ndarray]:
+    """One dermoscopy-like image ``(S, S, 3)`` uint8, its lesion mask ``(S, S)``, the artefacts drawn and
+    where (bit flags of :data:`DERM_ARTEFACTS`, uint8 ``(S, S)``). ``appearance`` draws the lesion of
+    another class (a subtle melanoma looks like a naevus); the ink is drawn last, so an image rendered
+    again from the same generator with ``ink`` flipped differs only where the ink is."""
+    label = appearance or label
     s = float(size)
     skin = np.array([[233, 190, 160], [215, 165, 130], [190, 140, 105], [160, 110, 80]], dtype=np.float32)
     base = skin[rng.integers(len(skin))] + rng.normal(0, 6, 3)
@@ -184,16 +207,21 @@ def _draw_derm(rng: np.random.Generator, size: int, label: str, ink: bool) -> tu
 
     artefacts = {"ink": bool(ink), "ruler": bool(rng.random() < 0.2), "vignette": bool(rng.random() < 0.25),
                  "hair": bool(rng.random() < 0.3)}
+    where = np.zeros((size, size), np.uint8)
     if artefacts["vignette"]:
         yy, xx = np.mgrid[0:size, 0:size]
         dist = np.hypot(xx - s / 2, yy - s / 2) / (s / 2)
-        _paint(image, _outside(np.clip((dist - 1.05) * 4, 0, 1), mask, 3), (15, 12, 12))
+        corners = _outside(np.clip((dist - 1.05) * 4, 0, 1), mask, 3)
+        _paint(image, corners, (15, 12, 12))
+        where |= _bit(corners, "vignette", DERM_ARTEFACTS)
     if artefacts["hair"]:
         def hairs(draw):
             for _ in range(rng.integers(2, 6)):
                 pts = np.cumsum(rng.normal(0, s / 10, (6, 2)), axis=0) + rng.uniform(0, s, 2)
                 draw.line([tuple(p) for p in pts], fill=255, width=1)
-        _paint(image, _outside(_stroke_layer(size, hairs), mask, 2) * 0.8, (40, 30, 25))
+        strands = _outside(_stroke_layer(size, hairs), mask, 2) * 0.8
+        _paint(image, strands, (40, 30, 25))
+        where |= _bit(strands, "hair", DERM_ARTEFACTS)
     if artefacts["ruler"]:
         def ruler(draw):
             draw.rectangle([0, s * 0.9, s, s], fill=255)
@@ -202,6 +230,7 @@ def _draw_derm(rng: np.random.Generator, size: int, label: str, ink: bool) -> tu
         ticks = _stroke_layer(size, lambda d: [d.line([(x, s * 0.9), (x, s * 0.95)], fill=255, width=1)
                                               for x in np.arange(2, s, s / 16)])
         _paint(image, _outside(ticks, mask, 2), (30, 30, 30))
+        where |= _bit(band, "ruler", DERM_ARTEFACTS)
     if artefacts["ink"]:
         ring = radius * rng.uniform(1.45, 1.8)
         start = rng.uniform(0, 360)
@@ -213,9 +242,11 @@ def _draw_derm(rng: np.random.Generator, size: int, label: str, ink: bool) -> tu
                 angle = np.deg2rad(rng.uniform(0, 360))
                 px, py = cx + ring * 1.1 * np.cos(angle), cy + ring * 1.1 * np.sin(angle)
                 draw.ellipse([px - size / 40, py - size / 40, px + size / 40, py + size / 40], fill=255)
-        _paint(image, _outside(_stroke_layer(size, ink_mark), mask, 3) * 0.9, (95, 40, 150))
+        marker = _outside(_stroke_layer(size, ink_mark), mask, 3) * 0.9
+        _paint(image, marker, (95, 40, 150))
+        where |= _bit(marker, "ink", DERM_ARTEFACTS)
     image = np.asarray(Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).filter(ImageFilter.SMOOTH))
-    return image, mask, artefacts
+    return image, mask, artefacts, where
 
 
 def generate_synthetic_derm(root: str | Path, config: SyntheticConfig | None = None, overwrite: bool = False,
@@ -237,14 +268,22 @@ def generate_synthetic_derm(root: str | Path, config: SyntheticConfig | None = N
     splits = make_splits(ids, seed=config.seed, fractions=config.split_fractions, stratify=labels)
     is_melanoma = labels == DERM_CLASSES.index("melanoma")
     ink = _split_shortcut(splits["split"].to_numpy(), is_melanoma, config, rng)
+    subtle = is_melanoma & (np.random.default_rng([config.seed, 30_000_000]).random(config.n_images) < config.subtle_share)
+    is_test = splits["split"].to_numpy() == "test"
 
-    records = []
+    records, maps, twins = [], {}, {}
+
+    def draw(i: int, with_ink: bool):
+        return _draw_derm(np.random.default_rng([config.seed, i]), config.image_size, DERM_CLASSES[labels[i]], with_ink,
+                          appearance="nevus" if subtle[i] else None)
 
     def samples():
         for i, image_id in enumerate(tqdm(ids, desc="synthetic-derm", disable=not progress)):
-            image, mask, artefacts = _draw_derm(np.random.default_rng([config.seed, i]), config.image_size,
-                                                DERM_CLASSES[labels[i]], ink[i])
-            records.append({"image_id": image_id, **artefacts})
+            image, mask, artefacts, where = draw(i, ink[i])
+            records.append({"image_id": image_id, **artefacts, "subtle": bool(subtle[i])})
+            maps[image_id] = where
+            if is_test[i]:
+                twins[f"{image_id}__ink"] = draw(i, not ink[i])[0]
             yield image_id, image, mask
 
     info = DatasetInfo(
@@ -252,17 +291,19 @@ def generate_synthetic_derm(root: str | Path, config: SyntheticConfig | None = N
         mask_description="the lesion", source="segx_helpers.data.synthetic.generate_synthetic_derm",
         licence="CC0-1.0 (generated)", channels=3,
         generator={**_config_dict(config, prevalence), "shortcut_class": "melanoma", "shortcut_artefact": "ink",
-                   "nuisance_artefacts": ["ruler", "vignette", "hair"]},
+                   "nuisance_artefacts": ["ruler", "vignette", "hair"], "artefact_bits": list(DERM_ARTEFACTS)},
     )
     frame = pd.DataFrame({"image_id": ids, "label": [DERM_CLASSES[k] for k in labels]})
-    _write_with_artefacts(root, info, samples(), frame, splits, records, overwrite)
+    _write_with_artefacts(root, info, samples(), frame, splits, records, overwrite, maps, twins)
     return Path(root)
 
 
 # ------------------------------------------------------------------------------- synthetic-cxr
 
-def _draw_cxr(rng: np.random.Generator, size: int, findings: dict, tokens: dict) -> tuple[np.ndarray, np.ndarray, dict]:
-    """One radiograph-like grayscale image ``(S, S)`` uint8 and its lung mask ``(S, S)``."""
+def _draw_cxr(rng: np.random.Generator, size: int, findings: dict,
+              tokens: dict) -> tuple[np.ndarray, np.ndarray, dict, np.ndarray]:
+    """One radiograph-like grayscale image ``(S, S)`` uint8, its lung mask ``(S, S)``, the tokens drawn
+    and where (bit flags of :data:`CXR_ARTEFACTS`, uint8 ``(S, S)``)."""
     s = float(size)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     image = np.full((size, size), 18.0, dtype=np.float32)
@@ -318,30 +359,41 @@ def _draw_cxr(rng: np.random.Generator, size: int, findings: dict, tokens: dict)
             image += ndimage.gaussian_filter(nodule, 0.6) * 70
 
     keep_out = lungs | heart
+    where = np.zeros((size, size), np.uint8)
+    # every token's position is drawn whether or not it is present, so that an image rendered again with
+    # one token flipped (its counterfactual twin) differs only where that token is
+    lead_side, lead_x, lead_y = rng.choice([-1, 1]), rng.uniform(0.3, 0.4), rng.uniform(0.12, 0.2)
+    marker_x, marker_count = rng.choice([0.04, 0.62]), rng.integers(5, 8)
+    tube_side = rng.choice([-1, 1])
     if tokens["ecg_lead"]:
-        side = rng.choice([-1, 1])
-        px, py = s / 2 + side * rng.uniform(0.3, 0.4) * s, rng.uniform(0.12, 0.2) * s
+        px, py = s / 2 + lead_side * lead_x * s, lead_y * s
         r = 0.035 * s
-        lead = _stroke_layer(size, lambda d: (d.ellipse([px - r, py - r, px + r, py + r], outline=255, width=max(1, size // 64)),
-                                              d.line([(px, py + r), (px + side * 0.1 * s, py + 0.3 * s)], fill=255, width=1)))
-        image = np.maximum(image, _outside(lead, keep_out, 2) * 235)
+        lead = _outside(_stroke_layer(size, lambda d: (
+            d.ellipse([px - r, py - r, px + r, py + r], outline=255, width=max(1, size // 64)),
+            d.line([(px, py + r), (px + lead_side * 0.1 * s, py + 0.3 * s)], fill=255, width=1))), keep_out, 2)
+        image = np.maximum(image, lead * 235)
+        where |= _bit(lead, "ecg_lead", CXR_ARTEFACTS)
     if tokens["text_marker"]:
-        corner_x = rng.choice([0.04, 0.62]) * s
-        marker = _stroke_layer(size, lambda d: [d.rectangle([corner_x + j * 0.045 * s, 0.9 * s, corner_x + j * 0.045 * s + 0.03 * s,
-                                                             0.95 * s], fill=255) for j in range(rng.integers(5, 8))])
-        image = np.maximum(image, _outside(marker, keep_out, 2) * 230)
+        corner_x = marker_x * s
+        marker = _outside(_stroke_layer(size, lambda d: [
+            d.rectangle([corner_x + j * 0.045 * s, 0.9 * s, corner_x + j * 0.045 * s + 0.03 * s, 0.95 * s], fill=255)
+            for j in range(marker_count)]), keep_out, 2)
+        image = np.maximum(image, marker * 230)
+        where |= _bit(marker, "text_marker", CXR_ARTEFACTS)
     if tokens["chest_tube"]:
-        side = rng.choice([-1, 1])
-        x0 = s / 2 + side * 0.47 * s
-        tube = _stroke_layer(size, lambda d: d.line([(x0, 0.95 * s), (s / 2 + side * 0.42 * s, 0.75 * s),
-                                                     (s / 2 + side * 0.38 * s, 0.45 * s)], fill=255, width=max(2, size // 40)))
-        image = np.maximum(image, _outside(tube, keep_out, 2) * 220)
+        x0 = s / 2 + tube_side * 0.47 * s
+        tube = _outside(_stroke_layer(size, lambda d: d.line([(x0, 0.95 * s), (s / 2 + tube_side * 0.42 * s, 0.75 * s),
+                                                             (s / 2 + tube_side * 0.38 * s, 0.45 * s)], fill=255,
+                                                            width=max(2, size // 40))), keep_out, 2)
+        image = np.maximum(image, tube * 220)
+        where |= _bit(tube, "chest_tube", CXR_ARTEFACTS)
     letter = rng.choice(["L", "R"])
     text = _stroke_layer(size, lambda d: d.text((0.06 * s, 0.04 * s), letter, fill=255))
     image = np.maximum(image, text * 240)
+    where |= _bit(text, "laterality", CXR_ARTEFACTS)
     image += rng.normal(0, 3, image.shape)
     image = ndimage.gaussian_filter(image, 0.5)
-    return np.clip(image, 0, 255).astype(np.uint8), lungs, {**tokens, "laterality": letter}
+    return np.clip(image, 0, 255).astype(np.uint8), lungs, {**tokens, "laterality": letter}, where
 
 
 def generate_synthetic_cxr(root: str | Path, config: SyntheticConfig | None = None, overwrite: bool = False,
@@ -363,14 +415,22 @@ def generate_synthetic_cxr(root: str | Path, config: SyntheticConfig | None = No
     splits = make_splits(ids, seed=config.seed, fractions=config.split_fractions, stratify=stratum)
     token_flags = {CXR_TOKENS[f]: _split_shortcut(splits["split"].to_numpy(), labels[:, j], config, rng)
                    for j, f in enumerate(CXR_FINDINGS)}
-    records = []
+    is_test = splits["split"].to_numpy() == "test"
+    records, maps, twins = [], {}, {}
 
     def samples():
         for i, image_id in enumerate(tqdm(ids, desc="synthetic-cxr", disable=not progress)):
             findings = {f: bool(labels[i, j]) for j, f in enumerate(CXR_FINDINGS)}
             tokens = {t: bool(flags[i]) for t, flags in token_flags.items()}
-            image, mask, drawn = _draw_cxr(np.random.default_rng([config.seed, i]), config.image_size, findings, tokens)
+            image, mask, drawn, where = _draw_cxr(np.random.default_rng([config.seed, i]), config.image_size, findings,
+                                                  tokens)
             records.append({"image_id": image_id, **drawn})
+            maps[image_id] = where
+            if is_test[i]:
+                for token in tokens:
+                    flipped = {**tokens, token: not tokens[token]}
+                    twins[f"{image_id}__{token}"] = _draw_cxr(np.random.default_rng([config.seed, i]), config.image_size,
+                                                              findings, flipped)[0]
             yield image_id, image, mask
 
     info = DatasetInfo(
@@ -378,10 +438,10 @@ def generate_synthetic_cxr(root: str | Path, config: SyntheticConfig | None = No
         mask_description="both lung fields", source="segx_helpers.data.synthetic.generate_synthetic_cxr",
         licence="CC0-1.0 (generated)", channels=1,
         generator={**_config_dict(config, prevalence), "shortcut_tokens": CXR_TOKENS,
-                   "nuisance_artefacts": ["laterality"]},
+                   "nuisance_artefacts": ["laterality"], "artefact_bits": list(CXR_ARTEFACTS)},
     )
     frame = pd.DataFrame({"image_id": ids, **{f: labels[:, j].astype(int) for j, f in enumerate(CXR_FINDINGS)}})
-    _write_with_artefacts(root, info, samples(), frame, splits, records, overwrite)
+    _write_with_artefacts(root, info, samples(), frame, splits, records, overwrite, maps, twins)
     return Path(root)
 
 
@@ -404,10 +464,20 @@ def _config_dict(config: SyntheticConfig, prevalence: np.ndarray) -> dict:
     return values
 
 
-def _write_with_artefacts(root, info, samples, labels, splits, records, overwrite) -> None:
-    """Write the dataset plus ``artefacts.csv`` (which spurious marks each image carries), atomically."""
+def _write_with_artefacts(root, info, samples, labels, splits, records, overwrite, maps, twins) -> None:
+    """Write the dataset plus ``artefacts.csv`` (which spurious marks each image carries), the artefact
+    maps ``artefacts/<id>.png`` and the test split's counterfactual twins ``twins/<id>__<artefact>.png``,
+    atomically (see :mod:`segx_helpers.data.format`)."""
+    def extra_files(folder: Path) -> None:
+        (folder / "artefacts").mkdir()
+        (folder / "twins").mkdir()
+        for image_id, where in maps.items():
+            Image.fromarray(where).save(folder / "artefacts" / f"{image_id}.png")
+        for name, image in twins.items():
+            Image.fromarray(np.asarray(image, dtype=np.uint8).squeeze()).save(folder / "twins" / f"{name}.png")
+
     write_dataset(root, info, samples, labels, splits, overwrite=overwrite,
-                  extra_tables=lambda: {"artefacts.csv": pd.DataFrame(records)})
+                  extra_tables=lambda: {"artefacts.csv": pd.DataFrame(records)}, extra_files=extra_files)
 
 
 def load_artefacts(root: str | Path) -> pd.DataFrame:
@@ -437,7 +507,8 @@ def ensure_synthetic(name: str, root: str | Path, config: SyntheticConfig | None
         except Exception:
             existing = None
         wanted = _config_dict(config, np.asarray(config.class_prevalence or DEFAULT_PREVALENCE[name]))
-        if existing and all(existing.get(k) == v for k, v in wanted.items()) and (root / "artefacts.csv").is_file():
+        if (existing and all(existing.get(k) == v for k, v in wanted.items()) and (root / "artefacts.csv").is_file()
+                and (root / "twins").is_dir()):
             return root
         return GENERATORS[name](root, config, overwrite=True, progress=progress)
     return GENERATORS[name](root, config, progress=progress)
@@ -484,3 +555,36 @@ def has_shortcut_artefact(root: str | Path, image_ids: list[str]) -> np.ndarray:
         return np.zeros(len(image_ids), dtype=bool)
     table = load_artefacts(root).set_index("image_id").loc[list(image_ids)]
     return table[sorted(set(pairs.values()))].astype(bool).any(axis=1).to_numpy()
+
+
+def artefact_masks(root: str | Path, image_ids: list[str], kinds: list[str] | None = None) -> np.ndarray:
+    """Where the artefacts are, bool ``(N, H, W)`` for ``image_ids``: the union of ``kinds`` (default every
+    kind the generator drew, see ``dataset.json``'s ``artefact_bits``); all False for a dataset without
+    artefact maps (real data)."""
+    root = Path(root)
+    bits = (load_info(root).generator or {}).get("artefact_bits", [])
+    wanted = bits if kinds is None else kinds
+    unknown = sorted(set(wanted) - set(bits))
+    if unknown and bits:
+        raise ValueError(f"unknown artefact kinds {unknown}; {root} has {bits}")
+    flag = sum(1 << bits.index(k) for k in wanted if k in bits)
+    out = []
+    for image_id in image_ids:
+        path = root / "artefacts" / f"{check_safe_id(image_id)}.png"
+        if not path.is_file():
+            size = Image.open(root / "masks" / f"{image_id}.png").size if (root / "masks" / f"{image_id}.png").is_file() else None
+            if size is None:
+                raise FileNotFoundError(f"{path} not found, and no mask to size an empty artefact map by")
+            out.append(np.zeros(size[::-1], bool))
+            continue
+        out.append((np.asarray(Image.open(path)) & flag) > 0)
+    return np.stack(out) if out else np.zeros((0, 0, 0), bool)
+
+
+def twin_path(root: str | Path, image_id: str, artefact: str) -> Path:
+    """The counterfactual twin of ``image_id`` with ``artefact`` flipped (test split of a synthetic set)."""
+    path = Path(root) / "twins" / f"{check_safe_id(image_id)}__{check_safe_id(artefact, 'artefact')}.png"
+    if not path.is_file():
+        raise FileNotFoundError(f"No counterfactual twin {path}: twins exist for the test split of the synthetic "
+                                "sets generated by this version (re-run notebook 01 to regenerate)")
+    return path
