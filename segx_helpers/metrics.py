@@ -215,10 +215,26 @@ def _check_pair(pred: np.ndarray, true: np.ndarray, names=("y_pred", "y_true")) 
     return pred, true
 
 
-def dice_score(y_true: np.ndarray, y_pred: np.ndarray, empty_value: float = 1.0) -> np.ndarray:
-    """Per-image Dice ``2|A∩B| / (|A|+|B|)`` of binary masks ``(N, H, W)``; ``empty_value`` when both are empty."""
+def _binary_mask(a: np.ndarray, name: str, threshold: float | None) -> np.ndarray:
+    if a.dtype == bool:
+        return a
+    if threshold is not None:
+        return a >= threshold
+    if ((a == 0) | (a == 1)).all():
+        return a.astype(bool)
+    raise ValueError(f"{name} is not a binary mask (it has values other than 0 and 1, e.g. probabilities): pass "
+                     "threshold= (e.g. 0.5, foreground where >= threshold) or binarise it first (prob >= t).")
+
+
+def dice_score(y_true: np.ndarray, y_pred: np.ndarray, empty_value: float = 1.0,
+               threshold: float | None = None) -> np.ndarray:
+    """Per-image Dice ``2|A∩B| / (|A|+|B|)`` of binary masks ``(N, H, W)``; ``empty_value`` when both are empty.
+
+    Masks must be boolean or hold only 0 and 1; other values (probabilities) are refused unless
+    ``threshold`` is given, which binarises every non-boolean input as ``value >= threshold``.
+    """
     pred, true = _check_pair(y_pred, y_true)
-    pred, true = pred.astype(bool), true.astype(bool)
+    pred, true = _binary_mask(pred, "y_pred", threshold), _binary_mask(true, "y_true", threshold)
     inter = (pred & true).sum(axis=(1, 2))
     total = pred.sum(axis=(1, 2)) + true.sum(axis=(1, 2))
     return np.where(total > 0, 2 * inter / np.maximum(total, 1), empty_value).astype(float)

@@ -144,7 +144,8 @@ class History:
 
 def fit(model: nn.Module, loss_fn: nn.Module, train_loader: DataLoader, validate: Callable[[nn.Module], dict],
         config: TrainConfig, target_key: str = "target", checkpoint_path: str | Path | None = None,
-        meta: dict | None = None, overwrite: bool = False, resume: bool = False) -> History:
+        meta: dict | None = None, overwrite: bool = False, resume: bool = False,
+        batch_loss: Callable[[nn.Module, dict], torch.Tensor] | None = None) -> History:
     """Train ``model`` with AdamW, keeping the weights of the best validation epoch.
 
     ``validate(model)`` returns a dict with ``config.monitor`` (higher is better) plus anything to
@@ -157,6 +158,10 @@ def fit(model: nn.Module, loss_fn: nn.Module, train_loader: DataLoader, validate
     :class:`NonFiniteScoreWarning`. If *no* epoch has a finite score, the last epoch's weights are
     kept (and saved), ``best_epoch`` is that epoch, ``best_value`` is NaN, and a warning says so: a
     trained model is never silently replaced by the initial weights.
+
+    ``batch_loss(model, batch) -> loss`` replaces ``loss_fn(model(images), targets)`` when given: it gets
+    the whole batch dict with its tensors on the device (e.g. ``batch["mask"]`` for a loss that uses the
+    clinical mask, see :mod:`segx_helpers.mask_training`); ``loss_fn`` is then unused.
     """
     set_seed(config.seed)
     device = pick_device(config.device)
@@ -199,7 +204,11 @@ def fit(model: nn.Module, loss_fn: nn.Module, train_loader: DataLoader, validate
             targets = batch[target_key].to(device)
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast(device_type=device.type, enabled=use_amp):
-                loss = loss_fn(model(images), targets)
+                if batch_loss is not None:
+                    on_device = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+                    loss = batch_loss(model, {**on_device, "image": images, target_key: targets})
+                else:
+                    loss = loss_fn(model(images), targets)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"Training loss became {loss.item()} at epoch {epoch + 1}; lower the learning rate.")
             scaler.scale(loss).backward()
@@ -327,8 +336,16 @@ def read_checkpoint(path: str | Path) -> dict:
         raise CheckpointError(f"Checkpoint {path} is corrupt or not a segx_helpers checkpoint ({type(err).__name__}: {err}).") from err
     if not isinstance(raw, dict) or raw.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a {CHECKPOINT_FORMAT} file.")
-    return {"state_dict": raw["state_dict"], "meta": json.loads(raw["meta_json"]),
-            "training_state": raw.get("training_state")}
+    state_dict = raw.get("state_dict")
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise CheckpointError(f"{path} is damaged: its state_dict is missing or not a dict of tensors.")
+    try:
+        meta = json.loads(raw["meta_json"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{path} is damaged: its meta_json is missing or not valid JSON ({type(err).__name__}: {err}).") from err
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path} is damaged: its meta_json holds a {type(meta).__name__}, not an object.")
+    return {"state_dict": state_dict, "meta": meta, "training_state": raw.get("training_state")}
 
 
 def load_checkpoint(path: str | Path, expected_kind: str | None = None, device: str | None = None) -> tuple[nn.Module, dict]:
@@ -341,13 +358,21 @@ def load_checkpoint(path: str | Path, expected_kind: str | None = None, device: 
     kind = meta.get("kind")
     if expected_kind is not None and kind != expected_kind:
         raise CheckpointError(f"{path} holds a {kind!r}, not a {expected_kind!r}.")
-    if kind == "classifier":
-        model = build_classifier(meta["arch"], num_classes=len(meta["class_names"]), in_channels=meta["in_channels"])
-    elif kind == "segmenter":
-        model = build_segmenter(meta["encoder"], encoder_weights=None, in_channels=meta["in_channels"],
-                                arch=meta.get("arch", "Unet"), decoder_channels=tuple(meta["decoder_channels"]))
-    else:
+    needed = {"classifier": ("arch", "class_names", "in_channels"),
+              "segmenter": ("encoder", "in_channels", "decoder_channels")}.get(kind)
+    if needed is None:
         raise CheckpointError(f"{path}: unknown model kind {kind!r} in its metadata.")
+    missing = [key for key in needed if key not in meta]
+    if missing:
+        raise CheckpointError(f"{path} is damaged: its metadata lacks {missing} (needed to rebuild the {kind}).")
+    try:
+        if kind == "classifier":
+            model = build_classifier(meta["arch"], num_classes=len(meta["class_names"]), in_channels=meta["in_channels"])
+        else:
+            model = build_segmenter(meta["encoder"], encoder_weights=None, in_channels=meta["in_channels"],
+                                    arch=meta.get("arch", "Unet"), decoder_channels=tuple(meta["decoder_channels"]))
+    except (TypeError, ValueError, KeyError) as err:
+        raise CheckpointError(f"{path} has metadata that cannot rebuild its {kind} ({type(err).__name__}: {err}).") from err
     try:
         model.load_state_dict(raw["state_dict"])
     except RuntimeError as err:

@@ -119,3 +119,14 @@ def test_macro_auroc_can_require_every_class():
     assert macro_auroc(y, scores, require_all=True) == 1.0
     three = np.column_stack([scores, np.zeros(4)])   # class 2 never occurs: undefined
     assert macro_auroc(y, three) == 1.0 and np.isnan(macro_auroc(y, three, require_all=True))
+
+
+def test_dice_needs_boolean_masks_or_a_threshold():
+    true = np.zeros((1, 4, 4), bool)
+    true[0, :2] = True
+    prob = np.full((1, 4, 4), 0.01)
+    prob[0, :2] = 0.9
+    with pytest.raises(ValueError, match="y_pred.*threshold="):
+        dice_score(true, prob)
+    assert dice_score(true, prob, threshold=0.5)[0] == 1.0
+    assert dice_score(true.astype(np.uint8), (prob > 0.5).astype(float))[0] == 1.0

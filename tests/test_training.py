@@ -309,3 +309,19 @@ def test_predict_classifier_refuses_a_one_output_multiclass_model():
     with pytest.raises(ValueError, match="one output.*multilabel"):
         predict_classifier(model, batches, "multiclass", device="cpu")
     assert predict_classifier(model, batches, "multilabel", device="cpu")["probs"].shape == (3, 1)
+
+
+@pytest.mark.parametrize("payload, message", [
+    ({"meta_json": "{}"}, "state_dict"),
+    ({"state_dict": {"w": torch.zeros(1)}}, "meta_json"),
+    ({"state_dict": {"w": torch.zeros(1)}, "meta_json": "{not json"}, "meta_json"),
+    ({"state_dict": {"w": torch.zeros(1)}, "meta_json": "[1, 2]"}, "meta_json"),
+    ({"state_dict": [1, 2], "meta_json": "{}"}, "state_dict"),
+    ({"state_dict": {"w": torch.zeros(1)}, "meta_json": '{"kind": "classifier"}'}, "lacks .*arch"),
+    ({"state_dict": {"w": torch.zeros(1)}, "meta_json": '{"kind": "segmenter", "encoder": "resnet18"}'}, "lacks"),
+])
+def test_checkpoint_with_our_tag_but_bad_contents_is_a_checkpoint_error(tmp_path, payload, message):
+    path = tmp_path / "bad.pt"
+    torch.save({"format": "segx-checkpoint-v1", **payload}, path)
+    with pytest.raises(CheckpointError, match=f"bad.pt.*{message}"):
+        load_checkpoint(path)
