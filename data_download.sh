@@ -8,15 +8,20 @@ set -euo pipefail
 # SEGX_<DATASET>_URL (e.g. SEGX_HAM10000_URL, SEGX_CHESTX_DET10_URL) replaces the folder of every URL
 # of that dataset: the file is then fetched from "$SEGX_<DATASET>_URL/<file>".
 # SEGX_<KEY>_SHA256 (e.g. SEGX_SHENZHEN_SHA256) sets the checksum a file must have.
+# Every default URL is HTTPS. A host in HTTP_FALLBACK_HOSTS whose HTTPS fails (no TLS on it) is retried
+# over plain HTTP, with a note. The SHA-256 of every file is recorded in <raw>/SHA256SUMS after a
+# successful download and checked on every re-run, so a file without a known checksum cannot change
+# unnoticed between runs.
 SOURCES=(
   "ham10000|HAM10000|HAM10000_dataverse.zip|https://dataverse.harvard.edu/api/access/dataset/:persistentId/?persistentId=doi:10.7910/DVN/DBW86T&format=original|"
   "shenzhen|SHENZHEN|ChinaSet_AllFiles.zip|https://openi.nlm.nih.gov/imgs/collections/ChinaSet_AllFiles.zip|"
   "montgomery|MONTGOMERY|NLM-MontgomeryCXRSet.zip|https://openi.nlm.nih.gov/imgs/collections/NLM-MontgomeryCXRSet.zip|"
   "chestx-det10|CHESTX_DET10_TRAIN_JSON|train.json|https://raw.githubusercontent.com/Deepwise-AILab/ChestX-Det10-Dataset/c535e9a32995e6d6a44dea810501190b18ed264d/train.json|8e9dd7123bdd9e5ce8d8cd7bd304fd24afdf0081930654b82c2003422d59de9c"
   "chestx-det10|CHESTX_DET10_TEST_JSON|test.json|https://raw.githubusercontent.com/Deepwise-AILab/ChestX-Det10-Dataset/c535e9a32995e6d6a44dea810501190b18ed264d/test.json|c18482a77111186789c67d836db27a522c717cdb638eff59bc463362a60a46f1"
-  "chestx-det10|CHESTX_DET10_TRAIN_IMAGES|train_data.zip|http://resource.deepwise.com/xraychallenge/train_data.zip|"
-  "chestx-det10|CHESTX_DET10_TEST_IMAGES|test_data.zip|http://resource.deepwise.com/xraychallenge/test_data.zip|"
+  "chestx-det10|CHESTX_DET10_TRAIN_IMAGES|train_data.zip|https://resource.deepwise.com/xraychallenge/train_data.zip|"
+  "chestx-det10|CHESTX_DET10_TEST_IMAGES|test_data.zip|https://resource.deepwise.com/xraychallenge/test_data.zip|"
 )
+HTTP_FALLBACK_HOSTS="resource.deepwise.com"
 KAGGLE_BUNDLE="mingchengzhu/segx-used-datasets"
 KAGGLE_FILE="segx-used-datasets.zip"
 DATASETS="ham10000 shenzhen montgomery chestx-det10 segx-kaggle"
@@ -28,7 +33,9 @@ usage: ./data_download.sh <dataset> [--data-dir DIR] [--which ham|chestx]
 Downloads <dataset> into DIR/<dataset>/raw/ (default DIR: data), checks the SHA-256 of every file
 whose checksum is known, unpacks it and converts it to DIR/<dataset>/dataset/ with
 segx_helpers.data.real. Downloads resume where they stopped; a file already downloaded and
-verified is not fetched again; an existing converted dataset is never overwritten.
+verified is not fetched again; an existing converted dataset is never overwritten. The SHA-256
+of every downloaded file is recorded in DIR/<dataset>/raw/SHA256SUMS and checked on re-runs; a
+file that fails a check, or an archive that cannot be unpacked, is moved aside as <file>.bad.
 
 datasets:
   ham10000      HAM10000 dermoscopy, 7 classes, with lesion masks (Harvard Dataverse, CC BY-NC 4.0)
@@ -50,32 +57,81 @@ die() {
   exit 1
 }
 
+# The temporary curl log is removed however the script ends (error, Ctrl-C, kill).
+TMP_LOG=""
+cleanup() {
+  [[ -z $TMP_LOG ]] || rm -f "$TMP_LOG"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
 sha256_of() {
   if command -v sha256sum >/dev/null; then sha256sum "$1" | cut -d' ' -f1; else shasum -a 256 "$1" | cut -d' ' -f1; fi
 }
 
-# verify FILE KEY EXPECTED: a mismatch moves FILE aside to FILE.bad and stops the script.
+# recorded FILE: the sha256 recorded for FILE in its folder's SHA256SUMS ("" if none).
+recorded() {
+  local manifest
+  manifest="$(dirname "$1")/SHA256SUMS"
+  [[ -f $manifest ]] || return 0
+  awk -v name="$(basename "$1")" '$2 == name { print $1 }' "$manifest" | tail -n 1
+}
+
+# record FILE SHA256 (SHA256 "" forgets FILE): keep one line per file in its folder's SHA256SUMS.
+record() {
+  local manifest name lines
+  manifest="$(dirname "$1")/SHA256SUMS"
+  name=$(basename "$1")
+  lines=""
+  [[ ! -f $manifest ]] || lines=$(awk -v name="$name" '$2 != name' "$manifest")
+  { [[ -z $lines ]] || printf '%s\n' "$lines"; [[ -z $2 ]] || printf '%s  %s\n' "$2" "$name"; } >"$manifest.tmp"
+  mv -f "$manifest.tmp" "$manifest"
+}
+
+# set_aside FILE REASON: move FILE to FILE.bad, forget its recorded checksum, and stop the script.
+set_aside() {
+  mv -f "$1" "$1.bad"
+  record "$1" ""
+  die "$2; moved it aside to $1.bad (delete it and re-run to download again)"
+}
+
+# verify FILE KEY EXPECTED: check FILE against EXPECTED, else against the sha256 recorded when it was
+# downloaded; a mismatch moves FILE aside to FILE.bad and stops the script.
 verify() {
-  local file=$1 key=$2 expected=$3 actual
+  local file=$1 key=$2 expected=$3 actual before
   actual=$(sha256_of "$file")
-  if [[ -z $expected ]]; then
-    echo "$(basename "$file"): sha256 $actual (not verified: no known checksum; set SEGX_${key}_SHA256 to check it)"
-  elif [[ $actual == "$expected" ]]; then
+  before=$(recorded "$file")
+  if [[ -n $expected && $actual == "$expected" ]]; then
     echo "$(basename "$file"): sha256 verified"
+  elif [[ -n $expected ]]; then
+    set_aside "$file" "$(basename "$file") has sha256 $actual but $expected was expected"
+  elif [[ -n $before && $actual == "$before" ]]; then
+    echo "$(basename "$file"): sha256 $actual matches the sha256 recorded at download in $(dirname "$file")/SHA256SUMS (no published checksum; set SEGX_${key}_SHA256 to check it)"
+  elif [[ -n $before ]]; then
+    set_aside "$file" "$(basename "$file") changed since it was downloaded: sha256 $actual, but $before was recorded in $(dirname "$file")/SHA256SUMS"
   else
-    mv -f "$file" "$file.bad"
-    die "$(basename "$file") has sha256 $actual but $expected was expected; moved it aside to $file.bad (delete it and re-run to download again)"
+    echo "$(basename "$file"): sha256 $actual (not verified: no known checksum; set SEGX_${key}_SHA256 to check it; recorded in $(dirname "$file")/SHA256SUMS and checked on re-runs)"
   fi
 }
 
-# download URL TARGET: resumable download into TARGET.part, renamed to TARGET when complete.
+# download URL TARGET: resumable download into TARGET.part, renamed to TARGET when complete. An
+# https:// URL of a host in HTTP_FALLBACK_HOSTS whose HTTPS fails is retried once over plain HTTP.
 download() {
   local url=$1 target=$2 host log code rc=0
   host=${url#*://}
   host=${host%%/*}
-  log=$(mktemp)
+  TMP_LOG=$(mktemp)
+  log=$TMP_LOG
   echo "downloading $(basename "$target") from $host ..."
   code=$(curl -fsSL --retry 3 --connect-timeout 30 -C - -w '%{http_code}' -o "$target.part" "$url" 2>"$log") || rc=$?
+  if [[ $url == https://* && " $HTTP_FALLBACK_HOSTS " == *" $host "* ]] &&
+    ((rc == 7 || rc == 35 || rc == 51 || rc == 53 || rc == 54 || rc == 58 || rc == 59 || rc == 60 || rc == 77 || rc == 80 || rc == 83 || rc == 90 || rc == 91)); then
+    echo "note: HTTPS failed for $host (curl exit $rc); falling back to plain HTTP for $(basename "$target") (its sha256 is recorded and checked on re-runs)"
+    url="http://${url#https://}"
+    rc=0
+    code=$(curl -fsSL --retry 3 --connect-timeout 30 -C - -w '%{http_code}' -o "$target.part" "$url" 2>"$log") || rc=$?
+  fi
   if ((rc == 33)); then # the server cannot resume: start again from the beginning
     rm -f "$target.part"
     rc=0
@@ -85,15 +141,14 @@ download() {
     rc=0
   fi
   if ((rc == 6 || rc == 7 || rc == 28)); then
-    rm -f "$log"
     die "cannot reach $host: you seem to be offline; download $url manually, save it as $target and re-run"
   elif ((rc != 0)); then
     local reason
     reason=$(head -n 1 "$log")
-    rm -f "$log"
     die "download of $url failed (curl exit $rc: ${reason:-no message}); re-run to retry (a partial download is resumed)"
   fi
   rm -f "$log"
+  TMP_LOG=""
   mv -f "$target.part" "$target"
 }
 
@@ -104,9 +159,11 @@ unpack() {
   stamp="$dir/.$(basename "$archive").unpacked"
   [[ -f $stamp ]] && return 0
   echo "unpacking $(basename "$archive") ..."
-  "$PY" - "$archive" "$dir" <<'PYTHON'
+  local rc=0
+  "$PY" - "$archive" "$dir" <<'PYTHON' || rc=$?
 import sys
 import zipfile
+import zlib
 from pathlib import Path
 
 
@@ -117,12 +174,21 @@ def extract(archive: Path, dest: Path) -> list[Path]:
     return [dest / n for n in names if n.lower().endswith(".zip")]
 
 
-for inner in extract(Path(sys.argv[1]), Path(sys.argv[2])):
-    with zipfile.ZipFile(inner) as zf:
-        nested = all(n.startswith(inner.stem + "/") for n in zf.namelist())
-    extract(inner, inner.parent if nested else inner.parent / inner.stem)
-    inner.unlink()
+try:
+    for inner in extract(Path(sys.argv[1]), Path(sys.argv[2])):
+        with zipfile.ZipFile(inner) as zf:
+            nested = all(n.startswith(inner.stem + "/") for n in zf.namelist())
+        extract(inner, inner.parent if nested else inner.parent / inner.stem)
+        inner.unlink()
+except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as err:
+    print(f"{type(err).__name__}: {err}", file=sys.stderr)
+    sys.exit(3)
 PYTHON
+  if ((rc == 3)); then
+    set_aside "$archive" "$(basename "$archive") is not a valid zip archive (a corrupt or incomplete download)"
+  elif ((rc != 0)); then
+    die "unpacking $(basename "$archive") failed (exit $rc)"
+  fi
   touch "$stamp"
 }
 
@@ -138,6 +204,7 @@ fetch() {
   fi
   verify "$RAW/$file" "$key" "$expected"
   [[ $file != *.zip ]] || unpack "$RAW/$file" "$RAW"
+  record "$RAW/$file" "$(sha256_of "$RAW/$file")"
 }
 
 fetch_kaggle() {
@@ -156,6 +223,7 @@ fetch_kaggle() {
   fi
   verify "$RAW/$KAGGLE_FILE" KAGGLE "${SEGX_KAGGLE_SHA256:-}"
   unpack "$RAW/$KAGGLE_FILE" "$RAW"
+  record "$RAW/$KAGGLE_FILE" "$(sha256_of "$RAW/$KAGGLE_FILE")"
 }
 
 # ------------------------------------------------------------------------------------------- main
@@ -171,14 +239,23 @@ WHICH=ham
 while (($#)); do
   case $1 in
     -h | --help) usage; exit 0 ;;
-    --data-dir) [[ $# -ge 2 ]] || die "--data-dir needs a folder"; DATA_DIR=$2; shift 2 ;;
+    --data-dir)
+      [[ $# -ge 2 ]] || die "--data-dir needs a folder"
+      [[ -n $2 ]] || { echo "error: --data-dir must not be empty (it would put the data at the filesystem root)" >&2; exit 2; }
+      DATA_DIR=$2
+      shift 2
+      ;;
     --which) [[ $# -ge 2 ]] || die "--which needs ham or chestx"; WHICH=$2; shift 2 ;;
     -*) usage >&2; exit 2 ;;
     *) [[ -z $DATASET ]] || { usage >&2; exit 2; }; DATASET=$1; shift ;;
   esac
 done
 [[ -n $DATASET ]] || { usage >&2; exit 2; }
-[[ " $DATASETS " == *" $DATASET "* ]] || { echo "error: unknown dataset '$DATASET'; choose one of: $DATASETS" >&2; exit 2; }
+KNOWN=0
+for name in $DATASETS; do
+  [[ $name != "$DATASET" ]] || KNOWN=1
+done
+((KNOWN)) || { echo "error: unknown dataset '$DATASET'; choose one of: $DATASETS" >&2; exit 2; }
 [[ $WHICH == ham || $WHICH == chestx ]] || die "--which must be ham or chestx, got '$WHICH'"
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)

@@ -64,10 +64,20 @@ def server():
     """A local server of ``files`` (name -> bytes) that honours ``Range: bytes=N-`` and logs every request."""
     files: dict[str, bytes] = {}
     requests: list[tuple[str, str | None]] = []
+    hang: set[str] = set()  # names whose download never completes (until the test ends)
+    release = threading.Event()
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self):
             requests.append((self.path, self.headers.get("Range")))
+            if self.path.lstrip("/") in hang:
+                self.send_response(200)
+                self.send_header("Content-Length", "1000000")
+                self.end_headers()
+                self.wfile.write(b"x" * 1000)
+                self.wfile.flush()
+                release.wait(120)
+                return
             body = files.get(self.path.lstrip("/"))
             if body is None:
                 self.send_error(404)
@@ -97,7 +107,8 @@ def server():
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
-    yield SimpleNamespace(url=f"http://127.0.0.1:{httpd.server_port}/", files=files, requests=requests)
+    yield SimpleNamespace(url=f"http://127.0.0.1:{httpd.server_port}/", files=files, requests=requests, hang=hang)
+    release.set()
     httpd.shutdown()
     httpd.server_close()
 
@@ -287,3 +298,117 @@ def test_kaggle_bundle_is_unpacked_and_converted(tmp_path):
         ds = load_dataset(tmp_path / "data" / "segx-kaggle-ham" / "dataset")
     assert len(ds.table) == 20 and ds.table["mask_path"].notna().all()
     assert ds.table.set_index("image_id").loc["ISIC_0000001", "label"] == "mel"
+
+
+# ------------------------------------------------------------------------------ reliability (issue 13)
+
+def test_corrupt_archive_without_checksum_is_moved_aside(tmp_path, server):
+    server.files["ChinaSet_AllFiles.zip"] = b"this is not a zip archive" * 10
+    result = run(tmp_path, "shenzhen", SEGX_SHENZHEN_URL=server.url)
+    raw = tmp_path / "data" / "shenzhen" / "raw"
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "not a valid zip archive" in result.stderr and "moved it aside" in result.stderr
+    assert (raw / "ChinaSet_AllFiles.zip.bad").is_file() and not (raw / "ChinaSet_AllFiles.zip").exists()
+    server.files["ChinaSet_AllFiles.zip"] = shenzhen_zip()
+    again = run(tmp_path, "shenzhen", SEGX_SHENZHEN_URL=server.url)
+    assert again.returncode == 0, again.stderr
+    assert len(load_dataset(tmp_path / "data" / "shenzhen" / "dataset").table) == 20
+
+
+def test_empty_data_dir_and_inexact_dataset_names_are_refused(tmp_path):
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("SEGX_", "KAGGLE_"))}
+    offline = {**base, "SEGX_SHENZHEN_URL": f"http://127.0.0.1:{closed_port()}/"}
+    empty = subprocess.run([BASH, "data_download.sh", "shenzhen", "--data-dir", ""], cwd=REPO, env=offline,
+                           capture_output=True, text=True, timeout=120)
+    assert empty.returncode == 2 and "--data-dir must not be empty" in empty.stderr
+    for name in ("shenzhen montgomery", "shenzhen ", "ham10000 x", "sh*"):
+        result = run(tmp_path, name, SEGX_SHENZHEN_URL=offline["SEGX_SHENZHEN_URL"])
+        assert result.returncode == 2 and "unknown dataset" in result.stderr, name
+    assert not (tmp_path / "data").exists()
+
+
+def test_sha256_is_recorded_and_checked_on_re_runs(tmp_path, server):
+    server.files["ChinaSet_AllFiles.zip"] = body = shenzhen_zip()
+    env = {"SEGX_SHENZHEN_URL": server.url}
+    first = run(tmp_path, "shenzhen", **env)
+    assert first.returncode == 0, first.stderr
+    raw = tmp_path / "data" / "shenzhen" / "raw"
+    assert (raw / "SHA256SUMS").read_text() == f"{sha256(body)}  ChinaSet_AllFiles.zip\n"
+    shutil.rmtree(tmp_path / "data" / "shenzhen" / "dataset")
+    second = run(tmp_path, "shenzhen", **env)
+    assert second.returncode == 0 and "matches the sha256 recorded" in second.stdout
+    shutil.rmtree(tmp_path / "data" / "shenzhen" / "dataset")
+    (raw / "ChinaSet_AllFiles.zip").write_bytes(body[:-10] + b"0123456789")
+    tampered = run(tmp_path, "shenzhen", **env)
+    assert tampered.returncode != 0 and "changed since it was downloaded" in tampered.stderr
+    assert "moved it aside" in tampered.stderr and (raw / "ChinaSet_AllFiles.zip.bad").is_file()
+    assert not (tmp_path / "data" / "shenzhen" / "dataset").exists() and len(server.requests) == 1
+
+
+def fake_curl(bin_dir: Path) -> Path:
+    """A stand-in ``curl``: logs each URL, fails like a host without TLS for https://resource.deepwise.com,
+    otherwise copies $FAKE_CURL_DIR/<file name> to the -o target and prints status 200."""
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    script = bin_dir / "curl"
+    script.write_text(
+        '#!/bin/bash\nurl=${@: -1}\necho "$url" >> "$FAKE_CURL_LOG"\n'
+        'while (($#)); do [[ $1 == -o ]] && out=$2; shift; done\n'
+        '[[ $url != https://resource.deepwise.com/* ]] || exit 35\n'
+        'cp "$FAKE_CURL_DIR/${url##*/}" "$out" && printf 200\n'
+    )
+    script.chmod(0o755)
+    return bin_dir
+
+
+def test_https_first_with_a_noted_fallback_to_http(tmp_path):
+    """Default URLs use HTTPS; only a host whose HTTPS fails falls back to its plain-HTTP URL, saying so."""
+    script = (REPO / "data_download.sh").read_text()
+    assert "http://resource" not in script and "https://resource.deepwise.com/xraychallenge/train_data.zip" in script
+    files = tmp_path / "files"
+    files.mkdir()
+    train = [{"file_name": f"{100 + i}.png", "syms": ["Nodule"] if i % 2 else [], "boxes": []} for i in range(16)]
+    test = [{"file_name": f"{200 + i}.png", "syms": ["Mass"] if i % 2 else [], "boxes": []} for i in range(6)]
+    (files / "train.json").write_text(json.dumps(train))
+    (files / "test.json").write_text(json.dumps(test))
+    (files / "train_data.zip").write_bytes(zip_bytes({f"train/{r['file_name']}": png_bytes(i) for i, r in enumerate(train)}))
+    (files / "test_data.zip").write_bytes(zip_bytes({f"test/{r['file_name']}": png_bytes(i) for i, r in enumerate(test)}))
+    log = tmp_path / "curl.log"
+    checksums = {f"SEGX_CHESTX_DET10_{key}_SHA256": sha256((files / name).read_bytes())
+                 for key, name in [("TRAIN_JSON", "train.json"), ("TEST_JSON", "test.json")]}
+    result = run(tmp_path, "chestx-det10", PATH=f"{fake_curl(tmp_path / 'bin')}:{os.environ['PATH']}",
+                 FAKE_CURL_LOG=str(log), FAKE_CURL_DIR=str(files), **checksums)
+    assert result.returncode == 0, result.stderr
+    urls = log.read_text().split()
+    assert [u for u in urls if "deepwise.com" in u] == [
+        "https://resource.deepwise.com/xraychallenge/train_data.zip", "http://resource.deepwise.com/xraychallenge/train_data.zip",
+        "https://resource.deepwise.com/xraychallenge/test_data.zip", "http://resource.deepwise.com/xraychallenge/test_data.zip"]
+    assert all(u.startswith("https://") for u in urls if "githubusercontent" in u)
+    assert "falling back to plain HTTP" in result.stdout
+
+
+def test_interrupted_run_leaves_no_temporary_log(tmp_path, server):
+    import signal
+    import time
+
+    server.hang.add("ChinaSet_AllFiles.zip")
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("SEGX_", "KAGGLE_"))}
+    proc = subprocess.Popen([BASH, "data_download.sh", "shenzhen", "--data-dir", str(tmp_path / "data")], cwd=REPO,
+                            env={**base, "SEGX_SHENZHEN_URL": server.url, "TMPDIR": str(temp)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        for _ in range(600):  # wait until the download is under way (a safety bound, not a timing assertion)
+            if server.requests:
+                break
+            time.sleep(0.1)
+        assert server.requests, "the download never started"
+        assert list(temp.iterdir()), "the script should hold a temporary log while downloading"
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode != 0
+    assert list(temp.iterdir()) == []
