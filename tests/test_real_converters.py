@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -11,8 +12,9 @@ from PIL import Image
 
 from segx_helpers.data import DatasetFormatError, load_dataset, read_image, read_mask
 from segx_helpers.data.real import (CHESTX_DET10_CLASSES, HAM_CLASSES, MissingMaskWarning, convert_chestx_det10,
-                                    convert_ham10000, convert_montgomery, convert_segx_kaggle, convert_shenzhen,
-                                    find_layout, main)
+                                    convert_ham10000, convert_isic2018_trap, convert_montgomery, convert_segx_kaggle,
+                                    convert_shenzhen, find_layout, main)
+from segx_helpers.shortcut import artefact_label_correlation, lesion_size_auroc
 
 SIZE = 32
 
@@ -296,3 +298,143 @@ def test_cli_converts_then_refuses_to_overwrite(tmp_path, capsys):
     assert read_image(load_dataset(tmp_path / "out").table["image_path"][0], channels=1).shape == (16, 16, 1)
     assert main(["shenzhen", str(tmp_path / "raw"), str(tmp_path / "out")]) == 1
     assert "already exists" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ ISIC 2018 trap sets
+
+ISIC_FLAGS = ["dark_corner", "hair", "gel_border", "gel_bubble", "ruler", "ink", "patches"]
+
+
+def make_isic_trap(raw, layout="official", n=12, size=32, trap_sets=(1,)):
+    """A miniature ISIC 2018 Task 1 download plus the Bissoto et al. tables, as each raw layout holds it.
+
+    ``layout``: "official" (the two ISIC archives, images 4:3 and not square) or "komour" (the
+    komour/diploma copy: square images filed under data/{train,val,test}, which are not the trap split,
+    masks in images/256ISIC2018_Task1_Training_GroundTruth/ whatever ``size``).
+    Image i is malignant when i % 3 == 1 (every split has both classes). Trap set k lists the first 60 % as train, the next 15 % in
+    both train and val (as every val1 image is in train1), the rest as test, and the first image once
+    more in test; the ruler equals the label in train/val and is its opposite in test; the ink flag
+    marks every other image. Lesions are dark squares whose side grows with i. Returns the bias table
+    (image_id, flags, label) and the expected split.
+    """
+    height, width = (size, size) if layout == "komour" else (size * 3 // 4, size)
+    ids = [f"ISIC_{i:07d}" for i in range(n)]
+    n_train, n_val = int(0.6 * n), max(2, int(0.15 * n))
+    split = ["train"] * n_train + ["val"] * n_val + ["test"] * (n - n_train - n_val)
+    split[0] = "test"  # also listed in train: test wins
+    label = [int(i % 3 == 1) for i in range(n)]
+    rows = []
+    for i, image_id in enumerate(ids):
+        flags = {f: 0 for f in ISIC_FLAGS}
+        flags["ruler"] = label[i] if split[i] != "test" else 1 - label[i]
+        flags["ink"] = int(i % 2 == 0)
+        flags["dark_corner"] = int(i % 5 == 0)
+        rows.append({"image": f"{image_id}.png", **flags, "label": label[i],
+                     "label_string": "malignant" if label[i] else "benign"})
+    bias = pd.DataFrame(rows)
+    (raw / "artefacts-annotation").mkdir(parents=True, exist_ok=True)
+    bias.to_csv(raw / "artefacts-annotation" / "isic_bias.csv", sep=";")  # the published file keeps its index column
+    (raw / "trap-sets").mkdir(exist_ok=True)
+    lists = {"train": list(range(n_train + n_val)), "val": list(range(n_train, n_train + n_val)),
+             "test": [0] + list(range(n_train + n_val, n))}
+    for k in trap_sets:
+        for name, members in lists.items():
+            table = bias.iloc[members].copy()
+            table.insert(8, "vasc", 0)
+            table.to_csv(raw / "trap-sets" / f"isic_annotated_{name}{k}.csv")
+    rng = np.random.default_rng(0)
+    komour_folders = ["train", "val", "test"]
+    for i, image_id in enumerate(ids):
+        image = np.clip(rng.normal(180, 20, (height, width, 3)), 0, 255).astype(np.uint8)
+        mask = np.zeros((height, width), dtype=np.uint8)
+        side = max(2, int(height * (0.2 + 0.6 * i / n)))
+        top, left = (height - side) // 2, (width - side) // 2
+        mask[top:top + side, left:left + side] = 255
+        image[mask > 0] = (90, 60, 40)
+        if layout == "official":
+            image_path = raw / "ISIC2018_Task1-2_Training_Input" / f"{image_id}.jpg"
+            mask_path = raw / "ISIC2018_Task1_Training_GroundTruth" / f"{image_id}_segmentation.png"
+        else:
+            image_path = raw / "data" / komour_folders[i % 3] / f"{image_id}.jpg"
+            mask_path = raw / "images" / "256ISIC2018_Task1_Training_GroundTruth" / f"{image_id}_segmentation.png"
+        image_path.parent.mkdir(parents=True, exist_ok=True)
+        mask_path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(image_path, quality=95)
+        Image.fromarray(mask).save(mask_path)
+    bias = bias.assign(image_id=[Path(name).stem for name in bias["image"]]).drop(columns=["image", "label_string"])
+    return bias, pd.Series(split, index=ids, name="split")
+
+
+@pytest.mark.parametrize("layout", ["official", "komour"])
+def test_isic2018_trap_labels_masks_split_and_artefacts(tmp_path, layout, capsys):
+    bias, split = make_isic_trap(tmp_path / "raw", layout, n=12)
+    out = convert_isic2018_trap(tmp_path / "raw", tmp_path / "isic", image_size=16)
+    report = capsys.readouterr().out
+    ds = load_dataset(out)
+    table = ds.table.set_index("image_id")
+    assert ds.info.name == "isic2018-trap" and ds.info.class_names == ["benign", "malignant"]
+    assert ds.info.generator == {} and "CC BY-NC" in ds.info.licence and "Bissoto" in ds.info.licence
+    assert "trap set 1" in ds.info.source
+    # precedence test > val > train: image 0 is in train and test lists, images 7-8 in train and val
+    assert table["split"].to_dict() == split.to_dict()
+    assert table["split"].value_counts().to_dict() == {"train": 6, "val": 2, "test": 4}
+    assert "12 images (15 rows in its lists) -> 6 train / 2 val / 4 test" in report
+    assert "2 train images also listed in val, kept in val" in report and "1 train images also listed in test" in report
+    assert (table["label"] == np.where(bias.set_index("image_id")["label"] == 1, "malignant", "benign")).all()
+    assert table["mask_path"].notna().all()
+    image, mask = read_image(table.loc["ISIC_0000011", "image_path"]), read_mask(table.loc["ISIC_0000011", "mask_path"])
+    assert image.shape == (16, 16, 3) and mask.shape == (16, 16) and mask[8, 8] and not mask[0, 0]
+    assert image[8, 8].mean() < 120 < image[0, 0].mean()  # the dark lesion is where its mask is
+    artefacts = pd.read_csv(out / "artefacts.csv", dtype={"image_id": str})
+    assert list(artefacts.columns) == ["image_id", *ISIC_FLAGS]
+    expected = bias.set_index("image_id")[ISIC_FLAGS].sort_index()
+    assert (artefacts.set_index("image_id").sort_index() == expected).all().all()
+
+
+def test_isic2018_trap_correlations_flip_between_splits(tmp_path):
+    make_isic_trap(tmp_path / "raw", "official", n=24)
+    data = load_dataset(convert_isic2018_trap(tmp_path / "raw", tmp_path / "isic", verbose=False))
+    corr = artefact_label_correlation(data).set_index(["split", "artefact"])["phi"]
+    assert corr["train", "ruler"] == pytest.approx(1.0) and corr["test", "ruler"] < -0.5
+    assert corr["train", "hair"] == 0.0  # a constant flag has no correlation
+    sizes = lesion_size_auroc(data).set_index("split")
+    assert sizes["images"].to_dict() == {"train": 13, "val": 3, "test": 8}
+    assert 0 <= sizes.loc["test", "AUROC of lesion area"] <= 1
+
+
+def test_isic2018_trap_chooses_the_trap_set_and_names_missing_pieces(tmp_path, capsys):
+    make_isic_trap(tmp_path / "raw", "official", trap_sets=(1, 3))
+    raw = tmp_path / "raw"
+    assert main(["isic2018-trap", str(tmp_path), str(tmp_path / "out"), "--trap-set", "3"]) == 0
+    assert "trap set 3" in load_dataset(tmp_path / "out").info.source
+    assert "converted 12 images" in capsys.readouterr().out
+    with pytest.raises(DatasetFormatError, match=r"isic_annotated_test2.csv not found"):
+        convert_isic2018_trap(raw, tmp_path / "a", trap_set=2)
+    with pytest.raises(ValueError, match="trap_set must be one of"):
+        convert_isic2018_trap(raw, tmp_path / "a", trap_set=6)
+    (raw / "ISIC2018_Task1-2_Training_Input" / "ISIC_0000003.jpg").unlink()
+    with pytest.raises(DatasetFormatError, match=r"1 of 12 images .* missing .*ISIC2018_Task1-2_Training_Input"):
+        convert_isic2018_trap(raw, tmp_path / "a")
+    shutil.rmtree(raw / "ISIC2018_Task1_Training_GroundTruth")
+    with pytest.raises(DatasetFormatError, match=r"lesion mask folder .*ISIC2018_Task1_Training_GroundTruth is missing"):
+        convert_isic2018_trap(raw, tmp_path / "a")
+    shutil.rmtree(raw / "ISIC2018_Task1-2_Training_Input")
+    with pytest.raises(DatasetFormatError, match=r"No ISIC 2018 image folder"):
+        convert_isic2018_trap(raw, tmp_path / "a")
+    (raw / "artefacts-annotation" / "isic_bias.csv").unlink()
+    with pytest.raises(DatasetFormatError, match=r"isic_bias.csv not found"):
+        convert_isic2018_trap(raw, tmp_path / "a")
+    assert not (tmp_path / "a").exists()
+
+
+def test_isic2018_trap_refuses_tables_that_disagree(tmp_path):
+    make_isic_trap(tmp_path / "raw", "official")
+    path = tmp_path / "raw" / "trap-sets" / "isic_annotated_test1.csv"
+    table = pd.read_csv(path, index_col=0)
+    table.loc[table.index[1], "label"] = 1 - table.loc[table.index[1], "label"]
+    table.to_csv(path)
+    with pytest.raises(DatasetFormatError, match=r"isic_annotated_test1.csv: labels or artefact flags differ"):
+        convert_isic2018_trap(tmp_path / "raw", tmp_path / "a")
+    (tmp_path / "raw" / "artefacts-annotation" / "isic_bias.csv").write_text("image,label\nISIC_0000000.png,0\n")
+    with pytest.raises(DatasetFormatError, match=r"isic_bias.csv lacks the columns .*separated by ';'"):
+        convert_isic2018_trap(tmp_path / "raw", tmp_path / "a")

@@ -12,10 +12,14 @@ to convert again.
 
 ``data_download.sh`` runs the converters through the command line::
 
-    python -m segx_helpers.data.real <dataset> <raw_dir> <out_dir> [--seed N] [--image-size N]
+    python -m segx_helpers.data.real <dataset> <raw_dir> <out_dir> [--seed N] [--image-size N] [--trap-set N]
 
 which first looks for the raw layout in ``raw_dir`` and up to two folder levels below it (archives
 often unpack into a folder of their own).
+
+``convert_isic2018_trap`` keeps the published split instead of making one: the "trap" train/val/test
+split of Bissoto et al. (2020), where artefacts go with the label in training and against it in test.
+It also writes the annotated artefact flags as the dataset's optional ``artefacts.csv``.
 """
 from __future__ import annotations
 
@@ -289,6 +293,194 @@ def _rarest_finding(onehot: pd.DataFrame) -> np.ndarray:
     return np.where(ranked.any(axis=1), ranked.idxmax(axis=1), "none")
 
 
+# -------------------------------------------------------------------------- ISIC 2018 + trap sets
+
+ISIC_TRAP_CLASSES = ("benign", "malignant")
+ISIC_ARTEFACTS = ("dark_corner", "hair", "gel_border", "gel_bubble", "ruler", "ink", "patches")
+ISIC_BIAS_CSV = "isic_bias.csv"
+ISIC_TRAP_CSV = "isic_annotated_{split}{n}.csv"
+ISIC_TRAP_SETS = (1, 2, 3, 4, 5)
+ISIC_TRAP_PRECEDENCE = ("test", "val", "train")
+ISIC_LAYOUTS = (
+    # (layout, image folders, mask folder): the official ISIC 2018 archives, then the komour/diploma copies
+    ("ISIC 2018 archives", ("ISIC2018_Task1-2_Training_Input",), "ISIC2018_Task1_Training_GroundTruth"),
+    ("komour/diploma 256 px", ("data/train", "data/val", "data/test"), "images/256ISIC2018_Task1_Training_GroundTruth"),
+    ("komour/diploma 512 px", ("data512/train", "data512/val", "data512/test"),
+     "images/512ISIC2018_Task1_Training_GroundTruth"),
+)
+ISIC_SOURCE = (
+    "ISIC 2018 Task 1 training images and lesion masks (https://challenge.isic-archive.com/data/#2018); artefact "
+    "annotations and trap sets of Bissoto et al. 2020 (https://github.com/alceubissoto/debiasing-skin)"
+)
+ISIC_LICENCE = (
+    "ISIC 2018 images and masks: CC BY-NC 4.0 (non-commercial use only); cite Codella N. et al., Skin lesion "
+    "analysis toward melanoma detection 2018, arXiv:1902.03368 (2019) and Tschandl P. et al., The HAM10000 "
+    "dataset, Sci Data 5:180161 (2018). Artefact annotations and trap sets: cite Bissoto A., Valle E., Avila S., "
+    "Debiasing skin lesion datasets and models? Not so fast, CVPR Workshops (ISIC) 2020."
+)
+
+
+def convert_isic2018_trap(raw_dir: str | Path, out_dir: str | Path, trap_set: int = 1, seed: int = 0,
+                          image_size: int | None = None, overwrite: bool = False, verbose: bool = True) -> Path:
+    """Convert ISIC 2018 Task 1 with the benign/malignant labels, artefact flags and trap split of Bissoto et al.
+
+    Expects, in ``raw_dir`` or up to two folder levels below it:
+
+    - ``isic_bias.csv`` (semicolon-separated: ``image;dark_corner;hair;gel_border;gel_bubble;ruler;ink;
+      patches;label``, ``label`` 1 = malignant; the image ids may end in ``.png`` or ``.jpg``),
+    - the trap set's ``isic_annotated_{train,val,test}<trap_set>.csv`` (comma-separated, same columns plus
+      ``vasc``),
+    - the images and lesion masks in one of the layouts of :data:`ISIC_LAYOUTS`: the official archives
+      (``ISIC2018_Task1-2_Training_Input/ISIC_*.jpg``, ``ISIC2018_Task1_Training_GroundTruth/
+      ISIC_*_segmentation.png``) or the komour/diploma copy (``data/{train,val,test}/ISIC_*.jpg``,
+      ``images/256ISIC2018_Task1_Training_GroundTruth/ISIC_*_segmentation.png``).
+
+    The split is the trap set's, not a fresh one (``seed`` is unused; it is accepted for the common
+    converter signature). An image listed in several of its files goes to the first of test, val, train
+    (in trap set 1 every val image is also listed in train); :func:`isic_trap_splits` reports how many.
+    Labels and artefact flags come from ``isic_bias.csv``; a trap file that disagrees with it is an error.
+    The artefact flags are written to the dataset's ``artefacts.csv``. Only the images of the trap set are
+    converted. The official images are large and not square: pass ``image_size`` (e.g. 256, as
+    ``data_download.sh`` does) to resize them.
+    """
+    del seed
+    raw_dir = _existing_dir(raw_dir)
+    bias = read_isic_bias(_find_below(raw_dir, ISIC_BIAS_CSV, "the artefact annotations of Bissoto et al."))
+    splits, report = isic_trap_splits(raw_dir, trap_set, bias)
+    ids = splits["image_id"].tolist()
+    layout, image_dirs, mask_dir = _isic_layout(raw_dir)
+    images = _index_files(image_dirs, IMAGE_SUFFIXES)
+    masks = _index_files([mask_dir], (".png",), strip="_segmentation")
+    _check_all_found(ids, images, image_dirs[0].parent, [d.name for d in image_dirs])
+    records = [_Record(i, images[i], _as_tuple(masks.get(i))) for i in ids]
+    table = bias.set_index("image_id").loc[ids].reset_index()
+    labels = pd.DataFrame({"image_id": ids, "label": np.array(ISIC_TRAP_CLASSES)[table["label"].to_numpy()]})
+    artefacts = table[["image_id", *ISIC_ARTEFACTS]].astype({a: np.int64 for a in ISIC_ARTEFACTS})
+    if verbose:
+        print(f"isic2018-trap: {layout} in {image_dirs[0].parent}; {report}")
+    info = DatasetInfo(
+        name="isic2018-trap",
+        modality="dermoscopy",
+        task="multiclass",
+        class_names=list(ISIC_TRAP_CLASSES),
+        mask_description="the skin lesion (ISIC 2018 Task 1 expert lesion segmentation)",
+        source=f"{ISIC_SOURCE}; split: trap set {trap_set}",
+        licence=ISIC_LICENCE,
+        channels=3,
+    )
+    return _write(out_dir, info, records, labels, splits, image_size, overwrite,
+                  extra_tables=lambda: {"artefacts.csv": artefacts})
+
+
+def read_isic_bias(path: str | Path) -> pd.DataFrame:
+    """``isic_bias.csv`` as ``image_id`` (without suffix), the seven artefact flags and ``label`` (0/1), sorted."""
+    return _read_isic_table(Path(path), sep=";")
+
+
+def isic_trap_splits(raw_dir: str | Path, trap_set: int = 1, bias: pd.DataFrame | None = None
+                     ) -> tuple[pd.DataFrame, str]:
+    """The split of one trap set: ``(frame image_id, split; a one-line report of the sizes and overlaps)``.
+
+    Reads ``isic_annotated_{train,val,test}<trap_set>.csv`` from ``raw_dir`` or up to two levels below.
+    An image listed in several files goes to the first of test, val, train. With ``bias`` (from
+    :func:`read_isic_bias`) every listed image must be annotated there with the same label and flags.
+    """
+    if trap_set not in ISIC_TRAP_SETS:
+        raise ValueError(f"trap_set must be one of {ISIC_TRAP_SETS}, got {trap_set!r}")
+    raw_dir = _existing_dir(raw_dir)
+    listed = {}
+    for split in ISIC_TRAP_PRECEDENCE:
+        name = ISIC_TRAP_CSV.format(split=split, n=trap_set)
+        path = _find_below(raw_dir, name, f"the {split} list of trap set {trap_set} (Bissoto et al.)")
+        listed[split] = _read_isic_table(path, sep=",")
+        if bias is not None:
+            _check_against_bias(listed[split], bias, path)
+    split_of: dict[str, str] = {}
+    overlaps = []
+    for split in ISIC_TRAP_PRECEDENCE:
+        ids = listed[split]["image_id"]
+        for other in ISIC_TRAP_PRECEDENCE[:ISIC_TRAP_PRECEDENCE.index(split)]:
+            n = sum(split_of.get(i) == other for i in ids)
+            if n:
+                overlaps.append(f"{n} {split} images also listed in {other}, kept in {other}")
+        split_of.update({i: split for i in ids if i not in split_of})
+    frame = pd.DataFrame({"image_id": sorted(split_of)})
+    frame["split"] = frame["image_id"].map(split_of)
+    sizes = frame["split"].value_counts()
+    rows = sum(len(t) for t in listed.values())
+    report = (f"trap set {trap_set}: {len(frame)} images ({rows} rows in its lists) -> "
+              + " / ".join(f"{sizes.get(s, 0)} {s}" for s in ("train", "val", "test"))
+              + (f"; {'; '.join(overlaps)}" if overlaps else "; no image listed twice"))
+    return frame, report
+
+
+def _read_isic_table(path: Path, sep: str) -> pd.DataFrame:
+    try:
+        table = pd.read_csv(path, sep=sep, dtype={"image": str})
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise DatasetFormatError(f"{path} cannot be parsed as a table separated by {sep!r}: {err}") from err
+    missing = [c for c in ("image", *ISIC_ARTEFACTS, "label") if c not in table.columns]
+    if missing:
+        raise DatasetFormatError(f"{path} lacks the columns {missing} (has {list(table.columns)}); is it separated "
+                                 f"by {sep!r}?")
+    if table["image"].isna().any():
+        raise DatasetFormatError(f"{path}: empty image names in rows {table.index[table['image'].isna()].tolist()[:5]}.")
+    values = table[[*ISIC_ARTEFACTS, "label"]]
+    if values.isna().any().any() or not values.isin([0, 1]).all().all():
+        bad = table.loc[~values.isin([0, 1]).all(axis=1), "image"].tolist()[:5]
+        raise DatasetFormatError(f"{path}: artefact flags and label must be 0 or 1 (rows of {bad}).")
+    ids = [_check_id(Path(name.strip()).stem, path) for name in table["image"]]
+    out = pd.DataFrame({"image_id": ids, **{c: table[c].astype(np.int64).to_numpy() for c in (*ISIC_ARTEFACTS, "label")}})
+    duplicated = out["image_id"][out["image_id"].duplicated()].tolist()
+    if duplicated:
+        raise DatasetFormatError(f"{path}: duplicate images {duplicated[:5]}.")
+    return out.sort_values("image_id").reset_index(drop=True)
+
+
+def _check_against_bias(listed: pd.DataFrame, bias: pd.DataFrame, path: Path) -> None:
+    unknown = sorted(set(listed["image_id"]) - set(bias["image_id"]))
+    if unknown:
+        raise DatasetFormatError(f"{path}: {len(unknown)} images are not in {ISIC_BIAS_CSV} (e.g. {unknown[:5]}).")
+    columns = [*ISIC_ARTEFACTS, "label"]
+    expected = bias.set_index("image_id").loc[listed["image_id"], columns].to_numpy()
+    differ = (listed[columns].to_numpy() != expected).any(axis=1)
+    if differ.any():
+        raise DatasetFormatError(f"{path}: labels or artefact flags differ from {ISIC_BIAS_CSV} for "
+                                 f"{int(differ.sum())} images (e.g. {listed['image_id'][differ].tolist()[:5]}).")
+
+
+def _isic_layout(raw_dir: Path) -> tuple[str, list[Path], Path]:
+    """The first layout of :data:`ISIC_LAYOUTS` whose image folders are in ``raw_dir`` or up to two levels below."""
+    for depth_root in _folders_below(raw_dir, depth=2):
+        for layout, image_dirs, mask_dir in ISIC_LAYOUTS:
+            present = [depth_root / d for d in image_dirs if (depth_root / d).is_dir()]
+            if present:
+                if not (depth_root / mask_dir).is_dir():
+                    raise DatasetFormatError(f"{layout}: the images are in {present[0]} but the lesion mask folder "
+                                             f"{depth_root / mask_dir} is missing.")
+                return layout, present, depth_root / mask_dir
+    expected = "; ".join(f"{layout}: {' + '.join(dirs)} and {masks}" for layout, dirs, masks in ISIC_LAYOUTS)
+    raise DatasetFormatError(f"No ISIC 2018 image folder in {raw_dir} or two levels below; expected {expected}.")
+
+
+def _folders_below(raw_dir: Path, depth: int) -> list[Path]:
+    """``raw_dir`` and its folders up to ``depth`` levels below, level by level (hidden and __MACOSX skipped)."""
+    out, level = [], [raw_dir]
+    for _ in range(depth + 1):
+        out += level
+        level = [child for folder in level for child in sorted(folder.iterdir())
+                 if child.is_dir() and not child.name.startswith((".", "__MACOSX"))]
+    return out
+
+
+def _find_below(raw_dir: Path, name: str, what: str, depth: int = 2) -> Path:
+    """The file ``name`` in ``raw_dir`` or up to ``depth`` folder levels below (the shallowest first)."""
+    for folder in _folders_below(raw_dir, depth):
+        if (folder / name).is_file():
+            return folder / name
+    raise DatasetFormatError(f"{raw_dir / name} not found (nor up to {depth} folder levels below): {what} is required.")
+
+
 # ---------------------------------------------------------------------------- Kaggle bundle, layouts
 
 LAYOUTS: dict[str, tuple[str, Callable[[Path], bool]]] = {
@@ -297,12 +489,15 @@ LAYOUTS: dict[str, tuple[str, Callable[[Path], bool]]] = {
     "shenzhen": ("CXR_png/ without ManualMask/",
                  lambda d: (d / "CXR_png").is_dir() and not (d / "ManualMask").is_dir()),
     "chestx-det10": ("train.json or test.json", lambda d: any((d / n).is_file() for n in CHESTX_DET10_JSON_FILES)),
+    "isic2018-trap": (f"{ISIC_BIAS_CSV} (or artefacts-annotation/{ISIC_BIAS_CSV})",
+                      lambda d: (d / ISIC_BIAS_CSV).is_file() or (d / "artefacts-annotation" / ISIC_BIAS_CSV).is_file()),
 }
 CONVERTERS: dict[str, Callable[..., Path]] = {
     "ham10000": convert_ham10000,
     "shenzhen": convert_shenzhen,
     "montgomery": convert_montgomery,
     "chestx-det10": convert_chestx_det10,
+    "isic2018-trap": convert_isic2018_trap,
 }
 KAGGLE_BUNDLE = "mingchengzhu/segx-used-datasets"
 KAGGLE_LAYOUTS = {"ham": ("ham10000",), "chestx": ("montgomery", "shenzhen", "chestx-det10")}
@@ -464,7 +659,8 @@ def _detect_channels(paths: Sequence[Path], max_checked: int = 64) -> int:
 # ------------------------------------------------------------------------------------ shared steps
 
 def _write(out_dir, info: DatasetInfo, records: list[_Record], labels: pd.DataFrame, splits: pd.DataFrame,
-           image_size: int | None, overwrite: bool) -> Path:
+           image_size: int | None, overwrite: bool, extra_tables: Callable[[], dict[str, pd.DataFrame]] | None = None
+           ) -> Path:
     """Read, optionally resize and write every record; warn once about the images without a mask."""
     if image_size is not None and image_size < 1:
         raise ValueError(f"image_size must be a positive number of pixels, got {image_size}")
@@ -482,7 +678,7 @@ def _write(out_dir, info: DatasetInfo, records: list[_Record], labels: pd.DataFr
             image, mask = _load(record, info.channels, image_size)
             yield record.image_id, image, mask
 
-    return write_dataset(out_dir, info, samples(), labels, splits, overwrite=overwrite)
+    return write_dataset(out_dir, info, samples(), labels, splits, overwrite=overwrite, extra_tables=extra_tables)
 
 
 def _load(record: _Record, channels: int, image_size: int | None) -> tuple[np.ndarray, np.ndarray | None]:
@@ -571,8 +767,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--image-size", type=int, default=None, help="resize to a square of N pixels (default: keep)")
     parser.add_argument("--which", choices=sorted(KAGGLE_LAYOUTS), default="ham",
                         help="segx-kaggle only: the dermoscopy (ham) or chest X-ray (chestx) part (default ham)")
+    parser.add_argument("--trap-set", type=int, choices=ISIC_TRAP_SETS, default=1,
+                        help="isic2018-trap only: which trap set of Bissoto et al. gives the split (default 1)")
     args = parser.parse_args(argv)
     options = {"seed": args.seed, "image_size": args.image_size}
+    if args.dataset == "isic2018-trap":
+        options["trap_set"] = args.trap_set
     error = None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("default")
