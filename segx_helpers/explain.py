@@ -16,17 +16,18 @@ engines agree.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .models import find_target_layer, pick_device
+from .models import cam_reshape_transform, find_target_layer, pick_device
 
 CAM_METHODS = ("gradcam", "gradcam++", "hirescam", "scorecam", "eigencam", "layercam")
 METHODS = CAM_METHODS + ("gradient_shap",)
@@ -174,7 +175,8 @@ def explain(model: nn.Module, images: torch.Tensor | np.ndarray, targets=None, m
             task: str = "multiclass", thresholds: Sequence[float] | None = None,
             target_layers: Sequence[nn.Module] | None = None, engine: str = "auto", batch_size: int = 32,
             background: torch.Tensor | None = None, nsamples: int = 50, seed: int = 0, progress: bool = True,
-            device: str | None = None, output: str = "logit", selection: str = "decision") -> Explanations:
+            device: str | None = None, output: str = "logit", selection: str = "decision",
+            reshape_transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Explanations:
     """Explanation maps ``(M, H, W)``, one per (image, target class).
 
     ``images``: ``(N, C, H, W)`` as the model expects them (normalised). ``targets``: ``None`` (the
@@ -186,8 +188,12 @@ def explain(model: nn.Module, images: torch.Tensor | np.ndarray, targets=None, m
     own for the rest), ``"fast"`` (warns for a method without one) or ``"library"``. ``output``: what is explained,
     the class ``"logit"`` (default), its ``"probability"`` (softmax or sigmoid by ``task``) or its
     ``"sigmoid"`` (the reference code's choice); see :data:`OUTPUTS`. ``selection``: which classes
-    ``targets=None`` explains, see :func:`predicted_targets`. The model is put in eval
-    mode while explaining and restored afterwards.
+    ``targets=None`` explains, see :func:`predicted_targets`. ``reshape_transform``: for CAMs on a layer
+    that outputs tokens, a function to a feature map ``(N, C, h, w)`` (pytorch-grad-cam's argument);
+    automatic for torchvision / timm vision transformers (:class:`segx_helpers.models.TokensToGrid`:
+    drop the class token, tokens to the patch grid). The model is put in eval mode while explaining and
+    restored afterwards. Warns when every map comes out zero (a target layer the output does not
+    depend on, or a model whose outputs do not depend on the input, e.g. a zero-initialised head).
     """
     if method not in METHODS:
         raise ValueError(f"Unknown method {method!r}; choose one of {METHODS}")
@@ -216,22 +222,30 @@ def explain(model: nn.Module, images: torch.Tensor | np.ndarray, targets=None, m
     layers = None
     if method in CAM_METHODS:
         layers = list(target_layers) if target_layers is not None else [find_target_layer(model)]
+        if reshape_transform is None:
+            reshape_transform = cam_reshape_transform(model)
     with evaluation_mode(model):
         if method == "gradcam" and engine == "fast" and len(layers) == 1:
             maps, pairs, probs = _fast_gradcam(model, images, targets, task, thresholds, layers[0], batch_size,
-                                               progress, device, output, selection)
+                                               progress, device, output, selection, reshape_transform)
         else:
             probs = _predict(model, images, task, batch_size, device)
             chosen = predicted_targets(probs, task, thresholds, selection) if targets is None else targets
             chosen = _normalise_targets(chosen, len(images), probs.shape[1])
             explained = model if output == "logit" else _ExplainedOutput(model, output, task)
             if method in CAM_METHODS:
-                maps, pairs = _library_cam(explained, images, chosen, method, layers, batch_size, progress, device)
+                maps, pairs = _library_cam(explained, images, chosen, method, layers, batch_size, progress, device,
+                                           reshape_transform)
             else:
                 maps, pairs = _explain_shap(explained, images, chosen, background, nsamples, engine, batch_size, seed,
                                             progress, device)
     if not np.isfinite(maps).all():
         raise FloatingPointError(f"{method} produced NaN/inf maps; check the model and inputs")
+    if len(maps) and not maps.any():
+        hint = ("the target layer does not influence the explained output (e.g. a transformer's patch embedding: pass "
+                "target_layers= and reshape_transform=), or " if method in CAM_METHODS else "")
+        warnings.warn(f"All {len(maps)} {method} maps are zero: {hint}the model's outputs do not depend on the input "
+                      "(e.g. an untrained, zero-initialised head).", UserWarning, stacklevel=2)
     image_index = np.asarray([p[0] for p in pairs], dtype=np.int64)
     class_index = np.asarray([p[1] for p in pairs], dtype=np.int64)
     return Explanations(maps=maps.astype(np.float32), image_index=image_index, class_index=class_index,
@@ -272,23 +286,28 @@ def _cam_class(method: str):
             "scorecam": pgc.ScoreCAM, "eigencam": pgc.EigenCAM, "layercam": pgc.LayerCAM}[method]
 
 
-def _protect_activation(module: nn.Module, inputs, activation):
-    """Forward hook for a CAM target layer: check that it outputs a feature map ``(N, C, H, W)``, and
-    hand the rest of the model a copy, so that an in-place operation after the layer (``ReLU(inplace=True)``,
-    torchvision DenseNet's functional in-place ReLU) cannot rewrite the activations the CAM reads."""
-    if not isinstance(activation, torch.Tensor) or activation.ndim != 4:
-        shape = tuple(activation.shape) if isinstance(activation, torch.Tensor) else type(activation).__name__
+def _protect_activation(module: nn.Module, inputs, activation, reshape_transform=None):
+    """Forward hook for a CAM target layer: check that it outputs a feature map ``(N, C, H, W)`` (after
+    ``reshape_transform``, for transformer tokens), and hand the rest of the model a copy, so that an in-place
+    operation after the layer (``ReLU(inplace=True)``, torchvision DenseNet's functional in-place ReLU)
+    cannot rewrite the activations the CAM reads."""
+    grid = activation
+    if reshape_transform is not None and isinstance(activation, torch.Tensor):
+        grid = reshape_transform(activation)
+    if not isinstance(grid, torch.Tensor) or grid.ndim != 4:
+        shape = tuple(grid.shape) if isinstance(grid, torch.Tensor) else type(activation).__name__
         raise ValueError(f"target layer {type(module).__name__} outputs {shape}, but CAM methods need a layer whose "
                          "output is a feature map (N, C, H, W), e.g. the last convolutional block: pass "
-                         "target_layers=[<that layer>]")
+                         "target_layers=[<that layer>] (and reshape_transform= for a layer that outputs tokens)")
     return activation.clone()
 
 
 @contextlib.contextmanager
-def _protected(layers: Sequence[nn.Module]) -> Iterator[None]:
+def _protected(layers: Sequence[nn.Module], reshape_transform=None) -> Iterator[None]:
     """:func:`_protect_activation` on ``layers`` for the duration. Registered after pytorch-grad-cam's own
     hooks, so the library records the layer's real output and the model continues on the copy."""
-    handles = [layer.register_forward_hook(_protect_activation) for layer in layers]
+    hook = functools.partial(_protect_activation, reshape_transform=reshape_transform)
+    handles = [layer.register_forward_hook(hook) for layer in layers]
     try:
         yield
     finally:
@@ -296,12 +315,13 @@ def _protected(layers: Sequence[nn.Module]) -> Iterator[None]:
             handle.remove()
 
 
-def _library_cam(model, images, targets, method, layers, batch_size, progress, device):
+def _library_cam(model, images, targets, method, layers, batch_size, progress, device, reshape_transform=None):
     """Any CAM method through pytorch-grad-cam, one (image, class) pair per input row."""
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     maps, pairs = [], []
-    with _cam_class(method)(model=model, target_layers=layers) as cam, _protected(layers):
+    with (_cam_class(method)(model=model, target_layers=layers, reshape_transform=reshape_transform) as cam,
+          _protected(layers, reshape_transform)):
         for start in _batches(len(images), batch_size, progress, method):
             chunk = images[start:start + batch_size]
             batch_pairs = [(i, c) for i, row in enumerate(targets[start:start + batch_size]) for c in row]
@@ -317,7 +337,7 @@ def _library_cam(model, images, targets, method, layers, batch_size, progress, d
 
 
 def _fast_gradcam(model, images, targets, task, thresholds, layer, batch_size, progress, device, output="logit",
-                  selection="decision"):
+                  selection="decision", reshape_transform=None):
     """Grad-CAM for every (image, class) pair: per batch one forward (which also gives the
     probabilities and, when ``targets`` is None, the predicted classes) and one backward per round.
 
@@ -333,7 +353,7 @@ def _fast_gradcam(model, images, targets, task, thresholds, layer, batch_size, p
 
     def capture(module, inputs, activation):
         captured["a"] = activation
-        return _protect_activation(module, inputs, activation)
+        return _protect_activation(module, inputs, activation, reshape_transform)
 
     handle = layer.register_forward_hook(capture)
     try:
@@ -356,8 +376,11 @@ def _fast_gradcam(model, images, targets, task, thresholds, layer, batch_size, p
                 classes = [chunk_targets[i][r] for i in rows]
                 selected = explained_output(logits, output, task)[torch.as_tensor(rows), torch.as_tensor(classes)].sum()
                 grads = torch.autograd.grad(selected, activations, retain_graph=r + 1 < rounds)[0]
+                grid = activations
+                if reshape_transform is not None:  # transformer tokens -> (N, C, h, w), as pytorch-grad-cam does
+                    grads, grid = reshape_transform(grads), reshape_transform(activations)
                 weights = grads[rows].mean(dim=(2, 3), keepdim=True)
-                cam = torch.relu((weights * activations[rows]).sum(dim=1)).detach().cpu().numpy()
+                cam = torch.relu((weights * grid[rows]).sum(dim=1)).detach().cpu().numpy()
                 scaled = scale_cam_image(scale_cam_image(cam, (width, height)))
                 for k, (i, c) in enumerate(zip(rows, classes)):
                     found[(i, r)] = (c, scaled[k])

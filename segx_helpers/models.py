@@ -6,6 +6,9 @@ a clear message when offline.
 """
 from __future__ import annotations
 
+import math
+import warnings
+
 import torch
 from torch import nn
 from torchvision import models as tv_models
@@ -125,8 +128,10 @@ def build_segmenter(encoder: str = "resnet18", encoder_weights: str | None = Non
 def find_target_layer(model: nn.Module, rule: str = "last-block") -> nn.Module:
     """The layer Grad-CAM should hook.
 
-    ``rule="last-block"`` (default): the last block of a ResNet, the feature stack of a DenseNet,
-    otherwise the last ``nn.Conv2d``. ``rule="last-conv"``: the last ``nn.Conv2d`` of any model, what
+    ``rule="last-block"`` (default): the last block of a ResNet, the last encoder block's first norm of
+    a vision transformer (whose tokens CAMs read through :func:`cam_reshape_transform`), the feature
+    stack of a DenseNet / EfficientNet / MobileNet / ConvNeXt (any ``features`` with convolutions),
+    otherwise the last ``nn.Conv2d`` (with a warning when that one sits at the input). ``rule="last-conv"``: the last ``nn.Conv2d`` of any model, what
     the reference code gets from torchcam (for a ResNet the block's last convolution, before its batch
     norm, residual sum and ReLU; for a DenseNet the last dense layer's convolution).
     Raises ``ValueError`` (asking for ``target_layers``) if no convolution exists.
@@ -135,6 +140,9 @@ def find_target_layer(model: nn.Module, rule: str = "last-block") -> nn.Module:
         raise ValueError(f"rule must be 'last-block' or 'last-conv', got {rule!r}")
     if rule == "last-block" and hasattr(model, "layer4") and isinstance(model.layer4, nn.Sequential):
         return model.layer4[-1]
+    vit = _vision_transformer(model) if rule == "last-block" else None
+    if vit is not None:
+        return vit[0]
     features = getattr(model, "features", None)
     if rule == "last-block" and isinstance(features, nn.Sequential) and any(isinstance(m, nn.Conv2d) for m in features.modules()):
         return features
@@ -144,7 +152,72 @@ def find_target_layer(model: nn.Module, rule: str = "last-block") -> nn.Module:
             f"Could not find a convolutional layer in {type(model).__name__} for CAM methods; "
             "pass target_layers=[<the layer to explain>] explicitly."
         )
+    _warn_if_near_input(model, convs[-1])
     return convs[-1]
+
+
+class TokensToGrid:
+    """A CAM ``reshape_transform`` for vision transformers, as in pytorch-grad-cam's ViT tutorial: tokens
+    ``(B, prefix + h * w, C)`` -> feature map ``(B, C, h, w)``, dropping the ``prefix_tokens`` leading
+    tokens (the class token). The grid is square unless ``grid=(h, w)`` is given. A tensor that already
+    is a feature map ``(B, C, H, W)`` passes unchanged (e.g. a transformer's patch-embedding output).
+    """
+
+    def __init__(self, prefix_tokens: int = 1, grid: tuple[int, int] | None = None) -> None:
+        self.prefix_tokens, self.grid = int(prefix_tokens), grid
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        if tokens.ndim == 4:
+            return tokens
+        if tokens.ndim != 3:
+            raise ValueError(f"expected transformer tokens (B, tokens, C), got {tuple(tokens.shape)}")
+        patches = tokens[:, self.prefix_tokens:, :]
+        n = patches.shape[1]
+        h, w = self.grid if self.grid is not None else (math.isqrt(n), math.isqrt(n))
+        if h * w != n:
+            raise ValueError(f"{n} patch tokens (after {self.prefix_tokens} prefix tokens) do not form a "
+                             f"{h}x{w} grid; pass reshape_transform=TokensToGrid(prefix_tokens, grid=(h, w))")
+        return patches.reshape(patches.shape[0], h, w, patches.shape[2]).permute(0, 3, 1, 2)
+
+    def __repr__(self) -> str:
+        return f"TokensToGrid(prefix_tokens={self.prefix_tokens}, grid={self.grid})"
+
+
+def _vision_transformer(model: nn.Module) -> tuple[nn.Module, TokensToGrid] | None:
+    """``(target layer, reshape_transform)`` for the first vision transformer in ``model``, else None:
+    the last encoder block's first norm (torchvision ``encoder.layers[-1].ln_1``, timm ``blocks[-1].norm1``),
+    the layer pytorch-grad-cam's tutorial hooks. (The final norm would not do for a class-token model:
+    only the class token reaches the head, so the patch tokens there get no gradient.)"""
+    for module in model.modules():
+        layers = getattr(getattr(module, "encoder", None), "layers", None)
+        if hasattr(module, "class_token") and isinstance(layers, nn.Sequential) and hasattr(layers[-1], "ln_1"):
+            grid = getattr(module, "image_size", 0) // max(getattr(module, "patch_size", 1), 1)
+            return layers[-1].ln_1, TokensToGrid(1, (grid, grid) if grid else None)
+        blocks = getattr(module, "blocks", None)
+        if hasattr(module, "patch_embed") and isinstance(blocks, nn.Sequential) and hasattr(blocks[-1], "norm1"):
+            return blocks[-1].norm1, TokensToGrid(int(getattr(module, "num_prefix_tokens", 1)))
+    return None
+
+
+def cam_reshape_transform(model: nn.Module):
+    """The ``reshape_transform`` CAM methods need for ``model``: :class:`TokensToGrid` for a vision
+    transformer (torchvision or timm), ``None`` for a CNN (its layers output feature maps already)."""
+    vit = _vision_transformer(model)
+    return None if vit is None else vit[1]
+
+
+def _warn_if_near_input(model: nn.Module, layer: nn.Module) -> None:
+    """Warn when ``layer`` is produced by the first 10 % of the model's parametrised layers (e.g. the
+    patch embedding of a transformer, the only convolution there): its Grad-CAM shows edges, or nothing."""
+    leaves = [m for m in model.modules() if not any(True for _ in m.children())
+              and any(True for _ in m.parameters(recurse=False))]
+    inside = {id(m) for m in layer.modules()}
+    positions = [k for k, m in enumerate(leaves) if id(m) in inside]
+    if positions and max(positions) + 1 <= 0.1 * len(leaves):
+        warnings.warn(f"The automatic CAM target layer of {type(model).__name__} ({type(layer).__name__}) comes after "
+                      f"only {max(positions) + 1} of its {len(leaves)} parametrised layers, right at the input: its maps "
+                      "will show little (or be all zero). Pass target_layers=[<a late layer>] (and reshape_transform= "
+                      "if it outputs tokens).", UserWarning, stacklevel=3)
 
 
 def previous_block(model: nn.Module) -> nn.Module:

@@ -289,3 +289,83 @@ def test_one_output_model_is_refused_for_multiclass():
             explain(model, x, None, method, progress=False)
     result = explain(model, x, None, "gradcam", task="multilabel", thresholds=[0.0], progress=False)
     assert len(result) == 2 and (result.scores < 1).all()
+
+
+# ------------------------------------------------------------------------------ classifiers the package did not build (issue 18)
+
+def _tiny_vit(classes: int = 3):
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    return VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64,
+                             num_classes=classes)
+
+
+def _random_head(model):
+    """torchvision zero-initialises a ViT's head (every logit 0, every gradient 0): give it random weights."""
+    nn.init.normal_(model.heads.head.weight, std=0.5)
+    return model
+
+
+TORCHVISION_MODELS = {
+    "vit_b_16": lambda: _random_head(tv_models.vit_b_16(weights=None, image_size=64, num_classes=3)),
+    "efficientnet_b0": lambda: tv_models.efficientnet_b0(weights=None, num_classes=3),
+    "mobilenet_v3_small": lambda: tv_models.mobilenet_v3_small(weights=None, num_classes=3),
+    "convnext_tiny": lambda: tv_models.convnext_tiny(weights=None, num_classes=3),
+    "densenet121": lambda: tv_models.densenet121(weights=None, num_classes=3),
+}
+
+
+@pytest.mark.parametrize("name", list(TORCHVISION_MODELS))
+def test_torchvision_classifiers_give_non_zero_gradcams_and_both_engines_agree(name):
+    import warnings as _warnings
+
+    torch.manual_seed(0)
+    model = TORCHVISION_MODELS[name]().eval()
+    x = torch.randn(2, 3, 64, 64)
+    with _warnings.catch_warnings():
+        _warnings.simplefilter("error")  # no all-zero or near-input warning for any of them
+        fast = explain(model, x, [0, 2], "gradcam", engine="fast", progress=False)
+        library = explain(model, x, [0, 2], "gradcam", engine="library", progress=False)
+    assert fast.maps.shape == library.maps.shape == (2, 64, 64)
+    assert np.isfinite(fast.maps).all() and np.isfinite(library.maps).all()
+    # scaled to [0, 1] before the resize; one map of a random-weight model may be zero (ReLU of a negative sum)
+    assert fast.maps.max() > 0.5 and fast.maps.min() >= 0
+    assert np.abs(fast.maps - library.maps).max() <= 1e-4
+
+
+def test_vision_transformer_target_is_the_last_blocks_norm_with_a_token_grid():
+    from segx_helpers.models import TokensToGrid, cam_reshape_transform, find_target_layer
+
+    vit = _tiny_vit()
+    assert find_target_layer(vit) is vit.encoder.layers[-1].ln_1
+    transform = cam_reshape_transform(vit)
+    assert isinstance(transform, TokensToGrid) and transform.grid == (4, 4)
+    tokens = torch.arange(2 * 17 * 5, dtype=torch.float32).reshape(2, 17, 5)
+    grid = transform(tokens)
+    assert grid.shape == (2, 5, 4, 4)
+    assert torch.equal(grid[1, :, 2, 3], tokens[1, 1 + 2 * 4 + 3])  # class token dropped, row-major patches
+    assert cam_reshape_transform(build_classifier("resnet18", 2)) is None
+
+
+@pytest.mark.parametrize("method", ["gradcam++", "eigencam", "layercam"])
+def test_library_cams_read_vision_transformer_tokens(method):
+    torch.manual_seed(0)
+    model = _random_head(_tiny_vit()).eval()
+    result = explain(model, torch.randn(2, 3, 32, 32), [0, 1], method, progress=False)
+    assert result.maps.shape == (2, 32, 32) and np.isfinite(result.maps).all() and result.maps.max() > 0.5
+
+
+def test_all_zero_maps_and_a_target_layer_at_the_input_are_warned():
+    from segx_helpers.models import find_target_layer
+
+    torch.manual_seed(0)
+    vit = _tiny_vit().eval()  # as torchvision builds it: zero head, so no input changes any output
+    with pytest.warns(UserWarning, match="All 2 gradcam maps are zero"):
+        result = explain(vit, torch.randn(2, 3, 32, 32), [0, 1], progress=False)
+    assert not result.maps.any()
+    with pytest.warns(UserWarning, match="right at the input"):
+        assert find_target_layer(vit, rule="last-conv") is vit.conv_proj
+    stem_then_mlp = nn.Sequential(nn.Conv2d(3, 8, 4, stride=4), nn.Flatten(),
+                                  *[nn.Sequential(nn.LazyLinear(16), nn.ReLU()) for _ in range(10)], nn.LazyLinear(3))
+    with pytest.warns(UserWarning, match="right at the input"):
+        assert find_target_layer(stem_then_mlp) is stem_then_mlp[0]
