@@ -30,6 +30,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .saliency import DegenerateMapWarning
+
 ORDERS = ("mask-then-top", "top-then-mask")
 """SegX orders. ``mask-then-top`` (the reference code): multiply the map by the mask, then take the
 top p % of the product. ``top-then-mask`` (the paper, Eq. 7): take the original top p %, then keep
@@ -38,10 +40,6 @@ its part inside the mask."""
 SEGU_PAPER = ("c_IoU", "c_AUITC")
 SEGU_VARIANTS = ("SegU share inside", "SegU mass", "SegU distance")
 LOCALISATION = ("IoU@p", "AUITC", "relevance mass", "relevance rank", "pointing game")
-
-
-class DegenerateWarning(UserWarning):
-    """Some maps were all zero or some masks empty; their scores are set to a documented value."""
 
 
 def binarise_masks(prob: np.ndarray | torch.Tensor, threshold: float = 0.5, reference: bool = False):
@@ -216,7 +214,7 @@ def _rank(flat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def _warn(flags: torch.Tensor, what: str) -> None:
     count = int(flags.sum())
     if count:
-        warnings.warn(f"{count} map(s) have {what}; their scores are set to 0.0", DegenerateWarning, stacklevel=3)
+        warnings.warn(f"{count} map(s) have {what}; their scores are set to 0.0", DegenerateMapWarning, stacklevel=3)
 
 
 def segx_saliency(maps, masks, p: float = 5.0, order: str = "mask-then-top", device=None) -> torch.Tensor:
@@ -255,7 +253,7 @@ def analyse(maps, predicted_masks, true_masks=None, image_index=None, has_true_m
     ``artefact_masks`` (where spurious artefacts are, e.g. the synthetic sets' artefact maps, picked like
     the other masks): ``artefact mass``, the share of the original map's attribution on them.
 
-    Degenerate inputs (an all-zero map, an empty mask) score 0.0 with a :class:`DegenerateWarning`;
+    Degenerate inputs (an all-zero map, an empty mask) score 0.0 with a :class:`DegenerateMapWarning`;
     an empty batch gives an empty frame with the same columns.
     """
     for order in orders:
@@ -281,7 +279,7 @@ def analyse(maps, predicted_masks, true_masks=None, image_index=None, has_true_m
     columns = _columns(p, orders, true_masks is not None and localisation, distance) + \
         (["artefact mass"] if artefact_masks is not None else [])
     if m == 0:
-        warnings.warn("no maps to analyse: returning an empty table", DegenerateWarning, stacklevel=2)
+        warnings.warn("no maps to analyse: returning an empty table", DegenerateMapWarning, stacklevel=2)
         return pd.DataFrame({c: pd.Series(dtype=float) for c in columns})
     flat = maps.reshape(m, h * w)
     predicted = per_map(predicted_masks)

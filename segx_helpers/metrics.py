@@ -15,6 +15,8 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
 
+from .saliency import DegenerateMapWarning, check_maps, check_masks, kth_largest_positive, top_percent
+
 # ------------------------------------------------------------------------------ classification
 
 
@@ -281,16 +283,12 @@ def segmentation_summary(y_true: np.ndarray, y_pred: np.ndarray, n_resamples: in
 
 
 def _loc_inputs(maps: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    from .segx import check_maps, check_masks
-
     maps = check_maps(maps)
     masks = check_masks(masks, maps.shape)
     return maps, (masks >= 0.5) if masks.dtype != bool else masks
 
 
 def _warn_degenerate(flags: np.ndarray, what: str, value: float = 0.0) -> None:
-    from .segx import DegenerateMapWarning
-
     if flags.any():
         warnings.warn(f"{int(flags.sum())} sample(s) have {what}; their score is set to {value}",
                       DegenerateMapWarning, stacklevel=3)
@@ -317,8 +315,6 @@ def relevance_rank_accuracy(maps: np.ndarray, masks: np.ndarray) -> np.ndarray:
     sizes = np.count_nonzero(flat_masks, axis=1)
     valid = (sizes > 0) & (flat.max(axis=1) > 0)
     _warn_degenerate(~valid, "an empty mask or an all-zero map")
-    from .segx import kth_largest_positive
-
     out = np.zeros(n)
     rows = np.flatnonzero(valid)
     if len(rows):
@@ -346,8 +342,6 @@ def pointing_game(maps: np.ndarray, masks: np.ndarray) -> np.ndarray:
 
 def top_percent_iou(maps: np.ndarray, masks: np.ndarray, p: float = 5.0) -> np.ndarray:
     """IoU of each map's top-``p`` % saliency region with the mask ``(N,)`` (0.0 when both are empty)."""
-    from .segx import top_percent
-
     maps, masks = _loc_inputs(maps, masks)
     return iou_score(masks, top_percent(maps, p), empty_value=0.0)
 
@@ -376,8 +370,6 @@ def auitc(maps: np.ndarray, masks: np.ndarray, n_thresholds: int = 101) -> np.nd
 
 def top_percent_dice(maps: np.ndarray, masks: np.ndarray, p: float = 5.0) -> np.ndarray:
     """Dice of each map's top-``p`` % saliency region with the mask ``(N,)`` (0.0 when both are empty)."""
-    from .segx import top_percent
-
     maps, masks = _loc_inputs(maps, masks)
     return dice_score(masks, top_percent(maps, p), empty_value=0.0)
 
@@ -399,8 +391,6 @@ def energy_pointing_game(maps: np.ndarray, masks: np.ndarray) -> np.ndarray:
 def localisation_scores(maps: np.ndarray, masks: np.ndarray, p: float = 5.0) -> pd.DataFrame:
     """Every localisation metric per sample: a frame with one column per metric, ``N`` rows
     (the top-p % region is computed once and shared by the IoU and Dice columns)."""
-    from .segx import top_percent
-
     maps, masks = _loc_inputs(maps, masks)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from segx_helpers.analysis import (DegenerateWarning, analyse, binarise_masks, localisation_summary,
+from segx_helpers.analysis import (DegenerateMapWarning, analyse, binarise_masks, localisation_summary,
                                    threshold_grid)
 from segx_helpers.metrics import auitc, localisation_scores
 from segx_helpers.segu import segu_auitc, segu_iou, segu_scores, segu_share_inside
@@ -60,7 +60,7 @@ def test_c_iou_nested_regions_and_degenerate_inputs():
     maps = np.stack([blob(top), np.zeros((SIZE, SIZE), np.float32), np.full((SIZE, SIZE), 0.3, np.float32),
                      blob(top)])
     masks = np.stack([mask, mask, mask, np.zeros((SIZE, SIZE), bool)])
-    with pytest.warns(DegenerateWarning):
+    with pytest.warns(DegenerateMapWarning):
         table = analyse(maps, masks)
     # nested: 16 / 20; zero map: 0; constant map keeps every pixel: 16 / 400; empty mask: 0
     assert table["c_IoU"].to_numpy() == pytest.approx([16 / 20, 0.0, 16 / 400, 0.0])
@@ -136,7 +136,7 @@ def test_engine_works_per_image_with_an_index_and_marks_missing_ground_truth():
 
 
 def test_empty_batch_gives_an_empty_table_with_a_warning():
-    with pytest.warns(DegenerateWarning, match="no maps"):
+    with pytest.warns(DegenerateMapWarning, match="no maps"):
         table = analyse(np.zeros((0, 8, 8), np.float32), np.zeros((0, 8, 8), bool), np.zeros((0, 8, 8), bool))
     assert len(table) == 0 and "c_IoU" in table and "original AUITC" in table
 
