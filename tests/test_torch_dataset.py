@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from segx_helpers.data import load_dataset
@@ -59,3 +60,89 @@ def test_grayscale_dataset_gives_one_channel(make_tiny_dataset):
     data = load_dataset(make_tiny_dataset(n=30, channels=1))
     item = SegXDataset(data, "test", image_size=32)[0]
     assert item["image"].shape == (1, 32, 32)
+
+
+# ------------------------------------------------------------------------------ augmentation per modality (issue 18)
+
+def _set_json(root, **fields):
+    import json
+
+    path = root / "dataset.json"
+    info = json.loads(path.read_text())
+    path.write_text(json.dumps({**info, **fields}))
+
+
+def test_augmentation_defaults_by_modality_and_reads_dataset_json(make_tiny_dataset):
+    from segx_helpers.data.augmentation import MODALITY_AUGMENTATION, Augmentation, default_augmentation
+
+    cxr = default_augmentation("chest X-ray (synthetic)")
+    assert cxr == MODALITY_AUGMENTATION["chest x-ray"] and not cxr.vflip and not cxr.hflip and 0 < cxr.rotation <= 10
+    assert default_augmentation("CXR") == cxr
+    assert default_augmentation("Dermoscopy") == Augmentation(hflip=True, vflip=True, rotation=15.0)
+    assert default_augmentation("histology") == Augmentation()  # unknown: the historical default
+
+    root = make_tiny_dataset(n=30, size=32)  # modality "test", no augmentation field
+    assert SegXDataset(load_dataset(root), "train", 32, train=True).augmentation == Augmentation()
+    assert SegXDataset(load_dataset(root), "val", 32).augmentation is None
+    _set_json(root, modality="chest X-ray")
+    assert SegXDataset(load_dataset(root), "train", 32, train=True).augmentation == cxr
+    _set_json(root, augmentation={"hflip": True, "vflip": False, "rotation": 0})
+    data = load_dataset(root)
+    assert data.info.augmentation == {"hflip": True, "vflip": False, "rotation": 0}
+    assert SegXDataset(data, "train", 32, train=True).augmentation == Augmentation(True, False, 0.0)
+
+
+@pytest.mark.parametrize("augmentation, message", [({"vflip": "no"}, "vflip must be true or false"),
+                                                   ({"rotation": 400}, r"rotation must be .* \[0, 180\]"),
+                                                   ({"hflip": True, "zoom": 2}, r"unknown keys \['zoom'\]"),
+                                                   (["hflip"], "must be an object")])
+def test_bad_augmentation_in_dataset_json_fails_at_load(make_tiny_dataset, augmentation, message):
+    from segx_helpers.data import DatasetFormatError
+
+    root = make_tiny_dataset(n=30, size=32)
+    _set_json(root, augmentation=augmentation)
+    with pytest.raises(DatasetFormatError, match=message):
+        load_dataset(root)
+
+
+def _augmented_views(ds, i, n=40):
+    torch.manual_seed(0)
+    return [ds[i] for _ in range(n)]
+
+
+def test_training_transforms_follow_the_augmentation(make_tiny_dataset):
+    """An asymmetric mask (a corner block) shows which flips happen: with hflip only it appears mirrored
+    left-right and never top-bottom; with no augmentation it never moves; only train=True augments."""
+    from segx_helpers.data.augmentation import NO_AUGMENTATION, Augmentation
+
+    data = load_dataset(make_tiny_dataset(n=30, size=32))
+    corner = torch.zeros(32, 32)
+    corner[:8, :4] = 1
+    for i in range(len(data.table)):  # replace each mask by the corner block
+        from PIL import Image
+        Image.fromarray((corner.numpy() * 255).astype(np.uint8)).save(data.table.iloc[i]["mask_path"])
+
+    def placements(ds):
+        seen = set()
+        for item in _augmented_views(ds, 0):
+            m = item["mask"][0]
+            seen.add((bool(m[:16].sum() > m[16:].sum()), bool(m[:, :16].sum() > m[:, 16:].sum())))
+        return seen  # (mask in the top half, mask in the left half)
+
+    hflip_only = SegXDataset(data, "train", 32, train=True, augmentation=Augmentation(True, False, 0.0))
+    assert placements(hflip_only) == {(True, True), (True, False)}
+    both = SegXDataset(data, "train", 32, train=True, augmentation=Augmentation(True, True, 0.0))
+    assert {top for top, _ in placements(both)} == {True, False}
+    for ds in (SegXDataset(data, "train", 32, train=True, augmentation=NO_AUGMENTATION),
+               SegXDataset(data, "train", 32, augmentation=Augmentation())):
+        assert all(torch.equal(item["mask"][0], corner) for item in _augmented_views(ds, 0, 5))
+
+
+def test_synthetic_cxr_writes_its_modality_augmentation(tmp_path):
+    from segx_helpers.data import SyntheticConfig, generate_synthetic_cxr
+    from segx_helpers.data.augmentation import MODALITY_AUGMENTATION
+
+    root = generate_synthetic_cxr(tmp_path / "cxr", SyntheticConfig(n_images=24, image_size=32, seed=0))
+    data = load_dataset(root)
+    assert data.info.augmentation == MODALITY_AUGMENTATION["chest x-ray"].to_dict()
+    assert SegXDataset(data, "train", 32, train=True).augmentation == MODALITY_AUGMENTATION["chest x-ray"]

@@ -35,6 +35,7 @@ import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
 from ..io import atomic_path, check_safe_id, write_json
+from .augmentation import Augmentation
 
 TASKS = ("multiclass", "multilabel")
 SPLITS = ("train", "val", "test")
@@ -72,6 +73,9 @@ class DatasetInfo:
     licence: str = ""
     channels: int = 3
     generator: dict = field(default_factory=dict)
+    augmentation: dict | None = None
+    """Training augmentation, e.g. ``{"hflip": false, "vflip": false, "rotation": 5.0}``; ``None`` (or absent):
+    the modality's default, see :func:`segx_helpers.data.augmentation.augmentation_for`."""
 
     def __post_init__(self) -> None:
         for name in ("name", "modality", "task", "mask_description", "source", "licence"):
@@ -88,6 +92,11 @@ class DatasetInfo:
             raise DatasetFormatError(f"dataset.json: channels must be 1 or 3, got {self.channels!r}.")
         if not isinstance(self.generator, dict):
             raise DatasetFormatError(f"dataset.json: generator must be an object (a dict), got {self.generator!r}.")
+        if self.augmentation is not None:
+            try:
+                Augmentation.from_dict(self.augmentation)
+            except ValueError as err:
+                raise DatasetFormatError(f"dataset.json: {err}.") from err
 
     @property
     def num_classes(self) -> int:

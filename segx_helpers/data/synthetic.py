@@ -439,6 +439,7 @@ def generate_synthetic_cxr(root: str | Path, config: SyntheticConfig | None = No
         licence="CC0-1.0 (generated)", channels=1,
         generator={**_config_dict(config, prevalence), "shortcut_tokens": CXR_TOKENS,
                    "nuisance_artefacts": ["laterality"], "artefact_bits": list(CXR_ARTEFACTS)},
+        augmentation={"hflip": False, "vflip": False, "rotation": 5.0},  # = augmentation.MODALITY_AUGMENTATION["chest x-ray"]
     )
     frame = pd.DataFrame({"image_id": ids, **{f: labels[:, j].astype(int) for j, f in enumerate(CXR_FINDINGS)}})
     _write_with_artefacts(root, info, samples(), frame, splits, records, overwrite, maps, twins)

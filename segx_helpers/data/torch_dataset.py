@@ -2,7 +2,9 @@
 
 Geometric transforms (resize, flips, rotations) go through ``torchvision.transforms.v2`` with the
 mask wrapped as ``tv_tensors.Mask``: one call transforms both with identical parameters, and the
-mask is resized with nearest-neighbour interpolation so it stays binary.
+mask is resized with nearest-neighbour interpolation so it stays binary. Which flips and rotations a
+training split gets is the dataset's :class:`~segx_helpers.data.augmentation.Augmentation` (its
+``dataset.json``, else its modality's default).
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+from .augmentation import Augmentation, augmentation_for
 from .format import LoadedDataset, read_image, read_mask
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -43,11 +46,15 @@ class Normalization:
 
 
 def make_transforms(image_size: int, normalization: Normalization, train: bool = False,
-                    rotation_degrees: float = 15.0) -> v2.Compose:
-    """Paired transforms for ``(tv_tensors.Image uint8, tv_tensors.Mask)``; augmentation only when ``train``."""
+                    rotation_degrees: float = 15.0, augmentation: Augmentation | None = None) -> v2.Compose:
+    """Paired transforms for ``(tv_tensors.Image uint8, tv_tensors.Mask)``; augmentation only when ``train``:
+    ``augmentation``'s flips and rotation (default: both flips and ``rotation_degrees``)."""
     steps: list = [v2.Resize((image_size, image_size), antialias=True)]
     if train:
-        steps += [v2.RandomHorizontalFlip(), v2.RandomVerticalFlip(), v2.RandomRotation(rotation_degrees)]
+        augmentation = augmentation if augmentation is not None else Augmentation(rotation=rotation_degrees)
+        steps += [v2.RandomHorizontalFlip()] if augmentation.hflip else []
+        steps += [v2.RandomVerticalFlip()] if augmentation.vflip else []
+        steps += [v2.RandomRotation(augmentation.rotation)] if augmentation.rotation else []
     steps += [v2.ToDtype({tv_tensors.Image: torch.float32, tv_tensors.Mask: torch.float32, "others": None}, scale=True),
               v2.Normalize(mean=list(normalization.mean), std=list(normalization.std))]
     return v2.Compose(steps)
@@ -60,11 +67,14 @@ class SegXDataset(Dataset):
     {0, 1} (all zeros and ``has_mask`` False when the image has no mask), ``target`` (int64 class
     index for multiclass, float ``(C,)`` 0/1 for multilabel) and ``image_id``.
     With ``cache=True`` decoded images and masks are kept in memory (about 50 MB for 1,000 RGB
-    images at 128 px), which makes epochs after the first much faster.
+    images at 128 px), which makes epochs after the first much faster. ``train=True`` augments with
+    ``augmentation`` (default: the dataset's own, :func:`~segx_helpers.data.augmentation.augmentation_for`);
+    ``self.augmentation`` says what is applied (``None`` when not training).
     """
 
     def __init__(self, data: LoadedDataset, split: str | None, image_size: int,
-                 normalization: Normalization | None = None, train: bool = False, cache: bool = True) -> None:
+                 normalization: Normalization | None = None, train: bool = False, cache: bool = True,
+                 augmentation: Augmentation | None = None) -> None:
         self.data = data
         self.rows = data.table if split is None else data.split(split)
         if len(self.rows) == 0:
@@ -73,7 +83,8 @@ class SegXDataset(Dataset):
         self.normalization = normalization or Normalization.for_channels(self.channels)
         if len(self.normalization.mean) != self.channels:
             raise ValueError(f"normalization has {len(self.normalization.mean)} channels but {data.root} images have {self.channels}.")
-        self.transform = make_transforms(image_size, self.normalization, train=train)
+        self.augmentation = (augmentation if augmentation is not None else augmentation_for(data.info)) if train else None
+        self.transform = make_transforms(image_size, self.normalization, train=train, augmentation=self.augmentation)
         all_targets = data.targets
         index = {image_id: i for i, image_id in enumerate(data.table["image_id"])}
         self.targets = all_targets[[index[i] for i in self.rows["image_id"]]]
