@@ -12,6 +12,11 @@ set -euo pipefail
 # over plain HTTP, with a note. The SHA-256 of every file is recorded in <raw>/SHA256SUMS after a
 # successful download and checked on every re-run, so a file without a known checksum cannot change
 # unnoticed between runs.
+# isic2018-trap: the ISIC 2018 challenge archive (images, lesion masks) and, from a pinned commit of
+# github.com/alceubissoto/debiasing-skin, the artefact annotations and the files of the chosen trap set
+# (rows named isic2018-trap/<N> belong to trap set N only; the CSVs come first, so they fail fast).
+ISIC_ARCHIVE="https://isic-challenge-data.s3.amazonaws.com/2018"
+DEBIASING_SKIN="https://raw.githubusercontent.com/alceubissoto/debiasing-skin/f93c8654f50c581544f32ad6b1450cb925a176ff"
 SOURCES=(
   "ham10000|HAM10000|HAM10000_dataverse.zip|https://dataverse.harvard.edu/api/access/dataset/:persistentId/?persistentId=doi:10.7910/DVN/DBW86T&format=original|"
   "shenzhen|SHENZHEN|ChinaSet_AllFiles.zip|https://openi.nlm.nih.gov/imgs/collections/ChinaSet_AllFiles.zip|"
@@ -20,15 +25,33 @@ SOURCES=(
   "chestx-det10|CHESTX_DET10_TEST_JSON|test.json|https://raw.githubusercontent.com/Deepwise-AILab/ChestX-Det10-Dataset/c535e9a32995e6d6a44dea810501190b18ed264d/test.json|c18482a77111186789c67d836db27a522c717cdb638eff59bc463362a60a46f1"
   "chestx-det10|CHESTX_DET10_TRAIN_IMAGES|train_data.zip|https://resource.deepwise.com/xraychallenge/train_data.zip|"
   "chestx-det10|CHESTX_DET10_TEST_IMAGES|test_data.zip|https://resource.deepwise.com/xraychallenge/test_data.zip|"
+  "isic2018-trap|ISIC_BIAS_CSV|isic_bias.csv|$DEBIASING_SKIN/artefacts-annotation/isic_bias.csv|04fbb74b44d33498afd41a66cfd73e500c2b197e540feb7f4a7553dc8023ddc8"
+  "isic2018-trap/1|ISIC_TRAP_TRAIN1_CSV|isic_annotated_train1.csv|$DEBIASING_SKIN/trap-sets/isic_annotated_train1.csv|004e4461e430e887c2fdfc2185d459cecee6e90fbd51e5dc0d650cb31d781c49"
+  "isic2018-trap/1|ISIC_TRAP_VAL1_CSV|isic_annotated_val1.csv|$DEBIASING_SKIN/trap-sets/isic_annotated_val1.csv|a8cd9fe473202d62d2778bc96ddf767f1bff7c4222bb9487eb51667475eab254"
+  "isic2018-trap/1|ISIC_TRAP_TEST1_CSV|isic_annotated_test1.csv|$DEBIASING_SKIN/trap-sets/isic_annotated_test1.csv|3f20b79d191f2d3c69ab9e03b285dc36cf3608dc096553e8093f2fbca4dcbfc2"
+  "isic2018-trap/2|ISIC_TRAP_TRAIN2_CSV|isic_annotated_train2.csv|$DEBIASING_SKIN/trap-sets/isic_annotated_train2.csv|62301111f20d42c9f9c35e7c00c43172d4b70cf54854b58db60e1a88e1a20371"
+  "isic2018-trap/2|ISIC_TRAP_VAL2_CSV|isic_annotated_val2.csv|$DEBIASING_SKIN/trap-sets/isic_annotated_val2.csv|2d6bb172a0be04b5d3d2dcc13ccbdc517971b1f8f7fe49f1445122204620bd12"
+  "isic2018-trap/2|ISIC_TRAP_TEST2_CSV|isic_annotated_test2.csv|$DEBIASING_SKIN/trap-sets/isic_annotated_test2.csv|e2069b54192aa451315508ff1f6923bdf5478e6628e707489867edd730597c54"
+  "isic2018-trap/3|ISIC_TRAP_TRAIN3_CSV|isic_annotated_train3.csv|$DEBIASING_SKIN/trap-sets/isic_annotated_train3.csv|3831795fb2bfd33e75a46c5bf4106d9b174cd3a2d9d93a67209852b8aec52ecc"
+  "isic2018-trap/3|ISIC_TRAP_VAL3_CSV|isic_annotated_val3.csv|$DEBIASING_SKIN/trap-sets/isic_annotated_val3.csv|8d12e942108c3353960f3d7fdd1910cf094c92c79d13bbd396fe53fa759426ad"
+  "isic2018-trap/3|ISIC_TRAP_TEST3_CSV|isic_annotated_test3.csv|$DEBIASING_SKIN/trap-sets/isic_annotated_test3.csv|fd8f3fb9da774db1376a8ee5673b8f7ae0c32f078258053adca47822fdafa1d5"
+  "isic2018-trap/4|ISIC_TRAP_TRAIN4_CSV|isic_annotated_train4.csv|$DEBIASING_SKIN/trap-sets/isic_annotated_train4.csv|24e0fccf6ac16effb62dc0fda0e736ccf0165d55dbbfa98622f584e4f63b101a"
+  "isic2018-trap/4|ISIC_TRAP_VAL4_CSV|isic_annotated_val4.csv|$DEBIASING_SKIN/trap-sets/isic_annotated_val4.csv|49dfdef7ad1c8d2ed237997565850912ed2bea29a407c012b0c89af8759d5840"
+  "isic2018-trap/4|ISIC_TRAP_TEST4_CSV|isic_annotated_test4.csv|$DEBIASING_SKIN/trap-sets/isic_annotated_test4.csv|1d268034ff9ca40758784f4f1cec460ef678e6e46f4db0e228e5cd9505facb2b"
+  "isic2018-trap/5|ISIC_TRAP_TRAIN5_CSV|isic_annotated_train5.csv|$DEBIASING_SKIN/trap-sets/isic_annotated_train5.csv|116a11f111f89b51adf9b9c16bf8604797c3891fda346f2631a0bfcaf5a91926"
+  "isic2018-trap/5|ISIC_TRAP_VAL5_CSV|isic_annotated_val5.csv|$DEBIASING_SKIN/trap-sets/isic_annotated_val5.csv|ce9c08147745b33e9cee0d44eb1a5a9b357a9755fe951a44ae6c994cf5489f4f"
+  "isic2018-trap/5|ISIC_TRAP_TEST5_CSV|isic_annotated_test5.csv|$DEBIASING_SKIN/trap-sets/isic_annotated_test5.csv|562d5ea2e4dddb6fb8486b335028a7fc480e3e23f57cd1f3ccb119d2ddb41b37"
+  "isic2018-trap|ISIC2018_TASK1_INPUT|ISIC2018_Task1-2_Training_Input.zip|$ISIC_ARCHIVE/ISIC2018_Task1-2_Training_Input.zip|"
+  "isic2018-trap|ISIC2018_TASK1_GROUNDTRUTH|ISIC2018_Task1_Training_GroundTruth.zip|$ISIC_ARCHIVE/ISIC2018_Task1_Training_GroundTruth.zip|"
 )
 HTTP_FALLBACK_HOSTS="resource.deepwise.com"
 KAGGLE_BUNDLE="mingchengzhu/segx-used-datasets"
 KAGGLE_FILE="segx-used-datasets.zip"
-DATASETS="ham10000 shenzhen montgomery chestx-det10 segx-kaggle"
+DATASETS="ham10000 shenzhen montgomery chestx-det10 isic2018-trap segx-kaggle"
 
 usage() {
   cat <<EOF
-usage: ./data_download.sh <dataset> [--data-dir DIR] [--which ham|chestx]
+usage: ./data_download.sh <dataset> [--data-dir DIR] [--which ham|chestx] [--trap-set N]
 
 Downloads <dataset> into DIR/<dataset>/raw/ (default DIR: data), checks the SHA-256 of every file
 whose checksum is known, unpacks it and converts it to DIR/<dataset>/dataset/ with
@@ -42,6 +65,11 @@ datasets:
   shenzhen      Shenzhen tuberculosis chest X-rays (NLM); lung masks are a separate manual download
   montgomery    Montgomery County tuberculosis chest X-rays with lung masks (NLM)
   chestx-det10  ChestX-Det10, 10 chest X-ray findings (Deepwise); no lung masks
+  isic2018-trap ISIC 2018 Task 1 dermoscopy (2,594 images, expert lesion masks, CC BY-NC) with the
+                benign/malignant labels, artefact flags and "trap" split of Bissoto et al. 2020
+                (artefacts go with malignancy in train and against it in test); --trap-set N (1-5,
+                default 1) picks the split; converted at 256 px to DIR/isic2018-trap/dataset/
+                (DIR/isic2018-trap<N>/dataset/ for N > 1). The image archive is about 11 GB.
   segx-kaggle   the SegX authors' Kaggle bundle $KAGGLE_BUNDLE (needs a Kaggle account,
                 the kaggle CLI and an API token); --which picks its ham (default) or chestx part,
                 converted to DIR/segx-kaggle-<which>/dataset/
@@ -236,6 +264,7 @@ done
 DATASET=""
 DATA_DIR=data
 WHICH=ham
+TRAP_SET=""
 while (($#)); do
   case $1 in
     -h | --help) usage; exit 0 ;;
@@ -246,6 +275,7 @@ while (($#)); do
       shift 2
       ;;
     --which) [[ $# -ge 2 ]] || die "--which needs ham or chestx"; WHICH=$2; shift 2 ;;
+    --trap-set) [[ $# -ge 2 ]] || die "--trap-set needs a number from 1 to 5"; TRAP_SET=$2; shift 2 ;;
     -*) usage >&2; exit 2 ;;
     *) [[ -z $DATASET ]] || { usage >&2; exit 2; }; DATASET=$1; shift ;;
   esac
@@ -257,6 +287,9 @@ for name in $DATASETS; do
 done
 ((KNOWN)) || { echo "error: unknown dataset '$DATASET'; choose one of: $DATASETS" >&2; exit 2; }
 [[ $WHICH == ham || $WHICH == chestx ]] || die "--which must be ham or chestx, got '$WHICH'"
+[[ -z $TRAP_SET || $DATASET == isic2018-trap ]] || die "--trap-set applies to isic2018-trap only"
+TRAP_SET=${TRAP_SET:-1}
+[[ $TRAP_SET =~ ^[1-5]$ ]] || die "--trap-set must be a number from 1 to 5, got '$TRAP_SET'"
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 PY="$REPO/.venv/bin/python"
@@ -266,6 +299,7 @@ export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 RAW="$DATA_DIR/$DATASET/raw"
 OUT="$DATA_DIR/$DATASET/dataset"
 [[ $DATASET != segx-kaggle ]] || OUT="$DATA_DIR/segx-kaggle-$WHICH/dataset"
+[[ $DATASET != isic2018-trap || $TRAP_SET == 1 ]] || OUT="$DATA_DIR/isic2018-trap$TRAP_SET/dataset"
 if [[ -e $OUT ]]; then
   echo "$OUT already exists; not overwriting it (delete it yourself to convert again)."
   exit 0
@@ -278,7 +312,7 @@ else
   url_override="SEGX_$(tr 'a-z-' 'A-Z_' <<<"$DATASET")_URL"
   for row in "${SOURCES[@]}"; do
     IFS='|' read -r name key file url sha <<<"$row"
-    [[ $name == "$DATASET" ]] || continue
+    [[ $name == "$DATASET" || $name == "$DATASET/$TRAP_SET" ]] || continue
     [[ -z ${!url_override:-} ]] || url="${!url_override%/}/$file"
     fetch "$key" "$file" "$url" "$sha"
   done
@@ -288,6 +322,9 @@ case $DATASET in
   ham10000) echo "note: HAM10000 is licensed CC BY-NC 4.0 (non-commercial use only); cite Tschandl et al. 2018." ;;
   shenzhen) echo "note: the NLM archive has no lung masks; they are a manual download (566 of 662 images): https://doi.org/10.17632/8gf9vpkhgy.2 or https://www.kaggle.com/datasets/yoctoman/shcxr-lung-mask (Kaggle account). Put them as <name>_mask.png in a masks/ folder next to CXR_png/, delete $OUT and re-run." ;;
   chestx-det10) echo "note: ChestX-Det10 has no lung masks; put any you have as masks/<image>.png next to train.json, delete $OUT and re-run." ;;
+  isic2018-trap) echo "note: ISIC 2018 images and masks are licensed CC BY-NC 4.0 (non-commercial use only); cite Codella et al. 2019 and Tschandl et al. 2018, and for the artefact annotations and trap sets Bissoto, Valle, Avila 2020." ;;
 esac
 
-"$PY" -m segx_helpers.data.real "$DATASET" "$RAW" "$OUT" --which "$WHICH"
+CONVERT_OPTIONS=(--which "$WHICH")
+[[ $DATASET != isic2018-trap ]] || CONVERT_OPTIONS=(--trap-set "$TRAP_SET" --image-size 256)
+"$PY" -m segx_helpers.data.real "$DATASET" "$RAW" "$OUT" "${CONVERT_OPTIONS[@]}"

@@ -412,3 +412,78 @@ def test_interrupted_run_leaves_no_temporary_log(tmp_path, server):
             proc.wait()
     assert proc.returncode != 0
     assert list(temp.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------ ISIC 2018 trap sets
+
+def isic_files(tmp_path, trap_set=1):
+    """The files of isic2018-trap as the server holds them: the two official archives and the CSVs."""
+    from test_real_converters import make_isic_trap
+
+    raw = tmp_path / "fixture"
+    make_isic_trap(raw, "official", n=12, trap_sets=(trap_set,))
+    files = {"isic_bias.csv": (raw / "artefacts-annotation" / "isic_bias.csv").read_bytes()}
+    for split in ("train", "val", "test"):
+        name = f"isic_annotated_{split}{trap_set}.csv"
+        files[name] = (raw / "trap-sets" / name).read_bytes()
+    for folder in ("ISIC2018_Task1-2_Training_Input", "ISIC2018_Task1_Training_GroundTruth"):
+        members = {f"{folder}/{p.name}": p.read_bytes() for p in sorted((raw / folder).iterdir())}
+        members[f"{folder}/LICENSE.txt"] = b"CC BY-NC 4.0"
+        files[f"{folder}.zip"] = zip_bytes(members)
+    return files
+
+
+def isic_checksums(files, trap_set=1):
+    keys = {"isic_bias.csv": "ISIC_BIAS_CSV", "ISIC2018_Task1-2_Training_Input.zip": "ISIC2018_TASK1_INPUT",
+            "ISIC2018_Task1_Training_GroundTruth.zip": "ISIC2018_TASK1_GROUNDTRUTH",
+            **{f"isic_annotated_{s}{trap_set}.csv": f"ISIC_TRAP_{s.upper()}{trap_set}_CSV" for s in ("train", "val", "test")}}
+    return {f"SEGX_{keys[name]}_SHA256": sha256(body) for name, body in files.items()}
+
+
+def test_isic2018_trap_downloads_the_chosen_trap_set_and_converts(tmp_path, server):
+    server.files.update(isic_files(tmp_path, trap_set=2))
+    result = run(tmp_path, "isic2018-trap", "--trap-set", "2", SEGX_ISIC2018_TRAP_URL=server.url,
+                 **isic_checksums(server.files, trap_set=2))
+    assert result.returncode == 0, result.stderr
+    fetched = [path for path, _ in server.requests]
+    assert fetched == ["/isic_bias.csv", "/isic_annotated_train2.csv", "/isic_annotated_val2.csv",
+                       "/isic_annotated_test2.csv", "/ISIC2018_Task1-2_Training_Input.zip",
+                       "/ISIC2018_Task1_Training_GroundTruth.zip"]  # only trap set 2's lists, the CSVs first
+    assert result.stdout.count("sha256 verified") == 6
+    assert "CC BY-NC" in result.stdout and "Bissoto" in result.stdout
+    assert "6 train / 2 val / 4 test" in result.stdout
+    raw = tmp_path / "data" / "isic2018-trap" / "raw"
+    manifest = (raw / "SHA256SUMS").read_text()
+    assert all(f"{sha256(body)}  {name}" in manifest for name, body in server.files.items())
+    ds = load_dataset(tmp_path / "data" / "isic2018-trap2" / "dataset")
+    assert ds.info.name == "isic2018-trap2" and "trap set 2" in ds.info.source
+    assert len(ds.table) == 12 and ds.table["mask_path"].notna().all()
+    assert ds.table.groupby("split").size().to_dict() == {"test": 4, "train": 6, "val": 2}
+    assert Image.open(ds.table["image_path"][0]).size == (256, 256)  # converted at the paper's 256 px
+    assert (tmp_path / "data" / "isic2018-trap2" / "dataset" / "artefacts.csv").is_file()
+
+
+def test_isic2018_trap_pins_the_published_csvs(tmp_path, server):
+    """Without overrides the CSVs must have the checksums of the pinned debiasing-skin commit."""
+    server.files.update(isic_files(tmp_path))
+    result = run(tmp_path, "isic2018-trap", SEGX_ISIC2018_TRAP_URL=server.url)
+    assert result.returncode != 0
+    assert "isic_bias.csv has sha256" in result.stderr and "moved it aside" in result.stderr
+    assert [path for path, _ in server.requests] == ["/isic_bias.csv"]
+    script = (REPO / "data_download.sh").read_text()
+    assert "raw.githubusercontent.com/alceubissoto/debiasing-skin/" in script
+    assert 'ISIC_ARCHIVE="https://isic-challenge-data.s3.amazonaws.com/2018"' in script
+    assert "$ISIC_ARCHIVE/ISIC2018_Task1-2_Training_Input.zip" in script
+
+
+def test_isic2018_trap_offline_and_bad_options(tmp_path):
+    port = closed_port()
+    result = run(tmp_path, "isic2018-trap", SEGX_ISIC2018_TRAP_URL=f"http://127.0.0.1:{port}/")
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode != 0 and len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"error: cannot reach 127.0.0.1:{port}: you seem to be offline")
+    assert "isic_bias.csv manually" in lines[0]
+    bad = run(tmp_path, "isic2018-trap", "--trap-set", "6")
+    assert bad.returncode != 0 and "--trap-set must be a number from 1 to 5" in bad.stderr
+    other = run(tmp_path, "shenzhen", "--trap-set", "2")
+    assert other.returncode != 0 and "--trap-set applies to isic2018-trap only" in other.stderr

@@ -335,6 +335,7 @@ def convert_isic2018_trap(raw_dir: str | Path, out_dir: str | Path, trap_set: in
       ISIC_*_segmentation.png``) or the komour/diploma copy (``data/{train,val,test}/ISIC_*.jpg``,
       ``images/256ISIC2018_Task1_Training_GroundTruth/ISIC_*_segmentation.png``).
 
+    The dataset is named ``isic2018-trap`` for trap set 1 and ``isic2018-trap<N>`` for the others.
     The split is the trap set's, not a fresh one (``seed`` is unused; it is accepted for the common
     converter signature). An image listed in several of its files goes to the first of test, val, train
     (in trap set 1 every val image is also listed in train); :func:`isic_trap_splits` reports how many.
@@ -359,7 +360,7 @@ def convert_isic2018_trap(raw_dir: str | Path, out_dir: str | Path, trap_set: in
     if verbose:
         print(f"isic2018-trap: {layout} in {image_dirs[0].parent}; {report}")
     info = DatasetInfo(
-        name="isic2018-trap",
+        name=f"isic2018-trap{'' if trap_set == 1 else trap_set}",
         modality="dermoscopy",
         task="multiclass",
         class_names=list(ISIC_TRAP_CLASSES),
