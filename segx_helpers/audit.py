@@ -1,0 +1,649 @@
+"""``segx audit``: SegX and SegU over a whole image archive, streamed, sharded, resumable, on 1..N processes.
+
+What it does per image, with the package's own building blocks only (no second analysis path): the
+classifier's predicted classes are explained (:func:`segx_helpers.explain.explain`), the mask source
+gives the clinical-interest region (a segmenter checkpoint, run at its own size and normalisation,
+probabilities resized bilinearly and binarised at its stored threshold, exactly as
+:func:`segx_helpers.pipeline.mask_probabilities`; or a folder of ``<id>.png`` masks, resized
+nearest-neighbour), and :func:`segx_helpers.results.explanation_results` (hence
+:func:`segx_helpers.analysis.analyse`) scores every prediction.
+
+Inputs
+    A dataset folder in our format (``dataset.json``; labels and ground-truth masks are then used;
+    ``--split`` picks a split, default all), or a plain folder of ``.png``/``.jpg`` images (ids are
+    the file stems; no labels). A classifier checkpoint, a mask source, the methods, Gradient SHAP's
+    sample count and background size, ``p``, the batch size and the device.
+
+Output folder::
+
+    run.json                     the exact inputs: SHA-256 of the checkpoints (and of the mask folder's
+                                 listing), the image list's hash, methods, p, seeds, shard and batch size,
+                                 package versions, and every invocation's arguments
+    shards/shard-00000.parquet   table part of shard 0 (rows of every method)
+    shards/shard-00000.npz       its maps: ``maps`` (rows, H, W) aligned with the part's rows, ``image_id``,
+                                 ``class_index``, ``method``, and the predicted masks of its images
+                                 (``predicted_masks`` (n, H, W) bool, ``mask_image_id``); the SegX map of a
+                                 row is ``maps[r] * predicted_masks[mask_row[r]]``
+    shards/shard-00000.json      written last: the shard is done (rows, ranks, SHA-256 of the part)
+    table.parquet                all parts in shard order: one row per (image, explained class, method)
+    summary.json                 images, predictions, throughput, SegU AUROC for incorrect predictions
+
+Why ``.npz`` for the maps: numpy opens it without our package or any other dependency
+(``np.load(path)["maps"]``), one shard is one file that is written under a temporary name and renamed
+when complete (a zarr directory store cannot be replaced atomically), and shards are independent, so
+ranks never write to the same file. The maps are compressed (``np.savez_compressed``).
+
+Shards: the images are sorted by id; shard ``k`` is images ``[k * shard_size, (k + 1) * shard_size)``.
+Each shard is computed whole, its table part and maps written atomically, then its marker. A re-run
+skips shards whose marker and part checksum are in place, so a killed run resumes where it stopped;
+the final table is the concatenation of the parts in shard order, hence byte-identical whatever the
+interruptions and the number of processes. Gradient SHAP draws its samples with the seed
+``seed + index of the batch's first image``: the same on every rank and every re-run.
+
+Safety: the output folder must be new, empty, or an audit folder of the *same* inputs (``run.json``).
+A change of what matters (a checkpoint's content, the mask source, the image list or labels, methods,
+``nsamples``, the background, ``p``, the seed, the shard or batch size, what is stored) is refused
+with the differing fields named: start a new output folder. A non-empty folder without our
+``run.json`` is refused. Nothing outside ``<out>/`` is written, and inside it only the files above.
+
+Many processes: ``torchrun --nproc_per_node N -m segx_helpers audit ...``. Rank 0 checks the folder
+and lists the unfinished shards; rank ``r`` takes the ``i``-th of them when ``i % N == r`` (disjoint,
+no duplicates, no padding); after a barrier rank 0 merges the table. ``gloo`` on CPU, ``nccl`` on
+CUDA (:mod:`segx_helpers.distributed`). On several nodes the output folder must be on a filesystem
+every node sees, and every node must see the same data and checkpoints.
+
+Memory: images are streamed through a ``DataLoader`` (no cache); a process holds one shard's maps
+at a time, so memory does not grow with the archive (the merge streams the parts too).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .data.format import IMAGE_SUFFIXES, DatasetInfo, LoadedDataset, load_dataset, read_mask
+from .data.torch_dataset import Normalization, SegXDataset
+from .io import atomic_path, check_safe_id, write_json
+
+FORMAT = "segx-audit-v1"
+RUN_FILE = "run.json"
+TABLE_FILE = "table.parquet"
+SUMMARY_FILE = "summary.json"
+SHARDS = "shards"
+MAPS_DTYPES = ("float32", "float16", "none")
+
+
+class AuditError(RuntimeError):
+    """The audit cannot run as asked (a foreign output folder, a mismatch with earlier results, bad inputs)."""
+
+
+@dataclass
+class AuditOptions:
+    """Everything ``segx audit`` takes; see the module docstring and ``segx audit --help``."""
+
+    data: str | Path
+    classifier: str | Path
+    masks: str | Path
+    out: str | Path
+    methods: Sequence[str] = ("gradcam",)
+    split: str = "all"
+    nsamples: int = 50
+    background: int = 50
+    p: float = 5.0
+    batch_size: int = 32
+    shard_size: int = 256
+    seed: int = 0
+    maps: str = "float32"
+    localisation: bool = True
+    device: str | None = None
+    num_workers: int = 0
+    max_shards: int | None = None
+    progress: bool = True
+    timeout_minutes: float = 60.0
+
+    def __post_init__(self) -> None:
+        from .explain import METHODS
+
+        self.methods = tuple(dict.fromkeys(self.methods))
+        problems = [f"unknown method {m!r} (choose from {METHODS})" for m in self.methods if m not in METHODS]
+        if not self.methods:
+            problems.append("give at least one method")
+        if self.split not in ("all", "train", "val", "test"):
+            problems.append(f"split must be all, train, val or test, got {self.split!r}")
+        for name in ("nsamples", "background", "batch_size", "shard_size"):
+            if int(getattr(self, name)) < 1:
+                problems.append(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if not 0 < float(self.p) <= 100:
+            problems.append(f"p must be in (0, 100], got {self.p}")
+        if self.maps not in MAPS_DTYPES:
+            problems.append(f"maps must be one of {MAPS_DTYPES}, got {self.maps!r}")
+        if self.max_shards is not None and self.max_shards < 1:
+            problems.append(f"max_shards must be None or positive, got {self.max_shards}")
+        if problems:
+            raise ValueError("audit options: " + "; ".join(problems))
+
+
+# ------------------------------------------------------------------------------ inputs
+
+@dataclass
+class Archive:
+    """The images to audit, sorted by id, as a :class:`LoadedDataset` that :class:`SegXDataset` reads;
+    ``full`` is the whole dataset (for the Gradient SHAP background) when the input is a dataset."""
+
+    data: LoadedDataset
+    kind: str
+    labels_known: bool
+    full: LoadedDataset | None = None
+
+    def __len__(self) -> int:
+        return len(self.data.table)
+
+    @property
+    def image_ids(self) -> list[str]:
+        return self.data.table["image_id"].tolist()
+
+
+def open_archive(path: str | Path, meta: dict, split: str = "all") -> Archive:
+    """A dataset folder (with ``dataset.json``) or a plain folder of images, for a classifier whose
+    checkpoint metadata is ``meta`` (task, class names and channels must agree with a dataset)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise AuditError(f"{path} is not a folder: give a dataset folder or a folder of images")
+    if (path / "dataset.json").is_file():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # splits lacking a class: irrelevant here
+            full = load_dataset(path, check_files=False)
+        differ = [f"{name}: dataset {a!r}, classifier {b!r}" for name, a, b in (
+            ("task", full.info.task, meta["task"]), ("class_names", list(full.info.class_names), list(meta["class_names"])),
+            ("channels", full.info.channels, meta["in_channels"])) if a != b]
+        if differ:
+            raise AuditError(f"the classifier does not fit {path} (" + "; ".join(differ) + ")")
+        table = full.table if split == "all" else full.split(split)
+        table = table.sort_values("image_id", kind="stable").reset_index(drop=True)
+        return Archive(LoadedDataset(full.root, full.info, table), "dataset", True, full)
+    if split != "all":
+        raise AuditError(f"{path} is a plain folder of images (no dataset.json): it has no {split!r} split")
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise AuditError(f"{path} holds no dataset.json and no {'/'.join(IMAGE_SUFFIXES)} images")
+    ids = [check_safe_id(p.stem) for p in files]
+    if len(set(ids)) != len(ids):
+        twins = sorted({i for i in ids if ids.count(i) > 1})[:5]
+        raise AuditError(f"{path}: several files share an id (the file name without its suffix): {twins}")
+    classes = list(meta["class_names"])
+    table = pd.DataFrame({"image_id": ids, "split": "archive", "image_path": [str(p) for p in files],
+                          "mask_path": pd.Series([None] * len(ids), dtype=object)})
+    if meta["task"] == "multiclass":
+        table["label"], table["target"] = classes[0], 0  # unknown: placeholders the table never shows
+    else:
+        for name in classes:
+            table[name] = 0
+    info = DatasetInfo(name=path.name or "archive", modality="", task=meta["task"], class_names=classes,
+                       mask_description="", channels=int(meta["in_channels"]))
+    table = table.sort_values("image_id", kind="stable").reset_index(drop=True)
+    return Archive(LoadedDataset(path, info, table), "folder", False)
+
+
+@dataclass
+class MaskSource:
+    """A segmenter checkpoint (``trained``) or a folder of ``<id>.png`` masks (``folder``)."""
+
+    kind: str
+    trained: object = None
+    folder: Path | None = None
+
+    @property
+    def threshold(self) -> float:
+        return float(self.trained.meta["threshold"]) if self.kind == "segmenter" else 0.5
+
+
+def open_masks(path: str | Path) -> MaskSource:
+    from .pipeline import load_trained
+
+    path = Path(path)
+    if path.is_dir():
+        return MaskSource("folder", folder=path)
+    if path.is_file():
+        return MaskSource("segmenter", trained=load_trained(path, "segmenter"))
+    raise AuditError(f"mask source {path} not found: give a segmenter checkpoint or a folder of <id>.png masks")
+
+
+def _norm(meta: dict) -> Normalization:
+    return Normalization(**{k: tuple(v) for k, v in meta["normalization"].items()})
+
+
+class AuditItems(torch.utils.data.Dataset):
+    """One archive image per item, prepared as the classifier expects (``image``), with its ground
+    truth (``true_mask``, ``has_true_mask``, ``target``), its global ``index`` and the mask source's
+    input: the image prepared for the segmenter (``seg_image``) or the mask file resized to the
+    classifier's size (``mask_prob``). Nothing is cached: memory does not grow with the archive."""
+
+    def __init__(self, archive: Archive, meta: dict, masks: MaskSource) -> None:
+        self.size = int(meta["image_size"])
+        self.images = SegXDataset(archive.data, None, self.size, _norm(meta), cache=False)
+        self.masks = masks
+        self.seg = (SegXDataset(archive.data, None, int(masks.trained.meta["image_size"]), _norm(masks.trained.meta),
+                                cache=False) if masks.kind == "segmenter" else None)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict:
+        import torch.nn.functional as F
+
+        item = self.images[i]
+        out = {"index": i, "image_id": item["image_id"], "image": item["image"], "target": item["target"],
+               "true_mask": item["mask"][0] > 0.5, "has_true_mask": item["has_mask"]}
+        if self.seg is not None:
+            out["seg_image"] = self.seg[i]["image"]
+        else:
+            path = self.masks.folder / f"{item['image_id']}.png"
+            if not path.is_file():
+                raise FileNotFoundError(f"No mask for {item['image_id']!r} in {self.masks.folder} (expected {path})")
+            mask = torch.from_numpy(read_mask(path).astype(np.float32))[None, None]
+            out["mask_prob"] = F.interpolate(mask, size=(self.size, self.size), mode="nearest")[0, 0]
+        return out
+
+
+def predicted_masks(batch: dict, masks: MaskSource, size: int, device) -> np.ndarray:
+    """Boolean masks ``(n, size, size)`` for a batch of :class:`AuditItems`, as
+    :func:`~segx_helpers.pipeline.mask_probabilities` then :func:`~segx_helpers.analysis.binarise_masks`."""
+    import torch.nn.functional as F
+
+    from .analysis import binarise_masks
+    from .training import predict_masks
+
+    if masks.kind == "segmenter":
+        prob = torch.from_numpy(predict_masks(masks.trained.model, batch["seg_image"], device=device))[:, None]
+        prob = F.interpolate(prob, size=(size, size), mode="bilinear", align_corners=False)[:, 0].numpy()
+    else:
+        prob = batch["mask_prob"].numpy()
+    return binarise_masks(prob, masks.threshold)
+
+
+def background(archive: Archive, meta: dict, n: int, seed: int) -> torch.Tensor:
+    """Gradient SHAP's reference images: ``n`` training images (seeded) of a dataset, as the notebooks
+    take them (:func:`~segx_helpers.pipeline.background_images`); for a plain folder, ``n`` of its
+    images drawn with the seed."""
+    from .pipeline import background_images
+
+    if archive.full is not None and (archive.full.table["split"] == "train").any():
+        return background_images(archive.full, meta, n, seed)
+    source = SegXDataset(archive.data, None, int(meta["image_size"]), _norm(meta), cache=False)
+    rows = np.sort(np.random.default_rng(seed).choice(len(source), size=min(n, len(source)), replace=False))
+    return torch.stack([source[int(i)]["image"] for i in rows])
+
+
+# ------------------------------------------------------------------------------ fingerprints
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _sha256_lines(lines) -> str:
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def versions() -> dict:
+    import importlib.metadata as md
+
+    from . import __version__
+
+    out = {"segx_helpers": __version__, "python": platform.python_version()}
+    for name in ("torch", "torchvision", "numpy", "pandas", "pyarrow", "grad-cam", "shap",
+                 "segmentation-models-pytorch"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def fingerprint(options: AuditOptions, archive: Archive, masks: MaskSource) -> dict:
+    """What the results depend on (``run.json["inputs"]``): a difference refuses to mix results."""
+    table = archive.data.table
+    data = {"kind": archive.kind, "split": options.split, "images": len(archive),
+            "image_ids_sha256": _sha256_lines(table["image_id"]),
+            "true_masks_sha256": _sha256_lines(f"{i}\t{m is not None}" for i, m in zip(table["image_id"], table["mask_path"]))}
+    if archive.kind == "dataset":
+        root = archive.data.root
+        data.update({name.replace(".", "_") + "_sha256": sha256_file(root / name) for name in ("labels.csv", "splits.csv")})
+    if masks.kind == "segmenter":
+        mask_print = {"kind": "segmenter", "sha256": sha256_file(options.masks)}
+    else:
+        listing = sorted((p.name, p.stat().st_size) for p in masks.folder.iterdir() if p.suffix == ".png")
+        mask_print = {"kind": "folder", "listing_sha256": _sha256_lines(f"{n}\t{s}" for n, s in listing)}
+    shap = "gradient_shap" in options.methods
+    return {"classifier_sha256": sha256_file(options.classifier), "masks": mask_print, "data": data,
+            "methods": list(options.methods), "nsamples": int(options.nsamples) if shap else None,
+            "background": int(options.background) if shap else None, "p": float(options.p), "seed": int(options.seed),
+            "shard_size": int(options.shard_size), "batch_size": int(options.batch_size), "maps": options.maps,
+            "localisation": bool(options.localisation), "n_thresholds": 101, "selection": "decision",
+            "explained_output": "logit"}
+
+
+def _differences(old, new, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new)):
+            out += _differences(old.get(key, "(absent)"), new.get(key, "(absent)"), f"{prefix}{key}.")
+        return out
+    return [] if old == new else [f"{prefix.rstrip('.')}: before {old!r}, now {new!r}"]
+
+
+def prepare_output(out: str | Path, inputs: dict, invocation: dict) -> str:
+    """Create the audit folder, or check that an existing one holds results of the same ``inputs``.
+    Returns ``"new"`` or ``"resume"``; raises :class:`AuditError` for a foreign folder or a mismatch."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise AuditError(f"{out} exists and is not a folder; choose another --out")
+    run_file = out / RUN_FILE
+    if out.is_dir() and any(out.iterdir()):
+        if not run_file.is_file():
+            raise AuditError(f"{out} is not empty and holds no {RUN_FILE} of segx audit: refusing to write into it "
+                             "(nothing there was touched). Choose a new or empty --out folder.")
+        try:
+            record = json.loads(run_file.read_text())
+        except ValueError as err:
+            raise AuditError(f"{run_file} is unreadable ({err}); choose a new --out folder") from err
+        if record.get("format") != FORMAT:
+            raise AuditError(f"{run_file} was not written by segx audit ({FORMAT}); choose a new --out folder")
+        differ = _differences(record["inputs"], inputs)
+        if differ:
+            raise AuditError(f"{out} holds results of other inputs, which would mix with these: " + "; ".join(differ)
+                             + ". Start a new --out folder for the new inputs (the old results stay as they are).")
+        now, then = invocation["versions"], record["invocations"][0]["versions"]
+        changed = {k: (then.get(k), v) for k, v in now.items() if then.get(k) != v}
+        if changed:
+            warnings.warn(f"{out} was started with other package versions {changed}; finished shards are kept",
+                          UserWarning, stacklevel=2)
+        record["invocations"].append(invocation)
+        write_json(run_file, record, overwrite=True)
+        return "resume"
+    (out / SHARDS).mkdir(parents=True, exist_ok=True)
+    write_json(run_file, {"format": FORMAT, "written_by": "segx_helpers.audit", "inputs": inputs,
+                          "invocations": [invocation]}, overwrite=False)
+    return "new"
+
+
+# ------------------------------------------------------------------------------ shards
+
+def shard_ranges(n_images: int, shard_size: int) -> list[tuple[int, int]]:
+    return [(start, min(start + shard_size, n_images)) for start in range(0, n_images, shard_size)]
+
+
+def shard_paths(out: Path, k: int) -> dict[str, Path]:
+    stem = Path(out) / SHARDS / f"shard-{k:05d}"
+    return {"table": stem.with_suffix(".parquet"), "maps": stem.with_suffix(".npz"), "done": stem.with_suffix(".json")}
+
+
+def shard_done(out: Path, k: int) -> bool:
+    """A shard is done when its marker exists and its table part (and maps) match the marker."""
+    paths = shard_paths(out, k)
+    try:
+        marker = json.loads(paths["done"].read_text())
+        if sha256_file(paths["table"]) != marker["table_sha256"]:
+            return False
+        return marker["maps_bytes"] is None or paths["maps"].stat().st_size == marker["maps_bytes"]
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+TABLE_HEAD = ("image_id", "split", "image_index", "method", "class", "class_index", "score", "label", "true_label",
+              "correct", "outcome", "has_true_mask")
+
+
+def _arrow_schema(columns: Sequence[str]):
+    import pyarrow as pa
+
+    types = {"image_id": pa.string(), "split": pa.string(), "method": pa.string(), "class": pa.string(),
+             "label": pa.string(), "outcome": pa.string(), "image_index": pa.int64(), "class_index": pa.int64(),
+             "true_label": pa.int64(), "correct": pa.bool_(), "has_true_mask": pa.bool_(), "shard": pa.int64(),
+             "map_row": pa.int64()}
+    return pa.schema([(c, types.get(c, pa.float64())) for c in columns])
+
+
+def _label_text(targets: np.ndarray, task: str, class_names: Sequence[str]) -> list[str]:
+    if task == "multiclass":
+        return [class_names[int(t)] for t in targets]
+    return ["|".join(c for c, v in zip(class_names, row) if v > 0.5) for row in targets]
+
+
+class ShardWorker:
+    """Computes and writes shards; one per process."""
+
+    def __init__(self, options: AuditOptions, archive: Archive, classifier, masks: MaskSource, device: torch.device,
+                 localise: bool) -> None:
+        self.options, self.archive, self.classifier, self.masks = options, archive, classifier, masks
+        self.device, self.localise = device, localise
+        self.items = AuditItems(archive, classifier.meta, masks)
+        meta = classifier.meta
+        self.task, self.class_names = meta["task"], list(meta["class_names"])
+        self.background = (background(archive, meta, options.background, options.seed).to(device)
+                           if "gradient_shap" in options.methods else None)
+        from .analysis import _columns
+
+        score_columns = _columns(options.p, ("mask-then-top", "top-then-mask"), localise, False)
+        self.columns = list(TABLE_HEAD) + score_columns + ["shard", "map_row"]
+
+    def run(self, out: Path, k: int, start: int, stop: int, progress=None, rank: int = 0, world_size: int = 1) -> int:
+        from torch.utils.data import DataLoader, Subset
+
+        from .explain import explain
+        from .results import explanation_results
+
+        started = time.perf_counter()
+        opts = self.options
+        loader = DataLoader(Subset(self.items, range(start, stop)), batch_size=opts.batch_size, shuffle=False,
+                            num_workers=opts.num_workers)
+        tables = {m: [] for m in opts.methods}
+        maps = {m: [] for m in opts.methods}
+        mask_parts, mask_ids = [], []
+        size = int(self.classifier.meta["image_size"])
+        for batch in loader:
+            index = batch["index"].numpy()
+            ids = list(batch["image_id"])
+            predicted = predicted_masks(batch, self.masks, size, self.device)
+            targets = batch["target"].numpy()
+            truth = batch["true_mask"].numpy() if self.localise else None
+            has = batch["has_true_mask"].numpy().astype(bool)
+            mask_parts.append(predicted)
+            mask_ids += ids
+            for method in opts.methods:
+                e = explain(self.classifier.model, batch["image"], None, method, task=self.task,
+                            thresholds=self.classifier.meta.get("thresholds"), batch_size=opts.batch_size,
+                            background=self.background, nsamples=opts.nsamples, seed=opts.seed + int(index[0]),
+                            progress=False, device=str(self.device))
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # degenerate maps/masks: scored 0 as documented, once per shard below
+                    result = explanation_results(e, ids, targets, self.task, self.class_names, predicted, truth,
+                                                 has if self.localise else None, p=opts.p, device=self.device)
+                table = result.table
+                rows = table["image_index"].to_numpy()
+                table["image_index"] = index[rows]
+                table["split"] = self.archive.data.table["split"].to_numpy()[index[rows]]
+                table["label"] = np.asarray(_label_text(targets, self.task, self.class_names), dtype=object)[rows] \
+                    if len(rows) else []
+                table["has_true_mask"] = has[rows]
+                table["mask_row"] = len(mask_ids) - len(ids) + rows
+                tables[method].append(table)
+                maps[method].append(result.maps)
+            if progress is not None:
+                progress.update(len(ids))
+        frame = pd.concat([t for m in opts.methods for t in tables[m]], ignore_index=True) if len(mask_ids) else None
+        frame = self._finish(frame, k)
+        all_maps = np.concatenate([a for m in opts.methods for a in maps[m]]) if len(frame) else np.zeros((0, size, size))
+        paths = shard_paths(out, k)
+        arrow = self._arrow(frame)
+        import pyarrow.parquet as pq
+
+        with atomic_path(paths["table"], overwrite=True) as tmp:
+            pq.write_table(arrow, tmp)
+        maps_bytes = None
+        if opts.maps != "none":
+            with atomic_path(paths["maps"], overwrite=True) as tmp:
+                with open(tmp, "wb") as handle:
+                    np.savez_compressed(handle, maps=all_maps.astype(opts.maps), image_id=frame["image_id"].to_numpy(str),
+                                        class_index=frame["class_index"].to_numpy(np.int64),
+                                        method=frame["method"].to_numpy(str), mask_row=self._mask_rows,
+                                        predicted_masks=np.concatenate(mask_parts), mask_image_id=np.asarray(mask_ids, str))
+            maps_bytes = paths["maps"].stat().st_size
+        write_json(paths["done"], {"shard": k, "images": [start, stop], "first_id": mask_ids[0], "last_id": mask_ids[-1],
+                                   "rows": len(frame), "rank": rank, "world_size": world_size,
+                                   "table_sha256": sha256_file(paths["table"]), "maps_bytes": maps_bytes,
+                                   "seconds": round(time.perf_counter() - started, 3)}, overwrite=True)
+        return stop - start
+
+    def _finish(self, frame: pd.DataFrame | None, k: int) -> pd.DataFrame:
+        if frame is None or not len(frame):
+            frame = pd.DataFrame({c: pd.Series(dtype=object) for c in self.columns + ["mask_row"]})
+        self._mask_rows = frame["mask_row"].to_numpy(np.int64)
+        frame = frame.drop(columns=["mask_row"])
+        frame["shard"] = k
+        frame["map_row"] = np.arange(len(frame), dtype=np.int64)
+        if not self.archive.labels_known:
+            frame["label"], frame["true_label"], frame["correct"], frame["outcome"] = None, None, None, None
+        missing = [c for c in self.columns if c not in frame.columns]
+        if missing:
+            raise RuntimeError(f"internal: table part lacks {missing}")
+        return frame[self.columns]
+
+    def _arrow(self, frame: pd.DataFrame):
+        import pyarrow as pa
+
+        frame = frame.copy()
+        for column in ("true_label",):
+            frame[column] = frame[column].astype("Int64")
+        for column in ("correct", "has_true_mask"):
+            frame[column] = frame[column].astype("boolean")
+        return pa.Table.from_pandas(frame, schema=_arrow_schema(self.columns), preserve_index=False)
+
+
+def merge(out: Path, n_shards: int) -> Path:
+    """``table.parquet``: the parts in shard order, one row group per shard, streamed (memory stays at one part)."""
+    import pyarrow.parquet as pq
+
+    parts = [shard_paths(out, k)["table"] for k in range(n_shards)]
+    schema = pq.read_schema(parts[0])
+    with atomic_path(out / TABLE_FILE, overwrite=True) as tmp:
+        with pq.ParquetWriter(tmp, schema) as writer:
+            for part in parts:
+                writer.write_table(pq.read_table(part).replace_schema_metadata(schema.metadata))
+    return out / TABLE_FILE
+
+
+def summarise(out: Path, labels_known: bool, images_now: int, seconds: float) -> dict:
+    """Images, predictions per method, this run's throughput and, with labels, how well low SegU
+    certainty finds incorrect predictions (:func:`segx_helpers.segu.separation_table`)."""
+    from .segu import separation_table
+
+    table = pd.read_parquet(out / TABLE_FILE, columns=["image_id", "method", "correct", "c_IoU", "c_AUITC"])
+    summary = {"images": int(table["image_id"].nunique()), "predictions": {m: int(n) for m, n in
+                                                                           table.groupby("method").size().items()},
+               "images_this_run": int(images_now), "seconds_this_run": round(seconds, 2),
+               "images_per_second": round(images_now / seconds, 3) if seconds > 0 and images_now else None,
+               "segu_auroc_incorrect": None}
+    if labels_known and len(table):
+        known = table[table["correct"].notna()].copy()
+        known["correct"] = known["correct"].astype(bool)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            sep = separation_table(known, ["c_IoU", "c_AUITC"], group="method", n_resamples=200)
+        summary["segu_auroc_incorrect"] = [
+            {"method": r["group"], "score": r["score"], "auroc": r["auroc"], "auroc_low": r["auroc_low"],
+             "auroc_high": r["auroc_high"], "incorrect": r["n_incorrect"], "correct": r["n_correct"]}
+            for r in sep.to_dict("records")]
+    write_json(out / SUMMARY_FILE, summary, overwrite=True)
+    return summary
+
+
+def format_summary(summary: dict) -> str:
+    lines = [f"images: {summary['images']}; predictions: "
+             + ", ".join(f"{m} {n}" for m, n in summary["predictions"].items()),
+             f"this run: {summary['images_this_run']} images in {summary['seconds_this_run']} s"
+             + (f" ({summary['images_per_second']} images/s)" if summary["images_per_second"] else "")]
+    for row in summary["segu_auroc_incorrect"] or []:
+        lines.append(f"SegU {row['score']} ({row['method']}): AUROC for incorrect predictions {row['auroc']:.3f} "
+                     f"[{row['auroc_low']:.3f}, {row['auroc_high']:.3f}] ({row['incorrect']} incorrect, "
+                     f"{row['correct']} correct)")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------ the command
+
+@dataclass
+class AuditResult:
+    """What one invocation did (on rank 0: ``summary`` is None when shards remain, e.g. ``max_shards``)."""
+
+    out: Path
+    shards: int
+    done_before: int
+    done_now: list[int] = field(default_factory=list)
+    summary: dict | None = None
+    table: Path | None = None
+
+
+def run_audit(options: AuditOptions, arguments: dict | None = None) -> AuditResult:
+    """Run (or resume) an audit; works the same in one process and under torchrun."""
+    from tqdm.auto import tqdm
+
+    from . import distributed
+    from .pipeline import load_trained
+
+    ctx = distributed.setup(options.device, options.timeout_minutes)
+    try:
+        out = Path(options.out)
+        classifier = load_trained(options.classifier, "classifier")
+        masks = open_masks(options.masks)
+        archive = open_archive(options.data, classifier.meta, options.split)
+        inputs = fingerprint(options, archive, masks)
+        ranges = shard_ranges(len(archive), options.shard_size)
+        invocation = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "world_size": ctx.world_size,
+                      "device": str(ctx.device), "backend": ctx.backend, "versions": versions(),
+                      "arguments": {k: (str(v) if isinstance(v, Path) else v) for k, v in
+                                    (arguments or asdict(options)).items()}}
+
+        def plan():
+            prepare_output(out, inputs, invocation)
+            return [k for k in range(len(ranges)) if not shard_done(out, k)]
+
+        todo = distributed.run_on_main(ctx, plan)
+        done_before = len(ranges) - len(todo)
+        if options.max_shards is not None:
+            todo = todo[:options.max_shards]
+        mine = todo[ctx.rank::ctx.world_size]
+        localise = options.localisation and archive.data.table["mask_path"].notna().any()
+        worker = ShardWorker(options, archive, classifier, masks, ctx.device, bool(localise))
+        bar = tqdm(total=sum(ranges[k][1] - ranges[k][0] for k in mine), unit="img", dynamic_ncols=True,
+                   desc=f"segx audit{f' rank 0/{ctx.world_size}' if ctx.distributed else ''}",
+                   disable=not (options.progress and ctx.is_main))
+        started = time.perf_counter()
+        for k in mine:
+            worker.run(out, k, *ranges[k], progress=bar, rank=ctx.rank, world_size=ctx.world_size)
+        bar.close()
+        distributed.barrier(ctx)
+
+        def finish():
+            result = AuditResult(out, len(ranges), done_before, todo)
+            if all(shard_done(out, k) for k in range(len(ranges))):
+                result.table = merge(out, len(ranges))
+                images_now = sum(ranges[k][1] - ranges[k][0] for k in todo)
+                result.summary = summarise(out, archive.labels_known, images_now, time.perf_counter() - started)
+            return result
+
+        return distributed.run_on_main(ctx, finish)
+    finally:
+        distributed.cleanup(ctx)

@@ -1,0 +1,320 @@
+"""torch.distributed plumbing for ``segx audit`` and ``segx train``: nothing home-made, only torchrun's
+environment, ``torch.distributed`` collectives and ``DistributedDataParallel``.
+
+Launch any entry point with torchrun, e.g. ``torchrun --nproc_per_node 4 -m segx_helpers audit ...``
+(one node) or, on every node of a multi-node job,
+``torchrun --nnodes 2 --nproc_per_node 4 --rdzv-backend c10d --rdzv-endpoint HOST:29400 --rdzv-id JOB -m segx_helpers ...``.
+torchrun sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` / ``MASTER_PORT``;
+:func:`setup` reads them, picks the backend (``nccl`` when the device is CUDA, ``gloo`` otherwise) and
+binds each process to ``cuda:LOCAL_RANK``. Without those variables everything runs in one process
+and every collective below is a no-op, so the same code path serves 1 and N processes.
+
+Training under DDP (:func:`ddp_fit`) reuses :func:`segx_helpers.training.fit` unchanged:
+
+* the model is wrapped in :class:`StateDictDDP`, a ``DistributedDataParallel`` whose ``state_dict`` /
+  ``load_state_dict`` are the inner model's, so checkpoints have the plain keys ``load_checkpoint``
+  expects (no ``module.`` prefix);
+* the loader uses a :class:`DistributedSampler` that advances its epoch by itself each time ``fit``
+  iterates it (``fit`` does not call ``set_epoch``), with the *global* batch split evenly over ranks.
+  The same sampler is used with one process, so a run on ``N`` processes sees the same global
+  batches as a run on one (same seed, same global batch size) and averages the same gradients;
+* the logged training loss is the global batch's (:class:`GlobalMeanLoss`), the gradients each
+  rank's own, averaged by DDP;
+* ``validate`` runs on rank 0 (on the bare model) and its result is broadcast, so every rank takes
+  the same best-epoch and early-stopping decisions; checkpoints are written by rank 0 only;
+* ``sync_batchnorm=True`` converts BatchNorm layers to ``SyncBatchNorm`` (CUDA only in PyTorch), so
+  batch statistics are those of the global batch. Without it each rank normalises with its own
+  share of the batch, the usual DDP behaviour, and the result differs slightly from one process.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
+
+from .models import pick_device
+
+
+@dataclass(frozen=True)
+class Context:
+    """Where this process stands: ``rank`` of ``world_size``, its ``device`` and the backend in use
+    (``None`` when not distributed)."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str | None
+
+    @property
+    def distributed(self) -> bool:
+        return self.backend is not None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def launched_by_torchrun() -> bool:
+    """True when torchrun (or another launcher) set a world of more than one process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def setup(device: str | None = None, timeout_minutes: float = 60.0) -> Context:
+    """Join the process group torchrun prepared (when there is one) and pick this process's device.
+
+    ``device``: ``None`` (CUDA when available, else CPU; under torchrun ``cuda:LOCAL_RANK``), ``"cpu"``
+    or ``"cuda"``. The backend follows the device: ``nccl`` for CUDA, ``gloo`` for CPU.
+    ``timeout_minutes`` bounds every collective, including the barrier where finished ranks wait
+    for the others: make it longer than one shard (audit) or one epoch (training) takes.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    chosen = pick_device(device)
+    if chosen.type == "cuda" and chosen.index is None:
+        chosen = torch.device("cuda", local_rank if world_size > 1 else 0)
+    if chosen.type == "cuda":
+        torch.cuda.set_device(chosen)
+    if world_size <= 1:
+        return Context(0, 1, 0, chosen, None)
+    backend = "nccl" if chosen.type == "cuda" else "gloo"
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes),
+                                             **({"device_id": chosen} if chosen.type == "cuda" else {}))
+    return Context(rank, world_size, local_rank, chosen, backend)
+
+
+def cleanup(ctx: Context) -> None:
+    """Leave the process group (after a final barrier)."""
+    if ctx.distributed and torch.distributed.is_initialized():
+        barrier(ctx)
+        torch.distributed.destroy_process_group()
+
+
+def barrier(ctx: Context) -> None:
+    if ctx.distributed:
+        if ctx.backend == "nccl":
+            torch.distributed.barrier(device_ids=[ctx.device.index])
+        else:
+            torch.distributed.barrier()
+
+
+def broadcast(ctx: Context, value: Any = None) -> Any:
+    """Rank 0's ``value`` (any picklable object) on every rank."""
+    if not ctx.distributed:
+        return value
+    box = [value if ctx.is_main else None]
+    torch.distributed.broadcast_object_list(box, src=0, device=ctx.device if ctx.backend == "nccl" else None)
+    return box[0]
+
+
+def run_on_main(ctx: Context, fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` on rank 0 and return its result on every rank; an exception on rank 0 is re-raised
+    on every rank (as a ``RuntimeError`` naming it) instead of leaving the others waiting."""
+    result, error = None, None
+    if ctx.is_main:
+        try:
+            result = fn()
+        except Exception as err:  # noqa: BLE001 - passed on to every rank
+            error = err
+    if not ctx.distributed:
+        if error is not None:
+            raise error
+        return result
+    shared = broadcast(ctx, (result, None if error is None else (type(error).__name__, str(error))))
+    if error is not None:
+        raise error
+    if shared[1] is not None:
+        raise RuntimeError(f"rank 0 failed: {shared[1][0]}: {shared[1][1]}")
+    return shared[0]
+
+
+# ------------------------------------------------------------------------------ training
+
+class StateDictDDP(nn.parallel.DistributedDataParallel):
+    """``DistributedDataParallel`` whose state dict is the wrapped model's (plain keys), so that
+    :func:`segx_helpers.training.fit` saves and restores checkpoints exactly as without DDP."""
+
+    def state_dict(self, *args, **kwargs):
+        return self.module.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        return self.module.load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+class GlobalMeanLoss(nn.Module):
+    """The loss whose *value* is the mean over ranks (one scalar all-reduce per step) and whose
+    *gradient* is this rank's own: DDP then averages the gradients. ``fit`` logs the value, so the
+    logged training loss is the global batch's, as with one process, and a non-finite loss on any
+    rank stops every rank (no rank is left waiting in a collective)."""
+
+    def __init__(self, loss_fn: nn.Module, ctx: Context) -> None:
+        super().__init__()
+        self.loss_fn, self.ctx = loss_fn, ctx
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        loss = self.loss_fn(*args, **kwargs)
+        mean = loss.detach().clone()
+        torch.distributed.all_reduce(mean)
+        mean /= self.ctx.world_size
+        return loss + (mean - loss.detach())
+
+
+class EpochDistributedSampler(DistributedSampler):
+    """A :class:`DistributedSampler` that calls ``set_epoch`` itself: the ``k``-th iteration uses
+    epoch ``k``, so each epoch is shuffled differently (and identically on every rank)."""
+
+    def __iter__(self):
+        self.set_epoch(getattr(self, "_iterations", 0))
+        self._iterations = getattr(self, "_iterations", 0) + 1
+        return super().__iter__()
+
+
+def distributed_loader(dataset, global_batch_size: int, ctx: Context, shuffle: bool = True, seed: int = 0,
+                       num_workers: int = 0) -> DataLoader:
+    """A loader giving this rank its share (``global_batch_size / world_size`` per step) of the global
+    batches; with one process the same sampler gives the same global batches. The last incomplete
+    global batch is dropped so every step averages equally sized shares (as one process would)."""
+    if global_batch_size % ctx.world_size:
+        raise ValueError(f"the global batch size {global_batch_size} must be divisible by the number of processes "
+                         f"({ctx.world_size})")
+    sampler = EpochDistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=shuffle, seed=seed,
+                                      drop_last=True)
+    return DataLoader(dataset, batch_size=global_batch_size // ctx.world_size, sampler=sampler, drop_last=True,
+                      num_workers=num_workers, persistent_workers=num_workers > 0)
+
+
+def ddp_fit(model: nn.Module, loss_fn: nn.Module, train_loader: DataLoader, validate: Callable[[nn.Module], dict],
+            config, ctx: Context, checkpoint_path: str | Path | None = None, meta: dict | None = None,
+            overwrite: bool = False, sync_batchnorm: bool = False, target_key: str = "target"):
+    """:func:`segx_helpers.training.fit` on every rank with the model under DDP (see the module
+    docstring). ``train_loader`` should come from :func:`distributed_loader`. Returns fit's
+    ``History``; ``model`` (the bare model, not the wrapper) ends holding the best weights on every
+    rank. With one process this is plain ``fit`` with the same loader."""
+    from .training import fit
+
+    config = dataclasses.replace(config, device=str(ctx.device))
+    if not ctx.distributed:
+        return fit(model, loss_fn, train_loader, validate, config, target_key=target_key,
+                   checkpoint_path=checkpoint_path, meta=meta, overwrite=overwrite)
+    if sync_batchnorm:
+        if ctx.device.type != "cuda":
+            raise ValueError("sync_batchnorm needs CUDA devices (PyTorch's SyncBatchNorm does not run on the CPU)")
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model.to(ctx.device)
+    wrapped = StateDictDDP(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+
+    def shared_validate(_wrapped: nn.Module) -> dict:
+        return run_on_main(ctx, lambda: validate(model))
+
+    if not ctx.is_main:
+        os.environ["TQDM_DISABLE"] = "1"
+    history = fit(wrapped, GlobalMeanLoss(loss_fn, ctx), train_loader, shared_validate, config, target_key=target_key,
+                  checkpoint_path=checkpoint_path if ctx.is_main else None, meta=meta, overwrite=overwrite)
+    barrier(ctx)
+    return history
+
+
+def train(kind: str, data_dir: str | Path, checkpoint: str | Path, *, image_size: int = 128, epochs: int = 10,
+          batch_size: int = 32, lr: float | None = None, arch: str = "resnet18", encoder: str = "resnet18",
+          max_batches_per_epoch: int | None = None, seed: int = 0, device: str | None = None, num_workers: int = 0,
+          sync_batchnorm: bool = False, overwrite: bool = False, timeout_minutes: float = 60.0) -> dict | None:
+    """``segx train``: train a classifier or a segmenter on a dataset folder, on 1..N processes.
+
+    The same recipe as :func:`segx_helpers.pipeline.train_classifier` / ``train_segmenter`` (losses,
+    validation metric, stored thresholds, training fingerprint, checkpoint metadata), with
+    ``batch_size`` the *global* batch (split over ranks) and :func:`ddp_fit` as the loop. Rank 0 writes
+    the checkpoint; the others return None. An existing checkpoint is refused unless ``overwrite``.
+    """
+    from dataclasses import asdict
+
+    from .data.format import load_dataset
+    from .data.torch_dataset import Normalization, SegXDataset
+    from .metrics import dice_score, macro_auroc, select_mask_threshold, select_thresholds
+    from .models import build_classifier, build_segmenter
+    from .pipeline import training_fingerprint
+    from .training import (DiceBCELoss, TrainConfig, classification_loss, make_loader, predict_classifier,
+                           predict_masks, save_checkpoint, set_seed)
+
+    if kind not in ("classifier", "segmenter"):
+        raise ValueError(f"kind must be 'classifier' or 'segmenter', got {kind!r}")
+    checkpoint = Path(checkpoint)
+    if checkpoint.exists() and not overwrite:
+        raise FileExistsError(f"{checkpoint} exists; pass --overwrite to replace it (or choose another path)")
+    ctx = setup(device, timeout_minutes)
+    try:
+        data = load_dataset(data_dir, check_files=False)
+        monitor = "val_auroc" if kind == "classifier" else "val_dice"
+        config = TrainConfig(epochs=epochs, lr=lr or (1e-3 if kind == "classifier" else 3e-3), monitor=monitor, seed=seed,
+                             max_batches_per_epoch=max_batches_per_epoch)
+        norm = Normalization.for_channels(data.info.channels)
+        train_set = SegXDataset(data, "train", image_size, norm, train=True)
+        val_set = SegXDataset(data, "val", image_size, norm)
+        loader = distributed_loader(train_set, batch_size, ctx, shuffle=True, seed=seed, num_workers=num_workers)
+        val_loader = make_loader(val_set, 64, shuffle=False)
+        set_seed(seed)
+        if kind == "classifier":
+            choices = dict(kind="classifier", arch=arch, pretrained=False, class_weighting=False)
+            model = build_classifier(arch, num_classes=data.info.num_classes, in_channels=data.info.channels)
+            loss = classification_loss(data.info.task)
+
+            def validate(m):
+                result = predict_classifier(m, val_loader, data.info.task, device=str(ctx.device))
+                return {"val_auroc": macro_auroc(result["targets"], result["probs"])}
+
+            meta = {"kind": "classifier", "arch": arch, "task": data.info.task, "class_names": data.info.class_names,
+                    "in_channels": data.info.channels, "image_size": image_size, "normalization": asdict(norm),
+                    "dataset": data.info.name, "pretrained": False, "thresholds": None}
+            target_key = "target"
+        else:
+            if image_size % 32:
+                raise ValueError(f"image_size must be divisible by 32 for a U-Net, got {image_size}")
+            decoder = (128, 64, 32, 16, 8)
+            choices = dict(kind="segmenter", encoder=encoder, decoder_channels=list(decoder), encoder_weights=None)
+            model = build_segmenter(encoder, encoder_weights=None, in_channels=data.info.channels,
+                                    decoder_channels=decoder)
+            loss = DiceBCELoss()
+            val_masks = val_set.tensors()["mask"][:, 0].numpy() > 0.5
+
+            def validate(m):
+                return {"val_dice": float(dice_score(val_masks, predict_masks(m, val_loader, device=str(ctx.device))
+                                                     >= 0.5).mean())}
+
+            meta = {"kind": "segmenter", "arch": "Unet", "encoder": encoder, "decoder_channels": list(decoder),
+                    "in_channels": data.info.channels, "image_size": image_size, "normalization": asdict(norm),
+                    "dataset": data.info.name, "mask_description": data.info.mask_description, "threshold": 0.5}
+            target_key = "mask"
+        meta["fingerprint"] = training_fingerprint(data, image_size, config, batch_size=batch_size,
+                                                   normalization=asdict(norm), world_size=ctx.world_size,
+                                                   sync_batchnorm=sync_batchnorm, **choices)
+        meta["finished"] = False
+        history = ddp_fit(model, loss, loader, validate, config, ctx, checkpoint_path=checkpoint, meta=meta,
+                          overwrite=overwrite, sync_batchnorm=sync_batchnorm, target_key=target_key)
+
+        def finish():
+            if kind == "classifier":
+                val = predict_classifier(model, val_loader, data.info.task, device=str(ctx.device))
+                if data.info.task == "multilabel":
+                    meta["thresholds"] = select_thresholds(val["targets"], val["probs"]).tolist()
+                meta["metrics"] = {"val_auroc": macro_auroc(val["targets"], val["probs"])}
+            else:
+                prob = predict_masks(model, val_loader, device=str(ctx.device))
+                meta["threshold"] = select_mask_threshold(val_masks, prob)
+                meta["metrics"] = {"val_dice": float(dice_score(val_masks, prob >= meta["threshold"]).mean())}
+            meta.update(history=history.records, train_config=asdict(config), finished=True)
+            save_checkpoint(checkpoint, model, meta, overwrite=True)
+            return {"checkpoint": str(checkpoint), "metrics": meta["metrics"], "epochs": len(history.records),
+                    "world_size": ctx.world_size}
+
+        result = run_on_main(ctx, finish)
+        return result if ctx.is_main else None
+    finally:
+        cleanup(ctx)
