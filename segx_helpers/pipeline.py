@@ -290,11 +290,22 @@ FULL = RunSettings(n_images=1000, image_size=128, seg_image_size=128, seg_epochs
                    shap_images=200, shap_nsamples=50, shap_background=50, bootstrap=1000)
 
 
-def run_settings(quick: bool, real_data: bool = False) -> RunSettings:
-    """``QUICK`` or ``FULL``; ``real_data`` switches to the paper's full image size (256 px) for
-    classifier and segmenter, for datasets fetched by ``data_download.sh``."""
+def run_settings(quick: bool, real_data: bool | int = False) -> RunSettings:
+    """``QUICK`` or ``FULL``; ``real_data=True`` switches to the paper's full image size (256 px) for
+    classifier and segmenter, for datasets fetched by ``data_download.sh``. ``real_data`` may also be an
+    image size in pixels (a multiple of 32, e.g. 128 for a CPU run, 64 for a test on a tiny copy), which
+    every notebook then uses alike (``-p REAL_DATA=128`` with the runner)."""
     settings = QUICK if quick else FULL
-    return dataclasses.replace(settings, image_size=256, seg_image_size=256) if real_data else settings
+    if real_data is None or real_data is False:
+        return settings
+    if real_data is True:
+        size = 256
+    elif isinstance(real_data, int) and real_data >= 32 and real_data % 32 == 0:
+        size = real_data
+    else:
+        raise ValueError(f"REAL_DATA must be False, True (256 px) or an image size that is a multiple of 32, "
+                         f"got {real_data!r}")
+    return dataclasses.replace(settings, image_size=size, seg_image_size=size)
 
 
 def segmenter_config(settings: RunSettings, seed: int = 0) -> TrainConfig:
