@@ -130,3 +130,28 @@ def test_tutorial_runs_in_quick_mode(tmp_path):
     assert {row["score"] for row in summary["separation"]} >= {"c_IoU", "c_AUITC", "confidence"}
     report = write_report(tmp_path).read_text()
     assert "Missing" not in report and "AUROC" in report
+
+
+@pytest.mark.notebooks
+def test_notebook_06_runs_unchanged_on_any_folder_in_the_format(tmp_path, make_tiny_dataset):
+    """Notebook 06 on two folders that are not its default: a multi-class RGB one (synthetic dermoscopy, a
+    generator's output used as a plain folder) and a multi-label grayscale one with no modality it knows."""
+    from segx_helpers.data import SyntheticConfig, generate_synthetic_derm, load_dataset
+
+    generate_synthetic_derm(tmp_path / "data" / "my-derm", SyntheticConfig(n_images=80, image_size=64, seed=0),
+                            progress=False)
+    make_tiny_dataset(name="data/my-gray", n=80, task="multilabel", size=64, channels=1)
+    for name, task, channels in (("my-derm", "multiclass", 3), ("my-gray", "multilabel", 1)):
+        run_notebooks(tmp_path, quick=True, only=["06_adapt_new_modality"],
+                      extra_parameters={"NEW_DATASET": name, "IMAGE_SIZE": 64})
+        executed = nbformat.read(tmp_path / "outputs" / "notebooks" / "06_adapt_new_modality.ipynb", as_version=4)
+        text = "\n".join(out.get("text", "") for cell in executed.cells for out in cell.get("outputs", []))
+        assert f"{task}, {channels} channel(s)" in text and "test macro AUROC" in text, name
+        assert f"import_folder: channels={channels}" in text, name  # detected, not passed
+        assert text.count("DatasetFormatError") == 3, name  # every fault but the grey mask is refused, naming the file
+        imported = load_dataset(tmp_path / "outputs" / name / "byo_demo" / "my_dataset")
+        assert imported.info.task == task and imported.info.channels == channels and len(imported.table) == 60
+        figures = tmp_path / "outputs" / name / "figures"
+        assert (figures / "06_augmentation.png").stat().st_size > 5_000, name
+    # the last run (my-gray): a modality the defaults do not list keeps both flips and +-15 degrees
+    assert "training augmentation horizontal flips, vertical flips, rotations up to +-15 degrees" in text
