@@ -34,5 +34,10 @@ test-fast: $(STAMP)
 benchmark: $(STAMP)
 	$(PY) benchmarks/run_benchmark.py
 
+## segx audit: images/s for 1 and 2 processes and peak memory for 1k and 10k synthetic images (slow on a CPU)
+.PHONY: benchmark-audit
+benchmark-audit: $(STAMP)
+	$(PY) benchmarks/run_audit_benchmark.py
+
 clean-outputs:
 	rm -rf outputs

@@ -504,7 +504,8 @@ class ShardWorker:
         write_json(paths["done"], {"shard": k, "images": [start, stop], "first_id": mask_ids[0], "last_id": mask_ids[-1],
                                    "rows": len(frame), "rank": rank, "world_size": world_size,
                                    "table_sha256": sha256_file(paths["table"]), "maps_bytes": maps_bytes,
-                                   "seconds": round(time.perf_counter() - started, 3)}, overwrite=True)
+                                   "seconds": round(time.perf_counter() - started, 3),
+                                   "peak_rss_mb": peak_rss_mb()}, overwrite=True)
         return stop - start
 
     def _finish(self, frame: pd.DataFrame | None, k: int) -> pd.DataFrame:
@@ -532,6 +533,15 @@ class ShardWorker:
         return pa.Table.from_pandas(frame, schema=_arrow_schema(self.columns), preserve_index=False)
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MB (recorded in each shard marker and the summary)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
+
+
 def merge(out: Path, n_shards: int) -> Path:
     """``table.parquet``: the parts in shard order, one row group per shard, streamed (memory stays at one part)."""
     import pyarrow.parquet as pq
@@ -556,6 +566,7 @@ def summarise(out: Path, labels_known: bool, images_now: int, seconds: float) ->
                "images_this_run": int(images_now), "seconds_this_run": round(seconds, 2),
                "images_per_second": round(images_now / seconds, 3) if seconds > 0 and images_now else None,
                "segu_auroc_incorrect": None}
+    summary["peak_rss_mb_rank0"] = peak_rss_mb()
     if labels_known and len(table):
         known = table[table["correct"].notna()].copy()
         known["correct"] = known["correct"].astype(bool)
