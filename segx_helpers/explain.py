@@ -182,7 +182,7 @@ def explain(model: nn.Module, images: torch.Tensor | np.ndarray, targets=None, m
     ``images``: ``(N, C, H, W)`` as the model expects them (normalised). ``targets``: ``None`` (the
     predicted classes, see :func:`predicted_targets`), one int for all images, one int per image,
     or a list of classes per image. ``target_layers``: for CAMs; found automatically for ResNet,
-    DenseNet and any model with a ``Conv2d`` (:func:`segx_helpers.models.find_target_layer`).
+    DenseNet, vision transformers and any model with a ``Conv2d`` (:func:`segx_helpers.models.find_target_layer`).
     ``background``: ``(B, C, H, W)`` reference images for Gradient SHAP (e.g. training images).
     ``engine``: ``"auto"`` (default: the fast engine for gradcam and gradient_shap, the libraries'
     own for the rest), ``"fast"`` (warns for a method without one) or ``"library"``. ``output``: what is explained,
