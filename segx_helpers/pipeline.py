@@ -63,7 +63,15 @@ def training_fingerprint(data: LoadedDataset, image_size: int, config: TrainConf
                    "image_size": int(image_size), "channels": int(data.info.channels),
                    "train_ids_sha256": hashlib.sha256("\n".join(train_ids).encode()).hexdigest(),
                    **settings, **choices}
-    return json.loads(json.dumps(fingerprint, default=lambda v: asdict(v) if dataclasses.is_dataclass(v) else str(v)))
+    return json.loads(json.dumps(fingerprint, default=_plain))
+
+
+def _plain(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return asdict(value) if dataclasses.is_dataclass(value) else str(value)
 
 
 _DATA_AND_MODE = ("dataset", "class_names", "task", "image_size", "channels", "train_ids_sha256", "epochs",

@@ -13,6 +13,7 @@ import random
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
+from numbers import Integral, Real
 from pathlib import Path
 from typing import Callable
 
@@ -111,17 +112,17 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         problems = []
-        if not isinstance(self.epochs, int) or isinstance(self.epochs, bool) or self.epochs < 1:
+        if not isinstance(self.epochs, Integral) or isinstance(self.epochs, bool) or self.epochs < 1:
             problems.append(f"epochs must be a positive int, got {self.epochs!r}")
-        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+        if not (isinstance(self.lr, Real) and math.isfinite(self.lr) and self.lr > 0):
             problems.append(f"lr must be a positive number, got {self.lr!r}")
-        if not (isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0):
+        if not (isinstance(self.weight_decay, Real) and self.weight_decay >= 0):
             problems.append(f"weight_decay must be >= 0, got {self.weight_decay!r}")
-        if not isinstance(self.patience, int) or self.patience < 0:
+        if not isinstance(self.patience, Integral) or self.patience < 0:
             problems.append(f"patience must be an int >= 0, got {self.patience!r}")
         if not isinstance(self.monitor, str) or not self.monitor:
             problems.append(f"monitor must name a key of the validation dict (e.g. 'val_auroc'), got {self.monitor!r}")
-        if self.max_batches_per_epoch is not None and (not isinstance(self.max_batches_per_epoch, int)
+        if self.max_batches_per_epoch is not None and (not isinstance(self.max_batches_per_epoch, Integral)
                                                         or self.max_batches_per_epoch < 1):
             problems.append(f"max_batches_per_epoch must be None or a positive int, got {self.max_batches_per_epoch!r}")
         if problems:
