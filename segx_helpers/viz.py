@@ -369,3 +369,52 @@ def plot_prediction_gallery(images: np.ndarray, maps: np.ndarray, masks: np.ndar
     fig.suptitle(title)
     fig.tight_layout(rect=(0, 0.04, 1, 0.97))
     return fig
+
+
+# ------------------------------------------------------------------------------ training with the mask (notebook 07)
+
+def plot_fix_comparison(metrics: pd.DataFrame, names: Sequence[str], title: str, ncols: int = 4) -> plt.Figure:
+    """One panel per metric in ``names``: each model's value with its 95 % CI (``metrics`` columns model,
+    metric, value, ci_low, ci_high, as :func:`segx_helpers.mask_training.compare_fixes` returns)."""
+    names = [n for n in names if n in set(metrics["metric"])]
+    models = list(dict.fromkeys(metrics["model"]))
+    ncols = min(ncols, max(1, len(names)))
+    nrows = int(np.ceil(len(names) / ncols)) or 1
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.4 * ncols, 0.42 * len(models) * nrows + 1.4 * nrows),
+                             squeeze=False)
+    colours = sns.color_palette("tab10", len(models))
+    for ax, name in zip(axes.ravel(), names):
+        rows = metrics[metrics["metric"] == name].set_index("model").reindex(models)
+        y = np.arange(len(models))
+        ax.errorbar(rows["value"], y, xerr=[rows["value"] - rows["ci_low"], rows["ci_high"] - rows["value"]],
+                    fmt="none", ecolor="black", capsize=3)
+        ax.scatter(rows["value"], y, c=colours, zorder=3)
+        ax.set_yticks(y, models if ax in axes[:, 0] else [""] * len(models))
+        ax.invert_yaxis()
+        ax.set(title=name, xlabel="value [95 % CI]")
+        ax.grid(axis="x", alpha=0.3)
+    for ax in axes.ravel()[len(names):]:
+        ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_background_intervention(before: np.ndarray, after: np.ndarray, masks: np.ndarray,
+                                 title: str = "Background intervention") -> plt.Figure:
+    """Training images before (top row) and after (bottom row) the background intervention, with the
+    clinical-interest mask outlined. ``before``/``after`` ``(N, H, W, C)`` in [0, 1], ``masks`` ``(N, H, W)``."""
+    n = len(before)
+    fig, axes = plt.subplots(2, n, figsize=(2.2 * n, 4.6), squeeze=False)
+    for k in range(n):
+        for row, images in enumerate((before, after)):
+            axes[row, k].imshow(overlay(images[k], np.zeros(masks[k].shape), masks[k] >= 0.5, alpha=0.0))
+            axes[row, k].set_xticks([])
+            axes[row, k].set_yticks([])
+    axes[0, 0].set_ylabel("as drawn", fontsize=9)
+    axes[1, 0].set_ylabel("outside the mask\nreplaced", fontsize=9)
+    fig.legend(handles=[plt.Line2D([], [], color=(0.0, 0.9, 1.0), label="clinical-interest mask (kept)")],
+               loc="lower center", frameon=False, fontsize=9)
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.05, 1, 0.95))
+    return fig
