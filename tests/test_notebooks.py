@@ -155,3 +155,34 @@ def test_notebook_06_runs_unchanged_on_any_folder_in_the_format(tmp_path, make_t
         assert (figures / "06_augmentation.png").stat().st_size > 5_000, name
     # the last run (my-gray): a modality the defaults do not list keeps both flips and +-15 degrees
     assert "training augmentation horizontal flips, vertical flips, rotations up to +-15 degrees" in text
+
+
+@pytest.mark.notebooks
+def test_real_data_path_runs_on_a_tiny_isic_trap_copy(tmp_path):
+    """Notebooks 01-05 with REAL_DATA on a fixture-sized isic2018-trap (60 images at 64 px), as the converter
+    makes it from the official layout: CI cannot download the real data, but a broken real-data path fails here."""
+    import pandas as pd
+    from test_real_converters import make_isic_trap
+
+    from segx_helpers.data.real import convert_isic2018_trap
+    from segx_helpers.pipeline import load_trained
+
+    make_isic_trap(tmp_path / "raw", "official", n=60, size=64)
+    convert_isic2018_trap(tmp_path / "raw", tmp_path / "data" / "isic2018-trap", verbose=False)
+    names = NAMES[:5]
+    timings = run_notebooks(tmp_path, quick=True, only=names,
+                            extra_parameters={"DATASET": "isic2018-trap", "REAL_DATA": 64})
+    assert list(timings) == names
+    out = tmp_path / "outputs" / "isic2018-trap"
+    trap = pd.read_csv(out / "artefact_label_correlation.csv").set_index(["split", "artefact"])["phi"]
+    assert trap["train", "ruler"] > 0.9 and trap["test", "ruler"] < -0.5
+    breakdown = pd.read_csv(out / "artefact_breakdown.csv")
+    assert set(breakdown["artefact"]) == {"dark_corner", "hair", "gel_border", "gel_bubble", "ruler", "ink", "patches"}
+    assert (breakdown.groupby("artefact")["images"].sum() == 16).all()  # every test image, once per artefact
+    localisation = pd.read_csv(out / "localisation_by_artefact.csv")
+    assert {"original IoU@5%"} <= set(localisation["score"])
+    segu = pd.read_csv(out / "segu" / "segu_by_artefact.csv")
+    assert {"c_IoU", "c_AUITC", "confidence"} == set(segu["score"])
+    assert segu["stratum"].str.startswith(("small", "medium", "large", "all strata")).all()
+    for kind in ("segmenter", "classifier"):  # REAL_DATA = 64 reached every notebook alike
+        assert load_trained(tmp_path / "artifacts" / "isic2018-trap" / f"{kind}.pt", kind).meta["image_size"] == 64
