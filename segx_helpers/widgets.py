@@ -20,7 +20,7 @@ from .segu import segu_iou
 from .segx import segx, top_percent
 from .viz import overlay
 
-MASK_MODES = {"binary (reference)": {"mode": "binary"}, "binary + 4 px margin": {"mode": "binary", "margin": 4},
+MASK_MODES = {"binary": {"mode": "binary"}, "binary + 4 px margin": {"mode": "binary", "margin": 4},
               "soft (probabilities)": {"mode": "soft"}}
 SCORE_NAME = "c_IoU"
 
@@ -175,7 +175,7 @@ def explorer(images: np.ndarray, explanations: dict[str, Explanations], mask_pro
         method = next(iter(explanations))
         first, k = explanations[method], 0
         index = int(first.image_index[k])
-        return render_panels(images[index], first.maps[k], mask_prob[index], 5.0, "binary (reference)",
+        return render_panels(images[index], first.maps[k], mask_prob[index], 5.0, "binary",
                              f"{ids[index]}: {class_names[first.class_index[k]]} ({method})", threshold=threshold)
     view = Explorer(images, explanations, mask_prob, class_names, image_ids, threshold=threshold)
     display(view.widget)

@@ -138,7 +138,7 @@ def test_explorer_redraws_when_the_method_changes(synthetic):
 
 def test_render_panels_labels_c_iou_and_uses_the_threshold(synthetic):
     e = synthetic["explanations"]["gradcam"]
-    fig = render_panels(synthetic["images"][0], e.maps[0], synthetic["mask_prob"][0], 5.0, "binary (reference)", "t",
+    fig = render_panels(synthetic["images"][0], e.maps[0], synthetic["mask_prob"][0], 5.0, "binary", "t",
                         threshold=THRESHOLD)
     titles = [ax.get_title() for ax in fig.axes]
     score = segu_iou(e.maps[0][None], (synthetic["mask_prob"][0] >= THRESHOLD)[None], 5.0)[0]

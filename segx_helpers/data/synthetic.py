@@ -54,8 +54,11 @@ class SyntheticConfig:
     split_fractions: tuple[float, float, float] = (0.7, 0.1, 0.2)
     class_prevalence: tuple[float, ...] = field(default_factory=tuple)
     subtle_share: float = 0.35
+    ink_ring: tuple[float, float] = (1.45, 1.8)
 
     def __post_init__(self) -> None:
+        if not 1.0 < self.ink_ring[0] <= self.ink_ring[1]:
+            raise ValueError(f"ink_ring must be (low, high) multiples of the lesion radius with 1 < low <= high, got {self.ink_ring}")
         if not 0.0 <= self.subtle_share <= 1.0:
             raise ValueError(f"subtle_share must lie in [0, 1], got {self.subtle_share}")
         if self.n_images < 10:
@@ -153,8 +156,8 @@ def _bit(coverage: np.ndarray, kind: str, kinds: tuple[str, ...]) -> np.ndarray:
     return np.where(coverage > 0.05, 1 << kinds.index(kind), 0).astype(np.uint8)
 
 
-def _draw_derm(rng: np.random.Generator, size: int, label: str, ink: bool,
-               appearance: str | None = None) -> tuple[np.ndarray, np.ndarray, dict, np.ndarray]:
+def _draw_derm(rng: np.random.Generator, size: int, label: str, ink: bool, appearance: str | None = None,
+               ink_ring: tuple[float, float] = (1.45, 1.8)) -> tuple[np.ndarray, np.ndarray, dict, np.ndarray]:
     """One dermoscopy-like image ``(S, S, 3)`` uint8, its lesion mask ``(S, S)``, the artefacts drawn and
     where (bit flags of :data:`DERM_ARTEFACTS`, uint8 ``(S, S)``). ``appearance`` draws the lesion of
     another class (a subtle melanoma looks like a naevus); the ink is drawn last, so an image rendered
@@ -232,7 +235,7 @@ def _draw_derm(rng: np.random.Generator, size: int, label: str, ink: bool,
         _paint(image, _outside(ticks, mask, 2), (30, 30, 30))
         where |= _bit(band, "ruler", DERM_ARTEFACTS)
     if artefacts["ink"]:
-        ring = radius * rng.uniform(1.45, 1.8)
+        ring = radius * rng.uniform(*ink_ring)
         start = rng.uniform(0, 360)
         sweep = rng.uniform(90, 200)
 
@@ -275,7 +278,7 @@ def generate_synthetic_derm(root: str | Path, config: SyntheticConfig | None = N
 
     def draw(i: int, with_ink: bool):
         return _draw_derm(np.random.default_rng([config.seed, i]), config.image_size, DERM_CLASSES[labels[i]], with_ink,
-                          appearance="nevus" if subtle[i] else None)
+                          appearance="nevus" if subtle[i] else None, ink_ring=tuple(config.ink_ring))
 
     def samples():
         for i, image_id in enumerate(tqdm(ids, desc="synthetic-derm", disable=not progress)):
