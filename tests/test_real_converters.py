@@ -14,7 +14,8 @@ from segx_helpers.data import DatasetFormatError, load_dataset, read_image, read
 from segx_helpers.data.real import (CHESTX_DET10_CLASSES, HAM_CLASSES, MissingMaskWarning, convert_chestx_det10,
                                     convert_ham10000, convert_isic2018_trap, convert_montgomery, convert_segx_kaggle,
                                     convert_shenzhen, find_layout, main)
-from segx_helpers.shortcut import artefact_label_correlation, lesion_size_auroc
+from segx_helpers.shortcut import (artefact_label_correlation, lesion_size_auroc, score_by_artefact, shortcut_breakdown,
+                                  size_strata)
 
 SIZE = 32
 
@@ -438,3 +439,33 @@ def test_isic2018_trap_refuses_tables_that_disagree(tmp_path):
     (tmp_path / "raw" / "artefacts-annotation" / "isic_bias.csv").write_text("image,label\nISIC_0000000.png,0\n")
     with pytest.raises(DatasetFormatError, match=r"isic_bias.csv lacks the columns .*separated by ';'"):
         convert_isic2018_trap(tmp_path / "raw", tmp_path / "a")
+
+
+def test_score_by_artefact_adjusts_for_lesion_size():
+    """The artefact sits mostly on small lesions, whose scores are low: the raw difference is negative, but
+    within each size stratum there is none, and the size-adjusted row says so."""
+    ids = [f"i{k}" for k in range(12)]
+    areas = pd.Series([0.05] * 6 + [0.5] * 6, index=ids)
+    scores = pd.DataFrame({"image_id": ids, "c_IoU": [0.1] * 6 + [0.6] * 6})
+    artefacts = pd.DataFrame({"image_id": ids, "ruler": [1, 1, 1, 1, 1, 0, 1, 0, 0, 0, 0, 0]})
+    strata = size_strata(areas, n_strata=2)
+    assert strata.str.startswith("size 1").sum() == 6 and strata["i0"] == "size 1 (5%-5%)"
+    table = score_by_artefact(scores, artefacts, ["ruler"], strata=strata).set_index("stratum")
+    assert table.loc["size 1 (5%-5%)", ["with", "without", "difference"]].tolist() == [5, 1, 0.0]
+    assert table.loc["size 2 (50%-50%)", "AUROC (absent vs present)"] == 0.5
+    pooled = table.loc["all strata (size-adjusted)"]
+    assert pooled["mean with"] - pooled["mean without"] < -0.3 and pooled["difference"] == 0.0
+    raw = score_by_artefact(scores, artefacts, ["ruler"])
+    assert raw["stratum"].tolist() == ["all images"] and raw["difference"].iloc[0] < -0.3
+
+
+def test_shortcut_breakdown_takes_a_list_of_artefacts():
+    result = {"image_id": ["a", "b", "c", "d"], "targets": np.array([1, 1, 0, 0]), "pred": np.array([1, 0, 0, 0]),
+              "probs": np.array([[0.2, 0.8], [0.6, 0.4], [0.9, 0.1], [0.7, 0.3]])}
+    artefacts = pd.DataFrame({"image_id": ["a", "b", "c", "d"], "ruler": [1, 0, 0, 1]})
+    table = shortcut_breakdown(result, artefacts, ["ruler"], ["benign", "malignant"]).set_index("artefact vs label")
+    assert table["class"].tolist() == ["malignant", "malignant"]
+    assert table.loc["agrees", ["images", "accuracy", "auroc"]].tolist() == [2, 1.0, 1.0]  # a (ruler, malignant), c
+    assert table.loc["disagrees", "accuracy"] == 0.5 and table.loc["disagrees", "auroc"] == 1.0  # b, d
+    with pytest.raises(ValueError, match="name the class"):
+        shortcut_breakdown(result, artefacts, ["ruler"], ["a", "b", "c"])
