@@ -22,8 +22,8 @@ Output folder::
     shards/shard-00000.parquet   table part of shard 0 (rows of every method)
     shards/shard-00000.npz       its maps: ``maps`` (rows, H, W) aligned with the part's rows, ``image_id``,
                                  ``class_index``, ``method``, and the predicted masks of its images
-                                 (``predicted_masks`` (n, H, W) bool, ``mask_image_id``); the SegX map of a
-                                 row is ``maps[r] * predicted_masks[mask_row[r]]``
+                                 (``predicted_masks`` (n, H, W) bool, ``mask_image_id``, ``mask_row``); the
+                                 SegX map (mask-then-top) of row r is ``maps[r] * predicted_masks[mask_row[r]]``
     shards/shard-00000.json      written last: the shard is done (rows, ranks, SHA-256 of the part)
     table.parquet                all parts in shard order: one row per (image, explained class, method)
     summary.json                 images, predictions, throughput, SegU AUROC for incorrect predictions
@@ -655,6 +655,9 @@ def run_audit(options: AuditOptions, arguments: dict | None = None) -> AuditResu
                 result.summary = summarise(out, archive.labels_known, images_now, time.perf_counter() - started)
             return result
 
-        return distributed.run_on_main(ctx, finish)
-    finally:
-        distributed.cleanup(ctx)
+        result = distributed.run_on_main(ctx, finish)
+    except BaseException:
+        distributed.cleanup(ctx, failed=True)
+        raise
+    distributed.cleanup(ctx)
+    return result

@@ -92,10 +92,12 @@ def setup(device: str | None = None, timeout_minutes: float = 60.0) -> Context:
     return Context(rank, world_size, local_rank, chosen, backend)
 
 
-def cleanup(ctx: Context) -> None:
-    """Leave the process group (after a final barrier)."""
+def cleanup(ctx: Context, failed: bool = False) -> None:
+    """Leave the process group, after a final barrier unless this rank ``failed`` (then it leaves at
+    once; torchrun stops the other ranks when one exits with an error)."""
     if ctx.distributed and torch.distributed.is_initialized():
-        barrier(ctx)
+        if not failed:
+            barrier(ctx)
         torch.distributed.destroy_process_group()
 
 
@@ -315,6 +317,8 @@ def train(kind: str, data_dir: str | Path, checkpoint: str | Path, *, image_size
                     "world_size": ctx.world_size}
 
         result = run_on_main(ctx, finish)
-        return result if ctx.is_main else None
-    finally:
-        cleanup(ctx)
+    except BaseException:
+        cleanup(ctx, failed=True)
+        raise
+    cleanup(ctx)
+    return result if ctx.is_main else None
