@@ -10,6 +10,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from .io import write_text
@@ -47,6 +48,52 @@ def update_summary(root: str | Path, dataset: str, **sections) -> Path:
     current[dataset] = merge(current.get(dataset, {}), clean(sections))
     write_json(path, current)
     return path
+
+
+def segu_findings(stats: pd.DataFrame, by_type: pd.DataFrame, ground_truth: pd.DataFrame | None,
+                  method: str = "gradcam", score: str = "c_IoU") -> str:
+    """One paragraph, in Markdown, of what held in this run: the paper's claim (mean SegU higher for
+    correct predictions), SegU against the classifier's confidence for all errors, per error type and for
+    shortcut-driven predictions. Written from the tables themselves, so the text cannot drift from the numbers.
+
+    ``stats``: :func:`segx_helpers.segu.separation_table` grouped by method; ``by_type``:
+    :func:`segx_helpers.segu.separation_by_error_type` for ``method``; ``ground_truth``: the separation
+    table for shortcut-driven predictions (or None without twins)."""
+    def row(frame, **where):
+        part = frame
+        for key, value in where.items():
+            part = part[part[key] == value]
+        return part.iloc[0] if len(part) else None
+
+    def auroc(r) -> str:
+        return f"{r['auroc']:.2f} [{r['auroc_low']:.2f}, {r['auroc_high']:.2f}]"
+
+    def verdict(a, b) -> str:
+        if a["auroc_low"] > b["auroc_high"]:
+            return "beats"
+        if a["auroc_high"] < b["auroc_low"]:
+            return "is beaten by"
+        return "is within the confidence intervals of"
+
+    lines = []
+    seg, conf = row(stats, group=method, score=score), row(stats, group=method, score="confidence")
+    if seg is not None and conf is not None and seg["n_incorrect"] > 0:
+        held = "held" if seg["rank_biserial"] > 0 else "did not hold"
+        lines.append(f"- **The paper's claim** (higher {score} for correct than for incorrect predictions) {held} for "
+                     f"{method}: rank-biserial {seg['rank_biserial']:.2f}, p = {seg['p_value']:.3g}.")
+        lines.append(f"- **Against confidence, all {int(seg['n_incorrect'])} errors:** {score} AUROC {auroc(seg)} "
+                     f"{verdict(seg, conf)} the classifier's confidence, {auroc(conf)}.")
+    for kind in ("artefact present", "artefact absent", "other error"):
+        a, b = row(by_type, errors=kind, score=score), row(by_type, errors=kind, score="confidence")
+        if a is not None and b is not None and np.isfinite(a["auroc"]):
+            lines.append(f"- **{kind}** ({int(a['n_incorrect'])} errors): {score} {auroc(a)}, confidence {auroc(b)}"
+                         f"{' (below chance: SegU rates these errors *more* certain)' if a['auroc_high'] < 0.5 else ''}.")
+    if ground_truth is not None:
+        a, b = row(ground_truth, group=method, score=score), row(ground_truth, group=method, score="confidence")
+        if a is not None and b is not None:
+            lines.append(f"- **Shortcut-driven predictions** ({int(a['n_incorrect'])}, by counterfactual twins): "
+                         f"{score} {auroc(a)} {verdict(a, b)} confidence, {auroc(b)}.")
+    return "\n".join(lines) if lines else "_Not enough correct and incorrect predictions to say anything._"
 
 
 def _table(frame: pd.DataFrame) -> str:

@@ -16,3 +16,21 @@ def test_update_summary_merges_sections_per_dataset_and_writes_nan_as_null(tmp_p
     assert summary["synthetic-derm"] == {"quick": True, "seed": 0, "segmenter": {"dice": 0.9, "iou": 0.8},
                                          "classifier": {"auroc": 0.8, "shortcut_driven_rate": None}}
     assert summary["synthetic-cxr"] == {"quick": False}
+
+
+def test_segu_findings_states_what_the_tables_say():
+    import pandas as pd
+
+    from segx_helpers.report import segu_findings
+
+    stats = pd.DataFrame([
+        {"group": "gradcam", "score": "c_IoU", "n_incorrect": 40, "rank_biserial": 0.3, "p_value": 0.001,
+         "auroc": 0.65, "auroc_low": 0.58, "auroc_high": 0.72},
+        {"group": "gradcam", "score": "confidence", "n_incorrect": 40, "rank_biserial": 0.6, "p_value": 1e-6,
+         "auroc": 0.85, "auroc_low": 0.80, "auroc_high": 0.90}])
+    by_type = pd.DataFrame([
+        {"errors": "artefact present", "score": "c_IoU", "n_incorrect": 20, "auroc": 0.30, "auroc_low": 0.2, "auroc_high": 0.4},
+        {"errors": "artefact present", "score": "confidence", "n_incorrect": 20, "auroc": 0.8, "auroc_low": 0.7, "auroc_high": 0.9}])
+    text = segu_findings(stats, by_type, None)
+    assert "held for gradcam" in text and "is beaten by the classifier's confidence" in text
+    assert "artefact present** (20 errors)" in text and "below chance" in text
