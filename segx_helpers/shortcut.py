@@ -20,7 +20,7 @@ import torch
 from torchvision import tv_tensors
 
 from .data.format import LoadedDataset, read_image, read_mask
-from .data.synthetic import phi_correlation, shortcut_pairs, twin_path
+from .data.synthetic import load_artefacts, phi_correlation, shortcut_pairs, twin_path
 from .data.torch_dataset import Normalization, make_transforms
 from .explain import _predict
 
@@ -101,6 +101,23 @@ def shortcut_artefact_masks(data: LoadedDataset, image_ids: list[str], size: int
     if masks.shape[1:] == (size, size):
         return masks
     return np.stack([np.asarray(Image.fromarray(m).resize((size, size), Image.NEAREST)) for m in masks])
+
+
+def error_taxonomy(data: LoadedDataset, table: pd.DataFrame, targets: np.ndarray) -> np.ndarray:
+    """:func:`segx_helpers.segu.error_types` of each prediction row of ``table`` (``image_id``, ``class``,
+    ``correct``, ``image_index``) for a multiclass dataset with one shortcut class and its artefact
+    (synthetic-derm: melanoma and ink); ``targets`` ``(N,)`` are the split's class indices. For any other
+    dataset (multi-label, real data without a planted shortcut) every error is ``"other error"``."""
+    from .segu import error_types
+
+    generator = data.info.generator or {}
+    correct = table["correct"].to_numpy(dtype=bool)
+    if data.info.task != "multiclass" or "shortcut_class" not in generator:
+        return np.where(correct, "correct", "other error").astype(object)
+    artefacts = load_artefacts(data.root).set_index("image_id")[generator["shortcut_artefact"]]
+    present = artefacts.loc[table["image_id"]].to_numpy(dtype=bool)
+    true_class = np.asarray(data.info.class_names)[np.asarray(targets)[table["image_index"].to_numpy()]]
+    return error_types(correct, table["class"].to_numpy(), true_class, present, generator["shortcut_class"])
 
 
 def shortcut_breakdown(result: dict, artefacts: pd.DataFrame, shortcut: dict[str, str] | Sequence[str],

@@ -186,3 +186,25 @@ def test_background_images_reference_takes_the_first_validation_images(trained):
     assert torch.allclose(reference, val)
     ours = background_images(data, cls.meta, 3, seed=0)
     assert ours.shape == reference.shape and torch.equal(ours, background_images(data, cls.meta, 3, seed=0))
+
+
+def test_error_taxonomy_on_the_synthetic_set_and_other_datasets(trained):
+    from segx_helpers.shortcut import error_taxonomy
+
+    root, data, seg, cls = trained
+    tensors = split_tensors(data, "test", cls.meta)
+    e = explain_predictions(cls, tensors["image"], "gradcam", progress=False)
+    targets = tensors["target"].numpy()
+    table = prediction_table(e, tensors["image_id"], targets, "multiclass", data.info.class_names)
+    kinds = error_taxonomy(data, table, targets)
+    ink = load_artefacts(data.root).set_index("image_id").loc[table["image_id"], "ink"].to_numpy(bool)
+    wrong = ~table["correct"].to_numpy()
+    assert set(kinds[~wrong]) == {"correct"}
+    present = kinds == "artefact present"
+    assert (ink[present] & (table["class"].to_numpy()[present] == "melanoma")).all()
+    absent = kinds == "artefact absent"
+    assert (~ink[absent] & (np.asarray(data.info.class_names)[targets[table["image_index"]]][absent] == "melanoma")).all()
+    import dataclasses
+
+    plain = dataclasses.replace(data, info=dataclasses.replace(data.info, generator={}))
+    assert set(error_taxonomy(plain, table, targets)[wrong]) <= {"other error"}
