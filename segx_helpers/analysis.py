@@ -150,9 +150,15 @@ def auitc_from_flat(flat: torch.Tensor, masks: Sequence[torch.Tensor], n_thresho
                          torch.ones_like(flat))
     # the bin, in float32 (exact for integers below 2**24): floor(v * last), corrected where rounding
     # put v on the wrong side of a threshold tau_j = fl32(j / last)
-    bins = torch.floor(scaled * last).clamp_(0, last)
-    bins += ((bins < last) & (scaled >= (bins + 1) / last)).float()
-    bins -= (scaled < bins / last).float()
+    position = scaled * last
+    bins = torch.floor(position)
+    fraction = position - bins
+    near = torch.nonzero((fraction < 1e-3) | (fraction > 1 - 1e-3), as_tuple=True)  # elsewhere floor is exact
+    if len(near[0]):
+        value, near_bins = scaled[near], bins[near]
+        near_bins = near_bins + ((near_bins < last) & (value >= (near_bins + 1) / last)).float()
+        bins[near] = near_bins - (value < near_bins / last).float()
+    bins.clamp_(0, last)
     width = n_thresholds * 2 ** len(masks)
     code = bins
     for k, mask in enumerate(masks):

@@ -224,3 +224,15 @@ def test_artefact_mass_is_the_share_of_attribution_on_the_artefact():
     lesion[0, 4:7, 4:7] = True
     table = analyse(heat, lesion, artefact_masks=artefact)
     assert table["artefact mass"][0] == pytest.approx(4 / 6) and table["SegU mass"][0] == pytest.approx(2 / 6)
+
+
+@pytest.mark.parametrize("n_thresholds", [11, 37, 101, 1000])
+def test_engine_auitc_is_exact_for_values_on_the_thresholds(n_thresholds):
+    """Values equal to a threshold (after scaling) are where float rounding could put a pixel in the wrong bin."""
+    rng = np.random.default_rng(n_thresholds)
+    grid = threshold_grid(n_thresholds)
+    maps = rng.choice(grid, size=(12, 20, 20)).astype(np.float32)
+    maps[:, 0, 0], maps[:, 0, 1] = 0.0, 1.0          # min 0 and max 1: scaling leaves the values on the grid
+    masks = rng.random((12, 20, 20)) > 0.5
+    engine = analyse(maps, masks, n_thresholds=n_thresholds, localisation=False)["c_AUITC"].to_numpy()
+    assert np.abs(engine - auitc(maps, masks, n_thresholds)).max() < 1e-9
