@@ -282,7 +282,7 @@ def analyse(maps, predicted_masks, true_masks=None, image_index=None, has_true_m
             raise ValueError(f"masks give shape {tuple(masks.shape)} per map but the maps have shape {(m, h, w)}")
         return masks.reshape(m, h * w)
 
-    columns = _columns(p, orders, true_masks is not None and localisation, distance) + \
+    columns = score_columns(p, orders, true_masks is not None and localisation, distance) + \
         (["artefact mass"] if artefact_masks is not None else [])
     if m == 0:
         warnings.warn("no maps to analyse: returning an empty table", DegenerateMapWarning, stacklevel=2)
@@ -332,12 +332,14 @@ def analyse(maps, predicted_masks, true_masks=None, image_index=None, has_true_m
     if truth is not None and has_true_mask is not None:
         known = np.asarray(has_true_mask, dtype=bool)
         known = known[np.asarray(image_index)] if image_index is not None else known
-        localisation_columns = [c for c in frame.columns if c.startswith(("original ", "SegX "))]
-        frame.loc[~known, localisation_columns] = np.nan
+        located = [c for c in frame.columns if c.startswith(("original ", "SegX "))]
+        frame.loc[~known, located] = np.nan
     return frame[columns]
 
 
-def _columns(p: float, orders: Sequence[str], localisation: bool, distance: bool) -> list[str]:
+def score_columns(p: float = 5.0, orders: Sequence[str] = ORDERS, localisation: bool = True,
+                  distance: bool = False) -> list[str]:
+    """The score columns :func:`analyse` returns for these options, in order (e.g. for an empty table)."""
     columns = ["c_IoU", "c_AUITC", "SegU share inside", "SegU mass"] + (["SegU distance"] if distance else [])
     if localisation:
         for name in ["original"] + [segx_label(o) for o in orders]:

@@ -434,10 +434,9 @@ class ShardWorker:
         self.task, self.class_names = meta["task"], list(meta["class_names"])
         self.background = (background(archive, meta, options.background, options.seed).to(device)
                            if "gradient_shap" in options.methods else None)
-        from .analysis import _columns
+        from .analysis import score_columns
 
-        score_columns = _columns(options.p, ("mask-then-top", "top-then-mask"), localise, False)
-        self.columns = list(TABLE_HEAD) + score_columns + ["shard", "map_row"]
+        self.columns = list(TABLE_HEAD) + score_columns(options.p, localisation=localise) + ["shard", "map_row"]
 
     def run(self, out: Path, k: int, start: int, stop: int, progress=None, rank: int = 0, world_size: int = 1) -> int:
         from torch.utils.data import DataLoader, Subset
