@@ -105,6 +105,12 @@ def _table(frame: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def _format_auroc(value, ci) -> str:
+    if value is None:
+        return "–"
+    return f"{value:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci and None not in ci else "")
+
+
 def _with_ci(frame: pd.DataFrame, value: str = "value", low: str = "ci_low", high: str = "ci_high") -> pd.Series:
     return frame.apply(lambda r: f"{r[value]:.3f} [{r[low]:.3f}, {r[high]:.3f}]", axis=1)
 
@@ -130,7 +136,7 @@ def build_report(root: str | Path, dataset: str = "synthetic-derm") -> str:
         return _table(pd.DataFrame({"metric": frame["metric"], "test value [95 % CI]": _with_ci(frame)}))
 
     section("Segmentation (test split)", here / "segmentation_metrics.csv", "02_train_segmenter", metrics)
-    section("Classification (test split, shortcut removed)", here / "classification_metrics.csv", "03_train_classifier",
+    section("Classification (test split, shortcut reversed)", here / "classification_metrics.csv", "03_train_classifier",
             metrics)
 
     def localisation(path: Path) -> str:
@@ -155,6 +161,28 @@ def build_report(root: str | Path, dataset: str = "synthetic-derm") -> str:
 
     section("SegU: does the explanation flag incorrect predictions?", here / "segu" / "summary.json",
             "05_segu_analysis", segu)
+
+    def ground_truth(path: Path) -> str:
+        run = json.loads(path.read_text()).get(dataset, {})
+        rows = [{"certainty": f"{method} {score}", "AUROC, shortcut-driven predictions":
+                 _format_auroc(values.get("auroc_shortcut"), values.get("auroc_shortcut_ci"))}
+                for method, scores in run.get("segu", {}).items() for score, values in scores.items()]
+        if "confidence" in run:
+            rows.append({"certainty": "confidence", "AUROC, shortcut-driven predictions":
+                         _format_auroc(run["confidence"].get("auroc_shortcut"), run["confidence"].get("auroc_shortcut_ci"))})
+        rate = run.get("classifier", {}).get("shortcut_driven_rate")
+        head = f"Shortcut-driven test predictions (counterfactual twins): {rate:.1%}.\n\n" if rate is not None else ""
+        return head + (_table(pd.DataFrame(rows)) if rows else "_No SegU results yet._")
+
+    section("SegU against the ground truth of shortcut reliance", out / SUMMARY, "05_segu_analysis", ground_truth)
+
+    def fix(path: Path) -> str:
+        entry = json.loads(path.read_text()).get(dataset, {}).get("fix")
+        if not entry:
+            return "_Missing: run notebook 07_train_with_the_mask._"
+        return _table(pd.DataFrame(entry).T.rename_axis("model").reset_index())
+
+    section("Training with the mask (notebook 07)", out / SUMMARY, "07_train_with_the_mask", fix)
     figures = [("SegX gallery", "04_gallery.png"), ("Localisation", "04_localisation.png"),
                ("SegU by outcome", "05_segu_by_outcome.png"), ("Risk-coverage", "05_risk_coverage.png")]
     parts.append("## Key figures")
