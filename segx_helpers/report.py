@@ -73,12 +73,13 @@ def segu_findings(stats: pd.DataFrame, by_type: pd.DataFrame, ground_truth: pd.D
             return "beats"
         if a["auroc_high"] < b["auroc_low"]:
             return "is beaten by"
-        return "is within the confidence intervals of"
+        return "overlaps, within the confidence intervals,"
 
     lines = []
     seg, conf = row(stats, group=method, score=score), row(stats, group=method, score="confidence")
     if seg is not None and conf is not None and seg["n_incorrect"] > 0:
-        held = "held" if seg["rank_biserial"] > 0 else "did not hold"
+        held = ("held" if seg["rank_biserial"] > 0 and seg["p_value"] < 0.05 else
+                "pointed the right way but was not significant" if seg["rank_biserial"] > 0 else "did not hold")
         lines.append(f"- **The paper's claim** (higher {score} for correct than for incorrect predictions) {held} for "
                      f"{method}: rank-biserial {seg['rank_biserial']:.2f}, p = {seg['p_value']:.3g}.")
         lines.append(f"- **Against confidence, all {int(seg['n_incorrect'])} errors:** {score} AUROC {auroc(seg)} "

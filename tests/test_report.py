@@ -48,3 +48,17 @@ def test_report_shows_the_ground_truth_and_the_fix_from_summary_json(tmp_path):
     assert "Shortcut-driven test predictions (counterfactual twins): 33.0%" in text
     assert "| gradcam c_iou | 0.590 [0.500, 0.670] |" in text and "| confidence | 0.800 [0.740, 0.860] |" in text
     assert "| rrr | 0.630 | 0.030 |" in text
+
+
+def test_segu_findings_does_not_call_a_non_significant_difference_a_result():
+    import pandas as pd
+
+    from segx_helpers.report import segu_findings
+
+    stats = pd.DataFrame([
+        {"group": "gradcam", "score": "c_IoU", "n_incorrect": 40, "rank_biserial": 0.03, "p_value": 0.7,
+         "auroc": 0.52, "auroc_low": 0.43, "auroc_high": 0.59},
+        {"group": "gradcam", "score": "confidence", "n_incorrect": 40, "rank_biserial": 0.3, "p_value": 0.001,
+         "auroc": 0.65, "auroc_low": 0.57, "auroc_high": 0.73}])
+    text = segu_findings(stats, stats.iloc[:0].assign(errors=[]), None)
+    assert "pointed the right way but was not significant" in text and "overlaps" in text
