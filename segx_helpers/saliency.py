@@ -67,6 +67,8 @@ def top_percent(maps: np.ndarray, p: float = 5.0, rule: str = "ties-kept") -> np
     if rule != "ties-kept":
         raise ValueError(f"rule must be 'ties-kept' or 'percentile', got {rule!r}")
     n, h, w = maps.shape
+    if n == 0:
+        return np.zeros(maps.shape, dtype=bool)
     flat = maps.reshape(n, h * w)
     k = max(1, math.ceil(p / 100.0 * h * w))
     return ((flat >= kth_largest_positive(flat, k)[:, None]) & (flat > 0)).reshape(n, h, w)

@@ -25,7 +25,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from .metrics import _loc_inputs, _warn_degenerate, auitc, bootstrap_ci, relevance_mass, top_percent_iou
-from .segx import top_percent
+from .saliency import DegenerateMapWarning, top_percent
 
 
 def segu_share_inside(maps: np.ndarray, masks: np.ndarray, p: float = 5.0) -> np.ndarray:
@@ -117,6 +117,9 @@ same columns batched on the maps' device and is what the notebooks call."""
 def segu_scores(maps: np.ndarray, masks: np.ndarray, p: float = 5.0, n_thresholds: int = 101) -> pd.DataFrame:
     """All SegU scores per sample with the reference functions: one column per score, ``N`` rows."""
     options = {segu_mass: {}, segu_auitc: {"n_thresholds": n_thresholds}}
+    if len(maps) == 0:
+        warnings.warn("no maps to score: returning an empty table", DegenerateMapWarning, stacklevel=2)
+        return pd.DataFrame({name: pd.Series(dtype=float) for name in SEGU_SCORES})
     return pd.DataFrame({name: fn(maps, masks, **options.get(fn, {"p": p})) for name, fn in SEGU_SCORES.items()})
 
 

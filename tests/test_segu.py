@@ -139,3 +139,13 @@ def test_augrc_hand_case():
     # accepted-and-wrong share at coverage 1/4..4/4: 0, 1/4, 1/4, 1/4
     assert augrc(correct, confidence) == pytest.approx(np.mean([0, 0.25, 0.25, 0.25]))
     assert augrc(correct, np.array([0.6, 0.1, 0.7, 0.9])) == pytest.approx(0.25 / 4)
+
+
+def test_scoring_an_empty_set_of_maps_gives_an_empty_table_with_a_warning():
+    """A multi-label run with no positive prediction has no maps: empty in, empty out (issue 13 item 7)."""
+    with pytest.warns(DegenerateMapWarning, match="no maps"):
+        frame = segu_scores(np.zeros((0, 8, 8)), np.zeros((0, 8, 8), bool))
+    assert len(frame) == 0 and "c_IoU" in frame
+    from segx_helpers.segx import top_percent
+
+    assert top_percent(np.zeros((0, 8, 8))).shape == (0, 8, 8)
