@@ -22,8 +22,9 @@ tutorial: $(STAMP)
 tutorial-full: $(STAMP)
 	MPLBACKEND=Agg $(PY) -m segx_helpers.runner --full
 
-## The test suite, notebooks included (what CI runs)
+## The test suite, notebooks included (what CI runs); installs the headless browser the browser test drives
 test: $(STAMP)
+	@bash scripts/install-browser.sh
 	MPLBACKEND=Agg $(PY) -m pytest
 
 ## The unit tests only, without executing the notebooks
