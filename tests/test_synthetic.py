@@ -96,7 +96,9 @@ def test_cxr_shortcut_matches_the_parameter(cxr):
     train = table[table["split"] == "train"]
     assert len(train) == 3
     assert np.allclose(train["measured"], 0.7, atol=0.1)
-    assert np.allclose(table.loc[table["split"] == "test", "measured"], 0.0, atol=0.2)
+    reversed_in_test = SyntheticConfig().test_shortcut_correlation      # -0.4 by default: the trap-set design
+    assert reversed_in_test < 0
+    assert np.allclose(table.loc[table["split"] == "test", "measured"], reversed_in_test, atol=0.2)
 
 
 def test_ensure_reuses_identical_and_refuses_foreign(tmp_path, make_tiny_dataset):
@@ -161,7 +163,10 @@ def test_artefact_maps_and_counterfactual_twins(tmp_path, name, artefact):
                 tokens = {t: bool(flags.loc[image_id, t]) for t in ("ecg_lead", "text_marker", "chest_tube")}
                 bits = _draw_cxr(rng, 64, findings, {**tokens, artefact: True})[3]
                 where = (bits & (1 << CXR_ARTEFACTS.index(artefact))) > 0
-        assert where.any() and diff[~ndimage.binary_dilation(where, iterations=2)].max() == 0, image_id
+        # outside the artefact (grown by the 2 px the final smoothing spreads it) at most uint8 rounding noise;
+        # inside it the artefact itself
+        assert where.any() and diff[~ndimage.binary_dilation(where, iterations=2)].max() <= 1, image_id
+        assert diff[where].max() > 20, image_id
         lesion = np.asarray(Image.open(root / "masks" / f"{image_id}.png")) > 0
         assert not (artefact_masks(root, [image_id])[0] & lesion).any()
     with pytest.raises(FileNotFoundError, match="twin"):

@@ -467,6 +467,7 @@ def _config_dict(config: SyntheticConfig, prevalence: np.ndarray) -> dict:
     values = asdict(config)
     values["class_prevalence"] = [float(p) for p in prevalence]
     values["split_fractions"] = list(config.split_fractions)
+    values["ink_ring"] = [float(v) for v in config.ink_ring]  # as JSON reads it back, so ensure_synthetic can compare
     return values
 
 
