@@ -236,3 +236,17 @@ def test_engine_auitc_is_exact_for_values_on_the_thresholds(n_thresholds):
     masks = rng.random((12, 20, 20)) > 0.5
     engine = analyse(maps, masks, n_thresholds=n_thresholds, localisation=False)["c_AUITC"].to_numpy()
     assert np.abs(engine - auitc(maps, masks, n_thresholds)).max() < 1e-9
+
+
+def test_scoring_in_batches_gives_the_same_table():
+    rng = np.random.default_rng(6)
+    maps = rng.random((11, 16, 16)).astype(np.float32)
+    per_image = rng.random((4, 16, 16)) > 0.5
+    index = rng.integers(0, 4, 11)
+    whole = analyse(maps, per_image, per_image, image_index=index, artefact_masks=per_image, batch_size=64)
+    batched = analyse(maps, per_image, per_image, image_index=index, artefact_masks=per_image, batch_size=3)
+    per_map = analyse(maps, per_image[index], per_image[index], artefact_masks=per_image[index], batch_size=4)
+    import pandas as pd
+
+    pd.testing.assert_frame_equal(whole, batched)
+    pd.testing.assert_frame_equal(whole, per_map)
