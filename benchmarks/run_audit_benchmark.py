@@ -93,7 +93,7 @@ def notebook_path(data_dir: Path, classifier: Path, n: int, method: str, batch_s
     from segx_helpers.analysis import binarise_masks
     from segx_helpers.data.format import LoadedDataset, load_dataset, read_mask
     from segx_helpers.explain import explain
-    from segx_helpers.pipeline import load_trained, split_tensors
+    from segx_helpers.checkpoints import load_trained, split_tensors
     from segx_helpers.results import explanation_results
 
     torch.set_num_threads(1)

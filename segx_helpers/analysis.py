@@ -1,6 +1,6 @@
 """The one analysis path: SegX, SegU and localisation scores for a batch of explanation maps.
 
-Notebooks 04 and 05, ``pipeline.segx_results``, the benchmark and any command call :func:`analyse`;
+Notebooks 04 and 05, ``explanation_recipes.segx_results``, the benchmark and any command call :func:`analyse`;
 nothing else computes these scores for users. It runs on torch tensors on the maps' device (CPU or
 CUDA), batched over maps, with no per-threshold and no per-map Python loop:
 

@@ -4,7 +4,7 @@ What it does per image, with the package's own building blocks only (no second a
 classifier's predicted classes are explained (:func:`segx_helpers.explain.explain`), the mask source
 gives the clinical-interest region (a segmenter checkpoint, run at its own size and normalisation,
 probabilities resized bilinearly and binarised at its stored threshold, exactly as
-:func:`segx_helpers.pipeline.mask_probabilities`; or a folder of ``<id>.png`` masks, resized
+:func:`segx_helpers.mask_sources.mask_probabilities`; or a folder of ``<id>.png`` masks, resized
 nearest-neighbour), and :func:`segx_helpers.results.explanation_results` (hence
 :func:`segx_helpers.analysis.analyse`) scores every prediction.
 
@@ -207,7 +207,7 @@ class MaskSource:
 
 
 def open_masks(path: str | Path) -> MaskSource:
-    from .pipeline import load_trained
+    from .checkpoints import load_trained
 
     path = Path(path)
     if path.is_dir():
@@ -256,7 +256,7 @@ class AuditItems(torch.utils.data.Dataset):
 
 def predicted_masks(batch: dict, masks: MaskSource, size: int, device) -> np.ndarray:
     """Boolean masks ``(n, size, size)`` for a batch of :class:`AuditItems`, as
-    :func:`~segx_helpers.pipeline.mask_probabilities` then :func:`~segx_helpers.analysis.binarise_masks`."""
+    :func:`~segx_helpers.mask_sources.mask_probabilities` then :func:`~segx_helpers.analysis.binarise_masks`."""
     import torch.nn.functional as F
 
     from .analysis import binarise_masks
@@ -272,9 +272,9 @@ def predicted_masks(batch: dict, masks: MaskSource, size: int, device) -> np.nda
 
 def background(archive: Archive, meta: dict, n: int, seed: int) -> torch.Tensor:
     """Gradient SHAP's reference images: ``n`` training images (seeded) of a dataset, as the notebooks
-    take them (:func:`~segx_helpers.pipeline.background_images`); for a plain folder, ``n`` of its
+    take them (:func:`~segx_helpers.explanation_recipes.background_images`); for a plain folder, ``n`` of its
     images drawn with the seed."""
-    from .pipeline import background_images
+    from .explanation_recipes import background_images
 
     if archive.full is not None and (archive.full.table["split"] == "train").any():
         return background_images(archive.full, meta, n, seed)
@@ -611,7 +611,7 @@ def run_audit(options: AuditOptions, arguments: dict | None = None) -> AuditResu
     from tqdm.auto import tqdm
 
     from . import distributed
-    from .pipeline import load_trained
+    from .checkpoints import load_trained
 
     ctx = distributed.setup(options.device, options.timeout_minutes)
     try:

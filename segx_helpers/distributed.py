@@ -231,20 +231,19 @@ def train(kind: str, data_dir: str | Path, checkpoint: str | Path, *, image_size
           sync_batchnorm: bool = False, overwrite: bool = False, timeout_minutes: float = 60.0) -> dict | None:
     """``segx train``: train a classifier or a segmenter on a dataset folder, on 1..N processes.
 
-    The same recipe as :func:`segx_helpers.pipeline.train_classifier` / ``train_segmenter`` (losses,
+    The same recipe as :func:`segx_helpers.training_recipes.train_classifier` / ``train_segmenter`` (losses,
     validation metric, stored thresholds, training fingerprint, checkpoint metadata), with
     ``batch_size`` the *global* batch (split over ranks) and :func:`ddp_fit` as the loop. Rank 0 writes
     the checkpoint; the others return None. An existing checkpoint is refused unless ``overwrite``.
     """
     from dataclasses import asdict
 
+    from .checkpoints import training_fingerprint
     from .data.format import load_dataset
     from .data.torch_dataset import Normalization, SegXDataset
-    from .metrics import dice_score, macro_auroc, select_mask_threshold, select_thresholds
     from .models import build_classifier, build_segmenter
-    from .pipeline import training_fingerprint
-    from .training import (DiceBCELoss, TrainConfig, classification_loss, make_loader, predict_classifier,
-                           predict_masks, save_checkpoint, set_seed)
+    from .training import TrainConfig, make_loader, set_seed
+    from .training_recipes import classifier_recipe, finish_training, segmenter_recipe
 
     if kind not in ("classifier", "segmenter"):
         raise ValueError(f"kind must be 'classifier' or 'segmenter', got {kind!r}")
@@ -262,57 +261,31 @@ def train(kind: str, data_dir: str | Path, checkpoint: str | Path, *, image_size
         val_set = SegXDataset(data, "val", image_size, norm)
         loader = distributed_loader(train_set, batch_size, ctx, shuffle=True, seed=seed, num_workers=num_workers)
         val_loader = make_loader(val_set, 64, shuffle=False)
+        common = dict(batch_size=batch_size, normalization=asdict(norm), world_size=ctx.world_size,
+                      sync_batchnorm=sync_batchnorm)
         set_seed(seed)
         if kind == "classifier":
-            choices = dict(kind="classifier", arch=arch, pretrained=False, class_weighting=False)
+            fingerprint = training_fingerprint(data, image_size, config, **common, kind="classifier", arch=arch,
+                                               pretrained=False, class_weighting=False)
             model = build_classifier(arch, num_classes=data.info.num_classes, in_channels=data.info.channels)
-            loss = classification_loss(data.info.task)
-
-            def validate(m):
-                result = predict_classifier(m, val_loader, data.info.task, device=str(ctx.device))
-                return {"val_auroc": macro_auroc(result["targets"], result["probs"])}
-
-            meta = {"kind": "classifier", "arch": arch, "task": data.info.task, "class_names": data.info.class_names,
-                    "in_channels": data.info.channels, "image_size": image_size, "normalization": asdict(norm),
-                    "dataset": data.info.name, "pretrained": False, "thresholds": None}
-            target_key = "target"
+            recipe = classifier_recipe(data, image_size, norm, val_loader, arch, False, fingerprint,
+                                       device=str(ctx.device))
         else:
             if image_size % 32:
                 raise ValueError(f"image_size must be divisible by 32 for a U-Net, got {image_size}")
             decoder = (128, 64, 32, 16, 8)
-            choices = dict(kind="segmenter", encoder=encoder, decoder_channels=list(decoder), encoder_weights=None)
+            fingerprint = training_fingerprint(data, image_size, config, **common, kind="segmenter", encoder=encoder,
+                                               decoder_channels=list(decoder), encoder_weights=None)
             model = build_segmenter(encoder, encoder_weights=None, in_channels=data.info.channels,
                                     decoder_channels=decoder)
-            loss = DiceBCELoss()
-            val_masks = val_set.tensors()["mask"][:, 0].numpy() > 0.5
-
-            def validate(m):
-                return {"val_dice": float(dice_score(val_masks, predict_masks(m, val_loader, device=str(ctx.device))
-                                                     >= 0.5).mean())}
-
-            meta = {"kind": "segmenter", "arch": "Unet", "encoder": encoder, "decoder_channels": list(decoder),
-                    "in_channels": data.info.channels, "image_size": image_size, "normalization": asdict(norm),
-                    "dataset": data.info.name, "mask_description": data.info.mask_description, "threshold": 0.5}
-            target_key = "mask"
-        meta["fingerprint"] = training_fingerprint(data, image_size, config, batch_size=batch_size,
-                                                   normalization=asdict(norm), world_size=ctx.world_size,
-                                                   sync_batchnorm=sync_batchnorm, **choices)
-        meta["finished"] = False
-        history = ddp_fit(model, loss, loader, validate, config, ctx, checkpoint_path=checkpoint, meta=meta,
-                          overwrite=overwrite, sync_batchnorm=sync_batchnorm, target_key=target_key)
+            recipe = segmenter_recipe(data, image_size, norm, val_set, val_loader, encoder, decoder, fingerprint,
+                                      device=str(ctx.device))
+        history = ddp_fit(model, recipe.loss, loader, recipe.validate, config, ctx, checkpoint_path=checkpoint,
+                          meta=recipe.meta, overwrite=overwrite, sync_batchnorm=sync_batchnorm,
+                          target_key=recipe.target_key)
 
         def finish():
-            if kind == "classifier":
-                val = predict_classifier(model, val_loader, data.info.task, device=str(ctx.device))
-                if data.info.task == "multilabel":
-                    meta["thresholds"] = select_thresholds(val["targets"], val["probs"]).tolist()
-                meta["metrics"] = {"val_auroc": macro_auroc(val["targets"], val["probs"])}
-            else:
-                prob = predict_masks(model, val_loader, device=str(ctx.device))
-                meta["threshold"] = select_mask_threshold(val_masks, prob)
-                meta["metrics"] = {"val_dice": float(dice_score(val_masks, prob >= meta["threshold"]).mean())}
-            meta.update(history=history.records, train_config=asdict(config), finished=True)
-            save_checkpoint(checkpoint, model, meta, overwrite=True)
+            meta = finish_training(recipe, model, history, config, checkpoint)
             return {"checkpoint": str(checkpoint), "metrics": meta["metrics"], "epochs": len(history.records),
                     "world_size": ctx.world_size}
 

@@ -32,12 +32,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, default_collate
 
+from .checkpoints import TrainedModel, load_trained, split_tensors, training_fingerprint
 from .data.format import LoadedDataset
 from .data.torch_dataset import Normalization, SegXDataset
 from .metrics import bootstrap_ci, macro_auroc, select_thresholds
 from .models import build_classifier
-from .pipeline import TrainedModel, evaluate_classifier, load_trained, split_tensors, training_fingerprint
 from .training import TrainConfig, classification_loss, fit, make_loader, predict_classifier, save_checkpoint, set_seed
+from .training_recipes import evaluate_classifier
 
 FIXES = ("rrr", "background")
 FILLS = ("shuffle", "noise")
@@ -245,7 +246,7 @@ def predicted_training_masks(segmenter: TrainedModel, data: LoadedDataset, split
     """A segmenter's binary masks for one split, image id -> bool ``(H, W)`` at its own input size (the
     mask source for a user without ground-truth masks for every training image)."""
     from .analysis import binarise_masks
-    from .pipeline import mask_probabilities
+    from .mask_sources import mask_probabilities
 
     prob = mask_probabilities(segmenter, data, split, segmenter.meta["image_size"])
     binary = np.asarray(binarise_masks(prob, segmenter.meta["threshold"]))
@@ -260,7 +261,7 @@ def train_with_mask(data: LoadedDataset, checkpoint: str | Path, method: str, st
                     mask_name: str = "ground truth", normalization: Normalization | None = None,
                     init: TrainedModel | None = None, penalty_images: int | None = None,
                     retrain: bool = False) -> TrainedModel:
-    """Train (or load) a classifier like :func:`segx_helpers.pipeline.train_classifier`, with a fix that uses
+    """Train (or load) a classifier like :func:`segx_helpers.training_recipes.train_classifier`, with a fix that uses
     the clinical mask: ``method="rrr"`` (``strength`` = λ of :class:`RRRLoss`) or ``"background"``
     (``strength`` = q of :class:`BackgroundIntervention`, ``fill`` as there).
 
@@ -365,7 +366,7 @@ def selection_table(candidates: dict[str, TrainedModel], data: LoadedDataset, sp
     loss alone rewards the shortcut; the outside share is what the fix is for. ``criterion = loss + outside
     share`` (both on comparable scales, lower is better); ``chosen`` marks the lowest.
     """
-    from .pipeline import explain_predictions
+    from .explanation_recipes import explain_predictions
     from .results import explanation_results
 
     rows = []
@@ -469,7 +470,7 @@ def compare_fixes(models: dict[str, TrainedModel], data: LoadedDataset, predicte
     artefact, SegU ``c_IoU`` and ``c_AUITC`` (against ``predicted_masks``, the segmenter's binary test masks),
     and localisation against the true lesion (original and SegX ``IoU@p``)."""
     from .data.synthetic import shortcut_pairs
-    from .pipeline import explain_predictions
+    from .explanation_recipes import explain_predictions
     from .results import explanation_results
     from .shortcut import prediction_rows, shortcut_artefact_masks, shortcut_driven
 

@@ -1,10 +1,11 @@
 """Small helpers the notebooks share: where files live, what to run when something is missing,
-the Colab setup cell, and figure saving.
+the run mode (quick or full, :class:`RunSettings`), the Colab setup cell, and figure saving.
 
 The repository URL lives here and only here; the notebooks' Colab cells are checked against it.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,6 +108,51 @@ def resolve_quick(quick: bool | None, device: str | None = None) -> bool:
            else f"a GPU ({device}) is available, so the full settings")
     print(f"mode: {'quick' if quick else 'full'} (QUICK = None: {why}; set QUICK = True or False to choose)")
     return quick
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """How much work each notebook does. ``QUICK`` is what CI and ``make tutorial`` run on 2 CPU cores;
+    ``FULL`` is for a real run (a GPU or patience).
+
+    ``seg_image_size`` is the segmenter's input size: quick mode segments at half resolution (the
+    clinical regions are large blobs) and upsamples the probabilities, which makes it 4x cheaper.
+    """
+
+    n_images: int
+    image_size: int
+    seg_image_size: int
+    seg_epochs: int
+    cls_epochs: int
+    max_batches_per_epoch: int | None
+    shap_images: int
+    shap_nsamples: int
+    shap_background: int
+    bootstrap: int
+
+
+QUICK = RunSettings(n_images=1000, image_size=128, seg_image_size=64, seg_epochs=3, cls_epochs=3, max_batches_per_epoch=12,
+                    shap_images=48, shap_nsamples=16, shap_background=16, bootstrap=200)
+FULL = RunSettings(n_images=1000, image_size=128, seg_image_size=128, seg_epochs=15, cls_epochs=15, max_batches_per_epoch=None,
+                   shap_images=200, shap_nsamples=50, shap_background=50, bootstrap=1000)
+
+
+def run_settings(quick: bool, real_data: bool | int = False) -> RunSettings:
+    """``QUICK`` or ``FULL``; ``real_data=True`` switches to the paper's full image size (256 px) for
+    classifier and segmenter, for datasets fetched by ``data_download.sh``. ``real_data`` may also be an
+    image size in pixels (a multiple of 32, e.g. 128 for a CPU run, 64 for a test on a tiny copy), which
+    every notebook then uses alike (``-p REAL_DATA=128`` with the runner)."""
+    settings = QUICK if quick else FULL
+    if real_data is None or real_data is False:
+        return settings
+    if real_data is True:
+        size = 256
+    elif isinstance(real_data, int) and real_data >= 32 and real_data % 32 == 0:
+        size = real_data
+    else:
+        raise ValueError(f"REAL_DATA must be False, True (256 px) or an image size that is a multiple of 32, "
+                         f"got {real_data!r}")
+    return dataclasses.replace(settings, image_size=size, seg_image_size=size)
 
 
 def save_figure(fig, path: str | Path, dpi: int = 120) -> Path:

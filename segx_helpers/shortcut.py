@@ -77,8 +77,8 @@ def shortcut_driven(model: torch.nn.Module, meta: dict, data: LoadedDataset, tab
 
 
 def prediction_rows(result: dict, class_names: list[str]) -> pd.DataFrame:
-    """The decisions of :func:`segx_helpers.pipeline.evaluate_classifier` as prediction rows (``image_id``,
-    ``class``): one per image (multiclass) or one per predicted finding (multilabel)."""
+    """The decisions of :func:`segx_helpers.training_recipes.evaluate_classifier` as prediction rows
+    (``image_id``, ``class``): one per image (multiclass) or one per predicted finding (multilabel)."""
     pred = np.asarray(result["pred"])
     ids = np.asarray(result["image_id"])
     if pred.ndim == 1:
@@ -124,7 +124,7 @@ def shortcut_breakdown(result: dict, artefacts: pd.DataFrame, shortcut: dict[str
                        class_names: list[str]) -> pd.DataFrame:
     """Accuracy (and AUROC) where an artefact agrees vs disagrees with the label, per (class, artefact).
 
-    ``result``: from :func:`segx_helpers.pipeline.evaluate_classifier` (``image_id``, ``targets``,
+    ``result``: from :func:`segx_helpers.training_recipes.evaluate_classifier` (``image_id``, ``targets``,
     ``pred``, and ``probs`` for the AUROC column); ``shortcut`` maps a class name to the artefact column
     correlated with it (e.g. ``{"melanoma": "ink"}``), or is a list of artefact columns, each paired with
     the positive class (the last class of a two-class task, e.g. ``malignant``; see

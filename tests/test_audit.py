@@ -118,9 +118,10 @@ def test_audit_equals_the_notebook_path(archive, tmp_path):
     """One shard and one batch covering the test split: every column equals what the notebooks compute
     (split_tensors, mask_probabilities with the segmenter, explain_predictions, explanation_results)."""
     from segx_helpers.analysis import binarise_masks
+    from segx_helpers.checkpoints import load_trained, split_tensors
     from segx_helpers.data.format import load_dataset
-    from segx_helpers.pipeline import (background_images, explain_predictions, load_trained, mask_probabilities,
-                                       split_tensors)
+    from segx_helpers.explanation_recipes import background_images, explain_predictions
+    from segx_helpers.mask_sources import mask_probabilities
     from segx_helpers.results import explanation_results
 
     result = _audit(_options(archive, tmp_path / "out", masks=archive / "segmenter.pt", split="test", shard_size=64,
@@ -348,8 +349,8 @@ def test_ddp_training_on_two_processes_matches_one(tmp_path):
 
 
 def test_segx_train_writes_a_loadable_checkpoint(make_tiny_dataset, tmp_path):
+    from segx_helpers.checkpoints import load_trained
     from segx_helpers.cli import main
-    from segx_helpers.pipeline import load_trained
 
     data = make_tiny_dataset(n=30, size=32)
     args = ["train", "classifier", "--data", str(data), "--checkpoint", str(tmp_path / "c.pt"), "--image-size", "32",

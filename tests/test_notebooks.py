@@ -164,8 +164,8 @@ def test_real_data_path_runs_on_a_tiny_isic_trap_copy(tmp_path):
     import pandas as pd
     from test_real_converters import make_isic_trap
 
+    from segx_helpers.checkpoints import load_trained
     from segx_helpers.data.real import convert_isic2018_trap
-    from segx_helpers.pipeline import load_trained
 
     make_isic_trap(tmp_path / "raw", "official", n=60, size=64)
     convert_isic2018_trap(tmp_path / "raw", tmp_path / "data" / "isic2018-trap", verbose=False)

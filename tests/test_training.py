@@ -8,9 +8,9 @@ import torch
 from segx_helpers.data import load_dataset
 from segx_helpers.data.torch_dataset import SegXDataset
 from segx_helpers.models import build_classifier
-from segx_helpers.pipeline import train_classifier, train_segmenter
 from segx_helpers.training import (CheckpointError, DiceBCELoss, TrainConfig, balanced_class_weights, classification_loss,
                                    fit, load_checkpoint, make_loader, read_checkpoint, save_checkpoint)
+from segx_helpers.training_recipes import train_classifier, train_segmenter
 
 META = {"kind": "classifier", "arch": "resnet18", "class_names": ["a", "b", "c"], "in_channels": 3}
 
@@ -112,7 +112,7 @@ def test_train_classifier_writes_checkpoint_resumes_and_is_deterministic(make_ti
     reloaded = train_classifier(data, tmp_path / "a.pt", image_size=32, config=config)
     assert reloaded.meta["history"] == meta["history"]
     longer = TrainConfig(epochs=3, lr=1e-3, monitor="val_auroc")
-    from segx_helpers.pipeline import _datasets
+    from segx_helpers.training_recipes import _datasets
     train_set, val_set, _ = _datasets(data, 32)
     model = build_classifier("resnet18", 3)
     model.load_state_dict(read_checkpoint(tmp_path / "a.pt.last.pt")["state_dict"])
@@ -258,8 +258,8 @@ def test_checkpoint_without_fingerprint_or_unfinished_is_not_reused(make_tiny_da
 def test_prepare_models_refuses_models_of_another_mode(make_tiny_dataset, tmp_path):
     import dataclasses
 
-    from segx_helpers.notebook import TutorialPaths
-    from segx_helpers.pipeline import QUICK, classifier_config, prepare_models, segmenter_config
+    from segx_helpers.notebook import QUICK, TutorialPaths
+    from segx_helpers.training_recipes import classifier_config, prepare_models, segmenter_config
 
     data = load_dataset(make_tiny_dataset(n=30, size=32))
     paths = TutorialPaths.at(tmp_path)
@@ -277,12 +277,12 @@ def test_prepare_models_refuses_models_of_another_mode(make_tiny_dataset, tmp_pa
 
 
 def test_wrong_monitor_is_refused_before_any_training(make_tiny_dataset, tmp_path, monkeypatch):
-    import segx_helpers.pipeline as pipeline
+    import segx_helpers.training_recipes as training_recipes
 
     def no_training(*args, **kwargs):
         raise AssertionError("training started")
 
-    monkeypatch.setattr(pipeline, "fit", no_training)
+    monkeypatch.setattr(training_recipes, "fit", no_training)
     data = load_dataset(make_tiny_dataset(n=30, size=32))
     with pytest.raises(ValueError, match="monitor is 'val_score'.*TrainConfig\\(monitor='val_auroc'"):
         train_classifier(data, tmp_path / "c.pt", image_size=32, config=TrainConfig(epochs=1))

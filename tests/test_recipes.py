@@ -9,24 +9,26 @@ import pytest
 import torch
 from torch import nn
 
+from segx_helpers.checkpoints import split_tensors
 from segx_helpers.data import SyntheticConfig, generate_synthetic_derm, load_dataset
 from segx_helpers.data.synthetic import load_artefacts
 from segx_helpers.explain import explain
-from segx_helpers.notebook import MissingArtifactError, TutorialPaths
-from segx_helpers.pipeline import (evaluate_classifier, evaluate_segmenter, explain_predictions, mask_probabilities,
-                                   prepare_dataset, prepare_models, run_settings, segx_results,
-                                   split_tensors, train_classifier, train_segmenter)
+from segx_helpers.explanation_recipes import explain_predictions, segx_results
+from segx_helpers.mask_sources import mask_probabilities
+from segx_helpers.notebook import MissingArtifactError, TutorialPaths, run_settings
 from segx_helpers.results import load_results, load_split_arrays, prediction_table, save_results
 from segx_helpers.segu import segu_scores
 from segx_helpers.shortcut import shortcut_breakdown
 from segx_helpers.segx import segx
 from segx_helpers.training import TrainConfig
+from segx_helpers.training_recipes import (evaluate_classifier, evaluate_segmenter, prepare_dataset,
+                                           prepare_models, train_classifier, train_segmenter)
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A tiny derm dataset and briefly trained models, built with every socket to the outside blocked."""
-    root = tmp_path_factory.mktemp("pipeline")
+    root = tmp_path_factory.mktemp("recipes")
     real_connect = socket.socket.connect
 
     def guarded(self, address):
@@ -151,7 +153,7 @@ def test_notebook_path_and_benchmark_path_give_identical_tables(trained):
 
 
 def test_explained_subset_is_stratified_seeded_and_covers_every_class():
-    from segx_helpers.pipeline import explained_subset
+    from segx_helpers.explanation_recipes import explained_subset
 
     targets = np.repeat([0, 1, 2], [60, 30, 10])        # sorted by class, as many user folders are
     rows = explained_subset(targets, 20, seed=0)
@@ -161,7 +163,7 @@ def test_explained_subset_is_stratified_seeded_and_covers_every_class():
 
 
 def test_foreign_classifier_and_callable_mask_source(trained):
-    """The pipeline functions work with a model and a mask source the package did not create."""
+    """The recipes work with a model and a mask source the package did not create."""
     root, data, seg, cls = trained
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
@@ -178,7 +180,7 @@ def test_foreign_classifier_and_callable_mask_source(trained):
 
 
 def test_background_images_reference_takes_the_first_validation_images(trained):
-    from segx_helpers.pipeline import background_images
+    from segx_helpers.explanation_recipes import background_images
 
     root, data, seg, cls = trained
     reference = background_images(data, cls.meta, 3, reference=True)

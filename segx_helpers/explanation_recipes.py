@@ -1,0 +1,92 @@
+"""Explaining a trained classifier's predictions, as the notebooks do: the Gradient SHAP background
+sampler (:func:`background_images`), the seeded, class-stratified subset a slow method explains
+(:func:`explained_subset`), :func:`explain_predictions` (the classifier's own decisions as targets),
+and :func:`segx_results`, notebook 04's results in one call."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .analysis import binarise_masks
+from .checkpoints import TrainedModel, split_tensors
+from .data.format import LoadedDataset
+from .data.torch_dataset import Normalization, SegXDataset
+from .explain import explain
+from .mask_sources import mask_probabilities
+from .notebook import RunSettings, TutorialPaths
+from .results import explanation_results, save_split_arrays
+
+
+def background_images(data: LoadedDataset, meta: dict, n: int, seed: int = 0, reference: bool = False) -> torch.Tensor:
+    """``n`` images ``(n, C, H, W)`` prepared for the classifier: the Gradient SHAP background.
+
+    Default: ``n`` training images drawn at random (seeded). ``reference=True``: the first ``n``
+    validation images, as the reference code does."""
+    norm = Normalization(**{k: tuple(v) for k, v in meta["normalization"].items()})
+    source = SegXDataset(data, "val" if reference else "train", meta["image_size"], norm, cache=False)
+    count = min(n, len(source))
+    rows = np.arange(count) if reference else np.random.default_rng(seed).choice(len(source), size=count, replace=False)
+    return torch.stack([source[int(i)]["image"] for i in rows])
+
+
+def explained_subset(targets: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+    """Positions of ``n`` images to explain with a slow method, drawn at random (seeded) and stratified
+    by class, sorted. ``targets``: ``(N,)`` class indices or ``(N, C)`` 0/1 (stratified by the label set).
+    Taking the *first* ``n`` would explain only one class on a folder whose files sort by class."""
+    targets = np.asarray(targets)
+    if n >= len(targets):
+        return np.arange(len(targets))
+    keys = targets if targets.ndim == 1 else np.unique(targets, axis=0, return_inverse=True)[1].ravel()
+    rng = np.random.default_rng(seed)
+    groups = [rng.permutation(np.flatnonzero(keys == k)) for k in np.unique(keys)]
+    quota = {i: int(round(n * len(g) / len(targets))) for i, g in enumerate(groups)}
+    chosen = np.concatenate([g[: quota[i]] for i, g in enumerate(groups)])
+    rest = np.setdiff1d(np.arange(len(targets)), chosen)
+    missing = n - len(chosen)
+    if missing > 0:
+        chosen = np.concatenate([chosen, rng.choice(rest, size=missing, replace=False)])
+    return np.sort(chosen[:n])
+
+
+def explain_predictions(classifier: TrainedModel, images: torch.Tensor, method: str,
+                        subset: np.ndarray | None = None, **options):
+    """:func:`segx_helpers.explain.explain` for a trained classifier: its predicted classes
+    (argmax, or the per-class validation thresholds for multilabel) are the targets. ``subset``:
+    positions of the images to explain (e.g. :func:`explained_subset`); the result's ``image_index``
+    still refers to rows of ``images``."""
+    rows = np.arange(len(images)) if subset is None else np.asarray(subset, dtype=np.int64)
+    e = explain(classifier.model, images[torch.as_tensor(rows)], None, method, task=classifier.meta["task"],
+                thresholds=classifier.meta.get("thresholds"), **options)
+    e.image_index = rows[e.image_index]
+    return e
+
+
+def segx_results(name: str, paths: TutorialPaths, data: LoadedDataset, segmenter: TrainedModel,
+                 classifier: TrainedModel, settings: RunSettings, methods: Sequence[str] = ("gradcam", "gradient_shap"),
+                 seed: int = 0, p: float = 5.0) -> dict:
+    """Notebook 04's results in one call (for a fresh runtime that skipped it), with the same package
+    calls as the notebook: explain the test split, score every prediction with the one analysis path
+    (:func:`segx_helpers.results.explanation_results`), save each method's results folder and the test
+    masks. Returns method -> :class:`~segx_helpers.results.Results`."""
+    test = split_tensors(data, "test", classifier.meta)
+    images = Normalization(**classifier.meta["normalization"]).denormalize(test["image"])
+    mask_prob = mask_probabilities(segmenter, data, "test", classifier.meta["image_size"])
+    predicted = binarise_masks(mask_prob, segmenter.meta["threshold"])
+    true_masks = test["mask"][:, 0].numpy() > 0.5
+    targets = test["target"].numpy()
+    out = {}
+    for method in methods:
+        if method == "gradient_shap":
+            rows = explained_subset(targets, settings.shap_images, seed)
+            e = explain_predictions(classifier, test["image"], method, subset=rows, nsamples=settings.shap_nsamples,
+                                    background=background_images(data, classifier.meta, settings.shap_background, seed))
+        else:
+            e = explain_predictions(classifier, test["image"], method)
+        out[method] = explanation_results(e, test["image_id"], targets, data.info.task, data.info.class_names,
+                                          predicted, true_masks, test["has_mask"], p=p)
+        out[method].save(paths.maps(name) / method, images, predicted, p=p)
+    save_split_arrays(paths.maps(name) / "test_masks.npz", mask_prob=mask_prob, predicted_masks=predicted,
+                      true_masks=true_masks, has_mask=np.asarray(test["has_mask"]), image_id=np.array(test["image_id"]))
+    return out

@@ -1,0 +1,289 @@
+"""Training recipes the notebooks call: train or load the segmenter and the classifier, evaluate them,
+the training configuration of each run mode, and loading (or making) what a notebook needs.
+
+Each ``train_*`` function skips training when its checkpoint already exists (re-running a
+notebook is cheap and never clobbers a model) unless ``retrain=True``. A checkpoint is reused only
+if it was trained on the same thing (its fingerprint, :func:`segx_helpers.checkpoints.training_fingerprint`),
+else :class:`~segx_helpers.training.CheckpointError` names each differing field and how to retrain.
+
+:func:`segmenter_recipe` / :func:`classifier_recipe` and :func:`finish_training` are the parts of a
+recipe besides the loop (loss, validation metric, checkpoint metadata, thresholds chosen on
+validation); ``segx train`` (:func:`segx_helpers.distributed.train`) uses them with its DDP loop.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from torch import nn
+
+from .checkpoints import TrainedModel, load_trained, split_tensors, training_fingerprint
+from .data.format import LoadedDataset, load_dataset
+from .data.synthetic import GENERATORS, SyntheticConfig, ensure_synthetic
+from .data.torch_dataset import Normalization, SegXDataset
+from .mask_sources import mask_probabilities
+from .metrics import (classification_report, dice_score, iou_score, macro_auroc, predict_labels, select_mask_threshold,
+                      select_thresholds)
+from .models import WeightsUnavailableError, build_classifier, build_segmenter
+from .notebook import RunSettings, TutorialPaths, require
+from .training import (DiceBCELoss, TrainConfig, balanced_class_weights, classification_loss, fit, make_loader,
+                       predict_classifier, predict_masks, save_checkpoint, set_seed)
+
+# The fingerprint fields prepare_models checks: the data and the run mode, not the notebooks' model choices.
+_DATA_AND_MODE = ("dataset", "class_names", "task", "image_size", "channels", "train_ids_sha256", "epochs",
+                  "max_batches_per_epoch")
+
+
+def _retrain_hint(path: Path, notebook: str | None = None) -> str:
+    where = f"run notebook {notebook} again with RETRAIN = True" if notebook else "pass retrain=True (RETRAIN = True in the notebook)"
+    return f"To train again, {where} to replace it, or delete or rename {path} (keep it to reuse it with its own settings)."
+
+
+def _check_monitor(config: TrainConfig, key: str) -> None:
+    if config.monitor != key:
+        raise ValueError(f"config.monitor is {config.monitor!r}, but this model is validated with {key!r}: "
+                         f"use TrainConfig(monitor={key!r}, ...).")
+
+
+def _with_weights_if_online(build, requested, pretrained_value, scratch_value):
+    """Build a model; ``requested="if-online"`` tries pretrained weights and falls back to random
+    initialisation, saying so, when they cannot be downloaded. Returns ``(model, weights used)``."""
+    if requested != "if-online":
+        return build(requested), requested
+    try:
+        return build(pretrained_value), pretrained_value
+    except WeightsUnavailableError as err:
+        print(f"Pretrained weights unavailable, training from scratch instead: {err}")
+        return build(scratch_value), scratch_value
+
+
+def _datasets(data: LoadedDataset, image_size: int, normalization: Normalization | None = None):
+    norm = normalization or Normalization.for_channels(data.info.channels)
+    return (SegXDataset(data, "train", image_size, norm, train=True), SegXDataset(data, "val", image_size, norm),
+            norm)
+
+
+@dataclass
+class Recipe:
+    """A recipe's parts besides the training loop: the checkpoint ``meta`` (``finished`` False until
+    :func:`finish_training`), the ``loss``, the batch key of the targets, ``validate(model) -> {metric: value}``
+    for the loop, and ``choose_thresholds(model)``, which stores the decision thresholds chosen on
+    validation and the validation metric in ``meta``."""
+
+    meta: dict
+    loss: nn.Module
+    target_key: str
+    validate: Callable[[nn.Module], dict]
+    choose_thresholds: Callable[[nn.Module], None]
+
+
+def segmenter_recipe(data: LoadedDataset, image_size: int, norm: Normalization, val_set: SegXDataset, val_loader,
+                     encoder: str, decoder_channels: tuple[int, ...], fingerprint: dict,
+                     device: str | None = None) -> Recipe:
+    """The segmenter's recipe: Dice + BCE loss, best epoch by validation Dice, the binarisation
+    threshold chosen on validation. ``val_set`` / ``val_loader``: the validation split."""
+    val_masks = val_set.tensors()["mask"][:, 0].numpy() > 0.5
+    meta = {"kind": "segmenter", "arch": "Unet", "encoder": encoder, "decoder_channels": list(decoder_channels),
+            "in_channels": data.info.channels, "image_size": image_size, "normalization": asdict(norm),
+            "dataset": data.info.name,
+            "mask_description": data.info.mask_description, "threshold": 0.5, "fingerprint": fingerprint,
+            "finished": False}
+
+    def validate(model: nn.Module) -> dict:
+        return {"val_dice": float(dice_score(val_masks, predict_masks(model, val_loader, device=device) >= 0.5).mean())}
+
+    def choose_thresholds(model: nn.Module) -> None:
+        prob = predict_masks(model, val_loader, device=device)
+        meta["threshold"] = select_mask_threshold(val_masks, prob)
+        meta["metrics"] = {"val_dice": float(dice_score(val_masks, prob >= meta["threshold"]).mean())}
+
+    return Recipe(meta, DiceBCELoss(), "mask", validate, choose_thresholds)
+
+
+def classifier_recipe(data: LoadedDataset, image_size: int, norm: Normalization, val_loader, arch: str,
+                      pretrained: bool, fingerprint: dict, class_weights: np.ndarray | None = None,
+                      device: str | None = None) -> Recipe:
+    """The classifier's recipe: cross-entropy (multiclass) or BCE (multilabel) loss, optionally class
+    weighted, best epoch by validation macro AUROC; multilabel decision thresholds (per class, maximising
+    F1 on validation, as the reference code does) stored in the checkpoint."""
+    task = data.info.task
+    meta = {"kind": "classifier", "arch": arch, "task": task, "class_names": data.info.class_names,
+            "in_channels": data.info.channels, "image_size": image_size, "normalization": asdict(norm),
+            "dataset": data.info.name, "pretrained": pretrained,
+            "thresholds": None, "fingerprint": fingerprint, "finished": False}
+
+    def validate(model: nn.Module) -> dict:
+        result = predict_classifier(model, val_loader, task, device=device)
+        return {"val_auroc": macro_auroc(result["targets"], result["probs"])}
+
+    def choose_thresholds(model: nn.Module) -> None:
+        val = predict_classifier(model, val_loader, task, device=device)
+        if task == "multilabel":
+            meta["thresholds"] = select_thresholds(val["targets"], val["probs"]).tolist()
+        meta["metrics"] = {"val_auroc": macro_auroc(val["targets"], val["probs"])}
+
+    return Recipe(meta, classification_loss(task, class_weights), "target", validate, choose_thresholds)
+
+
+def finish_training(recipe: Recipe, model: nn.Module, history, config: TrainConfig, checkpoint: str | Path) -> dict:
+    """After the loop: choose the thresholds on validation, store the history and the configuration,
+    mark the run finished and save the checkpoint. Returns the checkpoint's ``meta``."""
+    recipe.choose_thresholds(model)
+    recipe.meta.update(history=history.records, train_config=asdict(config), finished=True)
+    save_checkpoint(checkpoint, model, recipe.meta, overwrite=True)
+    return recipe.meta
+
+
+def train_segmenter(data: LoadedDataset, checkpoint: str | Path, image_size: int = 128, encoder: str = "resnet18",
+                    decoder_channels: tuple[int, ...] = (128, 64, 32, 16, 8), encoder_weights: str | None = None,
+                    config: TrainConfig | None = None, batch_size: int = 32, num_workers: int = 0,
+                    normalization: Normalization | None = None, retrain: bool = False) -> TrainedModel:
+    """Train (or load) a U-Net on the dataset's masks; Dice + BCE loss, best epoch by validation Dice.
+
+    The binarisation threshold is then chosen on the validation split and stored in the checkpoint.
+    ``normalization`` defaults to ImageNet statistics (their channel mean for grayscale).
+    ``encoder_weights``: None (random, the default), "imagenet", or "if-online" (ImageNet when they
+    can be downloaded, else random with a message).
+    """
+    checkpoint = Path(checkpoint)
+    config = config or TrainConfig(lr=3e-3, monitor="val_dice")
+    _check_monitor(config, "val_dice")
+    norm = normalization or Normalization.for_channels(data.info.channels)
+    fingerprint = training_fingerprint(data, image_size, config, kind="segmenter", encoder=encoder,
+                                       decoder_channels=list(decoder_channels), encoder_weights=encoder_weights,
+                                       batch_size=batch_size, normalization=asdict(norm))
+    if checkpoint.exists() and not retrain:
+        return load_trained(checkpoint, "segmenter", fingerprint, _retrain_hint(checkpoint))
+    if image_size % 32:
+        raise ValueError(f"image_size must be divisible by 32 for a U-Net, got {image_size}")
+    if data.table["mask_path"].isna().all():
+        raise ValueError(f"{data.root} has no masks: a segmenter cannot be trained on it.")
+    train_set, val_set, norm = _datasets(data, image_size, norm)
+    train_loader = make_loader(train_set, batch_size, shuffle=True, seed=config.seed, num_workers=num_workers)
+    val_loader = make_loader(val_set, 64, shuffle=False)
+    recipe = segmenter_recipe(data, image_size, norm, val_set, val_loader, encoder, decoder_channels, fingerprint)
+    set_seed(config.seed)
+    model, _ = _with_weights_if_online(
+        lambda weights: build_segmenter(encoder, encoder_weights=weights, in_channels=data.info.channels,
+                                        decoder_channels=decoder_channels),
+        encoder_weights, "imagenet", None)
+    history = fit(model, recipe.loss, train_loader, recipe.validate, config, target_key=recipe.target_key,
+                  checkpoint_path=checkpoint, meta=recipe.meta, overwrite=retrain)
+    return TrainedModel(model, finish_training(recipe, model, history, config, checkpoint), history.frame())
+
+
+def train_classifier(data: LoadedDataset, checkpoint: str | Path, image_size: int = 128, arch: str = "resnet18",
+                     pretrained: bool | str = False, class_weighting: bool = False, config: TrainConfig | None = None,
+                     batch_size: int = 32, num_workers: int = 0, normalization: Normalization | None = None,
+                     retrain: bool = False) -> TrainedModel:
+    """Train (or load) a torchvision classifier; best epoch by validation macro AUROC.
+
+    Multilabel decision thresholds (per class, maximising F1 on validation, as the reference code
+    does) are stored in the checkpoint; multiclass decisions are the argmax. ``pretrained``: False
+    (default), True, or "if-online" (ImageNet weights when they can be downloaded, else random).
+    """
+    checkpoint = Path(checkpoint)
+    config = config or TrainConfig(lr=1e-3, monitor="val_auroc")
+    _check_monitor(config, "val_auroc")
+    norm = normalization or Normalization.for_channels(data.info.channels)
+    fingerprint = training_fingerprint(data, image_size, config, kind="classifier", arch=arch, pretrained=pretrained,
+                                       class_weighting=class_weighting, batch_size=batch_size,
+                                       normalization=asdict(norm))
+    if checkpoint.exists() and not retrain:
+        return load_trained(checkpoint, "classifier", fingerprint, _retrain_hint(checkpoint))
+    train_set, val_set, norm = _datasets(data, image_size, norm)
+    train_loader = make_loader(train_set, batch_size, shuffle=True, seed=config.seed, num_workers=num_workers)
+    val_loader = make_loader(val_set, 64, shuffle=False)
+    weights = balanced_class_weights(train_set.targets, data.info.task) if class_weighting else None
+    set_seed(config.seed)
+    model, pretrained = _with_weights_if_online(
+        lambda weights: build_classifier(arch, num_classes=data.info.num_classes, in_channels=data.info.channels,
+                                         pretrained=weights),
+        pretrained, True, False)
+    recipe = classifier_recipe(data, image_size, norm, val_loader, arch, pretrained, fingerprint, weights)
+    history = fit(model, recipe.loss, train_loader, recipe.validate, config, target_key=recipe.target_key,
+                  checkpoint_path=checkpoint, meta=recipe.meta, overwrite=retrain)
+    return TrainedModel(model, finish_training(recipe, model, history, config, checkpoint), history.frame())
+
+
+def evaluate_segmenter(trained: TrainedModel, data: LoadedDataset, split: str = "test",
+                       image_size: int | None = None) -> dict:
+    """Predicted masks on a split and per-image Dice / IoU against the true masks, at ``image_size``
+    (default: the segmenter's own; predictions are resized bilinearly before thresholding).
+
+    Returns ``image`` ``(N, C, H, W)``, ``true`` / ``pred`` bool ``(N, H, W)``, ``prob`` ``(N, H, W)``,
+    ``dice`` / ``iou`` ``(N,)``, ``image_id``; images without a true mask are dropped.
+    """
+    size = image_size or trained.meta["image_size"]
+    tensors = split_tensors(data, split, {**trained.meta, "image_size": size})
+    keep = np.flatnonzero(tensors["has_mask"])
+    prob = mask_probabilities(trained, data, split, size)[keep]
+    true = tensors["mask"][keep, 0].numpy() > 0.5
+    pred = prob >= trained.meta["threshold"]
+    return {"image": tensors["image"][keep], "true": true, "prob": prob, "pred": pred, "dice": dice_score(true, pred),
+            "iou": iou_score(true, pred), "image_id": [tensors["image_id"][i] for i in keep]}
+
+
+def evaluate_classifier(trained: TrainedModel, data: LoadedDataset, split: str = "test", n_resamples: int = 1000,
+                        seed: int = 0) -> dict:
+    """Probabilities, decisions and the metric tables (with bootstrap CIs) on a split."""
+    meta = trained.meta
+    norm = Normalization(**{k: tuple(v) for k, v in meta["normalization"].items()})
+    loader = make_loader(SegXDataset(data, split, meta["image_size"], norm), 64, shuffle=False)
+    result = predict_classifier(trained.model, loader, meta["task"])
+    summary, per_class = classification_report(result["targets"], result["probs"], meta["task"], meta["class_names"],
+                                               thresholds=meta.get("thresholds"), n_resamples=n_resamples, seed=seed)
+    result["pred"] = predict_labels(result["probs"], meta["task"], meta.get("thresholds"))
+    result["summary"], result["per_class"] = summary, per_class
+    return result
+
+
+def segmenter_config(settings: RunSettings, seed: int = 0) -> TrainConfig:
+    """The segmenter's training configuration for a run mode (shared by notebook 02 and ``prepare_models``)."""
+    return TrainConfig(epochs=settings.seg_epochs, lr=3e-3, monitor="val_dice", seed=seed,
+                       max_batches_per_epoch=settings.max_batches_per_epoch)
+
+
+def classifier_config(settings: RunSettings, seed: int = 0) -> TrainConfig:
+    """The classifier's training configuration for a run mode (shared by notebook 03 and ``prepare_models``)."""
+    return TrainConfig(epochs=settings.cls_epochs, lr=1e-3, monitor="val_auroc", seed=seed,
+                       max_batches_per_epoch=settings.max_batches_per_epoch)
+
+
+def prepare_dataset(name: str, paths: TutorialPaths, settings: RunSettings, prepare_missing: bool = False,
+                    seed: int = 0) -> LoadedDataset:
+    """Load ``data/<name>``; when it is missing, generate it (synthetic sets, ``prepare_missing``) or
+    say which notebook or script makes it."""
+    root = paths.dataset(name)
+    if not root.exists() and prepare_missing and name in GENERATORS:
+        ensure_synthetic(name, root, SyntheticConfig(n_images=settings.n_images, image_size=settings.image_size, seed=seed))
+    made_by = "01_dataset_prep" if name in GENERATORS else f"data_download.sh {name}"
+    return load_dataset(require(root, made_by), check_files=False)
+
+
+def prepare_models(name: str, paths: TutorialPaths, data: LoadedDataset, settings: RunSettings,
+                   prepare_missing: bool = False, seed: int = 0) -> tuple[TrainedModel, TrainedModel]:
+    """Load the segmenter and classifier of notebooks 02 and 03; train them here in the given mode
+    when they are missing and ``prepare_missing`` is set, else say which notebook to run.
+
+    An existing checkpoint must have been trained on this dataset (name, class names, task,
+    channels, training ids) at this mode's image size, epochs and ``max_batches_per_epoch``, else
+    :class:`CheckpointError` (a full run never silently reuses a quick model). Architecture and
+    learning-rate choices made in notebooks 02 and 03 are not checked here."""
+    if not paths.segmenter(name).exists() and prepare_missing:
+        train_segmenter(data, paths.segmenter(name), image_size=settings.seg_image_size,
+                        config=segmenter_config(settings, seed))
+    if not paths.classifier(name).exists() and prepare_missing:
+        train_classifier(data, paths.classifier(name), image_size=settings.image_size,
+                         config=classifier_config(settings, seed))
+    loaded = []
+    for kind, path, image_size, config, notebook in (
+            ("segmenter", paths.segmenter(name), settings.seg_image_size, segmenter_config(settings, seed),
+             "02_train_segmenter"),
+            ("classifier", paths.classifier(name), settings.image_size, classifier_config(settings, seed),
+             "03_train_classifier")):
+        expected = {k: v for k, v in training_fingerprint(data, image_size, config).items() if k in _DATA_AND_MODE}
+        loaded.append(load_trained(require(path, notebook), kind, expected, _retrain_hint(path, notebook)))
+    return loaded[0], loaded[1]
