@@ -229,7 +229,7 @@ def explain(model: nn.Module, images: torch.Tensor | np.ndarray, targets=None, m
             maps, pairs, probs = _fast_gradcam(model, images, targets, task, thresholds, layers[0], batch_size,
                                                progress, device, output, selection, reshape_transform)
         else:
-            probs = _predict(model, images, task, batch_size, device)
+            probs = predict(model, images, task, batch_size, device)
             chosen = predicted_targets(probs, task, thresholds, selection) if targets is None else targets
             chosen = _normalise_targets(chosen, len(images), probs.shape[1])
             explained = model if output == "logit" else _ExplainedOutput(model, output, task)
@@ -263,7 +263,14 @@ def _check_logits(logits: torch.Tensor, task: str) -> None:
 
 
 @torch.no_grad()
-def _predict(model: nn.Module, images: torch.Tensor, task: str, batch_size: int, device: torch.device) -> np.ndarray:
+def predict(model: nn.Module, images: torch.Tensor, task: str, batch_size: int = 64,
+            device: torch.device | str | None = None) -> np.ndarray:
+    """The model's class probabilities ``(N, classes)`` for ``images`` ``(N, C, H, W)`` prepared as it
+    expects them: softmax (multiclass) or sigmoid (multilabel) of its logits, in batches of ``batch_size``
+    on ``device`` (default: where the model's parameters are). Leaves the model's mode as it is; call
+    ``model.eval()`` (or use :func:`evaluation_mode`) first for inference."""
+    if device is None:
+        device = next(model.parameters()).device
     out = []
     for batch in torch.split(images, batch_size):
         logits = model(batch.to(device)).float()

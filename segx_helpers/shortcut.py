@@ -22,7 +22,7 @@ from torchvision import tv_tensors
 from .data.format import LoadedDataset, read_image, read_mask
 from .data.synthetic import load_artefacts, phi_correlation, shortcut_pairs, twin_path
 from .data.torch_dataset import Normalization, make_transforms
-from .explain import _predict
+from .explain import predict
 
 
 def twin_images(data: LoadedDataset, image_ids: list[str], artefact: str, meta: dict) -> torch.Tensor:
@@ -64,7 +64,7 @@ def shortcut_driven(model: torch.nn.Module, meta: dict, data: LoadedDataset, tab
                 continue
             ids = table["image_id"].to_numpy()[rows]
             unique, inverse = np.unique(ids, return_inverse=True)
-            probs = _predict(model, twin_images(data, list(unique), artefact, meta), task, batch_size, device)[inverse]
+            probs = predict(model, twin_images(data, list(unique), artefact, meta), task, batch_size, device)[inverse]
             if task == "multiclass":
                 predicted = np.array(classes)[probs.argmax(axis=1)]
                 out[rows] = predicted != table["class"].to_numpy()[rows]
