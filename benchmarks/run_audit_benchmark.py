@@ -91,9 +91,9 @@ def make_classifier(work: Path, image_size: int) -> Path:
 def notebook_path(data_dir: Path, classifier: Path, n: int, method: str, batch_size: int, device: str) -> dict:
     """Seconds per image of the notebooks' calls on the first ``n`` images (one torch thread)."""
     from segx_helpers.analysis import binarise_masks
+    from segx_helpers.checkpoints import load_trained, split_tensors
     from segx_helpers.data.format import LoadedDataset, load_dataset, read_mask
     from segx_helpers.explain import explain
-    from segx_helpers.checkpoints import load_trained, split_tensors
     from segx_helpers.results import explanation_results
 
     torch.set_num_threads(1)
