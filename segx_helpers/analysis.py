@@ -74,6 +74,23 @@ def _tensor(x, device, dtype=None) -> torch.Tensor:
     return t.to(dtype) if dtype is not None else t
 
 
+def _as_float(mask: torch.Tensor) -> torch.Tensor:
+    """A boolean mask as 0.0/1.0 float32 (through uint8: torch's bool-to-float cast is several times slower)."""
+    return mask.view(torch.uint8).float() if mask.dtype == torch.bool else mask.float()
+
+
+def _count(mask: torch.Tensor) -> torch.Tensor:
+    """Per-row number of true values ``(M,)`` int32 of a boolean ``(M, P)`` (torch sums booleans through an
+    int64 copy, 10 times slower)."""
+    return mask.view(torch.uint8).sum(dim=1, dtype=torch.int32)
+
+
+def _total(values: torch.Tensor) -> torch.Tensor:
+    """Per-row sum ``(M,)`` float64 of a float32 ``(M, P)``: accumulated in float32 by torch's pairwise
+    (cascade) summation, relative error about 1e-7, where ``sum(dtype=float64)`` copies the whole array."""
+    return values.sum(dim=1).double()
+
+
 def _check_maps(maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(maps (M, H, W) float32, per-map min (M,), per-map max (M,))``; NaN/inf refused, negatives clipped."""
     if maps.ndim == 2:
@@ -83,7 +100,8 @@ def _check_maps(maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
     maps = maps.float()
     if not maps.numel():
         return maps, maps.new_zeros(len(maps)), maps.new_zeros(len(maps))
-    low, high = torch.aminmax(maps.flatten(1), dim=1)  # NaN and inf propagate into these
+    flat = maps.flatten(1)
+    low, high = flat.amin(dim=1), flat.amax(dim=1)  # NaN and inf propagate into these (aminmax is 20x slower on CPU)
     if not (torch.isfinite(low).all() and torch.isfinite(high).all()):
         bad = torch.nonzero(~(torch.isfinite(low) & torch.isfinite(high))).flatten()[:5].tolist()
         raise ValueError(f"maps contain NaN or inf values (maps {bad}); refusing to score them")
@@ -94,20 +112,38 @@ def _check_maps(maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
     return maps, low, high
 
 
+def kth_largest(flat: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """The ``k``-th largest value ``(M,)`` of each row of ``flat`` ``(M, P)``, ``k`` ``(M,)`` in ``1 .. P``:
+    one ``torch.kthvalue`` (a selection, not a sort) per row, since ``k`` differs between rows."""
+    pixels = flat.shape[1]
+    k = torch.as_tensor(k).long().clamp(1, pixels).tolist()
+    return torch.stack([torch.kthvalue(row, pixels - kk + 1).values for row, kk in zip(flat, k)]) if len(k) \
+        else flat.new_zeros(0)
+
+
+def top_p_count(p: float, pixels: int) -> int:
+    """``k = ceil(p % · pixels)``, at least 1: the size of the top-``p`` % region before ties."""
+    if not 0 < p <= 100:
+        raise ValueError(f"p must be in (0, 100], got {p}")
+    return max(1, math.ceil(p / 100.0 * pixels))
+
+
 def top_p_cut(flat: torch.Tensor, p: float) -> torch.Tensor:
     """Per row of ``flat`` ``(M, P)``: the value ``v`` such that ``(flat >= v) & (flat > 0)`` is the
     top-``p`` % region (the k-th largest value, or 0 when a row has fewer than k positive values)."""
-    if not 0 < p <= 100:
-        raise ValueError(f"p must be in (0, 100], got {p}")
-    pixels = flat.shape[1]
-    k = max(1, math.ceil(p / 100.0 * pixels))
-    kth = torch.topk(flat, k, dim=1, sorted=False).values.min(dim=1).values
-    return torch.where(kth > 0, kth, torch.zeros_like(kth))
+    kth = torch.topk(flat, top_p_count(p, flat.shape[1]), dim=1, sorted=False).values.amin(dim=1)
+    return kth.clamp_min(0)
+
+
+def _region(flat: torch.Tensor, cut: torch.Tensor) -> torch.Tensor:
+    """``(flat >= cut) & (flat > 0)`` ``(M, P)`` bool, one pass when every cut is positive."""
+    region = flat >= cut[:, None]
+    return region if bool((cut > 0).all()) else region & (flat > 0)
 
 
 def top_p_region(flat: torch.Tensor, p: float) -> torch.Tensor:
     """Boolean top-``p`` % region ``(M, P)`` of ``flat`` ``(M, P)``."""
-    return (flat >= top_p_cut(flat, p)[:, None]) & (flat > 0)
+    return _region(flat, top_p_cut(flat, p))
 
 
 def segx_maps(flat: torch.Tensor, masks: torch.Tensor, order: str, p: float,
@@ -116,9 +152,9 @@ def segx_maps(flat: torch.Tensor, masks: torch.Tensor, order: str, p: float,
     top-``p`` % region inside the mask (``top-then-mask``). The top-``p`` % region of the result is the
     saliency map of that order in both cases."""
     check_order(order)
-    out = flat * masks
+    out = flat * _as_float(masks)
     if order == "top-then-mask":
-        out = out * (top_p_region(flat, p) if top is None else top)
+        out *= _as_float(top_p_region(flat, p) if top is None else top)
     return out
 
 
@@ -144,77 +180,83 @@ def auitc_from_flat(flat: torch.Tensor, masks: Sequence[torch.Tensor], n_thresho
     last = n_thresholds - 1
     threshold_grid(n_thresholds)
     if low is None or high is None:
-        low, high = torch.aminmax(flat, dim=1)
-    low, span = low[:, None], (high - low)[:, None]
-    scaled = torch.where(span > 0, (flat - low) / torch.where(span > 0, span, torch.ones_like(span)),
-                         torch.ones_like(flat))
-    # the bin, in float32 (exact for integers below 2**24): floor(v * last), corrected where rounding
-    # put v on the wrong side of a threshold tau_j = fl32(j / last)
-    position = scaled * last
-    bins = torch.floor(position)
-    fraction = position - bins
-    near = torch.nonzero((fraction < 1e-3) | (fraction > 1 - 1e-3), as_tuple=True)  # elsewhere floor is exact
-    if len(near[0]):
-        value, near_bins = scaled[near], bins[near]
-        near_bins = near_bins + ((near_bins < last) & (value >= (near_bins + 1) / last)).float()
-        bins[near] = near_bins - (value < near_bins / last).float()
-    bins.clamp_(0, last)
+        low, high = flat.amin(dim=1), flat.amax(dim=1)
+    span = high - low
+    constant = span <= 0
+    span = torch.where(constant, torch.ones_like(span), span)
+    # the bin of each pixel, #{j: tau_j <= v} - 1 with v = (x - low) / span (the reference's float32
+    # value) and tau_j = fl32(j / last): first floor(position) with a cheaper position (x - low) * (last /
+    # span), off from v * last by a few float32 ulps, so it is the exact bin wherever position is not
+    # within 1e-3 of an integer; those few pixels are recomputed from v exactly
+    factor = (last / span)[:, None]
+    position = torch.sub(flat, low[:, None]).mul_(factor) if bool((low != 0).any()) else flat * factor
+    bins = position.floor()
+    fraction = position.sub_(bins)
+    near = fraction > 1 - 1e-3  # just below a threshold, or just above one other than 0 (exact zeros are bin 0)
+    near |= (fraction < 1e-3) & (bins > 0)
+    rows_near, cols_near = torch.nonzero(near, as_tuple=True)
+    if len(rows_near):
+        value = (flat[rows_near, cols_near] - low[rows_near]) / span[rows_near]
+        exact = torch.floor(value * last)
+        exact = exact + ((exact < last) & (value >= (exact + 1) / last)).float()
+        bins[rows_near, cols_near] = exact - (value < exact / last).float()
+    if constant.any():
+        bins[constant] = float(last)  # a constant map scales to all ones
     width = n_thresholds * 2 ** len(masks)
-    code = bins
+    code = bins.clamp_(0, last)  # one code per pixel: row, mask pattern, threshold bin (float32: exact below 2**24)
     for k, mask in enumerate(masks):
-        code = code + mask * float(n_thresholds * 2 ** k)
-    code = code + torch.arange(rows, device=flat.device, dtype=flat.dtype)[:, None] * float(width)
-    counts = torch.bincount(code.flatten().long(), minlength=rows * width)
+        code.add_(_as_float(mask), alpha=n_thresholds * 2 ** k)
+    if rows * width < 2 ** 24:
+        code = code.add_(torch.arange(rows, device=flat.device, dtype=code.dtype)[:, None] * width).int()
+    else:
+        code = code.long() + torch.arange(rows, device=flat.device)[:, None] * width
+    counts = torch.bincount(code.flatten(), minlength=rows * width)
     counts = counts.reshape(rows, 2 ** len(masks), n_thresholds).flip(2).cumsum(2).flip(2).double()
     selected = counts.sum(dim=1)
     pattern = torch.arange(2 ** len(masks), device=flat.device)
     areas = []
     for k, mask in enumerate(masks):
         inside = counts[:, (pattern >> k) & 1 == 1].sum(dim=1)
-        union = selected + mask.sum(dim=1, keepdim=True).double() - inside
+        union = selected + _count(mask)[:, None].double() - inside
         iou = torch.where(union > 0, inside / union.clamp_min(1), torch.zeros_like(union))
         areas.append(((iou[:, 1:] + iou[:, :-1]) / 2).sum(dim=1) / last)
     return areas
 
 
-def _iou(region: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    inter = (region & mask).sum(dim=1).double()
-    union = region.sum(dim=1).double() + mask.sum(dim=1).double() - inter
+def _iou(region: torch.Tensor, mask: torch.Tensor, mask_size: torch.Tensor | None = None) -> torch.Tensor:
+    inter = _count(region & mask).double()
+    mask_size = _count(mask) if mask_size is None else mask_size
+    union = _count(region).double() + mask_size.double() - inter
     return torch.where(union > 0, inter / union.clamp_min(1), torch.zeros_like(union))
 
 
-def _mass(flat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    total = flat.sum(dim=1, dtype=torch.float64)
-    inside = (flat * mask).sum(dim=1, dtype=torch.float64)
+def _mass(flat: torch.Tensor, mask: torch.Tensor, total: torch.Tensor | None = None) -> torch.Tensor:
+    total = _total(flat) if total is None else total
+    inside = _total(flat * _as_float(mask))
     return torch.where(total > 0, inside / torch.where(total > 0, total, torch.ones_like(total)),
                        torch.zeros_like(total))
 
 
-def _pointing(flat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    peak = flat.max(dim=1, keepdim=True).values
-    hit = ((flat == peak) & mask).any(dim=1) & (peak[:, 0] > 0)
+def _pointing(flat: torch.Tensor, mask: torch.Tensor, peak: torch.Tensor | None = None) -> torch.Tensor:
+    peak = flat.amax(dim=1) if peak is None else peak
+    hit = (_count((flat == peak[:, None]) & mask) > 0) & (peak > 0)
     return hit.double()
 
 
-def _rank(flat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def _rank(flat: torch.Tensor, mask: torch.Tensor, kth: torch.Tensor, sizes: torch.Tensor,
+          peak: torch.Tensor) -> torch.Tensor:
     """Relevance rank accuracy: share of the ``K = |mask|`` highest pixels inside the mask, ties in
-    expectation (as :func:`segx_helpers.metrics.relevance_rank_accuracy`)."""
-    sizes = mask.sum(dim=1)
-    valid = (sizes > 0) & (flat.max(dim=1).values > 0)
-    out = torch.zeros(len(flat), dtype=torch.float64, device=flat.device)
-    if not valid.any():
-        return out
-    values, inside, k = flat[valid], mask[valid], sizes[valid]
-    ordered = torch.sort(values, dim=1, descending=True).values
-    kth = ordered.gather(1, (k - 1)[:, None])
-    kth = torch.where(kth > 0, kth, torch.zeros_like(kth))
-    positive = values > 0
-    above = positive & (values > kth)
-    tied = torch.where(kth > 0, values == kth, ~positive)
-    from_ties = (k - above.sum(dim=1)).double()
-    hits = (above & inside).sum(dim=1).double() + from_ties * (tied & inside).sum(dim=1).double() / tied.sum(dim=1).double()
-    out[valid] = hits / k.double()
-    return out
+    expectation (as :func:`segx_helpers.metrics.relevance_rank_accuracy`); ``kth`` the K-th largest
+    value of each row (:func:`kth_largest`), ``sizes`` K, ``peak`` the row maxima. Values are
+    non-negative, so the pixels above the K-th value are ``flat > kth`` and its ties ``flat == kth``
+    (the zeros, when fewer than K pixels are positive)."""
+    valid = (sizes > 0) & (peak > 0)
+    above = flat > kth[:, None]
+    tied = flat == kth[:, None]
+    k = sizes.double().clamp_min(1)
+    from_ties = k - _count(above).double()
+    hits = _count(above & mask).double() + from_ties * _count(tied & mask).double() / _count(tied).double().clamp_min(1)
+    return torch.where(valid, hits / k, torch.zeros_like(k))
 
 
 def _warn(flags: torch.Tensor, what: str) -> None:
@@ -223,9 +265,11 @@ def _warn(flags: torch.Tensor, what: str) -> None:
         warnings.warn(f"{count} map(s) have {what}; their scores are set to 0.0", DegenerateMapWarning, stacklevel=3)
 
 
-def segx_saliency(maps, masks, p: float = 5.0, order: str = "mask-then-top", device=None) -> torch.Tensor:
+def segx_saliency(maps, masks, p: float = 5.0, order: str = "mask-then-top", device=None,
+                  batch_size: int = 16) -> torch.Tensor:
     """SegX saliency maps, bool ``(M, H, W)`` on ``device``: the top-``p`` % of the SegX map of ``order``
-    (the engine's counterpart of ``top_percent(segx(maps, masks, order=order), p)``); masks boolean ``(M, H, W)``."""
+    (the engine's counterpart of ``top_percent(segx(maps, masks, order=order), p)``); masks boolean ``(M, H, W)``.
+    Computed ``batch_size`` maps at a time, as :func:`analyse`."""
     maps = torch.as_tensor(maps)
     device = torch.device(device) if device is not None else maps.device
     maps, _, _ = _check_maps(maps.to(device))
@@ -233,14 +277,16 @@ def segx_saliency(maps, masks, p: float = 5.0, order: str = "mask-then-top", dev
     if masks.dtype != torch.bool or masks.shape != maps.shape:
         raise ValueError(f"masks must be boolean of the maps' shape {tuple(maps.shape)}")
     m = len(maps)
-    flat = maps.reshape(m, -1)
-    return top_p_region(segx_maps(flat, masks.reshape(m, -1), order, p), p).reshape(maps.shape)
+    flat, flat_masks = maps.reshape(m, -1), masks.reshape(m, -1)
+    parts = [top_p_region(segx_maps(flat[rows], flat_masks[rows], order, p), p)
+             for rows in (slice(start, start + batch_size) for start in range(0, m, batch_size))]
+    return (torch.cat(parts) if parts else flat_masks.clone()).reshape(maps.shape)
 
 
 def analyse(maps, predicted_masks, true_masks=None, image_index=None, has_true_mask=None, *, p: float = 5.0,
             n_thresholds: int = 101, orders: Sequence[str] = ORDERS, localisation: bool = True,
             distance: bool = False, artefact_masks=None, device: str | torch.device | None = None,
-            batch_size: int = 128) -> pd.DataFrame:
+            batch_size: int = 16) -> pd.DataFrame:
     """Every SegU and localisation score, one row per map.
 
     ``maps`` ``(M, H, W)`` the *original* explanations (numpy or torch; computed on ``device``, default
@@ -304,22 +350,23 @@ def analyse(maps, predicted_masks, true_masks=None, image_index=None, has_true_m
         return pd.DataFrame({c: pd.Series(dtype=float) for c in columns})
     flat = maps.reshape(m, h * w)
     predicted = per_map(predicted_masks)
-    top = top_p_region(flat, p)
-    empty_map, empty_mask = high <= 0, ~predicted.any(dim=1)
-    _warn(empty_map | empty_mask, "no positive value or an empty predicted mask")
-    usable = ~(empty_map | empty_mask)
     truth = per_map(true_masks) if true_masks is not None and localisation else None
-
+    truth_size = _count(truth) if truth is not None else None
     with torch.no_grad():
+        top = top_p_region(flat, p)
+        empty_map, empty_mask = high <= 0, _count(predicted) == 0
+        _warn(empty_map | empty_mask, "no positive value or an empty predicted mask")
+        usable = ~(empty_map | empty_mask)
         auitc = auitc_from_flat(flat, [predicted] + ([truth] if truth is not None else []), n_thresholds, low, high)
-        top_size = top.sum(dim=1).double()
-        hits = (top & predicted).sum(dim=1).double()
+        total = _total(flat)
+        top_size = _count(top).double()
+        hits = _count(top & predicted).double()
         zero = torch.zeros(m, dtype=torch.float64, device=device)
         out = {
             "c_IoU": torch.where(usable, _iou(top, predicted), zero),
             "c_AUITC": torch.where(usable, auitc[0], zero),
             "SegU share inside": torch.where(usable, hits / top_size.clamp_min(1), zero),
-            "SegU mass": torch.where(usable, _mass(flat, predicted), zero),
+            "SegU mass": torch.where(usable, _mass(flat, predicted, total), zero),
         }
         if distance:
             from .segu import distance_from_top
@@ -329,20 +376,24 @@ def analyse(maps, predicted_masks, true_masks=None, image_index=None, has_true_m
                 out["SegU distance"] = torch.as_tensor(distance_from_top(
                     top.reshape(m, h, w).cpu().numpy(), predicted.reshape(m, h, w).cpu().numpy()))
         if artefact_masks is not None:
-            out["artefact mass"] = _mass(flat, per_map(artefact_masks))
+            out["artefact mass"] = _mass(flat, per_map(artefact_masks), total)
         if truth is not None:
-            sets = {"original": (flat, top, auitc[1])}
+            label = f"IoU@{p:g}%"
+
+            def localise(name, values, region, area, rank_cut, peak, values_total):
+                out[f"{name} {label}"] = _iou(region, truth, truth_size)
+                out[f"{name} AUITC"] = area
+                out[f"{name} relevance mass"] = _mass(values, truth, values_total)
+                out[f"{name} relevance rank"] = _rank(values, truth, rank_cut, truth_size, peak)
+                out[f"{name} pointing game"] = _pointing(values, truth, peak)
+
+            localise("original", flat, top, auitc[1], kth_largest(flat, truth_size), high, total)
             for order in orders:
                 aligned = segx_maps(flat, predicted, order, p, top)
-                aligned_top = top_p_region(aligned, p)
-                sets[segx_label(order)] = (aligned, aligned_top, auitc_from_flat(aligned, [truth], n_thresholds)[0])
-            label = f"IoU@{p:g}%"
-            for name, (values, region, area) in sets.items():
-                out[f"{name} {label}"] = _iou(region, truth)
-                out[f"{name} AUITC"] = area
-                out[f"{name} relevance mass"] = _mass(values, truth)
-                out[f"{name} relevance rank"] = _rank(values, truth)
-                out[f"{name} pointing game"] = _pointing(values, truth)
+                a_low, a_high = aligned.amin(dim=1), aligned.amax(dim=1)
+                localise(segx_label(order), aligned, top_p_region(aligned, p),
+                         auitc_from_flat(aligned, [truth], n_thresholds, a_low, a_high)[0],
+                         kth_largest(aligned, truth_size), a_high, _total(aligned))
     frame = pd.DataFrame({name: value.cpu().numpy().astype(np.float64) for name, value in out.items()})
     if truth is not None and has_true_mask is not None:
         known = np.asarray(has_true_mask, dtype=bool)

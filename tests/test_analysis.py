@@ -212,6 +212,7 @@ def test_engine_segx_saliency_equals_the_reference_in_both_orders():
     for order in ("mask-then-top", "top-then-mask"):
         expected = top_percent(segx(maps, masks, order=order))
         assert np.array_equal(segx_saliency(maps, masks, order=order).numpy(), expected), order
+        assert np.array_equal(segx_saliency(maps, masks, order=order, batch_size=3).numpy(), expected), order
 
 
 def test_artefact_mass_is_the_share_of_attribution_on_the_artefact():
@@ -236,6 +237,9 @@ def test_engine_auitc_is_exact_for_values_on_the_thresholds(n_thresholds):
     masks = rng.random((12, 20, 20)) > 0.5
     engine = analyse(maps, masks, n_thresholds=n_thresholds, localisation=False)["c_AUITC"].to_numpy()
     assert np.abs(engine - auitc(maps, masks, n_thresholds)).max() < 1e-9
+    shifted = (maps + np.float32(1.0)).astype(np.float32)   # minimum 1: the engine's other scaling path,
+    engine = analyse(shifted, masks, n_thresholds=n_thresholds, localisation=False)["c_AUITC"].to_numpy()
+    assert np.abs(engine - auitc(shifted, masks, n_thresholds)).max() < 1e-9  # values within an ulp of a threshold
 
 
 def test_scoring_in_batches_gives_the_same_table():
