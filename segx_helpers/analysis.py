@@ -2,16 +2,23 @@
 
 Notebooks 04 and 05, ``explanation_recipes.segx_results``, the benchmark and any command call :func:`analyse`;
 nothing else computes these scores for users. It runs on torch tensors on the maps' device (CPU or
-CUDA), batched over maps, with no per-threshold and no per-map Python loop:
+CUDA), in batches of maps, with no per-threshold loop:
 
-* the top-``p`` % saliency region is one ``torch.kthvalue`` per map (the tie rule of
+* the top-``p`` % saliency region is one ``torch.topk`` per batch (the tie rule of
   :func:`segx_helpers.segx.top_percent`: the ``k = ceil(p % · H·W)`` largest pixels plus any tied
   with the k-th, positive pixels only);
 * the areas under the IoU–threshold curve (the paper's ``c_AUITC`` and ``AUITC``) come from one
   histogram per map over the threshold grid: each pixel falls in the bin of the highest threshold it
   reaches, and reversed cumulative sums give the selected and intersecting pixel counts at every
   threshold at once, so the cost does not grow with the number of thresholds;
+* relevance rank needs the K-th largest value for a K that differs per map (the mask's size): one
+  ``torch.kthvalue`` (a selection, not a sort) per map;
 * overlaps, masses and the pointing game are batched sums.
+
+On the CPU every pass over the pixels counts, so the code avoids the slow paths of eager torch:
+``aminmax`` (use ``amin`` and ``amax``), sums of booleans and ``sum(dtype=float64)`` (both copy the
+whole array first), ``bool -> float`` casts (go through ``uint8``); and it scores 16 maps at a time,
+so that a batch of 224 px maps stays in the CPU's caches.
 
 The numpy functions in :mod:`segx_helpers.segx`, :mod:`segx_helpers.segu` and
 :mod:`segx_helpers.metrics` are the plain reference implementations; the tests check that this
@@ -203,7 +210,7 @@ def auitc_from_flat(flat: torch.Tensor, masks: Sequence[torch.Tensor], n_thresho
     if constant.any():
         bins[constant] = float(last)  # a constant map scales to all ones
     width = n_thresholds * 2 ** len(masks)
-    code = bins.clamp_(0, last)  # one code per pixel: row, mask pattern, threshold bin (float32: exact below 2**24)
+    code = bins  # in [0, last] by construction; one code per pixel: row, mask pattern, bin (float32: exact below 2**24)
     for k, mask in enumerate(masks):
         code.add_(_as_float(mask), alpha=n_thresholds * 2 ** k)
     if rows * width < 2 ** 24:
