@@ -254,3 +254,27 @@ def test_scoring_in_batches_gives_the_same_table():
 
     pd.testing.assert_frame_equal(whole, batched)
     pd.testing.assert_frame_equal(whole, per_map)
+
+
+def test_batches_warn_once_and_name_bad_maps_by_their_place_in_the_whole_input():
+    rng = np.random.default_rng(7)
+    maps = rng.random((10, 12, 12)).astype(np.float32)
+    maps[[1, 6, 9]] = 0.0                                   # degenerate maps in three different batches
+    masks = rng.random((10, 12, 12)) > 0.5
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        table = analyse(maps, masks, localisation=False, batch_size=4)
+    degenerate = [w for w in caught if issubclass(w.category, DegenerateMapWarning)]
+    assert len(degenerate) == 1 and str(degenerate[0].message).startswith("3 map(s)")
+    assert (table.loc[[1, 6, 9], "c_IoU"] == 0).all() and len(table) == 10
+    maps[6, 3, 3] = np.nan
+    with pytest.raises(ValueError, match=r"maps \[6\]"):
+        quiet(analyse, maps, masks, batch_size=4)
+
+
+def test_one_map_of_shape_h_w_is_one_row_whatever_the_batch_size():
+    heat = blob(square(5, 7))
+    mask = square(4, 8)
+    one = analyse(heat, mask, mask, batch_size=2)
+    assert len(one) == 1
+    assert one["c_IoU"][0] == pytest.approx(analyse(heat[None], mask[None], mask[None])["c_IoU"][0])
