@@ -120,13 +120,18 @@ def _check_maps(maps: torch.Tensor, first: int = 0) -> tuple[torch.Tensor, torch
     return maps, low, high
 
 
-def kth_largest(flat: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """The ``k``-th largest value ``(M,)`` of each row of ``flat`` ``(M, P)``, ``k`` ``(M,)`` in ``1 .. P``:
-    one ``torch.kthvalue`` (a selection, not a sort) per row, since ``k`` differs between rows."""
+def kth_largest(flat: torch.Tensor, k: torch.Tensor, positive: torch.Tensor | None = None) -> torch.Tensor:
+    """The ``k``-th largest value ``(M,)`` of each row of the non-negative ``flat`` ``(M, P)``, ``k``
+    ``(M,)`` in ``1 .. P``: one ``torch.kthvalue`` (a selection, not a sort) per row, since ``k`` differs
+    between rows; 0 without any work for a row with fewer than ``k`` positive values (``positive``
+    ``(M,)``, when the caller knows them: SegX maps are zero outside the mask)."""
     pixels = flat.shape[1]
-    k = torch.as_tensor(k).long().clamp(1, pixels).tolist()
-    return torch.stack([torch.kthvalue(row, pixels - kk + 1).values for row, kk in zip(flat, k)]) if len(k) \
-        else flat.new_zeros(0)
+    k = torch.as_tensor(k).long().clamp(1, pixels)
+    out = flat.new_zeros(len(flat))
+    rows = range(len(flat)) if positive is None else torch.nonzero(positive >= k).flatten().tolist()
+    for row in rows:
+        out[row] = torch.kthvalue(flat[row], pixels - int(k[row]) + 1).values
+    return out
 
 
 def top_p_count(p: float, pixels: int) -> int:
@@ -136,11 +141,18 @@ def top_p_count(p: float, pixels: int) -> int:
     return max(1, math.ceil(p / 100.0 * pixels))
 
 
-def top_p_cut(flat: torch.Tensor, p: float) -> torch.Tensor:
+def top_p_cut(flat: torch.Tensor, p: float, positive: torch.Tensor | None = None) -> torch.Tensor:
     """Per row of ``flat`` ``(M, P)``: the value ``v`` such that ``(flat >= v) & (flat > 0)`` is the
-    top-``p`` % region (the k-th largest value, or 0 when a row has fewer than k positive values)."""
-    kth = torch.topk(flat, top_p_count(p, flat.shape[1]), dim=1, sorted=False).values.amin(dim=1)
-    return kth.clamp_min(0)
+    top-``p`` % region (the k-th largest value, or 0 when a row has fewer than k positive values:
+    known without a selection for rows whose count of positive values ``positive`` ``(M,)`` is given)."""
+    k = top_p_count(p, flat.shape[1])
+    if positive is None or bool((positive >= k).all()):
+        return torch.topk(flat, k, dim=1, sorted=False).values.amin(dim=1).clamp_min(0)
+    cut = flat.new_zeros(len(flat))
+    rows = torch.nonzero(positive >= k).flatten()
+    if len(rows):
+        cut[rows] = torch.topk(flat[rows], k, dim=1, sorted=False).values.amin(dim=1)
+    return cut
 
 
 def _region(flat: torch.Tensor, cut: torch.Tensor) -> torch.Tensor:
@@ -149,9 +161,9 @@ def _region(flat: torch.Tensor, cut: torch.Tensor) -> torch.Tensor:
     return region if bool((cut > 0).all()) else region & (flat > 0)
 
 
-def top_p_region(flat: torch.Tensor, p: float) -> torch.Tensor:
-    """Boolean top-``p`` % region ``(M, P)`` of ``flat`` ``(M, P)``."""
-    return _region(flat, top_p_cut(flat, p))
+def top_p_region(flat: torch.Tensor, p: float, positive: torch.Tensor | None = None) -> torch.Tensor:
+    """Boolean top-``p`` % region ``(M, P)`` of ``flat`` ``(M, P)`` (``positive`` as in :func:`top_p_cut`)."""
+    return _region(flat, top_p_cut(flat, p, positive))
 
 
 def segx_maps(flat: torch.Tensor, masks: torch.Tensor, order: str, p: float,
@@ -213,7 +225,7 @@ def auitc_from_flat(flat: torch.Tensor, masks: Sequence[torch.Tensor], n_thresho
     width = n_thresholds * 2 ** len(masks)
     code = bins  # in [0, last] by construction; one code per pixel: row, mask pattern, bin (float32: exact below 2**24)
     for k, mask in enumerate(masks):
-        code.add_(_as_float(mask), alpha=n_thresholds * 2 ** k)
+        code.add_(mask.view(torch.uint8), alpha=n_thresholds * 2 ** k)  # cast on the fly, no float copy
     if rows * width < 2 ** 24:
         code = code.add_(torch.arange(rows, device=flat.device, dtype=code.dtype)[:, None] * width).int()
     else:
@@ -420,9 +432,12 @@ def _analyse_batch(maps, predicted_masks, true_masks, image_index, *, artefact_m
             for order in orders:
                 aligned = segx_maps(flat, predicted, order, p, top)
                 a_low, a_high = aligned.amin(dim=1), aligned.amax(dim=1)
-                localise(segx_label(order), aligned, top_p_region(aligned, p),
+                # zero outside the mask (and, top-then-mask, outside the top p %): often fewer positive
+                # pixels than the region sizes, and then the k-th largest value is 0 without a selection
+                positive = hits if order == "top-then-mask" else _count(aligned > 0)
+                localise(segx_label(order), aligned, top_p_region(aligned, p, positive),
                          auitc_from_flat(aligned, [truth], n_thresholds, a_low, a_high)[0],
-                         kth_largest(aligned, truth_size), a_high, _total(aligned))
+                         kth_largest(aligned, truth_size, positive), a_high, _total(aligned))
     return {name: value.cpu().numpy().astype(np.float64) for name, value in out.items()}, int((~usable).sum())
 
 
