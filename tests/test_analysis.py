@@ -278,3 +278,18 @@ def test_one_map_of_shape_h_w_is_one_row_whatever_the_batch_size():
     one = analyse(heat, mask, mask, batch_size=2)
     assert len(one) == 1
     assert one["c_IoU"][0] == pytest.approx(analyse(heat[None], mask[None], mask[None])["c_IoU"][0])
+
+
+def test_kth_largest_by_selection_equals_the_gpu_path_by_sort_ties_and_zeros_included():
+    from segx_helpers.analysis import _kth_largest_by_sort, kth_largest
+
+    rng = np.random.default_rng(8)
+    flat = torch.as_tensor(np.round(rng.random((9, 50)) * 5) / 5, dtype=torch.float32)   # ties and zeros
+    flat[3] = 0.0
+    k = torch.as_tensor(rng.integers(1, 51, 9))
+    positive = (flat > 0).sum(dim=1)
+    by_sort = _kth_largest_by_sort(flat, k)
+    assert torch.equal(kth_largest(flat, k), by_sort)
+    assert torch.equal(kth_largest(flat, k, positive), by_sort)
+    assert torch.equal(by_sort, torch.as_tensor([sorted(row, reverse=True)[kk - 1] for row, kk in
+                                                 zip(flat.tolist(), k.tolist())], dtype=torch.float32))
