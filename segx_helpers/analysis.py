@@ -4,15 +4,15 @@ Notebooks 04 and 05, ``explanation_recipes.segx_results``, the benchmark and any
 nothing else computes these scores for users. It runs on torch tensors on the maps' device (CPU or
 CUDA), in batches of maps, with no per-threshold loop:
 
-* every pixel gets its threshold bin (the index of the highest threshold ``tau_j = j / (n - 1)`` its
-  min-max scaled value reaches, exact also for values on a threshold), and one histogram per map of
-  bin and mask bits gives, by reversed cumulative sums, the selected and intersecting pixel counts at
-  every threshold at once: the areas under the IoU–threshold curve (the paper's ``c_AUITC`` and
-  ``AUITC``) cost the same for 11 or 10,001 thresholds;
-* the same histogram finds the bin that holds the k-th largest value, so the top-``p`` % cut (the
-  tie rule of :func:`segx_helpers.segx.top_percent`: the ``k = ceil(p % · H·W)`` largest pixels plus
-  any tied with the k-th, positive pixels only) and the relevance rank's K-th value (K = the mask's
-  size) only sort the pixels of one bin, about 1 % of them;
+* the top-``p`` % saliency region is one ``torch.topk`` per batch (the tie rule of
+  :func:`segx_helpers.segx.top_percent`: the ``k = ceil(p % · H·W)`` largest pixels plus any tied
+  with the k-th, positive pixels only);
+* the areas under the IoU–threshold curve (the paper's ``c_AUITC`` and ``AUITC``) come from one
+  histogram per map over the threshold grid: each pixel falls in the bin of the highest threshold it
+  reaches, and reversed cumulative sums give the selected and intersecting pixel counts at every
+  threshold at once, so the cost does not grow with the number of thresholds;
+* relevance rank needs the K-th largest value for a K that differs per map (the mask's size): one
+  ``torch.kthvalue`` (a selection, not a sort) per map;
 * overlaps, masses and the pointing game are batched sums.
 
 On the CPU every pass over the pixels counts, so the code avoids the slow paths of eager torch:
@@ -192,11 +192,17 @@ def threshold_grid(n_thresholds: int) -> np.ndarray:
     return np.arange(n_thresholds, dtype=np.float32) / np.float32(n_thresholds - 1)
 
 
-def threshold_bins(flat: torch.Tensor, n_thresholds: int = 101, low: torch.Tensor | None = None,
-                   high: torch.Tensor | None = None) -> torch.Tensor:
-    """The threshold bin ``(M, P)`` float32 of every pixel of ``flat`` ``(M, P)``: ``#{j: tau_j <= v} - 1``
-    for the min-max scaled value ``v`` and ``tau_j = fl32(j / (n - 1))``, exact (also for values on a
-    threshold). A constant positive map scales to all ones, bin ``n - 1``. Monotone in the pixel value."""
+def auitc_from_flat(flat: torch.Tensor, masks: Sequence[torch.Tensor], n_thresholds: int = 101,
+                    low: torch.Tensor | None = None, high: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """Area under the IoU–threshold curve ``(M,)`` of each map of ``flat`` ``(M, P)`` against each mask
+    set in ``masks`` (each ``(M, P)`` bool), as :func:`segx_helpers.metrics.auitc` defines it.
+
+    Each map is min-max scaled to [0, 1] (a constant positive map becomes all ones). Every pixel gets
+    the index of the highest threshold it reaches (``#{j: tau_j <= v} - 1``, exact, also for values on
+    a threshold), combined with its mask bits into one code; one ``bincount`` then counts, per map,
+    threshold bin and mask pattern. Reversed cumulative sums give, at every threshold at once, the
+    selected pixels and those inside each mask, hence the IoU curve, integrated with the trapezoid rule.
+    """
     rows, pixels = flat.shape
     last = n_thresholds - 1
     threshold_grid(n_thresholds)
@@ -205,9 +211,10 @@ def threshold_bins(flat: torch.Tensor, n_thresholds: int = 101, low: torch.Tenso
     span = high - low
     constant = span <= 0
     span = torch.where(constant, torch.ones_like(span), span)
-    # first floor(position) with a cheaper position (x - low) * (last / span), off from v * last by a few
-    # float32 ulps, so it is the exact bin wherever position is not within 1e-3 of an integer; those few
-    # pixels are recomputed from v = (x - low) / span (the reference's float32 value) exactly
+    # the bin of each pixel, #{j: tau_j <= v} - 1 with v = (x - low) / span (the reference's float32
+    # value) and tau_j = fl32(j / last): first floor(position) with a cheaper position (x - low) * (last /
+    # span), off from v * last by a few float32 ulps, so it is the exact bin wherever position is not
+    # within 1e-3 of an integer; those few pixels are recomputed from v exactly
     factor = (last / span)[:, None]
     position = torch.sub(flat, low[:, None]).mul_(factor) if bool((low != 0).any()) else flat * factor
     bins = position.floor()
@@ -222,88 +229,25 @@ def threshold_bins(flat: torch.Tensor, n_thresholds: int = 101, low: torch.Tenso
         bins[rows_near, cols_near] = exact - (value < exact / last).float()
     if constant.any():
         bins[constant] = float(last)  # a constant map scales to all ones
-    return bins
-
-
-def _auitc_counts(bins: torch.Tensor, masks: Sequence[torch.Tensor], n_thresholds: int,
-                  sizes: Sequence[torch.Tensor] | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """From :func:`threshold_bins`: the AUITC ``(M,)`` against each mask set ``(M, P)`` bool, and the number
-    of pixels at or above each threshold ``(M, n)`` (one ``bincount`` of bin, mask pattern and row)."""
-    rows = len(bins)
-    last = n_thresholds - 1
     width = n_thresholds * 2 ** len(masks)
-    code = bins.clone() if not masks else None  # in [0, last]; one code per pixel (float32: exact below 2**24)
+    code = bins  # in [0, last] by construction; one code per pixel: row, mask pattern, bin (float32: exact below 2**24)
     for k, mask in enumerate(masks):
-        step = n_thresholds * 2 ** k
-        code = torch.add(bins, mask.view(torch.uint8), alpha=step) if code is None else \
-            code.add_(mask.view(torch.uint8), alpha=step)  # uint8 cast on the fly, no float copy
+        code.add_(mask.view(torch.uint8), alpha=n_thresholds * 2 ** k)  # cast on the fly, no float copy
     if rows * width < 2 ** 24:
-        code = code.add_(torch.arange(rows, device=bins.device, dtype=code.dtype)[:, None] * width).int()
+        code = code.add_(torch.arange(rows, device=flat.device, dtype=code.dtype)[:, None] * width).int()
     else:
-        code = code.long() + torch.arange(rows, device=bins.device)[:, None] * width
+        code = code.long() + torch.arange(rows, device=flat.device)[:, None] * width
     counts = torch.bincount(code.flatten(), minlength=rows * width)
     counts = counts.reshape(rows, 2 ** len(masks), n_thresholds).flip(2).cumsum(2).flip(2).double()
-    at_least = counts.sum(dim=1)
-    pattern = torch.arange(2 ** len(masks), device=bins.device)
+    selected = counts.sum(dim=1)
+    pattern = torch.arange(2 ** len(masks), device=flat.device)
     areas = []
     for k, mask in enumerate(masks):
         inside = counts[:, (pattern >> k) & 1 == 1].sum(dim=1)
-        size = _count(mask) if sizes is None else sizes[k]
-        union = at_least + size[:, None].double() - inside
+        union = selected + _count(mask)[:, None].double() - inside
         iou = torch.where(union > 0, inside / union.clamp_min(1), torch.zeros_like(union))
         areas.append(((iou[:, 1:] + iou[:, :-1]) / 2).sum(dim=1) / last)
-    return areas, at_least
-
-
-_MAX_IN_BIN = 4096
-
-
-def _kth_from_bins(flat: torch.Tensor, bins: torch.Tensor, at_least: torch.Tensor, k: torch.Tensor,
-                   positive: torch.Tensor | None = None) -> torch.Tensor:
-    """The exact ``k``-th largest value ``(M,)`` of each row of the non-negative ``flat``, found with its
-    threshold histogram: the bin that holds it follows from ``at_least`` (:func:`_auitc_counts`), and
-    only that bin's pixels (about 1 % of them) are sorted. 0 for rows with fewer than ``k`` positive
-    values; rows whose k-th value falls in bin 0 (with the zeros) or in a bin of more than 4,096 pixels
-    (a plateau, a constant map) fall back to :func:`kth_largest`."""
-    m, pixels = flat.shape
-    k = torch.as_tensor(k, device=flat.device).long().clamp(1, pixels)
-    last = at_least.shape[1] - 1
-    chosen = (at_least >= k[:, None].double()).sum(dim=1) - 1  # the highest bin with >= k pixels at or above it
-    above = torch.where(chosen < last, at_least.gather(1, (chosen + 1).clamp_max(last)[:, None])[:, 0],
-                        torch.zeros_like(at_least[:, 0])).long()
-    in_bin = at_least.gather(1, chosen[:, None])[:, 0].long() - above
-    out = flat.new_zeros(m)
-    needed = flat.amax(dim=1) > 0 if positive is None else positive >= k  # else the k-th value is 0
-    fallback = needed & ((chosen == 0) | (in_bin > _MAX_IN_BIN))  # the zeros' bin, or a plateau: select
-    if fallback.any():
-        rows = torch.nonzero(fallback).flatten()
-        out[rows] = kth_largest(flat[rows], k[rows])
-    picked = needed & ~fallback
-    if picked.any():
-        target = torch.where(picked, chosen, torch.full_like(chosen, -1)).to(bins.dtype)
-        values = flat[bins == target[:, None]]  # row-major: the rows in order
-        counts = torch.where(picked, in_bin, torch.zeros_like(in_bin))
-        owner = torch.repeat_interleave(torch.arange(m, device=flat.device), counts)
-        order = torch.sort(values, descending=True, stable=True).indices
-        order = order[torch.sort(owner[order], stable=True).indices]  # by row, then by value descending
-        start = torch.cumsum(counts, 0) - counts
-        rows = torch.nonzero(picked).flatten()
-        out[rows] = values[order[start[rows] + (k - above)[rows] - 1]]
-    return out
-
-
-def auitc_from_flat(flat: torch.Tensor, masks: Sequence[torch.Tensor], n_thresholds: int = 101,
-                    low: torch.Tensor | None = None, high: torch.Tensor | None = None) -> list[torch.Tensor]:
-    """Area under the IoU–threshold curve ``(M,)`` of each map of ``flat`` ``(M, P)`` against each mask
-    set in ``masks`` (each ``(M, P)`` bool), as :func:`segx_helpers.metrics.auitc` defines it.
-
-    Each map is min-max scaled to [0, 1] (a constant positive map becomes all ones). Every pixel gets
-    the index of the highest threshold it reaches (:func:`threshold_bins`), combined with its mask bits
-    into one code; one ``bincount`` then counts, per map, threshold bin and mask pattern. Reversed
-    cumulative sums give, at every threshold at once, the selected pixels and those inside each mask,
-    hence the IoU curve, integrated with the trapezoid rule.
-    """
-    return _auitc_counts(threshold_bins(flat, n_thresholds, low, high), masks, n_thresholds)[0]
+    return areas
 
 
 def _iou(region: torch.Tensor, mask: torch.Tensor, mask_size: torch.Tensor | None = None) -> torch.Tensor:
@@ -458,16 +402,10 @@ def _analyse_batch(maps, predicted_masks, true_masks, image_index, *, artefact_m
     predicted = per_map(predicted_masks)
     truth = per_map(true_masks) if true_masks is not None and localisation else None
     truth_size = _count(truth) if truth is not None else None
-    predicted_size = _count(predicted)
-    top_k = torch.full((m,), top_p_count(p, h * w), device=device)
     with torch.no_grad():
-        # one threshold histogram per map gives c_AUITC (and AUITC against the truth), and finds the
-        # top-p % cut and the relevance rank's K-th value without a selection over all pixels
-        bins = threshold_bins(flat, n_thresholds, low, high)
-        auitc, at_least = _auitc_counts(bins, [predicted] + ([truth] if truth is not None else []), n_thresholds,
-                                        [predicted_size] + ([truth_size] if truth is not None else []))
-        top = _region(flat, _kth_from_bins(flat, bins, at_least, top_k))
-        usable = (high > 0) & (predicted_size > 0)
+        top = top_p_region(flat, p)
+        usable = (high > 0) & (_count(predicted) > 0)
+        auitc = auitc_from_flat(flat, [predicted] + ([truth] if truth is not None else []), n_thresholds, low, high)
         total = _total(flat)
         top_size = _count(top).double()
         hits = _count(top & predicted).double()
@@ -497,18 +435,16 @@ def _analyse_batch(maps, predicted_masks, true_masks, image_index, *, artefact_m
                 out[f"{name} relevance rank"] = _rank(values, truth, rank_cut, truth_size, peak)
                 out[f"{name} pointing game"] = _pointing(values, truth, peak)
 
-            localise("original", flat, top, auitc[1], _kth_from_bins(flat, bins, at_least, truth_size), high, total)
+            localise("original", flat, top, auitc[1], kth_largest(flat, truth_size), high, total)
             for order in orders:
                 aligned = segx_maps(flat, predicted, order, p, top)
                 a_low, a_high = aligned.amin(dim=1), aligned.amax(dim=1)
-                a_bins = threshold_bins(aligned, n_thresholds, a_low, a_high)
-                (a_auitc,), a_at_least = _auitc_counts(a_bins, [truth], n_thresholds, [truth_size])
                 # zero outside the mask (and, top-then-mask, outside the top p %): often fewer positive
                 # pixels than the region sizes, and then the k-th largest value is 0 without a selection
                 positive = hits if order == "top-then-mask" else _count(aligned > 0)
-                a_top = _region(aligned, _kth_from_bins(aligned, a_bins, a_at_least, top_k, positive))
-                localise(segx_label(order), aligned, a_top, a_auitc,
-                         _kth_from_bins(aligned, a_bins, a_at_least, truth_size, positive), a_high, _total(aligned))
+                localise(segx_label(order), aligned, top_p_region(aligned, p, positive),
+                         auitc_from_flat(aligned, [truth], n_thresholds, a_low, a_high)[0],
+                         kth_largest(aligned, truth_size, positive), a_high, _total(aligned))
     return {name: value.cpu().numpy().astype(np.float64) for name, value in out.items()}, int((~usable).sum())
 
 

@@ -293,25 +293,3 @@ def test_kth_largest_by_selection_equals_the_gpu_path_by_sort_ties_and_zeros_inc
     assert torch.equal(kth_largest(flat, k, positive), by_sort)
     assert torch.equal(by_sort, torch.as_tensor([sorted(row, reverse=True)[kk - 1] for row, kk in
                                                  zip(flat.tolist(), k.tolist())], dtype=torch.float32))
-
-
-def test_kth_value_from_the_threshold_histogram_equals_a_sort_on_zeros_plateaus_and_constant_maps():
-    """The histogram lookup behind the top-p % cut and relevance rank, on every path it takes: the bin
-    of a few pixels (sorted), the zeros' bin and a plateau of more than 4,096 pixels (selected per row)."""
-    from segx_helpers.analysis import _auitc_counts, _kth_from_bins, _kth_largest_by_sort, threshold_bins
-
-    rng = np.random.default_rng(9)
-    maps = rng.random((6, 80, 80)).astype(np.float32)
-    maps[0][maps[0] < 0.7] = 0.0                     # 70 % zeros: large k falls in the zeros' bin
-    maps[1, :70, :] = 0.5                            # a plateau of 5,600 equal pixels
-    maps[2] = 0.25                                   # constant
-    maps[3] = 0.0                                    # all zero
-    maps[4] = np.round(maps[4] * 8) / 8              # ties on the thresholds
-    flat = torch.as_tensor(maps.reshape(6, -1))
-    bins = threshold_bins(flat, 101)
-    _, at_least = _auitc_counts(bins, [], 101)
-    for k in (1, 320, 2000, 4500, 6400):
-        ks = torch.full((6,), k)
-        expected = _kth_largest_by_sort(flat, ks)
-        assert torch.equal(_kth_from_bins(flat, bins, at_least, ks), expected), k
-        assert torch.equal(_kth_from_bins(flat, bins, at_least, ks, (flat > 0).sum(dim=1)), expected), k
