@@ -293,3 +293,16 @@ def test_kth_largest_by_selection_equals_the_gpu_path_by_sort_ties_and_zeros_inc
     assert torch.equal(kth_largest(flat, k, positive), by_sort)
     assert torch.equal(by_sort, torch.as_tensor([sorted(row, reverse=True)[kk - 1] for row, kk in
                                                  zip(flat.tolist(), k.tolist())], dtype=torch.float32))
+
+
+def test_large_batches_with_fine_threshold_grids_count_in_int64_and_give_the_same_table():
+    """Codes of row, mask pattern and threshold bin stop being exact in float32 from 2**24 on (a GPU batch
+    of 1,024 maps on 10,001 thresholds): the engine then counts in int64."""
+    rng = np.random.default_rng(10)
+    maps = rng.random((440, 6, 6)).astype(np.float32)
+    predicted, truth = rng.random((440, 6, 6)) > 0.5, rng.random((440, 6, 6)) > 0.5
+    large = quiet(analyse, maps, predicted, truth, n_thresholds=10001, batch_size=440)   # 440 * 40,004 > 2**24
+    small = quiet(analyse, maps, predicted, truth, n_thresholds=10001, batch_size=16)
+    import pandas as pd
+
+    pd.testing.assert_frame_equal(large, small)
