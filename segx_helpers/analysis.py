@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -124,11 +125,14 @@ def kth_largest(flat: torch.Tensor, k: torch.Tensor, positive: torch.Tensor | No
     """The ``k``-th largest value ``(M,)`` of each row of the non-negative ``flat`` ``(M, P)``, ``k``
     ``(M,)`` in ``1 .. P``: one ``torch.kthvalue`` (a selection, not a sort) per row, since ``k`` differs
     between rows; 0 without any work for a row with fewer than ``k`` positive values (``positive``
-    ``(M,)``, when the caller knows them: SegX maps are zero outside the mask)."""
+    ``(M,)``, when the caller knows them: SegX maps are zero outside the mask). With ``positive``,
+    ``flat`` may be a :class:`Support`'s packed rows and ``k`` count the whole map."""
     pixels = flat.shape[1]
-    k = torch.as_tensor(k, device=flat.device).long().clamp(1, pixels)
+    k = torch.as_tensor(k, device=flat.device).long().clamp_min(1)
     if flat.device.type != "cpu":  # on a GPU one batched sort beats a launch per row
-        return _kth_largest_by_sort(flat, k)
+        kth = _kth_largest_by_sort(flat, k.clamp_max(pixels))
+        return kth if positive is None else torch.where(positive >= k, kth, torch.zeros_like(kth))
+    k = k.clamp_max(pixels) if positive is None else k
     out = flat.new_zeros(len(flat))
     rows = range(len(flat)) if positive is None else torch.nonzero(positive >= k).flatten().tolist()
     for row in rows:
@@ -148,11 +152,14 @@ def top_p_count(p: float, pixels: int) -> int:
     return max(1, math.ceil(p / 100.0 * pixels))
 
 
-def top_p_cut(flat: torch.Tensor, p: float, positive: torch.Tensor | None = None) -> torch.Tensor:
+def top_p_cut(flat: torch.Tensor, p: float, positive: torch.Tensor | None = None,
+              pixels: int | None = None) -> torch.Tensor:
     """Per row of ``flat`` ``(M, P)``: the value ``v`` such that ``(flat >= v) & (flat > 0)`` is the
     top-``p`` % region (the k-th largest value, or 0 when a row has fewer than k positive values:
-    known without a selection for rows whose count of positive values ``positive`` ``(M,)`` is given)."""
-    k = top_p_count(p, flat.shape[1])
+    known without a selection for rows whose count of positive values ``positive`` ``(M,)`` is given).
+    ``pixels``: the maps' size when ``flat`` holds a :class:`Support`'s packed rows (then ``positive`` is
+    required)."""
+    k = top_p_count(p, flat.shape[1] if pixels is None else pixels)
     if positive is None or bool((positive >= k).all()):
         return torch.topk(flat, k, dim=1, sorted=False).values.amin(dim=1).clamp_min(0)
     cut = flat.new_zeros(len(flat))
@@ -168,9 +175,48 @@ def _region(flat: torch.Tensor, cut: torch.Tensor) -> torch.Tensor:
     return region if bool((cut > 0).all()) else region & (flat > 0)
 
 
-def top_p_region(flat: torch.Tensor, p: float, positive: torch.Tensor | None = None) -> torch.Tensor:
-    """Boolean top-``p`` % region ``(M, P)`` of ``flat`` ``(M, P)`` (``positive`` as in :func:`top_p_cut`)."""
-    return _region(flat, top_p_cut(flat, p, positive))
+def top_p_region(flat: torch.Tensor, p: float, positive: torch.Tensor | None = None,
+                 pixels: int | None = None) -> torch.Tensor:
+    """Boolean top-``p`` % region ``(M, P)`` of ``flat`` ``(M, P)`` (``positive``, ``pixels`` as in
+    :func:`top_p_cut`)."""
+    return _region(flat, top_p_cut(flat, p, positive, pixels))
+
+
+@dataclass(frozen=True)
+class Support:
+    """The pixels where a boolean ``(M, P)`` support is true, packed row by row to the front of ``(M, L)``
+    rows (``L`` the largest row count, at least 1; the rest of a row is padding: 0 or False).
+
+    SegX maps are zero outside the predicted mask (a fifth of the image in the synthetic sets), so the
+    engine scores them on the mask's pixels only. Every score of a non-negative map needs the pixels
+    outside only as a count of zeros (and how many of them lie in the ground-truth mask), which the
+    scoring functions take as ``pixels`` and ``outside`` arguments."""
+
+    rows: torch.Tensor      # (S,) row of each support pixel, in order
+    columns: torch.Tensor   # (S,) its column in the (M, P) input
+    slots: torch.Tensor     # (S,) its column in the packed (M, L) rows
+    shape: tuple[int, int]  # (M, P)
+    width: int              # L
+
+    @classmethod
+    def of(cls, support: torch.Tensor) -> "Support":
+        rows, columns = torch.nonzero(support, as_tuple=True)
+        counts = _count(support).long()
+        slots = torch.arange(len(rows), device=support.device) - (counts.cumsum(0) - counts)[rows]
+        width = max(1, int(counts.max())) if len(counts) else 1
+        return cls(rows, columns, slots, tuple(support.shape), width)
+
+    def pack(self, values: torch.Tensor) -> torch.Tensor:
+        """``values`` ``(M, P)`` on the support, packed ``(M, L)``."""
+        packed = values.new_zeros(self.shape[0], self.width)
+        packed[self.rows, self.slots] = values[self.rows, self.columns]
+        return packed
+
+    def unpack(self, packed: torch.Tensor) -> torch.Tensor:
+        """Packed rows ``(M, L)`` back in place ``(M, P)``, zero (False) off the support."""
+        values = packed.new_zeros(self.shape)
+        values[self.rows, self.columns] = packed[self.rows, self.slots]
+        return values
 
 
 def segx_maps(flat: torch.Tensor, masks: torch.Tensor, order: str, p: float,
@@ -193,9 +239,15 @@ def threshold_grid(n_thresholds: int) -> np.ndarray:
 
 
 def auitc_from_flat(flat: torch.Tensor, masks: Sequence[torch.Tensor], n_thresholds: int = 101,
-                    low: torch.Tensor | None = None, high: torch.Tensor | None = None) -> list[torch.Tensor]:
+                    low: torch.Tensor | None = None, high: torch.Tensor | None = None, *,
+                    pixels: int | None = None, outside: torch.Tensor | None = None) -> list[torch.Tensor]:
     """Area under the IoU–threshold curve ``(M,)`` of each map of ``flat`` ``(M, P)`` against each mask
     set in ``masks`` (each ``(M, P)`` bool), as :func:`segx_helpers.metrics.auitc` defines it.
+
+    ``flat`` may instead be a :class:`Support`'s packed rows of non-negative maps of ``pixels`` pixels,
+    against one packed mask, ``outside`` ``(M,)`` counting the mask's pixels off the support: the
+    ``pixels - L`` zeros not stored join the lowest bin (the highest for an all-zero map, which scales
+    to all ones).
 
     Each map is min-max scaled to [0, 1] (a constant positive map becomes all ones). Every pixel gets
     the index of the highest threshold it reaches (``#{j: tau_j <= v} - 1``, exact, also for values on
@@ -203,11 +255,16 @@ def auitc_from_flat(flat: torch.Tensor, masks: Sequence[torch.Tensor], n_thresho
     threshold bin and mask pattern. Reversed cumulative sums give, at every threshold at once, the
     selected pixels and those inside each mask, hence the IoU curve, integrated with the trapezoid rule.
     """
-    rows, pixels = flat.shape
+    rows, stored = flat.shape
+    pixels = stored if pixels is None else pixels
+    if outside is not None and len(masks) != 1:
+        raise ValueError("packed rows are scored against one mask")
     last = n_thresholds - 1
     threshold_grid(n_thresholds)
     if low is None or high is None:
         low, high = flat.amin(dim=1), flat.amax(dim=1)
+    if pixels > stored:  # zeros off the support
+        low = low.clamp_max(0)
     span = high - low
     constant = span <= 0
     span = torch.where(constant, torch.ones_like(span), span)
@@ -238,13 +295,20 @@ def auitc_from_flat(flat: torch.Tensor, masks: Sequence[torch.Tensor], n_thresho
     else:
         code = code.long() + torch.arange(rows, device=flat.device)[:, None] * width
     counts = torch.bincount(code.flatten(), minlength=rows * width)
-    counts = counts.reshape(rows, 2 ** len(masks), n_thresholds).flip(2).cumsum(2).flip(2).double()
+    counts = counts.reshape(rows, 2 ** len(masks), n_thresholds)
+    if outside is not None:  # the zeros off the support (a negative count when padding stood in for them)
+        at = torch.where(constant, last, 0)
+        every = torch.arange(rows, device=flat.device)
+        counts[every, 1, at] += outside.long()
+        counts[every, 0, at] += pixels - stored - outside.long()
+    counts = counts.flip(2).cumsum(2).flip(2).double()
     selected = counts.sum(dim=1)
     pattern = torch.arange(2 ** len(masks), device=flat.device)
     areas = []
     for k, mask in enumerate(masks):
         inside = counts[:, (pattern >> k) & 1 == 1].sum(dim=1)
-        union = selected + _count(mask)[:, None].double() - inside
+        size = _count(mask) if outside is None else _count(mask) + outside
+        union = selected + size[:, None].double() - inside
         iou = torch.where(union > 0, inside / union.clamp_min(1), torch.zeros_like(union))
         areas.append(((iou[:, 1:] + iou[:, :-1]) / 2).sum(dim=1) / last)
     return areas
@@ -271,18 +335,24 @@ def _pointing(flat: torch.Tensor, mask: torch.Tensor, peak: torch.Tensor | None 
 
 
 def _rank(flat: torch.Tensor, mask: torch.Tensor, kth: torch.Tensor, sizes: torch.Tensor,
-          peak: torch.Tensor) -> torch.Tensor:
+          peak: torch.Tensor, pixels: int | None = None, outside: torch.Tensor | None = None) -> torch.Tensor:
     """Relevance rank accuracy: share of the ``K = |mask|`` highest pixels inside the mask, ties in
     expectation (as :func:`segx_helpers.metrics.relevance_rank_accuracy`); ``kth`` the K-th largest
     value of each row (:func:`kth_largest`), ``sizes`` K, ``peak`` the row maxima. Values are
     non-negative, so the pixels above the K-th value are ``flat > kth`` and its ties ``flat == kth``
-    (the zeros, when fewer than K pixels are positive)."""
+    (the zeros, when fewer than K pixels are positive). Packed rows (:class:`Support`, with ``pixels``
+    and ``outside`` ``(M,)`` the mask's pixels off the support) add the zeros not stored to the ties at 0."""
     valid = (sizes > 0) & (peak > 0)
     above = flat > kth[:, None]
     tied = flat == kth[:, None]
     k = sizes.double().clamp_min(1)
     from_ties = k - _count(above).double()
-    hits = _count(above & mask).double() + from_ties * _count(tied & mask).double() / _count(tied).double().clamp_min(1)
+    ties, ties_inside = _count(tied).double(), _count(tied & mask).double()
+    if outside is not None:
+        at_zero = kth == 0
+        ties = ties + torch.where(at_zero, pixels - flat.shape[1], 0)
+        ties_inside = ties_inside + torch.where(at_zero, outside, 0)
+    hits = _count(above & mask).double() + from_ties * ties_inside / ties.clamp_min(1)
     return torch.where(valid, hits / k, torch.zeros_like(k))
 
 
@@ -428,23 +498,28 @@ def _analyse_batch(maps, predicted_masks, true_masks, image_index, *, artefact_m
         if truth is not None:
             label = f"IoU@{p:g}%"
 
-            def localise(name, values, region, area, rank_cut, peak, values_total):
-                out[f"{name} {label}"] = _iou(region, truth, truth_size)
+            def localise(name, values, inside, region, area, rank_cut, peak, values_total, outside=None):
+                out[f"{name} {label}"] = _iou(region, inside, truth_size)
                 out[f"{name} AUITC"] = area
-                out[f"{name} relevance mass"] = _mass(values, truth, values_total)
-                out[f"{name} relevance rank"] = _rank(values, truth, rank_cut, truth_size, peak)
-                out[f"{name} pointing game"] = _pointing(values, truth, peak)
+                out[f"{name} relevance mass"] = _mass(values, inside, values_total)
+                out[f"{name} relevance rank"] = _rank(values, inside, rank_cut, truth_size, peak, h * w, outside)
+                out[f"{name} pointing game"] = _pointing(values, inside, peak)
 
-            localise("original", flat, top, auitc[1], kth_largest(flat, truth_size), high, total)
+            localise("original", flat, truth, top, auitc[1], kth_largest(flat, truth_size), high, total)
+            if orders:  # SegX maps are zero off the predicted mask: score them on its pixels only
+                support = Support.of(predicted)
+                on_mask, inside, on_top = support.pack(flat), support.pack(truth), support.pack(top)
+                outside = truth_size - _count(inside)
             for order in orders:
-                aligned = segx_maps(flat, predicted, order, p, top)
+                aligned = on_mask if order == "mask-then-top" else on_mask * _as_float(on_top)
                 a_low, a_high = aligned.amin(dim=1), aligned.amax(dim=1)
                 # zero outside the mask (and, top-then-mask, outside the top p %): often fewer positive
                 # pixels than the region sizes, and then the k-th largest value is 0 without a selection
                 positive = hits if order == "top-then-mask" else _count(aligned > 0)
-                localise(segx_label(order), aligned, top_p_region(aligned, p, positive),
-                         auitc_from_flat(aligned, [truth], n_thresholds, a_low, a_high)[0],
-                         kth_largest(aligned, truth_size, positive), a_high, _total(aligned))
+                localise(segx_label(order), aligned, inside, top_p_region(aligned, p, positive, h * w),
+                         auitc_from_flat(aligned, [inside], n_thresholds, a_low, a_high, pixels=h * w,
+                                         outside=outside)[0],
+                         kth_largest(aligned, truth_size, positive), a_high, _total(aligned), outside)
     return {name: value.cpu().numpy().astype(np.float64) for name, value in out.items()}, int((~usable).sum())
 
 

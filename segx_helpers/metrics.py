@@ -390,7 +390,8 @@ def energy_pointing_game(maps: np.ndarray, masks: np.ndarray) -> np.ndarray:
 
 def localisation_scores(maps: np.ndarray, masks: np.ndarray, p: float = 5.0) -> pd.DataFrame:
     """Every localisation metric per sample: a frame with one column per metric, ``N`` rows
-    (the top-p % region is computed once and shared by the IoU and Dice columns)."""
+    (the top-p % region is computed once and shared by the IoU and Dice columns, named after ``p``:
+    ``top-5% IoU`` for ``p = 5``)."""
     maps, masks = _loc_inputs(maps, masks)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -398,8 +399,8 @@ def localisation_scores(maps: np.ndarray, masks: np.ndarray, p: float = 5.0) -> 
         return pd.DataFrame({"relevance mass": relevance_mass(maps, masks),
                              "relevance rank": relevance_rank_accuracy(maps, masks),
                              "pointing game": pointing_game(maps, masks),
-                             "top-5% IoU": iou_score(masks, top, empty_value=0.0),
-                             "top-5% Dice": dice_score(masks, top, empty_value=0.0),
+                             f"top-{p:g}% IoU": iou_score(masks, top, empty_value=0.0),
+                             f"top-{p:g}% Dice": dice_score(masks, top, empty_value=0.0),
                              "energy pointing game": energy_pointing_game(maps, masks)})
 
 

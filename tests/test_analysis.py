@@ -306,3 +306,34 @@ def test_large_batches_with_fine_threshold_grids_count_in_int64_and_give_the_sam
     import pandas as pd
 
     pd.testing.assert_frame_equal(large, small)
+
+
+@pytest.mark.parametrize("widest", ["whole image", "part of the image"])
+def test_segx_scores_on_the_masks_pixels_only_equal_the_reference_at_the_edges(widest):
+    """The engine scores SegX maps on the predicted mask's pixels only (the rest are zeros, counted):
+    masks covering the whole image, one pixel or none, truth off the mask, all-zero and constant maps,
+    and ties at zero must give the reference values."""
+    rng = np.random.default_rng(11)
+    maps = rng.random((10, 12, 12)).astype(np.float32)
+    maps[:4] = np.round(maps[:4] * 3) / 3                  # ties, zeros among them
+    maps[4] = 0.0
+    maps[5] = 0.7
+    predicted = rng.random((10, 12, 12)) > 0.7
+    predicted[6] = False
+    predicted[7] = False
+    predicted[7, 3, 3] = True                              # one pixel
+    predicted[8] = widest == "whole image"
+    predicted[9] = ~predicted[9]
+    truth = rng.random((10, 12, 12)) > 0.6
+    truth[3] = False                                       # empty ground truth
+    truth[9] = predicted[9]
+    table = quiet(analyse, maps, predicted, truth, p=10.0)
+    names = {"IoU@10%": "top-10% IoU", "relevance mass": "relevance mass", "relevance rank": "relevance rank",
+             "pointing game": "pointing game"}
+    for order in ("mask-then-top", "top-then-mask"):
+        values = segx(maps, predicted, order=order, p=10.0)
+        loc = quiet(localisation_scores, values, truth, p=10.0)
+        for ours, theirs in names.items():
+            column = f"SegX {order} {ours}"
+            assert np.abs(table[column].to_numpy() - loc[theirs].to_numpy()).max() < 1e-6, column
+        assert np.abs(table[f"SegX {order} AUITC"].to_numpy() - quiet(auitc, values, truth)).max() < 1e-6, order
