@@ -337,3 +337,46 @@ def test_segx_scores_on_the_masks_pixels_only_equal_the_reference_at_the_edges(w
             column = f"SegX {order} {ours}"
             assert np.abs(table[column].to_numpy() - loc[theirs].to_numpy()).max() < 1e-6, column
         assert np.abs(table[f"SegX {order} AUITC"].to_numpy() - quiet(auitc, values, truth)).max() < 1e-6, order
+
+
+@pytest.mark.parametrize("zero_share", [0.0, 0.3, 0.7, 0.95])
+def test_numpy_and_torch_selections_give_the_k_th_largest_value_whatever_the_share_of_zeros(zero_share):
+    """On the CPU the engine selects with numpy's partition for rows at most half zero (faster there) and
+    with torch otherwise (numpy's introselect slows down 20-fold on a SegX map's zeros): both must give
+    the k-th largest value, ties included."""
+    from segx_helpers.analysis import _kth_largest_by_sort, _kth_of_rows, _numpy_selects, kth_largest
+
+    rng = np.random.default_rng(12)
+    flat = torch.as_tensor(rng.random((6, 400)), dtype=torch.float32)
+    flat[:3] = torch.round(flat[:3] * 50) / 50                                   # ties
+    flat[torch.as_tensor(rng.random((6, 400)) < zero_share)] = 0.0
+    assert all(_numpy_selects(flat)) == (zero_share <= 0.5)
+    expected = torch.sort(flat, dim=1, descending=True).values
+    assert torch.equal(_kth_of_rows(flat, 20), expected[:, 19])
+    positive = (flat > 0).sum(dim=1)
+    k = torch.as_tensor([rng.integers(1, n + 1) for n in positive.tolist()])   # the k-th largest is positive
+    assert torch.equal(kth_largest(flat, k), _kth_largest_by_sort(flat, k))
+    assert torch.equal(kth_largest(flat, k), expected.gather(1, (k - 1)[:, None])[:, 0])
+    # packed rows (a SegX map's pixels on its mask, 150 of 400): k may count past them, into the zeros
+    width = int(positive.max())
+    packed = expected[:, :width]
+    for k_packed in (k, torch.full((6,), width), torch.full((6,), 399)):
+        reference = torch.where(positive >= k_packed, expected.gather(1, (k_packed - 1)[:, None])[:, 0], 0.0)
+        assert torch.equal(kth_largest(packed, k_packed, positive), reference)
+        assert torch.equal(_kth_largest_by_sort(packed, k_packed, positive), reference)
+
+
+def test_engine_equals_the_reference_on_maps_mostly_zero():
+    """Grad-CAM maps are often zero on most of the image (ReLU): the engine's torch selection path."""
+    rng = np.random.default_rng(13)
+    maps = rng.random((12, 20, 20)).astype(np.float32)
+    maps[rng.random((12, 20, 20)) < 0.8] = 0.0
+    predicted, truth = rng.random((12, 20, 20)) > 0.5, rng.random((12, 20, 20)) > 0.6
+    table = quiet(analyse, maps, predicted, truth)
+    reference = quiet(segu_scores, maps, predicted)
+    for column in ("c_IoU", "c_AUITC", "SegU share inside", "SegU mass"):
+        assert np.abs(table[column].to_numpy() - reference[column].to_numpy()).max() < 1e-6, column
+    loc = quiet(localisation_scores, maps, truth)
+    for ours, theirs in {"IoU@5%": "top-5% IoU", "relevance rank": "relevance rank", "relevance mass": "relevance mass",
+                         "pointing game": "pointing game"}.items():
+        assert np.abs(table[f"original {ours}"].to_numpy() - loc[theirs].to_numpy()).max() < 1e-6, ours
