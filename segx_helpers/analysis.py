@@ -272,6 +272,12 @@ class Support:
         packed.view(-1).index_copy_(0, self.target, values.reshape(-1).index_select(0, self.source))
         return packed
 
+    def unpack(self, packed: torch.Tensor) -> torch.Tensor:
+        """Packed rows ``(M, L)`` back in place ``(M, P)``, zero (False) off the support."""
+        values = packed.new_zeros(self.shape)
+        values.view(-1).index_copy_(0, self.source, packed.reshape(-1).index_select(0, self.target))
+        return values
+
 
 def _flat_nonzero(mask: torch.Tensor) -> torch.Tensor:
     """Flat indices ``(S,)`` int64 of the true values of a boolean tensor, in order (numpy's ``flatnonzero``
@@ -443,10 +449,16 @@ def segx_saliency(maps, masks, p: float = 5.0, order: str = "mask-then-top", dev
 
 
 def _segx_region(flat: torch.Tensor, masks: torch.Tensor, order: str, p: float) -> torch.Tensor:
-    """The top-``p`` % region ``(M, P)`` bool of the SegX maps of ``flat`` ``(M, P)`` and boolean ``masks``
-    (here packing the masks' pixels (:class:`Support`) costs more than it saves: one selection per batch)."""
+    """The top-``p`` % region ``(M, P)`` bool of the SegX maps of ``flat`` ``(M, P)`` and boolean ``masks``,
+    selected among the masks' pixels only (:class:`Support`)."""
+    check_order(order)
     with torch.no_grad():
-        return top_p_region(segx_maps(flat, masks, order, p), p)
+        support = Support.of(masks)
+        values = support.pack(flat)
+        if order == "top-then-mask":
+            values.mul_(support.pack(top_p_indicator(flat, p)))
+        positive = _count(_test(torch.gt, values, 0.0))
+        return support.unpack(top_p_indicator(values, p, positive, flat.shape[1]).bool())
 
 
 def analyse(maps, predicted_masks, true_masks=None, image_index=None, has_true_mask=None, *, p: float = 5.0,

@@ -337,6 +337,10 @@ def test_segx_scores_on_the_masks_pixels_only_equal_the_reference_at_the_edges(w
             column = f"SegX {order} {ours}"
             assert np.abs(table[column].to_numpy() - loc[theirs].to_numpy()).max() < 1e-6, column
         assert np.abs(table[f"SegX {order} AUITC"].to_numpy() - quiet(auitc, values, truth)).max() < 1e-6, order
+        from segx_helpers.analysis import segx_saliency
+
+        saliency = quiet(segx_saliency, maps, predicted, p=10.0, order=order).numpy()
+        assert np.array_equal(saliency, quiet(top_percent, values, 10.0)), order
 
 
 @pytest.mark.parametrize("zero_share", [0.0, 0.3, 0.7, 0.95, "mixed"])
