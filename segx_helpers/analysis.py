@@ -145,10 +145,11 @@ def _check_maps(maps: torch.Tensor, first: int = 0) -> tuple[torch.Tensor, torch
 
 def kth_largest(flat: torch.Tensor, k: torch.Tensor, positive: torch.Tensor | None = None) -> torch.Tensor:
     """The ``k``-th largest value ``(M,)`` of each row of the non-negative ``flat`` ``(M, P)``, ``k``
-    ``(M,)`` in ``1 .. P``: one selection (not a sort) per row, since ``k`` differs between rows (numpy's
-    ``partition`` on the CPU, 2 to 3 times faster there than ``torch.kthvalue``); 0 without any work for a row with fewer than ``k`` positive values (``positive``
-    ``(M,)``, when the caller knows them: SegX maps are zero outside the mask). With ``positive``,
-    ``flat`` may be a :class:`Support`'s packed rows and ``k`` count the whole map."""
+    ``(M,)`` in ``1 .. P``: one selection (not a sort) per row, since ``k`` differs between rows (on the
+    CPU numpy's ``partition`` where it is fast, :func:`_numpy_selects`); 0 without any work for a row with
+    fewer than ``k`` positive values (``positive`` ``(M,)``, when the caller knows them: SegX maps are
+    zero outside the mask). With ``positive``, ``flat`` may be a :class:`Support`'s packed rows and ``k``
+    count the whole map."""
     pixels = flat.shape[1]
     k = torch.as_tensor(k, device=flat.device).long().clamp_min(1)
     if flat.device.type != "cpu":  # on a GPU one batched sort beats a launch per row
@@ -320,8 +321,8 @@ def auitc_from_flat(flat: torch.Tensor, masks: Sequence[torch.Tensor], n_thresho
 
     Each map is min-max scaled to [0, 1] (a constant positive map becomes all ones). Every pixel gets
     the index of the highest threshold it reaches (``#{j: tau_j <= v} - 1``, exact, also for values on
-    a threshold, without a pass per threshold), combined with its mask bits into one code; one ``bincount`` then counts, per map,
-    threshold bin and mask pattern. Reversed cumulative sums give, at every threshold at once, the
+    a threshold, without a pass per threshold), combined with its mask bits into one code; one
+    ``bincount`` then counts, per map, threshold bin and mask pattern. Reversed cumulative sums give, at every threshold at once, the
     selected pixels and those inside each mask, hence the IoU curve, integrated with the trapezoid rule.
     """
     rows, stored = flat.shape
