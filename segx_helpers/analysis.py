@@ -211,18 +211,16 @@ def _kth_of_rows(flat: torch.Tensor, k: int, positive: torch.Tensor | None = Non
     ``torch.topk`` for the others and on a GPU."""
     if flat.device.type != "cpu":
         return torch.topk(flat, k, dim=1, sorted=False).values.amin(dim=1)
-    by_numpy = torch.as_tensor(_numpy_selects(flat, positive))
+    by_numpy = _numpy_selects(flat, positive)
     at = flat.shape[1] - k
+    if all(by_numpy):
+        return torch.from_numpy(np.partition(flat.detach().numpy(), at, axis=1)[:, at].copy())
     out = flat.new_empty(len(flat))
-    for rows in (torch.nonzero(by_numpy).flatten(), torch.nonzero(~by_numpy).flatten()):
-        if not len(rows):
-            continue
-        part = flat if len(rows) == len(flat) else flat[rows]
-        if by_numpy[rows[0]]:
-            kth = torch.from_numpy(np.partition(part.detach().numpy(), at, axis=1)[:, at].copy())
-        else:
-            kth = torch.topk(part, k, dim=1, sorted=False).values.amin(dim=1)
-        out[rows] = kth
+    values = flat.detach().numpy()
+    for row in np.flatnonzero(by_numpy):   # row by row: no copy of these rows out of the batch
+        out[row] = float(np.partition(values[row], at)[at])
+    rows = torch.as_tensor(np.flatnonzero(~np.asarray(by_numpy)))
+    out[rows] = torch.topk(flat[rows], k, dim=1, sorted=False).values.amin(dim=1)
     return out
 
 
@@ -349,7 +347,7 @@ def auitc_from_flat(flat: torch.Tensor, masks: Sequence[torch.Tensor], n_thresho
     bins.add_(torch.ge(scaled, edge, out=edge))            # v >= tau_(b+1): one bin higher
     del scaled, edge
     if constant.any():
-        bins[constant] = float(last)  # a constant map scales to all ones
+        bins[torch.nonzero(constant).flatten()] = float(last)  # a constant map scales to all ones
     width = n_thresholds * 2 ** len(masks)
     code = bins  # in [0, last] by construction; one code per pixel: row, mask pattern, bin (float32: exact below 2**24)
     for k, mask in enumerate(masks):
