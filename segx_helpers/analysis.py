@@ -237,12 +237,6 @@ def top_p_indicator(flat: torch.Tensor, p: float, positive: torch.Tensor | None 
     return _region(flat, top_p_cut(flat, p, positive, pixels))
 
 
-def top_p_region(flat: torch.Tensor, p: float, positive: torch.Tensor | None = None,
-                 pixels: int | None = None) -> torch.Tensor:
-    """Boolean top-``p`` % region ``(M, P)`` of ``flat`` ``(M, P)`` (see :func:`top_p_indicator`)."""
-    return top_p_indicator(flat, p, positive, pixels).bool()
-
-
 @dataclass(frozen=True)
 class Support:
     """The pixels where a boolean ``(M, P)`` support is true, packed row by row to the front of ``(M, L)``
@@ -286,18 +280,6 @@ def _flat_nonzero(mask: torch.Tensor) -> torch.Tensor:
     return torch.nonzero(mask.reshape(-1)).squeeze(1)
 
 
-def segx_maps(flat: torch.Tensor, masks: torch.Tensor, order: str, p: float,
-              top: torch.Tensor | None = None) -> torch.Tensor:
-    """SegX maps ``(M, P)``: the map inside the mask (``mask-then-top``), or the map on its original
-    top-``p`` % region inside the mask (``top-then-mask``). The top-``p`` % region of the result is the
-    saliency map of that order in both cases."""
-    check_order(order)
-    out = flat * _as_float(masks)
-    if order == "top-then-mask":
-        out *= top_p_indicator(flat, p) if top is None else _as_float(top)
-    return out
-
-
 def threshold_grid(n_thresholds: int) -> np.ndarray:
     """The thresholds ``tau_j = j / (n - 1)``, ``j = 0 .. n - 1``, in float32 (correctly rounded)."""
     if n_thresholds < 2:
@@ -320,8 +302,9 @@ def auitc_from_flat(flat: torch.Tensor, masks: Sequence[torch.Tensor], n_thresho
     Each map is min-max scaled to [0, 1] (a constant positive map becomes all ones). Every pixel gets
     the index of the highest threshold it reaches (``#{j: tau_j <= v} - 1``, exact, also for values on
     a threshold, without a pass per threshold), combined with its mask bits into one code; one
-    ``bincount`` then counts, per map, threshold bin and mask pattern. Reversed cumulative sums give, at every threshold at once, the
-    selected pixels and those inside each mask, hence the IoU curve, integrated with the trapezoid rule.
+    ``bincount`` then counts, per map, threshold bin and mask pattern. Reversed cumulative sums give, at
+    every threshold at once, the selected pixels and those inside each mask, hence the IoU curve,
+    integrated with the trapezoid rule.
     """
     rows, stored = flat.shape
     pixels = stored if pixels is None else pixels
@@ -449,7 +432,8 @@ def segx_saliency(maps, masks, p: float = 5.0, order: str = "mask-then-top", dev
 
 def _segx_region(flat: torch.Tensor, masks: torch.Tensor, order: str, p: float) -> torch.Tensor:
     """The top-``p`` % region ``(M, P)`` bool of the SegX maps of ``flat`` ``(M, P)`` and boolean ``masks``,
-    selected among the masks' pixels only (:class:`Support`)."""
+    selected among the masks' pixels only (:class:`Support`): the map inside the mask (``mask-then-top``),
+    or the map on its original top-``p`` % region inside the mask (``top-then-mask``)."""
     check_order(order)
     with torch.no_grad():
         support = Support.of(masks)
