@@ -229,3 +229,23 @@ def previous_block(model: nn.Module) -> nn.Module:
     if features is not None and hasattr(features, "denseblock3"):
         return features.denseblock3
     raise ValueError(f"No known earlier block for {type(model).__name__}; pass target_layers explicitly.")
+
+
+def feature_grid(model: nn.Module, layer: nn.Module, image_size: int, in_channels: int = 3) -> tuple[int, int]:
+    """The spatial size ``(h, w)`` of ``layer``'s output for a ``(1, in_channels, image_size, image_size)`` input:
+    the grid a CAM on that layer works at (a ResNet's last block at 128 px: ``(4, 4)``). One forward pass of
+    zeros without gradients; the model's training mode is restored."""
+    shapes = []
+    handle = layer.register_forward_hook(lambda _module, _inputs, output: shapes.append(tuple(output.shape)))
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        with torch.no_grad():
+            model(torch.zeros(1, in_channels, image_size, image_size, device=device))
+    finally:
+        handle.remove()
+        model.train(was_training)
+    if not shapes or len(shapes[0]) != 4:
+        raise ValueError(f"{type(layer).__name__} does not output a (B, C, H, W) feature map: no grid to report")
+    return shapes[0][2], shapes[0][3]

@@ -201,3 +201,55 @@ def write_report(root: str | Path, dataset: str = "synthetic-derm") -> Path:
 
 if __name__ == "__main__":
     print(write_report(sys.argv[1] if len(sys.argv) > 1 else "."))
+
+
+def distance_findings(by_distance: dict[str, pd.DataFrame], score: str = "c_IoU") -> str:
+    """One paragraph, in Markdown, of where SegU flagged shortcut-driven predictions and where it did not, by the
+    artefact's distance from the region: per bin, ``score``'s AUROC against the classifier's confidence (for
+    the first layer of ``by_distance``, then where another layer changes the verdict), and the paper's Table 4
+    pattern (mean ``score`` correct vs incorrect) in the nearest and farthest bins. ``by_distance``: layer name ->
+    :func:`segx_helpers.shortcut.shortcut_by_distance`. Written from the tables, so it cannot drift from them."""
+    key = score.lower()
+
+    def interval(row, name) -> str:
+        return f"{row[f'{name}_auroc']:.2f} [{row[f'{name}_auroc_low']:.2f}, {row[f'{name}_auroc_high']:.2f}]"
+
+    def verdict(row) -> str:
+        seg, conf = row[f"{key}_auroc"], row["confidence_auroc"]
+        if row[f"{key}_auroc_high"] < 0.5:
+            return "is below chance (it rates these predictions *more* certain)"
+        if row[f"{key}_auroc_low"] > row["confidence_auroc_high"]:
+            return "beats"
+        if row[f"{key}_auroc_high"] < row["confidence_auroc_low"]:
+            return "is beaten by"
+        return "is above" if seg > conf else "is below" if seg < conf else "ties with"
+
+    lines = []
+    layers = list(by_distance.items())
+    first_name, first = layers[0]
+    for row in first.to_dict("records"):
+        if not np.isfinite(row[f"{key}_auroc"]):
+            lines.append(f"- **{row['bin']}** ({row['n']} predictions, {row['n_shortcut_driven']} shortcut-driven): "
+                         "too few of one kind to say.")
+            continue
+        ci_note = "" if verdict(row) in ("beats", "is beaten by") or "chance" in verdict(row) else \
+            " (the intervals overlap)"
+        lines.append(f"- **{row['bin']}** ({row['n']} predictions, {row['n_shortcut_driven']} shortcut-driven), "
+                     f"{first_name}: {score} AUROC {interval(row, key)} {verdict(row)} confidence, "
+                     f"{interval(row, 'confidence')}{ci_note}.")
+    for name, table in layers[1:]:
+        better = [r["bin"] for r, b in zip(table.to_dict("records"), first.to_dict("records"))
+                  if np.isfinite(r[f"{key}_auroc"]) and np.isfinite(b[f"{key}_auroc"]) and r[f"{key}_auroc"] > b[f"{key}_auroc"]]
+        values = ", ".join(f"{r[f'{key}_auroc']:.2f}" for r in table.to_dict("records"))
+        lines.append(f"- **{name}**: {score} AUROC by bin {values}; higher than {first_name} in "
+                     f"{', '.join(better) if better else 'no bin'}.")
+    for position, where in ((0, "nearest"), (-1, "farthest")):
+        row = first.iloc[position]
+        correct, incorrect = row[f"{key}_correct"], row[f"{key}_incorrect"]
+        if np.isfinite(correct) and np.isfinite(incorrect):
+            pattern = ("the paper's pattern holds (correct at least twice incorrect)" if correct >= 2 * incorrect
+                       else "correct above incorrect, but less than twice" if correct > incorrect
+                       else "the paper's pattern is absent or inverted")
+            lines.append(f"- **Table 4 format, {where} bin**: mean {score} correct {correct:.3f} vs incorrect "
+                         f"{incorrect:.3f}: {pattern}.")
+    return "\n".join(lines)

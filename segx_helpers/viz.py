@@ -348,6 +348,35 @@ def plot_auroc_with_ci(table: pd.DataFrame, label: str, title: str) -> plt.Figur
     return fig
 
 
+def plot_auroc_by_distance(tables: dict[str, pd.DataFrame], title: str) -> plt.Figure:
+    """AUROC (95 % CI as error bars) for flagging shortcut-driven predictions against the artefact's distance
+    bin: one line per SegU score and layer, the classifier's confidence dashed. ``tables``: layer name ->
+    :func:`segx_helpers.shortcut.shortcut_by_distance` (same bins); confidence comes from the first."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    first = next(iter(tables.values()))
+    x = np.arange(len(first))
+    styles = {"c_iou": ("o", "-"), "c_auitc": ("s", "-")}
+    colours = iter(["#1565c0", "#64b5f6", "#2e7d32", "#81c784", "#6a1b9a", "#ba68c8"])
+    lines = [(f"{score} ({layer})", table, key, *styles[key]) for layer, table in tables.items()
+             for score, key in (("c_IoU", "c_iou"), ("c_AUITC", "c_auitc"))]
+    lines.append(("classifier confidence", first, "confidence", "D", "--"))
+    for k, (label, table, key, marker, style) in enumerate(lines):
+        shift = (k - (len(lines) - 1) / 2) * 0.05
+        colour = "black" if key == "confidence" else next(colours)
+        auroc = table[f"{key}_auroc"].to_numpy(dtype=float)
+        error = [auroc - table[f"{key}_auroc_low"].to_numpy(dtype=float),
+                 table[f"{key}_auroc_high"].to_numpy(dtype=float) - auroc]
+        ax.errorbar(x + shift, auroc, yerr=error, marker=marker, linestyle=style, color=colour, capsize=3, label=label)
+    ax.axhline(0.5, color="grey", ls=":", label="chance")
+    ax.set_xticks(x, [f"{b}\n(n={n}, {d} shortcut-driven)" for b, n, d in
+                      zip(first["bin"], first["n"], first["n_shortcut_driven"])], fontsize=8)
+    ax.set(title=title, xlabel="distance of the artefact from the lesion's edge",
+           ylabel="AUROC for flagging\nshortcut-driven predictions", ylim=(0, 1.02))
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    return fig
+
+
 def plot_prediction_gallery(images: np.ndarray, maps: np.ndarray, masks: np.ndarray, titles: Sequence[str],
                             title: str, p: float = 5.0, ncols: int = 4) -> plt.Figure:
     """One panel per prediction: the image with its original map, mask outline and top-p % outline."""
@@ -369,6 +398,19 @@ def plot_prediction_gallery(images: np.ndarray, maps: np.ndarray, masks: np.ndar
     fig.suptitle(title)
     fig.tight_layout(rect=(0, 0.04, 1, 0.97))
     return fig
+
+
+def plot_results_gallery(images: np.ndarray, masks: np.ndarray, rows, title: str, caption=None, p: float = 5.0,
+                         ncols: int = 4) -> plt.Figure:
+    """:func:`plot_prediction_gallery` for prediction rows that travel with their maps (a
+    :class:`~segx_helpers.results.Results`, or anything with ``table`` (with ``image_index``) and ``maps``):
+    ``images`` ``(N, H, W, C)`` and ``masks`` ``(N, H, W)`` are the whole split's, indexed here by each row's
+    ``image_index``. ``caption(row) -> str`` titles a panel (default: image id, class, ``c_IoU``)."""
+    caption = caption or (lambda r: f"{r['image_id']} → {r['class']}\nc_IoU {r['c_IoU']:.2f}")
+    index = rows.table["image_index"].to_numpy()
+    titles = [caption(r) for r in rows.table.to_dict("records")]
+    return plot_prediction_gallery(np.asarray(images)[index], rows.maps, np.asarray(masks)[index], titles, title, p=p,
+                                   ncols=ncols)
 
 
 # ------------------------------------------------------------------------------ training with the mask (notebook 07)

@@ -80,7 +80,7 @@ def test_evaluations_return_documented_keys(trained):
     cls_eval = evaluate_classifier(cls, data, "test", n_resamples=20)
     assert cls_eval["probs"].shape == (len(cls_eval["image_id"]), 3)
     assert np.allclose(cls_eval["probs"].sum(1), 1, atol=1e-5)
-    breakdown = shortcut_breakdown(cls_eval, load_artefacts(data.root), {"melanoma": "ink"}, data.info.class_names)
+    breakdown = shortcut_breakdown(cls_eval, load_artefacts(data.root), {"melanoma": "patch"}, data.info.class_names)
     assert breakdown["artefact vs label"].tolist() == ["agrees", "disagrees"]
     assert breakdown["images"].sum() == len(cls_eval["image_id"])
 
@@ -199,7 +199,7 @@ def test_error_taxonomy_on_the_synthetic_set_and_other_datasets(trained):
     targets = tensors["target"].numpy()
     table = prediction_table(e, tensors["image_id"], targets, "multiclass", data.info.class_names)
     kinds = error_taxonomy(data, table, targets)
-    ink = load_artefacts(data.root).set_index("image_id").loc[table["image_id"], "ink"].to_numpy(bool)
+    ink = load_artefacts(data.root).set_index("image_id").loc[table["image_id"], "patch"].to_numpy(bool)
     wrong = ~table["correct"].to_numpy()
     assert set(kinds[~wrong]) == {"correct"}
     present = kinds == "artefact present"

@@ -62,15 +62,64 @@ def test_derm_lesion_is_aligned_with_its_mask(derm):
         assert np.median(distance[mask]) > np.median(distance[ring]) + 15
 
 
-def test_derm_ink_is_never_inside_the_lesion(derm):
+def _blue(image: np.ndarray) -> np.ndarray:
+    """Pixels of the colour patch (bold blue), bool ``(H, W)``."""
+    image = image.astype(int)
+    return (image[..., 2] - image[..., 0] > 60) & (image[..., 2] > 120)
+
+
+def test_derm_patch_is_never_inside_the_lesion_and_lies_at_its_recorded_place(derm):
+    from scipy import ndimage
+
     artefacts = pd.read_csv(derm / "artefacts.csv")
-    inked = artefacts.loc[artefacts["ink"], "image_id"][:10]
-    for image_id in inked:
-        image = read_image(derm / "images" / f"{image_id}.png").astype(int)
+    assert load_dataset(derm).info.generator["shortcut_artefact"] == "patch"
+    with_patch = artefacts[artefacts["patch"]].head(12)
+    assert len(with_patch) == 12
+    for row in with_patch.itertuples():
+        blue = _blue(read_image(derm / "images" / f"{row.image_id}.png"))
+        mask = read_mask(derm / "masks" / f"{row.image_id}.png")
+        assert blue.sum() > 20 and not (blue & mask).any()
+        ys, xs = np.nonzero(blue)
+        assert abs(xs.mean() - row.x) < 2 and abs(ys.mean() - row.y) < 2
+        gap = ndimage.distance_transform_edt(~mask)[blue].min() - 1
+        assert abs(gap - row.distance_px) <= 2.5, row.image_id
+
+
+def test_derm_patch_distance_follows_the_dial(tmp_path):
+    """A narrow far range puts every patch far from the lesion (or as far as the image allows), a range at 0
+    puts it against the lesion; absent patches still record where their twin has one."""
+    def distances(low, high):
+        root = generate_synthetic_derm(tmp_path / f"d{low}", SyntheticConfig(n_images=40, image_size=64, seed=4,
+                                                                            artefact_distance=(low, high)), progress=False)
+        return pd.read_csv(root / "artefacts.csv")
+    near, far = distances(0.0, 0.02), distances(0.25, 0.3)
+    assert near["distance_px"].max() <= 0.02 * 64 + 1.5
+    assert far["distance_px"].median() > 10 and far["distance_px"].min() > near["distance_px"].max()
+    assert (~far["patch"]).any() and far.loc[~far["patch"], "distance_px"].notna().all()
+
+
+def test_derm_twin_differs_only_where_the_patch_is(derm):
+    artefacts = pd.read_csv(derm / "artefacts.csv").merge(pd.read_csv(derm / "splits.csv"))
+    for row in artefacts[artefacts["split"] == "test"].head(6).itertuples():
+        image = read_image(derm / "images" / f"{row.image_id}.png").astype(int)
+        twin = read_image(derm / "twins" / f"{row.image_id}__patch.png").astype(int)
+        changed = np.abs(image - twin).sum(axis=2) > 0
+        ys, xs = np.nonzero(changed)
+        assert changed.any()
+        assert np.hypot(xs - row.x, ys - row.y).max() < 0.07 * 64 + 4  # the patch and its smoothed rim, nothing else
+
+
+def test_derm_ring_style_keeps_the_thin_ink_ring(tmp_path):
+    root = generate_synthetic_derm(tmp_path / "ring", SyntheticConfig(n_images=40, image_size=64, seed=1,
+                                                                      artefact_style="ring"), progress=False)
+    artefacts = pd.read_csv(root / "artefacts.csv")
+    assert load_dataset(root).info.generator["shortcut_artefact"] == "ink" and "patch" not in artefacts
+    for image_id in artefacts.loc[artefacts["ink"], "image_id"][:6]:
+        image = read_image(root / "images" / f"{image_id}.png").astype(int)
         purple = (image[..., 2] - image[..., 1] > 60) & (image[..., 0] - image[..., 1] > 20)
-        mask = read_mask(derm / "masks" / f"{image_id}.png")
-        assert purple.sum() > 5
-        assert not (purple & mask).any()
+        mask = read_mask(root / "masks" / f"{image_id}.png")
+        assert purple.sum() > 5 and not (purple & mask).any()
+    assert (artefacts["distance_px"] >= 1.5).all()  # the ring keeps a margin of about 3 px from the lesion
 
 
 def test_derm_shortcut_matches_the_parameters(derm):
@@ -123,9 +172,13 @@ def test_config_rejects_bad_values():
         SyntheticConfig(shortcut_correlation=1.5)
     with pytest.raises(ValueError, match="n_images"):
         SyntheticConfig(n_images=3)
+    with pytest.raises(ValueError, match="artefact_style"):
+        SyntheticConfig(artefact_style="sticker")
+    with pytest.raises(ValueError, match="artefact_distance"):
+        SyntheticConfig(artefact_distance=(0.3, 0.1))
 
 
-@pytest.mark.parametrize("name, artefact", [("synthetic-derm", "ink"), ("synthetic-cxr", "chest_tube")])
+@pytest.mark.parametrize("name, artefact", [("synthetic-derm", "patch"), ("synthetic-cxr", "chest_tube")])
 def test_artefact_maps_and_counterfactual_twins(tmp_path, name, artefact):
     """Twins differ from their image only where the flipped artefact is (up to 2 px of smoothing), the
     artefact maps lie outside the clinical region, and both are deterministic given the seed."""

@@ -46,6 +46,13 @@ class SyntheticConfig:
     shortcut however long it trains (as for featureless melanomas in real dermoscopy). The default,
     0.35, was chosen on datasets of other seeds so that at least 10 % of the test predictions flip with
     their counterfactual twin in quick and in full mode.
+
+    ``artefact_style`` (synthetic-derm only) is the shortcut artefact: ``"patch"`` (the default), a bold filled
+    disc of ``patch_radius`` times the image size, like the colour-calibration stickers of real dermoscopy,
+    placed ``artefact_distance`` (a range of fractions of the image size, drawn per image) from the lesion's
+    edge, from touching it to the far corner; or ``"ring"``, a thin purple ink arc around the lesion at
+    ``ink_ring`` times its radius. Each image's artefact distance, size and position are written to
+    ``artefacts.csv``, also where the artefact is absent (there they say where its counterfactual twin has it).
     """
 
     n_images: int = 1000
@@ -56,9 +63,20 @@ class SyntheticConfig:
     split_fractions: tuple[float, float, float] = (0.7, 0.1, 0.2)
     class_prevalence: tuple[float, ...] = field(default_factory=tuple)
     subtle_share: float = 0.35
+    artefact_style: str = "patch"
+    artefact_distance: tuple[float, float] = (0.0, 0.3)
+    patch_radius: float = 0.07
     ink_ring: tuple[float, float] = (1.45, 1.8)
 
     def __post_init__(self) -> None:
+        if self.artefact_style not in ARTEFACT_STYLES:
+            raise ValueError(f"artefact_style must be one of {sorted(ARTEFACT_STYLES)}, got {self.artefact_style!r}")
+        low, high = self.artefact_distance
+        if not 0.0 <= low <= high <= 1.0:
+            raise ValueError("artefact_distance must be (low, high) fractions of the image size with "
+                             f"0 <= low <= high <= 1, got {self.artefact_distance}")
+        if not 0.0 < self.patch_radius <= 0.25:
+            raise ValueError(f"patch_radius must lie in (0, 0.25] (a fraction of the image size), got {self.patch_radius}")
         if not 1.0 < self.ink_ring[0] <= self.ink_ring[1]:
             raise ValueError(f"ink_ring must be (low, high) multiples of the lesion radius with 1 < low <= high, got {self.ink_ring}")
         if not 0.0 <= self.subtle_share <= 1.0:
@@ -149,7 +167,8 @@ def _outside(coverage: np.ndarray, region: np.ndarray, margin: int) -> np.ndarra
 
 # ------------------------------------------------------------------------------- synthetic-derm
 
-DERM_ARTEFACTS = ("ink", "ruler", "vignette", "hair")
+DERM_ARTEFACTS = ("ink", "ruler", "vignette", "hair", "patch")
+ARTEFACT_STYLES = {"ring": "ink", "patch": "patch"}  # style -> the artefact's column in artefacts.csv
 CXR_ARTEFACTS = ("ecg_lead", "text_marker", "chest_tube", "laterality")
 
 
@@ -158,12 +177,15 @@ def _bit(coverage: np.ndarray, kind: str, kinds: tuple[str, ...]) -> np.ndarray:
     return np.where(coverage > 0.05, 1 << kinds.index(kind), 0).astype(np.uint8)
 
 
-def _draw_derm(rng: np.random.Generator, size: int, label: str, ink: bool, appearance: str | None = None,
-               ink_ring: tuple[float, float] = (1.45, 1.8)) -> tuple[np.ndarray, np.ndarray, dict, np.ndarray]:
-    """One dermoscopy-like image ``(S, S, 3)`` uint8, its lesion mask ``(S, S)``, the artefacts drawn and
+def _draw_derm(rng: np.random.Generator, size: int, label: str, shortcut: bool, appearance: str | None = None,
+               config: SyntheticConfig | None = None) -> tuple[np.ndarray, np.ndarray, dict, np.ndarray]:
+    """One dermoscopy-like image ``(S, S, 3)`` uint8, its lesion mask ``(S, S)``, the artefacts drawn (with the
+    shortcut artefact's ``distance_px``, ``size_px``, ``x``, ``y``: where it is or, when absent, would be) and
     where (bit flags of :data:`DERM_ARTEFACTS`, uint8 ``(S, S)``). ``appearance`` draws the lesion of
-    another class (a subtle melanoma looks like a naevus); the ink is drawn last, so an image rendered
-    again from the same generator with ``ink`` flipped differs only where the ink is."""
+    another class (a subtle melanoma looks like a naevus). The shortcut artefact (``config.artefact_style``) is
+    placed last and always, and painted only when ``shortcut`` is set, so an image rendered again from the same
+    generator with ``shortcut`` flipped differs only where the artefact is."""
+    config = config or SyntheticConfig(image_size=size)
     label = appearance or label
     s = float(size)
     skin = np.array([[233, 190, 160], [215, 165, 130], [190, 140, 105], [160, 110, 80]], dtype=np.float32)
@@ -210,7 +232,8 @@ def _draw_derm(rng: np.random.Generator, size: int, label: str, ink: bool, appea
     _paint(image, soft, np.zeros(3))
     image += soft[..., None] * lesion
 
-    artefacts = {"ink": bool(ink), "ruler": bool(rng.random() < 0.2), "vignette": bool(rng.random() < 0.25),
+    name = ARTEFACT_STYLES[config.artefact_style]
+    artefacts = {name: bool(shortcut), "ruler": bool(rng.random() < 0.2), "vignette": bool(rng.random() < 0.25),
                  "hair": bool(rng.random() < 0.3)}
     where = np.zeros((size, size), np.uint8)
     if artefacts["vignette"]:
@@ -236,22 +259,66 @@ def _draw_derm(rng: np.random.Generator, size: int, label: str, ink: bool, appea
                                               for x in np.arange(2, s, s / 16)])
         _paint(image, _outside(ticks, mask, 2), (30, 30, 30))
         where |= _bit(band, "ruler", DERM_ARTEFACTS)
-    if artefacts["ink"]:
-        ring = radius * rng.uniform(*ink_ring)
-        start = rng.uniform(0, 360)
-        sweep = rng.uniform(90, 200)
-
-        def ink_mark(draw):
-            draw.arc([cx - ring, cy - ring, cx + ring, cy + ring], start, start + sweep, fill=255, width=max(2, size // 40))
-            for _ in range(rng.integers(1, 4)):
-                angle = np.deg2rad(rng.uniform(0, 360))
-                px, py = cx + ring * 1.1 * np.cos(angle), cy + ring * 1.1 * np.sin(angle)
-                draw.ellipse([px - size / 40, py - size / 40, px + size / 40, py + size / 40], fill=255)
-        marker = _outside(_stroke_layer(size, ink_mark), mask, 3) * 0.9
-        _paint(image, marker, (95, 40, 150))
-        where |= _bit(marker, "ink", DERM_ARTEFACTS)
+    if config.artefact_style == "ring":
+        marker = _ink_ring(rng, size, cx, cy, radius, config.ink_ring, mask)
+        colour = (95, 40, 150)
+    else:
+        marker = _patch(rng, size, mask, config.artefact_distance, config.patch_radius)
+        colour = (30, 120, 215)
+    artefacts.update(_placement(marker, mask))
+    if shortcut:
+        _paint(image, marker, colour)
+        where |= _bit(marker, name, DERM_ARTEFACTS)
     image = np.asarray(Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).filter(ImageFilter.SMOOTH))
     return image, mask, artefacts, where
+
+
+def _ink_ring(rng: np.random.Generator, size: int, cx: float, cy: float, radius: float,
+              ink_ring: tuple[float, float], mask: np.ndarray) -> np.ndarray:
+    """Coverage ``(S, S)`` of a thin purple ink arc (with a few dots) around the lesion at ``ink_ring`` radii."""
+    ring = radius * rng.uniform(*ink_ring)
+    start = rng.uniform(0, 360)
+    sweep = rng.uniform(90, 200)
+
+    def ink_mark(draw):
+        draw.arc([cx - ring, cy - ring, cx + ring, cy + ring], start, start + sweep, fill=255, width=max(2, size // 40))
+        for _ in range(rng.integers(1, 4)):
+            angle = np.deg2rad(rng.uniform(0, 360))
+            px, py = cx + ring * 1.1 * np.cos(angle), cy + ring * 1.1 * np.sin(angle)
+            draw.ellipse([px - size / 40, py - size / 40, px + size / 40, py + size / 40], fill=255)
+    return _outside(_stroke_layer(size, ink_mark), mask, 3) * 0.9
+
+
+def _patch(rng: np.random.Generator, size: int, mask: np.ndarray, distance: tuple[float, float],
+           radius: float) -> np.ndarray:
+    """Coverage ``(S, S)`` of a bold filled disc (``radius`` times the image size) whose gap to the lesion's
+    edge is drawn uniformly from ``distance`` (fractions of the image size), the disc kept inside the image.
+    Where no centre gives that gap (a lesion near the middle leaves at most the way to a corner), the
+    largest gap the image allows is taken."""
+    r = max(2.0, radius * size)
+    target = rng.uniform(*distance) * size
+    gap = ndimage.distance_transform_edt(~mask) - r
+    inside = np.zeros_like(mask)
+    lo, hi = int(np.ceil(r)), int(np.floor(size - 1 - r))
+    inside[lo:hi + 1, lo:hi + 1] = True
+    gap = np.where(inside & (gap >= 0), gap, -np.inf)
+    goal = min(target, gap.max())
+    ys, xs = np.nonzero(np.abs(gap - goal) <= 1.0)
+    k = rng.integers(len(ys))
+    disc = _stroke_layer(size, lambda d: d.ellipse([xs[k] - r, ys[k] - r, xs[k] + r, ys[k] + r], fill=255))
+    return _outside(disc, mask, 1) * 0.95
+
+
+def _placement(coverage: np.ndarray, mask: np.ndarray) -> dict:
+    """Where an artefact's ``coverage`` lies: its gap to the lesion's edge (``distance_px``), its area
+    (``size_px``) and its centre (``x``, ``y``), in pixels of the generated image."""
+    drawn = coverage > 0.05
+    if not drawn.any():
+        return {"distance_px": float("nan"), "size_px": 0, "x": float("nan"), "y": float("nan")}
+    ys, xs = np.nonzero(drawn)
+    gap = ndimage.distance_transform_edt(~mask)[drawn].min()
+    return {"distance_px": round(float(max(gap - 1.0, 0.0)), 2), "size_px": int(drawn.sum()),
+            "x": round(float(xs.mean()), 1), "y": round(float(ys.mean()), 1)}
 
 
 def generate_synthetic_derm(root: str | Path, config: SyntheticConfig | None = None, overwrite: bool = False,
@@ -260,8 +327,9 @@ def generate_synthetic_derm(root: str | Path, config: SyntheticConfig | None = N
 
     Classes depend only on the lesion: ``nevus`` (round, uniform brown), ``melanoma`` (irregular
     border, several colours, dark dots), ``keratosis`` (oval, light tan, bright milia-like dots).
-    The spurious artefact is a purple ink marker drawn around (never on) the lesion, correlated with
-    ``melanoma``; rulers, hairs and dark vignette corners appear at random as nuisance.
+    The spurious artefact (``config.artefact_style``: a bold colour patch at a distance from the lesion drawn per
+    image, or a thin ink ring around it) never covers the lesion and is correlated with ``melanoma``; rulers, hairs
+    and dark vignette corners appear at random as nuisance.
     """
     config = config or SyntheticConfig()
     prevalence = np.asarray(config.class_prevalence or DEFAULT_PREVALENCE["synthetic-derm"], dtype=float)
@@ -272,30 +340,31 @@ def generate_synthetic_derm(root: str | Path, config: SyntheticConfig | None = N
     labels = rng.choice(len(DERM_CLASSES), size=config.n_images, p=prevalence)
     splits = make_splits(ids, seed=config.seed, fractions=config.split_fractions, stratify=labels)
     is_melanoma = labels == DERM_CLASSES.index("melanoma")
-    ink = _split_shortcut(splits["split"].to_numpy(), is_melanoma, config, rng)
+    artefact = ARTEFACT_STYLES[config.artefact_style]
+    present = _split_shortcut(splits["split"].to_numpy(), is_melanoma, config, rng)
     subtle = is_melanoma & (np.random.default_rng([config.seed, 30_000_000]).random(config.n_images) < config.subtle_share)
     is_test = splits["split"].to_numpy() == "test"
 
     records, maps, twins = [], {}, {}
 
-    def draw(i: int, with_ink: bool):
-        return _draw_derm(np.random.default_rng([config.seed, i]), config.image_size, DERM_CLASSES[labels[i]], with_ink,
-                          appearance="nevus" if subtle[i] else None, ink_ring=tuple(config.ink_ring))
+    def draw(i: int, with_artefact: bool):
+        return _draw_derm(np.random.default_rng([config.seed, i]), config.image_size, DERM_CLASSES[labels[i]],
+                          with_artefact, appearance="nevus" if subtle[i] else None, config=config)
 
     def samples():
         for i, image_id in enumerate(tqdm(ids, desc="synthetic-derm", disable=not progress)):
-            image, mask, artefacts, where = draw(i, ink[i])
+            image, mask, artefacts, where = draw(i, present[i])
             records.append({"image_id": image_id, **artefacts, "subtle": bool(subtle[i])})
             maps[image_id] = where
             if is_test[i]:
-                twins[f"{image_id}__ink"] = draw(i, not ink[i])[0]
+                twins[f"{image_id}__{artefact}"] = draw(i, not present[i])[0]
             yield image_id, image, mask
 
     info = DatasetInfo(
         name="synthetic-derm", modality="dermoscopy (synthetic)", task="multiclass", class_names=list(DERM_CLASSES),
         mask_description="the lesion", source="segx_helpers.data.synthetic.generate_synthetic_derm",
         licence="CC0-1.0 (generated)", channels=3,
-        generator={**_config_dict(config, prevalence), "shortcut_class": "melanoma", "shortcut_artefact": "ink",
+        generator={**_config_dict(config, prevalence), "shortcut_class": "melanoma", "shortcut_artefact": artefact,
                    "nuisance_artefacts": ["ruler", "vignette", "hair"], "artefact_bits": list(DERM_ARTEFACTS)},
     )
     frame = pd.DataFrame({"image_id": ids, "label": [DERM_CLASSES[k] for k in labels]})
@@ -467,7 +536,8 @@ def _config_dict(config: SyntheticConfig, prevalence: np.ndarray) -> dict:
     values = asdict(config)
     values["class_prevalence"] = [float(p) for p in prevalence]
     values["split_fractions"] = list(config.split_fractions)
-    values["ink_ring"] = [float(v) for v in config.ink_ring]  # as JSON reads it back, so ensure_synthetic can compare
+    for name in ("ink_ring", "artefact_distance"):  # as JSON reads them back, so ensure_synthetic can compare
+        values[name] = [float(v) for v in getattr(config, name)]
     return values
 
 
