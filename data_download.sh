@@ -51,7 +51,7 @@ DATASETS="ham10000 shenzhen montgomery chestx-det10 isic2018-trap segx-kaggle"
 
 usage() {
   cat <<EOF
-usage: ./data_download.sh <dataset> [--data-dir DIR] [--which ham|chestx] [--trap-set N]
+usage: ./data_download.sh <dataset> [--data-dir DIR] [--which ham|chestx] [--trap-set N] [--split trap|random]
 
 Downloads <dataset> into DIR/<dataset>/raw/ (default DIR: data), checks the SHA-256 of every file
 whose checksum is known, unpacks it and converts it to DIR/<dataset>/dataset/ with
@@ -69,7 +69,9 @@ datasets:
                 benign/malignant labels, artefact flags and "trap" split of Bissoto et al. 2020
                 (artefacts go with malignancy in train and against it in test); --trap-set N (1-5,
                 default 1) picks the split; converted at 256 px to DIR/isic2018-trap/dataset/
-                (DIR/isic2018-trap<N>/dataset/ for N > 1). The image archive is about 11 GB.
+                (DIR/isic2018-trap<N>/dataset/ for N > 1). --split random makes a stratified random
+                7:1:2 split of all 2,594 images instead (seed 0), in DIR/isic2018-random/dataset/.
+                The image archive is about 11 GB.
   segx-kaggle   the SegX authors' Kaggle bundle $KAGGLE_BUNDLE (needs a Kaggle account,
                 the kaggle CLI and an API token); --which picks its ham (default) or chestx part,
                 converted to DIR/segx-kaggle-<which>/dataset/
@@ -265,6 +267,7 @@ DATASET=""
 DATA_DIR=data
 WHICH=ham
 TRAP_SET=""
+SPLIT=""
 while (($#)); do
   case $1 in
     -h | --help) usage; exit 0 ;;
@@ -276,6 +279,7 @@ while (($#)); do
       ;;
     --which) [[ $# -ge 2 ]] || die "--which needs ham or chestx"; WHICH=$2; shift 2 ;;
     --trap-set) [[ $# -ge 2 ]] || die "--trap-set needs a number from 1 to 5"; TRAP_SET=$2; shift 2 ;;
+    --split) [[ $# -ge 2 ]] || die "--split needs trap or random"; SPLIT=$2; shift 2 ;;
     -*) usage >&2; exit 2 ;;
     *) [[ -z $DATASET ]] || { usage >&2; exit 2; }; DATASET=$1; shift ;;
   esac
@@ -290,6 +294,10 @@ done
 [[ -z $TRAP_SET || $DATASET == isic2018-trap ]] || die "--trap-set applies to isic2018-trap only"
 TRAP_SET=${TRAP_SET:-1}
 [[ $TRAP_SET =~ ^[1-5]$ ]] || die "--trap-set must be a number from 1 to 5, got '$TRAP_SET'"
+[[ -z $SPLIT || $DATASET == isic2018-trap ]] || die "--split applies to isic2018-trap only"
+SPLIT=${SPLIT:-trap}
+[[ $SPLIT == trap || $SPLIT == random ]] || die "--split must be trap or random, got '$SPLIT'"
+[[ $SPLIT == trap || $TRAP_SET == 1 ]] || die "--trap-set and --split random exclude each other"
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 PY="$REPO/.venv/bin/python"
@@ -300,6 +308,7 @@ RAW="$DATA_DIR/$DATASET/raw"
 OUT="$DATA_DIR/$DATASET/dataset"
 [[ $DATASET != segx-kaggle ]] || OUT="$DATA_DIR/segx-kaggle-$WHICH/dataset"
 [[ $DATASET != isic2018-trap || $TRAP_SET == 1 ]] || OUT="$DATA_DIR/isic2018-trap$TRAP_SET/dataset"
+[[ $SPLIT != random ]] || OUT="$DATA_DIR/isic2018-random/dataset"
 if [[ -e $OUT ]]; then
   echo "$OUT already exists; not overwriting it (delete it yourself to convert again)."
   exit 0
@@ -326,5 +335,5 @@ case $DATASET in
 esac
 
 CONVERT_OPTIONS=(--which "$WHICH")
-[[ $DATASET != isic2018-trap ]] || CONVERT_OPTIONS=(--trap-set "$TRAP_SET" --image-size 256)
+[[ $DATASET != isic2018-trap ]] || CONVERT_OPTIONS=(--trap-set "$TRAP_SET" --split "$SPLIT" --image-size 256)
 "$PY" -m segx_helpers.data.real "$DATASET" "$RAW" "$OUT" "${CONVERT_OPTIONS[@]}"

@@ -243,7 +243,7 @@ def train(kind: str, data_dir: str | Path, checkpoint: str | Path, *, image_size
     from .data.torch_dataset import Normalization, SegXDataset
     from .models import build_classifier, build_segmenter
     from .training import TrainConfig, make_loader, set_seed
-    from .training_recipes import classifier_recipe, finish_training, segmenter_recipe
+    from .training_recipes import classifier_recipe, classifier_selection, finish_training, segmenter_recipe
 
     if kind not in ("classifier", "segmenter"):
         raise ValueError(f"kind must be 'classifier' or 'segmenter', got {kind!r}")
@@ -253,9 +253,11 @@ def train(kind: str, data_dir: str | Path, checkpoint: str | Path, *, image_size
     ctx = setup(device, timeout_minutes)
     try:
         data = load_dataset(data_dir, check_files=False)
-        monitor = "val_auroc" if kind == "classifier" else "val_dice"
+        monitor = "auto" if kind == "classifier" else "val_dice"
         config = TrainConfig(epochs=epochs, lr=lr or (1e-3 if kind == "classifier" else 3e-3), monitor=monitor, seed=seed,
                              max_batches_per_epoch=max_batches_per_epoch)
+        if kind == "classifier":
+            config = classifier_selection(config, data)
         norm = Normalization.for_channels(data.info.channels)
         train_set = SegXDataset(data, "train", image_size, norm, train=True)
         val_set = SegXDataset(data, "val", image_size, norm)

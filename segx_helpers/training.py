@@ -98,15 +98,24 @@ def balanced_class_weights(targets: np.ndarray, task: str) -> np.ndarray:
 
 @dataclass
 class TrainConfig:
-    """How to train. ``monitor`` names a key of the validation dict; higher is better. ``amp``: mixed precision,
-    float16 with a gradient scaler on a GPU, channels_last and bfloat16 autocast on a CPU that computes bfloat16
-    natively (:meth:`segx_helpers.models.CpuTraining.for_this_cpu`); ``amp=False`` trains in float32 everywhere."""
+    """How to train, and how :func:`fit` chooses the epoch it keeps.
+
+    ``monitor`` names a key of the validation dict; higher is better, except for a key ending in
+    ``_loss`` (e.g. ``"val_loss"``), which is minimised. ``min_epochs``: the first epochs are trained but
+    never kept, and early stopping waits for them (an epoch of a model trained from scratch can win on
+    a small validation split by noise alone); it counts from 1 and is capped at ``epochs``. 0 or 1: every
+    epoch is a candidate. ``patience``: stop after this many candidate epochs without improvement.
+    ``amp``: mixed precision, float16 with a gradient scaler on a GPU, channels_last and bfloat16 autocast on a
+    CPU that computes bfloat16 natively (:meth:`segx_helpers.models.CpuTraining.for_this_cpu`); ``amp=False``
+    trains in float32 everywhere.
+    """
 
     epochs: int = 10
     lr: float = 1e-3
     weight_decay: float = 1e-4
     patience: int = 5
     monitor: str = "val_score"
+    min_epochs: int = 0
     seed: int = 0
     device: str | None = None
     amp: bool = True
@@ -122,6 +131,8 @@ class TrainConfig:
             problems.append(f"weight_decay must be >= 0, got {self.weight_decay!r}")
         if not isinstance(self.patience, Integral) or self.patience < 0:
             problems.append(f"patience must be an int >= 0, got {self.patience!r}")
+        if not isinstance(self.min_epochs, Integral) or isinstance(self.min_epochs, bool) or self.min_epochs < 0:
+            problems.append(f"min_epochs must be an int >= 0, got {self.min_epochs!r}")
         if not isinstance(self.monitor, str) or not self.monitor:
             problems.append(f"monitor must name a key of the validation dict (e.g. 'val_auroc'), got {self.monitor!r}")
         if self.max_batches_per_epoch is not None and (not isinstance(self.max_batches_per_epoch, Integral)
@@ -129,6 +140,23 @@ class TrainConfig:
             problems.append(f"max_batches_per_epoch must be None or a positive int, got {self.max_batches_per_epoch!r}")
         if problems:
             raise ValueError("TrainConfig: " + "; ".join(problems))
+
+    @property
+    def minimises(self) -> bool:
+        """Whether the monitored value is a loss (lower is better)."""
+        return self.monitor.endswith("_loss")
+
+    @property
+    def first_candidate(self) -> int:
+        """The first epoch (counting from 1) that :func:`fit` may keep: ``min_epochs`` capped at ``epochs``."""
+        return max(1, min(self.min_epochs, self.epochs))
+
+    def selection_rule(self) -> str:
+        """The model-selection rule in one sentence, as :func:`fit` prints it."""
+        direction = "lowest" if self.minimises else "highest"
+        start = f" from epoch {self.first_candidate} on" if self.first_candidate > 1 else ""
+        return (f"model selection: keeps the epoch with the {direction} {self.monitor}{start} "
+                f"(of {self.epochs}); stops early after {self.patience} epochs without improvement")
 
 
 @dataclass
@@ -151,11 +179,13 @@ def fit(model: nn.Module, loss_fn: nn.Module, train_loader: DataLoader, validate
         batch_loss: Callable[[nn.Module, dict], torch.Tensor] | None = None) -> History:
     """Train ``model`` with AdamW, keeping the weights of the best validation epoch.
 
-    ``validate(model)`` returns a dict with ``config.monitor`` (higher is better) plus anything to
-    log. With ``checkpoint_path`` the best model is saved there (with ``meta``) and the latest
+    ``validate(model)`` returns a dict with ``config.monitor`` (higher is better; lower for a key ending
+    in ``_loss``) plus anything to log. Only epochs from ``config.min_epochs`` on can be kept; training
+    stops early after ``patience`` epochs without improvement on the best of those (so never before
+    ``min_epochs``). The rule is printed before the first epoch (:meth:`TrainConfig.selection_rule`).
+    With ``checkpoint_path`` the best model is saved there (with ``meta``) and the latest
     epoch to ``<path>.last.pt`` for ``resume``. An existing checkpoint is an error unless
-    ``overwrite`` or ``resume``. Stops early after ``patience`` epochs without improvement. The
-    model ends in eval mode holding the best weights.
+    ``overwrite`` or ``resume``. The model ends in eval mode holding the best weights.
 
     A NaN (or infinite) validation score never counts as an improvement and gives a
     :class:`NonFiniteScoreWarning`. If *no* epoch has a finite score, the last epoch's weights are
@@ -175,7 +205,7 @@ def fit(model: nn.Module, loss_fn: nn.Module, train_loader: DataLoader, validate
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(config.epochs, 1))
     use_amp = config.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    history = History()
+    history = History(best_value=math.inf if config.minimises else -math.inf)
     start_epoch = 0
     path = Path(checkpoint_path) if checkpoint_path is not None else None
     last_path = path.with_name(path.name + ".last.pt") if path is not None else None
@@ -194,6 +224,7 @@ def fit(model: nn.Module, loss_fn: nn.Module, train_loader: DataLoader, validate
         start_epoch = int(state["epoch"]) + 1
         torch.manual_seed(config.seed + start_epoch)
 
+    print(config.selection_rule())
     for epoch in range(start_epoch, config.epochs):
         if epoch - history.best_epoch > config.patience and history.best_epoch >= 0:
             break
@@ -235,7 +266,8 @@ def fit(model: nn.Module, loss_fn: nn.Module, train_loader: DataLoader, validate
             warnings.warn(f"Validation {config.monitor} is {score} (not finite) at epoch {epoch + 1}, so this epoch cannot "
                           "be the best one (AUROC is undefined when the validation split lacks a class).",
                           NonFiniteScoreWarning, stacklevel=2)
-        elif score > history.best_value:
+        elif epoch + 1 >= config.first_candidate and (score < history.best_value if config.minimises
+                                                     else score > history.best_value):
             history.best_value, history.best_epoch = score, epoch
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             if path is not None:
@@ -270,10 +302,11 @@ def _n_batches(loader: DataLoader, cap: int | None) -> int:
 
 @torch.no_grad()
 def predict_classifier(model: nn.Module, loader: DataLoader, task: str, device: str | None = None) -> dict:
-    """Class probabilities ``(N, C)`` (softmax or sigmoid), targets and ids for a whole loader."""
+    """Class probabilities ``(N, C)`` (softmax or sigmoid), the ``logits`` they come from, targets and ids
+    for a whole loader."""
     device = pick_device(device)
     model.to(device).eval()
-    probs, targets, ids = [], [], []
+    probs, logit_batches, targets, ids = [], [], [], []
     for batch in loader:
         logits = model(batch["image"].to(device)).float()
         if task == "multiclass" and logits.ndim == 2 and logits.shape[1] == 1:
@@ -281,9 +314,11 @@ def predict_classifier(model: nn.Module, loader: DataLoader, task: str, device: 
                              "is always 1.0 for one output: use task='multilabel' (a sigmoid per output) or give the "
                              "model one output per class.")
         probs.append((logits.softmax(1) if task == "multiclass" else logits.sigmoid()).cpu().numpy())
+        logit_batches.append(logits.cpu().numpy())
         targets.append(batch["target"].numpy())
         ids += list(batch["image_id"])
-    return {"probs": np.concatenate(probs), "targets": np.concatenate(targets), "image_id": ids}
+    return {"probs": np.concatenate(probs), "logits": np.concatenate(logit_batches), "targets": np.concatenate(targets),
+            "image_id": ids}
 
 
 @torch.no_grad()

@@ -12,11 +12,14 @@ validation); ``segx train`` (:func:`segx_helpers.distributed.train`) uses them w
 """
 from __future__ import annotations
 
+import dataclasses
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import torch
 from torch import nn
 
 from .checkpoints import TrainedModel, load_trained, split_tensors, training_fingerprint
@@ -41,10 +44,57 @@ def _retrain_hint(path: Path, notebook: str | None = None) -> str:
     return f"To train again, {where} to replace it, or delete or rename {path} (keep it to reuse it with its own settings)."
 
 
-def _check_monitor(config: TrainConfig, key: str) -> None:
-    if config.monitor != key:
-        raise ValueError(f"config.monitor is {config.monitor!r}, but this model is validated with {key!r}: "
+# A validation class with fewer images than this makes "best epoch by validation AUROC" a coin toss.
+SMALL_VALIDATION_CLASS = 10
+CLASSIFIER_MONITORS = ("val_auroc", "val_loss", "auto")
+
+
+class SmallValidationWarning(UserWarning):
+    """A class has so few validation images that the validation AUROC of one epoch is mostly noise."""
+
+
+def _check_monitor(config: TrainConfig, key: str, also: tuple[str, ...] = ()) -> None:
+    if config.monitor != key and config.monitor not in also:
+        others = "".join(f" or {k!r}" for k in also)
+        raise ValueError(f"config.monitor is {config.monitor!r}, but this model is validated with {key!r}{others}: "
                          f"use TrainConfig(monitor={key!r}, ...).")
+
+
+def validation_class_counts(data: LoadedDataset) -> dict[str, int]:
+    """Validation images per class (multiclass), or validation positives per class (multilabel)."""
+    targets = data.targets[(data.table["split"] == "val").to_numpy()]
+    if data.info.task == "multiclass":
+        counts = np.bincount(targets, minlength=data.info.num_classes)
+    else:
+        counts = targets.sum(axis=0)
+    return {name: int(n) for name, n in zip(data.info.class_names, counts)}
+
+
+def classifier_selection(config: TrainConfig, data: LoadedDataset) -> TrainConfig:
+    """The classifier's model-selection rule for this dataset's validation split.
+
+    Warns (:class:`SmallValidationWarning`, naming each class and its count) when a validation class has
+    fewer than :data:`SMALL_VALIDATION_CLASS` images (positives, multilabel). ``config.monitor="auto"``
+    then selects on the validation loss (cross-entropy / BCE, the training loss), which every image moves
+    a little, instead of the macro AUROC, which one image of a rare class can swing; with enough images of
+    every class "auto" is ``"val_auroc"``. An explicit ``"val_auroc"`` or ``"val_loss"`` is kept. Returns
+    the configuration with the monitor resolved and prints the choice and why.
+    """
+    _check_monitor(config, "val_auroc", also=CLASSIFIER_MONITORS[1:])
+    counts = validation_class_counts(data)
+    small = {name: n for name, n in counts.items() if n < SMALL_VALIDATION_CLASS}
+    if small:
+        listed = ", ".join(f"{name!r}: {n}" for name, n in small.items())
+        warnings.warn(f"{data.info.name}: the validation split has fewer than {SMALL_VALIDATION_CLASS} images of class "
+                      f"{listed}; a best epoch chosen by validation AUROC is then mostly noise. Move more images of "
+                      "these classes to the validation split if you can.", SmallValidationWarning, stacklevel=3)
+    if config.monitor != "auto":
+        return config
+    monitor = "val_loss" if small else "val_auroc"
+    why = (f"a validation class has fewer than {SMALL_VALIDATION_CLASS} images ({', '.join(small)})" if small
+           else f"every validation class has at least {SMALL_VALIDATION_CLASS} images")
+    print(f"monitor='auto' -> {monitor!r}: {why}")
+    return dataclasses.replace(config, monitor=monitor)
 
 
 def _with_weights_if_online(build, requested, pretrained_value, scratch_value):
@@ -106,17 +156,23 @@ def classifier_recipe(data: LoadedDataset, image_size: int, norm: Normalization,
                       pretrained: bool, fingerprint: dict, class_weights: np.ndarray | None = None,
                       device: str | None = None) -> Recipe:
     """The classifier's recipe: cross-entropy (multiclass) or BCE (multilabel) loss, optionally class
-    weighted, best epoch by validation macro AUROC; multilabel decision thresholds (per class, maximising
-    F1 on validation, as the reference code does) stored in the checkpoint."""
+    weighted; ``validate`` returns the validation macro AUROC (``val_auroc``) and the same loss on the
+    validation split (``val_loss``), either of which the loop may monitor (see :func:`classifier_selection`);
+    multilabel decision thresholds (per class, maximising F1 on validation, as the reference code does)
+    stored in the checkpoint."""
     task = data.info.task
     meta = {"kind": "classifier", "arch": arch, "task": task, "class_names": data.info.class_names,
             "in_channels": data.info.channels, "image_size": image_size, "normalization": asdict(norm),
             "dataset": data.info.name, "pretrained": pretrained,
             "thresholds": None, "fingerprint": fingerprint, "finished": False}
 
+    loss = classification_loss(task, class_weights)
+
     def validate(model: nn.Module) -> dict:
         result = predict_classifier(model, val_loader, task, device=device)
-        return {"val_auroc": macro_auroc(result["targets"], result["probs"])}
+        with torch.no_grad():
+            val_loss = loss(torch.as_tensor(result["logits"]), torch.as_tensor(result["targets"])).item()
+        return {"val_auroc": macro_auroc(result["targets"], result["probs"]), "val_loss": val_loss}
 
     def choose_thresholds(model: nn.Module) -> None:
         val = predict_classifier(model, val_loader, task, device=device)
@@ -124,7 +180,7 @@ def classifier_recipe(data: LoadedDataset, image_size: int, norm: Normalization,
             meta["thresholds"] = select_thresholds(val["targets"], val["probs"]).tolist()
         meta["metrics"] = {"val_auroc": macro_auroc(val["targets"], val["probs"])}
 
-    return Recipe(meta, classification_loss(task, class_weights), "target", validate, choose_thresholds)
+    return Recipe(meta, loss, "target", validate, choose_thresholds)
 
 
 def finish_training(recipe: Recipe, model: nn.Module, history, config: TrainConfig, checkpoint: str | Path) -> dict:
@@ -178,15 +234,18 @@ def train_classifier(data: LoadedDataset, checkpoint: str | Path, image_size: in
                      pretrained: bool | str = False, class_weighting: bool = False, config: TrainConfig | None = None,
                      batch_size: int = 32, num_workers: int = 0, normalization: Normalization | None = None,
                      retrain: bool = False) -> TrainedModel:
-    """Train (or load) a torchvision classifier; best epoch by validation macro AUROC.
+    """Train (or load) a torchvision classifier; best epoch by validation macro AUROC or loss.
 
-    Multilabel decision thresholds (per class, maximising F1 on validation, as the reference code
-    does) are stored in the checkpoint; multiclass decisions are the argmax. ``pretrained``: False
-    (default), True, or "if-online" (ImageNet weights when they can be downloaded, else random).
+    Model selection follows ``config`` (:class:`~segx_helpers.training.TrainConfig`: ``monitor``,
+    ``min_epochs``, ``patience``); ``monitor="auto"`` (the run modes' :func:`classifier_config`) selects
+    on the validation loss when a validation class has fewer than :data:`SMALL_VALIDATION_CLASS` images,
+    else on the AUROC, and a small class is warned about by name (:func:`classifier_selection`). Multilabel
+    decision thresholds (per class, maximising F1 on validation, as the reference code does) are stored
+    in the checkpoint; multiclass decisions are the argmax. ``pretrained``: False (default), True, or
+    "if-online" (ImageNet weights when they can be downloaded, else random).
     """
     checkpoint = Path(checkpoint)
-    config = config or TrainConfig(lr=1e-3, monitor="val_auroc")
-    _check_monitor(config, "val_auroc")
+    config = classifier_selection(config or TrainConfig(lr=1e-3, monitor="val_auroc"), data)
     norm = normalization or Normalization.for_channels(data.info.channels)
     fingerprint = training_fingerprint(data, image_size, config, kind="classifier", arch=arch, pretrained=pretrained,
                                        class_weighting=class_weighting, batch_size=batch_size,
@@ -247,9 +306,13 @@ def segmenter_config(settings: RunSettings, seed: int = 0) -> TrainConfig:
 
 
 def classifier_config(settings: RunSettings, seed: int = 0) -> TrainConfig:
-    """The classifier's training configuration for a run mode (shared by notebook 03 and ``prepare_models``)."""
-    return TrainConfig(epochs=settings.cls_epochs, lr=1e-3, monitor="val_auroc", seed=seed,
-                       max_batches_per_epoch=settings.max_batches_per_epoch)
+    """The classifier's training configuration for a run mode (shared by notebook 03 and ``prepare_models``).
+
+    Model selection: ``monitor="auto"`` (validation AUROC, or validation loss when a validation class is
+    small: :func:`classifier_selection`), and no epoch in the first third of the run is kept
+    (``min_epochs = epochs // 3``: 5 of 15 in full mode, none in quick mode's 3)."""
+    return TrainConfig(epochs=settings.cls_epochs, lr=1e-3, monitor="auto", seed=seed,
+                       min_epochs=settings.cls_epochs // 3, max_batches_per_epoch=settings.max_batches_per_epoch)
 
 
 def prepare_dataset(name: str, paths: TutorialPaths, settings: RunSettings, prepare_missing: bool = False,

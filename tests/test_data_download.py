@@ -463,6 +463,18 @@ def test_isic2018_trap_downloads_the_chosen_trap_set_and_converts(tmp_path, serv
     assert (tmp_path / "data" / "isic2018-trap2" / "dataset" / "artefacts.csv").is_file()
 
 
+def test_isic2018_random_split_goes_to_its_own_folder(tmp_path, server):
+    server.files.update(isic_files(tmp_path))
+    result = run(tmp_path, "isic2018-trap", "--split", "random", SEGX_ISIC2018_TRAP_URL=server.url,
+                 **isic_checksums(server.files))
+    assert result.returncode == 0, result.stderr
+    assert "stratified random split (seed 0) of the 12 annotated images" in result.stdout
+    ds = load_dataset(tmp_path / "data" / "isic2018-random" / "dataset")
+    assert ds.info.name == "isic2018-random" and len(ds.table) == 12
+    assert (tmp_path / "data" / "isic2018-random" / "dataset" / "artefacts.csv").is_file()
+    assert not (tmp_path / "data" / "isic2018-trap" / "dataset").exists()
+
+
 def test_isic2018_trap_pins_the_published_csvs(tmp_path, server):
     """Without overrides the CSVs must have the checksums of the pinned debiasing-skin commit."""
     server.files.update(isic_files(tmp_path))
@@ -487,3 +499,8 @@ def test_isic2018_trap_offline_and_bad_options(tmp_path):
     assert bad.returncode != 0 and "--trap-set must be a number from 1 to 5" in bad.stderr
     other = run(tmp_path, "shenzhen", "--trap-set", "2")
     assert other.returncode != 0 and "--trap-set applies to isic2018-trap only" in other.stderr
+    for args, message in ((["isic2018-trap", "--split", "shuffled"], "--split must be trap or random, got 'shuffled'"),
+                          (["isic2018-trap", "--split", "random", "--trap-set", "2"], "exclude each other"),
+                          (["shenzhen", "--split", "random"], "--split applies to isic2018-trap only")):
+        bad = run(tmp_path, *args)
+        assert bad.returncode != 0 and message in bad.stderr, bad.stderr

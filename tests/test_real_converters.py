@@ -392,6 +392,36 @@ def test_isic2018_trap_labels_masks_split_and_artefacts(tmp_path, layout, capsys
     assert (artefacts.set_index("image_id").sort_index() == expected).all().all()
 
 
+@pytest.mark.parametrize("layout", ["official", "komour"])
+def test_isic2018_random_split_is_stratified_seeded_and_keeps_the_artefacts(tmp_path, layout, capsys):
+    """``--split random``: every annotated image, 7:1:2 within each label, the same split for the same seed,
+    written as isic2018-random with its artefacts.csv; the trap files are not needed."""
+    bias, _ = make_isic_trap(tmp_path / "raw", layout, n=30)
+    shutil.rmtree(tmp_path / "raw" / "trap-sets")
+    assert main(["isic2018-trap", str(tmp_path / "raw"), str(tmp_path / "random"), "--split", "random",
+                 "--image-size", "16"]) == 0
+    assert "stratified random split (seed 0) of the 30 annotated images -> 21 train / 3 val / 6 test" in \
+        capsys.readouterr().out
+    data = load_dataset(tmp_path / "random")
+    table = data.table.set_index("image_id")
+    assert data.info.name == "isic2018-random" and "stratified random 7:1:2 by label, seed 0" in data.info.source
+    assert sorted(table.index) == sorted(bias["image_id"])
+    assert (table["label"] == np.where(bias.set_index("image_id")["label"] == 1, "malignant", "benign")).all()
+    counts = pd.crosstab(table["split"], table["label"]).to_dict()
+    assert counts == {"benign": {"train": 14, "val": 2, "test": 4}, "malignant": {"train": 7, "val": 1, "test": 2}}
+    artefacts = pd.read_csv(tmp_path / "random" / "artefacts.csv", dtype={"image_id": str}).set_index("image_id")
+    assert (artefacts.sort_index() == bias.set_index("image_id")[ISIC_FLAGS].sort_index()).all().all()
+    assert set(artefact_label_correlation(data)["split"]) == {"train", "val", "test"}
+
+    again = convert_isic2018_trap(tmp_path / "raw", tmp_path / "again", split="random", verbose=False)
+    other = convert_isic2018_trap(tmp_path / "raw", tmp_path / "other", split="random", seed=1, verbose=False)
+    assert load_dataset(again).table.set_index("image_id")["split"].equals(table["split"])
+    assert not load_dataset(other).table.set_index("image_id")["split"].equals(table["split"])
+    with pytest.raises(ValueError, match=r"split must be one of \('trap', 'random'\), got 'Random'"):
+        convert_isic2018_trap(tmp_path / "raw", tmp_path / "bad", split="Random")
+    assert not (tmp_path / "bad").exists()
+
+
 def test_isic2018_trap_correlations_flip_between_splits(tmp_path):
     make_isic_trap(tmp_path / "raw", "official", n=24)
     data = load_dataset(convert_isic2018_trap(tmp_path / "raw", tmp_path / "isic", verbose=False))

@@ -293,6 +293,7 @@ def test_wrong_monitor_is_refused_before_any_training(make_tiny_dataset, tmp_pat
 
 @pytest.mark.parametrize("bad, message", [({"epochs": 0}, "epochs"), ({"lr": 0.0}, "lr"), ({"patience": -1}, "patience"),
                                           ({"max_batches_per_epoch": 0}, "max_batches_per_epoch"),
+                                          ({"min_epochs": -1}, "min_epochs"),
                                           ({"monitor": ""}, "monitor")])
 def test_train_config_is_checked_when_made(bad, message):
     with pytest.raises(ValueError, match=message):
@@ -325,3 +326,77 @@ def test_checkpoint_with_our_tag_but_bad_contents_is_a_checkpoint_error(tmp_path
     torch.save({"format": "segx-checkpoint-v1", **payload}, path)
     with pytest.raises(CheckpointError, match=f"bad.pt.*{message}"):
         load_checkpoint(path)
+
+
+# ------------------------------------------------------------------------------ model selection, small validation
+
+# What a 20-image validation split with one melanoma does to the macro AUROC: it jumps to its best at
+# epoch 2, by chance, and never reaches it again, while the validation loss keeps falling until epoch 12.
+NOISY_AUROC = [0.62, 0.91, 0.55, 0.70, 0.64, 0.82, 0.58, 0.75, 0.66, 0.80, 0.71, 0.77, 0.69, 0.74, 0.72]
+FALLING_LOSS = [1.10, 1.02, 0.97, 0.92, 0.88, 0.83, 0.80, 0.78, 0.76, 0.74, 0.73, 0.71, 0.72, 0.74, 0.75]
+
+
+def _scripted_fit(config, capsys=None):
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Linear(2, 2)
+    batches = [{"image": torch.randn(4, 2), "target": torch.tensor([0, 1, 0, 1])}]
+    epochs = iter(range(len(NOISY_AUROC)))
+
+    def validate(_model):
+        i = next(epochs)
+        return {"val_auroc": NOISY_AUROC[i], "val_loss": FALLING_LOSS[i]}
+
+    return fit(model, nn.CrossEntropyLoss(), batches, validate, config)
+
+
+def test_best_auroc_on_a_noisy_validation_split_keeps_the_noise_epoch_but_the_new_rule_does_not(capsys):
+    """The old rule (best validation AUROC from epoch 1, patience 5) stops after 7 of 15 epochs and keeps
+    epoch 2, as on the 200-image folder of issue 24; the run modes' rule on a small validation split
+    (validation loss, no epoch before the fifth) trains all 15 and keeps the lowest-loss epoch, 12."""
+    old = _scripted_fit(TrainConfig(epochs=15, monitor="val_auroc", patience=5, amp=False))
+    assert len(old.records) == 7 and old.best_epoch + 1 == 2
+
+    new = _scripted_fit(TrainConfig(epochs=15, monitor="val_loss", min_epochs=5, patience=5, amp=False))
+    assert len(new.records) == 15 and new.best_epoch + 1 == 12 and new.best_value == pytest.approx(0.71)
+    assert "keeps the epoch with the lowest val_loss from epoch 5 on (of 15)" in capsys.readouterr().out
+
+    # min_epochs alone already skips the early spike: the best AUROC from epoch 5 on is epoch 6's
+    later = _scripted_fit(TrainConfig(epochs=15, monitor="val_auroc", min_epochs=5, patience=5, amp=False))
+    assert later.best_epoch + 1 == 6 and len(later.records) == 11
+
+
+def test_min_epochs_longer_than_the_run_keeps_the_best_of_the_last_epoch():
+    history = _scripted_fit(TrainConfig(epochs=3, monitor="val_loss", min_epochs=10, amp=False))
+    assert len(history.records) == 3 and history.best_epoch == 2
+
+
+def test_small_validation_class_is_named_and_auto_selects_on_the_validation_loss(make_tiny_dataset, tmp_path, capsys):
+    """30 images: the validation split holds one image per class, so "auto" monitors the validation loss,
+    warns naming each class, and keeps the epoch of the lowest validation loss; the kept weights have it."""
+    from segx_helpers.training_recipes import SmallValidationWarning
+
+    data = load_dataset(make_tiny_dataset(n=30, size=32))
+    config = TrainConfig(epochs=4, lr=3e-3, monitor="auto", min_epochs=2, max_batches_per_epoch=2)
+    with pytest.warns(SmallValidationWarning, match=r"fewer than 10 images of class 'a': 1, 'b': 1, 'c': 1"):
+        trained = train_classifier(data, tmp_path / "c.pt", image_size=32, config=config)
+    out = capsys.readouterr().out
+    assert "monitor='auto' -> 'val_loss'" in out and "lowest val_loss from epoch 2 on" in out
+    assert trained.meta["train_config"]["monitor"] == "val_loss"
+    losses = trained.history["val_loss"].to_numpy()
+    assert trained.history["epoch"].tolist() == [1, 2, 3, 4]
+    kept = int(np.argmin(losses[1:])) + 1
+    val_loader = make_loader(SegXDataset(data, "val", 32), 64, shuffle=False)
+    kept_loss = _loss_on(trained.model, val_loader, classification_loss("multiclass"))
+    assert kept_loss == pytest.approx(losses[kept], rel=1e-5)
+
+
+def test_auto_monitors_the_auroc_when_every_validation_class_is_large_enough(make_tiny_dataset, recwarn):
+    from segx_helpers.training_recipes import SmallValidationWarning, classifier_selection, validation_class_counts
+
+    data = load_dataset(make_tiny_dataset(n=330, size=32))
+    assert validation_class_counts(data) == {"a": 11, "b": 11, "c": 11}
+    assert classifier_selection(TrainConfig(monitor="auto"), data).monitor == "val_auroc"
+    assert classifier_selection(TrainConfig(monitor="val_loss"), data).monitor == "val_loss"
+    assert not [w for w in recwarn if issubclass(w.category, SmallValidationWarning)]

@@ -13,13 +13,16 @@ to convert again.
 ``data_download.sh`` runs the converters through the command line::
 
     python -m segx_helpers.data.real <dataset> <raw_dir> <out_dir> [--seed N] [--image-size N] [--trap-set N]
+                                     [--split trap|random]
 
 which first looks for the raw layout in ``raw_dir`` and up to two folder levels below it (archives
 often unpack into a folder of their own).
 
 ``convert_isic2018_trap`` keeps the published split instead of making one: the "trap" train/val/test
 split of Bissoto et al. (2020), where artefacts go with the label in training and against it in test.
-It also writes the annotated artefact flags as the dataset's optional ``artefacts.csv``.
+It also writes the annotated artefact flags as the dataset's optional ``artefacts.csv``. With
+``split="random"`` (``--split random``) it makes a stratified random 7:1:2 split of all annotated images
+instead, the baseline beside the trap set.
 """
 from __future__ import annotations
 
@@ -300,6 +303,7 @@ ISIC_ARTEFACTS = ("dark_corner", "hair", "gel_border", "gel_bubble", "ruler", "i
 ISIC_BIAS_CSV = "isic_bias.csv"
 ISIC_TRAP_CSV = "isic_annotated_{split}{n}.csv"
 ISIC_TRAP_SETS = (1, 2, 3, 4, 5)
+ISIC_SPLITS = ("trap", "random")
 ISIC_TRAP_PRECEDENCE = ("test", "val", "train")
 ISIC_LAYOUTS = (
     # (layout, image folders, mask folder): the official ISIC 2018 archives, then the komour/diploma copies
@@ -321,7 +325,8 @@ ISIC_LICENCE = (
 
 
 def convert_isic2018_trap(raw_dir: str | Path, out_dir: str | Path, trap_set: int = 1, seed: int = 0,
-                          image_size: int | None = None, overwrite: bool = False, verbose: bool = True) -> Path:
+                          image_size: int | None = None, overwrite: bool = False, verbose: bool = True,
+                          split: str = "trap") -> Path:
     """Convert ISIC 2018 Task 1 with the benign/malignant labels, artefact flags and trap split of Bissoto et al.
 
     Expects, in ``raw_dir`` or up to two folder levels below it:
@@ -336,18 +341,29 @@ def convert_isic2018_trap(raw_dir: str | Path, out_dir: str | Path, trap_set: in
       ``images/256ISIC2018_Task1_Training_GroundTruth/ISIC_*_segmentation.png``).
 
     The dataset is named ``isic2018-trap`` for trap set 1 and ``isic2018-trap<N>`` for the others.
-    The split is the trap set's, not a fresh one (``seed`` is unused; it is accepted for the common
-    converter signature). An image listed in several of its files goes to the first of test, val, train
-    (in trap set 1 every val image is also listed in train); :func:`isic_trap_splits` reports how many.
-    Labels and artefact flags come from ``isic_bias.csv``; a trap file that disagrees with it is an error.
-    The artefact flags are written to the dataset's ``artefacts.csv``. Only the images of the trap set are
+    The split is the trap set's, not a fresh one (``seed`` is unused). With ``split="random"`` the
+    dataset is ``isic2018-random``: every image of ``isic_bias.csv``, split 7:1:2 at random, stratified by
+    label and deterministic in ``seed`` (the trap files are neither needed nor read, ``trap_set`` is
+    unused), with the same labels, masks and ``artefacts.csv``. In a trap split, an image listed in several
+    of its files goes to the first of test, val, train (in trap set 1 every val image is also listed in
+    train); :func:`isic_trap_splits` reports how many. Labels and artefact flags come from ``isic_bias.csv``;
+    a trap file that disagrees with it is an error. The artefact flags are written to the dataset's
+    ``artefacts.csv``. Only the images of the trap set (or of ``isic_bias.csv``, random split) are
     converted. The official images are large and not square: pass ``image_size`` (e.g. 256, as
     ``data_download.sh`` does) to resize them.
     """
-    del seed
+    if split not in ISIC_SPLITS:
+        raise ValueError(f"split must be one of {ISIC_SPLITS}, got {split!r}")
     raw_dir = _existing_dir(raw_dir)
     bias = read_isic_bias(_find_below(raw_dir, ISIC_BIAS_CSV, "the artefact annotations of Bissoto et al."))
-    splits, report = isic_trap_splits(raw_dir, trap_set, bias)
+    if split == "random":
+        splits = make_splits(bias["image_id"], seed, stratify=bias["label"])
+        report = (f"stratified random split (seed {seed}) of the {len(splits)} annotated images -> "
+                  f"{_split_sizes(splits)}")
+        name, described = "isic2018-random", f"stratified random 7:1:2 by label, seed {seed}"
+    else:
+        splits, report = isic_trap_splits(raw_dir, trap_set, bias)
+        name, described = f"isic2018-trap{'' if trap_set == 1 else trap_set}", f"trap set {trap_set}"
     ids = splits["image_id"].tolist()
     layout, image_dirs, mask_dir = _isic_layout(raw_dir)
     images = _index_files(image_dirs, IMAGE_SUFFIXES)
@@ -358,14 +374,14 @@ def convert_isic2018_trap(raw_dir: str | Path, out_dir: str | Path, trap_set: in
     labels = pd.DataFrame({"image_id": ids, "label": np.array(ISIC_TRAP_CLASSES)[table["label"].to_numpy()]})
     artefacts = table[["image_id", *ISIC_ARTEFACTS]].astype({a: np.int64 for a in ISIC_ARTEFACTS})
     if verbose:
-        print(f"isic2018-trap: {layout} in {image_dirs[0].parent}; {report}")
+        print(f"{name}: {layout} in {image_dirs[0].parent}; {report}")
     info = DatasetInfo(
-        name=f"isic2018-trap{'' if trap_set == 1 else trap_set}",
+        name=name,
         modality="dermoscopy",
         task="multiclass",
         class_names=list(ISIC_TRAP_CLASSES),
         mask_description="the skin lesion (ISIC 2018 Task 1 expert lesion segmentation)",
-        source=f"{ISIC_SOURCE}; split: trap set {trap_set}",
+        source=f"{ISIC_SOURCE}; split: {described}",
         licence=ISIC_LICENCE,
         channels=3,
     )
@@ -407,12 +423,15 @@ def isic_trap_splits(raw_dir: str | Path, trap_set: int = 1, bias: pd.DataFrame 
         split_of.update({i: split for i in ids if i not in split_of})
     frame = pd.DataFrame({"image_id": sorted(split_of)})
     frame["split"] = frame["image_id"].map(split_of)
-    sizes = frame["split"].value_counts()
     rows = sum(len(t) for t in listed.values())
-    report = (f"trap set {trap_set}: {len(frame)} images ({rows} rows in its lists) -> "
-              + " / ".join(f"{sizes.get(s, 0)} {s}" for s in ("train", "val", "test"))
+    report = (f"trap set {trap_set}: {len(frame)} images ({rows} rows in its lists) -> {_split_sizes(frame)}"
               + (f"; {'; '.join(overlaps)}" if overlaps else "; no image listed twice"))
     return frame, report
+
+
+def _split_sizes(splits: pd.DataFrame) -> str:
+    sizes = splits["split"].value_counts()
+    return " / ".join(f"{sizes.get(s, 0)} {s}" for s in ("train", "val", "test"))
 
 
 def _read_isic_table(path: Path, sep: str) -> pd.DataFrame:
@@ -770,10 +789,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="segx-kaggle only: the dermoscopy (ham) or chest X-ray (chestx) part (default ham)")
     parser.add_argument("--trap-set", type=int, choices=ISIC_TRAP_SETS, default=1,
                         help="isic2018-trap only: which trap set of Bissoto et al. gives the split (default 1)")
+    parser.add_argument("--split", choices=ISIC_SPLITS, default="trap",
+                        help="isic2018-trap only: the trap set's split (default) or a stratified random 7:1:2 split "
+                             "of all annotated images (seed --seed), named isic2018-random")
     args = parser.parse_args(argv)
     options = {"seed": args.seed, "image_size": args.image_size}
     if args.dataset == "isic2018-trap":
-        options["trap_set"] = args.trap_set
+        options.update(trap_set=args.trap_set, split=args.split)
     error = None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("default")
