@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
-from ..io import atomic_path, check_safe_id, write_json
+from ..io import atomic_path, check_only_listed_files, check_safe_id, files_below, write_json
 from .augmentation import Augmentation
 
 TASKS = ("multiclass", "multilabel")
@@ -507,16 +507,11 @@ def write_dataset(
         write_json(tmp / "dataset.json", asdict(info))
         load_dataset(tmp, check_files=False)
         write_json(tmp / WRITTEN_FILES, {"written_by": "segx_helpers.data.format.write_dataset",
-                                         "files": sorted(_files_in(tmp))})
+                                         "files": sorted(files_below(tmp, WRITTEN_FILES))})
     return root
 
 
 WRITTEN_FILES = ".segx_files.json"
-
-
-def _files_in(folder: Path) -> set[str]:
-    return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if not p.is_dir() or p.is_symlink()} - {
-        WRITTEN_FILES}
 
 
 def _check_owned(root: Path) -> None:
@@ -530,15 +525,6 @@ def _check_owned(root: Path) -> None:
             "dataset.json: converted, imported and your own data are never replaced, with or without overwrite=True); "
             "refusing to replace it. Choose another folder, or remove it yourself to write it again."
         )
-    listing = root / WRITTEN_FILES
-    if not listing.is_file():
-        return
-    try:
-        written = {str(name) for name in json.loads(listing.read_text())["files"]}
-    except (ValueError, KeyError, TypeError) as err:
-        raise FileExistsError(f"{listing} is unreadable ({err}): refusing to replace {root}.") from err
-    extra = sorted(_files_in(root) - written)
-    if extra:
-        raise FileExistsError(f"{root} holds files that segx_helpers did not write ({extra[:5]}"
-                              f"{' ...' if len(extra) > 5 else ''}): refusing to replace it, to keep them. Move them "
-                              "out of the folder, or choose another folder.")
+    if (root / WRITTEN_FILES).is_file():
+        check_only_listed_files(root, WRITTEN_FILES, "refusing to replace it, to keep them. Move them out of the "
+                                "folder, or choose another folder")
