@@ -402,6 +402,9 @@ def output_lock(out: str | Path):
         except BlockingIOError:
             raise AuditError(f"another segx audit is writing to {out} now; wait until it finishes, then run this "
                              "command again (it resumes, or finds everything done)") from None
+        except OSError as err:  # a filesystem without locks (e.g. Lustre mounted without flock)
+            warnings.warn(f"cannot lock {out / LOCK_FILE} ({err}): run one segx audit at a time on this folder",
+                          UserWarning, stacklevel=3)
         yield out
     finally:
         handle.close()

@@ -497,3 +497,14 @@ def test_a_full_disk_is_one_line_and_the_next_run_resumes(archive, tmp_path, cap
     monkeypatch.undo()
     status, err = _cli_audit(archive, out, capsys)
     assert status == 0 and (out / "table.parquet").is_file()
+
+
+def test_a_filesystem_without_locks_warns_and_runs(archive, tmp_path, monkeypatch):
+    import fcntl
+
+    def no_locks(*args):
+        raise OSError(38, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.warns(UserWarning, match="cannot lock .*run one segx audit at a time"):
+        assert _audit(_options(archive, tmp_path / "out", methods=("gradcam",), max_shards=1)).done_now == [0]
