@@ -87,6 +87,13 @@ die() {
   exit 1
 }
 
+# usage_error MESSAGE: a wrong command line: one line saying what is wrong, a pointer to -h, exit 2.
+usage_error() {
+  echo "error: $*" >&2
+  echo "run ./data_download.sh -h for the usage" >&2
+  exit 2
+}
+
 # The temporary curl log is removed however the script ends (error, Ctrl-C, kill).
 TMP_LOG=""
 cleanup() {
@@ -264,6 +271,7 @@ for row in "${SOURCES[@]}"; do
 done
 
 DATASET=""
+DATASET_GIVEN=0
 DATA_DIR=data
 WHICH=ham
 TRAP_SET=""
@@ -272,32 +280,40 @@ while (($#)); do
   case $1 in
     -h | --help) usage; exit 0 ;;
     --data-dir)
-      [[ $# -ge 2 ]] || die "--data-dir needs a folder"
-      [[ -n $2 ]] || { echo "error: --data-dir must not be empty (it would put the data at the filesystem root)" >&2; exit 2; }
+      [[ $# -ge 2 ]] || usage_error "--data-dir needs a folder"
+      [[ -n $2 ]] || usage_error "--data-dir must not be empty (it would put the data at the filesystem root)"
+      [[ $2 != -* ]] || usage_error "--data-dir needs a folder, got the option '$2' (write ./$2 for a folder of that name)"
       DATA_DIR=$2
       shift 2
       ;;
-    --which) [[ $# -ge 2 ]] || die "--which needs ham or chestx"; WHICH=$2; shift 2 ;;
-    --trap-set) [[ $# -ge 2 ]] || die "--trap-set needs a number from 1 to 5"; TRAP_SET=$2; shift 2 ;;
-    --split) [[ $# -ge 2 ]] || die "--split needs trap or random"; SPLIT=$2; shift 2 ;;
-    -*) usage >&2; exit 2 ;;
-    *) [[ -z $DATASET ]] || { usage >&2; exit 2; }; DATASET=$1; shift ;;
+    --which) [[ $# -ge 2 ]] || usage_error "--which needs ham or chestx"; WHICH=$2; shift 2 ;;
+    --trap-set) [[ $# -ge 2 ]] || usage_error "--trap-set needs a number from 1 to 5"; TRAP_SET=$2; shift 2 ;;
+    --split) [[ $# -ge 2 ]] || usage_error "--split needs trap or random"; SPLIT=$2; shift 2 ;;
+    -*) usage_error "unknown option '$1'" ;;
+    *)
+      ((!DATASET_GIVEN)) || usage_error "give one dataset, got '$DATASET' and '$1' (run the script once per dataset)"
+      DATASET=$1
+      DATASET_GIVEN=1
+      shift
+      ;;
   esac
 done
-[[ -n $DATASET ]] || { usage >&2; exit 2; }
+((DATASET_GIVEN)) || usage_error "no dataset given; choose one of: $DATASETS"
+[[ -n $DATASET ]] || usage_error "the dataset name is empty; choose one of: $DATASETS"
 KNOWN=0
 for name in $DATASETS; do
   [[ $name != "$DATASET" ]] || KNOWN=1
 done
-((KNOWN)) || { echo "error: unknown dataset '$DATASET'; choose one of: $DATASETS" >&2; exit 2; }
-[[ $WHICH == ham || $WHICH == chestx ]] || die "--which must be ham or chestx, got '$WHICH'"
-[[ -z $TRAP_SET || $DATASET == isic2018-trap ]] || die "--trap-set applies to isic2018-trap only"
+((KNOWN)) || usage_error "unknown dataset '$DATASET'; choose one of: $DATASETS"
+[[ $WHICH == ham || $WHICH == chestx ]] || usage_error "--which must be ham or chestx, got '$WHICH'"
+[[ -z $TRAP_SET || $DATASET == isic2018-trap ]] || usage_error "--trap-set applies to isic2018-trap only"
 TRAP_SET=${TRAP_SET:-1}
-[[ $TRAP_SET =~ ^[1-5]$ ]] || die "--trap-set must be a number from 1 to 5, got '$TRAP_SET'"
-[[ -z $SPLIT || $DATASET == isic2018-trap ]] || die "--split applies to isic2018-trap only"
+[[ $TRAP_SET =~ ^[1-5]$ ]] || usage_error "--trap-set must be a number from 1 to 5, got '$TRAP_SET'"
+[[ -z $SPLIT || $DATASET == isic2018-trap ]] || usage_error "--split applies to isic2018-trap only"
 SPLIT=${SPLIT:-trap}
-[[ $SPLIT == trap || $SPLIT == random ]] || die "--split must be trap or random, got '$SPLIT'"
-[[ $SPLIT == trap || $TRAP_SET == 1 ]] || die "--trap-set and --split random exclude each other"
+[[ $SPLIT == trap || $SPLIT == random ]] || usage_error "--split must be trap or random, got '$SPLIT'"
+[[ $SPLIT == trap || $TRAP_SET == 1 ]] || usage_error "--trap-set and --split random exclude each other"
+[[ ! -e $DATA_DIR || -d $DATA_DIR ]] || usage_error "--data-dir $DATA_DIR exists and is not a folder"
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 PY="$REPO/.venv/bin/python"
@@ -313,7 +329,7 @@ if [[ -e $OUT ]]; then
   echo "$OUT already exists; not overwriting it (delete it yourself to convert again)."
   exit 0
 fi
-mkdir -p "$RAW"
+mkdir -p -- "$RAW" 2>/dev/null || die "cannot create the folder $RAW (is a part of it a file, or not writable?)"
 
 if [[ $DATASET == segx-kaggle ]]; then
   fetch_kaggle

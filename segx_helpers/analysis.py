@@ -140,6 +140,13 @@ def _check_maps(maps: torch.Tensor, first: int = 0) -> tuple[torch.Tensor, torch
         warnings.warn("maps have negative values; they are clipped to 0 (use absolute values for signed attributions)",
                       UserWarning, stacklevel=3)
         maps, low, high = maps.clamp_min(0), low.clamp_min(0), high.clamp_min(0)
+    huge = high * flat.shape[1] >= torch.finfo(torch.float32).max / 16  # a sum over the map could overflow
+    if huge.any():
+        warnings.warn(f"{int(huge.sum())} map(s) have values up to {float(high.max()):.3g}, so large that float32 sums "
+                      "over a map overflow; they are divided by their maximum (no score depends on a map's scale)",
+                      UserWarning, stacklevel=3)
+        scale = torch.where(huge, high, torch.ones_like(high))
+        maps, low, high = maps / scale[:, None, None], low / scale, high / scale
     return maps, low, high
 
 
@@ -494,6 +501,8 @@ def analyse(maps, predicted_masks, true_masks=None, image_index=None, has_true_m
 
     predicted_masks, true_masks, artefact_masks = map(on_device, (predicted_masks, true_masks, artefact_masks))
     per_map = image_index is None  # masks are given per map: cut them like the maps
+    if not per_map:
+        image_index = check_image_index(image_index, len(maps), len(predicted_masks))
     parts, degenerate = [], 0
     for start in range(0, len(maps), batch_size):
         rows = slice(start, start + batch_size)
@@ -515,6 +524,27 @@ def analyse(maps, predicted_masks, true_masks=None, image_index=None, has_true_m
         located = [c for c in frame.columns if c.startswith(("original ", "SegX "))]
         frame.loc[~known, located] = np.nan
     return frame[columns]
+
+
+def check_image_index(image_index, n_maps: int, n_images: int) -> np.ndarray:
+    """``image_index`` as int64 ``(n_maps,)``: one integer per map, each a position in ``[0, n_images)``
+    of the masks. Anything else (a float such as 0.9, a negative index, one past the end, a wrong
+    length) is a ``ValueError`` naming the first bad position: it would silently pick another mask."""
+    index = image_index.detach().cpu().numpy() if torch.is_tensor(image_index) else np.asarray(image_index)
+    if index.shape != (n_maps,):
+        raise ValueError(f"image_index has shape {index.shape} but there are {n_maps} maps: give one image index per map")
+    if index.dtype.kind not in "iu":
+        whole = index.dtype.kind == "f" and np.isfinite(index).all() and (index == np.round(index)).all()
+        bad = np.flatnonzero(index != np.round(index))[:1] if index.dtype.kind == "f" else [0]
+        where = f"image_index[{int(bad[0])}] is {index[int(bad[0])].item()!r}" if len(bad) else f"its dtype is {index.dtype}"
+        raise ValueError(f"image_index must hold integers (positions of the images in the masks), but {where}"
+                         + ("; convert it with .astype(int) if these floats are meant as indices" if whole else ""))
+    outside = np.flatnonzero((index < 0) | (index >= n_images))
+    if len(outside):
+        first = int(outside[0])
+        raise ValueError(f"image_index[{first}] is {int(index[first])}, outside [0, {n_images}): the masks hold "
+                         f"{n_images} images (negative indices are not allowed)")
+    return index.astype(np.int64)
 
 
 def _analyse_batch(maps, predicted_masks, true_masks, image_index, *, artefact_masks, p, n_thresholds, orders,

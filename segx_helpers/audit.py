@@ -16,15 +16,16 @@ Inputs
 
 Output folder::
 
+    .segx-audit.lock             locked while an audit writes here (a second audit of the folder is refused)
     run.json                     the exact inputs: SHA-256 of the checkpoints (and of the mask folder's
-                                 listing), the image list's hash, methods, p, seeds, shard and batch size,
-                                 package versions, and every invocation's arguments
+                                 files: names and contents), the image list's hash, methods, p, seeds,
+                                 shard and batch size, package versions, and every invocation's arguments
     shards/shard-00000.parquet   table part of shard 0 (rows of every method)
     shards/shard-00000.npz       its maps: ``maps`` (rows, H, W) aligned with the part's rows, ``image_id``,
                                  ``class_index``, ``method``, and the predicted masks of its images
                                  (``predicted_masks`` (n, H, W) bool, ``mask_image_id``, ``mask_row``); the
                                  SegX map (mask-then-top) of row r is ``maps[r] * predicted_masks[mask_row[r]]``
-    shards/shard-00000.json      written last: the shard is done (rows, ranks, SHA-256 of the part)
+    shards/shard-00000.json      written last: the shard is done (rows, ranks, SHA-256 of the part and the maps)
     table.parquet                all parts in shard order: one row per (image, explained class, method)
     summary.json                 images, predictions, throughput, SegU AUROC for incorrect predictions
 
@@ -35,10 +36,11 @@ ranks never write to the same file. The maps are compressed (``np.savez_compress
 
 Shards: the images are sorted by id; shard ``k`` is images ``[k * shard_size, (k + 1) * shard_size)``.
 Each shard is computed whole, its table part and maps written atomically, then its marker. A re-run
-skips shards whose marker and part checksum are in place, so a killed run resumes where it stopped;
-the final table is the concatenation of the parts in shard order, hence byte-identical whatever the
-interruptions and the number of processes. Gradient SHAP draws its samples with the seed
-``seed + index of the batch's first image``: the same on every rank and every re-run.
+skips shards whose marker and the checksums of part and maps are in place, so a killed run resumes where
+it stopped and a damaged part or maps file is recomputed; the final table is the concatenation of the
+parts in shard order, hence byte-identical whatever the interruptions and the number of processes.
+Gradient SHAP draws its samples with the seed ``seed + index of the batch's first image``: the same on
+every rank and every re-run.
 
 Safety: the output folder must be new, empty, or an audit folder of the *same* inputs (``run.json``).
 A change of what matters (a checkpoint's content, the mask source, the image list or labels, methods,
@@ -57,6 +59,8 @@ at a time, so memory does not grow with the archive (the merge streams the parts
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import platform
@@ -70,7 +74,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .data.format import IMAGE_SUFFIXES, DatasetInfo, LoadedDataset, load_dataset, read_mask
+from .checkpoints import load_trained, require_finished_run
+from .data.format import IMAGE_SUFFIXES, DatasetInfo, LoadedDataset, image_size, load_dataset, read_mask
 from .data.torch_dataset import Normalization, SegXDataset
 from .io import atomic_path, check_safe_id, write_json
 
@@ -78,6 +83,7 @@ FORMAT = "segx-audit-v1"
 RUN_FILE = "run.json"
 TABLE_FILE = "table.parquet"
 SUMMARY_FILE = "summary.json"
+LOCK_FILE = ".segx-audit.lock"
 SHARDS = "shards"
 MAPS_DTYPES = ("float32", "float16", "none")
 
@@ -206,15 +212,44 @@ class MaskSource:
         return float(self.trained.meta["threshold"]) if self.kind == "segmenter" else 0.5
 
 
-def open_masks(path: str | Path) -> MaskSource:
-    from .checkpoints import load_trained
+_RESUME_HINT = ("Resume its training with `segx train ... --resume` (the same arguments) and audit the finished "
+                "checkpoint.")
 
+
+def open_masks(path: str | Path) -> MaskSource:
     path = Path(path)
     if path.is_dir():
         return MaskSource("folder", folder=path)
     if path.is_file():
-        return MaskSource("segmenter", trained=load_trained(path, "segmenter"))
+        trained = load_trained(path, "segmenter")
+        require_finished_run(path, trained.meta, _RESUME_HINT)
+        return MaskSource("segmenter", trained=trained)
     raise AuditError(f"mask source {path} not found: give a segmenter checkpoint or a folder of <id>.png masks")
+
+
+def check_mask_source(masks: MaskSource, archive: Archive, path: Path) -> None:
+    """Refuse, before anything is written, a mask source that cannot serve ``archive``: a segmenter
+    taking another number of channels than the images have, or a mask folder lacking the mask of an
+    image or holding one of another size than its image (as the dataset validator refuses it)."""
+    channels = archive.data.info.channels
+    if masks.kind == "segmenter":
+        meta = masks.trained.meta
+        if int(meta["in_channels"]) != channels:
+            raise AuditError(f"the segmenter {path} takes {meta['in_channels']}-channel images but {archive.data.root} "
+                             f"has {channels}-channel ones (it was trained on {meta.get('dataset', 'another dataset')!r}):"
+                             " give the segmenter of this kind of images, or a folder of masks")
+        return
+    table = archive.data.table
+    files = [masks.folder / f"{i}.png" for i in table["image_id"]]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise AuditError(f"the mask folder {masks.folder} lacks the masks of {len(missing)} of {len(files)} images "
+                         f"(e.g. {missing[:5]}): every image needs <id>.png")
+    for mask_file, image_file in zip(files, table["image_path"]):
+        mask_size, size = image_size(mask_file), image_size(image_file)
+        if mask_size != size:
+            raise AuditError(f"Mask {mask_file} has size {mask_size[1]}x{mask_size[0]} (WxH) but its image {image_file} "
+                             f"is {size[1]}x{size[0]}; masks must have the same size as their image")
 
 
 def _norm(meta: dict) -> Normalization:
@@ -324,8 +359,8 @@ def fingerprint(options: AuditOptions, archive: Archive, masks: MaskSource) -> d
     if masks.kind == "segmenter":
         mask_print = {"kind": "segmenter", "sha256": sha256_file(options.masks)}
     else:
-        listing = sorted((p.name, p.stat().st_size) for p in masks.folder.iterdir() if p.suffix == ".png")
-        mask_print = {"kind": "folder", "listing_sha256": _sha256_lines(f"{n}\t{s}" for n, s in listing)}
+        files = sorted(p for p in masks.folder.iterdir() if p.suffix == ".png")
+        mask_print = {"kind": "folder", "files_sha256": _sha256_lines(f"{p.name}\t{sha256_file(p)}" for p in files)}
     shap = "gradient_shap" in options.methods
     return {"classifier_sha256": sha256_file(options.classifier), "masks": mask_print, "data": data,
             "methods": list(options.methods), "nsamples": int(options.nsamples) if shap else None,
@@ -344,23 +379,56 @@ def _differences(old, new, prefix: str = "") -> list[str]:
     return [] if old == new else [f"{prefix.rstrip('.')}: before {old!r}, now {new!r}"]
 
 
+def _check_not_foreign(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise AuditError(f"{out} exists and is not a folder; choose another --out")
+    if out.is_dir() and any(p.name != LOCK_FILE for p in out.iterdir()) and not (out / RUN_FILE).is_file():
+        raise AuditError(f"{out} is not empty and holds no {RUN_FILE} of segx audit: refusing to write into it "
+                         "(nothing there was touched). Choose a new or empty --out folder.")
+
+
+@contextlib.contextmanager
+def output_lock(out: str | Path):
+    """Hold an exclusive lock on ``<out>/.segx-audit.lock`` (``flock``, released however the process
+    ends) while an audit writes into ``out``: a second audit of the same folder is refused with
+    :class:`AuditError` instead of computing everything twice. A foreign folder is refused first."""
+    out = Path(out)
+    _check_not_foreign(out)
+    out.mkdir(parents=True, exist_ok=True)
+    handle = open(out / LOCK_FILE, "a")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise AuditError(f"another segx audit is writing to {out} now; wait until it finishes, then run this "
+                             "command again (it resumes, or finds everything done)") from None
+        except OSError as err:  # a filesystem without locks (e.g. Lustre mounted without flock)
+            warnings.warn(f"cannot lock {out / LOCK_FILE} ({err}): run one segx audit at a time on this folder",
+                          UserWarning, stacklevel=3)
+        yield out
+    finally:
+        handle.close()
+
+
 def prepare_output(out: str | Path, inputs: dict, invocation: dict) -> str:
     """Create the audit folder, or check that an existing one holds results of the same ``inputs``.
     Returns ``"new"`` or ``"resume"``; raises :class:`AuditError` for a foreign folder or a mismatch."""
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise AuditError(f"{out} exists and is not a folder; choose another --out")
+    _check_not_foreign(out)
     run_file = out / RUN_FILE
-    if out.is_dir() and any(out.iterdir()):
-        if not run_file.is_file():
-            raise AuditError(f"{out} is not empty and holds no {RUN_FILE} of segx audit: refusing to write into it "
-                             "(nothing there was touched). Choose a new or empty --out folder.")
+    if run_file.is_file():
         try:
             record = json.loads(run_file.read_text())
         except ValueError as err:
             raise AuditError(f"{run_file} is unreadable ({err}); choose a new --out folder") from err
-        if record.get("format") != FORMAT:
+        if not isinstance(record, dict) or record.get("format") != FORMAT:
             raise AuditError(f"{run_file} was not written by segx audit ({FORMAT}); choose a new --out folder")
+        invocations = record.get("invocations")
+        if not isinstance(record.get("inputs"), dict) or not isinstance(invocations, list) or not invocations \
+                or not all(isinstance(i, dict) and isinstance(i.get("versions"), dict) for i in invocations):
+            raise AuditError(f"{run_file} is damaged (it needs an 'inputs' object and a non-empty 'invocations' list "
+                             "with each run's versions), so what the results there were computed from is unknown; "
+                             "choose a new --out folder")
         differ = _differences(record["inputs"], inputs)
         if differ:
             raise AuditError(f"{out} holds results of other inputs, which would mix with these: " + "; ".join(differ)
@@ -391,14 +459,15 @@ def shard_paths(out: Path, k: int) -> dict[str, Path]:
 
 
 def shard_done(out: Path, k: int) -> bool:
-    """A shard is done when its marker exists and its table part (and maps) match the marker."""
+    """A shard is done when its marker exists and its table part (and maps) match the SHA-256 checksums
+    the marker holds (a marker without them, from an older version, does not count: the shard is redone)."""
     paths = shard_paths(out, k)
     try:
         marker = json.loads(paths["done"].read_text())
         if sha256_file(paths["table"]) != marker["table_sha256"]:
             return False
-        return marker["maps_bytes"] is None or paths["maps"].stat().st_size == marker["maps_bytes"]
-    except (OSError, ValueError, KeyError):
+        return marker["maps_sha256"] is None or sha256_file(paths["maps"]) == marker["maps_sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
         return False
 
 
@@ -491,7 +560,7 @@ class ShardWorker:
 
         with atomic_path(paths["table"], overwrite=True) as tmp:
             pq.write_table(arrow, tmp)
-        maps_bytes = None
+        maps_sha256 = None
         if opts.maps != "none":
             with atomic_path(paths["maps"], overwrite=True) as tmp:
                 with open(tmp, "wb") as handle:
@@ -499,10 +568,10 @@ class ShardWorker:
                                         class_index=frame["class_index"].to_numpy(np.int64),
                                         method=frame["method"].to_numpy(str), mask_row=self._mask_rows,
                                         predicted_masks=np.concatenate(mask_parts), mask_image_id=np.asarray(mask_ids, str))
-            maps_bytes = paths["maps"].stat().st_size
+            maps_sha256 = sha256_file(paths["maps"])
         write_json(paths["done"], {"shard": k, "images": [start, stop], "first_id": mask_ids[0], "last_id": mask_ids[-1],
                                    "rows": len(frame), "rank": rank, "world_size": world_size,
-                                   "table_sha256": sha256_file(paths["table"]), "maps_bytes": maps_bytes,
+                                   "table_sha256": sha256_file(paths["table"]), "maps_sha256": maps_sha256,
                                    "seconds": round(time.perf_counter() - started, 3),
                                    "peak_rss_mb": peak_rss_mb()}, overwrite=True)
         return stop - start
@@ -611,14 +680,16 @@ def run_audit(options: AuditOptions, arguments: dict | None = None) -> AuditResu
     from tqdm.auto import tqdm
 
     from . import distributed
-    from .checkpoints import load_trained
 
     ctx = distributed.setup(options.device, options.timeout_minutes)
+    held = contextlib.ExitStack()  # rank 0's lock on the output folder, from planning to the merged table
     try:
         out = Path(options.out)
         classifier = load_trained(options.classifier, "classifier")
+        require_finished_run(Path(options.classifier), classifier.meta, _RESUME_HINT)
         masks = open_masks(options.masks)
         archive = open_archive(options.data, classifier.meta, options.split)
+        check_mask_source(masks, archive, Path(options.masks))
         inputs = fingerprint(options, archive, masks)
         ranges = shard_ranges(len(archive), options.shard_size)
         invocation = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "world_size": ctx.world_size,
@@ -626,7 +697,11 @@ def run_audit(options: AuditOptions, arguments: dict | None = None) -> AuditResu
                       "arguments": {k: (str(v) if isinstance(v, Path) else v) for k, v in
                                     (arguments or asdict(options)).items()}}
 
+        localise = options.localisation and archive.data.table["mask_path"].notna().any()
+        worker = ShardWorker(options, archive, classifier, masks, ctx.device, bool(localise))
+
         def plan():
+            held.enter_context(output_lock(out))
             prepare_output(out, inputs, invocation)
             return [k for k in range(len(ranges)) if not shard_done(out, k)]
 
@@ -635,8 +710,6 @@ def run_audit(options: AuditOptions, arguments: dict | None = None) -> AuditResu
         if options.max_shards is not None:
             todo = todo[:options.max_shards]
         mine = todo[ctx.rank::ctx.world_size]
-        localise = options.localisation and archive.data.table["mask_path"].notna().any()
-        worker = ShardWorker(options, archive, classifier, masks, ctx.device, bool(localise))
         bar = tqdm(total=sum(ranges[k][1] - ranges[k][0] for k in mine), unit="img", dynamic_ncols=True,
                    desc=f"segx audit{f' rank 0/{ctx.world_size}' if ctx.distributed else ''}",
                    disable=not (options.progress and ctx.is_main))
@@ -656,7 +729,9 @@ def run_audit(options: AuditOptions, arguments: dict | None = None) -> AuditResu
 
         result = distributed.run_on_main(ctx, finish)
     except BaseException:
+        held.close()
         distributed.cleanup(ctx, failed=True)
         raise
+    held.close()
     distributed.cleanup(ctx)
     return result

@@ -43,7 +43,7 @@ def load_trained(checkpoint: str | Path, kind: str, expected: dict | None = None
     """
     model, meta = load_checkpoint(checkpoint, expected_kind=kind)
     if expected is not None:
-        _check_fingerprint(Path(checkpoint), meta, expected, how_to_retrain)
+        check_fingerprint(Path(checkpoint), meta, expected, how_to_retrain)
     return TrainedModel(model, meta, pd.DataFrame(meta.get("history", [])))
 
 
@@ -74,7 +74,9 @@ def _short(value) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def _check_fingerprint(path: Path, meta: dict, expected: dict, how_to_retrain: str) -> None:
+def check_fingerprint(path: Path, meta: dict, expected: dict, how_to_retrain: str, require_finished: bool = True) -> None:
+    """Raise :class:`CheckpointError` unless ``meta``'s fingerprint holds ``expected`` (and, with
+    ``require_finished``, the run finished); the message names each differing field, then ``how_to_retrain``."""
     stored = meta.get("fingerprint")
     if not isinstance(stored, dict):
         raise CheckpointError(f"{path} has no training fingerprint (written by an older segx_helpers), so it cannot be "
@@ -85,8 +87,14 @@ def _check_fingerprint(path: Path, meta: dict, expected: dict, how_to_retrain: s
     if differ:
         raise CheckpointError(f"{path} was trained on something else than what is asked for now ("
                               + "; ".join(differ) + f"). {how_to_retrain}")
+    if require_finished:
+        require_finished_run(path, meta, how_to_retrain)
+
+
+def require_finished_run(path: Path, meta: dict, how_to: str) -> None:
+    """Raise :class:`CheckpointError` when ``meta`` says its training run did not finish (``finished`` False)."""
     if meta.get("finished") is False:
-        raise CheckpointError(f"{path} holds an unfinished training run (interrupted?). {how_to_retrain}")
+        raise CheckpointError(f"{path} holds an unfinished training run (interrupted?). {how_to}")
 
 
 def split_tensors(data: LoadedDataset, split: str, meta: dict) -> dict:

@@ -3,7 +3,8 @@
 Both run in one process as they are, and on several under torchrun, e.g.
 ``torchrun --nproc_per_node 2 -m segx_helpers audit ...`` (see :mod:`segx_helpers.audit` and
 :mod:`segx_helpers.distributed`). Refusals (a foreign output folder, results of other inputs, an
-existing checkpoint) print one line and exit with status 2.
+existing checkpoint, a bad value) print one line and exit with status 2; a file that cannot be read or
+written (a full disk, a read-only folder) prints one line and exits with status 1.
 """
 from __future__ import annotations
 
@@ -63,6 +64,8 @@ def _train_parser(sub) -> None:
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes (CUDA only)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from <checkpoint>.last.pt (same settings, one process)")
     p.add_argument("--timeout-minutes", type=float, default=60.0)
 
 
@@ -86,6 +89,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (AuditError, ValueError) as err:
             print(f"segx audit: {err}", file=sys.stderr)
             return 2
+        except OSError as err:  # a read-only or full disk: nothing half-written is trusted on the next run
+            print(f"segx audit: cannot read or write a file: {err}. Finished shards are kept: run the same command "
+                  "again once the problem is solved.", file=sys.stderr)
+            return 1
         if result is not None:
             _print_main(f"{result.out}: {result.shards} shards, {result.done_before} done before, "
                         f"{len(result.done_now)} now")
@@ -101,10 +108,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                        batch_size=args.batch_size, lr=args.lr, arch=args.arch, encoder=args.encoder,
                        max_batches_per_epoch=args.max_batches_per_epoch, seed=args.seed, device=args.device,
                        num_workers=args.num_workers, sync_batchnorm=args.sync_bn, overwrite=args.overwrite,
-                       timeout_minutes=args.timeout_minutes)
+                       resume=args.resume, timeout_minutes=args.timeout_minutes)
     except (FileExistsError, ValueError) as err:
         print(f"segx train: {err}", file=sys.stderr)
         return 2
+    except OSError as err:
+        print(f"segx train: cannot read or write a file: {err}", file=sys.stderr)
+        return 1
     if result is not None:
         print(f"wrote {result['checkpoint']} ({result['epochs']} epochs on {result['world_size']} process(es)): "
               f"{result['metrics']}")

@@ -179,6 +179,10 @@ class EpochDistributedSampler(DistributedSampler):
         self._iterations = getattr(self, "_iterations", 0) + 1
         return super().__iter__()
 
+    def start_at(self, epoch: int) -> None:
+        """Make the next iteration use ``epoch`` (a resumed run continues the shuffling order)."""
+        self._iterations = int(epoch)
+
 
 def distributed_loader(dataset, global_batch_size: int, ctx: Context, shuffle: bool = True, seed: int = 0,
                        num_workers: int = 0) -> DataLoader:
@@ -196,7 +200,7 @@ def distributed_loader(dataset, global_batch_size: int, ctx: Context, shuffle: b
 
 def ddp_fit(model: nn.Module, loss_fn: nn.Module, train_loader: DataLoader, validate: Callable[[nn.Module], dict],
             config, ctx: Context, checkpoint_path: str | Path | None = None, meta: dict | None = None,
-            overwrite: bool = False, sync_batchnorm: bool = False, target_key: str = "target"):
+            overwrite: bool = False, sync_batchnorm: bool = False, target_key: str = "target", resume: bool = False):
     """:func:`segx_helpers.training.fit` on every rank with the model under DDP (see the module
     docstring). ``train_loader`` should come from :func:`distributed_loader`. Returns fit's
     ``History``; ``model`` (the bare model, not the wrapper) ends holding the best weights on every
@@ -206,7 +210,10 @@ def ddp_fit(model: nn.Module, loss_fn: nn.Module, train_loader: DataLoader, vali
     config = dataclasses.replace(config, device=str(ctx.device))
     if not ctx.distributed:
         return fit(model, loss_fn, train_loader, validate, config, target_key=target_key,
-                   checkpoint_path=checkpoint_path, meta=meta, overwrite=overwrite)
+                   checkpoint_path=checkpoint_path, meta=meta, overwrite=overwrite, resume=resume)
+    if resume:
+        raise ValueError("resuming runs in one process only (the resume state is read by rank 0 alone); "
+                         "resume without torchrun, or train again with --overwrite")
     if sync_batchnorm:
         if ctx.device.type != "cuda":
             raise ValueError("sync_batchnorm needs CUDA devices (PyTorch's SyncBatchNorm does not run on the CPU)")
@@ -228,13 +235,17 @@ def ddp_fit(model: nn.Module, loss_fn: nn.Module, train_loader: DataLoader, vali
 def train(kind: str, data_dir: str | Path, checkpoint: str | Path, *, image_size: int = 128, epochs: int = 10,
           batch_size: int = 32, lr: float | None = None, arch: str = "resnet18", encoder: str = "resnet18",
           max_batches_per_epoch: int | None = None, seed: int = 0, device: str | None = None, num_workers: int = 0,
-          sync_batchnorm: bool = False, overwrite: bool = False, timeout_minutes: float = 60.0) -> dict | None:
+          sync_batchnorm: bool = False, overwrite: bool = False, resume: bool = False,
+          timeout_minutes: float = 60.0) -> dict | None:
     """``segx train``: train a classifier or a segmenter on a dataset folder, on 1..N processes.
 
     The same recipe as :func:`segx_helpers.training_recipes.train_classifier` / ``train_segmenter`` (losses,
     validation metric, stored thresholds, training fingerprint, checkpoint metadata), with
     ``batch_size`` the *global* batch (split over ranks) and :func:`ddp_fit` as the loop. Rank 0 writes
-    the checkpoint; the others return None. An existing checkpoint is refused unless ``overwrite``.
+    the checkpoint; the others return None. An existing checkpoint is refused unless ``overwrite``, or
+    ``resume`` and it holds an unfinished run of the same settings (its ``<checkpoint>.last.pt`` holds the
+    latest epoch; one process only). A ``batch_size`` that leaves no full batch in the training split
+    is refused before training. When training finishes, ``<checkpoint>.last.pt`` is removed.
     """
     from dataclasses import asdict
 
@@ -248,8 +259,13 @@ def train(kind: str, data_dir: str | Path, checkpoint: str | Path, *, image_size
     if kind not in ("classifier", "segmenter"):
         raise ValueError(f"kind must be 'classifier' or 'segmenter', got {kind!r}")
     checkpoint = Path(checkpoint)
-    if checkpoint.exists() and not overwrite:
-        raise FileExistsError(f"{checkpoint} exists; pass --overwrite to replace it (or choose another path)")
+    if overwrite and resume:
+        raise ValueError("--overwrite and --resume exclude each other: resume an interrupted run, or train again")
+    if checkpoint.exists() and not (overwrite or resume):
+        raise FileExistsError(f"{checkpoint} exists; pass --overwrite to replace it (or choose another path); "
+                              "--resume continues an interrupted run")
+    if image_size < 32:
+        raise ValueError(f"--image-size must be at least 32 pixels, got {image_size}")
     ctx = setup(device, timeout_minutes)
     try:
         data = load_dataset(data_dir, check_files=False)
@@ -262,6 +278,10 @@ def train(kind: str, data_dir: str | Path, checkpoint: str | Path, *, image_size
         train_set = SegXDataset(data, "train", image_size, norm, train=True)
         val_set = SegXDataset(data, "val", image_size, norm)
         loader = distributed_loader(train_set, batch_size, ctx, shuffle=True, seed=seed, num_workers=num_workers)
+        if len(loader) == 0:
+            raise ValueError(f"the training split of {data_dir} has {len(train_set)} images, fewer than --batch-size "
+                             f"{batch_size}: no full batch can be taken (the last incomplete batch is dropped), so "
+                             f"nothing would be trained. Pass --batch-size {len(train_set)} or less.")
         val_loader = make_loader(val_set, 64, shuffle=False)
         common = dict(batch_size=batch_size, normalization=asdict(norm), world_size=ctx.world_size,
                       sync_batchnorm=sync_batchnorm)
@@ -282,9 +302,11 @@ def train(kind: str, data_dir: str | Path, checkpoint: str | Path, *, image_size
                                     decoder_channels=decoder)
             recipe = segmenter_recipe(data, image_size, norm, val_set, val_loader, encoder, decoder, fingerprint,
                                       device=str(ctx.device))
+        if resume:
+            loader.sampler.start_at(resumable_epochs(checkpoint, fingerprint))
         history = ddp_fit(model, recipe.loss, loader, recipe.validate, config, ctx, checkpoint_path=checkpoint,
                           meta=recipe.meta, overwrite=overwrite, sync_batchnorm=sync_batchnorm,
-                          target_key=recipe.target_key)
+                          target_key=recipe.target_key, resume=resume)
 
         def finish():
             meta = finish_training(recipe, model, history, config, checkpoint)
@@ -297,3 +319,24 @@ def train(kind: str, data_dir: str | Path, checkpoint: str | Path, *, image_size
         raise
     cleanup(ctx)
     return result if ctx.is_main else None
+
+
+def resumable_epochs(checkpoint: str | Path, fingerprint: dict) -> int:
+    """The number of epochs an interrupted ``segx train`` run finished, after checking that it can be
+    resumed with ``fingerprint``: ``<checkpoint>.last.pt`` exists, holds the same fingerprint, and the
+    checkpoint (when there is one) is unfinished. Raises ``ValueError`` saying what to do otherwise."""
+    from .checkpoints import check_fingerprint
+    from .training import last_checkpoint_path, read_checkpoint
+
+    checkpoint = Path(checkpoint)
+    if checkpoint.exists() and read_checkpoint(checkpoint)["meta"].get("finished") is not False:
+        raise ValueError(f"{checkpoint} holds a finished training run: nothing to resume (pass --overwrite to "
+                         "train again)")
+    last = last_checkpoint_path(checkpoint)
+    if not last.exists():
+        raise ValueError(f"nothing to resume: {last} (the state of the latest epoch) does not exist; train again "
+                         "with --overwrite")
+    raw = read_checkpoint(last)
+    check_fingerprint(last, raw["meta"], fingerprint, "Resume with the settings of the interrupted run, or train "
+                      "again with --overwrite.", require_finished=False)
+    return int(raw["training_state"]["epoch"]) + 1

@@ -131,6 +131,27 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
+def files_below(folder: str | os.PathLike, exclude: str = "") -> set[str]:
+    """Every file (and symlink) below ``folder`` as a POSIX path relative to it, less ``exclude``: what a
+    writer lists in its marker (``{"files": [...]}``), to tell its own files from files a user added later."""
+    folder = Path(folder)
+    return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if not p.is_dir() or p.is_symlink()} - {
+        exclude}
+
+
+def check_only_listed_files(folder: Path, marker: str, refuse: str) -> None:
+    """Raise ``FileExistsError`` (ending with ``refuse``) when ``folder`` holds a file its ``marker``
+    (a JSON file in it listing ``files``, see :func:`files_below`) does not list, or the marker is unreadable."""
+    try:
+        listed = {str(name) for name in json.loads((folder / marker).read_text())["files"]}
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise FileExistsError(f"{folder / marker} is unreadable ({err}): {refuse}.") from err
+    extra = sorted(files_below(folder, marker) - listed)
+    if extra:
+        raise FileExistsError(f"{folder} holds files that were not written there by segx_helpers ({extra[:5]}"
+                              f"{' ...' if len(extra) > 5 else ''}): {refuse}.")
+
+
 def write_json(path: str | os.PathLike, data: object, overwrite: bool = True) -> Path:
     """Write ``data`` as indented JSON atomically."""
     path = Path(path)

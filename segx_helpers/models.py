@@ -28,9 +28,22 @@ class WeightsUnavailableError(RuntimeError):
 
 
 def pick_device(preferred: str | None = None) -> torch.device:
-    """``preferred`` if given, else CUDA, then Apple MPS, then CPU."""
+    """``preferred`` if given, else CUDA, then Apple MPS, then CPU. A device torch does not know, or a
+    CUDA / MPS device this machine does not have, is a ``ValueError`` saying so."""
     if preferred:
-        return torch.device(preferred)
+        try:
+            device = torch.device(preferred)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"unknown device {preferred!r}: use cpu, cuda, cuda:N or mps") from None
+        if device.type == "cuda" and not (torch.cuda.is_available()
+                                          and (device.index or 0) < torch.cuda.device_count()):
+            raise ValueError(f"device {preferred!r} was asked for, but this machine has "
+                             f"{torch.cuda.device_count() if torch.cuda.is_available() else 'no'} CUDA GPU(s) "
+                             "usable by torch: use cpu (or leave the device out to pick one)")
+        if device.type == "mps" and not (getattr(torch.backends, "mps", None) is not None
+                                         and torch.backends.mps.is_available()):
+            raise ValueError(f"device {preferred!r} was asked for, but Apple MPS is not available here: use cpu")
+        return device
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():

@@ -26,7 +26,7 @@ import pandas as pd
 from PIL import Image
 
 from .explain import Explanations
-from .io import atomic_path, check_safe_id
+from .io import atomic_path, check_only_listed_files, check_safe_id, files_below
 from .segx import top_percent
 from .viz import overlay
 
@@ -85,14 +85,10 @@ def save_results(folder: str | Path, table: pd.DataFrame, maps: np.ndarray, segx
         manifest["segx_map"] = [f"segx/{n}.npy" for n in names]
         manifest["overlay"] = [f"overlays/{n}.png" for n in names]
         manifest.to_csv(tmp / MANIFEST, index=False)
-        written = sorted(_files_in(tmp))
+        written = sorted(files_below(tmp, MARKER))
         (tmp / MARKER).write_text(json.dumps({"written_by": "segx_helpers.results.save_results", "files": written},
                                              indent=1) + "\n")
     return folder
-
-
-def _files_in(folder: Path) -> set[str]:
-    return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if not p.is_dir() or p.is_symlink()} - {MARKER}
 
 
 def _check_replaceable(folder: Path) -> None:
@@ -101,15 +97,7 @@ def _check_replaceable(folder: Path) -> None:
     refuse = f"refusing to replace {folder}; choose another folder, or move your files out / remove it yourself"
     if not folder.is_dir() or not marker.is_file():
         raise FileExistsError(f"{folder} exists and was not written here (it has no {MARKER} marker from save_results): {refuse}.")
-    try:
-        listed = json.loads(marker.read_text())["files"]
-        listed = {str(name) for name in listed}
-    except (ValueError, KeyError, TypeError) as err:
-        raise FileExistsError(f"{marker} is unreadable ({err}): {refuse}.") from err
-    extra = sorted(_files_in(folder) - listed)
-    if extra:
-        raise FileExistsError(f"{folder} holds files that save_results did not write ({extra[:5]}"
-                              f"{' ...' if len(extra) > 5 else ''}): {refuse}.")
+    check_only_listed_files(folder, MARKER, refuse)
 
 
 @dataclass

@@ -2,14 +2,19 @@
 
 A checkpoint is one file holding the state dict plus everything needed to rebuild and use the
 model (``meta``: architecture, task, class names, image size, normalisation, thresholds, training
-configuration, metrics). It is loaded with ``torch.load(weights_only=True)``: no arbitrary pickles.
-Saving refuses to overwrite an existing file unless asked.
+configuration, metrics) and ``content_sha256``, a SHA-256 of the weights and the metadata that is
+checked on every load (a damaged file is refused, never used). It is loaded with
+``torch.load(weights_only=True)``: no arbitrary pickles. Saving refuses to overwrite an existing file
+unless asked.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import pickle
 import random
+import re
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -208,7 +213,7 @@ def fit(model: nn.Module, loss_fn: nn.Module, train_loader: DataLoader, validate
     history = History(best_value=math.inf if config.minimises else -math.inf)
     start_epoch = 0
     path = Path(checkpoint_path) if checkpoint_path is not None else None
-    last_path = path.with_name(path.name + ".last.pt") if path is not None else None
+    last_path = last_checkpoint_path(path) if path is not None else None
     if path is not None and path.exists() and not (overwrite or resume):
         raise FileExistsError(f"Checkpoint {path} already exists; pass overwrite=True to retrain, or resume=True to continue.")
     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -252,6 +257,9 @@ def fit(model: nn.Module, loss_fn: nn.Module, train_loader: DataLoader, validate
             scaler.update()
             losses.append(loss.item())
             batches.set_postfix(loss=f"{np.mean(losses):.4f}")
+        if not losses:
+            raise ValueError(f"epoch {epoch + 1} took no training step: the loader gave no batch (is the batch size "
+                             "larger than the training split, with drop_last?); nothing was trained or saved.")
         scheduler.step()
         model.eval()
         values = validate(model)
@@ -292,6 +300,12 @@ def fit(model: nn.Module, loss_fn: nn.Module, train_loader: DataLoader, validate
     model.load_state_dict(best_state)
     model.eval()
     return history
+
+
+def last_checkpoint_path(checkpoint: str | Path) -> Path:
+    """Where :func:`fit` keeps the latest epoch's state for ``resume``: ``<checkpoint>.last.pt``."""
+    checkpoint = Path(checkpoint)
+    return checkpoint.with_name(checkpoint.name + ".last.pt")
 
 
 def _n_batches(loader: DataLoader, cap: int | None) -> int:
@@ -344,13 +358,27 @@ def save_checkpoint(path: str | Path, model: nn.Module, meta: dict, overwrite: b
     Refuses to replace an existing file unless ``overwrite``.
     """
     path = Path(path)
-    payload = {"format": CHECKPOINT_FORMAT, "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-               "meta_json": json.dumps(meta, default=_jsonable)}
+    state_dict = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    meta_json = json.dumps(meta, default=_jsonable)
+    payload = {"format": CHECKPOINT_FORMAT, "state_dict": state_dict, "meta_json": meta_json,
+               "content_sha256": content_sha256(state_dict, meta_json)}
     if training_state is not None:
         payload["training_state"] = training_state
     with atomic_path(path, overwrite=overwrite) as tmp:
         torch.save(payload, tmp)
     return path
+
+
+def content_sha256(state_dict: dict[str, torch.Tensor], meta_json: str) -> str:
+    """SHA-256 of a checkpoint's contents: every tensor's name, dtype, shape and bytes (in key order),
+    then the metadata text. Stored by :func:`save_checkpoint`, checked by :func:`read_checkpoint`."""
+    digest = hashlib.sha256()
+    for key in sorted(state_dict):
+        tensor = state_dict[key].detach().cpu().contiguous()
+        digest.update(f"{key}\t{tensor.dtype}\t{tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    digest.update(meta_json.encode())
+    return digest.hexdigest()
 
 
 def _jsonable(value):
@@ -373,7 +401,8 @@ def read_checkpoint(path: str | Path) -> dict:
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for truncated / foreign files
-        raise CheckpointError(f"Checkpoint {path} is corrupt or not a segx_helpers checkpoint ({type(err).__name__}: {err}).") from err
+        raise CheckpointError(f"Checkpoint {path} is corrupt or not a segx_helpers checkpoint "
+                              f"({_load_failure(err)}).") from err
     if not isinstance(raw, dict) or raw.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a {CHECKPOINT_FORMAT} file.")
     state_dict = raw.get("state_dict")
@@ -385,7 +414,20 @@ def read_checkpoint(path: str | Path) -> dict:
         raise CheckpointError(f"{path} is damaged: its meta_json is missing or not valid JSON ({type(err).__name__}: {err}).") from err
     if not isinstance(meta, dict):
         raise CheckpointError(f"{path} is damaged: its meta_json holds a {type(meta).__name__}, not an object.")
+    stored = raw.get("content_sha256")  # absent in checkpoints written before it was introduced
+    if stored is not None and stored != content_sha256(state_dict, raw["meta_json"]):
+        raise CheckpointError(f"{path} is damaged: its weights or metadata do not match the SHA-256 stored when it "
+                              "was saved (a bit flip, a partial copy or an edit). Restore it from a copy or train again.")
     return {"state_dict": state_dict, "meta": meta, "training_state": raw.get("training_state")}
+
+
+def _load_failure(err: Exception) -> str:
+    """One line saying why ``torch.load`` failed, without torch's advice to unpickle the file."""
+    if isinstance(err, pickle.UnpicklingError) or "weights_only" in str(err):
+        return ("torch cannot read it as tensors and plain data: it is damaged, not a checkpoint, or holds Python "
+                "objects, which are never unpickled here")
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip().splitlines()
+    return f"{type(err).__name__}: {text[0][:200] if text else ''}"
 
 
 def load_checkpoint(path: str | Path, expected_kind: str | None = None, device: str | None = None) -> tuple[nn.Module, dict]:

@@ -31,8 +31,8 @@ from .metrics import (classification_report, dice_score, iou_score, macro_auroc,
                       select_thresholds)
 from .models import WeightsUnavailableError, build_classifier, build_segmenter
 from .notebook import RunSettings, TutorialPaths, require
-from .training import (DiceBCELoss, TrainConfig, balanced_class_weights, classification_loss, fit, make_loader,
-                       predict_classifier, predict_masks, save_checkpoint, set_seed)
+from .training import (DiceBCELoss, TrainConfig, balanced_class_weights, classification_loss, fit,
+                       last_checkpoint_path, make_loader, predict_classifier, predict_masks, save_checkpoint, set_seed)
 
 # The fingerprint fields prepare_models checks: the data and the run mode, not the notebooks' model choices.
 _DATA_AND_MODE = ("dataset", "class_names", "task", "image_size", "channels", "train_ids_sha256", "epochs",
@@ -185,10 +185,12 @@ def classifier_recipe(data: LoadedDataset, image_size: int, norm: Normalization,
 
 def finish_training(recipe: Recipe, model: nn.Module, history, config: TrainConfig, checkpoint: str | Path) -> dict:
     """After the loop: choose the thresholds on validation, store the history and the configuration,
-    mark the run finished and save the checkpoint. Returns the checkpoint's ``meta``."""
+    mark the run finished and save the checkpoint, then remove ``<checkpoint>.last.pt`` (the state kept
+    for resuming an interrupted run, no longer needed). Returns the checkpoint's ``meta``."""
     recipe.choose_thresholds(model)
     recipe.meta.update(history=history.records, train_config=asdict(config), finished=True)
     save_checkpoint(checkpoint, model, recipe.meta, overwrite=True)
+    last_checkpoint_path(checkpoint).unlink(missing_ok=True)
     return recipe.meta
 
 

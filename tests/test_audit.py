@@ -361,3 +361,150 @@ def test_segx_train_writes_a_loadable_checkpoint(make_tiny_dataset, tmp_path):
     assert trained.meta["finished"] and trained.meta["fingerprint"]["world_size"] == 1
     assert trained.meta["class_names"] == ["a", "b", "c"] and len(trained.history) == 1
     assert main(args) == 2  # an existing checkpoint is not replaced without --overwrite
+
+
+# ------------------------------------------------------------------------------ bad inputs, refused up front
+
+def _cli_audit(archive: Path, out: Path, capsys, **changes) -> tuple[int, str]:
+    """``segx audit`` with the test archive (gradcam, the dataset's masks); returns (status, stderr)."""
+    from segx_helpers.cli import main
+
+    values = {"--data": archive / "data", "--classifier": archive / "classifier.pt", "--masks": archive / "data" / "masks",
+              "--out": out, "--device": "cpu", "--shard-size": 8, **changes}
+    with one_thread():
+        status = main(["audit", "--no-progress"] + [str(x) for kv in values.items() for x in kv])
+    return status, capsys.readouterr().err
+
+
+def test_checkpoint_of_an_unfinished_training_run_is_refused(archive, tmp_path, capsys):
+    from segx_helpers.training import read_checkpoint
+
+    raw = read_checkpoint(archive / "classifier.pt")
+    model = build_classifier("resnet18", 3)
+    model.load_state_dict(raw["state_dict"])
+    save_checkpoint(tmp_path / "interrupted.pt", model, {**raw["meta"], "finished": False})
+    status, err = _cli_audit(archive, tmp_path / "out", capsys, **{"--classifier": tmp_path / "interrupted.pt"})
+    assert status == 2 and "unfinished training run" in err and "--resume" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_maps_damaged_without_changing_their_size_are_redone(archive, tmp_path):
+    out = tmp_path / "out"
+    _audit(_options(archive, out, methods=("gradcam",)))
+    maps = shard_paths(out, 1)["maps"]
+    data = bytearray(maps.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 8] = bytes(b ^ 0xFF for b in data[middle:middle + 8])
+    maps.write_bytes(bytes(data))
+    assert _audit(_options(archive, out, methods=("gradcam",))).done_now == [1]
+    with np.load(maps, allow_pickle=False) as z:
+        assert z["maps"].shape[0] == 5  # readable again (a damaged file fails its CRC-32 here)
+
+
+def test_changed_masks_of_the_same_byte_size_are_refused(archive, tmp_path):
+    masks = tmp_path / "masks"
+    shutil.copytree(archive / "data" / "masks", masks)
+    out = tmp_path / "out"
+    _audit(_options(archive, out, methods=("gradcam",), masks=masks, max_shards=1))
+    one = masks / "derm_00007.png"
+    data = bytearray(one.read_bytes())
+    data[-20] ^= 0xFF  # same size, other content
+    one.write_bytes(bytes(data))
+    with pytest.raises(AuditError, match=r"masks\.files_sha256"):
+        _audit(_options(archive, out, methods=("gradcam",), masks=masks))
+
+
+def test_mask_folder_problems_are_refused_before_anything_is_written(archive, tmp_path, capsys):
+    from PIL import Image
+
+    masks = tmp_path / "masks"
+    shutil.copytree(archive / "data" / "masks", masks)
+    (masks / "derm_00019.png").unlink()
+    status, err = _cli_audit(archive, tmp_path / "out", capsys, **{"--masks": masks})
+    assert status == 2 and "lacks the masks of 1 of 24 images" in err and "derm_00019.png" in err
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(masks / "derm_00019.png")
+    status, err = _cli_audit(archive, tmp_path / "out", capsys, **{"--masks": masks})
+    assert status == 2 and "derm_00019.png has size 32x32 (WxH) but its image" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_segmenter_for_other_images_is_refused_before_run_json_is_written(archive, tmp_path, capsys):
+    segmenter = build_segmenter("resnet18", decoder_channels=(16, 8, 8, 8, 8), in_channels=1)
+    meta = {"kind": "segmenter", "arch": "Unet", "encoder": "resnet18", "decoder_channels": [16, 8, 8, 8, 8],
+            "in_channels": 1, "image_size": 32, "normalization": asdict(Normalization.for_channels(1)),
+            "threshold": 0.5, "dataset": "lungs"}
+    save_checkpoint(tmp_path / "lungs.pt", segmenter, meta)
+    status, err = _cli_audit(archive, tmp_path / "out", capsys, **{"--masks": tmp_path / "lungs.pt"})
+    assert status == 2 and "takes 1-channel images" in err and "'lungs'" in err
+    assert not (tmp_path / "out").exists()
+    status, err = _cli_audit(archive, tmp_path / "out", capsys, **{"--max-shards": 1})  # the corrected command runs
+    assert status == 0, err
+
+
+@pytest.mark.parametrize("record", [[1, 2], {"format": "segx-audit-v1", "invocations": [{"versions": {}}]},
+                                    {"format": "segx-audit-v1", "inputs": {}, "invocations": []},
+                                    {"format": "segx-audit-v1", "inputs": {}, "invocations": [3]}])
+def test_garbled_run_json_is_a_clear_refusal(archive, tmp_path, record):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "run.json").write_text(json.dumps(record))
+    with pytest.raises(AuditError, match="run.json (is damaged|was not written by segx audit)"):
+        _audit(_options(archive, out, methods=("gradcam",)))
+    assert json.loads((out / "run.json").read_text()) == record
+
+
+def test_a_file_that_is_no_checkpoint_gives_one_line_without_unsafe_advice(archive, tmp_path, capsys):
+    for name, content in (("notes.pt", b"just some notes\n"), ("random.pt", bytes(range(256)) * 8)):
+        (tmp_path / name).write_bytes(content)
+        status, err = _cli_audit(archive, tmp_path / "out", capsys, **{"--classifier": tmp_path / name})
+        assert status == 2 and len(err.strip().splitlines()) == 1 and name in err
+        assert "weights_only=False" not in err.replace(" ", "") and "\x1b" not in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
+def test_cuda_device_without_a_gpu_is_one_line(archive, tmp_path, capsys):
+    status, err = _cli_audit(archive, tmp_path / "out", capsys, **{"--device": "cuda"})
+    assert status == 2 and "no CUDA GPU" in err and len(err.strip().splitlines()) == 1
+    status, err = _cli_audit(archive, tmp_path / "out", capsys, **{"--device": "tpu"})
+    assert status == 2 and "unknown device 'tpu'" in err
+
+
+def test_a_second_audit_of_the_same_folder_is_refused_while_the_first_runs(archive, tmp_path):
+    from segx_helpers.audit import output_lock
+
+    out = tmp_path / "out"
+    with output_lock(out):  # the first audit holds the folder
+        with pytest.raises(AuditError, match="another segx audit is writing to"):
+            _audit(_options(archive, out, methods=("gradcam",)))
+        assert [p.name for p in out.iterdir()] == [".segx-audit.lock"]
+    assert _audit(_options(archive, out, methods=("gradcam",), max_shards=1)).done_now == [0]  # free again
+
+
+def test_a_full_disk_is_one_line_and_the_next_run_resumes(archive, tmp_path, capsys, monkeypatch):
+    from segx_helpers import audit
+
+    out = tmp_path / "out"
+    assert _cli_audit(archive, out, capsys, **{"--max-shards": 1})[0] == 0
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(audit, "merge", full)
+    status, err = _cli_audit(archive, out, capsys)
+    assert status == 1 and "No space left on device" in err and "run the same command again" in err
+    assert len(err.strip().splitlines()) == 1
+    monkeypatch.undo()
+    status, err = _cli_audit(archive, out, capsys)
+    assert status == 0 and (out / "table.parquet").is_file()
+
+
+def test_a_filesystem_without_locks_warns_and_runs(archive, tmp_path, monkeypatch):
+    import fcntl
+
+    def no_locks(*args):
+        raise OSError(38, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.warns(UserWarning, match="cannot lock .*run one segx audit at a time"):
+        assert _audit(_options(archive, tmp_path / "out", methods=("gradcam",), max_shards=1)).done_now == [0]

@@ -503,4 +503,34 @@ def test_isic2018_trap_offline_and_bad_options(tmp_path):
                           (["isic2018-trap", "--split", "random", "--trap-set", "2"], "exclude each other"),
                           (["shenzhen", "--split", "random"], "--split applies to isic2018-trap only")):
         bad = run(tmp_path, *args)
-        assert bad.returncode != 0 and message in bad.stderr, bad.stderr
+        assert bad.returncode == 2 and message in bad.stderr, bad.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    ([""], "the dataset name is empty; choose one of"),
+    (["shenzhen", "montgomery"], "give one dataset, got 'shenzhen' and 'montgomery'"),
+    (["--bogus", "shenzhen"], "unknown option '--bogus'"),
+    ([], "no dataset given; choose one of"),
+    (["shenzhen", "--which", "x"], "--which must be ham or chestx, got 'x'"),
+    (["shenzhen", "--trap-set", "2"], "--trap-set applies to isic2018-trap only"),
+    (["isic2018-trap", "--trap-set", "9"], "--trap-set must be a number from 1 to 5, got '9'"),
+])
+def test_command_line_mistakes_say_what_is_wrong_in_one_line(tmp_path, args, message):
+    result = run(tmp_path, *args)
+    lines = result.stderr.splitlines()
+    assert result.returncode == 2 and lines[0].startswith("error: " + message), result.stderr
+    assert lines[1:] == ["run ./data_download.sh -h for the usage"] and "usage:" not in result.stderr
+    assert not (tmp_path / "data").exists()
+
+
+def test_a_data_dir_that_is_a_file_or_an_option_is_refused(tmp_path):
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("SEGX_", "KAGGLE_"))}
+    (tmp_path / "file").write_text("not a folder")
+    for data_dir, message in ((str(tmp_path / "file"), f"--data-dir {tmp_path / 'file'} exists and is not a folder"),
+                              ("-x", "--data-dir needs a folder, got the option '-x' (write ./-x for a folder of that "
+                                     "name)")):
+        result = subprocess.run([BASH, "data_download.sh", "shenzhen", "--data-dir", data_dir], cwd=REPO, env=base,
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2 and result.stderr.splitlines()[0] == "error: " + message, result.stderr
+        assert "mkdir" not in result.stderr
+    assert (tmp_path / "file").read_text() == "not a folder"

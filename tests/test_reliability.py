@@ -217,3 +217,272 @@ def test_save_results_replaces_only_its_own_folders(tmp_path):
     assert (ours / "raw" / "notes.txt").read_text() == "added by the user"
     with pytest.raises(FileExistsError, match="refusing to overwrite"):
         save_results(tmp_path / "ours", *args, overwrite=False)
+
+
+# ------------------------------------------------------------------------------ segx train (issue 25)
+
+def _train_args(data, checkpoint, *extra):
+    return ["train", "classifier", "--data", str(data), "--checkpoint", str(checkpoint), "--image-size", "32",
+            "--epochs", "2", "--max-batches-per-epoch", "1", "--device", "cpu", *extra]
+
+
+def test_segx_train_refuses_a_batch_size_larger_than_the_training_split(make_tiny_dataset, tmp_path, capsys):
+    from segx_helpers.cli import main
+
+    data = make_tiny_dataset(n=30, size=32)  # 21 training images, fewer than the default --batch-size 32
+    assert main(_train_args(data, tmp_path / "c.pt")) == 2
+    err = capsys.readouterr().err
+    assert "has 21 images, fewer than --batch-size 32" in err and "--batch-size 21 or less" in err
+    assert not list(tmp_path.glob("c.pt*"))  # no checkpoint without a training step
+
+
+def test_fit_refuses_an_epoch_without_a_training_step(tmp_path):
+    from segx_helpers.training import TrainConfig, classification_loss, fit
+
+    model = build_classifier("resnet18", 3)
+    with pytest.raises(ValueError, match="epoch 1 took no training step"):
+        fit(model, classification_loss("multiclass"), [], lambda m: {"val_auroc": 0.5},
+            TrainConfig(epochs=1, monitor="val_auroc"), checkpoint_path=tmp_path / "c.pt")
+    assert not list(tmp_path.iterdir())
+
+
+def test_segx_train_resumes_an_interrupted_run_and_removes_its_resume_state(make_tiny_dataset, tmp_path, monkeypatch,
+                                                                            capsys):
+    from segx_helpers import training_recipes
+    from segx_helpers.cli import main
+    from segx_helpers.training import read_checkpoint
+
+    data = make_tiny_dataset(n=30, size=32)
+    recipe = training_recipes.classifier_recipe
+
+    def interrupted_recipe(*args, **kwargs):  # the run is killed during the second epoch's validation
+        made = recipe(*args, **kwargs)
+        original, calls = made.validate, []
+
+        def validate(model):
+            calls.append(1)
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+            return original(model)
+
+        made.validate = validate
+        return made
+
+    monkeypatch.setattr(training_recipes, "classifier_recipe", interrupted_recipe)
+    with pytest.raises(KeyboardInterrupt):
+        main(_train_args(data, tmp_path / "c.pt", "--batch-size", "8"))
+    monkeypatch.undo()
+    assert read_checkpoint(tmp_path / "c.pt")["meta"]["finished"] is False
+    assert (tmp_path / "c.pt.last.pt").is_file()
+    assert main(_train_args(data, tmp_path / "c.pt", "--batch-size", "8")) == 2  # exists: not replaced ...
+    assert "--resume continues an interrupted run" in capsys.readouterr().err
+    assert main(_train_args(data, tmp_path / "c.pt", "--batch-size", "16", "--resume")) == 2  # ... other settings
+    assert "batch_size: checkpoint 8, now 16" in capsys.readouterr().err
+    assert main(_train_args(data, tmp_path / "c.pt", "--batch-size", "8", "--resume")) == 0
+    meta = read_checkpoint(tmp_path / "c.pt")["meta"]
+    assert meta["finished"] is True and [r["epoch"] for r in meta["history"]] == [1, 2]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("c.pt")) == ["c.pt"]  # no .last.pt left
+    assert main(_train_args(data, tmp_path / "c.pt", "--batch-size", "8", "--resume")) == 2
+    assert "holds a finished training run: nothing to resume" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, message", [(["--image-size", "0"], "--image-size must be at least 32 pixels, got 0"),
+                                            (["--device", "tpu"], "unknown device 'tpu'")])
+def test_segx_train_bad_values_are_one_line(make_tiny_dataset, tmp_path, capsys, extra, message):
+    from segx_helpers.cli import main
+
+    data = make_tiny_dataset(n=30, size=32)
+    assert main(_train_args(data, tmp_path / "c.pt", "--batch-size", "8", *extra)) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1 and not list(tmp_path.glob("c.pt*"))
+
+
+# ------------------------------------------------------------------------------ checkpoint integrity (issue 25)
+
+def test_flipped_bytes_in_a_checkpoints_weights_are_detected(tmp_path):
+    from segx_helpers.training import CheckpointError, read_checkpoint, save_checkpoint
+
+    torch.manual_seed(0)
+    model = build_classifier("resnet18", 3)
+    path = save_checkpoint(tmp_path / "c.pt", model, {"note": "x"})
+    data = bytearray(path.read_bytes())
+    weights = model.state_dict()["layer1.0.conv1.weight"].contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+    at = bytes(data).find(weights[:4096])
+    assert at > 0
+    data[at + 1000:at + 1064] = bytes(b ^ 0x5A for b in data[at + 1000:at + 1064])
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="c.pt is damaged: its weights or metadata do not match the SHA-256"):
+        read_checkpoint(path)
+
+
+# ------------------------------------------------------------------------------ runner (issue 25)
+
+@pytest.mark.parametrize("dataset", ["/abs/path", "../x", "data/mine", "."])
+def test_runner_dataset_must_be_a_name_not_a_path(dataset, capsys):
+    from segx_helpers.runner import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--dataset", dataset])
+    err = capsys.readouterr().err
+    assert "--dataset must be a dataset name, not a path" in err and "--root" in err
+
+
+def test_runner_checks_its_arguments_before_any_notebook_starts(tmp_path, monkeypatch, capsys):
+    import papermill
+
+    from segx_helpers import runner
+
+    started = []
+    monkeypatch.setattr(papermill, "execute_notebook", lambda *a, **k: started.append(a))
+    for argv, message in ((["--dataset", "does-not-exist"], "no dataset folder"),
+                          (["-p", "NEW_DATASET=../elsewhere"], "NEW_DATASET must be a dataset name"),
+                          (["-p", "SEED=abc"], "expects a int for SEED (its default is 0), not the text 'abc'"),
+                          (["--only"], "expected at least one argument")):
+        with pytest.raises(SystemExit) as stop:
+            runner.main(["--root", str(tmp_path)] + argv)
+        assert stop.value.code == 2 and message in capsys.readouterr().err, argv
+    assert started == [] and not (tmp_path / "outputs").exists()
+    (tmp_path / "data" / "mine").mkdir(parents=True)
+    runner.check_datasets(tmp_path, {"DATASET": "mine"})  # present under --root: accepted
+    runner.check_datasets(tmp_path, {"DATASET": "synthetic-cxr"})  # made by notebook 01: accepted
+
+
+# ------------------------------------------------------------------------------ import_folder (issue 25)
+
+def _raw_folder(tmp_path, n=30):
+    from PIL import Image
+
+    raw = tmp_path / "raw"
+    (raw / "images").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    ids = [f"case_{i:03d}" for i in range(n)]
+    for i in ids:
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(raw / "images" / f"{i}.png")
+    pd.DataFrame({"image_id": ids, "label": [("normal", "abnormal")[k % 2] for k in range(n)]}).to_csv(
+        raw / "labels.csv", index=False)
+    return raw
+
+
+@pytest.mark.filterwarnings("ignore:.*have no mask")
+def test_import_folder_refuses_two_image_files_of_one_id_naming_both(tmp_path):
+    from PIL import Image
+
+    from segx_helpers.data.format import DatasetFormatError
+    from segx_helpers.data.real import import_folder
+
+    raw = _raw_folder(tmp_path)
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(raw / "images" / "case_004.jpg")
+    with pytest.raises(DatasetFormatError, match=r"case_004\.jpg and .*case_004\.png share the id 'case_004'"):
+        import_folder(raw / "images", raw / "labels.csv", tmp_path / "ds", task="multiclass")
+    assert not (tmp_path / "ds").exists()
+
+
+@pytest.mark.filterwarnings("ignore:.*have no mask")
+def test_import_folder_decompression_bomb_is_the_documented_error_on_every_path(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from segx_helpers.data.format import DatasetFormatError
+    from segx_helpers.data.real import import_folder
+
+    raw = _raw_folder(tmp_path)
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(raw / "images" / "case_007.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 4096 pixels > 2 x 1000: PIL refuses the file
+    for channels in (None, 3):  # channel detection, then conversion
+        with pytest.raises(DatasetFormatError, match=r"case_007\.png has too many pixels to decode safely"):
+            import_folder(raw / "images", raw / "labels.csv", tmp_path / "ds", task="multiclass", channels=channels)
+
+
+@pytest.mark.parametrize("labels, message", [
+    ("image_id,label\ncase_000,normal\ncase_001,\n", r"missing \(NaN\) labels for ids \['case_001'\]"),
+    ("image_id,label\ncase_000,normal\ncase_001,zebra\n", r"unknown class names \['zebra'\]"),
+    ("", "cannot be parsed as CSV"),
+])
+def test_import_folder_checks_labels_before_converting_any_image(tmp_path, monkeypatch, labels, message):
+    from segx_helpers.data import real
+    from segx_helpers.data.format import DatasetFormatError
+
+    raw = _raw_folder(tmp_path)
+    (raw / "labels.csv").write_text(labels)
+    monkeypatch.setattr(real, "read_image", lambda *a, **k: pytest.fail("an image was converted"))
+    with pytest.raises(DatasetFormatError, match=message) as caught:
+        real.import_folder(raw / "images", raw / "labels.csv", tmp_path / "ds", task="multiclass",
+                           class_names=["normal", "abnormal"], channels=3)
+    assert str(raw / "labels.csv") in str(caught.value) and ".partial" not in str(caught.value)
+
+
+@pytest.mark.filterwarnings("ignore:.*have no mask")
+def test_import_folder_too_small_for_the_splits_says_so_and_points_to_splits(tmp_path):
+    from segx_helpers.data.format import DatasetFormatError
+    from segx_helpers.data.real import import_folder
+
+    raw = _raw_folder(tmp_path, n=4)
+    with pytest.raises(DatasetFormatError, match=r"4 images are too few for a 7:1:2 split.*\['val'\].*splits=") as caught:
+        import_folder(raw / "images", raw / "labels.csv", tmp_path / "ds", task="multiclass", channels=3)
+    assert ".partial" not in str(caught.value) and not (tmp_path / "ds").exists()
+
+
+@pytest.mark.filterwarnings("ignore:.*have no mask")
+def test_import_folder_never_suggests_an_overwrite_that_it_would_refuse(tmp_path):
+    from segx_helpers.data.real import import_folder
+
+    raw = _raw_folder(tmp_path)
+    out = import_folder(raw / "images", raw / "labels.csv", tmp_path / "ds", task="multiclass", channels=3)
+    for overwrite in (False, True):
+        with pytest.raises(FileExistsError, match="never replaced, with or without overwrite=True") as caught:
+            import_folder(raw / "images", raw / "labels.csv", out, task="multiclass", channels=3, overwrite=overwrite)
+        assert "pass overwrite=True" not in str(caught.value)
+
+
+# ------------------------------------------------------------------------------ generated datasets (issue 25)
+
+@pytest.mark.filterwarnings("ignore:The 'val' split has no images")
+def test_regenerating_a_synthetic_dataset_keeps_files_the_user_added(tmp_path):
+    from segx_helpers.data.synthetic import SyntheticConfig, generate_synthetic_derm
+
+    config = SyntheticConfig(n_images=30, image_size=32, seed=0)
+    root = generate_synthetic_derm(tmp_path / "derm", config, progress=False)
+    generate_synthetic_derm(root, config, overwrite=True, progress=False)  # untouched since: replaced
+    (root / "images" / "my_notes.txt").write_text("added by the user")
+    with pytest.raises(FileExistsError, match=r"images/my_notes\.txt"):
+        generate_synthetic_derm(root, config, overwrite=True, progress=False)
+    assert (root / "images" / "my_notes.txt").read_text() == "added by the user"
+
+
+# ------------------------------------------------------------------------------ image_index (issue 25)
+
+@pytest.mark.parametrize("index, message", [([0, -1], r"image_index\[1\] is -1, outside \[0, 2\)"),
+                                            ([0, 2], r"image_index\[1\] is 2, outside \[0, 2\)"),
+                                            (np.array([0.0, 0.9]), r"must hold integers .* image_index\[1\] is 0\.9"),
+                                            ([0], r"shape \(1,\) but there are 2 maps")])
+def test_analyse_and_explanation_results_refuse_bad_image_indices(index, message):
+    from segx_helpers.analysis import analyse
+    from segx_helpers.explain import Explanations
+    from segx_helpers.results import explanation_results
+
+    rng = np.random.default_rng(0)
+    maps = rng.random((2, 8, 8)).astype(np.float32)
+    masks = np.zeros((2, 8, 8), bool)
+    masks[:, 2:6, 2:6] = True
+    with pytest.raises(ValueError, match=message):
+        analyse(maps, masks, image_index=index, localisation=False)
+    if len(index) == 2:
+        e = Explanations(maps=maps, image_index=np.asarray(index), class_index=np.array([0, 1]),
+                         scores=np.array([0.9, 0.8]), method="gradcam")
+        with pytest.raises(ValueError, match=message):
+            explanation_results(e, ["a", "b"], np.array([0, 1]), "multiclass", ["x", "y"], masks)
+    assert len(analyse(maps, masks, image_index=np.array([1, 0]), localisation=False)) == 2
+
+
+def test_maps_near_the_float32_limit_are_scored_like_the_same_maps_at_scale_one():
+    from segx_helpers.analysis import analyse
+
+    rng = np.random.default_rng(0)
+    maps = rng.random((3, 16, 16)).astype(np.float32)
+    masks = np.zeros((3, 16, 16), bool)
+    masks[:, 4:12, 4:12] = True
+    truth = np.roll(masks, 2, axis=2)
+    plain = analyse(maps, masks, truth, image_index=np.arange(3))
+    with pytest.warns(UserWarning, match="so large that float32 sums over a map overflow"):
+        huge = analyse(maps * np.float32(1e37), masks, truth, image_index=np.arange(3))
+    assert np.isfinite(huge.to_numpy(float)).all()
+    pd.testing.assert_frame_equal(huge, plain, rtol=1e-5)

@@ -111,13 +111,14 @@ def test_train_classifier_writes_checkpoint_resumes_and_is_deterministic(make_ti
              checkpoint_path=tmp_path / "a.pt")
     reloaded = train_classifier(data, tmp_path / "a.pt", image_size=32, config=config)
     assert reloaded.meta["history"] == meta["history"]
+    assert not (tmp_path / "a.pt.last.pt").exists()  # the resume state goes once training finished
     longer = TrainConfig(epochs=3, lr=1e-3, monitor="val_auroc")
     from segx_helpers.training_recipes import _datasets
     train_set, val_set, _ = _datasets(data, 32)
-    model = build_classifier("resnet18", 3)
-    model.load_state_dict(read_checkpoint(tmp_path / "a.pt.last.pt")["state_dict"])
-    history = fit(model, classification_loss("multiclass"), make_loader(train_set, 32, True), lambda m: {"val_auroc": 0.5},
-                  longer, checkpoint_path=tmp_path / "a.pt", resume=True)
+    fit(build_classifier("resnet18", 3), classification_loss("multiclass"), make_loader(train_set, 32, True),
+        lambda m: {"val_auroc": 0.5}, config, checkpoint_path=tmp_path / "c.pt")
+    history = fit(build_classifier("resnet18", 3), classification_loss("multiclass"), make_loader(train_set, 32, True),
+                  lambda m: {"val_auroc": 0.5}, longer, checkpoint_path=tmp_path / "c.pt", resume=True)
     assert [r["epoch"] for r in history.records] == [1, 2, 3]
 
 

@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
-from ..io import atomic_path, check_safe_id, write_json
+from ..io import atomic_path, check_only_listed_files, check_safe_id, files_below, write_json
 from .augmentation import Augmentation
 
 TASKS = ("multiclass", "multilabel")
@@ -245,6 +245,16 @@ def read_mask(path: str | Path, expected_size: tuple[int, int] | None = None) ->
 
 def image_size(path: str | Path) -> tuple[int, int]:
     """``(H, W)`` of an image file without decoding the pixels."""
+    return _header(path)[1]
+
+
+def image_mode(path: str | Path) -> str:
+    """PIL's mode of an image file (``"RGB"``, ``"L"``, ``"I;16"``, ...) without decoding the pixels."""
+    return _header(path)[0]
+
+
+def _header(path: str | Path) -> tuple[str, tuple[int, int]]:
+    """Mode and ``(H, W)`` from an image file's header; problems are a :class:`DatasetFormatError` naming it."""
     path = Path(path)
     if not path.is_file():
         raise DatasetFormatError(f"Missing image file: {path}")
@@ -253,11 +263,11 @@ def image_size(path: str | Path) -> tuple[int, int]:
     try:
         with Image.open(path) as img:
             width, height = img.size
+            return img.mode, (height, width)
     except Image.DecompressionBombError as err:
         raise _too_many_pixels(path, "Image", err) from err
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
         raise DatasetFormatError(f"Unreadable image file: {path} ({err})") from err
-    return height, width
 
 
 # ----------------------------------------------------------------------------------------- loading
@@ -302,8 +312,8 @@ def load_dataset(root: str | Path, check_files: bool = True) -> LoadedDataset:
     if not root.is_dir():
         raise DatasetFormatError(f"Dataset folder {root} does not exist.")
     info = load_info(root)
-    labels = _read_csv(root / "labels.csv", required=["image_id"])
-    splits = _read_csv(root / "splits.csv", required=["image_id", "split"])
+    labels = read_table_csv(root / "labels.csv", required=["image_id"])
+    splits = read_table_csv(root / "splits.csv", required=["image_id", "split"])
     for frame, name in ((labels, "labels.csv"), (splits, "splits.csv")):
         frame["image_id"] = frame["image_id"].astype(str)
         dupes = frame["image_id"][frame["image_id"].duplicated()].unique()
@@ -314,7 +324,7 @@ def load_dataset(root: str | Path, check_files: bool = True) -> LoadedDataset:
                 check_safe_id(image_id)
             except ValueError as err:
                 raise DatasetFormatError(f"{root / name}: {err}") from None
-    table = _parse_labels(labels, info, root / "labels.csv")
+    table = parse_labels(labels, info, root / "labels.csv")
     bad_split = sorted(set(splits["split"]) - set(SPLITS))
     if bad_split:
         raise DatasetFormatError(f"{root / 'splits.csv'}: unknown split names {bad_split}; use {SPLITS}.")
@@ -342,7 +352,9 @@ def load_dataset(root: str | Path, check_files: bool = True) -> LoadedDataset:
     return LoadedDataset(root=root, info=info, table=table.reset_index(drop=True))
 
 
-def _read_csv(path: Path, required: Sequence[str]) -> pd.DataFrame:
+def read_table_csv(path: Path, required: Sequence[str]) -> pd.DataFrame:
+    """A CSV file with an ``image_id`` column (read as text) and the ``required`` columns; an empty,
+    unparsable or incomplete file is a :class:`DatasetFormatError` naming it."""
     if not path.is_file():
         raise DatasetFormatError(f"{path} not found.")
     try:
@@ -357,7 +369,10 @@ def _read_csv(path: Path, required: Sequence[str]) -> pd.DataFrame:
     return frame
 
 
-def _parse_labels(labels: pd.DataFrame, info: DatasetInfo, path: Path) -> pd.DataFrame:
+def parse_labels(labels: pd.DataFrame, info: DatasetInfo, path: Path) -> pd.DataFrame:
+    """The labels of ``info``'s task checked against its class names: ``image_id, label, target``
+    (multiclass) or ``image_id`` + one int column per class (multilabel). NaN labels, unknown classes
+    and non-0/1 multilabel values are a :class:`DatasetFormatError` naming ``path``."""
     table = labels.copy()
     if info.task == "multiclass":
         if "label" not in table.columns:
@@ -460,14 +475,15 @@ def write_dataset(
 
     Everything is written to a temporary sibling folder that is renamed onto ``root`` only when
     complete. An existing ``root`` is replaced only with ``overwrite=True`` *and* only if it was
-    written by this package (its dataset.json carries a ``generator`` entry): user data is never
-    replaced. ``extra_tables`` returns more CSV files to write (name -> frame), e.g. the synthetic
-    artefact table; it is called after ``samples`` is consumed, as is ``extra_files(folder)``, which
+    written by this package (its dataset.json carries a ``generator`` entry) and holds no file the
+    writer did not put there (the writer lists its files in ``.segx_files.json``; a folder written
+    before that list existed is checked by its ``generator`` entry only): user data is never replaced.
+    ``extra_tables`` returns more CSV files to write (name -> frame), e.g. the synthetic artefact table; it is called after ``samples`` is consumed, as is ``extra_files(folder)``, which
     writes more files into the (temporary) dataset folder, e.g. the synthetic artefact maps and twins.
     """
     root = Path(root)
-    if root.exists() and overwrite:
-        _check_owned(root)
+    if root.exists():
+        _check_owned(root)  # before atomic_path's refusal, which would suggest overwrite=True for user data
     with atomic_path(root, overwrite=overwrite) as tmp:
         (tmp / "images").mkdir(parents=True)
         (tmp / "masks").mkdir()
@@ -490,7 +506,12 @@ def write_dataset(
         splits.to_csv(tmp / "splits.csv", index=False)
         write_json(tmp / "dataset.json", asdict(info))
         load_dataset(tmp, check_files=False)
+        write_json(tmp / WRITTEN_FILES, {"written_by": "segx_helpers.data.format.write_dataset",
+                                         "files": sorted(files_below(tmp, WRITTEN_FILES))})
     return root
+
+
+WRITTEN_FILES = ".segx_files.json"
 
 
 def _check_owned(root: Path) -> None:
@@ -500,6 +521,10 @@ def _check_owned(root: Path) -> None:
         info = None
     if info is None or not info.generator:
         raise FileExistsError(
-            f"{root} exists and was not written by segx_helpers (no 'generator' entry in its dataset.json); "
-            "refusing to replace it. Choose another folder or remove it yourself."
+            f"{root} already exists and was not written by segx_helpers as a generated dataset (no 'generator' entry in its "
+            "dataset.json: converted, imported and your own data are never replaced, with or without overwrite=True); "
+            "refusing to replace it. Choose another folder, or remove it yourself to write it again."
         )
+    if (root / WRITTEN_FILES).is_file():
+        check_only_listed_files(root, WRITTEN_FILES, "refusing to replace it, to keep them. Move them out of the "
+                                "folder, or choose another folder")

@@ -27,6 +27,7 @@ instead, the baseline beside the trap set.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import sys
@@ -41,7 +42,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..io import check_safe_id
-from .format import IMAGE_SUFFIXES, DatasetFormatError, DatasetInfo, make_splits, read_image, read_mask, write_dataset
+from .format import (IMAGE_SUFFIXES, SPLITS, DatasetFormatError, DatasetInfo, image_mode, make_splits, parse_labels,
+                     read_image, read_mask, read_table_csv, write_dataset)
 
 HAM_CLASSES = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
 HAM_CLASS_NAMES = {
@@ -582,9 +584,7 @@ def import_folder(images_dir: str | Path, labels_csv: str | Path, out_dir: str |
     images_dir, labels_csv = _require_dir(Path(images_dir)), Path(labels_csv)
     if not labels_csv.is_file():
         raise DatasetFormatError(f"Labels file {labels_csv} not found.")
-    labels = pd.read_csv(labels_csv, dtype={"image_id": str})
-    if "image_id" not in labels.columns:
-        raise DatasetFormatError(f"{labels_csv} needs an image_id column (has {list(labels.columns)}).")
+    labels = read_table_csv(labels_csv, required=["image_id"])
     user_splits = _user_splits(splits, labels, labels_csv) if splits is not None else None
     if user_splits is None:
         _warn_ignored_splits(images_dir, labels_csv, labels)
@@ -599,16 +599,23 @@ def import_folder(images_dir: str | Path, labels_csv: str | Path, out_dir: str |
         stratum = labels[class_names].astype(str).agg("".join, axis=1)
     else:
         raise ValueError(f"task must be 'multiclass' or 'multilabel', got {task!r}")
+    info = DatasetInfo(name=name or Path(out_dir).name, modality=modality, task=task, class_names=class_names,
+                       mask_description=mask_description, source=str(images_dir), licence="", channels=channels or 3)
+    parse_labels(labels, info, labels_csv)  # NaN or unknown labels: refused before any image is converted
     ids = [_check_id(i, labels_csv) for i in labels["image_id"]]
     images = _index_files([images_dir], IMAGE_SUFFIXES)
     _check_all_found(ids, images, images_dir.parent, [images_dir.name])
     masks = _index_files([Path(masks_dir)], (".png",), strip=mask_suffix) if masks_dir is not None else {}
     records = [_Record(i, images[i], _as_tuple(masks.get(i))) for i in ids]
-    if channels is None:
-        channels = _detect_channels([images[i] for i in ids])
-    info = DatasetInfo(name=name or Path(out_dir).name, modality=modality, task=task, class_names=class_names,
-                       mask_description=mask_description, source=str(images_dir), licence="", channels=channels)
     splits = user_splits if user_splits is not None else make_splits(ids, seed=seed, stratify=stratum)
+    empty = [split for split in SPLITS if not (splits["split"] == split).any()]
+    if empty:
+        made = ("the splits you passed leave" if user_splits is not None else
+                f"{len(ids)} images are too few for a 7:1:2 split stratified by label: it leaves")
+        raise DatasetFormatError(f"{labels_csv}: {made} the {empty} split(s) empty (every split needs at least one "
+                                 "image). Add images, or pass splits= with your own train/val/test split.")
+    if channels is None:
+        info = dataclasses.replace(info, channels=_detect_channels([images[i] for i in ids]))
     return _write(out_dir, info, records, labels, splits, image_size, overwrite)
 
 
@@ -656,11 +663,8 @@ def _warn_ignored_splits(images_dir: Path, labels_csv: Path, labels: pd.DataFram
 def _detect_channels(paths: Sequence[Path], max_checked: int = 64) -> int:
     """1 when the images are grayscale (single-channel files, or RGB ones with equal channels), else 3;
     prints which. Files are opened for their mode; at most ``max_checked`` RGB files are read in full."""
-    colour, rgb_paths = [], []
-    for path in paths:
-        with Image.open(path) as img:
-            if img.mode in ("RGB", "RGBA", "P", "CMYK", "YCbCr", "PA"):
-                rgb_paths.append(path)
+    colour = []
+    rgb_paths = [path for path in paths if image_mode(path) in ("RGB", "RGBA", "P", "CMYK", "YCbCr", "PA")]
     step = max(1, -(-len(rgb_paths) // max_checked))
     for path in rgb_paths[::step]:
         pixels = read_image(path, channels=3).astype(np.int16)
@@ -721,14 +725,22 @@ def _resize(array: np.ndarray, size: int, resample: Image.Resampling) -> np.ndar
 def _index_files(folders: Sequence[Path], suffixes: Sequence[str], strip: str = "") -> dict[str, Path]:
     """Map file stem (less ``strip`` at its end) -> file, over those of ``folders`` that exist.
 
-    The first folder listed wins when a stem occurs twice.
+    The first folder listed wins when a stem occurs in two folders; two files of one stem in the same
+    folder (``x.png`` and ``x.jpg``) are a :class:`DatasetFormatError` naming both.
     """
     index: dict[str, Path] = {}
     for folder in folders:
         if folder.is_dir():
+            here: dict[str, Path] = {}
             for path in sorted(folder.iterdir()):
                 if path.suffix.lower() in suffixes:
-                    index.setdefault(path.stem.removesuffix(strip), path)
+                    stem = path.stem.removesuffix(strip)
+                    if stem in here:
+                        raise DatasetFormatError(f"{here[stem]} and {path} share the id {stem!r}: keep one of them "
+                                                 "(ids are file names without their suffix).")
+                    here[stem] = path
+            for stem, path in here.items():
+                index.setdefault(stem, path)
     return index
 
 
