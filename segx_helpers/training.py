@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .io import atomic_path
-from .models import build_classifier, build_segmenter, pick_device
+from .models import CpuTraining, build_classifier, build_segmenter, pick_device, prepare_for_cpu_training
 
 CHECKPOINT_FORMAT = "segx-checkpoint-v1"
 
@@ -98,7 +98,9 @@ def balanced_class_weights(targets: np.ndarray, task: str) -> np.ndarray:
 
 @dataclass
 class TrainConfig:
-    """How to train. ``monitor`` names a key of the validation dict; higher is better."""
+    """How to train. ``monitor`` names a key of the validation dict; higher is better. ``amp``: mixed precision,
+    float16 with a gradient scaler on a GPU, channels_last and bfloat16 autocast on a CPU that computes bfloat16
+    natively (:meth:`segx_helpers.models.CpuTraining.for_this_cpu`); ``amp=False`` trains in float32 everywhere."""
 
     epochs: int = 10
     lr: float = 1e-3
@@ -167,6 +169,8 @@ def fit(model: nn.Module, loss_fn: nn.Module, train_loader: DataLoader, validate
     set_seed(config.seed)
     device = pick_device(config.device)
     model.to(device)
+    cpu = CpuTraining.for_this_cpu() if config.amp and device.type == "cpu" else CpuTraining()
+    prepare_for_cpu_training(model, cpu)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(config.epochs, 1))
     use_amp = config.amp and device.type == "cuda"
@@ -204,7 +208,7 @@ def fit(model: nn.Module, loss_fn: nn.Module, train_loader: DataLoader, validate
             images = batch["image"].to(device)
             targets = batch[target_key].to(device)
             optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(device_type=device.type, enabled=use_amp):
+            with torch.autocast(device_type=device.type, enabled=use_amp), cpu.autocast():
                 if batch_loss is not None:
                     on_device = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
                     loss = batch_loss(model, {**on_device, "image": images, target_key: targets})

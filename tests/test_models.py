@@ -1,11 +1,14 @@
 """Model factories and CAM target-layer lookup."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from segx_helpers.models import build_classifier, build_segmenter, find_target_layer, previous_block
+from segx_helpers.models import (CpuTraining, build_classifier, build_segmenter, cpu_supports_bf16, find_target_layer,
+                                 prepare_for_cpu_training, previous_block)
+from segx_helpers.training import TrainConfig, fit
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50", "densenet121"])
@@ -50,3 +53,28 @@ def test_segmenter_gives_one_logit_map(in_channels):
 def test_unknown_arch_is_refused():
     with pytest.raises(ValueError, match="Unknown classifier arch"):
         build_classifier("vgg11", 2)
+
+
+def test_cpu_training_setting_converts_the_model_and_casts_the_forward_pass():
+    model = prepare_for_cpu_training(build_classifier("resnet18", num_classes=2), CpuTraining(channels_last=True))
+    assert model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    plain = prepare_for_cpu_training(build_classifier("resnet18", num_classes=2), CpuTraining())
+    assert plain.conv1.weight.is_contiguous() and not plain.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    with CpuTraining(bf16=True).autocast():
+        assert model(torch.randn(2, 3, 32, 32)).dtype == torch.bfloat16
+    with CpuTraining().autocast():
+        assert model(torch.randn(2, 3, 32, 32)).dtype == torch.float32
+    assert CpuTraining.for_this_cpu() == CpuTraining(channels_last=True, bf16=cpu_supports_bf16())
+    assert CpuTraining().name == "float32" and CpuTraining(True, True).name == "channels_last + bf16 autocast"
+
+
+@pytest.mark.parametrize("amp", [True, False])
+def test_fit_on_a_cpu_uses_the_cpu_setting_only_with_amp(amp):
+    torch.manual_seed(0)
+    images, targets = torch.randn(8, 3, 32, 32), torch.randint(0, 2, (8,))
+    loader = torch.utils.data.DataLoader([{"image": x, "target": y} for x, y in zip(images, targets)], batch_size=4)
+    model = build_classifier("resnet18", num_classes=2)
+    history = fit(model, nn.CrossEntropyLoss(), loader, lambda m: {"val_score": 0.0},
+                  TrainConfig(epochs=1, amp=amp, device="cpu"))
+    assert model.conv1.weight.is_contiguous(memory_format=torch.channels_last) == amp
+    assert model.conv1.weight.dtype == torch.float32 and np.isfinite(history.records[0]["train_loss"])
