@@ -35,6 +35,12 @@ test-fast: $(STAMP)
 benchmark: $(STAMP)
 	$(PY) benchmarks/run_benchmark.py
 
+## Training images/s of the segmenter and classifier at 128 and 256 px on 2 threads, per CPU setting (float32,
+## channels_last, bfloat16 autocast), and quick mode's segmenter Dice with and without them
+.PHONY: benchmark-training
+benchmark-training: $(STAMP)
+	$(PY) benchmarks/run_training_benchmark.py --dice
+
 ## segx audit: images/s for 1 and 2 processes and peak memory for 1k and 10k synthetic images (slow on a CPU)
 .PHONY: benchmark-audit
 benchmark-audit: $(STAMP)

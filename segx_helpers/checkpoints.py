@@ -53,7 +53,7 @@ def training_fingerprint(data: LoadedDataset, image_size: int, config: TrainConf
     settings (epochs, max_batches_per_epoch, lr, weight decay, patience, monitor, seed) and ``choices``
     (architecture, weights, batch size, normalisation)."""
     train_ids = sorted(str(i) for i in data.split("train")["image_id"])
-    settings = {k: v for k, v in asdict(config).items() if k not in ("device", "amp")}
+    settings = {k: v for k, v in asdict(config).items() if k not in ("device", "amp", "cpu_bf16")}
     fingerprint = {"dataset": data.info.name, "class_names": list(data.info.class_names), "task": data.info.task,
                    "image_size": int(image_size), "channels": int(data.info.channels),
                    "train_ids_sha256": hashlib.sha256("\n".join(train_ids).encode()).hexdigest(),

@@ -307,8 +307,10 @@ def train_with_mask(data: LoadedDataset, checkpoint: str | Path, method: str, st
     val_loader = make_loader(val_set, 64, shuffle=False)
     task_loss = classification_loss(task)
 
+    last_validation: dict = {}
+
     def validate(model: nn.Module) -> dict:
-        result = predict_classifier(model, val_loader, task)
+        last_validation["result"] = result = predict_classifier(model, val_loader, task)
         return {"val_auroc": macro_auroc(result["targets"], result["probs"])}
 
     def build() -> nn.Module:
@@ -333,7 +335,9 @@ def train_with_mask(data: LoadedDataset, checkpoint: str | Path, method: str, st
     history = fit(model, task_loss, train_loader, validate, config, checkpoint_path=checkpoint, meta=meta,
                   overwrite=retrain, batch_loss=batch_loss)
     meta["train_seconds"] = time.perf_counter() - started
-    val = predict_classifier(model, val_loader, task)
+    # the model holds the best epoch's weights: when that was the last epoch validated, its predictions are these
+    best_was_last = history.best_epoch == len(history.records) - 1 and "result" in last_validation
+    val = last_validation["result"] if best_was_last else predict_classifier(model, val_loader, task)
     if task == "multilabel":
         meta["thresholds"] = select_thresholds(val["targets"], val["probs"]).tolist()
     meta["metrics"] = {"val_auroc": macro_auroc(val["targets"], val["probs"])}

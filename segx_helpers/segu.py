@@ -22,9 +22,10 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage, stats
 from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import average_precision_score, roc_auc_score
+from sklearn.metrics import average_precision_score
 
-from .metrics import _loc_inputs, _warn_degenerate, auitc, bootstrap_ci, relevance_mass, top_percent_iou
+from .metrics import (_loc_inputs, _warn_degenerate, auitc, bootstrap_ci, per_class_auroc, relevance_mass,
+                      top_percent_iou)
 from .saliency import DegenerateMapWarning, top_percent
 
 
@@ -149,7 +150,7 @@ def separation(correct: np.ndarray, certainty: np.ndarray, n_resamples: int = 10
     wrong = (~correct).astype(int)
 
     def auroc(y, s):
-        return roc_auc_score(y, -s) if 0 < y.sum() < len(y) else np.nan
+        return per_class_auroc(y, -s[:, None])[0]
 
     def auprc(y, s):
         return average_precision_score(y, -s) if y.sum() > 0 else np.nan

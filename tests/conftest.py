@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny datasets written through the package's own writer."""
+"""Shared fixtures: tiny datasets written through the package's own writer, and the one quick-mode run of the
+tutorial notebooks per session (``tutorial_run``, see tests/notebook_run.py)."""
 from __future__ import annotations
 
 import os
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 from segx_helpers.data.format import DatasetInfo, make_splits, write_dataset
+from notebook_run import TutorialRun, run_tutorial
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ.setdefault("TQDM_DISABLE", "1")
@@ -48,3 +50,16 @@ def make_tiny_dataset(tmp_path):
         return root
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tutorial_run(tmp_path_factory) -> TutorialRun:
+    """The seven notebooks executed once in quick mode (minutes); every test taking this fixture reads this run."""
+    return run_tutorial(tmp_path_factory.mktemp("tutorial"))
+
+
+def pytest_collection_modifyitems(items):
+    """Mark every test that uses the notebook run ``notebooks``, so ``-m "not notebooks"`` leaves the run out."""
+    for item in items:
+        if "tutorial_run" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.notebooks)

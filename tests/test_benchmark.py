@@ -22,3 +22,19 @@ def test_benchmark_runs_and_fast_paths_match(tmp_path):
     assert shap.loc["Gradient SHAP: shap per target class", "correlation"] > 0.999
     assert (table["seconds"] > 0).all()
     assert json.loads((tmp_path / "benchmark.json").read_text())["settings"]["image_size"] == 64
+
+
+def test_training_benchmark_runs_and_lists_every_setting(tmp_path):
+    from segx_helpers.models import cpu_supports_bf16
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "run_training_benchmark.py"
+    spec = importlib.util.spec_from_file_location("run_training_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--sizes", "32", "--steps", "1", "--repeats", "1", "--batch-size", "2", "--threads", "1",
+                        "--out", str(tmp_path)]) == 0
+    table = pd.read_csv(tmp_path / "training_benchmark.csv")
+    settings = 3 if cpu_supports_bf16() else 2
+    assert len(table[table["model"] == "segmenter"]) == 2 * settings  # the paper-size and the CPU decoder
+    assert len(table[table["model"] == "classifier"]) == settings
+    assert (table["images_per_s"] > 0).all() and set(table["image_size"]) == {32}

@@ -6,7 +6,8 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from segx_helpers.metrics import (accuracy, bootstrap_ci, classification_report, dice_score, iou_score, macro_auprc,
-                                  macro_auroc, macro_f1, predict_labels, select_mask_threshold, select_thresholds)
+                                  macro_auroc, macro_f1, per_class_auroc, predict_labels, select_mask_threshold,
+                                  select_thresholds)
 
 
 def test_macro_auroc_hand_case():
@@ -14,6 +15,20 @@ def test_macro_auroc_hand_case():
     scores = np.array([[0.9, 0.1], [0.6, 0.4], [0.65, 0.35], [0.2, 0.8]])
     # class 1 scores: negatives 0.1, 0.4; positives 0.35, 0.8 -> 3 of 4 pairs ordered -> 0.75, same for class 0
     assert macro_auroc(y, scores) == pytest.approx(0.75)
+
+
+@pytest.mark.parametrize("task", ["multiclass", "multilabel"])
+def test_per_class_auroc_equals_scikit_learn_with_ties(task):
+    rng = np.random.default_rng(3)
+    scores = rng.integers(0, 6, (90, 4)) / 5.0  # six distinct values: many ties
+    y = rng.integers(0, 4, 90) if task == "multiclass" else rng.integers(0, 2, (90, 4))
+    onehot = np.eye(4, dtype=int)[y] if task == "multiclass" else y
+    expected = [roc_auc_score(onehot[:, c], scores[:, c]) for c in range(4)]
+    np.testing.assert_allclose(per_class_auroc(y, scores), expected, rtol=0, atol=1e-12)
+    onehot[:, 2] = 1  # omnipresent class: undefined
+    assert np.isnan(per_class_auroc(onehot, scores)[2]) and np.isfinite(per_class_auroc(onehot, scores)[[0, 1, 3]]).all()
+    with pytest.raises(ValueError, match="NaN"):
+        per_class_auroc(y, np.where(scores > 0.9, np.nan, scores))
 
 
 def test_macro_auroc_ignores_absent_classes():

@@ -68,13 +68,17 @@ def test_cpu_training_setting_converts_the_model_and_casts_the_forward_pass():
     assert CpuTraining().name == "float32" and CpuTraining(True, True).name == "channels_last + bf16 autocast"
 
 
-@pytest.mark.parametrize("amp", [True, False])
-def test_fit_on_a_cpu_uses_the_cpu_setting_only_with_amp(amp):
+@pytest.mark.parametrize("amp, cpu_bf16", [(True, False), (False, False), (True, True), (False, True)])
+def test_fit_on_a_cpu_uses_channels_last_with_amp_and_bf16_only_when_asked(amp, cpu_bf16, monkeypatch):
     torch.manual_seed(0)
     images, targets = torch.randn(8, 3, 32, 32), torch.randint(0, 2, (8,))
     loader = torch.utils.data.DataLoader([{"image": x, "target": y} for x, y in zip(images, targets)], batch_size=4)
     model = build_classifier("resnet18", num_classes=2)
+    dtypes = []
+    model.fc.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype) if m.training else None)
     history = fit(model, nn.CrossEntropyLoss(), loader, lambda m: {"val_score": 0.0},
-                  TrainConfig(epochs=1, amp=amp, device="cpu"))
+                  TrainConfig(epochs=1, amp=amp, cpu_bf16=cpu_bf16, device="cpu"))
     assert model.conv1.weight.is_contiguous(memory_format=torch.channels_last) == amp
+    bf16 = amp and cpu_bf16 and cpu_supports_bf16()
+    assert set(dtypes) == {torch.bfloat16 if bf16 else torch.float32}
     assert model.conv1.weight.dtype == torch.float32 and np.isfinite(history.records[0]["train_loss"])

@@ -19,6 +19,21 @@ def test_items_have_documented_shapes(make_tiny_dataset):
     assert len(ds) == 21
 
 
+@pytest.mark.parametrize("train", [False, True])
+def test_cached_items_equal_uncached_ones_when_the_images_are_resized(make_tiny_dataset, train):
+    """The cache holds images resized to image_size: every item is the same as one read and resized afresh."""
+    data = load_dataset(make_tiny_dataset(n=30, size=48))
+    cached, fresh = (SegXDataset(data, "train", image_size=32, train=train, cache=c) for c in (True, False))
+    for epoch in range(2):  # the second epoch reads the cache
+        for i in range(len(cached)):
+            torch.manual_seed(100 * epoch + i)
+            a = cached[i]
+            torch.manual_seed(100 * epoch + i)
+            b = fresh[i]
+            assert torch.equal(a["image"], b["image"]) and torch.equal(a["mask"], b["mask"]), (epoch, i)
+    assert cached._cache[0][0].shape == (32, 32, 3) and cached._cache[0][1].shape == (32, 32)
+
+
 def test_normalisation_round_trips(make_tiny_dataset):
     data = load_dataset(make_tiny_dataset(n=30, size=32))
     norm = Normalization()

@@ -66,8 +66,9 @@ class SegXDataset(Dataset):
     Each item is a dict: ``image`` float ``(C, H, W)`` normalised, ``mask`` float ``(1, H, W)`` in
     {0, 1} (all zeros and ``has_mask`` False when the image has no mask), ``target`` (int64 class
     index for multiclass, float ``(C,)`` 0/1 for multilabel) and ``image_id``.
-    With ``cache=True`` decoded images and masks are kept in memory (about 50 MB for 1,000 RGB
-    images at 128 px), which makes epochs after the first much faster. ``train=True`` augments with
+    With ``cache=True`` decoded images and masks are kept in memory already resized to ``image_size`` (about
+    50 MB for 1,000 RGB images at 128 px), which makes epochs after the first much faster: a large photograph
+    is decoded and resized once, not every epoch (the resize is the transforms' first, deterministic step). ``train=True`` augments with
     ``augmentation`` (default: the dataset's own, :func:`~segx_helpers.data.augmentation.augmentation_for`);
     ``self.augmentation`` says what is applied (``None`` when not training).
     """
@@ -85,6 +86,7 @@ class SegXDataset(Dataset):
             raise ValueError(f"normalization has {len(self.normalization.mean)} channels but {data.root} images have {self.channels}.")
         self.augmentation = (augmentation if augmentation is not None else augmentation_for(data.info)) if train else None
         self.transform = make_transforms(image_size, self.normalization, train=train, augmentation=self.augmentation)
+        self.resize = v2.Resize((image_size, image_size), antialias=True)  # the transforms' first step, then a no-op
         all_targets = data.targets
         index = {image_id: i for i, image_id in enumerate(data.table["image_id"])}
         self.targets = all_targets[[index[i] for i in self.rows["image_id"]]]
@@ -104,6 +106,11 @@ class SegXDataset(Dataset):
         image = read_image(row["image_path"], channels=self.channels)
         mask = read_mask(row["mask_path"], expected_size=image.shape[:2]) if row["mask_path"] is not None else None
         if self._cache is not None:
+            image_t, mask_t = self.resize(tv_tensors.Image(torch.from_numpy(image).permute(2, 0, 1)),
+                                          tv_tensors.Mask(torch.from_numpy(mask.astype(np.uint8))[None])
+                                          if mask is not None else None)
+            image = image_t.permute(1, 2, 0).numpy()
+            mask = mask_t[0].numpy() > 0 if mask is not None else None
             self._cache[i] = (image, mask)
         return image, mask
 

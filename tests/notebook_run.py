@@ -1,0 +1,71 @@
+"""One quick-mode run of the seven tutorial notebooks per pytest session, shared by every notebook assertion.
+
+The ``tutorial_run`` fixture (tests/conftest.py) executes the notebooks once, as ``make tutorial`` does, into a
+temporary root, and hands each test a :class:`TutorialRun` to read: ``summary()`` (``outputs/summary.json`` for
+the dataset), ``segu_summary()`` (``outputs/<dataset>/segu/summary.json``), ``text(name)`` (what an executed
+notebook printed) and paths under the run's root. Every test that takes ``tutorial_run`` is marked
+``notebooks`` automatically (``pytest -m "not notebooks"`` skips them and the run). To check something new in
+the tutorial, add one function::
+
+    def test_something(tutorial_run):
+        assert tutorial_run.summary()["segu"]["gradcam"]["c_iou"]["auroc_incorrect"] is not None
+
+If the run itself fails (a notebook raises), every test using it fails with papermill's error, naming the cell.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import nbformat
+
+from segx_helpers.runner import run_notebooks
+
+DATASET = "synthetic-derm"
+
+
+@dataclass(frozen=True)
+class TutorialRun:
+    """The result of :func:`run_tutorial`: ``root`` (with ``data/``, ``artifacts/``, ``outputs/``) and the
+    seconds per notebook, in the order they ran."""
+
+    root: Path
+    timings: dict[str, float]
+    dataset: str = DATASET
+
+    @property
+    def outputs(self) -> Path:
+        """``<root>/outputs/<dataset>``: the dataset's figures, tables and SegU results."""
+        return self.root / "outputs" / self.dataset
+
+    def summary(self) -> dict:
+        """The dataset's entry of ``outputs/summary.json`` (segmenter, classifier, segu, confidence, aurc,
+        augrc, fix, ...: what each notebook measured)."""
+        return json.loads((self.root / "outputs" / "summary.json").read_text())[self.dataset]
+
+    def segu_summary(self) -> dict:
+        """``outputs/<dataset>/segu/summary.json``, notebook 05's tables (separation, by error type, ablations)."""
+        return json.loads((self.outputs / "segu" / "summary.json").read_text())
+
+    def executed(self, name: str) -> nbformat.NotebookNode:
+        """The executed copy of notebook ``name`` (e.g. ``"05_segu_analysis"``), outputs included."""
+        return nbformat.read(self.root / "outputs" / "notebooks" / f"{name}.ipynb", as_version=4)
+
+    def text(self, name: str) -> str:
+        """Everything notebook ``name`` printed or displayed as text, cell after cell."""
+        return executed_text(self.executed(name))
+
+
+def executed_text(notebook: nbformat.NotebookNode) -> str:
+    """The streams and plain-text results of an executed notebook, joined by newlines."""
+    parts = []
+    for cell in notebook.cells:
+        for out in cell.get("outputs", []):
+            parts.append(out.get("text", "") or out.get("data", {}).get("text/plain", ""))
+    return "\n".join(parts)
+
+
+def run_tutorial(root: Path) -> TutorialRun:
+    """Execute every tutorial notebook in quick mode under ``root`` (as ``make tutorial``) and return the run."""
+    return TutorialRun(Path(root), run_notebooks(root, quick=True))
