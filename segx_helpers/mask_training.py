@@ -568,5 +568,6 @@ def fix_config(settings, seed: int = 0) -> TrainConfig:
     The control run (``method="none"``: the same extra training without a fix) uses the same."""
     if settings.max_batches_per_epoch is not None:
         return TrainConfig(epochs=1, lr=3e-4, monitor="val_auroc", seed=seed,
-                           max_batches_per_epoch=settings.max_batches_per_epoch)
-    return TrainConfig(epochs=max(1, settings.cls_epochs // 3), lr=3e-4, monitor="val_auroc", seed=seed)
+                           max_batches_per_epoch=settings.max_batches_per_epoch, cpu_bf16=settings.cpu_bf16)
+    return TrainConfig(epochs=max(1, settings.cls_epochs // 3), lr=3e-4, monitor="val_auroc", seed=seed,
+                       cpu_bf16=settings.cpu_bf16)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import nbformat
+import pandas as pd
 
 from segx_helpers.runner import run_notebooks
 
@@ -47,6 +48,11 @@ class TutorialRun:
     def segu_summary(self) -> dict:
         """``outputs/<dataset>/segu/summary.json``, notebook 05's tables (separation, by error type, ablations)."""
         return json.loads((self.outputs / "segu" / "summary.json").read_text())
+
+    def summary_rows(self, method: str) -> pd.DataFrame:
+        """Notebook 05's per-prediction scores (``outputs/<dataset>/segu/scores.csv``) of one explanation method."""
+        scores = pd.read_csv(self.outputs / "segu" / "scores.csv")
+        return scores[scores["method"] == method]
 
     def executed(self, name: str) -> nbformat.NotebookNode:
         """The executed copy of notebook ``name`` (e.g. ``"05_segu_analysis"``), outputs included."""

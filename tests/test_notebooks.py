@@ -132,14 +132,14 @@ def test_tutorial_runs_every_notebook_in_order(tutorial_run):
 def test_tutorial_segmenter_finds_the_lesions(tutorial_run):
     segmenter = tutorial_run.summary()["segmenter"]
     low, high = segmenter["dice_ci"]
-    assert segmenter["dice"] > 0.85 and low <= segmenter["dice"] <= high  # 0.944-0.949 over seeds 0-2 (NOTES)
+    assert segmenter["dice"] > 0.85 and low <= segmenter["dice"] <= high  # 0.931-0.950 over seeds 0-2 (NOTES)
     assert (tutorial_run.root / "artifacts" / DATASET / "segmenter.pt").is_file()
 
 
 def test_tutorial_classifier_learns_and_uses_the_shortcut(tutorial_run):
     classifier = tutorial_run.summary()["classifier"]
-    assert classifier["auroc"] > 0.6 and _probability(classifier["accuracy"])  # AUROC 0.74-0.84 over seeds 0-2
-    assert 0.0 < classifier["shortcut_driven_rate"] < 1.0  # some test predictions flip with their ink twin
+    assert classifier["auroc"] > 0.6 and _probability(classifier["accuracy"])  # AUROC 0.62-0.79 over seeds 0-2 (NOTES)
+    assert 0.0 < classifier["shortcut_driven_rate"] < 1.0  # some test predictions flip with their patch twin
     assert (tutorial_run.root / "artifacts" / DATASET / "classifier.pt").is_file()
 
 
@@ -158,6 +158,34 @@ def test_tutorial_segu_analysis_scores_both_methods_against_confidence(tutorial_
         assert all(_probability(v) for v in summary[curve].values()), curve
     segu = tutorial_run.segu_summary()
     assert {row["score"] for row in segu["separation"]} >= {"c_IoU", "c_AUITC", "confidence"}
+
+
+def test_tutorial_measures_segu_by_the_patch_distance(tutorial_run):
+    """Notebook 05 section 6 (issue 23): per distance bin, in pixels and Grad-CAM cells, for both layers and for
+    the images that carry the patch, the AUROC of c_IoU, c_AUITC and confidence for flagging shortcut-driven
+    predictions; the bins hold every test prediction once; notebook 07 gives the rate per bin for every model."""
+    import pandas as pd
+
+    summary = tutorial_run.summary()
+    keys = ("shortcut_by_distance", "shortcut_by_distance_block_before", "shortcut_by_distance_patch_present")
+    for key in keys:
+        rows = summary[key]
+        assert [row["bin"] for row in rows] == ["0-8 px (0-0.25 cell)", "8-20 px (0.25-0.62 cell)", "20+ px (0.62+ cell)"]
+        for row in rows:
+            assert 0 < row["n_shortcut_driven"] < row["n"], (key, row["bin"])
+            assert row["distance_px"][0] < row["distance_px"][1] and row["distance_cells"][0] == row["distance_px"][0] / 32
+            for score in ("c_iou", "c_auitc", "confidence"):
+                assert _probability(row[f"{score}_auroc"]), (key, row["bin"], score)
+                assert row[f"{score}_auroc_low"] <= row[f"{score}_auroc"] <= row[f"{score}_auroc_high"]
+    rows = summary["shortcut_by_distance"]
+    n_test = len(tutorial_run.summary_rows("gradcam"))
+    assert sum(row["n"] for row in rows) == n_test
+    assert sum(row["n_shortcut_driven"] for row in rows) == round(summary["classifier"]["shortcut_driven_rate"] * n_test)
+    assert summary["shortcut_by_distance_block_before"][0]["n"] == rows[0]["n"]
+    assert (tutorial_run.outputs / "figures" / "05_segu_by_distance.png").is_file()
+    rates = pd.read_csv(tutorial_run.outputs / "fix_rate_by_distance.csv")
+    assert set(rates["model"]) == {"baseline", "control (no fix)", "RRR", "background"}
+    assert rates.groupby("model")["n"].sum().eq(n_test).all()
 
 
 def test_tutorial_fixes_are_compared_on_both_datasets(tutorial_run):
