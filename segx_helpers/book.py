@@ -57,8 +57,7 @@ html_show_sourcelink = False
 myst_enable_extensions = []          # no $...$ math, so no page asks for MathJax from a CDN
 nb_execution_mode = "off"            # the notebooks were executed by make tutorial
 nb_output_stderr = "remove"          # progress bars and warnings
-nb_ipywidgets_js = {}                # no widget JavaScript from a CDN; widgets show their text fallback
-nb_mime_priority_overrides = [("html", "application/vnd.jupyter.widget-view+json", None)]
+nb_ipywidgets_js = {}                # no widget JavaScript from a CDN (widget outputs are replaced by a note)
 """
 
 
@@ -119,6 +118,21 @@ def with_run_header(nb: nbformat.NotebookNode, name: str, record: dict | None) -
     return nb
 
 
+WIDGET = "application/vnd.jupyter.widget-view+json"
+WIDGET_NOTE = "*An interactive widget: open the notebook in Jupyter or Colab to use it.*"
+
+
+def without_widgets(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
+    """A copy of ``nb`` whose widget outputs (which need a kernel) say so in words instead of their text
+    fallback (e.g. ``VBox(children=...)``)."""
+    nb = copy.deepcopy(nb)
+    for cell in nb.cells:
+        for output in cell.get("outputs", []):
+            if WIDGET in output.get("data", {}):
+                output["data"] = {"text/markdown": WIDGET_NOTE}
+    return nb
+
+
 def prepare_folder(folder: Path) -> None:
     """Empty ``folder`` for a new build if this module made it (it holds :data:`MARKER`); refuse any other."""
     if folder.exists():
@@ -139,7 +153,7 @@ def stage_source(root: str | Path, source: Path, repo: Path = REPO_ROOT) -> list
     (source / "notebooks").mkdir()
     (source / "notebooks" / BADGE_FILE).write_text(BADGE_SVG)
     for name, path in notebooks.items():
-        nb = with_run_header(nbformat.read(path, as_version=4), name, records.get(name))
+        nb = with_run_header(without_widgets(nbformat.read(path, as_version=4)), name, records.get(name))
         nbformat.write(nb, source / "notebooks" / f"{name}.ipynb")
     pages = [page for page in PAGES if (repo / page).is_file()]
     for page in pages:

@@ -14,8 +14,8 @@ import matplotlib.pyplot as plt
 import nbformat
 import pytest
 
-from segx_helpers.book import (BADGE_FILE, BookError, build_book, executed_notebooks, prepare_folder, remote_resources,
-                               run_header, with_run_header)
+from segx_helpers.book import (BADGE_FILE, WIDGET_NOTE, BookError, build_book, executed_notebooks, prepare_folder,
+                               remote_resources, run_header, with_run_header)
 from segx_helpers.notebook import colab_badge
 from test_browser import browser  # noqa: F401  (the browser test's headless Chromium, started the same way)
 
@@ -41,7 +41,11 @@ def _executed_notebook(name: str) -> nbformat.NotebookNode:
                                                            "text/plain": "<Figure>"})
     nb.cells = [nbformat.v4.new_markdown_cell(f"# {name}\n\n{colab_badge(name)}\n\nWhat this notebook does."),
                 nbformat.v4.new_code_cell("show_figure()", execution_count=1,
-                                          outputs=[picture, nbformat.v4.new_output("stream", name="stdout", text="ok\n")])]
+                                          outputs=[picture, nbformat.v4.new_output("stream", name="stdout", text="ok\n")]),
+                nbformat.v4.new_code_cell("explorer()", execution_count=2, outputs=[nbformat.v4.new_output(
+                    "display_data", data={"application/vnd.jupyter.widget-view+json": {"model_id": "a1", "version_major": 2,
+                                                                                       "version_minor": 0},
+                                          "text/plain": "VBox(children=(Dropdown(),))"})])]
     return nb
 
 
@@ -88,6 +92,7 @@ def test_each_notebook_page_starts_with_its_badge_and_how_it_was_run(book):
     for fact in ("quick", "cpu", "2026-12-04 11:00:00 UTC", "abc1234567", "1 min 15 s"):
         assert fact in page, fact
     assert "not recorded" in (index.parent / "notebooks" / f"{NAMES[1]}.html").read_text()
+    assert WIDGET_NOTE.strip("*") in page and "VBox" not in page
 
 
 def test_run_header_and_badge_placement():
