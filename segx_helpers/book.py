@@ -19,6 +19,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import nbformat
@@ -218,12 +219,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", default=str(REPO_ROOT), help="the folder whose outputs/notebooks/ make tutorial wrote")
     parser.add_argument("--out", help="where to write source/ and html/ (default: <root>/outputs/book)")
     args = parser.parse_args(argv)
+    started = time.perf_counter()
     try:
         index = build_book(args.root, args.out)
     except BookError as err:
         print(f"[segx-book] {err}", file=sys.stderr)
         return 1
-    print(f"[segx-book] open {index.as_uri()}")
+    print(f"[segx-book] built in {time.perf_counter() - started:.0f} s; open {index.as_uri()}")
     return 0
 
 
