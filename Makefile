@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: tutorial tutorial-full test test-fast benchmark clean-outputs
+.PHONY: tutorial tutorial-full book test test-fast benchmark clean-outputs
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "Python 3.10+ is needed, found " + sys.version' 
@@ -21,6 +21,12 @@ tutorial: $(STAMP)
 ## Same, in full mode (longer training, all test images explained)
 tutorial-full: $(STAMP)
 	MPLBACKEND=Agg $(PY) -m segx_helpers.runner --full
+
+## The notebooks executed by make tutorial as a static site (outputs/book/html/index.html); runs nothing again
+book: $(STAMP)
+	@ls outputs/notebooks/*.ipynb >/dev/null 2>&1 || { echo "make book: no executed notebooks in outputs/notebooks/: run make tutorial first" >&2; exit 1; }
+	@$(PY) -c 'import myst_nb, sphinx_book_theme' 2>/dev/null || $(PY) -m pip install --quiet -e ".[docs]"
+	$(PY) -m segx_helpers.book
 
 ## The test suite, notebooks included (what CI runs); installs the headless browser the browser test drives
 test: $(STAMP)

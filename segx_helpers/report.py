@@ -13,7 +13,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .data.format import load_info
+from .data.synthetic import shortcut_pairs
 from .io import write_text
+from .notebook import TutorialPaths
 
 
 SUMMARY = "summary.json"
@@ -55,6 +58,7 @@ def segu_findings(stats: pd.DataFrame, by_type: pd.DataFrame, ground_truth: pd.D
     """One paragraph, in Markdown, of what held in this run: the paper's claim (mean SegU higher for
     correct predictions), SegU against the classifier's confidence for all errors, per error type and for
     shortcut-driven predictions. Written from the tables themselves, so the text cannot drift from the numbers.
+    An AUROC below 0.5 is never called a win: when both scores are below chance the text says both are inverted.
 
     ``stats``: :func:`segx_helpers.segu.separation_table` grouped by method; ``by_type``:
     :func:`segx_helpers.segu.separation_by_error_type` for ``method``; ``ground_truth``: the separation
@@ -66,14 +70,24 @@ def segu_findings(stats: pd.DataFrame, by_type: pd.DataFrame, ground_truth: pd.D
         return part.iloc[0] if len(part) else None
 
     def auroc(r) -> str:
-        return f"{r['auroc']:.2f} [{r['auroc_low']:.2f}, {r['auroc_high']:.2f}]"
+        return interval(r["auroc"], (r["auroc_low"], r["auroc_high"]))
 
-    def verdict(a, b) -> str:
+    def versus(a, b, against: str) -> str:
+        """``a`` (the SegU score) against ``b`` (confidence), in words."""
+        if a["auroc"] < 0.5 and b["auroc"] < 0.5:
+            return (f"{score} AUROC {auroc(a)} and {against}, {auroc(b)}, are **both inverted** (below 0.5: errors get "
+                    "*higher* certainty than correct predictions), so neither flags errors here; this is what a test split "
+                    "that reverses what the model learned (a trap split) does")
+        if a["auroc"] < 0.5:
+            return f"{score} AUROC {auroc(a)} is inverted (below 0.5), while {against} is {auroc(b)}"
         if a["auroc_low"] > b["auroc_high"]:
-            return "beats"
-        if a["auroc_high"] < b["auroc_low"]:
-            return "is beaten by"
-        return "overlaps, within the confidence intervals,"
+            verdict = "beats"
+        elif a["auroc_high"] < b["auroc_low"]:
+            verdict = "is beaten by"
+        else:
+            verdict = "overlaps, within the confidence intervals,"
+        inverted = " (inverted: below 0.5)" if b["auroc"] < 0.5 else ""
+        return f"{score} AUROC {auroc(a)} {verdict} {against}, {auroc(b)}{inverted}"
 
     lines = []
     seg, conf = row(stats, group=method, score=score), row(stats, group=method, score="confidence")
@@ -82,108 +96,188 @@ def segu_findings(stats: pd.DataFrame, by_type: pd.DataFrame, ground_truth: pd.D
                 "pointed the right way but was not significant" if seg["rank_biserial"] > 0 else "did not hold")
         lines.append(f"- **The paper's claim** (higher {score} for correct than for incorrect predictions) {held} for "
                      f"{method}: rank-biserial {seg['rank_biserial']:.2f}, p = {seg['p_value']:.3g}.")
-        lines.append(f"- **Against confidence, all {int(seg['n_incorrect'])} errors:** {score} AUROC {auroc(seg)} "
-                     f"{verdict(seg, conf)} the classifier's confidence, {auroc(conf)}.")
+        against = "the classifier's confidence"
+        lines.append(f"- **Against confidence, all {int(seg['n_incorrect'])} errors:** {versus(seg, conf, against)}.")
     for kind in ("artefact present", "artefact absent", "other error"):
         a, b = row(by_type, errors=kind, score=score), row(by_type, errors=kind, score="confidence")
         if a is not None and b is not None and np.isfinite(a["auroc"]):
+            below = [name for name, r in ((score, a), ("confidence", b)) if r["auroc_high"] < 0.5]
+            note = f" (below chance: {' and '.join(below)} rate{'s' if len(below) == 1 else ''} these errors *more* certain)"
             lines.append(f"- **{kind}** ({int(a['n_incorrect'])} errors): {score} {auroc(a)}, confidence {auroc(b)}"
-                         f"{' (below chance: SegU rates these errors *more* certain)' if a['auroc_high'] < 0.5 else ''}.")
+                         f"{note if below else ''}.")
     if ground_truth is not None:
         a, b = row(ground_truth, group=method, score=score), row(ground_truth, group=method, score="confidence")
         if a is not None and b is not None:
             lines.append(f"- **Shortcut-driven predictions** ({int(a['n_incorrect'])}, by counterfactual twins): "
-                         f"{score} {auroc(a)} {verdict(a, b)} confidence, {auroc(b)}.")
+                         f"{versus(a, b, 'confidence')}.")
     return "\n".join(lines) if lines else "_Not enough correct and incorrect predictions to say anything._"
 
 
-def _table(frame: pd.DataFrame) -> str:
-    """A DataFrame as a Markdown table (no extra dependency)."""
-    cells = frame.astype(object).where(frame.notna(), "")
+# ------------------------------------------------------------------------------ formatting for people
+
+DIGITS = 3
+"""The most decimals any number in the report shows."""
+
+
+def number(value, digits: int = DIGITS) -> str:
+    """A cell: a float with ``digits`` decimals, an integer as is, ``True``/``False`` as yes/no, None/NaN as ''."""
+    if value is None or (isinstance(value, float) and not np.isfinite(value)):
+        return ""
+    if isinstance(value, (bool, np.bool_)):
+        return "yes" if value else "no"
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    if isinstance(value, (float, np.floating)):
+        return f"{float(value):.{digits}f}"
+    return str(value)
+
+
+def interval(value, ci=None, digits: int = DIGITS) -> str:
+    """``0.593 [0.514, 0.640]``: a value with its confidence interval (just the value when ``ci`` is missing or
+    has a None; '' when the value is missing)."""
+    text = number(value, digits)
+    if not text or ci is None or len(ci) != 2 or any(number(c, digits) == "" for c in ci):
+        return text
+    return f"{text} [{number(ci[0], digits)}, {number(ci[1], digits)}]"
+
+
+def markdown_table(frame: pd.DataFrame, digits: int = DIGITS) -> str:
+    """A DataFrame as a Markdown table, every cell through :func:`number`; columns with no value are left out."""
+    cells = pd.DataFrame({column: [number(v, digits) for v in frame[column]] for column in frame.columns},
+                         index=frame.index)
+    cells = cells.loc[:, [column for column in cells.columns if (cells[column] != "").any()]]
+    if cells.empty:
+        return "_No values._"
     lines = ["| " + " | ".join(str(c) for c in cells.columns) + " |", "|" + "---|" * len(cells.columns)]
-    for row in cells.itertuples(index=False):
-        lines.append("| " + " | ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in row) + " |")
+    lines += ["| " + " | ".join(row) + " |" for row in cells.itertuples(index=False)]
     return "\n".join(lines)
 
 
-def _format_auroc(value, ci) -> str:
-    if value is None:
-        return "–"
-    return f"{value:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci and None not in ci else "")
+def section(title: str, look_at: str, body: str) -> str:
+    """A report section: a heading, one sentence saying what to look at, then ``body`` (tables, text)."""
+    return f"## {title}\n\n{look_at}\n\n{body}\n"
 
 
-def _with_ci(frame: pd.DataFrame, value: str = "value", low: str = "ci_low", high: str = "ci_high") -> pd.Series:
-    return frame.apply(lambda r: f"{r[value]:.3f} [{r[low]:.3f}, {r[high]:.3f}]", axis=1)
+def missing(notebook: str) -> str:
+    return f"_Missing: run notebook {notebook}._"
+
+
+def read_run_records(root: str | Path) -> dict[str, dict]:
+    """``<root>/outputs/timings.json`` as notebook -> record (see :func:`segx_helpers.runner.run_record`);
+    an entry of the older format (bare seconds) becomes ``{"seconds": value}``. Empty when there is none."""
+    path = Path(root) / "outputs" / "timings.json"
+    if not path.is_file():
+        return {}
+    records = json.loads(path.read_text())
+    return {name: value if isinstance(value, dict) else {"seconds": value} for name, value in records.items()}
+
+
+def run_line(records: dict[str, dict]) -> str:
+    """One sentence on how the notebooks ran: how many, how long, in which mode(s), on what, from which commit."""
+    def values(key: str) -> str:
+        found = sorted({str(r[key]) for r in records.values() if r.get(key) is not None})
+        return " and ".join(found) if found else "unknown"
+
+    total = sum(r.get("seconds", 0) for r in records.values())
+    each = ", ".join(f"{name} {r.get('seconds', 0):.0f} s" for name, r in records.items())
+    return (f"Notebooks run: {len(records)}, total {total:.0f} s ({each}); {values('mode')} mode on "
+            f"{values('device')}, commit {values('commit')}.")
+
+
+def dataset_kind(root: str | Path, dataset: str) -> str:
+    """``"synthetic"`` for a generated dataset with a planted shortcut (reversed in its test split, with
+    counterfactual twins), ``"real"`` for any other. Read from the dataset's ``dataset.json``; when the dataset
+    folder is gone, from the run's summary.json (notebook 03 records a shortcut-driven rate only with twins)."""
+    folder = TutorialPaths.at(root).dataset(dataset)
+    if (folder / "dataset.json").is_file():
+        return "synthetic" if shortcut_pairs(load_info(folder)) else "real"
+    path = Path(root) / "outputs" / SUMMARY
+    run = json.loads(path.read_text()).get(dataset, {}) if path.is_file() else {}
+    return "synthetic" if run.get("classifier", {}).get("shortcut_driven_rate") is not None else "real"
 
 
 def build_report(root: str | Path, dataset: str = "synthetic-derm") -> str:
-    """Markdown text of the summary for one dataset's run under ``root``."""
+    """Markdown text of the summary for one dataset's run under ``root``: sections of one sentence and a table each,
+    labelled for what the data is (a synthetic dataset's test split reverses its shortcut; a real one's does not)."""
     out = Path(root) / "outputs"
     here = out / dataset
-    parts = [f"# SegX tutorial: summary of the run on `{dataset}`", ""]
-    timings = out / "timings.json"
-    if timings.is_file():
-        times = json.loads(timings.read_text())
-        parts += [f"Notebooks run: {len(times)}, total {sum(times.values()):.0f} s "
-                  f"({', '.join(f'{k} {v:.0f} s' for k, v in times.items())}).", ""]
+    run = json.loads((out / SUMMARY).read_text()).get(dataset, {}) if (out / SUMMARY).is_file() else {}
+    synthetic = dataset_kind(root, dataset) == "synthetic"
+    test_split = "test split, shortcut reversed" if synthetic else "test split"
+    kind = ("synthetic data: an artefact goes with one class in training and against it in the test split"
+            if synthetic else "a dataset without a planted shortcut (real data): no counterfactual twins")
+    parts = [f"# SegX tutorial: summary of the run on `{dataset}`", "", f"Data: {kind}.", ""]
+    records = read_run_records(root)
+    if records:
+        parts += [run_line(records), ""]
 
-    def section(title: str, path: Path, made_by: str, render) -> None:
-        parts.append(f"## {title}")
-        parts.append(render(path) if path.exists() else f"_Missing: run notebook {made_by}._")
-        parts.append("")
-
-    def metrics(path: Path) -> str:
+    def metrics_table(path: Path) -> str:
         frame = pd.read_csv(path)
-        return _table(pd.DataFrame({"metric": frame["metric"], "test value [95 % CI]": _with_ci(frame)}))
+        return markdown_table(pd.DataFrame({"metric": frame["metric"], "value [95 % CI]": [
+            interval(r["value"], (r["ci_low"], r["ci_high"])) for _, r in frame.iterrows()]}))
 
-    section("Segmentation (test split)", here / "segmentation_metrics.csv", "02_train_segmenter", metrics)
-    section("Classification (test split, shortcut reversed)", here / "classification_metrics.csv", "03_train_classifier",
-            metrics)
+    path = here / "segmentation_metrics.csv"
+    parts.append(section("Segmentation (test split)", "Dice and IoU of the predicted masks against the true ones: "
+                         "SegX and SegU are only as good as this mask.",
+                         metrics_table(path) if path.is_file() else missing("02_train_segmenter")))
+    path = here / "classification_metrics.csv"
+    look = ("Macro AUROC against chance (0.5): the test split reverses the shortcut, so a classifier that learned "
+            "it loses here." if synthetic else "Macro AUROC against chance (0.5) and accuracy against the majority class.")
+    parts.append(section(f"Classification ({test_split})", look,
+                         metrics_table(path) if path.is_file() else missing("03_train_classifier")))
 
-    def localisation(path: Path) -> str:
+    path = here / "localisation_table.csv"
+    if path.is_file():
         frame = pd.read_csv(path)
-        keep = frame["metric"].isin(["IoU@5%", "AUITC", "relevance mass", "pointing game"])
-        columns = ["method", "order", "metric", "predictions", "original", "SegX", "difference"]
-        return _table(frame.loc[keep, [c for c in columns if c in frame]])
+        frame = frame[frame["metric"].isin(["IoU@5%", "AUITC", "relevance mass", "pointing game"])]
+        body = markdown_table(frame[[c for c in ("method", "order", "metric", "predictions", "original", "SegX",
+                                                 "difference") if c in frame]])
+    else:
+        body = missing("04_segx_maps")
+    parts.append(section("Localisation against the true lesion: original vs SegX maps",
+                         "The difference column: how far SegX moves each method's top pixels onto the true region "
+                         "(higher is better; an interval that excludes 0 is a real change).", body))
 
-    section("Localisation against the true lesion: original vs SegX maps", here / "localisation_table.csv",
-            "04_segx_maps", localisation)
-
-    def segu(path: Path) -> str:
+    path = here / "segu" / "summary.json"
+    if path.is_file():
         summary = json.loads(path.read_text())
         frame = pd.DataFrame(summary["separation"])
         frame = frame[frame["score"].isin(["c_IoU", "c_AUITC", "confidence"])]
-        table = pd.DataFrame({"explanation": frame["group"], "certainty": frame["score"],
-                              "incorrect / all": frame["n_incorrect"].astype(str) + " / "
-                              + (frame["n_incorrect"] + frame["n_correct"]).astype(str),
-                              "AUROC for flagging errors [95 % CI]": _with_ci(frame, "auroc", "auroc_low", "auroc_high")})
-        aurc = pd.DataFrame({"certainty": list(summary["aurc"]), "AURC (lower is better)": list(summary["aurc"].values())})
-        return _table(table) + "\n\nSelective prediction (Grad-CAM):\n\n" + _table(aurc)
+        body = markdown_table(pd.DataFrame({
+            "explanation": frame["group"], "certainty": frame["score"],
+            "incorrect / all": [f"{int(i)} / {int(i + c)}" for i, c in zip(frame["n_incorrect"], frame["n_correct"])],
+            "AUROC for flagging errors [95 % CI]": [interval(r["auroc"], (r["auroc_low"], r["auroc_high"]))
+                                                    for _, r in frame.iterrows()]}))
+        selective = {"certainty": list(summary["aurc"]), "AURC": list(summary["aurc"].values())}
+        body += ("\n\nSelective prediction (Grad-CAM): the AURC is the mean risk as the least certain predictions are "
+                 "set aside (lower is better).\n\n"
+                 + markdown_table(pd.DataFrame(selective)))
+    else:
+        body = missing("05_segu_analysis")
+    parts.append(section("SegU: does the explanation flag incorrect predictions?",
+                         "Compare each SegU row with the confidence row: above 0.5 a low score flags errors, below "
+                         "0.5 the score is inverted (errors look *more* certain).", body))
 
-    section("SegU: does the explanation flag incorrect predictions?", here / "segu" / "summary.json",
-            "05_segu_analysis", segu)
-
-    def ground_truth(path: Path) -> str:
-        run = json.loads(path.read_text()).get(dataset, {})
-        rows = [{"certainty": f"{method} {score}", "AUROC, shortcut-driven predictions":
-                 _format_auroc(values.get("auroc_shortcut"), values.get("auroc_shortcut_ci"))}
-                for method, scores in run.get("segu", {}).items() for score, values in scores.items()]
+    if synthetic:
+        rows = [{"certainty": f"{method} {score}",
+                 "AUROC, shortcut-driven predictions": interval(v.get("auroc_shortcut"), v.get("auroc_shortcut_ci"))}
+                for method, scores in run.get("segu", {}).items() for score, v in scores.items()]
         if "confidence" in run:
-            rows.append({"certainty": "confidence", "AUROC, shortcut-driven predictions":
-                         _format_auroc(run["confidence"].get("auroc_shortcut"), run["confidence"].get("auroc_shortcut_ci"))})
+            rows.append({"certainty": "confidence", "AUROC, shortcut-driven predictions": interval(
+                run["confidence"].get("auroc_shortcut"), run["confidence"].get("auroc_shortcut_ci"))})
         rate = run.get("classifier", {}).get("shortcut_driven_rate")
         head = f"Shortcut-driven test predictions (counterfactual twins): {rate:.1%}.\n\n" if rate is not None else ""
-        return head + (_table(pd.DataFrame(rows)) if rows else "_No SegU results yet._")
+        parts.append(section("SegU against the ground truth of shortcut reliance",
+                             "Whether low SegU marks the predictions that flip when only the shortcut artefact is "
+                             "flipped, compared with confidence.",
+                             head + (markdown_table(pd.DataFrame(rows)) if rows else missing("05_segu_analysis"))))
 
-    section("SegU against the ground truth of shortcut reliance", out / SUMMARY, "05_segu_analysis", ground_truth)
+    fix = run.get("fix")
+    parts.append(section("Training with the mask (notebook 07)",
+                         "A fix works when the shortcut-driven rate and the artefact mass fall well below the baseline's "
+                         "while accuracy holds; 'target met' is at most half the baseline's, with intervals apart.",
+                         fix_table(fix) if fix else missing("07_train_with_the_mask")))
 
-    def fix(path: Path) -> str:
-        entry = json.loads(path.read_text()).get(dataset, {}).get("fix")
-        if not entry:
-            return "_Missing: run notebook 07_train_with_the_mask._"
-        return _table(pd.DataFrame(entry).T.rename_axis("model").reset_index())
-
-    section("Training with the mask (notebook 07)", out / SUMMARY, "07_train_with_the_mask", fix)
     figures = [("SegX gallery", "04_gallery.png"), ("Localisation", "04_localisation.png"),
                ("SegU by outcome", "05_segu_by_outcome.png"), ("Risk-coverage", "05_risk_coverage.png")]
     parts.append("## Key figures")
@@ -192,6 +286,29 @@ def build_report(root: str | Path, dataset: str = "synthetic-derm") -> str:
         parts.append(f"![{title}]({path.relative_to(out).as_posix()})" if path.is_file() else f"_{title}: missing._")
         parts.append("")
     return "\n".join(parts)
+
+
+FIX_MODELS = {"baseline": "notebook 03's classifier", "control": "the same extra training without a fix"}
+
+
+def fix_table(fix: dict) -> str:
+    """Notebook 07's ``fix`` entry of summary.json as one row per model: accuracy, shortcut-driven rate and artefact
+    mass with their intervals, what was chosen (the strength picked on validation) and whether the target was met."""
+    chosen, met = fix.get("chosen", {}), fix.get("targets_met", {})
+    rows = []
+    for model, entry in fix.items():
+        if not isinstance(entry, dict) or "accuracy" not in entry:
+            continue
+        rows.append({"model": model,
+                     **{name: interval(entry.get(key), entry.get(f"{key}_ci"))
+                        for key, name in (("accuracy", "accuracy"), ("shortcut_driven_rate", "shortcut-driven rate"),
+                                          ("artefact_mass", "artefact mass"))},
+                     "what was chosen": chosen.get(model, FIX_MODELS.get(model)),
+                     "target met": met.get(model)})
+    if not rows:
+        return "_No models in the fix entry._"
+    how = f"\n\nChosen on the validation split by {chosen['criterion']}." if chosen.get("criterion") else ""
+    return markdown_table(pd.DataFrame(rows)) + how
 
 
 def write_report(root: str | Path, dataset: str = "synthetic-derm") -> Path:

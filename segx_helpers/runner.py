@@ -1,7 +1,8 @@
 """Run the tutorial notebooks in order with papermill (the ``make tutorial`` command).
 
 Executed copies go to ``<root>/outputs/notebooks/``, figures to ``<root>/outputs/<dataset>/figures/``
-(written by the notebooks themselves), run times to ``<root>/outputs/timings.json``.
+(written by the notebooks themselves), how each notebook ran to ``<root>/outputs/timings.json`` (see
+:func:`run_record`; ``make book`` prints it at the top of each page).
 
     python -m segx_helpers.runner            # quick mode, every notebook
     python -m segx_helpers.runner --full     # full mode
@@ -20,7 +21,9 @@ from __future__ import annotations
 
 import argparse
 import ast
+import datetime
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -134,15 +137,49 @@ def parameters_per_notebook(names: list[str], parameters: dict, notebook_dir: Pa
     return {name: {k: v for k, v in parameters.items() if k in declared[name]} for name in names}
 
 
+def git_commit(folder: Path = NOTEBOOK_DIR) -> str | None:
+    """``git describe --always --dirty`` of the repository holding ``folder`` (e.g. ``5956656a1b-dirty``), or None
+    outside a git checkout or without git."""
+    try:
+        done = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=10"], cwd=folder,
+                              capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return (done.stdout.strip() or None) if done.returncode == 0 else None
+
+
+def run_record(seconds: float, quick: bool, device: str, started: datetime.datetime, commit: str | None,
+               parameters: dict) -> dict:
+    """What ``timings.json`` keeps per notebook: ``seconds``, ``mode`` (``"quick"``/``"full"``), ``device``
+    (e.g. ``"cpu"``, ``"cuda"``), ``started`` (UTC, ISO 8601), ``commit`` (None outside git) and the
+    ``parameters`` given besides QUICK and ROOT."""
+    return {"seconds": round(seconds, 1), "mode": "quick" if quick else "full", "device": device,
+            "started": started.astimezone(datetime.timezone.utc).isoformat(timespec="seconds"), "commit": commit,
+            "parameters": parameters}
+
+
+def record_run(root: Path, name: str, record: dict) -> Path:
+    """Store ``record`` under ``name`` in ``<root>/outputs/timings.json``, keeping the other notebooks' records
+    (a run with ``--only`` replaces only what it ran)."""
+    path = root / "outputs" / "timings.json"
+    records = json.loads(path.read_text()) if path.is_file() else {}
+    records[name] = record
+    path.write_text(json.dumps(records, indent=2) + "\n")
+    return path
+
+
 def run_notebooks(root: str | Path, quick: bool = True, only: list[str] | None = None,
                   notebook_dir: Path = NOTEBOOK_DIR, extra_parameters: dict | None = None) -> dict[str, float]:
     """Execute the notebooks in order with ``QUICK`` and ``ROOT`` injected; returns seconds per notebook.
 
     ``extra_parameters`` go to the notebooks whose parameters cell declares them (see
     :func:`parameters_per_notebook`). Stops at the first failing notebook (papermill raises, and the
-    executed copy with the error is kept).
+    executed copy with the error is kept). Each finished notebook's :func:`run_record` goes to
+    ``<root>/outputs/timings.json``.
     """
     import papermill
+
+    from .models import pick_device
 
     root = Path(root).resolve()
     names = only or available_notebooks(notebook_dir)
@@ -154,18 +191,19 @@ def run_notebooks(root: str | Path, quick: bool = True, only: list[str] | None =
     out_dir = root / "outputs" / "notebooks"
     out_dir.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
+    device, commit = pick_device().type, git_commit(notebook_dir)
     for name in names:
         extra = "".join(f", {k}={v!r}" for k, v in per_notebook[name].items())
         print(f"[segx-tutorial] running {name} ({'quick' if quick else 'full'} mode{extra}) ...", flush=True)
-        started = time.perf_counter()
+        started, clock = datetime.datetime.now(datetime.timezone.utc), time.perf_counter()
         papermill.execute_notebook(
             str(notebook_dir / f"{name}.ipynb"), str(out_dir / f"{name}.ipynb"),
             parameters={"QUICK": quick, "ROOT": str(root), **per_notebook[name]},
             cwd=str(notebook_dir), progress_bar=False, kernel_name="python3",
         )
-        timings[name] = round(time.perf_counter() - started, 1)
+        timings[name] = round(time.perf_counter() - clock, 1)
+        record_run(root, name, run_record(timings[name], quick, device, started, commit, per_notebook[name]))
         print(f"[segx-tutorial] {name} done in {timings[name]:.0f} s", flush=True)
-    (root / "outputs" / "timings.json").write_text(json.dumps(timings, indent=2) + "\n")
     return timings
 
 

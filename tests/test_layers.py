@@ -25,7 +25,8 @@ LAYERS = (
     ("recipes: what the notebooks call", ("notebook", "mask_sources", "training_recipes", "explanation_recipes")),
     ("studies: shortcut ground truth, training with the mask, DDP training, the explorer",
      ("shortcut", "mask_training", "distributed", "widgets")),
-    ("entry points: audit, command line, runner, report", ("audit", "cli", "runner", "report", "__main__")),
+    ("entry points: audit, command line, runner, report, book", ("audit", "cli", "runner", "report", "book",
+                                                                 "__main__")),
 )
 LAYER_OF = {module: i for i, (_, modules) in enumerate(LAYERS) for module in modules}
 
