@@ -272,6 +272,12 @@ def build_report(root: str | Path, dataset: str = "synthetic-derm") -> str:
                              "flipped, compared with confidence.",
                              head + (markdown_table(pd.DataFrame(rows)) if rows else missing("05_segu_analysis"))))
 
+    if run.get("shortcut_by_distance"):
+        parts.append(section("Where SegU can see the shortcut: by the artefact's distance from the lesion",
+                             "Compare c_IoU with confidence bin by bin: SegU should flag shortcut-driven predictions "
+                             "where the artefact is far from the lesion (more than half a Grad-CAM cell), not where it "
+                             "touches it.", distance_table(run["shortcut_by_distance"])))
+
     fix = run.get("fix")
     parts.append(section("Training with the mask (notebook 07)",
                          "A fix works when the shortcut-driven rate and the artefact mass fall well below the baseline's "
@@ -279,13 +285,29 @@ def build_report(root: str | Path, dataset: str = "synthetic-derm") -> str:
                          fix_table(fix) if fix else missing("07_train_with_the_mask")))
 
     figures = [("SegX gallery", "04_gallery.png"), ("Localisation", "04_localisation.png"),
-               ("SegU by outcome", "05_segu_by_outcome.png"), ("Risk-coverage", "05_risk_coverage.png")]
+               ("SegU by outcome", "05_segu_by_outcome.png"),
+               ("SegU by the artefact's distance", "05_segu_by_distance.png"), ("Risk-coverage", "05_risk_coverage.png")]
     parts.append("## Key figures")
     for title, name in figures:
         path = here / "figures" / name
         parts.append(f"![{title}]({path.relative_to(out).as_posix()})" if path.is_file() else f"_{title}: missing._")
         parts.append("")
     return "\n".join(parts)
+
+
+def distance_table(rows: list[dict]) -> str:
+    """The ``shortcut_by_distance`` rows of summary.json as a Markdown table: per bin the shortcut-driven count and
+    the AUROC [95 % CI] of ``c_IoU``, ``c_AUITC`` and confidence for flagging them, then Table 4's mean ``c_IoU``
+    for correct vs incorrect predictions."""
+    frame = pd.DataFrame({
+        "distance": [r["bin"] for r in rows],
+        "shortcut-driven / predictions": [f"{r['n_shortcut_driven']} / {r['n']}" for r in rows],
+        **{f"{name} AUROC": [interval(r.get(f"{key}_auroc"), (r.get(f"{key}_auroc_low"), r.get(f"{key}_auroc_high")))
+                             for r in rows]
+           for name, key in (("c_IoU", "c_iou"), ("c_AUITC", "c_auitc"), ("confidence", "confidence"))},
+        "mean c_IoU, correct / incorrect": [f"{number(r.get('c_iou_correct'))} / {number(r.get('c_iou_incorrect'))}"
+                                            for r in rows]})
+    return markdown_table(frame)
 
 
 FIX_MODELS = {"baseline": "notebook 03's classifier", "control": "the same extra training without a fix"}

@@ -31,6 +31,7 @@ def test_run_notebooks_records_how_each_notebook_ran_and_keeps_the_others(tmp_pa
                         lambda source, target, parameters, **kw: calls.append(parameters) or
                         (tmp_path / "outputs" / "notebooks" / target.rsplit("/", 1)[-1]).write_text("{}"))
     monkeypatch.setattr(runner, "git_commit", lambda folder: "abc123-dirty")
+    (tmp_path / "data" / "my-xrays").mkdir(parents=True)  # the runner refuses a dataset it cannot find
     before = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
     timings = runner.run_notebooks(tmp_path, quick=False, notebook_dir=tmp_path / "notebooks",
                                    extra_parameters={"DATASET": "my-xrays"})
