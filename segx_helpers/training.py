@@ -114,7 +114,7 @@ class TrainConfig:
     ``amp``: on a GPU float16 autocast with a gradient scaler, on a CPU the channels_last memory format;
     ``amp=False`` trains plain float32. ``cpu_bf16`` (opt-in, with ``amp``): bfloat16 autocast on a CPU that
     computes bfloat16 natively (:func:`segx_helpers.models.cpu_supports_bf16`), about 2x the images/s of the
-    tutorial's U-Net and ResNet-18 at 128 px (``make benchmark-training``); quick mode turns it on
+    tutorial's U-Net and ResNet-18 at 128 px (``make benchmark-training``); the notebooks' run modes turn it on
     (:class:`segx_helpers.notebook.RunSettings`). Neither setting enters the checkpoint fingerprint.
     """
 
