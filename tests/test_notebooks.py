@@ -9,6 +9,7 @@ import types
 import nbformat
 import pytest
 
+from segx_helpers.report import read_run_records
 from segx_helpers.notebook import NOTEBOOKS, REPO_URL, colab_setup_source, resolve_quick
 from segx_helpers import runner
 from notebook_run import DATASET, executed_text
@@ -124,7 +125,9 @@ def test_tutorial_runs_every_notebook_in_order(tutorial_run):
     assert list(tutorial_run.timings) == NAMES
     for name in NAMES:
         assert (tutorial_run.root / "outputs" / "notebooks" / f"{name}.ipynb").is_file()
-    assert json.loads((tutorial_run.root / "outputs" / "timings.json").read_text()) == tutorial_run.timings
+    records = read_run_records(tutorial_run.root)  # outputs/timings.json: how each notebook ran
+    assert {name: record["seconds"] for name, record in records.items()} == tutorial_run.timings
+    assert all(record["mode"] == "quick" and record["device"] == "cpu" for record in records.values())
     summary = tutorial_run.summary()
     assert summary["quick"] is True and summary["seed"] == 0
 
