@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import datetime
 import json
+import os
 import subprocess
 import sys
 import time
@@ -168,6 +170,25 @@ def record_run(root: Path, name: str, record: dict) -> Path:
     return path
 
 
+INLINE_BACKEND = "module://matplotlib_inline.backend_inline"
+"""Matplotlib's backend in the notebooks' kernels: figures are kept in the executed copies (``make book`` shows
+them), even when the runner itself runs headless with ``MPLBACKEND=Agg`` (as ``make tutorial`` does)."""
+
+
+@contextlib.contextmanager
+def kernel_environment(**variables: str):
+    """Set environment ``variables`` while a kernel starts (it inherits them), and restore the previous values."""
+    previous = {key: os.environ.get(key) for key in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for key, value in previous.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
 def run_notebooks(root: str | Path, quick: bool = True, only: list[str] | None = None,
                   notebook_dir: Path = NOTEBOOK_DIR, extra_parameters: dict | None = None) -> dict[str, float]:
     """Execute the notebooks in order with ``QUICK`` and ``ROOT`` injected; returns seconds per notebook.
@@ -196,11 +217,12 @@ def run_notebooks(root: str | Path, quick: bool = True, only: list[str] | None =
         extra = "".join(f", {k}={v!r}" for k, v in per_notebook[name].items())
         print(f"[segx-tutorial] running {name} ({'quick' if quick else 'full'} mode{extra}) ...", flush=True)
         started, clock = datetime.datetime.now(datetime.timezone.utc), time.perf_counter()
-        papermill.execute_notebook(
-            str(notebook_dir / f"{name}.ipynb"), str(out_dir / f"{name}.ipynb"),
-            parameters={"QUICK": quick, "ROOT": str(root), **per_notebook[name]},
-            cwd=str(notebook_dir), progress_bar=False, kernel_name="python3",
-        )
+        with kernel_environment(MPLBACKEND=INLINE_BACKEND):
+            papermill.execute_notebook(
+                str(notebook_dir / f"{name}.ipynb"), str(out_dir / f"{name}.ipynb"),
+                parameters={"QUICK": quick, "ROOT": str(root), **per_notebook[name]},
+                cwd=str(notebook_dir), progress_bar=False, kernel_name="python3",
+            )
         timings[name] = round(time.perf_counter() - clock, 1)
         record_run(root, name, run_record(timings[name], quick, device, started, commit, per_notebook[name]))
         print(f"[segx-tutorial] {name} done in {timings[name]:.0f} s", flush=True)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import types
@@ -104,6 +105,14 @@ def test_runner_gives_each_notebook_the_parameters_it_declares():
         parameters_per_notebook(["01_dataset_prep"], {"NEW_DATASET": "only in 06"})
 
 
+def test_kernel_environment_is_set_while_a_kernel_starts_and_restored(monkeypatch):
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    monkeypatch.delenv("SEGX_TEST_UNSET", raising=False)
+    with runner.kernel_environment(MPLBACKEND=runner.INLINE_BACKEND, SEGX_TEST_UNSET="1"):
+        assert os.environ["MPLBACKEND"] == runner.INLINE_BACKEND and os.environ["SEGX_TEST_UNSET"] == "1"
+    assert os.environ["MPLBACKEND"] == "Agg" and "SEGX_TEST_UNSET" not in os.environ
+
+
 def test_runner_main_passes_the_parameters_on(monkeypatch, tmp_path):
     calls = {}
     monkeypatch.setattr(runner, "run_notebooks", lambda root, **kw: calls.update(root=root, **kw) or {"01_dataset_prep": 1.0})
@@ -130,6 +139,14 @@ def test_tutorial_runs_every_notebook_in_order(tutorial_run):
     assert all(record["mode"] == "quick" and record["device"] == "cpu" for record in records.values())
     summary = tutorial_run.summary()
     assert summary["quick"] is True and summary["seed"] == 0
+
+
+def test_tutorial_keeps_its_figures_in_the_executed_notebooks(tutorial_run):
+    """make book renders the executed copies: every notebook that draws a figure keeps it as a picture."""
+    for name in NAMES:
+        pictures = [out for cell in tutorial_run.executed(name).cells for out in cell.get("outputs", [])
+                    if "image/png" in out.get("data", {})]
+        assert len(pictures) >= 2, name
 
 
 def test_tutorial_segmenter_finds_the_lesions(tutorial_run):
