@@ -81,8 +81,8 @@ def subset(source: Path, n: int, work: Path) -> Path:
 
 def make_classifier(work: Path, image_size: int) -> Path:
     from segx_helpers.data.torch_dataset import Normalization
-    from segx_helpers.models import build_classifier
-    from segx_helpers.training import save_checkpoint
+    from segx_helpers.models.networks import build_classifier
+    from segx_helpers.models.training import save_checkpoint
 
     path = work / f"classifier-{image_size}.pt"
     if not path.is_file():
@@ -96,11 +96,11 @@ def make_classifier(work: Path, image_size: int) -> Path:
 
 def notebook_path(data_dir: Path, classifier: Path, n: int, method: str, batch_size: int, device: str) -> dict:
     """Seconds per image of the notebooks' calls on the first ``n`` images (one torch thread)."""
-    from segx_helpers.analysis import binarise_masks
-    from segx_helpers.checkpoints import load_trained, split_tensors
+    from segx_helpers.scores.analysis import binarise_masks
+    from segx_helpers.models.checkpoints import load_trained, split_tensors
     from segx_helpers.data.format import LoadedDataset, load_dataset, read_mask
-    from segx_helpers.explain import explain
-    from segx_helpers.results import explanation_results
+    from segx_helpers.explain.api import explain
+    from segx_helpers.tutorial.results import explanation_results
 
     load_before = load_average()
     torch.set_num_threads(1)

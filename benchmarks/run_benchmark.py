@@ -13,7 +13,7 @@ does not depend on them; 10 outputs by default, like ChestX-Det10) and two targe
    fast engine, at the same nsamples and background. Maps compared by Pearson correlation; the
    reference row's correlation is shap against shap with another seed (the sampling noise floor).
 3. On the fast Grad-CAM maps, as a share of the time that explanation took (best of 3), through the one analysis
-   path users run (``segx_helpers.analysis``): SegX + saliency map + SegU (c_IoU, c_AUITC and our
+   path users run (``segx_helpers.scores.analysis``): SegX + saliency map + SegU (c_IoU, c_AUITC and our
    variants), and the full analysis (SegU plus IoU@5%, AUITC, relevance mass, relevance rank and
    pointing game of the original and both SegX orders against the ground truth), for the 64 maps
    explained and for the same maps tiled to 1,024 (explanation time scaled linearly from the measured
@@ -41,12 +41,12 @@ import torch
 
 from segx_helpers.data import SyntheticConfig, generate_synthetic_cxr, load_dataset
 from segx_helpers.data.torch_dataset import SegXDataset
-from segx_helpers.explain import explain
-from segx_helpers.models import build_classifier, find_target_layer
-from segx_helpers.analysis import analyse, segx_saliency
-from segx_helpers.metrics import auitc, localisation_scores
-from segx_helpers.segu import segu_scores
-from segx_helpers.segx import segx, top_percent
+from segx_helpers.explain.api import explain
+from segx_helpers.models.networks import build_classifier, find_target_layer
+from segx_helpers.scores.analysis import analyse, segx_saliency
+from segx_helpers.scores.metrics import auitc, localisation_scores
+from segx_helpers.scores.segu import segu_scores
+from segx_helpers.scores.segx import segx, top_percent
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -4,10 +4,10 @@ tutorial's segmenter and classifier, at real image sizes, for each CPU setting.
     python benchmarks/run_training_benchmark.py [--sizes 128 256] [--threads 2] [--batch-size 32] [--steps 4]
 
 Models as the tutorial builds them (random weights: speed does not depend on them): the U-Net with a
-ResNet-18 encoder and ``decoder_channels`` of :data:`segx_helpers.models.CPU_DECODER_CHANNELS` and of the
-paper-size decoder, and the ResNet-18 classifier. Each row is one :class:`segx_helpers.models.CpuTraining`
+ResNet-18 encoder and ``decoder_channels`` of :data:`segx_helpers.models.networks.CPU_DECODER_CHANNELS` and of the
+paper-size decoder, and the ResNet-18 classifier. Each row is one :class:`segx_helpers.models.networks.CpuTraining`
 setting (float32 / channels_last / bfloat16 autocast); bfloat16 rows appear only when this CPU runs bfloat16
-matrix products natively (:func:`segx_helpers.models.cpu_supports_bf16`). Settings are run interleaved
+matrix products natively (:func:`segx_helpers.models.networks.cpu_supports_bf16`). Settings are run interleaved
 (A, B, A, B, ...) and the best of ``--repeats`` rounds is kept, so background load hurts all alike. The
 machine's load average is recorded with each row.
 
@@ -31,12 +31,12 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from segx_helpers.models import (CPU_DECODER_CHANNELS, PAPER_DECODER_CHANNELS, CpuTraining, build_classifier,
+from segx_helpers.models.networks import (CPU_DECODER_CHANNELS, PAPER_DECODER_CHANNELS, CpuTraining, build_classifier,
                                  build_segmenter, cpu_supports_bf16, prepare_for_cpu_training)
 from segx_helpers.data import SyntheticConfig, generate_synthetic_derm, load_dataset
-from segx_helpers.notebook import QUICK
-from segx_helpers.training import DiceBCELoss
-from segx_helpers.training_recipes import evaluate_segmenter, segmenter_config, train_segmenter
+from segx_helpers.tutorial.settings import QUICK
+from segx_helpers.models.training import DiceBCELoss
+from segx_helpers.tutorial.training_recipes import evaluate_segmenter, segmenter_config, train_segmenter
 
 ROOT = Path(__file__).resolve().parent.parent
 

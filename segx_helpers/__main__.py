@@ -1,6 +1,6 @@
-"""``python -m segx_helpers audit|train ...`` (the ``segx`` console script); see :mod:`segx_helpers.cli`."""
+"""``python -m segx_helpers audit|train ...`` (the ``segx`` console script); see :mod:`segx_helpers.cli.main`."""
 import sys
 
-from .cli import main
+from segx_helpers.cli.main import main
 
 sys.exit(main())

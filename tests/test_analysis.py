@@ -1,4 +1,4 @@
-"""The one analysis path (segx_helpers.analysis): the paper's SegU and localisation scores on hand-made
+"""The one analysis path (segx_helpers.scores.analysis): the paper's SegU and localisation scores on hand-made
 cases, and equality with the plain numpy reference implementations on random and tied maps."""
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from segx_helpers.analysis import (DegenerateMapWarning, analyse, binarise_masks, localisation_summary,
+from segx_helpers.scores.analysis import (DegenerateMapWarning, analyse, binarise_masks, localisation_summary,
                                    threshold_grid)
-from segx_helpers.metrics import auitc, localisation_scores
-from segx_helpers.segu import segu_auitc, segu_iou, segu_scores, segu_share_inside
-from segx_helpers.segx import segx, top_percent
+from segx_helpers.scores.metrics import auitc, localisation_scores
+from segx_helpers.scores.segu import segu_auitc, segu_iou, segu_scores, segu_share_inside
+from segx_helpers.scores.segx import segx, top_percent
 
 SIZE = 20
 
@@ -203,7 +203,7 @@ def test_localisation_summary_pairs_each_order_with_the_original():
 
 
 def test_engine_segx_saliency_equals_the_reference_in_both_orders():
-    from segx_helpers.analysis import segx_saliency
+    from segx_helpers.scores.analysis import segx_saliency
 
     rng = np.random.default_rng(5)
     maps = rng.random((8, 32, 32)).astype(np.float32)
@@ -281,7 +281,7 @@ def test_one_map_of_shape_h_w_is_one_row_whatever_the_batch_size():
 
 
 def test_kth_largest_by_selection_equals_the_gpu_path_by_sort_ties_and_zeros_included():
-    from segx_helpers.analysis import _kth_largest_by_sort, kth_largest
+    from segx_helpers.scores.analysis import _kth_largest_by_sort, kth_largest
 
     rng = np.random.default_rng(8)
     flat = torch.as_tensor(np.round(rng.random((9, 50)) * 5) / 5, dtype=torch.float32)   # ties and zeros
@@ -337,7 +337,7 @@ def test_segx_scores_on_the_masks_pixels_only_equal_the_reference_at_the_edges(w
             column = f"SegX {order} {ours}"
             assert np.abs(table[column].to_numpy() - loc[theirs].to_numpy()).max() < 1e-6, column
         assert np.abs(table[f"SegX {order} AUITC"].to_numpy() - quiet(auitc, values, truth)).max() < 1e-6, order
-        from segx_helpers.analysis import segx_saliency
+        from segx_helpers.scores.analysis import segx_saliency
 
         saliency = quiet(segx_saliency, maps, predicted, p=10.0, order=order).numpy()
         assert np.array_equal(saliency, quiet(top_percent, values, 10.0)), order
@@ -348,7 +348,7 @@ def test_numpy_and_torch_selections_give_the_k_th_largest_value_whatever_the_sha
     """On the CPU the engine selects with numpy's partition for rows at most half zero (faster there) and
     with torch otherwise (numpy's introselect slows down 20-fold on a SegX map's zeros): both must give
     the k-th largest value, ties included."""
-    from segx_helpers.analysis import _kth_largest_by_sort, _kth_of_rows, _numpy_selects, kth_largest
+    from segx_helpers.scores.analysis import _kth_largest_by_sort, _kth_of_rows, _numpy_selects, kth_largest
 
     rng = np.random.default_rng(12)
     flat = torch.as_tensor(rng.random((6, 400)), dtype=torch.float32)

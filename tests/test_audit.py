@@ -18,11 +18,11 @@ import pandas as pd
 import pytest
 import torch
 
-from segx_helpers.audit import AuditError, AuditOptions, run_audit, shard_paths
+from segx_helpers.cli.audit import AuditError, AuditOptions, run_audit, shard_paths
 from segx_helpers.data.synthetic import SyntheticConfig, generate_synthetic_derm
 from segx_helpers.data.torch_dataset import Normalization
-from segx_helpers.models import build_classifier, build_segmenter
-from segx_helpers.training import predict_masks, save_checkpoint
+from segx_helpers.models.networks import build_classifier, build_segmenter
+from segx_helpers.models.training import predict_masks, save_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZE = 64
@@ -117,12 +117,12 @@ def _torchrun(args: list[str], nproc: int, timeout: int = 240) -> subprocess.Com
 def test_audit_equals_the_notebook_path(archive, tmp_path):
     """One shard and one batch covering the test split: every column equals what the notebooks compute
     (split_tensors, mask_probabilities with the segmenter, explain_predictions, explanation_results)."""
-    from segx_helpers.analysis import binarise_masks
-    from segx_helpers.checkpoints import load_trained, split_tensors
+    from segx_helpers.scores.analysis import binarise_masks
+    from segx_helpers.models.checkpoints import load_trained, split_tensors
     from segx_helpers.data.format import load_dataset
-    from segx_helpers.explanation_recipes import background_images, explain_predictions
-    from segx_helpers.mask_sources import mask_probabilities
-    from segx_helpers.results import explanation_results
+    from segx_helpers.tutorial.explanation_recipes import background_images, explain_predictions
+    from segx_helpers.models.masks import mask_probabilities
+    from segx_helpers.tutorial.results import explanation_results
 
     result = _audit(_options(archive, tmp_path / "out", masks=archive / "segmenter.pt", split="test", shard_size=64,
                              batch_size=32, nsamples=4, background=3))
@@ -236,7 +236,7 @@ def test_a_foreign_folder_is_never_written_into(archive, tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(AuditError, match="not a folder"):
         _audit(_options(archive, tmp_path / "file"))
-    from segx_helpers.cli import main
+    from segx_helpers.cli.main import main
 
     assert main(["audit", "--data", str(archive / "data"), "--classifier", str(archive / "classifier.pt"), "--masks",
                  str(archive / "data" / "masks"), "--out", str(out), "--device", "cpu", "--no-progress"]) == 2
@@ -260,7 +260,7 @@ def test_plain_image_folder_maps_open_with_numpy(archive, tmp_path):
     assert not any(c.startswith("original") for c in table.columns)  # no ground truth, no localisation
     assert set(table["split"]) == {"archive"} and result.summary["segu_auroc_incorrect"] is None
     # maps: plain numpy, aligned with the rows; rescoring the stored maps gives the table's SegU
-    from segx_helpers.analysis import analyse
+    from segx_helpers.scores.analysis import analyse
 
     for shard, part in table.groupby("shard"):
         with np.load(shard_paths(tmp_path / "out", shard)["maps"], allow_pickle=False) as z:
@@ -278,8 +278,8 @@ DDP_SCRIPT = '''
 import json, sys, torch
 from pathlib import Path
 from torch import nn
-from segx_helpers import distributed
-from segx_helpers.training import TrainConfig
+from segx_helpers.cli import distributed
+from segx_helpers.models.training import TrainConfig
 
 torch.set_num_threads(1)
 out = Path(sys.argv[1])
@@ -343,14 +343,14 @@ def test_ddp_training_on_two_processes_matches_one(tmp_path):
     assert h1[0]["train_loss"] != pytest.approx(h1[-1]["train_loss"], rel=1e-3)  # it did train
     for key in w1:
         torch.testing.assert_close(w1[key], w2[key], rtol=0, atol=1e-5)
-    from segx_helpers.training import read_checkpoint
+    from segx_helpers.models.training import read_checkpoint
 
     assert set(read_checkpoint(tmp_path / "p2" / "model.pt")["state_dict"]) == set(w1)  # plain keys, no "module."
 
 
 def test_segx_train_writes_a_loadable_checkpoint(make_tiny_dataset, tmp_path):
-    from segx_helpers.checkpoints import load_trained
-    from segx_helpers.cli import main
+    from segx_helpers.models.checkpoints import load_trained
+    from segx_helpers.cli.main import main
 
     data = make_tiny_dataset(n=30, size=32)
     args = ["train", "classifier", "--data", str(data), "--checkpoint", str(tmp_path / "c.pt"), "--image-size", "32",
@@ -367,7 +367,7 @@ def test_segx_train_writes_a_loadable_checkpoint(make_tiny_dataset, tmp_path):
 
 def _cli_audit(archive: Path, out: Path, capsys, **changes) -> tuple[int, str]:
     """``segx audit`` with the test archive (gradcam, the dataset's masks); returns (status, stderr)."""
-    from segx_helpers.cli import main
+    from segx_helpers.cli.main import main
 
     values = {"--data": archive / "data", "--classifier": archive / "classifier.pt", "--masks": archive / "data" / "masks",
               "--out": out, "--device": "cpu", "--shard-size": 8, **changes}
@@ -377,7 +377,7 @@ def _cli_audit(archive: Path, out: Path, capsys, **changes) -> tuple[int, str]:
 
 
 def test_checkpoint_of_an_unfinished_training_run_is_refused(archive, tmp_path, capsys):
-    from segx_helpers.training import read_checkpoint
+    from segx_helpers.models.training import read_checkpoint
 
     raw = read_checkpoint(archive / "classifier.pt")
     model = build_classifier("resnet18", 3)
@@ -471,7 +471,7 @@ def test_cuda_device_without_a_gpu_is_one_line(archive, tmp_path, capsys):
 
 
 def test_a_second_audit_of_the_same_folder_is_refused_while_the_first_runs(archive, tmp_path):
-    from segx_helpers.audit import output_lock
+    from segx_helpers.cli.audit import output_lock
 
     out = tmp_path / "out"
     with output_lock(out):  # the first audit holds the folder
@@ -482,7 +482,7 @@ def test_a_second_audit_of_the_same_folder_is_refused_while_the_first_runs(archi
 
 
 def test_a_full_disk_is_one_line_and_the_next_run_resumes(archive, tmp_path, capsys, monkeypatch):
-    from segx_helpers import audit
+    from segx_helpers.cli import audit
 
     out = tmp_path / "out"
     assert _cli_audit(archive, out, capsys, **{"--max-shards": 1})[0] == 0

@@ -25,7 +25,7 @@ def test_benchmark_runs_and_fast_paths_match(tmp_path):
 
 
 def test_training_benchmark_runs_and_lists_every_setting(tmp_path):
-    from segx_helpers.models import cpu_supports_bf16
+    from segx_helpers.models.networks import cpu_supports_bf16
 
     path = Path(__file__).resolve().parent.parent / "benchmarks" / "run_training_benchmark.py"
     spec = importlib.util.spec_from_file_location("run_training_benchmark", path)

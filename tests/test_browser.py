@@ -1,4 +1,4 @@
-"""The map explorer (segx_helpers.widgets): unit tests of its wiring and score, and a real-browser test.
+"""The map explorer (segx_helpers.tutorial.widgets): unit tests of its wiring and score, and a real-browser test.
 
 The browser test starts JupyterLab on 127.0.0.1, opens a notebook in headless Chromium (Debian's
 ``chromium`` and ``chromium-driver``, driven by selenium), runs all cells, changes the explorer's
@@ -7,7 +7,7 @@ controls and checks that the picture and the score change and that no widget err
 It opens a small notebook written to a temporary folder, not notebook 04: notebook 04 needs the
 dataset and trained models of notebooks 01-03 (several CPU minutes), too much for the CI budget on
 top of the notebook test. The small notebook builds a synthetic set of images, maps and masks with
-numpy and calls ``segx_helpers.widgets.explorer`` with ``threshold=`` exactly as notebook 04 does,
+numpy and calls ``segx_helpers.tutorial.widgets.explorer`` with ``threshold=`` exactly as notebook 04 does,
 so the widget code path in the browser is the same.
 """
 from __future__ import annotations
@@ -27,8 +27,8 @@ import matplotlib.pyplot as plt
 import nbformat
 import pytest
 
-from segx_helpers.segu import segu_iou
-from segx_helpers.widgets import SCORE_NAME, Explorer, explorer, panel_score, render_panels
+from segx_helpers.scores.segu import segu_iou
+from segx_helpers.tutorial.widgets import SCORE_NAME, Explorer, explorer, panel_score, render_panels
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCREENSHOT = REPO_ROOT / "outputs" / "browser" / "explorer.png"
@@ -38,7 +38,7 @@ THRESHOLD = 0.4
 # being blobs at different offsets from the lesion, so class, method and p all change the c_IoU score.
 SYNTHETIC_SOURCE = '''\
 import numpy as np
-from segx_helpers.explain import Explanations
+from segx_helpers.explain.api import Explanations
 
 rng = np.random.default_rng(0)
 size = 64
@@ -72,7 +72,7 @@ def explanations_for(method, shift):
 
 explanations = {"gradcam": explanations_for("gradcam", 0), "gradient_shap": explanations_for("gradient_shap", 9)}
 '''
-EXPLORER_SOURCE = ("from segx_helpers.widgets import explorer\n\n"
+EXPLORER_SOURCE = ("from segx_helpers.tutorial.widgets import explorer\n\n"
                    f"explorer(images, explanations, mask_prob, class_names, image_ids, threshold={THRESHOLD})")
 
 

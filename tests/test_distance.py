@@ -7,10 +7,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from segx_helpers import viz
-from segx_helpers.models import build_classifier, feature_grid, find_target_layer, previous_block
-from segx_helpers.report import distance_findings
-from segx_helpers.shortcut import DistanceBins, shortcut_by_distance, shortcut_rate_by_distance
+from segx_helpers.tutorial import viz
+from segx_helpers.models.networks import build_classifier, feature_grid, find_target_layer, previous_block
+from segx_helpers.tutorial.report import distance_findings
+from segx_helpers.studies.shortcut import DistanceBins, shortcut_by_distance, shortcut_rate_by_distance
 
 matplotlib.use("Agg")
 

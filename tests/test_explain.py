@@ -7,8 +7,8 @@ import torch
 from torch import nn
 from torchvision import models as tv_models
 
-from segx_helpers.explain import CAM_METHODS, explain, predicted_targets
-from segx_helpers.models import build_classifier
+from segx_helpers.explain.api import CAM_METHODS, explain, predicted_targets
+from segx_helpers.models.networks import build_classifier
 
 
 class TinyNet(nn.Module):
@@ -164,7 +164,7 @@ def test_reference_selection_explains_every_class_above_its_threshold():
 
 
 def test_reference_target_layer_is_the_last_convolution():
-    from segx_helpers.models import find_target_layer
+    from segx_helpers.models.networks import find_target_layer
 
     resnet = build_classifier("resnet18", num_classes=2)
     assert find_target_layer(resnet) is resnet.layer4[-1]
@@ -250,7 +250,7 @@ def test_inplace_op_after_the_target_layer_does_not_change_cams(engine):
 
 def test_raw_torchvision_densenet_gives_the_same_cams_as_the_out_of_place_one():
     """torchvision's DenseNet.forward applies F.relu(features, inplace=True) right after the target layer."""
-    from segx_helpers.models import DenseNetClassifier
+    from segx_helpers.models.networks import DenseNetClassifier
 
     torch.manual_seed(0)
     raw = tv_models.densenet121(weights=None, num_classes=3).eval()
@@ -334,7 +334,7 @@ def test_torchvision_classifiers_give_non_zero_gradcams_and_both_engines_agree(n
 
 
 def test_vision_transformer_target_is_the_last_blocks_norm_with_a_token_grid():
-    from segx_helpers.models import TokensToGrid, cam_reshape_transform, find_target_layer
+    from segx_helpers.models.networks import TokensToGrid, cam_reshape_transform, find_target_layer
 
     vit = _tiny_vit()
     assert find_target_layer(vit) is vit.encoder.layers[-1].ln_1
@@ -356,7 +356,7 @@ def test_library_cams_read_vision_transformer_tokens(method):
 
 
 def test_all_zero_maps_and_a_target_layer_at_the_input_are_warned():
-    from segx_helpers.models import find_target_layer
+    from segx_helpers.models.networks import find_target_layer
 
     torch.manual_seed(0)
     vit = _tiny_vit().eval()  # as torchvision builds it: zero head, so no input changes any output

@@ -169,7 +169,7 @@ def _user_folder(tmp_path, n=30, grayscale=False, rgb_stored_gray=False):
 
 
 def test_import_folder_keeps_a_users_splits_file_or_frame(tmp_path):
-    from segx_helpers.data.real import IgnoredSplitsWarning, import_folder
+    from segx_helpers.data.converters import IgnoredSplitsWarning, import_folder
 
     raw, ids, own = _user_folder(tmp_path)
     expected = dict(zip(own["image_id"], own["split"]))
@@ -183,7 +183,7 @@ def test_import_folder_keeps_a_users_splits_file_or_frame(tmp_path):
 
 
 def test_import_folder_takes_a_split_column_of_the_labels_file(tmp_path):
-    from segx_helpers.data.real import import_folder
+    from segx_helpers.data.converters import import_folder
 
     raw, ids, own = _user_folder(tmp_path)
     (raw / "splits.csv").unlink()
@@ -197,7 +197,7 @@ def test_import_folder_takes_a_split_column_of_the_labels_file(tmp_path):
 
 
 def test_import_folder_warns_when_a_users_splits_csv_is_ignored(tmp_path):
-    from segx_helpers.data.real import IgnoredSplitsWarning, import_folder
+    from segx_helpers.data.converters import IgnoredSplitsWarning, import_folder
 
     raw, ids, own = _user_folder(tmp_path)
     with pytest.warns(IgnoredSplitsWarning, match="splits.csv.*splits="):
@@ -206,7 +206,7 @@ def test_import_folder_warns_when_a_users_splits_csv_is_ignored(tmp_path):
 
 
 def test_import_folder_rejects_a_split_that_misses_ids(tmp_path):
-    from segx_helpers.data.real import import_folder
+    from segx_helpers.data.converters import import_folder
 
     raw, ids, own = _user_folder(tmp_path)
     with pytest.raises(DatasetFormatError, match="have no split"):
@@ -219,7 +219,7 @@ def test_import_folder_rejects_a_split_that_misses_ids(tmp_path):
 
 @pytest.mark.parametrize("kind, expected", [("grayscale", 1), ("rgb_stored_gray", 1), ("colour", 3)])
 def test_import_folder_detects_single_channel_sources_and_says_so(tmp_path, capsys, kind, expected):
-    from segx_helpers.data.real import import_folder
+    from segx_helpers.data.converters import import_folder
 
     raw, ids, own = _user_folder(tmp_path, grayscale=kind == "grayscale", rgb_stored_gray=kind == "rgb_stored_gray")
     out = import_folder(raw / "images", raw / "labels.csv", tmp_path / "ds", task="multiclass", splits=own)

@@ -13,22 +13,33 @@ import pytest
 PACKAGE = "segx_helpers"
 ROOT = Path(__file__).resolve().parents[1] / PACKAGE
 
-# Lowest first. Module names are relative to the package; "segx_helpers" is the package itself (__init__).
+# Lowest first: each layer is a folder of the package (its ``__init__`` and every module in it). The package's own
+# ``__init__`` (the version) is below every layer, ``__main__`` (``python -m segx_helpers``) above.
 LAYERS = (
-    ("base: files and map validators", ("segx_helpers", "io", "saliency", "data.augmentation")),
-    ("data: the dataset format, generators, converters, torch datasets",
-     ("data", "data.format", "data.real", "data.synthetic", "data.torch_dataset")),
-    ("scores: metrics, SegX, SegU", ("metrics", "segx", "segu")),
-    ("analysis: the one analysis path, figures", ("analysis", "viz")),
-    ("models, training loop, explanation maps", ("models", "training", "explain")),
-    ("results and checkpoints: what the layers below produce, on disk", ("results", "checkpoints")),
-    ("recipes: what the notebooks call", ("notebook", "mask_sources", "training_recipes", "explanation_recipes")),
-    ("studies: shortcut ground truth, training with the mask, DDP training, the explorer",
-     ("shortcut", "mask_training", "distributed", "widgets")),
-    ("entry points: audit, command line, runner, report, book", ("audit", "cli", "runner", "report", "book",
-                                                                 "__main__")),
+    ("data", "files, the dataset format, generators, converters, torch datasets"),
+    ("scores", "the saliency map, SegX, SegU, metrics, selective prediction, the one analysis path"),
+    ("models", "networks, the training loop, checkpoints, where masks come from"),
+    ("explain", "explanation maps, one module per method family behind a registry"),
+    ("tutorial", "what the notebooks call: settings, recipes, results, figures, report, runner, book"),
+    ("studies", "the shortcut ground truth, training with the mask"),
+    ("cli", "segx audit / segx train, DDP training"),
 )
-LAYER_OF = {module: i for i, (_, modules) in enumerate(LAYERS) for module in modules}
+LAYER_NAMES = [folder for folder, _ in LAYERS]
+
+
+def layer_of(module: str) -> int | None:
+    """Layer index of a module (relative dotted name; the package itself is ``segx_helpers``)."""
+    if module == PACKAGE:
+        return -1
+    if module == "__main__":
+        return len(LAYERS)
+    folder = module.split(".")[0]
+    return LAYER_NAMES.index(folder) if folder in LAYER_NAMES else None
+
+
+def describe(module: str) -> str:
+    i = layer_of(module)
+    return f"{module} (layer {i}: {LAYERS[i][0] if 0 <= i < len(LAYERS) else 'package'})"
 
 
 def package_modules() -> dict[str, Path]:
@@ -88,10 +99,9 @@ def import_graph() -> dict[str, set[str]]:
 
 
 def upward_imports(graph: dict[str, set[str]]) -> list[str]:
-    return [f"{m} (layer {LAYER_OF[m]}: {LAYERS[LAYER_OF[m]][0]}) imports {d} "
-            f"(layer {LAYER_OF[d]}: {LAYERS[LAYER_OF[d]][0]})"
+    return [f"{describe(m)} imports {describe(d)}"
             for m, deps in sorted(graph.items()) for d in sorted(deps)
-            if m in LAYER_OF and d in LAYER_OF and LAYER_OF[d] > LAYER_OF[m]]
+            if layer_of(m) is not None and layer_of(d) is not None and layer_of(d) > layer_of(m)]
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -112,10 +122,25 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
-def test_every_module_has_a_layer():
+def test_every_module_sits_in_a_layer_folder():
     modules = set(package_modules())
-    assert not modules - set(LAYER_OF), f"modules without a layer (add them to LAYERS): {sorted(modules - set(LAYER_OF))}"
-    assert not set(LAYER_OF) - modules, f"LAYERS names modules that do not exist: {sorted(set(LAYER_OF) - modules)}"
+    outside = sorted(m for m in modules if layer_of(m) is None)
+    assert not outside, f"modules outside the layer folders {LAYER_NAMES} (move them into one): {outside}"
+    folders = {p.name for p in ROOT.iterdir() if p.is_dir() and p.name != "__pycache__"}
+    assert folders == set(LAYER_NAMES), f"folders {sorted(folders)} differ from the layers {LAYER_NAMES}"
+    assert all((ROOT / folder / "__init__.py").is_file() for folder in LAYER_NAMES)
+
+
+def test_the_readme_package_table_lists_the_folders_in_layer_order_with_every_module():
+    """The README's package table is the folder tree: one row per layer folder, lowest first, naming its modules."""
+    readme = (ROOT.parent / "README.md").read_text(encoding="utf-8")
+    rows = [line for line in readme.splitlines() if line.startswith("| `segx_helpers.")]
+    folders = [row.split("`")[1].removeprefix("segx_helpers.").split(".")[0].rstrip("/") for row in rows]
+    assert folders == LAYER_NAMES
+    for row, folder in zip(rows, folders):
+        modules = sorted(p.stem for p in (ROOT / folder).glob("*.py") if p.stem != "__init__")
+        missing = [m for m in modules if f"`{m}`" not in row]
+        assert not missing, f"README's row for {folder}/ does not name {missing}"
 
 
 def test_no_module_imports_a_higher_layer():
@@ -126,16 +151,12 @@ def test_no_import_cycles():
     assert cycles(import_graph()) == []
 
 
-def test_the_pipeline_module_is_gone():
-    assert "pipeline" not in package_modules()
-
-
 @pytest.mark.parametrize("module, source, upward", [
-    ("saliency", "def f():\n    from .audit import run_audit\n", "audit"),
-    ("data.format", "from ..explain import explain\n", "explain"),
-    ("metrics", "import segx_helpers.training_recipes as recipes\n", "training_recipes"),
-    ("results", "from segx_helpers.mask_sources import mask_probabilities\n", "mask_sources"),
-    ("analysis", "from . import distributed\n", "distributed"),
+    ("scores.saliency", "def f():\n    from ..cli.audit import run_audit\n", "cli.audit"),
+    ("data.format", "from ..explain.api import explain\n", "explain.api"),
+    ("scores.metrics", "import segx_helpers.tutorial.training_recipes as recipes\n", "tutorial.training_recipes"),
+    ("models.masks", "from segx_helpers.tutorial.results import Results\n", "tutorial.results"),
+    ("scores.analysis", "from ..cli import distributed\n", "cli.distributed"),
 ])
 def test_the_check_sees_upward_imports_anywhere(module, source, upward):
     """The checker's own test: an upward import at module level, in a function, relative or absolute, is found."""

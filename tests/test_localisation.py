@@ -4,9 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from segx_helpers.metrics import (energy_pointing_game, localisation_scores, paired_summary, pointing_game,
+from segx_helpers.scores.metrics import (energy_pointing_game, localisation_scores, paired_summary, pointing_game,
                                   relevance_mass, relevance_rank_accuracy, top_percent_dice, top_percent_iou)
-from segx_helpers.segx import DegenerateMapWarning
+from segx_helpers.scores.segx import DegenerateMapWarning
 
 
 @pytest.fixture
@@ -82,8 +82,8 @@ def test_against_quantus_on_random_maps():
     quantus = pytest.importorskip("quantus")
     import warnings
 
-    from segx_helpers.analysis import analyse
-    from segx_helpers.segx import top_percent
+    from segx_helpers.scores.analysis import analyse
+    from segx_helpers.scores.segx import top_percent
 
     rng = np.random.default_rng(0)
     n, size = 12, 16

@@ -8,11 +8,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from segx_helpers.mask_training import (BackgroundIntervention, DoubleBackwardError, FixComparison, RRRLoss,
+from segx_helpers.studies.mask_training import (BackgroundIntervention, DoubleBackwardError, FixComparison, RRRLoss,
                                         agreement_gap, check_double_backward, input_gradient_mass_outside,
                                         rrr_penalty, swap_background, target_check, train_with_mask)
-from segx_helpers.models import build_classifier
-from segx_helpers.training import TrainConfig, classification_loss, fit
+from segx_helpers.models.networks import build_classifier
+from segx_helpers.models.training import TrainConfig, classification_loss, fit
 
 
 class RegionReader(nn.Module):
@@ -212,7 +212,7 @@ def test_agreement_gap_and_target_check():
 
 def test_train_with_mask_trains_reuses_and_refuses_another_fix(make_tiny_dataset, tmp_path):
     from segx_helpers.data.format import load_dataset
-    from segx_helpers.training import CheckpointError
+    from segx_helpers.models.training import CheckpointError
 
     data = load_dataset(make_tiny_dataset(n=30))
     config = TrainConfig(epochs=1, lr=1e-3, monitor="val_auroc", seed=0, max_batches_per_epoch=2)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from segx_helpers.metrics import (accuracy, bootstrap_ci, classification_report, dice_score, iou_score, macro_auprc,
+from segx_helpers.scores.metrics import (accuracy, bootstrap_ci, classification_report, dice_score, iou_score, macro_auprc,
                                   macro_auroc, macro_f1, per_class_auroc, predict_labels, select_mask_threshold,
                                   select_thresholds)
 
@@ -108,7 +108,7 @@ def test_mask_threshold_selection():
 def test_bootstrap_resamples_whole_groups_and_warns_when_unreliable():
     import warnings as _warnings
 
-    from segx_helpers.metrics import BootstrapWarning, bootstrap_ci
+    from segx_helpers.scores.metrics import BootstrapWarning, bootstrap_ci
 
     rng = np.random.default_rng(0)
     per_image = rng.random(40)

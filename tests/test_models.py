@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from segx_helpers.models import (CpuTraining, build_classifier, build_segmenter, cpu_supports_bf16, find_target_layer,
+from segx_helpers.models.networks import (CpuTraining, build_classifier, build_segmenter, cpu_supports_bf16, find_target_layer,
                                  prepare_for_cpu_training, previous_block)
-from segx_helpers.training import TrainConfig, fit
+from segx_helpers.models.training import TrainConfig, fit
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50", "densenet121"])

@@ -10,11 +10,11 @@ import types
 import nbformat
 import pytest
 
-from segx_helpers.report import read_run_records
-from segx_helpers.notebook import NOTEBOOKS, REPO_URL, colab_setup_source, resolve_quick
-from segx_helpers import runner
+from segx_helpers.tutorial.report import read_run_records
+from segx_helpers.tutorial.settings import NOTEBOOKS, REPO_URL, colab_setup_source, resolve_quick
+from segx_helpers.tutorial import runner
 from notebook_run import DATASET, executed_text
-from segx_helpers.runner import (NOTEBOOK_DIR, available_notebooks, notebook_parameters, parameters_per_notebook,
+from segx_helpers.tutorial.runner import (NOTEBOOK_DIR, available_notebooks, notebook_parameters, parameters_per_notebook,
                                  parse_args, parse_value, run_notebooks)
 
 NAMES = available_notebooks()
@@ -221,7 +221,7 @@ def test_tutorial_fixes_are_compared_on_both_datasets(tutorial_run):
 
 
 def test_tutorial_writes_its_figures_and_report(tutorial_run):
-    from segx_helpers.report import write_report
+    from segx_helpers.tutorial.report import write_report
 
     figures = tutorial_run.outputs / "figures"
     for figure in ("01_examples.png", "02_worst_cases.png", "03_shortcut_accuracy.png", "04_gallery.png",
@@ -274,8 +274,8 @@ def test_real_data_path_runs_on_a_tiny_isic_trap_copy(tmp_path):
     import pandas as pd
     from test_real_converters import make_isic_trap
 
-    from segx_helpers.checkpoints import load_trained
-    from segx_helpers.data.real import convert_isic2018_trap
+    from segx_helpers.models.checkpoints import load_trained
+    from segx_helpers.data.converters import convert_isic2018_trap
 
     make_isic_trap(tmp_path / "raw", "official", n=60, size=64)
     convert_isic2018_trap(tmp_path / "raw", tmp_path / "data" / "isic2018-trap", verbose=False)

@@ -8,9 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from segx_helpers.metrics import energy_pointing_game, pointing_game, relevance_mass, relevance_rank_accuracy
-from segx_helpers.segu import segu_auitc, segu_distance, segu_iou, segu_mass, segu_share_inside
-from segx_helpers.segx import segx, top_percent
+from segx_helpers.scores.metrics import energy_pointing_game, pointing_game, relevance_mass, relevance_rank_accuracy
+from segx_helpers.scores.segu import segu_auitc, segu_distance, segu_iou, segu_mass, segu_share_inside
+from segx_helpers.scores.segx import segx, top_percent
 
 SHAPE = (2, 8, 8)
 maps_strategy = arrays(np.float32, SHAPE, elements=st.floats(0, 10, width=32))
@@ -56,7 +56,7 @@ def test_moving_attribution_into_the_mask_never_lowers_mass(maps, masks, amount)
 @settings(max_examples=60, deadline=None)
 @given(maps_strategy, masks_strategy, st.integers(0, 3))
 def test_segx_is_zero_outside_the_dilated_mask(maps, masks, margin):
-    from segx_helpers.segx import dilate
+    from segx_helpers.scores.segx import dilate
 
     out = segx(maps, masks, margin=margin)
     assert (out[~dilate(masks, margin)] == 0).all()

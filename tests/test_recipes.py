@@ -9,19 +9,19 @@ import pytest
 import torch
 from torch import nn
 
-from segx_helpers.checkpoints import split_tensors
+from segx_helpers.models.checkpoints import split_tensors
 from segx_helpers.data import SyntheticConfig, generate_synthetic_derm, load_dataset
 from segx_helpers.data.synthetic import load_artefacts
-from segx_helpers.explain import explain
-from segx_helpers.explanation_recipes import explain_predictions, segx_results
-from segx_helpers.mask_sources import mask_probabilities
-from segx_helpers.notebook import MissingArtifactError, TutorialPaths, run_settings
-from segx_helpers.results import load_results, load_split_arrays, prediction_table, save_results
-from segx_helpers.segu import segu_scores
-from segx_helpers.shortcut import shortcut_breakdown
-from segx_helpers.segx import segx
-from segx_helpers.training import TrainConfig
-from segx_helpers.training_recipes import (evaluate_classifier, evaluate_segmenter, prepare_dataset,
+from segx_helpers.explain.api import explain
+from segx_helpers.tutorial.explanation_recipes import explain_predictions, segx_results
+from segx_helpers.models.masks import mask_probabilities
+from segx_helpers.tutorial.settings import MissingArtifactError, TutorialPaths, run_settings
+from segx_helpers.tutorial.results import load_results, load_split_arrays, prediction_table, save_results
+from segx_helpers.scores.segu import segu_scores
+from segx_helpers.studies.shortcut import shortcut_breakdown
+from segx_helpers.scores.segx import segx
+from segx_helpers.models.training import TrainConfig
+from segx_helpers.tutorial.training_recipes import (evaluate_classifier, evaluate_segmenter, prepare_dataset,
                                            prepare_models, train_classifier, train_segmenter)
 
 
@@ -138,8 +138,8 @@ def test_segx_results_writes_what_notebook_05_reads(trained):
 
 def test_notebook_path_and_benchmark_path_give_identical_tables(trained):
     """Notebook 04 scores with explanation_results; the benchmark calls analyse on the same maps: one path."""
-    from segx_helpers.analysis import analyse, binarise_masks
-    from segx_helpers.results import explanation_results
+    from segx_helpers.scores.analysis import analyse, binarise_masks
+    from segx_helpers.tutorial.results import explanation_results
 
     root, data, seg, cls = trained
     tensors = split_tensors(data, "test", cls.meta)
@@ -153,7 +153,7 @@ def test_notebook_path_and_benchmark_path_give_identical_tables(trained):
 
 
 def test_explained_subset_is_stratified_seeded_and_covers_every_class():
-    from segx_helpers.explanation_recipes import explained_subset
+    from segx_helpers.tutorial.explanation_recipes import explained_subset
 
     targets = np.repeat([0, 1, 2], [60, 30, 10])        # sorted by class, as many user folders are
     rows = explained_subset(targets, 20, seed=0)
@@ -180,7 +180,7 @@ def test_foreign_classifier_and_callable_mask_source(trained):
 
 
 def test_background_images_reference_takes_the_first_validation_images(trained):
-    from segx_helpers.explanation_recipes import background_images
+    from segx_helpers.tutorial.explanation_recipes import background_images
 
     root, data, seg, cls = trained
     reference = background_images(data, cls.meta, 3, reference=True)
@@ -191,7 +191,7 @@ def test_background_images_reference_takes_the_first_validation_images(trained):
 
 
 def test_error_taxonomy_on_the_synthetic_set_and_other_datasets(trained):
-    from segx_helpers.shortcut import error_taxonomy
+    from segx_helpers.studies.shortcut import error_taxonomy
 
     root, data, seg, cls = trained
     tensors = split_tensors(data, "test", cls.meta)

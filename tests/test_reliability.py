@@ -9,9 +9,9 @@ import torch
 from segx_helpers.data import load_dataset
 from segx_helpers.data.format import DatasetInfo, make_splits, write_dataset
 from segx_helpers.data.torch_dataset import SegXDataset
-from segx_helpers.explain import explain
-from segx_helpers.io import atomic_path, check_safe_id
-from segx_helpers.models import build_classifier
+from segx_helpers.explain.api import explain
+from segx_helpers.data.io import atomic_path, check_safe_id
+from segx_helpers.models.networks import build_classifier
 
 
 def test_atomic_path_leaves_nothing_behind_on_failure(tmp_path):
@@ -84,7 +84,7 @@ def test_explanations_and_scores_are_deterministic():
 def test_failed_replace_keeps_the_old_checkpoint(tmp_path, monkeypatch):
     import os
 
-    from segx_helpers.training import read_checkpoint, save_checkpoint
+    from segx_helpers.models.training import read_checkpoint, save_checkpoint
 
     path = save_checkpoint(tmp_path / "c.pt", build_classifier("resnet18", 3), {"note": "old"})
     old = path.read_bytes()
@@ -197,7 +197,7 @@ def _tiny_results():
 
 
 def test_save_results_replaces_only_its_own_folders(tmp_path):
-    from segx_helpers.results import save_results
+    from segx_helpers.tutorial.results import save_results
 
     args = _tiny_results()
     user = tmp_path / "user"
@@ -227,7 +227,7 @@ def _train_args(data, checkpoint, *extra):
 
 
 def test_segx_train_refuses_a_batch_size_larger_than_the_training_split(make_tiny_dataset, tmp_path, capsys):
-    from segx_helpers.cli import main
+    from segx_helpers.cli.main import main
 
     data = make_tiny_dataset(n=30, size=32)  # 21 training images, fewer than the default --batch-size 32
     assert main(_train_args(data, tmp_path / "c.pt")) == 2
@@ -237,7 +237,7 @@ def test_segx_train_refuses_a_batch_size_larger_than_the_training_split(make_tin
 
 
 def test_fit_refuses_an_epoch_without_a_training_step(tmp_path):
-    from segx_helpers.training import TrainConfig, classification_loss, fit
+    from segx_helpers.models.training import TrainConfig, classification_loss, fit
 
     model = build_classifier("resnet18", 3)
     with pytest.raises(ValueError, match="epoch 1 took no training step"):
@@ -248,9 +248,9 @@ def test_fit_refuses_an_epoch_without_a_training_step(tmp_path):
 
 def test_segx_train_resumes_an_interrupted_run_and_removes_its_resume_state(make_tiny_dataset, tmp_path, monkeypatch,
                                                                             capsys):
-    from segx_helpers import training_recipes
-    from segx_helpers.cli import main
-    from segx_helpers.training import read_checkpoint
+    from segx_helpers.tutorial import training_recipes
+    from segx_helpers.cli.main import main
+    from segx_helpers.models.training import read_checkpoint
 
     data = make_tiny_dataset(n=30, size=32)
     recipe = training_recipes.classifier_recipe
@@ -289,7 +289,7 @@ def test_segx_train_resumes_an_interrupted_run_and_removes_its_resume_state(make
 @pytest.mark.parametrize("extra, message", [(["--image-size", "0"], "--image-size must be at least 32 pixels, got 0"),
                                             (["--device", "tpu"], "unknown device 'tpu'")])
 def test_segx_train_bad_values_are_one_line(make_tiny_dataset, tmp_path, capsys, extra, message):
-    from segx_helpers.cli import main
+    from segx_helpers.cli.main import main
 
     data = make_tiny_dataset(n=30, size=32)
     assert main(_train_args(data, tmp_path / "c.pt", "--batch-size", "8", *extra)) == 2
@@ -300,7 +300,7 @@ def test_segx_train_bad_values_are_one_line(make_tiny_dataset, tmp_path, capsys,
 # ------------------------------------------------------------------------------ checkpoint integrity (issue 25)
 
 def test_flipped_bytes_in_a_checkpoints_weights_are_detected(tmp_path):
-    from segx_helpers.training import CheckpointError, read_checkpoint, save_checkpoint
+    from segx_helpers.models.training import CheckpointError, read_checkpoint, save_checkpoint
 
     torch.manual_seed(0)
     model = build_classifier("resnet18", 3)
@@ -319,7 +319,7 @@ def test_flipped_bytes_in_a_checkpoints_weights_are_detected(tmp_path):
 
 @pytest.mark.parametrize("dataset", ["/abs/path", "../x", "data/mine", "."])
 def test_runner_dataset_must_be_a_name_not_a_path(dataset, capsys):
-    from segx_helpers.runner import parse_args
+    from segx_helpers.tutorial.runner import parse_args
 
     with pytest.raises(SystemExit):
         parse_args(["--dataset", dataset])
@@ -330,7 +330,7 @@ def test_runner_dataset_must_be_a_name_not_a_path(dataset, capsys):
 def test_runner_checks_its_arguments_before_any_notebook_starts(tmp_path, monkeypatch, capsys):
     import papermill
 
-    from segx_helpers import runner
+    from segx_helpers.tutorial import runner
 
     started = []
     monkeypatch.setattr(papermill, "execute_notebook", lambda *a, **k: started.append(a))
@@ -368,7 +368,7 @@ def test_import_folder_refuses_two_image_files_of_one_id_naming_both(tmp_path):
     from PIL import Image
 
     from segx_helpers.data.format import DatasetFormatError
-    from segx_helpers.data.real import import_folder
+    from segx_helpers.data.converters import import_folder
 
     raw = _raw_folder(tmp_path)
     Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(raw / "images" / "case_004.jpg")
@@ -382,7 +382,7 @@ def test_import_folder_decompression_bomb_is_the_documented_error_on_every_path(
     from PIL import Image
 
     from segx_helpers.data.format import DatasetFormatError
-    from segx_helpers.data.real import import_folder
+    from segx_helpers.data.converters import import_folder
 
     raw = _raw_folder(tmp_path)
     Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(raw / "images" / "case_007.png")
@@ -398,7 +398,7 @@ def test_import_folder_decompression_bomb_is_the_documented_error_on_every_path(
     ("", "cannot be parsed as CSV"),
 ])
 def test_import_folder_checks_labels_before_converting_any_image(tmp_path, monkeypatch, labels, message):
-    from segx_helpers.data import real
+    from segx_helpers.data import converters as real
     from segx_helpers.data.format import DatasetFormatError
 
     raw = _raw_folder(tmp_path)
@@ -413,7 +413,7 @@ def test_import_folder_checks_labels_before_converting_any_image(tmp_path, monke
 @pytest.mark.filterwarnings("ignore:.*have no mask")
 def test_import_folder_too_small_for_the_splits_says_so_and_points_to_splits(tmp_path):
     from segx_helpers.data.format import DatasetFormatError
-    from segx_helpers.data.real import import_folder
+    from segx_helpers.data.converters import import_folder
 
     raw = _raw_folder(tmp_path, n=4)
     with pytest.raises(DatasetFormatError, match=r"4 images are too few for a 7:1:2 split.*\['val'\].*splits=") as caught:
@@ -423,7 +423,7 @@ def test_import_folder_too_small_for_the_splits_says_so_and_points_to_splits(tmp
 
 @pytest.mark.filterwarnings("ignore:.*have no mask")
 def test_import_folder_never_suggests_an_overwrite_that_it_would_refuse(tmp_path):
-    from segx_helpers.data.real import import_folder
+    from segx_helpers.data.converters import import_folder
 
     raw = _raw_folder(tmp_path)
     out = import_folder(raw / "images", raw / "labels.csv", tmp_path / "ds", task="multiclass", channels=3)
@@ -455,9 +455,9 @@ def test_regenerating_a_synthetic_dataset_keeps_files_the_user_added(tmp_path):
                                             (np.array([0.0, 0.9]), r"must hold integers .* image_index\[1\] is 0\.9"),
                                             ([0], r"shape \(1,\) but there are 2 maps")])
 def test_analyse_and_explanation_results_refuse_bad_image_indices(index, message):
-    from segx_helpers.analysis import analyse
-    from segx_helpers.explain import Explanations
-    from segx_helpers.results import explanation_results
+    from segx_helpers.scores.analysis import analyse
+    from segx_helpers.explain.api import Explanations
+    from segx_helpers.tutorial.results import explanation_results
 
     rng = np.random.default_rng(0)
     maps = rng.random((2, 8, 8)).astype(np.float32)
@@ -474,7 +474,7 @@ def test_analyse_and_explanation_results_refuse_bad_image_indices(index, message
 
 
 def test_maps_near_the_float32_limit_are_scored_like_the_same_maps_at_scale_one():
-    from segx_helpers.analysis import analyse
+    from segx_helpers.scores.analysis import analyse
 
     rng = np.random.default_rng(0)
     maps = rng.random((3, 16, 16)).astype(np.float32)

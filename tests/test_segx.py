@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from segx_helpers.segx import dilate, segx, top_percent
+from segx_helpers.scores.segx import dilate, segx, top_percent
 
 
 def _square_mask(size=10, lo=3, hi=7):

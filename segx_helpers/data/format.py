@@ -34,8 +34,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
-from ..io import atomic_path, check_only_listed_files, check_safe_id, files_below, write_json
-from .augmentation import Augmentation
+from segx_helpers.data.io import atomic_path, check_only_listed_files, check_safe_id, files_below, write_json
+from segx_helpers.data.augmentation import Augmentation
 
 TASKS = ("multiclass", "multilabel")
 SPLITS = ("train", "val", "test")
@@ -294,7 +294,7 @@ def load_info(root: str | Path) -> DatasetInfo:
     if missing:
         raise DatasetFormatError(
             f"{path} lacks the fields {sorted(missing)}{ignored}. The format's fields are {sorted(known)}; to bring a "
-            "folder of images, masks and a labels CSV into the format, use segx_helpers.data.real.import_folder.")
+            "folder of images, masks and a labels CSV into the format, use segx_helpers.data.converters.import_folder.")
     if unknown:
         warnings.warn(f"{path}: unknown fields {unknown} are ignored (the format's fields are {sorted(known)}).",
                       UserWarning, stacklevel=3)

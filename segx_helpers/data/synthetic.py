@@ -24,8 +24,8 @@ from PIL import Image, ImageDraw, ImageFilter
 from scipy import ndimage
 from tqdm.auto import tqdm
 
-from ..io import check_safe_id
-from .format import DatasetInfo, load_info, make_splits, write_dataset
+from segx_helpers.data.io import check_safe_id
+from segx_helpers.data.format import DatasetInfo, load_info, make_splits, write_dataset
 
 DERM_CLASSES = ("nevus", "melanoma", "keratosis")
 CXR_FINDINGS = ("nodule", "opacity", "effusion")

@@ -16,8 +16,8 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from .augmentation import Augmentation, augmentation_for
-from .format import LoadedDataset, read_image, read_mask
+from segx_helpers.data.augmentation import Augmentation, augmentation_for
+from segx_helpers.data.format import LoadedDataset, read_image, read_mask
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -12,7 +12,7 @@ to convert again.
 
 ``data_download.sh`` runs the converters through the command line::
 
-    python -m segx_helpers.data.real <dataset> <raw_dir> <out_dir> [--seed N] [--image-size N] [--trap-set N]
+    python -m segx_helpers.data.converters <dataset> <raw_dir> <out_dir> [--seed N] [--image-size N] [--trap-set N]
                                      [--split trap|random]
 
 which first looks for the raw layout in ``raw_dir`` and up to two folder levels below it (archives
@@ -41,8 +41,8 @@ import pandas as pd
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..io import check_safe_id
-from .format import (IMAGE_SUFFIXES, SPLITS, DatasetFormatError, DatasetInfo, image_mode, make_splits, parse_labels,
+from segx_helpers.data.io import check_safe_id
+from segx_helpers.data.format import (IMAGE_SUFFIXES, SPLITS, DatasetFormatError, DatasetInfo, image_mode, make_splits, parse_labels,
                      read_image, read_mask, read_table_csv, write_dataset)
 
 HAM_CLASSES = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
@@ -789,7 +789,7 @@ def _as_tuple(path: Path | None) -> tuple[Path, ...]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line used by data_download.sh; returns the exit status."""
     parser = argparse.ArgumentParser(
-        prog="python -m segx_helpers.data.real",
+        prog="python -m segx_helpers.data.converters",
         description="Convert a downloaded raw dataset to the segx_helpers dataset format.",
     )
     parser.add_argument("dataset", choices=[*CONVERTERS, "segx-kaggle"])

@@ -4,10 +4,10 @@ Executed copies go to ``<root>/outputs/notebooks/``, figures to ``<root>/outputs
 (written by the notebooks themselves), how each notebook ran to ``<root>/outputs/timings.json`` (see
 :func:`run_record`; ``make book`` prints it at the top of each page).
 
-    python -m segx_helpers.runner            # quick mode, every notebook
-    python -m segx_helpers.runner --full     # full mode
-    python -m segx_helpers.runner --only 01_dataset_prep 02_train_segmenter
-    python -m segx_helpers.runner --dataset my-xrays -p REAL_DATA=True -p ARCH=densenet121
+    python -m segx_helpers.tutorial.runner            # quick mode, every notebook
+    python -m segx_helpers.tutorial.runner --full     # full mode
+    python -m segx_helpers.tutorial.runner --only 01_dataset_prep 02_train_segmenter
+    python -m segx_helpers.tutorial.runner --dataset my-xrays -p REAL_DATA=True -p ARCH=densenet121
 
 ``--dataset NAME`` sets ``DATASET`` (a folder ``data/NAME`` under ``--root`` in the format, e.g. made by
 ``import_folder``; a name, never a path, so that every output stays under ``--root``) and ``-p KEY=VALUE``
@@ -30,12 +30,12 @@ import sys
 import time
 from pathlib import Path
 
-from .data.synthetic import GENERATORS
-from .io import check_safe_id
-from .notebook import NOTEBOOKS, TutorialPaths
-from .report import write_report
+from segx_helpers.data.synthetic import GENERATORS
+from segx_helpers.data.io import check_safe_id
+from segx_helpers.tutorial.settings import NOTEBOOKS, TutorialPaths
+from segx_helpers.tutorial.report import write_report
 
-NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+NOTEBOOK_DIR = Path(__file__).resolve().parents[2] / "notebooks"
 
 
 def available_notebooks(notebook_dir: Path = NOTEBOOK_DIR) -> list[str]:
@@ -200,7 +200,7 @@ def run_notebooks(root: str | Path, quick: bool = True, only: list[str] | None =
     """
     import papermill
 
-    from .models import pick_device
+    from segx_helpers.models.networks import pick_device
 
     root = Path(root).resolve()
     names = only or available_notebooks(notebook_dir)
@@ -230,7 +230,7 @@ def run_notebooks(root: str | Path, quick: bool = True, only: list[str] | None =
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m segx_helpers.runner",
+    parser = argparse.ArgumentParser(prog="python -m segx_helpers.tutorial.runner",
                                      description="Run the SegX tutorial notebooks in order.")
     parser.add_argument("--full", action="store_true", help="full mode (default: quick mode)")
     parser.add_argument("--root", default=str(NOTEBOOK_DIR.parent), help="folder for data/, artifacts/ and outputs/")

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
-from .data.format import LoadedDataset, read_image, read_mask
+from segx_helpers.data.format import LoadedDataset, read_image, read_mask
 
 MASK_COLOUR = "#00e5ff"
 TOP_COLOUR = "#ffffff"
@@ -196,7 +196,7 @@ def plot_roc_curves(y_true: np.ndarray, y_score: np.ndarray, class_names: Sequen
     """One-vs-rest ROC curve per class with its AUROC in the legend."""
     from sklearn.metrics import roc_curve
 
-    from .metrics import one_hot
+    from segx_helpers.scores.metrics import one_hot
 
     onehot = one_hot(y_true, len(class_names))
     fig, ax = plt.subplots(figsize=(4.8, 4.2))
@@ -255,7 +255,7 @@ def plot_segx_gallery(images: np.ndarray, rows: Sequence[tuple[int, str]], maps:
     ``rows``: ``(image index, row label)``; ``maps``: method -> ``(original, segx)``, each ``(len(rows), H, W)``
     in row order; ``masks`` ``(N, H, W)`` the clinical-interest masks used by SegX.
     """
-    from .segx import top_percent
+    from segx_helpers.scores.segx import top_percent
 
     methods = list(maps)
     n_cols = 1 + 2 * len(methods)
@@ -289,7 +289,7 @@ def plot_segx_gallery(images: np.ndarray, rows: Sequence[tuple[int, str]], maps:
 def plot_localisation_change(summary: pd.DataFrame, title: str) -> plt.Figure:
     """Mean of each localisation metric, original vs SegX (per SegX order when ``summary`` has an
     ``order`` column), per method. ``summary``: columns method, metric, original_mean, SegX_mean
-    (as :func:`segx_helpers.analysis.localisation_summary` returns)."""
+    (as :func:`segx_helpers.scores.analysis.localisation_summary` returns)."""
     orders = summary["order"] if "order" in summary else pd.Series("", index=summary.index)
     original = summary.assign(map="original", mean=summary["original_mean"]).drop_duplicates(["method", "metric"])
     aligned = summary.assign(map=("SegX " + orders).str.strip(), mean=summary["SegX_mean"])
@@ -351,7 +351,7 @@ def plot_auroc_with_ci(table: pd.DataFrame, label: str, title: str) -> plt.Figur
 def plot_auroc_by_distance(tables: dict[str, pd.DataFrame], title: str) -> plt.Figure:
     """AUROC (95 % CI as error bars) for flagging shortcut-driven predictions against the artefact's distance
     bin: one line per SegU score and layer, the classifier's confidence dashed. ``tables``: layer name ->
-    :func:`segx_helpers.shortcut.shortcut_by_distance` (same bins); confidence comes from the first."""
+    :func:`segx_helpers.studies.shortcut.shortcut_by_distance` (same bins); confidence comes from the first."""
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
     first = next(iter(tables.values()))
     x = np.arange(len(first))
@@ -380,7 +380,7 @@ def plot_auroc_by_distance(tables: dict[str, pd.DataFrame], title: str) -> plt.F
 def plot_prediction_gallery(images: np.ndarray, maps: np.ndarray, masks: np.ndarray, titles: Sequence[str],
                             title: str, p: float = 5.0, ncols: int = 4) -> plt.Figure:
     """One panel per prediction: the image with its original map, mask outline and top-p % outline."""
-    from .segx import top_percent
+    from segx_helpers.scores.segx import top_percent
 
     n = len(maps)
     nrows = max(1, int(np.ceil(n / ncols)))
@@ -403,7 +403,7 @@ def plot_prediction_gallery(images: np.ndarray, maps: np.ndarray, masks: np.ndar
 def plot_results_gallery(images: np.ndarray, masks: np.ndarray, rows, title: str, caption=None, p: float = 5.0,
                          ncols: int = 4) -> plt.Figure:
     """:func:`plot_prediction_gallery` for prediction rows that travel with their maps (a
-    :class:`~segx_helpers.results.Results`, or anything with ``table`` (with ``image_index``) and ``maps``):
+    :class:`~segx_helpers.tutorial.results.Results`, or anything with ``table`` (with ``image_index``) and ``maps``):
     ``images`` ``(N, H, W, C)`` and ``masks`` ``(N, H, W)`` are the whole split's, indexed here by each row's
     ``image_index``. ``caption(row) -> str`` titles a panel (default: image id, class, ``c_IoU``)."""
     caption = caption or (lambda r: f"{r['image_id']} → {r['class']}\nc_IoU {r['c_IoU']:.2f}")
@@ -417,7 +417,7 @@ def plot_results_gallery(images: np.ndarray, masks: np.ndarray, rows, title: str
 
 def plot_fix_comparison(metrics: pd.DataFrame, names: Sequence[str], title: str, ncols: int = 4) -> plt.Figure:
     """One panel per metric in ``names``: each model's value with its 95 % CI (``metrics`` columns model,
-    metric, value, ci_low, ci_high, as :func:`segx_helpers.mask_training.compare_fixes` returns)."""
+    metric, value, ci_low, ci_high, as :func:`segx_helpers.studies.mask_training.compare_fixes` returns)."""
     names = [n for n in names if n in set(metrics["metric"])]
     models = list(dict.fromkeys(metrics["model"]))
     ncols = min(ncols, max(1, len(names)))

@@ -1,12 +1,12 @@
 """SegX: keep an explanation map where the clinical-interest mask allows (``segx``), in the paper's or the
 reference code's order; the validators and ``top_percent`` (the saliency map) live in
-:mod:`segx_helpers.saliency`, shared with SegU and the metrics."""
+:mod:`segx_helpers.scores.saliency`, shared with SegU and the metrics."""
 from __future__ import annotations
 
 import numpy as np
 from scipy import ndimage
 
-from .saliency import DegenerateMapWarning, check_maps, check_masks, kth_largest_positive, top_percent  # noqa: F401
+from segx_helpers.scores.saliency import DegenerateMapWarning, check_maps, check_masks, kth_largest_positive, top_percent  # noqa: F401
 
 
 def dilate(masks: np.ndarray, margin: int) -> np.ndarray:

@@ -2,7 +2,7 @@
 
 It reads only what the notebooks saved (metric CSVs, the SegU summary, figures) and says which
 notebook to run for anything missing, so it can be rebuilt at any time:
-``python -m segx_helpers.report [root]``.
+``python -m segx_helpers.tutorial.report [root]``.
 """
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .data.format import load_info
-from .data.synthetic import shortcut_pairs
-from .io import write_text
-from .notebook import TutorialPaths
+from segx_helpers.data.format import load_info
+from segx_helpers.data.synthetic import shortcut_pairs
+from segx_helpers.data.io import write_text
+from segx_helpers.tutorial.settings import TutorialPaths
 
 
 SUMMARY = "summary.json"
@@ -28,7 +28,7 @@ def update_summary(root: str | Path, dataset: str, **sections) -> Path:
     Non-finite floats are written as null."""
     import math
 
-    from .io import write_json
+    from segx_helpers.data.io import write_json
 
     def clean(value):
         if isinstance(value, dict):
@@ -60,8 +60,8 @@ def segu_findings(stats: pd.DataFrame, by_type: pd.DataFrame, ground_truth: pd.D
     shortcut-driven predictions. Written from the tables themselves, so the text cannot drift from the numbers.
     An AUROC below 0.5 is never called a win: when both scores are below chance the text says both are inverted.
 
-    ``stats``: :func:`segx_helpers.segu.separation_table` grouped by method; ``by_type``:
-    :func:`segx_helpers.segu.separation_by_error_type` for ``method``; ``ground_truth``: the separation
+    ``stats``: :func:`segx_helpers.scores.segu.separation_table` grouped by method; ``by_type``:
+    :func:`segx_helpers.scores.segu.separation_by_error_type` for ``method``; ``ground_truth``: the separation
     table for shortcut-driven predictions (or None without twins)."""
     def row(frame, **where):
         part = frame
@@ -163,7 +163,7 @@ def missing(notebook: str) -> str:
 
 
 def read_run_records(root: str | Path) -> dict[str, dict]:
-    """``<root>/outputs/timings.json`` as notebook -> record (see :func:`segx_helpers.runner.run_record`);
+    """``<root>/outputs/timings.json`` as notebook -> record (see :func:`segx_helpers.tutorial.runner.run_record`);
     an entry of the older format (bare seconds) becomes ``{"seconds": value}``. Empty when there is none."""
     path = Path(root) / "outputs" / "timings.json"
     if not path.is_file():
@@ -347,7 +347,7 @@ def distance_findings(by_distance: dict[str, pd.DataFrame], score: str = "c_IoU"
     artefact's distance from the region: per bin, ``score``'s AUROC against the classifier's confidence (for
     the first layer of ``by_distance``, then where another layer changes the verdict), and the paper's Table 4
     pattern (mean ``score`` correct vs incorrect) in the nearest and farthest bins. ``by_distance``: layer name ->
-    :func:`segx_helpers.shortcut.shortcut_by_distance`. Written from the tables, so it cannot drift from them."""
+    :func:`segx_helpers.studies.shortcut.shortcut_by_distance`. Written from the tables, so it cannot drift from them."""
     key = score.lower()
 
     def interval(row, name) -> str:

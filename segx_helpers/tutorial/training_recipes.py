@@ -3,12 +3,12 @@ the training configuration of each run mode, and loading (or making) what a note
 
 Each ``train_*`` function skips training when its checkpoint already exists (re-running a
 notebook is cheap and never clobbers a model) unless ``retrain=True``. A checkpoint is reused only
-if it was trained on the same thing (its fingerprint, :func:`segx_helpers.checkpoints.training_fingerprint`),
-else :class:`~segx_helpers.training.CheckpointError` names each differing field and how to retrain.
+if it was trained on the same thing (its fingerprint, :func:`segx_helpers.models.checkpoints.training_fingerprint`),
+else :class:`~segx_helpers.models.training.CheckpointError` names each differing field and how to retrain.
 
 :func:`segmenter_recipe` / :func:`classifier_recipe` and :func:`finish_training` are the parts of a
 recipe besides the loop (loss, validation metric, checkpoint metadata, thresholds chosen on
-validation); ``segx train`` (:func:`segx_helpers.distributed.train`) uses them with its DDP loop.
+validation); ``segx train`` (:func:`segx_helpers.cli.distributed.train`) uses them with its DDP loop.
 """
 from __future__ import annotations
 
@@ -22,16 +22,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoints import TrainedModel, load_trained, split_tensors, training_fingerprint
-from .data.format import LoadedDataset, load_dataset
-from .data.synthetic import GENERATORS, SyntheticConfig, ensure_synthetic
-from .data.torch_dataset import Normalization, SegXDataset
-from .mask_sources import mask_probabilities
-from .metrics import (classification_report, dice_score, iou_score, macro_auroc, predict_labels, select_mask_threshold,
+from segx_helpers.models.checkpoints import TrainedModel, load_trained, split_tensors, training_fingerprint
+from segx_helpers.data.format import LoadedDataset, load_dataset
+from segx_helpers.data.synthetic import GENERATORS, SyntheticConfig, ensure_synthetic
+from segx_helpers.data.torch_dataset import Normalization, SegXDataset
+from segx_helpers.models.masks import mask_probabilities
+from segx_helpers.scores.metrics import (classification_report, dice_score, iou_score, macro_auroc, predict_labels, select_mask_threshold,
                       select_thresholds)
-from .models import WeightsUnavailableError, build_classifier, build_segmenter
-from .notebook import RunSettings, TutorialPaths, require
-from .training import (DiceBCELoss, TrainConfig, balanced_class_weights, classification_loss, fit,
+from segx_helpers.models.networks import WeightsUnavailableError, build_classifier, build_segmenter
+from segx_helpers.tutorial.settings import RunSettings, TutorialPaths, require
+from segx_helpers.models.training import (DiceBCELoss, TrainConfig, balanced_class_weights, classification_loss, fit,
                        last_checkpoint_path, make_loader, predict_classifier, predict_masks, save_checkpoint, set_seed)
 
 # The fingerprint fields prepare_models checks: the data and the run mode, not the notebooks' model choices.
@@ -238,7 +238,7 @@ def train_classifier(data: LoadedDataset, checkpoint: str | Path, image_size: in
                      retrain: bool = False) -> TrainedModel:
     """Train (or load) a torchvision classifier; best epoch by validation macro AUROC or loss.
 
-    Model selection follows ``config`` (:class:`~segx_helpers.training.TrainConfig`: ``monitor``,
+    Model selection follows ``config`` (:class:`~segx_helpers.models.training.TrainConfig`: ``monitor``,
     ``min_epochs``, ``patience``); ``monitor="auto"`` (the run modes' :func:`classifier_config`) selects
     on the validation loss when a validation class has fewer than :data:`SMALL_VALIDATION_CLASS` images,
     else on the AUROC, and a small class is warned about by name (:func:`classifier_selection`). Multilabel

@@ -25,10 +25,10 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from .explain import Explanations
-from .io import atomic_path, check_only_listed_files, check_safe_id, files_below
-from .segx import top_percent
-from .viz import overlay
+from segx_helpers.explain.api import Explanations
+from segx_helpers.data.io import atomic_path, check_only_listed_files, check_safe_id, files_below
+from segx_helpers.scores.segx import top_percent
+from segx_helpers.tutorial.viz import overlay
 
 MANIFEST = "manifest.csv"
 MARKER = ".segx_results.json"
@@ -86,7 +86,7 @@ def save_results(folder: str | Path, table: pd.DataFrame, maps: np.ndarray, segx
         manifest["overlay"] = [f"overlays/{n}.png" for n in names]
         manifest.to_csv(tmp / MANIFEST, index=False)
         written = sorted(files_below(tmp, MARKER))
-        (tmp / MARKER).write_text(json.dumps({"written_by": "segx_helpers.results.save_results", "files": written},
+        (tmp / MARKER).write_text(json.dumps({"written_by": "segx_helpers.tutorial.results.save_results", "files": written},
                                              indent=1) + "\n")
     return folder
 
@@ -157,11 +157,11 @@ def explanation_results(explanations: Explanations, image_ids: Sequence[str], ta
                         has_true_mask: np.ndarray | None = None, *, p: float = 5.0, order: str = "mask-then-top",
                         **analysis_options) -> Results:
     """Explanations of one method, scored: the prediction rows (:func:`prediction_table`), every SegU and
-    localisation score from :func:`segx_helpers.analysis.analyse` (the one analysis path), the maps and
+    localisation score from :func:`segx_helpers.scores.analysis.analyse` (the one analysis path), the maps and
     their SegX maps in the given ``order``. ``predicted_masks`` / ``true_masks`` are boolean ``(N, H, W)``
-    per image (binarise once with :func:`segx_helpers.analysis.binarise_masks`)."""
-    from .analysis import analyse
-    from .segx import segx
+    per image (binarise once with :func:`segx_helpers.scores.analysis.binarise_masks`)."""
+    from segx_helpers.scores.analysis import analyse
+    from segx_helpers.scores.segx import segx
 
     scores = analyse(explanations.maps, predicted_masks, true_masks, explanations.image_index, has_true_mask, p=p,
                      **analysis_options)

@@ -8,16 +8,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .checkpoints import TrainedModel, load_trained, split_tensors
-from .data.format import LoadedDataset, read_mask
-from .training import predict_masks
+from segx_helpers.models.checkpoints import TrainedModel, load_trained, split_tensors
+from segx_helpers.data.format import LoadedDataset, read_mask
+from segx_helpers.models.training import predict_masks
 
 
 def mask_probabilities(source, data: LoadedDataset, split: str, image_size: int,
                        images: torch.Tensor | None = None) -> np.ndarray:
     """Clinical-interest probabilities ``(N, image_size, image_size)`` for one split, from any mask source.
 
-    ``source`` may be a :class:`~segx_helpers.checkpoints.TrainedModel` segmenter or a path to its checkpoint (run with its own
+    ``source`` may be a :class:`~segx_helpers.models.checkpoints.TrainedModel` segmenter or a path to its checkpoint (run with its own
     image size and normalisation, then resized), a folder of ``<id>.png`` masks (e.g. the dataset's
     ``masks/`` or masks made by another tool), or any callable ``images (N, C, H, W) -> (N, H, W)``
     (then ``images`` must be given, prepared as the classifier expects).

@@ -9,14 +9,14 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .analysis import binarise_masks
-from .checkpoints import TrainedModel, split_tensors
-from .data.format import LoadedDataset
-from .data.torch_dataset import Normalization, SegXDataset
-from .explain import explain
-from .mask_sources import mask_probabilities
-from .notebook import RunSettings, TutorialPaths
-from .results import explanation_results, save_split_arrays
+from segx_helpers.scores.analysis import binarise_masks
+from segx_helpers.models.checkpoints import TrainedModel, split_tensors
+from segx_helpers.data.format import LoadedDataset
+from segx_helpers.data.torch_dataset import Normalization, SegXDataset
+from segx_helpers.explain.api import explain
+from segx_helpers.models.masks import mask_probabilities
+from segx_helpers.tutorial.settings import RunSettings, TutorialPaths
+from segx_helpers.tutorial.results import explanation_results, save_split_arrays
 
 
 def background_images(data: LoadedDataset, meta: dict, n: int, seed: int = 0, reference: bool = False) -> torch.Tensor:
@@ -52,7 +52,7 @@ def explained_subset(targets: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
 
 def explain_predictions(classifier: TrainedModel, images: torch.Tensor, method: str,
                         subset: np.ndarray | None = None, **options):
-    """:func:`segx_helpers.explain.explain` for a trained classifier: its predicted classes
+    """:func:`segx_helpers.explain.api.explain` for a trained classifier: its predicted classes
     (argmax, or the per-class validation thresholds for multilabel) are the targets. ``subset``:
     positions of the images to explain (e.g. :func:`explained_subset`); the result's ``image_index``
     still refers to rows of ``images``."""
@@ -68,8 +68,8 @@ def segx_results(name: str, paths: TutorialPaths, data: LoadedDataset, segmenter
                  seed: int = 0, p: float = 5.0) -> dict:
     """Notebook 04's results in one call (for a fresh runtime that skipped it), with the same package
     calls as the notebook: explain the test split, score every prediction with the one analysis path
-    (:func:`segx_helpers.results.explanation_results`), save each method's results folder and the test
-    masks. Returns method -> :class:`~segx_helpers.results.Results`."""
+    (:func:`segx_helpers.tutorial.results.explanation_results`), save each method's results folder and the test
+    masks. Returns method -> :class:`~segx_helpers.tutorial.results.Results`."""
     test = split_tensors(data, "test", classifier.meta)
     images = Normalization(**classifier.meta["normalization"]).denormalize(test["image"])
     mask_prob = mask_probabilities(segmenter, data, "test", classifier.meta["image_size"])

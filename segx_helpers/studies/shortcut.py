@@ -20,11 +20,11 @@ import pandas as pd
 import torch
 from torchvision import tv_tensors
 
-from .data.format import LoadedDataset, read_image, read_mask
-from .data.synthetic import load_artefacts, phi_correlation, shortcut_pairs, twin_path
-from .data.torch_dataset import Normalization, make_transforms
-from .explain import predict
-from .segu import separation_table
+from segx_helpers.data.format import LoadedDataset, read_image, read_mask
+from segx_helpers.data.synthetic import load_artefacts, phi_correlation, shortcut_pairs, twin_path
+from segx_helpers.data.torch_dataset import Normalization, make_transforms
+from segx_helpers.explain.api import predict
+from segx_helpers.scores.segu import separation_table
 
 
 def twin_images(data: LoadedDataset, image_ids: list[str], artefact: str, meta: dict) -> torch.Tensor:
@@ -42,7 +42,7 @@ def twin_images(data: LoadedDataset, image_ids: list[str], artefact: str, meta: 
 def shortcut_driven(model: torch.nn.Module, meta: dict, data: LoadedDataset, table: pd.DataFrame,
                     batch_size: int = 64) -> np.ndarray:
     """For each prediction row of ``table`` (columns ``image_id`` and ``class``, e.g. from
-    :func:`segx_helpers.results.prediction_table`): does it change when the shortcut artefact of that
+    :func:`segx_helpers.tutorial.results.prediction_table`): does it change when the shortcut artefact of that
     class is flipped in the image? ``(len(table),)`` bool.
 
     Multiclass: the predicted class of the twin (shortcut artefact flipped) is another class.
@@ -100,7 +100,7 @@ def artefact_distance(data: LoadedDataset, image_ids: Sequence[str], image_size:
 @dataclass(frozen=True)
 class DistanceBins:
     """Bins of artefact distance, with edges in Grad-CAM cells (``cell_px`` pixels: image size / the target
-    layer's grid size, see :func:`segx_helpers.models.feature_grid`) and the last bin open."""
+    layer's grid size, see :func:`segx_helpers.models.networks.feature_grid`) and the last bin open."""
 
     cell_px: float
     edges_cells: tuple[float, ...] = DISTANCE_EDGES_CELLS
@@ -170,7 +170,7 @@ def shortcut_rate_by_distance(predictions: dict[str, pd.DataFrame], distance_px:
     """The share of shortcut-driven predictions per artefact-distance bin, for each model.
 
     ``predictions``: model name -> prediction rows with ``image_id`` and ``shortcut_driven`` (e.g.
-    :class:`~segx_helpers.mask_training.FixComparison`'s ``predictions``); ``distance_px``: each image's
+    :class:`~segx_helpers.studies.mask_training.FixComparison`'s ``predictions``); ``distance_px``: each image's
     :func:`artefact_distance`, indexed by image id. Columns: model, bin, n, shortcut-driven, rate."""
     rows = []
     for model, table in predictions.items():
@@ -183,7 +183,7 @@ def shortcut_rate_by_distance(predictions: dict[str, pd.DataFrame], distance_px:
     return pd.DataFrame(rows)
 
 def prediction_rows(result: dict, class_names: list[str]) -> pd.DataFrame:
-    """The decisions of :func:`segx_helpers.training_recipes.evaluate_classifier` as prediction rows
+    """The decisions of :func:`segx_helpers.tutorial.training_recipes.evaluate_classifier` as prediction rows
     (``image_id``, ``class``): one per image (multiclass) or one per predicted finding (multilabel)."""
     pred = np.asarray(result["pred"])
     ids = np.asarray(result["image_id"])
@@ -198,7 +198,7 @@ def shortcut_artefact_masks(data: LoadedDataset, image_ids: list[str], size: int
     (nearest) to the classifier's input size; None for a dataset without artefact maps (real data)."""
     from PIL import Image
 
-    from .data.synthetic import artefact_masks
+    from segx_helpers.data.synthetic import artefact_masks
 
     pairs = shortcut_pairs(data.info)
     if not pairs or not (data.root / "artefacts").is_dir():
@@ -210,11 +210,11 @@ def shortcut_artefact_masks(data: LoadedDataset, image_ids: list[str], size: int
 
 
 def error_taxonomy(data: LoadedDataset, table: pd.DataFrame, targets: np.ndarray) -> np.ndarray:
-    """:func:`segx_helpers.segu.error_types` of each prediction row of ``table`` (``image_id``, ``class``,
+    """:func:`segx_helpers.scores.segu.error_types` of each prediction row of ``table`` (``image_id``, ``class``,
     ``correct``, ``image_index``) for a multiclass dataset with one shortcut class and its artefact
     (synthetic-derm: melanoma and ink); ``targets`` ``(N,)`` are the split's class indices. For any other
     dataset (multi-label, real data without a planted shortcut) every error is ``"other error"``."""
-    from .segu import error_types
+    from segx_helpers.scores.segu import error_types
 
     generator = data.info.generator or {}
     correct = table["correct"].to_numpy(dtype=bool)
@@ -230,7 +230,7 @@ def shortcut_breakdown(result: dict, artefacts: pd.DataFrame, shortcut: dict[str
                        class_names: list[str]) -> pd.DataFrame:
     """Accuracy (and AUROC) where an artefact agrees vs disagrees with the label, per (class, artefact).
 
-    ``result``: from :func:`segx_helpers.training_recipes.evaluate_classifier` (``image_id``, ``targets``,
+    ``result``: from :func:`segx_helpers.tutorial.training_recipes.evaluate_classifier` (``image_id``, ``targets``,
     ``pred``, and ``probs`` for the AUROC column); ``shortcut`` maps a class name to the artefact column
     correlated with it (e.g. ``{"melanoma": "ink"}``), or is a list of artefact columns, each paired with
     the positive class (the last class of a two-class task, e.g. ``malignant``; see

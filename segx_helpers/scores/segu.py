@@ -5,12 +5,12 @@ The paper (Zhang, Zhu, Luo 2025, Eq. 9-10) defines two scores: ``c_IoU``, the Io
 map's top-5 % region with the segmenter's mask (:func:`segu_iou`), and ``c_AUITC``, the area under the
 IoU-threshold curve (:func:`segu_auitc`). :func:`segu_share_inside`, :func:`segu_mass` and
 :func:`segu_distance` are our variants. These are the plain numpy reference implementations; the
-notebooks use :func:`segx_helpers.analysis.analyse`, which gives the same values batched.
+notebooks use :func:`segx_helpers.scores.analysis.analyse`, which gives the same values batched.
 
 Scores take ``(maps, masks) -> (N,)`` with maps the un-masked explanations ``(N, H, W)`` and masks
 the segmenter's binary prediction ``(N, H, W)``. Higher means more certain. For an empty mask
 (no clinical region found) or a map with no positive value (nothing explained) every score is
-0.0, the least certain value, and a :class:`~segx_helpers.segx.DegenerateMapWarning` says how
+0.0, the least certain value, and a :class:`~segx_helpers.scores.segx.DegenerateMapWarning` says how
 many samples were affected. A constant positive map selects every pixel as its "top" region,
 so its share-inside score is the mask's share of the image.
 """
@@ -24,9 +24,9 @@ from scipy import ndimage, stats
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import average_precision_score
 
-from .metrics import (_loc_inputs, _warn_degenerate, auitc, bootstrap_ci, per_class_auroc, relevance_mass,
+from segx_helpers.scores.metrics import (_loc_inputs, _warn_degenerate, auitc, bootstrap_ci, per_class_auroc, relevance_mass,
                       top_percent_iou)
-from .saliency import DegenerateMapWarning, top_percent
+from segx_helpers.scores.saliency import DegenerateMapWarning, top_percent
 
 
 def segu_share_inside(maps: np.ndarray, masks: np.ndarray, p: float = 5.0) -> np.ndarray:
@@ -72,7 +72,7 @@ def segu_iou(maps: np.ndarray, masks: np.ndarray, p: float = 5.0) -> np.ndarray:
 
 def segu_auitc(maps: np.ndarray, masks: np.ndarray, n_thresholds: int = 101) -> np.ndarray:
     """The paper's ``c_AUITC`` (Eq. 10): the area under the IoU–threshold curve of the *original* map
-    against the predicted mask, ``∫_0^1 c_IoU(τ) dτ`` (see :func:`segx_helpers.metrics.auitc` for the
+    against the predicted mask, ``∫_0^1 c_IoU(τ) dτ`` (see :func:`segx_helpers.scores.metrics.auitc` for the
     grid and the scaling). 0.0 for an all-zero map or an empty mask, with a warning."""
     maps, masks = _loc_inputs(maps, masks)
     degenerate = ~masks.any(axis=(1, 2)) | (maps.max(axis=(1, 2)) <= 0)
@@ -111,7 +111,7 @@ def distance_from_top(top: np.ndarray, masks: np.ndarray) -> np.ndarray:
 SEGU_SCORES = {"c_IoU": segu_iou, "c_AUITC": segu_auitc, "SegU share inside": segu_share_inside,
                "SegU mass": segu_mass, "SegU distance": segu_distance}
 """The paper's two scores (``c_IoU``, ``c_AUITC``) and our variants, by column name. These numpy
-functions are the reference implementations; :func:`segx_helpers.analysis.analyse` computes the
+functions are the reference implementations; :func:`segx_helpers.scores.analysis.analyse` computes the
 same columns batched on the maps' device and is what the notebooks call."""
 
 

@@ -2,7 +2,7 @@
 
 Pick an image, a method, an explained class, the top-p percentage and the mask mode, and see the
 image with its mask, the original map and the SegX map, with the SegU score c_IoU (the IoU of the
-original map's top-p % region with the predicted mask, :func:`segx_helpers.segu.segu_iou`).
+original map's top-p % region with the predicted mask, :func:`segx_helpers.scores.segu.segu_iou`).
 
 The predicted mask is binarised with one threshold everywhere: pass the segmenter's tuned
 ``segmenter.meta["threshold"]`` as ``threshold``, the value notebooks 04/05 and the analysis use.
@@ -15,10 +15,10 @@ from dataclasses import dataclass
 import matplotlib.pyplot as plt
 import numpy as np
 
-from .explain import Explanations
-from .segu import segu_iou
-from .segx import segx, top_percent
-from .viz import overlay
+from segx_helpers.explain.api import Explanations
+from segx_helpers.scores.segu import segu_iou
+from segx_helpers.scores.segx import segx, top_percent
+from segx_helpers.tutorial.viz import overlay
 
 MASK_MODES = {"binary": {"mode": "binary"}, "binary + 4 px margin": {"mode": "binary", "margin": 4},
               "soft (probabilities)": {"mode": "soft"}}

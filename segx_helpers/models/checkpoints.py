@@ -4,7 +4,7 @@ fits what is asked for now.
 
 The fingerprint holds the dataset name, class names in order, task, image size, channels, a hash of
 the training split's ids, the model choices and the training settings such as epochs and
-``max_batches_per_epoch``; a mismatch is a :class:`~segx_helpers.training.CheckpointError` naming each
+``max_batches_per_epoch``; a mismatch is a :class:`~segx_helpers.models.training.CheckpointError` naming each
 differing field and how to retrain. :func:`split_tensors` prepares a split the way a checkpoint expects.
 """
 from __future__ import annotations
@@ -19,9 +19,9 @@ import numpy as np
 import pandas as pd
 from torch import nn
 
-from .data.format import LoadedDataset
-from .data.torch_dataset import Normalization, SegXDataset
-from .training import CheckpointError, TrainConfig, load_checkpoint
+from segx_helpers.data.format import LoadedDataset
+from segx_helpers.data.torch_dataset import Normalization, SegXDataset
+from segx_helpers.models.training import CheckpointError, TrainConfig, load_checkpoint
 
 
 @dataclass
@@ -34,7 +34,7 @@ class TrainedModel:
 
 
 def load_trained(checkpoint: str | Path, kind: str, expected: dict | None = None, how_to_retrain: str = "") -> TrainedModel:
-    """Load a checkpoint written by :func:`~segx_helpers.training_recipes.train_segmenter` /
+    """Load a checkpoint written by :func:`~segx_helpers.tutorial.training_recipes.train_segmenter` /
     ``train_classifier`` (``kind`` "segmenter" or "classifier").
 
     With ``expected`` (a fingerprint, or some of its fields) the checkpoint must have been trained

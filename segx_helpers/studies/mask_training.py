@@ -32,13 +32,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, default_collate
 
-from .checkpoints import TrainedModel, load_trained, split_tensors, training_fingerprint
-from .data.format import LoadedDataset
-from .data.torch_dataset import Normalization, SegXDataset
-from .metrics import bootstrap_ci, macro_auroc, select_thresholds
-from .models import build_classifier
-from .training import TrainConfig, classification_loss, fit, make_loader, predict_classifier, save_checkpoint, set_seed
-from .training_recipes import evaluate_classifier
+from segx_helpers.models.checkpoints import TrainedModel, load_trained, split_tensors, training_fingerprint
+from segx_helpers.data.format import LoadedDataset
+from segx_helpers.data.torch_dataset import Normalization, SegXDataset
+from segx_helpers.scores.metrics import bootstrap_ci, macro_auroc, select_thresholds
+from segx_helpers.models.networks import build_classifier
+from segx_helpers.models.training import TrainConfig, classification_loss, fit, make_loader, predict_classifier, save_checkpoint, set_seed
+from segx_helpers.tutorial.training_recipes import evaluate_classifier
 
 FIXES = ("rrr", "background")
 FILLS = ("shuffle", "noise")
@@ -127,7 +127,7 @@ def check_double_backward(model: nn.Module, images: torch.Tensor, masks: torch.T
 
 @dataclass
 class RRRLoss:
-    """``batch_loss(model, batch)`` for :func:`segx_helpers.training.fit`: task loss + ``lam`` × :func:`rrr_penalty`.
+    """``batch_loss(model, batch)`` for :func:`segx_helpers.models.training.fit`: task loss + ``lam`` × :func:`rrr_penalty`.
 
     By default one forward pass serves both. ``penalty_images=k`` computes the penalty on the first ``k``
     images of each (shuffled) batch only, with a second forward pass: a step then costs about
@@ -245,8 +245,8 @@ class MaskSourceDataset(SegXDataset):
 def predicted_training_masks(segmenter: TrainedModel, data: LoadedDataset, split: str = "train") -> dict:
     """A segmenter's binary masks for one split, image id -> bool ``(H, W)`` at its own input size (the
     mask source for a user without ground-truth masks for every training image)."""
-    from .analysis import binarise_masks
-    from .mask_sources import mask_probabilities
+    from segx_helpers.scores.analysis import binarise_masks
+    from segx_helpers.models.masks import mask_probabilities
 
     prob = mask_probabilities(segmenter, data, split, segmenter.meta["image_size"])
     binary = np.asarray(binarise_masks(prob, segmenter.meta["threshold"]))
@@ -261,7 +261,7 @@ def train_with_mask(data: LoadedDataset, checkpoint: str | Path, method: str, st
                     mask_name: str = "ground truth", normalization: Normalization | None = None,
                     init: TrainedModel | None = None, penalty_images: int | None = None,
                     retrain: bool = False) -> TrainedModel:
-    """Train (or load) a classifier like :func:`segx_helpers.training_recipes.train_classifier`, with a fix that uses
+    """Train (or load) a classifier like :func:`segx_helpers.tutorial.training_recipes.train_classifier`, with a fix that uses
     the clinical mask: ``method="rrr"`` (``strength`` = λ of :class:`RRRLoss`) or ``"background"``
     (``strength`` = q of :class:`BackgroundIntervention`, ``fill`` as there).
 
@@ -370,8 +370,8 @@ def selection_table(candidates: dict[str, TrainedModel], data: LoadedDataset, sp
     loss alone rewards the shortcut; the outside share is what the fix is for. ``criterion = loss + outside
     share`` (both on comparable scales, lower is better); ``chosen`` marks the lowest.
     """
-    from .explanation_recipes import explain_predictions
-    from .results import explanation_results
+    from segx_helpers.tutorial.explanation_recipes import explain_predictions
+    from segx_helpers.tutorial.results import explanation_results
 
     rows = []
     for name, trained in candidates.items():
@@ -406,7 +406,7 @@ def selection_table(candidates: dict[str, TrainedModel], data: LoadedDataset, sp
 @dataclass
 class FixComparison:
     """Every model measured on the test split: ``metrics`` (model, metric, value, ci_low, ci_high),
-    ``results`` (model -> :class:`~segx_helpers.results.Results` of the explanation method),
+    ``results`` (model -> :class:`~segx_helpers.tutorial.results.Results` of the explanation method),
     ``predictions`` (model -> prediction rows with ``shortcut_driven``), ``breakdown`` (accuracy where the
     artefact agrees vs disagrees, per model), ``evaluations`` (model -> :func:`evaluate_classifier` output)."""
 
@@ -439,7 +439,7 @@ def agreement_rows(evaluation: dict, data: LoadedDataset, class_names: list[str]
     """One row per (test image, shortcut class): ``image_id``, ``class``, ``correct`` (the decision for that
     class is right; multiclass: the prediction is right), ``agrees`` (the artefact is present exactly when
     the class is). Empty for a dataset without shortcut artefacts."""
-    from .data.synthetic import load_artefacts, shortcut_pairs
+    from segx_helpers.data.synthetic import load_artefacts, shortcut_pairs
 
     pairs = shortcut_pairs(data.info)
     if not pairs:
@@ -470,13 +470,13 @@ def compare_fixes(models: dict[str, TrainedModel], data: LoadedDataset, predicte
     """Measure each model on the test split, with 95 % bootstrap CIs over test images: accuracy (multilabel:
     per-finding decision accuracy), macro AUROC, accuracy where the shortcut artefact agrees / disagrees with
     the label and their gap, the shortcut-driven rate (counterfactual twins), and, from the one analysis path
-    (:func:`segx_helpers.results.explanation_results` with ``method``'s maps): attribution mass on the
+    (:func:`segx_helpers.tutorial.results.explanation_results` with ``method``'s maps): attribution mass on the
     artefact, SegU ``c_IoU`` and ``c_AUITC`` (against ``predicted_masks``, the segmenter's binary test masks),
     and localisation against the true lesion (original and SegX ``IoU@p``)."""
-    from .data.synthetic import shortcut_pairs
-    from .explanation_recipes import explain_predictions
-    from .results import explanation_results
-    from .shortcut import prediction_rows, shortcut_artefact_masks, shortcut_driven
+    from segx_helpers.data.synthetic import shortcut_pairs
+    from segx_helpers.tutorial.explanation_recipes import explain_predictions
+    from segx_helpers.tutorial.results import explanation_results
+    from segx_helpers.studies.shortcut import prediction_rows, shortcut_artefact_masks, shortcut_driven
 
     has_twins = bool(shortcut_pairs(data.info))
     rows, results, predictions, breakdowns, evaluations = [], {}, {}, [], {}

@@ -16,7 +16,7 @@ import pandas as pd
 from scipy.stats import rankdata
 from sklearn.metrics import average_precision_score, f1_score
 
-from .saliency import DegenerateMapWarning, check_maps, check_masks, kth_largest_positive, top_percent
+from segx_helpers.scores.saliency import DegenerateMapWarning, check_maps, check_masks, kth_largest_positive, top_percent
 
 # ------------------------------------------------------------------------------ classification
 
@@ -370,7 +370,7 @@ def auitc(maps: np.ndarray, masks: np.ndarray, n_thresholds: int = 101) -> np.nd
     threshold ``τ_j = j / (n_thresholds - 1)`` the region ``scaled >= τ`` is compared with
     the mask by IoU, and the curve is integrated with the trapezoid rule. The error of the grid falls
     as ``1 / n_thresholds`` (tested); 101 thresholds are within 0.005 of the limit on our maps. This is
-    the plain reference, one pass per threshold; :mod:`segx_helpers.analysis` computes it from one
+    the plain reference, one pass per threshold; :mod:`segx_helpers.scores.analysis` computes it from one
     histogram per map.
     """
     maps, masks = _loc_inputs(maps, masks)

@@ -1,12 +1,12 @@
 """``segx audit``: SegX and SegU over a whole image archive, streamed, sharded, resumable, on 1..N processes.
 
 What it does per image, with the package's own building blocks only (no second analysis path): the
-classifier's predicted classes are explained (:func:`segx_helpers.explain.explain`), the mask source
+classifier's predicted classes are explained (:func:`segx_helpers.explain.api.explain`), the mask source
 gives the clinical-interest region (a segmenter checkpoint, run at its own size and normalisation,
 probabilities resized bilinearly and binarised at its stored threshold, exactly as
-:func:`segx_helpers.mask_sources.mask_probabilities`; or a folder of ``<id>.png`` masks, resized
-nearest-neighbour), and :func:`segx_helpers.results.explanation_results` (hence
-:func:`segx_helpers.analysis.analyse`) scores every prediction.
+:func:`segx_helpers.models.masks.mask_probabilities`; or a folder of ``<id>.png`` masks, resized
+nearest-neighbour), and :func:`segx_helpers.tutorial.results.explanation_results` (hence
+:func:`segx_helpers.scores.analysis.analyse`) scores every prediction.
 
 Inputs
     A dataset folder in our format (``dataset.json``; labels and ground-truth masks are then used;
@@ -51,7 +51,7 @@ with the differing fields named: start a new output folder. A non-empty folder w
 Many processes: ``torchrun --nproc_per_node N -m segx_helpers audit ...``. Rank 0 checks the folder
 and lists the unfinished shards; rank ``r`` takes the ``i``-th of them when ``i % N == r`` (disjoint,
 no duplicates, no padding); after a barrier rank 0 merges the table. ``gloo`` on CPU, ``nccl`` on
-CUDA (:mod:`segx_helpers.distributed`). On several nodes the output folder must be on a filesystem
+CUDA (:mod:`segx_helpers.cli.distributed`). On several nodes the output folder must be on a filesystem
 every node sees, and every node must see the same data and checkpoints.
 
 Memory: images are streamed through a ``DataLoader`` (no cache); a process holds one shard's maps
@@ -74,10 +74,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .checkpoints import load_trained, require_finished_run
-from .data.format import IMAGE_SUFFIXES, DatasetInfo, LoadedDataset, image_size, load_dataset, read_mask
-from .data.torch_dataset import Normalization, SegXDataset
-from .io import atomic_path, check_safe_id, write_json
+from segx_helpers.models.checkpoints import load_trained, require_finished_run
+from segx_helpers.data.format import IMAGE_SUFFIXES, DatasetInfo, LoadedDataset, image_size, load_dataset, read_mask
+from segx_helpers.data.torch_dataset import Normalization, SegXDataset
+from segx_helpers.data.io import atomic_path, check_safe_id, write_json
 
 FORMAT = "segx-audit-v1"
 RUN_FILE = "run.json"
@@ -117,7 +117,7 @@ class AuditOptions:
     timeout_minutes: float = 60.0
 
     def __post_init__(self) -> None:
-        from .explain import METHODS
+        from segx_helpers.explain.api import METHODS
 
         self.methods = tuple(dict.fromkeys(self.methods))
         problems = [f"unknown method {m!r} (choose from {METHODS})" for m in self.methods if m not in METHODS]
@@ -291,11 +291,11 @@ class AuditItems(torch.utils.data.Dataset):
 
 def predicted_masks(batch: dict, masks: MaskSource, size: int, device) -> np.ndarray:
     """Boolean masks ``(n, size, size)`` for a batch of :class:`AuditItems`, as
-    :func:`~segx_helpers.mask_sources.mask_probabilities` then :func:`~segx_helpers.analysis.binarise_masks`."""
+    :func:`~segx_helpers.models.masks.mask_probabilities` then :func:`~segx_helpers.scores.analysis.binarise_masks`."""
     import torch.nn.functional as F
 
-    from .analysis import binarise_masks
-    from .training import predict_masks
+    from segx_helpers.scores.analysis import binarise_masks
+    from segx_helpers.models.training import predict_masks
 
     if masks.kind == "segmenter":
         prob = torch.from_numpy(predict_masks(masks.trained.model, batch["seg_image"], device=device))[:, None]
@@ -307,9 +307,9 @@ def predicted_masks(batch: dict, masks: MaskSource, size: int, device) -> np.nda
 
 def background(archive: Archive, meta: dict, n: int, seed: int) -> torch.Tensor:
     """Gradient SHAP's reference images: ``n`` training images (seeded) of a dataset, as the notebooks
-    take them (:func:`~segx_helpers.explanation_recipes.background_images`); for a plain folder, ``n`` of its
+    take them (:func:`~segx_helpers.tutorial.explanation_recipes.background_images`); for a plain folder, ``n`` of its
     images drawn with the seed."""
-    from .explanation_recipes import background_images
+    from segx_helpers.tutorial.explanation_recipes import background_images
 
     if archive.full is not None and (archive.full.table["split"] == "train").any():
         return background_images(archive.full, meta, n, seed)
@@ -335,7 +335,7 @@ def _sha256_lines(lines) -> str:
 def versions() -> dict:
     import importlib.metadata as md
 
-    from . import __version__
+    from segx_helpers import __version__
 
     out = {"segx_helpers": __version__, "python": platform.python_version()}
     for name in ("torch", "torchvision", "numpy", "pandas", "pyarrow", "grad-cam", "shap",
@@ -442,7 +442,7 @@ def prepare_output(out: str | Path, inputs: dict, invocation: dict) -> str:
         write_json(run_file, record, overwrite=True)
         return "resume"
     (out / SHARDS).mkdir(parents=True, exist_ok=True)
-    write_json(run_file, {"format": FORMAT, "written_by": "segx_helpers.audit", "inputs": inputs,
+    write_json(run_file, {"format": FORMAT, "written_by": "segx_helpers.cli.audit", "inputs": inputs,
                           "invocations": [invocation]}, overwrite=False)
     return "new"
 
@@ -503,15 +503,15 @@ class ShardWorker:
         self.task, self.class_names = meta["task"], list(meta["class_names"])
         self.background = (background(archive, meta, options.background, options.seed).to(device)
                            if "gradient_shap" in options.methods else None)
-        from .analysis import score_columns
+        from segx_helpers.scores.analysis import score_columns
 
         self.columns = list(TABLE_HEAD) + score_columns(options.p, localisation=localise) + ["shard", "map_row"]
 
     def run(self, out: Path, k: int, start: int, stop: int, progress=None, rank: int = 0, world_size: int = 1) -> int:
         from torch.utils.data import DataLoader, Subset
 
-        from .explain import explain
-        from .results import explanation_results
+        from segx_helpers.explain.api import explain
+        from segx_helpers.tutorial.results import explanation_results
 
         started = time.perf_counter()
         opts = self.options
@@ -625,8 +625,8 @@ def merge(out: Path, n_shards: int) -> Path:
 
 def summarise(out: Path, labels_known: bool, images_now: int, seconds: float) -> dict:
     """Images, predictions per method, this run's throughput and, with labels, how well low SegU
-    certainty finds incorrect predictions (:func:`segx_helpers.segu.separation_table`)."""
-    from .segu import separation_table
+    certainty finds incorrect predictions (:func:`segx_helpers.scores.segu.separation_table`)."""
+    from segx_helpers.scores.segu import separation_table
 
     table = pd.read_parquet(out / TABLE_FILE, columns=["image_id", "method", "correct", "c_IoU", "c_AUITC"])
     summary = {"images": int(table["image_id"].nunique()), "predictions": {m: int(n) for m, n in
@@ -679,7 +679,7 @@ def run_audit(options: AuditOptions, arguments: dict | None = None) -> AuditResu
     """Run (or resume) an audit; works the same in one process and under torchrun."""
     from tqdm.auto import tqdm
 
-    from . import distributed
+    from segx_helpers.cli import distributed
 
     ctx = distributed.setup(options.device, options.timeout_minutes)
     held = contextlib.ExitStack()  # rank 0's lock on the output folder, from planning to the merged table

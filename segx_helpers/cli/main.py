@@ -1,8 +1,8 @@
 """The ``segx`` command (also ``python -m segx_helpers``): ``segx audit`` and ``segx train``.
 
 Both run in one process as they are, and on several under torchrun, e.g.
-``torchrun --nproc_per_node 2 -m segx_helpers audit ...`` (see :mod:`segx_helpers.audit` and
-:mod:`segx_helpers.distributed`). Refusals (a foreign output folder, results of other inputs, an
+``torchrun --nproc_per_node 2 -m segx_helpers audit ...`` (see :mod:`segx_helpers.cli.audit` and
+:mod:`segx_helpers.cli.distributed`). Refusals (a foreign output folder, results of other inputs, an
 existing checkpoint, a bad value) print one line and exit with status 2; a file that cannot be read or
 written (a full disk, a read-only folder) prints one line and exits with status 1.
 """
@@ -14,8 +14,8 @@ from typing import Sequence
 
 
 def _audit_parser(sub) -> None:
-    from .audit import MAPS_DTYPES
-    from .explain import METHODS
+    from segx_helpers.cli.audit import MAPS_DTYPES
+    from segx_helpers.explain.api import METHODS
 
     p = sub.add_parser("audit", help="SegX and SegU over a whole archive: streamed, sharded, resumable",
                        description="Explain every prediction of a classifier over an archive, score it with SegU "
@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "audit":
-        from .audit import AuditError, AuditOptions, format_summary, run_audit
+        from segx_helpers.cli.audit import AuditError, AuditOptions, format_summary, run_audit
 
         values = {k: v for k, v in vars(args).items() if k != "command"}
         values["methods"] = tuple(values["methods"] or ("gradcam",))
@@ -101,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             else:
                 _print_main("unfinished shards remain: run the same command again to continue")
         return 0
-    from .distributed import train
+    from segx_helpers.cli.distributed import train
 
     try:
         result = train(args.kind, args.data, args.checkpoint, image_size=args.image_size, epochs=args.epochs,

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .models import cam_reshape_transform, find_target_layer, pick_device
+from segx_helpers.models.networks import cam_reshape_transform, find_target_layer, pick_device
 
 CAM_METHODS = ("gradcam", "gradcam++", "hirescam", "scorecam", "eigencam", "layercam")
 METHODS = CAM_METHODS + ("gradient_shap",)
@@ -64,7 +64,7 @@ def predicted_targets(probs: np.ndarray, task: str, thresholds: Sequence[float] 
     or above its threshold (multilabel; 0.5 when no thresholds are given). ``"above-threshold"``: every
     class at or above its threshold whatever the task, as the reference code does for both of its
     datasets (with thresholds that maximise each class's F1 on validation, see
-    :func:`segx_helpers.metrics.select_thresholds`); an image can then have none or several.
+    :func:`segx_helpers.scores.metrics.select_thresholds`); an image can then have none or several.
     """
     probs = np.asarray(probs)
     if selection not in SELECTIONS:
@@ -182,7 +182,7 @@ def explain(model: nn.Module, images: torch.Tensor | np.ndarray, targets=None, m
     ``images``: ``(N, C, H, W)`` as the model expects them (normalised). ``targets``: ``None`` (the
     predicted classes, see :func:`predicted_targets`), one int for all images, one int per image,
     or a list of classes per image. ``target_layers``: for CAMs; found automatically for ResNet,
-    DenseNet, vision transformers and any model with a ``Conv2d`` (:func:`segx_helpers.models.find_target_layer`).
+    DenseNet, vision transformers and any model with a ``Conv2d`` (:func:`segx_helpers.models.networks.find_target_layer`).
     ``background``: ``(B, C, H, W)`` reference images for Gradient SHAP (e.g. training images).
     ``engine``: ``"auto"`` (default: the fast engine for gradcam and gradient_shap, the libraries'
     own for the rest), ``"fast"`` (warns for a method without one) or ``"library"``. ``output``: what is explained,
@@ -190,7 +190,7 @@ def explain(model: nn.Module, images: torch.Tensor | np.ndarray, targets=None, m
     ``"sigmoid"`` (the reference code's choice); see :data:`OUTPUTS`. ``selection``: which classes
     ``targets=None`` explains, see :func:`predicted_targets`. ``reshape_transform``: for CAMs on a layer
     that outputs tokens, a function to a feature map ``(N, C, h, w)`` (pytorch-grad-cam's argument);
-    automatic for torchvision / timm vision transformers (:class:`segx_helpers.models.TokensToGrid`:
+    automatic for torchvision / timm vision transformers (:class:`segx_helpers.models.networks.TokensToGrid`:
     drop the class token, tokens to the patch grid). The model is put in eval mode while explaining and
     restored afterwards. Warns when every map comes out zero (a target layer the output does not
     depend on, or a model whose outputs do not depend on the input, e.g. a zero-initialised head).

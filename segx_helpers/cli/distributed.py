@@ -9,7 +9,7 @@ torchrun sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` / ``MAST
 binds each process to ``cuda:LOCAL_RANK``. Without those variables everything runs in one process
 and every collective below is a no-op, so the same code path serves 1 and N processes.
 
-Training under DDP (:func:`ddp_fit`) reuses :func:`segx_helpers.training.fit` unchanged:
+Training under DDP (:func:`ddp_fit`) reuses :func:`segx_helpers.models.training.fit` unchanged:
 
 * the model is wrapped in :class:`StateDictDDP`, a ``DistributedDataParallel`` whose ``state_dict`` /
   ``load_state_dict`` are the inner model's, so checkpoints have the plain keys ``load_checkpoint``
@@ -39,7 +39,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from .models import pick_device
+from segx_helpers.models.networks import pick_device
 
 
 @dataclass(frozen=True)
@@ -143,7 +143,7 @@ def run_on_main(ctx: Context, fn: Callable[[], Any]) -> Any:
 
 class StateDictDDP(nn.parallel.DistributedDataParallel):
     """``DistributedDataParallel`` whose state dict is the wrapped model's (plain keys), so that
-    :func:`segx_helpers.training.fit` saves and restores checkpoints exactly as without DDP."""
+    :func:`segx_helpers.models.training.fit` saves and restores checkpoints exactly as without DDP."""
 
     def state_dict(self, *args, **kwargs):
         return self.module.state_dict(*args, **kwargs)
@@ -201,11 +201,11 @@ def distributed_loader(dataset, global_batch_size: int, ctx: Context, shuffle: b
 def ddp_fit(model: nn.Module, loss_fn: nn.Module, train_loader: DataLoader, validate: Callable[[nn.Module], dict],
             config, ctx: Context, checkpoint_path: str | Path | None = None, meta: dict | None = None,
             overwrite: bool = False, sync_batchnorm: bool = False, target_key: str = "target", resume: bool = False):
-    """:func:`segx_helpers.training.fit` on every rank with the model under DDP (see the module
+    """:func:`segx_helpers.models.training.fit` on every rank with the model under DDP (see the module
     docstring). ``train_loader`` should come from :func:`distributed_loader`. Returns fit's
     ``History``; ``model`` (the bare model, not the wrapper) ends holding the best weights on every
     rank. With one process this is plain ``fit`` with the same loader."""
-    from .training import fit
+    from segx_helpers.models.training import fit
 
     config = dataclasses.replace(config, device=str(ctx.device))
     if not ctx.distributed:
@@ -239,7 +239,7 @@ def train(kind: str, data_dir: str | Path, checkpoint: str | Path, *, image_size
           timeout_minutes: float = 60.0) -> dict | None:
     """``segx train``: train a classifier or a segmenter on a dataset folder, on 1..N processes.
 
-    The same recipe as :func:`segx_helpers.training_recipes.train_classifier` / ``train_segmenter`` (losses,
+    The same recipe as :func:`segx_helpers.tutorial.training_recipes.train_classifier` / ``train_segmenter`` (losses,
     validation metric, stored thresholds, training fingerprint, checkpoint metadata), with
     ``batch_size`` the *global* batch (split over ranks) and :func:`ddp_fit` as the loop. Rank 0 writes
     the checkpoint; the others return None. An existing checkpoint is refused unless ``overwrite``, or
@@ -249,12 +249,12 @@ def train(kind: str, data_dir: str | Path, checkpoint: str | Path, *, image_size
     """
     from dataclasses import asdict
 
-    from .checkpoints import training_fingerprint
-    from .data.format import load_dataset
-    from .data.torch_dataset import Normalization, SegXDataset
-    from .models import build_classifier, build_segmenter
-    from .training import TrainConfig, make_loader, set_seed
-    from .training_recipes import classifier_recipe, classifier_selection, finish_training, segmenter_recipe
+    from segx_helpers.models.checkpoints import training_fingerprint
+    from segx_helpers.data.format import load_dataset
+    from segx_helpers.data.torch_dataset import Normalization, SegXDataset
+    from segx_helpers.models.networks import build_classifier, build_segmenter
+    from segx_helpers.models.training import TrainConfig, make_loader, set_seed
+    from segx_helpers.tutorial.training_recipes import classifier_recipe, classifier_selection, finish_training, segmenter_recipe
 
     if kind not in ("classifier", "segmenter"):
         raise ValueError(f"kind must be 'classifier' or 'segmenter', got {kind!r}")
@@ -325,8 +325,8 @@ def resumable_epochs(checkpoint: str | Path, fingerprint: dict) -> int:
     """The number of epochs an interrupted ``segx train`` run finished, after checking that it can be
     resumed with ``fingerprint``: ``<checkpoint>.last.pt`` exists, holds the same fingerprint, and the
     checkpoint (when there is one) is unfinished. Raises ``ValueError`` saying what to do otherwise."""
-    from .checkpoints import check_fingerprint
-    from .training import last_checkpoint_path, read_checkpoint
+    from segx_helpers.models.checkpoints import check_fingerprint
+    from segx_helpers.models.training import last_checkpoint_path, read_checkpoint
 
     checkpoint = Path(checkpoint)
     if checkpoint.exists() and read_checkpoint(checkpoint)["meta"].get("finished") is not False:

@@ -5,7 +5,7 @@ nothing else computes these scores for users. It runs on torch tensors on the ma
 CUDA), in batches of maps, with no per-threshold loop:
 
 * the top-``p`` % saliency region is one selection per batch (the tie rule of
-  :func:`segx_helpers.segx.top_percent`: the ``k = ceil(p % · H·W)`` largest pixels plus any tied
+  :func:`segx_helpers.scores.segx.top_percent`: the ``k = ceil(p % · H·W)`` largest pixels plus any tied
   with the k-th, positive pixels only);
 * the areas under the IoU–threshold curve (the paper's ``c_AUITC`` and ``AUITC``) come from one
   histogram per map over the threshold grid: each pixel falls in the bin of the highest threshold it
@@ -26,8 +26,8 @@ products and comparisons it only counts into one scratch buffer per batch, selec
 maps at a time, so that a batch of 224 px maps stays in the CPU's caches. On a GPU the same functions
 run on the device with torch's own selections, in batches of 1,024 maps.
 
-The numpy functions in :mod:`segx_helpers.segx`, :mod:`segx_helpers.segu` and
-:mod:`segx_helpers.metrics` are the plain reference implementations; the tests check that this
+The numpy functions in :mod:`segx_helpers.scores.segx`, :mod:`segx_helpers.scores.segu` and
+:mod:`segx_helpers.scores.metrics` are the plain reference implementations; the tests check that this
 engine gives the same values (to 1e-6) on random and hand-made maps, ties included.
 
 Shapes: ``maps`` ``(M, H, W)``, one per explained (image, class); masks ``(N, H, W)`` bool, one per
@@ -44,7 +44,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .saliency import DegenerateMapWarning
+from segx_helpers.scores.saliency import DegenerateMapWarning
 
 ORDERS = ("mask-then-top", "top-then-mask")
 """SegX orders. ``mask-then-top`` (the reference code): multiply the map by the mask, then take the
@@ -298,7 +298,7 @@ def auitc_from_flat(flat: torch.Tensor, masks: Sequence[torch.Tensor], n_thresho
                     low: torch.Tensor | None = None, high: torch.Tensor | None = None, *,
                     pixels: int | None = None, outside: torch.Tensor | None = None) -> list[torch.Tensor]:
     """Area under the IoU–threshold curve ``(M,)`` of each map of ``flat`` ``(M, P)`` against each mask
-    set in ``masks`` (each an ``(M, P)`` 0/1 float32 indicator), as :func:`segx_helpers.metrics.auitc`
+    set in ``masks`` (each an ``(M, P)`` 0/1 float32 indicator), as :func:`segx_helpers.scores.metrics.auitc`
     defines it.
 
     ``flat`` may instead be a :class:`Support`'s packed rows of non-negative maps of ``pixels`` pixels,
@@ -397,7 +397,7 @@ def _rank(flat: torch.Tensor, mask: torch.Tensor, kth: torch.Tensor, sizes: torc
           peak: torch.Tensor, pixels: int | None = None, outside: torch.Tensor | None = None,
           scratch: torch.Tensor | None = None) -> torch.Tensor:
     """Relevance rank accuracy: share of the ``K = |mask|`` highest pixels inside the mask, ties in
-    expectation (as :func:`segx_helpers.metrics.relevance_rank_accuracy`); ``kth`` the K-th largest
+    expectation (as :func:`segx_helpers.scores.metrics.relevance_rank_accuracy`); ``kth`` the K-th largest
     value of each row (:func:`kth_largest`), ``sizes`` K, ``peak`` the row maxima. Values are
     non-negative, so the pixels above the K-th value are ``flat > kth`` and its ties ``flat == kth``
     (the zeros, when fewer than K pixels are positive). Packed rows (:class:`Support`, with ``pixels``
@@ -589,7 +589,7 @@ def _analyse_batch(maps, predicted_masks, true_masks, image_index, *, artefact_m
             "SegU mass": torch.where(usable, _mass(flat, predicted, total, scratch), zero),
         }
         if distance:
-            from .segu import distance_from_top
+            from segx_helpers.scores.segu import distance_from_top
 
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -651,7 +651,7 @@ def localisation_summary(tables: dict[str, pd.DataFrame], orders: Sequence[str] 
     """Mean (95 % bootstrap CI) of each localisation metric, original vs SegX of each order, with the
     paired difference; ``tables`` maps a method name to its per-prediction table from :func:`analyse`.
     Predictions without a ground-truth mask (NaN rows) are left out."""
-    from .metrics import paired_summary
+    from segx_helpers.scores.metrics import paired_summary
 
     frames = []
     for method, table in tables.items():

@@ -28,8 +28,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .io import atomic_path
-from .models import (CpuTraining, build_classifier, build_segmenter, cpu_supports_bf16, pick_device,
+from segx_helpers.data.io import atomic_path
+from segx_helpers.models.networks import (CpuTraining, build_classifier, build_segmenter, cpu_supports_bf16, pick_device,
                      prepare_for_cpu_training)
 
 CHECKPOINT_FORMAT = "segx-checkpoint-v1"
@@ -113,9 +113,9 @@ class TrainConfig:
     epoch is a candidate. ``patience``: stop after this many candidate epochs without improvement.
     ``amp``: on a GPU float16 autocast with a gradient scaler, on a CPU the channels_last memory format;
     ``amp=False`` trains plain float32. ``cpu_bf16`` (opt-in, with ``amp``): bfloat16 autocast on a CPU that
-    computes bfloat16 natively (:func:`segx_helpers.models.cpu_supports_bf16`), about 2x the images/s of the
+    computes bfloat16 natively (:func:`segx_helpers.models.networks.cpu_supports_bf16`), about 2x the images/s of the
     tutorial's U-Net and ResNet-18 at 128 px (``make benchmark-training``); the notebooks' run modes turn it on
-    (:class:`segx_helpers.notebook.RunSettings`). Neither setting enters the checkpoint fingerprint.
+    (:class:`segx_helpers.tutorial.settings.RunSettings`). Neither setting enters the checkpoint fingerprint.
     """
 
     epochs: int = 10
@@ -203,7 +203,7 @@ def fit(model: nn.Module, loss_fn: nn.Module, train_loader: DataLoader, validate
 
     ``batch_loss(model, batch) -> loss`` replaces ``loss_fn(model(images), targets)`` when given: it gets
     the whole batch dict with its tensors on the device (e.g. ``batch["mask"]`` for a loss that uses the
-    clinical mask, see :mod:`segx_helpers.mask_training`); ``loss_fn`` is then unused.
+    clinical mask, see :mod:`segx_helpers.studies.mask_training`); ``loss_fn`` is then unused.
     """
     set_seed(config.seed)
     device = pick_device(config.device)

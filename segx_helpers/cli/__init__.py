@@ -1,0 +1,1 @@
+"""Command line: ``segx audit`` / ``segx train`` and DDP training with torchrun."""

@@ -1,0 +1,1 @@
+"""Explanations: explanation maps for a classifier's predictions, one module per method family."""

@@ -1,0 +1,1 @@
+"""Models: the networks, the training loop, checkpoints on disk and where masks come from."""

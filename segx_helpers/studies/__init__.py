@@ -1,0 +1,1 @@
+"""Studies: the shortcut ground truth and training with the mask."""

@@ -1,0 +1,1 @@
+"""Tutorial: what the notebooks call (paths and run settings, recipes, results, figures, report, runner, book)."""
