@@ -42,6 +42,7 @@ import torch
 from segx_helpers.data import SyntheticConfig, generate_synthetic_cxr, load_dataset
 from segx_helpers.data.torch_dataset import SegXDataset
 from segx_helpers.explain.api import explain
+from segx_helpers.explain.gradient_shap import GradientShapOptions
 from segx_helpers.models.networks import build_classifier, find_target_layer
 from segx_helpers.scores.analysis import analyse, segx_saliency
 from segx_helpers.scores.metrics import auitc, localisation_scores
@@ -198,14 +199,14 @@ def main(argv=None) -> int:
     ref_shap, t_ref_shap = timed(lambda: reference_shap(model, shap_images, shap_targets, background, args.nsamples,
                                                         args.seed))
     shap_rows = []
+    options = GradientShapOptions(background, nsamples=args.nsamples, seed=args.seed)
     for engine in ("library", "fast"):
-        result, seconds = timed(lambda: explain(model, shap_images, shap_targets, "gradient_shap", engine=engine,
-                                                background=background, nsamples=args.nsamples, seed=args.seed,
-                                                progress=False).maps)
+        result, seconds = timed(lambda: explain(model, shap_images, shap_targets, "gradient_shap", options=options,
+                                                engine=engine, progress=False).maps)
         label = "shap per target class" if engine == "library" else "fast engine (targets only, shared forward)"
         shap_rows.append((f"Gradient SHAP: {label}", result, seconds, correlation(result, ref_shap)))
-    noise = explain(model, shap_images, shap_targets, "gradient_shap", engine="library", background=background,
-                    nsamples=args.nsamples, seed=args.seed + 1000, progress=False).maps
+    noise = explain(model, shap_images, shap_targets, "gradient_shap", engine="library", progress=False,
+                    options=GradientShapOptions(background, nsamples=args.nsamples, seed=args.seed + 1000)).maps
     shap_rows.insert(0, ("Gradient SHAP: reference usage (all classes, per image)", ref_shap, t_ref_shap,
                          correlation(noise, ref_shap)))
     for name, maps, seconds, corr in shap_rows:

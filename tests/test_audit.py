@@ -120,6 +120,7 @@ def test_audit_equals_the_notebook_path(archive, tmp_path):
     from segx_helpers.scores.analysis import binarise_masks
     from segx_helpers.models.checkpoints import load_trained, split_tensors
     from segx_helpers.data.format import load_dataset
+    from segx_helpers.explain.gradient_shap import GradientShapOptions
     from segx_helpers.tutorial.explanation_recipes import background_images, explain_predictions
     from segx_helpers.models.masks import mask_probabilities
     from segx_helpers.tutorial.results import explanation_results
@@ -139,9 +140,10 @@ def test_audit_equals_the_notebook_path(archive, tmp_path):
         assert 0.2 < predicted.mean() < 0.8
         truth = test["mask"][:, 0].numpy() > 0.5
         frames = []
-        for method, options in (("gradcam", {}), ("gradient_shap", {"nsamples": 4, "background": background_images(
-                data, classifier.meta, 3, 0)})):
-            e = explain_predictions(classifier, test["image"], method, progress=False, device="cpu", **options)
+        for method, options in (("gradcam", None),
+                                ("gradient_shap", GradientShapOptions(background_images(data, classifier.meta, 3, 0),
+                                                                      nsamples=4))):
+            e = explain_predictions(classifier, test["image"], method, options=options, progress=False, device="cpu")
             frames.append(explanation_results(e, test["image_id"], test["target"].numpy(), "multiclass", CLASSES,
                                               predicted, truth, test["has_mask"]).table)
     expected = pd.concat(frames, ignore_index=True)

@@ -38,7 +38,7 @@ THRESHOLD = 0.4
 # being blobs at different offsets from the lesion, so class, method and p all change the c_IoU score.
 SYNTHETIC_SOURCE = '''\
 import numpy as np
-from segx_helpers.explain.api import Explanations
+from segx_helpers.explain.targets import Explanations
 
 rng = np.random.default_rng(0)
 size = 64

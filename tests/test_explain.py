@@ -7,7 +7,10 @@ import torch
 from torch import nn
 from torchvision import models as tv_models
 
-from segx_helpers.explain.api import CAM_METHODS, explain, predicted_targets
+from segx_helpers.explain.api import explain
+from segx_helpers.explain.cams import CAM_CLASSES, CamOptions
+from segx_helpers.explain.gradient_shap import GradientShapOptions
+from segx_helpers.explain.targets import predicted_targets
 from segx_helpers.models.networks import build_classifier
 
 
@@ -30,7 +33,7 @@ def tiny():
     return TinyNet(), torch.randn(5, 3, 32, 32)
 
 
-@pytest.mark.parametrize("method", CAM_METHODS)
+@pytest.mark.parametrize("method", list(CAM_CLASSES))
 def test_every_cam_method_gives_maps_at_input_resolution(tiny, method):
     model, x = tiny
     result = explain(model, x, targets=[0, 1, 2, 0, 1], method=method, progress=False)
@@ -70,8 +73,8 @@ def test_gradient_shap_engines_are_exact_on_a_linear_model():
     weight = model[1].weight.detach().reshape(2, 3, 8, 8)
     expected = ((x - background) * weight[1]).abs().mean(1).numpy()
     for engine in ("fast", "library"):
-        result = explain(model, x, targets=1, method="gradient_shap", background=background, nsamples=4,
-                         engine=engine, progress=False)
+        result = explain(model, x, targets=1, method="gradient_shap",
+                         options=GradientShapOptions(background, nsamples=4), engine=engine, progress=False)
         assert np.allclose(result.maps, expected, atol=1e-5), engine
 
 
@@ -80,9 +83,10 @@ def test_gradient_shap_on_torchvision_resnet_with_inplace_relus():
     model = tv_models.resnet18(weights=None, num_classes=3)
     assert any(isinstance(m, nn.ReLU) and m.inplace for m in model.modules())
     x, background = torch.randn(2, 3, 32, 32), torch.randn(8, 3, 32, 32)
-    fast = explain(model, x, targets=[0, 2], method="gradient_shap", background=background, nsamples=32, progress=False)
-    library = explain(model, x, targets=[0, 2], method="gradient_shap", background=background, nsamples=32,
-                      engine="library", progress=False)
+    options = GradientShapOptions(background, nsamples=32)
+    fast = explain(model, x, targets=[0, 2], method="gradient_shap", options=options, progress=False)
+    library = explain(model, x, targets=[0, 2], method="gradient_shap", options=options, engine="library",
+                      progress=False)
     assert fast.maps.shape == library.maps.shape == (2, 32, 32)
     for a, b in zip(fast.maps, library.maps):
         assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.5
@@ -90,8 +94,16 @@ def test_gradient_shap_on_torchvision_resnet_with_inplace_relus():
 
 def test_gradient_shap_needs_a_background(tiny):
     model, x = tiny
-    with pytest.raises(ValueError, match="background"):
+    with pytest.raises(TypeError, match="options=GradientShapOptions.*background"):
         explain(model, x, method="gradient_shap", progress=False)
+    with pytest.raises(ValueError, match="background images"):
+        GradientShapOptions(None)
+    with pytest.raises(ValueError, match="nsamples"):
+        GradientShapOptions(torch.zeros(1, 3, 32, 32), nsamples=0)
+    with pytest.raises(ValueError, match=r"background \(1, 3, 8, 8\) must have the images' shape"):
+        explain(model, x, method="gradient_shap", options=GradientShapOptions(torch.zeros(1, 3, 8, 8)), progress=False)
+    with pytest.raises(TypeError, match=r"options for gradcam must be CamOptions\(...\), got GradientShapOptions"):
+        explain(model, x, method="gradcam", options=GradientShapOptions(torch.zeros(1, 3, 32, 32)), progress=False)
 
 
 def test_densenet_gradcam_works():
@@ -138,10 +150,12 @@ def test_output_switch_explains_probabilities_for_both_methods_and_engines(engin
     model = build_classifier("resnet18", num_classes=3).eval()
     x = torch.randn(3, 3, 64, 64)
     background = torch.randn(4, 3, 64, 64)
-    for method, options in (("gradcam", {}), ("gradient_shap", {"background": background, "nsamples": 8})):
-        logit = explain(model, x, [0, 1, 2], method, engine=engine, progress=False, **options).maps
-        prob = explain(model, x, [0, 1, 2], method, engine=engine, output="probability", progress=False, **options).maps
-        sig = explain(model, x, [0, 1, 2], method, engine=engine, output="sigmoid", progress=False, **options).maps
+    for method, options in (("gradcam", None), ("gradient_shap", GradientShapOptions(background, nsamples=8))):
+        logit = explain(model, x, [0, 1, 2], method, options=options, engine=engine, progress=False).maps
+        prob = explain(model, x, [0, 1, 2], method, options=options, engine=engine, output="probability",
+                       progress=False).maps
+        sig = explain(model, x, [0, 1, 2], method, options=options, engine=engine, output="sigmoid",
+                      progress=False).maps
         assert not np.allclose(logit, prob, atol=1e-3) and not np.allclose(prob, sig, atol=1e-3), method
         if method == "gradient_shap":
             # not a constant factor apart: the probability's gradient is rescaled differently per sample
@@ -203,8 +217,8 @@ def test_model_state_is_restored_exactly(tiny, method, engine):
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
     grads = {name: (p.grad, None if p.grad is None else p.grad.clone()) for name, p in model.named_parameters()}
     assert grads["features.0.weight"][0] is not None and grads["head.2.bias"][0] is None
-    explain(model, x, [0, 1, 2, 0, 1], method, engine=engine, background=torch.randn(4, 3, 32, 32), nsamples=4,
-            progress=False)
+    options = GradientShapOptions(torch.randn(4, 3, 32, 32), nsamples=4) if method == "gradient_shap" else None
+    explain(model, x, [0, 1, 2, 0, 1], method, options=options, engine=engine, progress=False)
     assert {name: m.training for name, m in model.named_modules()} == modes
     assert {name: p.requires_grad for name, p in model.named_parameters()} == flags
     for name, p in model.named_parameters():
@@ -242,8 +256,9 @@ def test_inplace_op_after_the_target_layer_does_not_change_cams(engine):
     model = ConvInplace()
     reference = _out_of_place_copy(model)
     x, targets = torch.randn(4, 3, 16, 16), [0, 1, 2, 1]
-    got = explain(model, x, targets, "gradcam", target_layers=[model.conv2], engine=engine, progress=False).maps
-    want = explain(reference, x, targets, "gradcam", target_layers=[reference.conv2], engine=engine, progress=False).maps
+    got = explain(model, x, targets, "gradcam", options=CamOptions([model.conv2]), engine=engine, progress=False).maps
+    want = explain(reference, x, targets, "gradcam", options=CamOptions([reference.conv2]), engine=engine,
+                   progress=False).maps
     assert np.abs(got - want).max() <= 1e-5
     assert np.abs(want).max() > 0.5
 
@@ -277,7 +292,7 @@ def test_bad_targets_and_target_layers_fail_clearly(tiny):
         explain(model, x, [[0.5], [1], [2], [0], [1]], progress=False)
     for engine in ("fast", "library"):
         with pytest.raises(ValueError, match=r"target layer Linear.*\(N, C, H, W\)"):
-            explain(model, x, 0, "gradcam", target_layers=[model.head[2]], engine=engine, progress=False)
+            explain(model, x, 0, "gradcam", options=CamOptions([model.head[2]]), engine=engine, progress=False)
 
 
 def test_one_output_model_is_refused_for_multiclass():
@@ -369,3 +384,4 @@ def test_all_zero_maps_and_a_target_layer_at_the_input_are_warned():
                                   *[nn.Sequential(nn.LazyLinear(16), nn.ReLU()) for _ in range(10)], nn.LazyLinear(3))
     with pytest.warns(UserWarning, match="right at the input"):
         assert find_target_layer(stem_then_mlp) is stem_then_mlp[0]
+

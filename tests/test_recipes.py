@@ -13,6 +13,7 @@ from segx_helpers.models.checkpoints import split_tensors
 from segx_helpers.data import SyntheticConfig, generate_synthetic_derm, load_dataset
 from segx_helpers.data.synthetic import load_artefacts
 from segx_helpers.explain.api import explain
+from segx_helpers.explain.cams import CamOptions
 from segx_helpers.tutorial.explanation_recipes import explain_predictions, segx_results
 from segx_helpers.models.masks import mask_probabilities
 from segx_helpers.tutorial.settings import MissingArtifactError, TutorialPaths, run_settings
@@ -169,7 +170,7 @@ def test_foreign_classifier_and_callable_mask_source(trained):
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
     tensors = split_tensors(data, "test", cls.meta)
-    e = explain(model, tensors["image"], None, "gradcam", target_layers=[model[2]], progress=False)
+    e = explain(model, tensors["image"], None, "gradcam", options=CamOptions(target_layers=[model[2]]), progress=False)
     centre = np.zeros((len(tensors["image"]), 64, 64))
     centre[:, 16:48, 16:48] = 1
     masks = mask_probabilities(lambda x: centre, data, "test", 64, images=tensors["image"])

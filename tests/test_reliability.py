@@ -10,6 +10,7 @@ from segx_helpers.data import load_dataset
 from segx_helpers.data.format import DatasetInfo, make_splits, write_dataset
 from segx_helpers.data.torch_dataset import SegXDataset
 from segx_helpers.explain.api import explain
+from segx_helpers.explain.gradient_shap import GradientShapOptions
 from segx_helpers.data.io import atomic_path, check_safe_id
 from segx_helpers.models.networks import build_classifier
 
@@ -72,10 +73,11 @@ def test_explanations_and_scores_are_deterministic():
     torch.manual_seed(0)
     model = build_classifier("resnet18", 3)
     x, background = torch.randn(3, 3, 32, 32), torch.randn(4, 3, 32, 32)
-    runs = [explain(model, x, [0, 1, 2], "gradient_shap", background=background, nsamples=8, seed=5, progress=False).maps
-            for _ in range(2)]
+    runs = [explain(model, x, [0, 1, 2], "gradient_shap", options=GradientShapOptions(background, nsamples=8, seed=5),
+                    progress=False).maps for _ in range(2)]
     assert np.array_equal(runs[0], runs[1])
-    other = explain(model, x, [0, 1, 2], "gradient_shap", background=background, nsamples=8, seed=6, progress=False).maps
+    other = explain(model, x, [0, 1, 2], "gradient_shap", options=GradientShapOptions(background, nsamples=8, seed=6),
+                    progress=False).maps
     assert not np.array_equal(runs[0], other)
 
 
@@ -456,7 +458,7 @@ def test_regenerating_a_synthetic_dataset_keeps_files_the_user_added(tmp_path):
                                             ([0], r"shape \(1,\) but there are 2 maps")])
 def test_analyse_and_explanation_results_refuse_bad_image_indices(index, message):
     from segx_helpers.scores.analysis import analyse
-    from segx_helpers.explain.api import Explanations
+    from segx_helpers.explain.targets import Explanations
     from segx_helpers.tutorial.results import explanation_results
 
     rng = np.random.default_rng(0)

@@ -117,10 +117,12 @@ class AuditOptions:
     timeout_minutes: float = 60.0
 
     def __post_init__(self) -> None:
-        from segx_helpers.explain.api import METHODS
+        import segx_helpers.explain.api  # noqa: F401 (importing it registers the built-in methods)
+        from segx_helpers.explain.registry import method_names
 
         self.methods = tuple(dict.fromkeys(self.methods))
-        problems = [f"unknown method {m!r} (choose from {METHODS})" for m in self.methods if m not in METHODS]
+        problems = [f"unknown method {m!r} (choose from {method_names()})" for m in self.methods
+                    if m not in method_names()]
         if not self.methods:
             problems.append("give at least one method")
         if self.split not in ("all", "train", "val", "test"):
@@ -511,6 +513,7 @@ class ShardWorker:
         from torch.utils.data import DataLoader, Subset
 
         from segx_helpers.explain.api import explain
+        from segx_helpers.explain.gradient_shap import GradientShapOptions
         from segx_helpers.tutorial.results import explanation_results
 
         started = time.perf_counter()
@@ -531,9 +534,10 @@ class ShardWorker:
             mask_parts.append(predicted)
             mask_ids += ids
             for method in opts.methods:
-                e = explain(self.classifier.model, batch["image"], None, method, task=self.task,
+                options = (GradientShapOptions(self.background, nsamples=opts.nsamples, seed=opts.seed + int(index[0]))
+                           if method == "gradient_shap" else None)
+                e = explain(self.classifier.model, batch["image"], None, method, options=options, task=self.task,
                             thresholds=self.classifier.meta.get("thresholds"), batch_size=opts.batch_size,
-                            background=self.background, nsamples=opts.nsamples, seed=opts.seed + int(index[0]),
                             progress=False, device=str(self.device))
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # degenerate maps/masks: scored 0 as documented, once per shard below

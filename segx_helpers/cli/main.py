@@ -15,7 +15,8 @@ from typing import Sequence
 
 def _audit_parser(sub) -> None:
     from segx_helpers.cli.audit import MAPS_DTYPES
-    from segx_helpers.explain.api import METHODS
+    import segx_helpers.explain.api  # noqa: F401 (importing it registers the built-in methods)
+    from segx_helpers.explain.registry import method_names
 
     p = sub.add_parser("audit", help="SegX and SegU over a whole archive: streamed, sharded, resumable",
                        description="Explain every prediction of a classifier over an archive, score it with SegU "
@@ -24,7 +25,7 @@ def _audit_parser(sub) -> None:
     p.add_argument("--classifier", required=True, help="classifier checkpoint (.pt) of segx_helpers")
     p.add_argument("--masks", required=True, help="segmenter checkpoint (.pt) or a folder of <id>.png masks")
     p.add_argument("--out", required=True, help="output folder: new, empty, or an earlier audit of the same inputs")
-    p.add_argument("--method", dest="methods", action="append", choices=METHODS,
+    p.add_argument("--method", dest="methods", action="append", choices=method_names(),
                    help="explanation method; repeat for several (default gradcam)")
     p.add_argument("--split", default="all", choices=("all", "train", "val", "test"), help="dataset split (default all)")
     p.add_argument("--nsamples", type=int, default=50, help="Gradient SHAP samples per image (default 50)")

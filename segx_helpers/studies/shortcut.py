@@ -23,7 +23,7 @@ from torchvision import tv_tensors
 from segx_helpers.data.format import LoadedDataset, read_image, read_mask
 from segx_helpers.data.synthetic import load_artefacts, phi_correlation, shortcut_pairs, twin_path
 from segx_helpers.data.torch_dataset import Normalization, make_transforms
-from segx_helpers.explain.api import predict
+from segx_helpers.explain.targets import predict
 from segx_helpers.scores.segu import separation_table
 
 

@@ -14,6 +14,7 @@ from segx_helpers.models.checkpoints import TrainedModel, split_tensors
 from segx_helpers.data.format import LoadedDataset
 from segx_helpers.data.torch_dataset import Normalization, SegXDataset
 from segx_helpers.explain.api import explain
+from segx_helpers.explain.gradient_shap import GradientShapOptions
 from segx_helpers.models.masks import mask_probabilities
 from segx_helpers.tutorial.settings import RunSettings, TutorialPaths
 from segx_helpers.tutorial.results import explanation_results, save_split_arrays
@@ -51,14 +52,14 @@ def explained_subset(targets: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
 
 
 def explain_predictions(classifier: TrainedModel, images: torch.Tensor, method: str,
-                        subset: np.ndarray | None = None, **options):
+                        subset: np.ndarray | None = None, **keywords):
     """:func:`segx_helpers.explain.api.explain` for a trained classifier: its predicted classes
     (argmax, or the per-class validation thresholds for multilabel) are the targets. ``subset``:
     positions of the images to explain (e.g. :func:`explained_subset`); the result's ``image_index``
-    still refers to rows of ``images``."""
+    still refers to rows of ``images``. ``keywords`` go to ``explain``, e.g. ``options=``, ``progress=``."""
     rows = np.arange(len(images)) if subset is None else np.asarray(subset, dtype=np.int64)
     e = explain(classifier.model, images[torch.as_tensor(rows)], None, method, task=classifier.meta["task"],
-                thresholds=classifier.meta.get("thresholds"), **options)
+                thresholds=classifier.meta.get("thresholds"), **keywords)
     e.image_index = rows[e.image_index]
     return e
 
@@ -80,8 +81,9 @@ def segx_results(name: str, paths: TutorialPaths, data: LoadedDataset, segmenter
     for method in methods:
         if method == "gradient_shap":
             rows = explained_subset(targets, settings.shap_images, seed)
-            e = explain_predictions(classifier, test["image"], method, subset=rows, nsamples=settings.shap_nsamples,
-                                    background=background_images(data, classifier.meta, settings.shap_background, seed))
+            background = background_images(data, classifier.meta, settings.shap_background, seed)
+            e = explain_predictions(classifier, test["image"], method, subset=rows,
+                                    options=GradientShapOptions(background, nsamples=settings.shap_nsamples))
         else:
             e = explain_predictions(classifier, test["image"], method)
         out[method] = explanation_results(e, test["image_id"], targets, data.info.task, data.info.class_names,

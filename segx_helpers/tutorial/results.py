@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from segx_helpers.explain.api import Explanations
+from segx_helpers.explain.targets import Explanations
 from segx_helpers.data.io import atomic_path, check_only_listed_files, check_safe_id, files_below
 from segx_helpers.scores.segx import top_percent
 from segx_helpers.tutorial.viz import overlay

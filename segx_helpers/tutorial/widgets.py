@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import matplotlib.pyplot as plt
 import numpy as np
 
-from segx_helpers.explain.api import Explanations
+from segx_helpers.explain.targets import Explanations
 from segx_helpers.scores.segu import segu_iou
 from segx_helpers.scores.segx import segx, top_percent
 from segx_helpers.tutorial.viz import overlay
