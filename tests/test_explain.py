@@ -1,5 +1,7 @@
-"""explain(): every method on small models, targets, engines agreeing, model state restored."""
+"""explain(): every method on small models, targets, engines agreeing, model state restored, the registry."""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -10,8 +12,10 @@ from torchvision import models as tv_models
 from segx_helpers.explain.api import explain
 from segx_helpers.explain.cams import CAM_CLASSES, CamOptions
 from segx_helpers.explain.gradient_shap import GradientShapOptions
+from segx_helpers.explain.registry import ExplanationMethod, method_names, register_method, unregister_method
 from segx_helpers.explain.targets import predicted_targets
 from segx_helpers.models.networks import build_classifier
+from segx_helpers.scores.analysis import analyse
 
 
 class TinyNet(nn.Module):
@@ -385,3 +389,68 @@ def test_all_zero_maps_and_a_target_layer_at_the_input_are_warned():
     with pytest.warns(UserWarning, match="right at the input"):
         assert find_target_layer(stem_then_mlp) is stem_then_mlp[0]
 
+
+# ------------------------------------------------------------------------------ the registry (issue 26)
+
+@dataclass(frozen=True)
+class InputOptions:
+    """The toy method has no options."""
+
+
+def _input_maps(model, images, targets, options, settings):
+    """The toy method: the mean absolute input over channels, once per (image, class) pair."""
+    return np.stack([images[i].abs().mean(0).numpy() for i, row in enumerate(targets) for _ in row])
+
+
+@pytest.fixture
+def input_method():
+    method = register_method(ExplanationMethod("mean_abs_input", InputOptions, _input_maps))
+    yield method
+    unregister_method(method.name)
+
+
+def test_a_registered_method_runs_through_explain_and_the_analysis(input_method):
+    torch.manual_seed(0)
+    model = TinyNet()
+    x = torch.zeros(3, 3, 16, 16)
+    x[0, :, :, :8] = -2.0  # left half
+    x[1, :, :8, :] = 1.0   # top half
+    x[2] = 0.5             # everywhere
+    assert "mean_abs_input" in method_names()
+    result = explain(model, x, [[0, 2], 1, []], "mean_abs_input", progress=False)
+    assert result.method == "mean_abs_input" and result.maps.shape == (3, 16, 16) and result.maps.dtype == np.float32
+    assert result.image_index.tolist() == [0, 0, 1] and result.class_index.tolist() == [0, 2, 1]
+    assert np.array_equal(result.maps, x.abs().mean(1).numpy()[[0, 0, 1]])
+    with torch.no_grad():
+        probs = model(x).softmax(1).numpy()
+    assert np.allclose(result.scores, probs[[0, 0, 1], [0, 2, 1]], atol=1e-6)
+    left = np.zeros((3, 16, 16), bool)
+    left[:, :, :8] = True
+    table = analyse(result.maps, left, image_index=result.image_index)
+    assert table["SegU mass"].to_numpy() == pytest.approx([1.0, 1.0, 0.5])
+    every = explain(model, x, None, "mean_abs_input", progress=False)
+    assert np.array_equal(every.maps, x.abs().mean(1).numpy())
+    with pytest.warns(UserWarning, match="mean_abs_input has no fast engine"):
+        explain(model, x, 0, "mean_abs_input", engine="fast", progress=False)
+
+
+def test_the_registry_refuses_unknown_and_duplicate_names_and_wrong_maps(tiny, input_method):
+    model, x = tiny
+    with pytest.raises(ValueError, match=r"Unknown method 'lime'; choose one of the registered methods \(.*'gradcam'.*"
+                                         r"'gradient_shap'.*'mean_abs_input'\)"):
+        explain(model, x, method="lime", progress=False)
+    with pytest.raises(ValueError, match="'mean_abs_input' is already registered"):
+        register_method(ExplanationMethod("mean_abs_input", InputOptions, _input_maps))
+    with pytest.raises(ValueError, match="'gradcam' is already registered"):
+        register_method(ExplanationMethod("gradcam", InputOptions, _input_maps))
+    with pytest.raises(TypeError, match=r"options for mean_abs_input must be InputOptions\(...\), got CamOptions"):
+        explain(model, x, 0, "mean_abs_input", options=CamOptions(), progress=False)
+    register_method(ExplanationMethod("one_map", InputOptions, lambda model, images, *rest: images[:1, 0].numpy()))
+    try:
+        with pytest.raises(ValueError, match="one_map gave maps of shape .* one map per pair"):
+            explain(model, x, 0, "one_map", progress=False)
+    finally:
+        unregister_method("one_map")
+    assert "one_map" not in method_names()
+    with pytest.raises(ValueError, match="Unknown method 'one_map'"):
+        unregister_method("one_map")
