@@ -174,10 +174,10 @@ def _fast_gradcam(model: nn.Module, images: torch.Tensor, targets, options: CamO
     return stacked, pairs, np.concatenate(probs)
 
 
-ZERO_MAPS_HINT = ("the target layer does not influence the explained output (e.g. a transformer's patch embedding: "
+_ZERO_MAPS_HINT = ("the target layer does not influence the explained output (e.g. a transformer's patch embedding: "
                   "pass options=CamOptions(target_layers=..., reshape_transform=...))")
 
 for _name in CAM_CLASSES:
     register_method(ExplanationMethod(_name, CamOptions, functools.partial(_library_cam, _name),
                                       fast=_fast_gradcam if _name == "gradcam" else None, prepare=_prepare,
-                                      zero_maps_hint=ZERO_MAPS_HINT))
+                                      zero_maps_hint=_ZERO_MAPS_HINT))

@@ -33,8 +33,7 @@ class ExplanationMethod:
     """One explanation method.
 
     ``name``: what ``explain(..., method=name)`` takes. ``options``: the dataclass of its own settings;
-    ``explain(..., options=None)`` uses ``options()``, so its ``__init__`` should refuse missing required
-    values with a clear error. ``maps``: the reference computation, a
+    ``explain(..., options=None)`` uses ``options()`` (its defaults). ``maps``: the reference computation, a
     :data:`~segx_helpers.explain.targets.MapsFunction` (one map ``(M, H, W)`` per (image, class) pair).
     ``fast``: an optional :data:`~segx_helpers.explain.targets.Engine`, what ``engine="fast"`` (and
     ``"auto"``) runs; wrap a maps function with :func:`~segx_helpers.explain.targets.explain_pairs` when

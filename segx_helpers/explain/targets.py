@@ -62,7 +62,7 @@ MapsFunction = Callable[[nn.Module, torch.Tensor, list[list[int]], Any, Settings
 """``maps(model, images, targets, options, settings)``: one map per (image, class) pair, ``(M, H, W)`` at
 the input resolution, image by image and in each image's target order. ``model`` outputs the explained
 quantity (:func:`explained_output`) and is in eval mode on ``settings.device``; ``images`` ``(N, C, H, W)``
-on the CPU; ``targets`` a list of class indices per image, at least one pair in all."""
+float32 as the caller gave them; ``targets`` a list of class indices per image, at least one pair in all."""
 
 Engine = Callable[[nn.Module, torch.Tensor, Any, Any, Settings],
                   tuple[np.ndarray, list[tuple[int, int]], np.ndarray]]
