@@ -212,7 +212,7 @@ def test_agreement_gap_and_target_check():
 
 def test_train_with_mask_trains_reuses_and_refuses_another_fix(make_tiny_dataset, tmp_path):
     from segx_helpers.data.format import load_dataset
-    from segx_helpers.models.training import CheckpointError
+    from segx_helpers.models.checkpoints import CheckpointError
 
     data = load_dataset(make_tiny_dataset(n=30))
     config = TrainConfig(epochs=1, lr=1e-3, monitor="val_auroc", seed=0, max_batches_per_epoch=2)

@@ -84,7 +84,7 @@ def test_explanations_and_scores_are_deterministic():
 def test_failed_replace_keeps_the_old_checkpoint(tmp_path, monkeypatch):
     import os
 
-    from segx_helpers.models.training import read_checkpoint, save_checkpoint
+    from segx_helpers.models.checkpoints import read_checkpoint, save_checkpoint
 
     path = save_checkpoint(tmp_path / "c.pt", build_classifier("resnet18", 3), {"note": "old"})
     old = path.read_bytes()
@@ -250,7 +250,7 @@ def test_segx_train_resumes_an_interrupted_run_and_removes_its_resume_state(make
                                                                             capsys):
     from segx_helpers.tutorial import training_recipes
     from segx_helpers.cli.main import main
-    from segx_helpers.models.training import read_checkpoint
+    from segx_helpers.models.checkpoints import read_checkpoint
 
     data = make_tiny_dataset(n=30, size=32)
     recipe = training_recipes.classifier_recipe
@@ -300,7 +300,7 @@ def test_segx_train_bad_values_are_one_line(make_tiny_dataset, tmp_path, capsys,
 # ------------------------------------------------------------------------------ checkpoint integrity (issue 25)
 
 def test_flipped_bytes_in_a_checkpoints_weights_are_detected(tmp_path):
-    from segx_helpers.models.training import CheckpointError, read_checkpoint, save_checkpoint
+    from segx_helpers.models.checkpoints import CheckpointError, read_checkpoint, save_checkpoint
 
     torch.manual_seed(0)
     model = build_classifier("resnet18", 3)

@@ -325,8 +325,7 @@ def resumable_epochs(checkpoint: str | Path, fingerprint: dict) -> int:
     """The number of epochs an interrupted ``segx train`` run finished, after checking that it can be
     resumed with ``fingerprint``: ``<checkpoint>.last.pt`` exists, holds the same fingerprint, and the
     checkpoint (when there is one) is unfinished. Raises ``ValueError`` saying what to do otherwise."""
-    from segx_helpers.models.checkpoints import check_fingerprint
-    from segx_helpers.models.training import last_checkpoint_path, read_checkpoint
+    from segx_helpers.models.checkpoints import check_fingerprint, last_checkpoint_path, read_checkpoint
 
     checkpoint = Path(checkpoint)
     if checkpoint.exists() and read_checkpoint(checkpoint)["meta"].get("finished") is not False:

@@ -32,12 +32,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, default_collate
 
-from segx_helpers.models.checkpoints import TrainedModel, load_trained, split_tensors, training_fingerprint
+from segx_helpers.models.checkpoints import TrainedModel, load_trained, save_checkpoint, split_tensors, training_fingerprint
 from segx_helpers.data.format import LoadedDataset
 from segx_helpers.data.torch_dataset import Normalization, SegXDataset
 from segx_helpers.scores.metrics import bootstrap_ci, macro_auroc, select_thresholds
 from segx_helpers.models.networks import build_classifier
-from segx_helpers.models.training import TrainConfig, classification_loss, fit, make_loader, predict_classifier, save_checkpoint, set_seed
+from segx_helpers.models.training import TrainConfig, classification_loss, fit, make_loader, predict_classifier, set_seed
 from segx_helpers.tutorial.training_recipes import evaluate_classifier
 
 FIXES = ("rrr", "background")
