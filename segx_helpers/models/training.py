@@ -195,12 +195,13 @@ def fit(model: nn.Module, loss_fn: nn.Module, train_loader: DataLoader, validate
     run.best_state = _copy_state(model)
     if resume and saving.last_path is not None and saving.last_path.exists():
         _resume(run, saving)
+    loss = _Loss(loss_fn, batch_loss, target_key)
     print(config.selection_rule())
     for epoch in range(run.start_epoch, config.epochs):
         if _out_of_patience(run.history, epoch, config):
             break
         started = time.perf_counter()
-        losses = _train_one_epoch(run, train_loader, epoch, _Loss(loss_fn, batch_loss, target_key))
+        losses = _train_one_epoch(run, train_loader, epoch, loss)
         run.scheduler.step()
         score = _validate_and_record(run, validate, epoch, losses, started)
         if _improves(run, score, epoch):
