@@ -82,7 +82,7 @@ def subset(source: Path, n: int, work: Path) -> Path:
 def make_classifier(work: Path, image_size: int) -> Path:
     from segx_helpers.data.torch_dataset import Normalization
     from segx_helpers.models.networks import build_classifier
-    from segx_helpers.models.training import save_checkpoint
+    from segx_helpers.models.checkpoints import save_checkpoint
 
     path = work / f"classifier-{image_size}.pt"
     if not path.is_file():

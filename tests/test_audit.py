@@ -22,7 +22,8 @@ from segx_helpers.cli.audit import AuditError, AuditOptions, run_audit, shard_pa
 from segx_helpers.data.synthetic import SyntheticConfig, generate_synthetic_derm
 from segx_helpers.data.torch_dataset import Normalization
 from segx_helpers.models.networks import build_classifier, build_segmenter
-from segx_helpers.models.training import predict_masks, save_checkpoint
+from segx_helpers.models.checkpoints import save_checkpoint
+from segx_helpers.models.training import predict_masks
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZE = 64
@@ -345,7 +346,7 @@ def test_ddp_training_on_two_processes_matches_one(tmp_path):
     assert h1[0]["train_loss"] != pytest.approx(h1[-1]["train_loss"], rel=1e-3)  # it did train
     for key in w1:
         torch.testing.assert_close(w1[key], w2[key], rtol=0, atol=1e-5)
-    from segx_helpers.models.training import read_checkpoint
+    from segx_helpers.models.checkpoints import read_checkpoint
 
     assert set(read_checkpoint(tmp_path / "p2" / "model.pt")["state_dict"]) == set(w1)  # plain keys, no "module."
 
@@ -379,7 +380,7 @@ def _cli_audit(archive: Path, out: Path, capsys, **changes) -> tuple[int, str]:
 
 
 def test_checkpoint_of_an_unfinished_training_run_is_refused(archive, tmp_path, capsys):
-    from segx_helpers.models.training import read_checkpoint
+    from segx_helpers.models.checkpoints import read_checkpoint
 
     raw = read_checkpoint(archive / "classifier.pt")
     model = build_classifier("resnet18", 3)

@@ -8,9 +8,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from segx_helpers.studies.mask_training import (BackgroundIntervention, DoubleBackwardError, FixComparison, RRRLoss,
-                                        agreement_gap, check_double_backward, input_gradient_mass_outside,
-                                        rrr_penalty, swap_background, target_check, train_with_mask)
+from segx_helpers.studies.mask_training import (BackgroundIntervention, DoubleBackwardError, FixComparison, MaskFix,
+                                        NewClassifier, RRRLoss, agreement_gap, check_double_backward,
+                                        input_gradient_mass_outside, rrr_penalty, swap_background, target_check,
+                                        train_with_mask)
 from segx_helpers.models.networks import build_classifier
 from segx_helpers.models.training import TrainConfig, classification_loss, fit
 
@@ -212,19 +213,22 @@ def test_agreement_gap_and_target_check():
 
 def test_train_with_mask_trains_reuses_and_refuses_another_fix(make_tiny_dataset, tmp_path):
     from segx_helpers.data.format import load_dataset
-    from segx_helpers.models.training import CheckpointError
+    from segx_helpers.models.checkpoints import CheckpointError
 
     data = load_dataset(make_tiny_dataset(n=30))
     config = TrainConfig(epochs=1, lr=1e-3, monitor="val_auroc", seed=0, max_batches_per_epoch=2)
     path = tmp_path / "rrr.pt"
-    trained = train_with_mask(data, path, "rrr", 1.0, image_size=32, config=config, batch_size=8, penalty_images=4)
+    small = NewClassifier(image_size=32)
+    trained = train_with_mask(data, path, MaskFix("rrr", 1.0, penalty_images=4), config=config, batch_size=8,
+                              classifier=small)
     assert trained.meta["fix"]["method"] == "rrr" and trained.meta["metrics"]["last_epoch_penalty"] >= 0
-    again = train_with_mask(data, path, "rrr", 1.0, image_size=32, config=config, batch_size=8, penalty_images=4)
+    again = train_with_mask(data, path, MaskFix("rrr", 1.0, penalty_images=4), config=config, batch_size=8,
+                            classifier=small)
     assert all(torch.equal(a, b) for a, b in zip(trained.model.state_dict().values(), again.model.state_dict().values()))
     with pytest.raises(CheckpointError, match="fix"):
-        train_with_mask(data, path, "rrr", 5.0, image_size=32, config=config, batch_size=8, penalty_images=4)
-    background = train_with_mask(data, tmp_path / "bg.pt", "background", 1.0, image_size=32, config=config,
-                                 batch_size=8, init=trained)
+        train_with_mask(data, path, MaskFix("rrr", 5.0, penalty_images=4), config=config, batch_size=8, classifier=small)
+    background = train_with_mask(data, tmp_path / "bg.pt", MaskFix("background", 1.0), config=config, batch_size=8,
+                                 init=trained)
     assert background.meta["metrics"]["images_swapped"] > 0 and background.meta["fix"]["init"]
     with pytest.raises(ValueError, match="probability"):
-        train_with_mask(data, tmp_path / "x.pt", "background", 2.0, image_size=32, config=config)
+        train_with_mask(data, tmp_path / "x.pt", MaskFix("background", 2.0), config=config, classifier=small)

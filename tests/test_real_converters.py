@@ -14,8 +14,8 @@ from segx_helpers.data import DatasetFormatError, load_dataset, read_image, read
 from segx_helpers.data.converters import (CHESTX_DET10_CLASSES, HAM_CLASSES, MissingMaskWarning, convert_chestx_det10,
                                     convert_ham10000, convert_isic2018_trap, convert_montgomery, convert_segx_kaggle,
                                     convert_shenzhen, find_layout, main)
-from segx_helpers.studies.shortcut import (artefact_label_correlation, lesion_size_auroc, score_by_artefact, shortcut_breakdown,
-                                  size_strata)
+from segx_helpers.studies.artefacts import (artefact_label_correlation, lesion_size_auroc, score_by_artefact, shortcut_breakdown,
+                                   size_strata)
 
 SIZE = 32
 

@@ -19,7 +19,7 @@ from segx_helpers.models.masks import mask_probabilities
 from segx_helpers.tutorial.settings import MissingArtifactError, TutorialPaths, run_settings
 from segx_helpers.tutorial.results import load_results, load_split_arrays, prediction_table, save_results
 from segx_helpers.scores.segu import segu_scores
-from segx_helpers.studies.shortcut import shortcut_breakdown
+from segx_helpers.studies.artefacts import shortcut_breakdown
 from segx_helpers.scores.segx import segx
 from segx_helpers.models.training import TrainConfig
 from segx_helpers.tutorial.training_recipes import (evaluate_classifier, evaluate_segmenter, prepare_dataset,

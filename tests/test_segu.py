@@ -1,11 +1,11 @@
-"""SegU scores on hand-made maps and masks, and the evaluation tools on known cases."""
+"""SegU scores on hand-made maps and masks, and the selective-prediction statistics on known cases."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from segx_helpers.scores.segu import (aurc, combined_confidence, fit_combination, risk_coverage, segu_auitc, segu_distance, segu_iou,
-                               segu_mass, segu_share_inside, segu_scores, separation)
+from segx_helpers.scores.segu import segu_auitc, segu_distance, segu_iou, segu_mass, segu_share_inside, segu_scores
+from segx_helpers.scores.selective import aurc, combined_confidence, fit_combination, risk_coverage, separation
 from segx_helpers.scores.segx import DegenerateMapWarning
 
 SIZE = 20
@@ -78,7 +78,7 @@ def test_separation_on_known_auroc():
 
 
 def test_error_taxonomy_and_its_separation():
-    from segx_helpers.scores.segu import error_types, separation_by_error_type
+    from segx_helpers.scores.selective import error_types, separation_by_error_type
 
     correct = np.array([True, True, False, False, False, True])
     predicted = np.array(["nevus", "melanoma", "melanoma", "nevus", "nevus", "nevus"])
@@ -132,7 +132,7 @@ def test_mask_covering_the_whole_image_trusts_every_map():
 
 
 def test_augrc_hand_case():
-    from segx_helpers.scores.segu import augrc
+    from segx_helpers.scores.selective import augrc
 
     correct = np.array([True, False, True, True])
     confidence = np.array([0.9, 0.8, 0.7, 0.6])

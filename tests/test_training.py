@@ -8,8 +8,8 @@ import torch
 from segx_helpers.data import load_dataset
 from segx_helpers.data.torch_dataset import SegXDataset
 from segx_helpers.models.networks import build_classifier
-from segx_helpers.models.training import (CheckpointError, DiceBCELoss, TrainConfig, balanced_class_weights, classification_loss,
-                                   fit, load_checkpoint, make_loader, read_checkpoint, save_checkpoint)
+from segx_helpers.models.checkpoints import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
+from segx_helpers.models.training import DiceBCELoss, TrainConfig, balanced_class_weights, classification_loss, fit, make_loader
 from segx_helpers.tutorial.training_recipes import train_classifier, train_segmenter
 
 META = {"kind": "classifier", "arch": "resnet18", "class_names": ["a", "b", "c"], "in_channels": 3}

@@ -629,8 +629,8 @@ def merge(out: Path, n_shards: int) -> Path:
 
 def summarise(out: Path, labels_known: bool, images_now: int, seconds: float) -> dict:
     """Images, predictions per method, this run's throughput and, with labels, how well low SegU
-    certainty finds incorrect predictions (:func:`segx_helpers.scores.segu.separation_table`)."""
-    from segx_helpers.scores.segu import separation_table
+    certainty finds incorrect predictions (:func:`segx_helpers.scores.selective.separation_table`)."""
+    from segx_helpers.scores.selective import separation_table
 
     table = pd.read_parquet(out / TABLE_FILE, columns=["image_id", "method", "correct", "c_IoU", "c_AUITC"])
     summary = {"images": int(table["image_id"].nunique()), "predictions": {m: int(n) for m, n in

@@ -31,7 +31,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -39,7 +39,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from segx_helpers.models.networks import pick_device
+from segx_helpers.data.format import LoadedDataset, load_dataset
+from segx_helpers.data.torch_dataset import Normalization, SegXDataset
+from segx_helpers.models.checkpoints import check_fingerprint, last_checkpoint_path, read_checkpoint, training_fingerprint
+from segx_helpers.models.networks import build_classifier, build_segmenter, pick_device
+from segx_helpers.models.training import TrainConfig, fit, make_loader, set_seed
+from segx_helpers.tutorial.training_recipes import (Recipe, classifier_recipe, classifier_selection, finish_training,
+                                                    segmenter_recipe)
 
 
 @dataclass(frozen=True)
@@ -205,8 +211,6 @@ def ddp_fit(model: nn.Module, loss_fn: nn.Module, train_loader: DataLoader, vali
     docstring). ``train_loader`` should come from :func:`distributed_loader`. Returns fit's
     ``History``; ``model`` (the bare model, not the wrapper) ends holding the best weights on every
     rank. With one process this is plain ``fit`` with the same loader."""
-    from segx_helpers.models.training import fit
-
     config = dataclasses.replace(config, device=str(ctx.device))
     if not ctx.distributed:
         return fit(model, loss_fn, train_loader, validate, config, target_key=target_key,
@@ -232,88 +236,93 @@ def ddp_fit(model: nn.Module, loss_fn: nn.Module, train_loader: DataLoader, vali
     return history
 
 
-def train(kind: str, data_dir: str | Path, checkpoint: str | Path, *, image_size: int = 128, epochs: int = 10,
-          batch_size: int = 32, lr: float | None = None, arch: str = "resnet18", encoder: str = "resnet18",
-          max_batches_per_epoch: int | None = None, seed: int = 0, device: str | None = None, num_workers: int = 0,
-          sync_batchnorm: bool = False, overwrite: bool = False, resume: bool = False,
-          timeout_minutes: float = 60.0) -> dict | None:
-    """``segx train``: train a classifier or a segmenter on a dataset folder, on 1..N processes.
+@dataclass(frozen=True)
+class TrainSpec:
+    """What ``segx train`` trains, all of it recorded in the checkpoint's fingerprint: a ``kind``
+    ("classifier" or "segmenter") at ``image_size`` (at least 32 px; a multiple of 32 for the segmenter's
+    U-Net), ``epochs``, ``batch_size`` the *global* batch (split over the processes), ``lr`` (default 1e-3
+    for a classifier, 3e-3 for a segmenter), ``arch`` the classifier's architecture, ``encoder`` the
+    segmenter's, ``max_batches_per_epoch`` and ``seed``. A ``ValueError`` names a bad kind or size."""
+
+    kind: str
+    image_size: int = 128
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float | None = None
+    arch: str = "resnet18"
+    encoder: str = "resnet18"
+    max_batches_per_epoch: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("classifier", "segmenter"):
+            raise ValueError(f"kind must be 'classifier' or 'segmenter', got {self.kind!r}")
+        if self.image_size < 32:
+            raise ValueError(f"--image-size must be at least 32 pixels, got {self.image_size}")
+        if self.kind == "segmenter" and self.image_size % 32:
+            raise ValueError(f"image_size must be divisible by 32 for a U-Net, got {self.image_size}")
+
+    def train_config(self, data: LoadedDataset) -> TrainConfig:
+        """The loop's configuration: the classifier's monitor chosen for ``data``'s validation split
+        (:func:`~segx_helpers.tutorial.training_recipes.classifier_selection`), the segmenter's validation Dice."""
+        monitor = "auto" if self.kind == "classifier" else "val_dice"
+        config = TrainConfig(epochs=self.epochs, lr=self.lr or (1e-3 if self.kind == "classifier" else 3e-3),
+                             monitor=monitor, seed=self.seed, max_batches_per_epoch=self.max_batches_per_epoch)
+        return classifier_selection(config, data) if self.kind == "classifier" else config
+
+
+@dataclass(frozen=True)
+class Processes:
+    """How ``segx train`` runs on each process: ``device`` (see :func:`setup`), ``num_workers`` of each
+    loader, ``sync_batchnorm`` (see :func:`ddp_fit`; recorded in the fingerprint) and ``timeout_minutes``
+    for every collective (see :func:`setup`)."""
+
+    device: str | None = None
+    num_workers: int = 0
+    sync_batchnorm: bool = False
+    timeout_minutes: float = 60.0
+
+
+@dataclass
+class _Splits:
+    """The training and validation splits of a ``segx train`` run, with their loaders (the training
+    loader is this rank's share of the global batches, :func:`distributed_loader`)."""
+
+    norm: Normalization
+    train_set: SegXDataset
+    val_set: SegXDataset
+    loader: DataLoader
+    val_loader: DataLoader
+
+
+def train(data_dir: str | Path, checkpoint: str | Path, spec: TrainSpec, processes: Processes = Processes(), *,
+          overwrite: bool = False, resume: bool = False) -> dict | None:
+    """``segx train``: train a classifier or a segmenter (``spec``) on a dataset folder, on 1..N processes.
 
     The same recipe as :func:`segx_helpers.tutorial.training_recipes.train_classifier` / ``train_segmenter`` (losses,
     validation metric, stored thresholds, training fingerprint, checkpoint metadata), with
-    ``batch_size`` the *global* batch (split over ranks) and :func:`ddp_fit` as the loop. Rank 0 writes
-    the checkpoint; the others return None. An existing checkpoint is refused unless ``overwrite``, or
-    ``resume`` and it holds an unfinished run of the same settings (its ``<checkpoint>.last.pt`` holds the
-    latest epoch; one process only). A ``batch_size`` that leaves no full batch in the training split
-    is refused before training. When training finishes, ``<checkpoint>.last.pt`` is removed.
+    ``spec.batch_size`` the *global* batch (split over ranks) and :func:`ddp_fit` as the loop. Rank 0 writes
+    the checkpoint and gets ``{"checkpoint", "metrics", "epochs", "world_size"}``; the others return None. An
+    existing checkpoint is refused unless ``overwrite``, or ``resume`` and it holds an unfinished run of the
+    same settings (its ``<checkpoint>.last.pt`` holds the latest epoch; one process only). A batch size that
+    leaves no full batch in the training split is refused before training. When training finishes,
+    ``<checkpoint>.last.pt`` is removed. E.g. ``train("data/tiny", "c.pt", TrainSpec("classifier", epochs=2))``.
     """
-    from dataclasses import asdict
-
-    from segx_helpers.models.checkpoints import training_fingerprint
-    from segx_helpers.data.format import load_dataset
-    from segx_helpers.data.torch_dataset import Normalization, SegXDataset
-    from segx_helpers.models.networks import build_classifier, build_segmenter
-    from segx_helpers.models.training import TrainConfig, make_loader, set_seed
-    from segx_helpers.tutorial.training_recipes import classifier_recipe, classifier_selection, finish_training, segmenter_recipe
-
-    if kind not in ("classifier", "segmenter"):
-        raise ValueError(f"kind must be 'classifier' or 'segmenter', got {kind!r}")
     checkpoint = Path(checkpoint)
-    if overwrite and resume:
-        raise ValueError("--overwrite and --resume exclude each other: resume an interrupted run, or train again")
-    if checkpoint.exists() and not (overwrite or resume):
-        raise FileExistsError(f"{checkpoint} exists; pass --overwrite to replace it (or choose another path); "
-                              "--resume continues an interrupted run")
-    if image_size < 32:
-        raise ValueError(f"--image-size must be at least 32 pixels, got {image_size}")
-    ctx = setup(device, timeout_minutes)
+    _check_checkpoint(checkpoint, overwrite, resume)
+    ctx = setup(processes.device, processes.timeout_minutes)
     try:
         data = load_dataset(data_dir, check_files=False)
-        monitor = "auto" if kind == "classifier" else "val_dice"
-        config = TrainConfig(epochs=epochs, lr=lr or (1e-3 if kind == "classifier" else 3e-3), monitor=monitor, seed=seed,
-                             max_batches_per_epoch=max_batches_per_epoch)
-        if kind == "classifier":
-            config = classifier_selection(config, data)
-        norm = Normalization.for_channels(data.info.channels)
-        train_set = SegXDataset(data, "train", image_size, norm, train=True)
-        val_set = SegXDataset(data, "val", image_size, norm)
-        loader = distributed_loader(train_set, batch_size, ctx, shuffle=True, seed=seed, num_workers=num_workers)
-        if len(loader) == 0:
-            raise ValueError(f"the training split of {data_dir} has {len(train_set)} images, fewer than --batch-size "
-                             f"{batch_size}: no full batch can be taken (the last incomplete batch is dropped), so "
-                             f"nothing would be trained. Pass --batch-size {len(train_set)} or less.")
-        val_loader = make_loader(val_set, 64, shuffle=False)
-        common = dict(batch_size=batch_size, normalization=asdict(norm), world_size=ctx.world_size,
-                      sync_batchnorm=sync_batchnorm)
-        set_seed(seed)
-        if kind == "classifier":
-            fingerprint = training_fingerprint(data, image_size, config, **common, kind="classifier", arch=arch,
-                                               pretrained=False, class_weighting=False)
-            model = build_classifier(arch, num_classes=data.info.num_classes, in_channels=data.info.channels)
-            recipe = classifier_recipe(data, image_size, norm, val_loader, arch, False, fingerprint,
-                                       device=str(ctx.device))
-        else:
-            if image_size % 32:
-                raise ValueError(f"image_size must be divisible by 32 for a U-Net, got {image_size}")
-            decoder = (128, 64, 32, 16, 8)
-            fingerprint = training_fingerprint(data, image_size, config, **common, kind="segmenter", encoder=encoder,
-                                               decoder_channels=list(decoder), encoder_weights=None)
-            model = build_segmenter(encoder, encoder_weights=None, in_channels=data.info.channels,
-                                    decoder_channels=decoder)
-            recipe = segmenter_recipe(data, image_size, norm, val_set, val_loader, encoder, decoder, fingerprint,
-                                      device=str(ctx.device))
+        config = spec.train_config(data)
+        splits = _splits(data, data_dir, spec, processes, ctx)
+        set_seed(spec.seed)
+        model, recipe = _model_and_recipe(data, spec, config, splits, processes, ctx)
         if resume:
-            loader.sampler.start_at(resumable_epochs(checkpoint, fingerprint))
-        history = ddp_fit(model, recipe.loss, loader, recipe.validate, config, ctx, checkpoint_path=checkpoint,
-                          meta=recipe.meta, overwrite=overwrite, sync_batchnorm=sync_batchnorm,
+            splits.loader.sampler.start_at(resumable_epochs(checkpoint, recipe.meta["fingerprint"]))
+        history = ddp_fit(model, recipe.loss, splits.loader, recipe.validate, config, ctx, checkpoint_path=checkpoint,
+                          meta=recipe.meta, overwrite=overwrite, sync_batchnorm=processes.sync_batchnorm,
                           target_key=recipe.target_key, resume=resume)
-
-        def finish():
-            meta = finish_training(recipe, model, history, config, checkpoint)
-            return {"checkpoint": str(checkpoint), "metrics": meta["metrics"], "epochs": len(history.records),
-                    "world_size": ctx.world_size}
-
-        result = run_on_main(ctx, finish)
+        result = run_on_main(ctx, lambda: _finish(recipe, model, history, config, checkpoint, ctx))
     except BaseException:
         cleanup(ctx, failed=True)
         raise
@@ -321,13 +330,62 @@ def train(kind: str, data_dir: str | Path, checkpoint: str | Path, *, image_size
     return result if ctx.is_main else None
 
 
+def _check_checkpoint(checkpoint: Path, overwrite: bool, resume: bool) -> None:
+    """Refuse ``overwrite`` with ``resume``, and an existing checkpoint without either."""
+    if overwrite and resume:
+        raise ValueError("--overwrite and --resume exclude each other: resume an interrupted run, or train again")
+    if checkpoint.exists() and not (overwrite or resume):
+        raise FileExistsError(f"{checkpoint} exists; pass --overwrite to replace it (or choose another path); "
+                              "--resume continues an interrupted run")
+
+
+def _splits(data: LoadedDataset, data_dir: str | Path, spec: TrainSpec, processes: Processes, ctx: Context) -> _Splits:
+    """The splits at ``spec.image_size`` with the channels' default normalisation, and their loaders; a
+    ``ValueError`` when the training split holds no full global batch."""
+    norm = Normalization.for_channels(data.info.channels)
+    train_set = SegXDataset(data, "train", spec.image_size, norm, train=True)
+    val_set = SegXDataset(data, "val", spec.image_size, norm)
+    loader = distributed_loader(train_set, spec.batch_size, ctx, shuffle=True, seed=spec.seed,
+                                num_workers=processes.num_workers)
+    if len(loader) == 0:
+        raise ValueError(f"the training split of {data_dir} has {len(train_set)} images, fewer than --batch-size "
+                         f"{spec.batch_size}: no full batch can be taken (the last incomplete batch is dropped), so "
+                         f"nothing would be trained. Pass --batch-size {len(train_set)} or less.")
+    return _Splits(norm, train_set, val_set, loader, make_loader(val_set, 64, shuffle=False))
+
+
+def _model_and_recipe(data: LoadedDataset, spec: TrainSpec, config: TrainConfig, splits: _Splits,
+                      processes: Processes, ctx: Context) -> tuple[nn.Module, Recipe]:
+    """The untrained model of ``spec.kind`` and its recipe, whose ``meta`` holds the training fingerprint
+    (with the global batch size, the normalisation, the number of processes and ``sync_batchnorm``)."""
+    common = dict(batch_size=spec.batch_size, normalization=asdict(splits.norm), world_size=ctx.world_size,
+                  sync_batchnorm=processes.sync_batchnorm)
+    if spec.kind == "classifier":
+        fingerprint = training_fingerprint(data, spec.image_size, config, **common, kind="classifier", arch=spec.arch,
+                                           pretrained=False, class_weighting=False)
+        model = build_classifier(spec.arch, num_classes=data.info.num_classes, in_channels=data.info.channels)
+        return model, classifier_recipe(data, spec.image_size, splits.norm, splits.val_loader, spec.arch, False,
+                                        fingerprint, device=str(ctx.device))
+    decoder = (128, 64, 32, 16, 8)
+    fingerprint = training_fingerprint(data, spec.image_size, config, **common, kind="segmenter", encoder=spec.encoder,
+                                       decoder_channels=list(decoder), encoder_weights=None)
+    model = build_segmenter(spec.encoder, encoder_weights=None, in_channels=data.info.channels, decoder_channels=decoder)
+    return model, segmenter_recipe(data, spec.image_size, splits.norm, splits.val_set, splits.val_loader, spec.encoder,
+                                   decoder, fingerprint, device=str(ctx.device))
+
+
+def _finish(recipe: Recipe, model: nn.Module, history, config: TrainConfig, checkpoint: Path, ctx: Context) -> dict:
+    """Rank 0's end of a run: thresholds, metadata and the finished checkpoint
+    (:func:`~segx_helpers.tutorial.training_recipes.finish_training`), and what :func:`train` returns."""
+    meta = finish_training(recipe, model, history, config, checkpoint)
+    return {"checkpoint": str(checkpoint), "metrics": meta["metrics"], "epochs": len(history.records),
+            "world_size": ctx.world_size}
+
+
 def resumable_epochs(checkpoint: str | Path, fingerprint: dict) -> int:
     """The number of epochs an interrupted ``segx train`` run finished, after checking that it can be
     resumed with ``fingerprint``: ``<checkpoint>.last.pt`` exists, holds the same fingerprint, and the
     checkpoint (when there is one) is unfinished. Raises ``ValueError`` saying what to do otherwise."""
-    from segx_helpers.models.checkpoints import check_fingerprint
-    from segx_helpers.models.training import last_checkpoint_path, read_checkpoint
-
     checkpoint = Path(checkpoint)
     if checkpoint.exists() and read_checkpoint(checkpoint)["meta"].get("finished") is not False:
         raise ValueError(f"{checkpoint} holds a finished training run: nothing to resume (pass --overwrite to "

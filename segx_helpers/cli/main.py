@@ -102,14 +102,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             else:
                 _print_main("unfinished shards remain: run the same command again to continue")
         return 0
-    from segx_helpers.cli.distributed import train
+    from segx_helpers.cli.distributed import Processes, TrainSpec, train
 
     try:
-        result = train(args.kind, args.data, args.checkpoint, image_size=args.image_size, epochs=args.epochs,
-                       batch_size=args.batch_size, lr=args.lr, arch=args.arch, encoder=args.encoder,
-                       max_batches_per_epoch=args.max_batches_per_epoch, seed=args.seed, device=args.device,
-                       num_workers=args.num_workers, sync_batchnorm=args.sync_bn, overwrite=args.overwrite,
-                       resume=args.resume, timeout_minutes=args.timeout_minutes)
+        spec = TrainSpec(args.kind, image_size=args.image_size, epochs=args.epochs, batch_size=args.batch_size,
+                         lr=args.lr, arch=args.arch, encoder=args.encoder,
+                         max_batches_per_epoch=args.max_batches_per_epoch, seed=args.seed)
+        processes = Processes(device=args.device, num_workers=args.num_workers, sync_batchnorm=args.sync_bn,
+                              timeout_minutes=args.timeout_minutes)
+        result = train(args.data, args.checkpoint, spec, processes, overwrite=args.overwrite, resume=args.resume)
     except (FileExistsError, ValueError) as err:
         print(f"segx train: {err}", file=sys.stderr)
         return 2

@@ -1,20 +1,13 @@
-"""Training: one loop for segmenters and classifiers, losses, prediction, and checkpoints.
+"""Training: one loop for segmenters and classifiers (:func:`fit`), losses, and prediction.
 
-A checkpoint is one file holding the state dict plus everything needed to rebuild and use the
-model (``meta``: architecture, task, class names, image size, normalisation, thresholds, training
-configuration, metrics) and ``content_sha256``, a SHA-256 of the weights and the metadata that is
-checked on every load (a damaged file is refused, never used). It is loaded with
-``torch.load(weights_only=True)``: no arbitrary pickles. Saving refuses to overwrite an existing file
-unless asked.
+:func:`fit` writes its checkpoints with :mod:`segx_helpers.models.checkpoints` (the best epoch's model, and
+the latest epoch's state for ``resume``).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import pickle
 import random
-import re
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -28,16 +21,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from segx_helpers.data.io import atomic_path
-from segx_helpers.models.networks import (CpuTraining, build_classifier, build_segmenter, cpu_supports_bf16, pick_device,
-                     prepare_for_cpu_training)
-
-CHECKPOINT_FORMAT = "segx-checkpoint-v1"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file is missing, corrupt, or does not match what the caller expects."""
-
+from segx_helpers.models.checkpoints import last_checkpoint_path, read_checkpoint, save_checkpoint
+from segx_helpers.models.networks import CpuTraining, cpu_supports_bf16, pick_device, prepare_for_cpu_training
 
 class NonFiniteScoreWarning(RuntimeWarning):
     """A validation score was NaN or infinite: that epoch cannot be the best one."""
@@ -205,6 +190,104 @@ def fit(model: nn.Module, loss_fn: nn.Module, train_loader: DataLoader, validate
     the whole batch dict with its tensors on the device (e.g. ``batch["mask"]`` for a loss that uses the
     clinical mask, see :mod:`segx_helpers.studies.mask_training`); ``loss_fn`` is then unused.
     """
+    run = _start(model, config)
+    saving = _Saving.at(checkpoint_path, meta, overwrite, resume)
+    run.best_state = _copy_state(model)
+    if resume and saving.last_path is not None and saving.last_path.exists():
+        _resume(run, saving)
+    loss = _Loss(loss_fn, batch_loss, target_key)
+    print(config.selection_rule())
+    for epoch in range(run.start_epoch, config.epochs):
+        if _out_of_patience(run.history, epoch, config):
+            break
+        started = time.perf_counter()
+        losses = _train_one_epoch(run, train_loader, epoch, loss)
+        run.scheduler.step()
+        score = _validate_and_record(run, validate, epoch, losses, started)
+        if _improves(run, score, epoch):
+            _keep_best(run, score, epoch, saving)
+        saving.save_last(run, epoch)
+    if run.history.best_epoch < 0 and run.history.records:
+        _keep_last_epoch(run, saving)
+    model.load_state_dict(run.best_state)
+    model.eval()
+    return run.history
+
+
+@dataclass
+class _Run:
+    """One call of :func:`fit`: the model, how it is stepped, and what is carried from epoch to epoch
+    (``history``, the best epoch's weights ``best_state``, the first epoch still to train)."""
+
+    model: nn.Module
+    config: TrainConfig
+    device: torch.device
+    cpu: CpuTraining
+    use_amp: bool
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    history: History
+    best_state: dict[str, torch.Tensor] | None = None
+    start_epoch: int = 0
+
+
+@dataclass
+class _Loss:
+    """How :func:`fit` gets one batch's loss: ``loss_fn(model(images), batch[target_key])``, or
+    ``batch_loss(model, batch)`` with the whole batch on the device when given."""
+
+    loss_fn: nn.Module
+    batch_loss: Callable[[nn.Module, dict], torch.Tensor] | None
+    target_key: str
+
+    def inputs(self, batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's images and targets on ``device``."""
+        return batch["image"].to(device), batch[self.target_key].to(device)
+
+    def __call__(self, model: nn.Module, batch: dict, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if self.batch_loss is None:
+            return self.loss_fn(model(images), targets)
+        on_device = {k: v.to(images.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        return self.batch_loss(model, {**on_device, "image": images, self.target_key: targets})
+
+
+@dataclass
+class _Saving:
+    """Where :func:`fit` writes: the best model at ``path`` (with ``meta``), the latest epoch's state at
+    ``last_path`` (:func:`~segx_helpers.models.checkpoints.last_checkpoint_path`); both None without a path."""
+
+    path: Path | None
+    last_path: Path | None
+    meta: dict
+
+    @classmethod
+    def at(cls, checkpoint_path: str | Path | None, meta: dict | None, overwrite: bool, resume: bool) -> "_Saving":
+        """Refuses (``FileExistsError``) an existing checkpoint unless ``overwrite`` or ``resume``."""
+        path = Path(checkpoint_path) if checkpoint_path is not None else None
+        if path is not None and path.exists() and not (overwrite or resume):
+            raise FileExistsError(f"Checkpoint {path} already exists; pass overwrite=True to retrain, or resume=True "
+                                  "to continue.")
+        return cls(path, last_checkpoint_path(path) if path is not None else None, meta or {})
+
+    def save_best(self, run: _Run) -> None:
+        """The model as it is now, with ``meta``, its history so far and the training configuration."""
+        if self.path is not None:
+            save_checkpoint(self.path, run.model, {**self.meta, "history": run.history.records,
+                                                   "train_config": asdict(run.config)}, overwrite=True)
+
+    def save_last(self, run: _Run, epoch: int) -> None:
+        """The model after ``epoch`` (counting from 0) with what ``resume`` needs: optimiser, scheduler, history."""
+        if self.last_path is not None:
+            save_checkpoint(self.last_path, run.model, self.meta, overwrite=True, training_state={
+                "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(), "epoch": epoch,
+                "history": json.dumps(run.history.records), "best_epoch": run.history.best_epoch,
+                "best_value": run.history.best_value})
+
+
+def _start(model: nn.Module, config: TrainConfig) -> _Run:
+    """Seed, move ``model`` to its device (in the CPU's memory format), and make the optimiser (AdamW),
+    the cosine schedule and the gradient scaler (float16 autocast on a GPU with ``config.amp``)."""
     set_seed(config.seed)
     device = pick_device(config.device)
     model.to(device)
@@ -216,101 +299,114 @@ def fit(model: nn.Module, loss_fn: nn.Module, train_loader: DataLoader, validate
     use_amp = config.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     history = History(best_value=math.inf if config.minimises else -math.inf)
-    start_epoch = 0
-    path = Path(checkpoint_path) if checkpoint_path is not None else None
-    last_path = last_checkpoint_path(path) if path is not None else None
-    if path is not None and path.exists() and not (overwrite or resume):
-        raise FileExistsError(f"Checkpoint {path} already exists; pass overwrite=True to retrain, or resume=True to continue.")
-    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    if resume and last_path is not None and last_path.exists():
-        raw = read_checkpoint(last_path)
-        model.load_state_dict(raw["state_dict"])
-        state = raw["training_state"]
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        history = History(records=json.loads(state["history"]), best_epoch=int(state["best_epoch"]),
+    return _Run(model, config, device, cpu, use_amp, optimizer, scheduler, scaler, history)
+
+
+def _copy_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A detached copy of ``model``'s weights."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _resume(run: _Run, saving: _Saving) -> None:
+    """Continue an interrupted run from ``saving.last_path``: its weights, optimiser, scheduler and history,
+    the best weights from ``saving.path`` (when written), and the seed of the next epoch."""
+    raw = read_checkpoint(saving.last_path)
+    run.model.load_state_dict(raw["state_dict"])
+    state = raw["training_state"]
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    run.history = History(records=json.loads(state["history"]), best_epoch=int(state["best_epoch"]),
                           best_value=float(state["best_value"]))
-        best_state = read_checkpoint(path)["state_dict"] if path.exists() else best_state
-        start_epoch = int(state["epoch"]) + 1
-        torch.manual_seed(config.seed + start_epoch)
+    run.best_state = read_checkpoint(saving.path)["state_dict"] if saving.path.exists() else run.best_state
+    run.start_epoch = int(state["epoch"]) + 1
+    torch.manual_seed(run.config.seed + run.start_epoch)
 
-    print(config.selection_rule())
-    for epoch in range(start_epoch, config.epochs):
-        if epoch - history.best_epoch > config.patience and history.best_epoch >= 0:
+
+def _out_of_patience(history: History, epoch: int, config: TrainConfig) -> bool:
+    """Whether more than ``config.patience`` epochs passed since the best one (early stopping)."""
+    return epoch - history.best_epoch > config.patience and history.best_epoch >= 0
+
+
+def _train_one_epoch(run: _Run, train_loader: DataLoader, epoch: int, loss: _Loss) -> list[float]:
+    """One pass over ``train_loader`` (at most ``max_batches_per_epoch`` batches) in train mode; the loss
+    of each step. ``ValueError`` when the loader gave no batch."""
+    config = run.config
+    run.model.train()
+    losses = []
+    batches = tqdm(train_loader, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
+                   total=_n_batches(train_loader, config.max_batches_per_epoch))
+    for step, batch in enumerate(batches):
+        if config.max_batches_per_epoch is not None and step >= config.max_batches_per_epoch:
             break
-        started = time.perf_counter()
-        model.train()
-        losses = []
-        batches = tqdm(train_loader, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
-                       total=_n_batches(train_loader, config.max_batches_per_epoch))
-        for step, batch in enumerate(batches):
-            if config.max_batches_per_epoch is not None and step >= config.max_batches_per_epoch:
-                break
-            images = batch["image"].to(device)
-            targets = batch[target_key].to(device)
-            optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(device_type=device.type, enabled=use_amp), cpu.autocast():
-                if batch_loss is not None:
-                    on_device = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-                    loss = batch_loss(model, {**on_device, "image": images, target_key: targets})
-                else:
-                    loss = loss_fn(model(images), targets)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"Training loss became {loss.item()} at epoch {epoch + 1}; lower the learning rate.")
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            losses.append(loss.item())
-            batches.set_postfix(loss=f"{np.mean(losses):.4f}")
-        if not losses:
-            raise ValueError(f"epoch {epoch + 1} took no training step: the loader gave no batch (is the batch size "
-                             "larger than the training split, with drop_last?); nothing was trained or saved.")
-        scheduler.step()
-        model.eval()
-        values = validate(model)
-        if config.monitor not in values:
-            raise KeyError(f"validate() returned {sorted(values)}, which lacks the monitored key {config.monitor!r}")
-        record = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), **{k: float(v) for k, v in values.items()},
-                  "seconds": time.perf_counter() - started}
-        history.records.append(record)
-        print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
-        score = float(values[config.monitor])
-        if not math.isfinite(score):
-            warnings.warn(f"Validation {config.monitor} is {score} (not finite) at epoch {epoch + 1}, so this epoch cannot "
-                          "be the best one (AUROC is undefined when the validation split lacks a class).",
-                          NonFiniteScoreWarning, stacklevel=2)
-        elif epoch + 1 >= config.first_candidate and (score < history.best_value if config.minimises
-                                                     else score > history.best_value):
-            history.best_value, history.best_epoch = score, epoch
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            if path is not None:
-                save_checkpoint(path, model, {**(meta or {}), "history": history.records,
-                                              "train_config": asdict(config)}, overwrite=True)
-        if last_path is not None:
-            save_checkpoint(last_path, model, meta or {}, overwrite=True, training_state={
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch,
-                "history": json.dumps(history.records), "best_epoch": history.best_epoch,
-                "best_value": history.best_value})
-    if history.best_epoch < 0 and history.records:
-        # No epoch had a finite score: keep the last epoch's (trained) weights rather than the initial ones.
-        history.best_epoch, history.best_value = len(history.records) - 1, math.nan
-        best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        warnings.warn(f"no epoch had a finite validation {config.monitor} ({history.records[-1].get(config.monitor)}); "
-                      f"keeping the last epoch's weights (epoch {len(history.records)}) instead of a best epoch. Check "
-                      "the validation split (does it hold every class?) or monitor another metric.",
-                      NonFiniteScoreWarning, stacklevel=2)
-        if path is not None:
-            save_checkpoint(path, model, {**(meta or {}), "history": history.records, "train_config": asdict(config)},
-                            overwrite=True)
-    model.load_state_dict(best_state)
-    model.eval()
-    return history
+        losses.append(_train_step(run, batch, epoch, loss))
+        batches.set_postfix(loss=f"{np.mean(losses):.4f}")
+    if not losses:
+        raise ValueError(f"epoch {epoch + 1} took no training step: the loader gave no batch (is the batch size "
+                         "larger than the training split, with drop_last?); nothing was trained or saved.")
+    return losses
 
 
-def last_checkpoint_path(checkpoint: str | Path) -> Path:
-    """Where :func:`fit` keeps the latest epoch's state for ``resume``: ``<checkpoint>.last.pt``."""
-    checkpoint = Path(checkpoint)
-    return checkpoint.with_name(checkpoint.name + ".last.pt")
+def _train_step(run: _Run, batch: dict, epoch: int, loss: _Loss) -> float:
+    """One optimiser step on ``batch`` (under autocast where configured); the loss. A non-finite loss is a
+    ``FloatingPointError``."""
+    images, targets = loss.inputs(batch, run.device)
+    run.optimizer.zero_grad(set_to_none=True)
+    with torch.autocast(device_type=run.device.type, enabled=run.use_amp), run.cpu.autocast():
+        value = loss(run.model, batch, images, targets)
+    if not torch.isfinite(value):
+        raise FloatingPointError(f"Training loss became {value.item()} at epoch {epoch + 1}; lower the learning rate.")
+    run.scaler.scale(value).backward()
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    return value.item()
+
+
+def _validate_and_record(run: _Run, validate: Callable[[nn.Module], dict], epoch: int, losses: list[float],
+                         started: float) -> float:
+    """``validate`` the model in eval mode, append the epoch's record to the history and print it; the
+    monitored score."""
+    config = run.config
+    run.model.eval()
+    values = validate(run.model)
+    if config.monitor not in values:
+        raise KeyError(f"validate() returned {sorted(values)}, which lacks the monitored key {config.monitor!r}")
+    record = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), **{k: float(v) for k, v in values.items()},
+              "seconds": time.perf_counter() - started}
+    run.history.records.append(record)
+    print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+    return float(values[config.monitor])
+
+
+def _improves(run: _Run, score: float, epoch: int) -> bool:
+    """Whether ``epoch`` is a candidate and ``score`` beats the best so far; a non-finite score never
+    does and gives a :class:`NonFiniteScoreWarning` (at :func:`fit`'s caller)."""
+    config, best = run.config, run.history.best_value
+    if not math.isfinite(score):
+        warnings.warn(f"Validation {config.monitor} is {score} (not finite) at epoch {epoch + 1}, so this epoch cannot "
+                      "be the best one (AUROC is undefined when the validation split lacks a class).",
+                      NonFiniteScoreWarning, stacklevel=3)
+        return False
+    return epoch + 1 >= config.first_candidate and (score < best if config.minimises else score > best)
+
+
+def _keep_best(run: _Run, score: float, epoch: int, saving: _Saving) -> None:
+    """Make ``epoch`` the best one: remember its score and weights, and save the checkpoint."""
+    run.history.best_value, run.history.best_epoch = score, epoch
+    run.best_state = _copy_state(run.model)
+    saving.save_best(run)
+
+
+def _keep_last_epoch(run: _Run, saving: _Saving) -> None:
+    """No epoch had a finite score: keep (and save) the last epoch's trained weights rather than the
+    initial ones, with ``best_value`` NaN and a :class:`NonFiniteScoreWarning` (at :func:`fit`'s caller)."""
+    history, monitor = run.history, run.config.monitor
+    history.best_epoch, history.best_value = len(history.records) - 1, math.nan
+    run.best_state = _copy_state(run.model)
+    warnings.warn(f"no epoch had a finite validation {monitor} ({history.records[-1].get(monitor)}); "
+                  f"keeping the last epoch's weights (epoch {len(history.records)}) instead of a best epoch. Check "
+                  "the validation split (does it hold every class?) or monitor another metric.",
+                  NonFiniteScoreWarning, stacklevel=3)
+    saving.save_best(run)
 
 
 def _n_batches(loader: DataLoader, cap: int | None) -> int:
@@ -354,114 +450,3 @@ def predict_masks(model: nn.Module, images: torch.Tensor | DataLoader, device: s
     return np.concatenate(out)
 
 
-# ------------------------------------------------------------------------------ checkpoints
-
-def save_checkpoint(path: str | Path, model: nn.Module, meta: dict, overwrite: bool = False,
-                    training_state: dict | None = None) -> Path:
-    """Write ``model``'s weights and ``meta`` (JSON-serialisable) to one file, atomically.
-
-    Refuses to replace an existing file unless ``overwrite``.
-    """
-    path = Path(path)
-    state_dict = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    meta_json = json.dumps(meta, default=_jsonable)
-    payload = {"format": CHECKPOINT_FORMAT, "state_dict": state_dict, "meta_json": meta_json,
-               "content_sha256": content_sha256(state_dict, meta_json)}
-    if training_state is not None:
-        payload["training_state"] = training_state
-    with atomic_path(path, overwrite=overwrite) as tmp:
-        torch.save(payload, tmp)
-    return path
-
-
-def content_sha256(state_dict: dict[str, torch.Tensor], meta_json: str) -> str:
-    """SHA-256 of a checkpoint's contents: every tensor's name, dtype, shape and bytes (in key order),
-    then the metadata text. Stored by :func:`save_checkpoint`, checked by :func:`read_checkpoint`."""
-    digest = hashlib.sha256()
-    for key in sorted(state_dict):
-        tensor = state_dict[key].detach().cpu().contiguous()
-        digest.update(f"{key}\t{tensor.dtype}\t{tuple(tensor.shape)}\n".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
-    digest.update(meta_json.encode())
-    return digest.hexdigest()
-
-
-def _jsonable(value):
-    if isinstance(value, (np.generic,)):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    if hasattr(value, "__dataclass_fields__"):
-        return asdict(value)
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
-
-
-def read_checkpoint(path: str | Path) -> dict:
-    """Load a checkpoint file safely (``weights_only=True``); returns state_dict, meta and training_state."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"Checkpoint {path} not found.")
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several types for truncated / foreign files
-        raise CheckpointError(f"Checkpoint {path} is corrupt or not a segx_helpers checkpoint "
-                              f"({_load_failure(err)}).") from err
-    if not isinstance(raw, dict) or raw.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} is not a {CHECKPOINT_FORMAT} file.")
-    state_dict = raw.get("state_dict")
-    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
-        raise CheckpointError(f"{path} is damaged: its state_dict is missing or not a dict of tensors.")
-    try:
-        meta = json.loads(raw["meta_json"])
-    except (KeyError, TypeError, ValueError) as err:
-        raise CheckpointError(f"{path} is damaged: its meta_json is missing or not valid JSON ({type(err).__name__}: {err}).") from err
-    if not isinstance(meta, dict):
-        raise CheckpointError(f"{path} is damaged: its meta_json holds a {type(meta).__name__}, not an object.")
-    stored = raw.get("content_sha256")  # absent in checkpoints written before it was introduced
-    if stored is not None and stored != content_sha256(state_dict, raw["meta_json"]):
-        raise CheckpointError(f"{path} is damaged: its weights or metadata do not match the SHA-256 stored when it "
-                              "was saved (a bit flip, a partial copy or an edit). Restore it from a copy or train again.")
-    return {"state_dict": state_dict, "meta": meta, "training_state": raw.get("training_state")}
-
-
-def _load_failure(err: Exception) -> str:
-    """One line saying why ``torch.load`` failed, without torch's advice to unpickle the file."""
-    if isinstance(err, pickle.UnpicklingError) or "weights_only" in str(err):
-        return ("torch cannot read it as tensors and plain data: it is damaged, not a checkpoint, or holds Python "
-                "objects, which are never unpickled here")
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip().splitlines()
-    return f"{type(err).__name__}: {text[0][:200] if text else ''}"
-
-
-def load_checkpoint(path: str | Path, expected_kind: str | None = None, device: str | None = None) -> tuple[nn.Module, dict]:
-    """Rebuild the model described by a checkpoint and load its weights; returns ``(model, meta)`` in eval mode.
-
-    ``expected_kind`` ("classifier" or "segmenter") guards against passing the wrong file.
-    """
-    raw = read_checkpoint(path)
-    meta = raw["meta"]
-    kind = meta.get("kind")
-    if expected_kind is not None and kind != expected_kind:
-        raise CheckpointError(f"{path} holds a {kind!r}, not a {expected_kind!r}.")
-    needed = {"classifier": ("arch", "class_names", "in_channels"),
-              "segmenter": ("encoder", "in_channels", "decoder_channels")}.get(kind)
-    if needed is None:
-        raise CheckpointError(f"{path}: unknown model kind {kind!r} in its metadata.")
-    missing = [key for key in needed if key not in meta]
-    if missing:
-        raise CheckpointError(f"{path} is damaged: its metadata lacks {missing} (needed to rebuild the {kind}).")
-    try:
-        if kind == "classifier":
-            model = build_classifier(meta["arch"], num_classes=len(meta["class_names"]), in_channels=meta["in_channels"])
-        else:
-            model = build_segmenter(meta["encoder"], encoder_weights=None, in_channels=meta["in_channels"],
-                                    arch=meta.get("arch", "Unet"), decoder_channels=tuple(meta["decoder_channels"]))
-    except (TypeError, ValueError, KeyError) as err:
-        raise CheckpointError(f"{path} has metadata that cannot rebuild its {kind} ({type(err).__name__}: {err}).") from err
-    try:
-        model.load_state_dict(raw["state_dict"])
-    except RuntimeError as err:
-        raise CheckpointError(f"{path} does not match the architecture in its metadata: {str(err)[:500]}") from err
-    return model.to(pick_device(device)).eval(), meta

@@ -45,6 +45,7 @@ import pandas as pd
 import torch
 
 from segx_helpers.scores.saliency import DegenerateMapWarning
+from segx_helpers.scores.segu import distance_from_top
 
 ORDERS = ("mask-then-top", "top-then-mask")
 """SegX orders. ``mask-then-top`` (the reference code): multiply the map by the mask, then take the
@@ -550,83 +551,194 @@ def check_image_index(image_index, n_maps: int, n_images: int) -> np.ndarray:
 def _analyse_batch(maps, predicted_masks, true_masks, image_index, *, artefact_masks, p, n_thresholds, orders,
                    localisation, distance, device, first) -> tuple[dict[str, np.ndarray], int]:
     """The scores of one batch of maps ``(B, H, W)`` as ``{column: (B,) float64}``, and the number of
-    degenerate maps (no positive value or an empty predicted mask) in it; ``first`` the batch's first map."""
+    degenerate maps (no positive value or an empty predicted mask) in it; ``first`` the batch's first map.
+    The steps: the SegU scores (:func:`_segu_scores`), ``SegU distance``, ``artefact mass``, then the
+    localisation of the original map and of the SegX map of each order (:func:`_localisation_scores`)."""
     maps, low, high = _check_maps(maps.to(device), first)
     m, h, w = maps.shape
     index = None if image_index is None else _tensor(np.asarray(image_index, dtype=np.int64), device)
-
-    def per_map(masks):
-        masks = _tensor(np.asarray(masks) if not torch.is_tensor(masks) else masks, device)
-        if masks.dtype != torch.bool:
-            raise TypeError("masks must be boolean: binarise probabilities once with binarise_masks(prob, threshold)")
-        if masks.ndim == 2:
-            masks = masks[None]
-        if index is not None:
-            masks = masks[index] if len(index) else masks[:0]
-        if masks.shape != (m, h, w):
-            raise ValueError(f"masks give shape {tuple(masks.shape)} per map but the maps have shape {(m, h, w)}")
-        return masks.reshape(m, h * w)
-
-    flat = maps.reshape(m, h * w)
-    predicted_bits = per_map(predicted_masks)
+    batch = _Maps(maps.reshape(m, h * w), low, high, (m, h, w))
+    predicted_bits = _masks_per_map(predicted_masks, index, batch.shape, device)
     predicted = _as_float(predicted_bits)
-    truth = _as_float(per_map(true_masks)) if true_masks is not None and localisation else None
-    truth_size = _count(truth) if truth is not None else None
+    truth = _Truth.of(_as_float(_masks_per_map(true_masks, index, batch.shape, device)), batch.pixels) \
+        if true_masks is not None and localisation else None
     with torch.no_grad():
-        scratch = torch.empty_like(flat)  # one buffer for the products and comparisons that are only summed
-        positive = _count(_test(torch.gt, flat, 0.0, scratch))
-        top = top_p_indicator(flat, p, positive)
-        usable = (high > 0) & (_count(predicted) > 0)
-        auitc = auitc_from_flat(flat, [predicted] + ([truth] if truth is not None else []), n_thresholds, low, high)
-        total = _total(flat)
-        top_size = _count(top)
-        hits = _overlap(top, predicted, scratch)
-        zero = torch.zeros(m, dtype=torch.float64, device=device)
-        out = {
-            "c_IoU": torch.where(usable, _iou(top, predicted, inter=hits), zero),
-            "c_AUITC": torch.where(usable, auitc[0], zero),
-            "SegU share inside": torch.where(usable, hits / top_size.clamp_min(1), zero),
-            "SegU mass": torch.where(usable, _mass(flat, predicted, total, scratch), zero),
-        }
+        out, shared = _segu_scores(batch, predicted, truth, p, n_thresholds)
         if distance:
-            from segx_helpers.scores.segu import distance_from_top
-
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                out["SegU distance"] = torch.as_tensor(distance_from_top(
-                    top.bool().reshape(m, h, w).cpu().numpy(), predicted_bits.reshape(m, h, w).cpu().numpy()))
+            out["SegU distance"] = _distance_scores(shared.top, predicted_bits, batch.shape)
         if artefact_masks is not None:
-            out["artefact mass"] = _mass(flat, _as_float(per_map(artefact_masks)), total, scratch)
+            artefacts = _as_float(_masks_per_map(artefact_masks, index, batch.shape, device))
+            out["artefact mass"] = _mass(batch.flat, artefacts, shared.total, shared.scratch)
         if truth is not None:
-            label = f"IoU@{p:g}%"
+            out.update(_localisation_scores(batch, truth, predicted_bits, shared, orders, p, n_thresholds))
+    return {name: value.cpu().numpy().astype(np.float64) for name, value in out.items()}, int((~shared.usable).sum())
 
-            def localise(name, values, inside, region, area, rank_cut, peak, values_total, outside=None):
-                buffer = scratch if values.shape == scratch.shape else packed_scratch
-                out[f"{name} {label}"] = _iou(region, inside, truth_size, buffer)
-                out[f"{name} AUITC"] = area
-                out[f"{name} relevance mass"] = _mass(values, inside, values_total, buffer)
-                out[f"{name} relevance rank"] = _rank(values, inside, rank_cut, truth_size, peak, h * w, outside,
-                                                      buffer)
-                out[f"{name} pointing game"] = _pointing(values, inside, peak, buffer)
 
-            localise("original", flat, truth, top, auitc[1], kth_largest(flat, truth_size, positive), high, total)
-            if orders:  # SegX maps are zero off the predicted mask: score them on its pixels only
-                support = Support.of(predicted_bits)
-                on_mask, inside, on_top = support.pack(flat), support.pack(truth), support.pack(top)
-                packed_scratch = torch.empty_like(on_mask)
-                outside = truth_size - _count(inside)
-            for order in orders:
-                aligned = on_mask if order == "mask-then-top" else on_mask * on_top
-                a_low, a_high = aligned.amin(dim=1), aligned.amax(dim=1)
-                # zero outside the mask (and, top-then-mask, outside the top p %): often fewer positive
-                # pixels than the region sizes, and then the k-th largest value is 0 without a selection
-                aligned_positive = hits if order == "top-then-mask" else \
-                    _count(_test(torch.gt, aligned, 0.0, packed_scratch))
-                localise(segx_label(order), aligned, inside, top_p_indicator(aligned, p, aligned_positive, h * w),
-                         auitc_from_flat(aligned, [inside], n_thresholds, a_low, a_high, pixels=h * w,
-                                         outside=outside)[0],
-                         kth_largest(aligned, truth_size, aligned_positive), a_high, _total(aligned), outside)
-    return {name: value.cpu().numpy().astype(np.float64) for name, value in out.items()}, int((~usable).sum())
+@dataclass
+class _Maps:
+    """One batch of maps on the device: ``flat`` ``(B, H·W)`` float32, non-negative, with each map's ``low``
+    and ``high`` value ``(B,)`` and the batch's ``shape`` ``(B, H, W)``."""
+
+    flat: torch.Tensor
+    low: torch.Tensor
+    high: torch.Tensor
+    shape: tuple[int, int, int]
+
+    @property
+    def pixels(self) -> int:
+        """``H·W``."""
+        return self.shape[1] * self.shape[2]
+
+
+@dataclass
+class _Truth:
+    """The ground-truth masks on the pixels a kind of map is scored on: ``inside`` ``(B, L)`` its 0/1 float32
+    indicator there, ``size`` ``(B,)`` float64 its whole size, ``pixels`` the maps' ``H·W`` and ``outside``
+    ``(B,)`` its pixels off the scored ones (None when every pixel is scored, ``L = H·W``)."""
+
+    inside: torch.Tensor
+    size: torch.Tensor
+    pixels: int
+    outside: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, truth: torch.Tensor, pixels: int) -> "_Truth":
+        """The truth ``(B, H·W)`` on every pixel."""
+        return cls(truth, _count(truth), pixels)
+
+
+@dataclass
+class _Shared:
+    """What the SegU scores compute and the other scores of the batch reuse: ``scratch`` a ``(B, H·W)``
+    buffer for products and comparisons that are only summed, ``positive`` ``(B,)`` each map's positive
+    pixels, ``top`` ``(B, H·W)`` the indicator of its top-``p`` % region, ``hits`` ``(B,)`` that region's
+    pixels in the predicted mask, ``total`` ``(B,)`` the map's sum, ``truth_auitc`` ``(B,)`` the AUITC
+    against the ground truth (None without it), ``usable`` ``(B,)`` bool: a positive map and a non-empty
+    predicted mask."""
+
+    scratch: torch.Tensor
+    positive: torch.Tensor
+    top: torch.Tensor
+    hits: torch.Tensor
+    total: torch.Tensor
+    truth_auitc: torch.Tensor | None
+    usable: torch.Tensor
+
+
+@dataclass
+class _MapKind:
+    """One kind of map to localise (the original, or the SegX map of one order) on the pixels it is scored
+    on: ``values`` ``(B, L)`` non-negative, ``region`` its top-``p`` % indicator, ``auitc`` ``(B,)`` its area
+    under the IoU–threshold curve against the truth, ``kth`` ``(B,)`` its K-th largest value (K the truth's
+    size), ``peak`` ``(B,)`` its maxima, ``total`` ``(B,)`` its sums."""
+
+    values: torch.Tensor
+    region: torch.Tensor
+    auitc: torch.Tensor
+    kth: torch.Tensor
+    peak: torch.Tensor
+    total: torch.Tensor
+
+
+def _masks_per_map(masks, index: torch.Tensor | None, shape: tuple[int, int, int], device) -> torch.Tensor:
+    """Boolean ``masks`` ``(N, H, W)`` (or one ``(H, W)``) on ``device``, picked per map by ``index`` ``(B,)``
+    (None: already one per map), as ``(B, H·W)``; a ``TypeError`` unless boolean, a ``ValueError`` unless
+    they give the maps' ``shape`` ``(B, H, W)``."""
+    m, h, w = shape
+    masks = _tensor(np.asarray(masks) if not torch.is_tensor(masks) else masks, device)
+    if masks.dtype != torch.bool:
+        raise TypeError("masks must be boolean: binarise probabilities once with binarise_masks(prob, threshold)")
+    if masks.ndim == 2:
+        masks = masks[None]
+    if index is not None:
+        masks = masks[index] if len(index) else masks[:0]
+    if masks.shape != (m, h, w):
+        raise ValueError(f"masks give shape {tuple(masks.shape)} per map but the maps have shape {(m, h, w)}")
+    return masks.reshape(m, h * w)
+
+
+def _segu_scores(batch: _Maps, predicted: torch.Tensor, truth: _Truth | None, p: float,
+                 n_thresholds: int) -> tuple[dict[str, torch.Tensor], _Shared]:
+    """``c_IoU``, ``c_AUITC``, ``SegU share inside`` and ``SegU mass`` ``(B,)`` against the ``predicted``
+    masks ``(B, H·W)`` 0/1 float32 (0.0 where the map or the mask is degenerate), and what the other
+    scores reuse; the AUITC against ``truth`` is computed in the same pass."""
+    flat, m = batch.flat, batch.shape[0]
+    scratch = torch.empty_like(flat)
+    positive = _count(_test(torch.gt, flat, 0.0, scratch))
+    top = top_p_indicator(flat, p, positive)
+    usable = (batch.high > 0) & (_count(predicted) > 0)
+    auitc = auitc_from_flat(flat, [predicted] + ([truth.inside] if truth is not None else []), n_thresholds,
+                            batch.low, batch.high)
+    total = _total(flat)
+    top_size = _count(top)
+    hits = _overlap(top, predicted, scratch)
+    zero = torch.zeros(m, dtype=torch.float64, device=flat.device)
+    out = {
+        "c_IoU": torch.where(usable, _iou(top, predicted, inter=hits), zero),
+        "c_AUITC": torch.where(usable, auitc[0], zero),
+        "SegU share inside": torch.where(usable, hits / top_size.clamp_min(1), zero),
+        "SegU mass": torch.where(usable, _mass(flat, predicted, total, scratch), zero),
+    }
+    shared = _Shared(scratch, positive, top, hits, total, auitc[1] if truth is not None else None, usable)
+    return out, shared
+
+
+def _distance_scores(top: torch.Tensor, predicted_bits: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+    """``SegU distance`` ``(B,)`` of the top-``p`` % regions ``top`` against the predicted masks, both
+    ``(B, H·W)``: :func:`segx_helpers.scores.segu.distance_from_top` on the CPU (its degenerate-map warnings
+    silenced: :func:`analyse` counts those maps once)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.as_tensor(distance_from_top(top.bool().reshape(shape).cpu().numpy(),
+                                                 predicted_bits.reshape(shape).cpu().numpy()))
+
+
+def _localisation_scores(batch: _Maps, truth: _Truth, predicted_bits: torch.Tensor, shared: _Shared,
+                         orders: Sequence[str], p: float, n_thresholds: int) -> dict[str, torch.Tensor]:
+    """The localisation columns (:data:`LOCALISATION`) of the original maps, then of the SegX maps of each
+    order, each ``(B,)``. SegX maps are zero off the predicted mask, so they are scored on its pixels only
+    (:class:`Support`), the truth's pixels off it entering as a count."""
+    original = _MapKind(batch.flat, shared.top, shared.truth_auitc,
+                        kth_largest(batch.flat, truth.size, shared.positive), batch.high, shared.total)
+    out = _localise("original", original, truth, p, shared.scratch)
+    if not orders:
+        return out
+    support = Support.of(predicted_bits)
+    on_mask, inside, on_top = support.pack(batch.flat), support.pack(truth.inside), support.pack(shared.top)
+    packed_scratch = torch.empty_like(on_mask)
+    on_support = _Truth(inside, truth.size, batch.pixels, truth.size - _count(inside))
+    for order in orders:
+        aligned = on_mask if order == "mask-then-top" else on_mask * on_top
+        segx_map = _segx_kind(aligned, shared.hits if order == "top-then-mask" else None, on_support, p,
+                              n_thresholds, packed_scratch)
+        out.update(_localise(segx_label(order), segx_map, on_support, p, packed_scratch))
+    return out
+
+
+def _segx_kind(aligned: torch.Tensor, positive: torch.Tensor | None, truth: _Truth, p: float, n_thresholds: int,
+               scratch: torch.Tensor) -> _MapKind:
+    """A SegX map ``aligned`` ``(B, L)`` packed on the predicted masks' pixels as a :class:`_MapKind`.
+    ``positive`` ``(B,)`` its positive pixels when known (``top-then-mask``: the top region's hits in the
+    mask), else counted into ``scratch``. It is zero off the mask (and, top-then-mask, off the top ``p`` %):
+    often fewer positive pixels than the region sizes, and then the k-th largest value is 0 without a
+    selection."""
+    low, high = aligned.amin(dim=1), aligned.amax(dim=1)
+    positive = _count(_test(torch.gt, aligned, 0.0, scratch)) if positive is None else positive
+    return _MapKind(aligned, top_p_indicator(aligned, p, positive, truth.pixels),
+                    auitc_from_flat(aligned, [truth.inside], n_thresholds, low, high, pixels=truth.pixels,
+                                    outside=truth.outside)[0],
+                    kth_largest(aligned, truth.size, positive), high, _total(aligned))
+
+
+def _localise(name: str, kind: _MapKind, truth: _Truth, p: float, scratch: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``IoU@p``, ``AUITC``, relevance mass, relevance rank and pointing game ``(B,)`` of one kind of map
+    against the truth, as ``"<name> <metric>"`` columns; ``scratch`` a buffer of ``kind.values``' shape."""
+    return {f"{name} IoU@{p:g}%": _iou(kind.region, truth.inside, truth.size, scratch),
+            f"{name} AUITC": kind.auitc,
+            f"{name} relevance mass": _mass(kind.values, truth.inside, kind.total, scratch),
+            f"{name} relevance rank": _rank(kind.values, truth.inside, kind.kth, truth.size, kind.peak, truth.pixels,
+                                            truth.outside, scratch),
+            f"{name} pointing game": _pointing(kind.values, truth.inside, kind.peak, scratch)}
 
 
 def score_columns(p: float = 5.0, orders: Sequence[str] = ORDERS, localisation: bool = True,

@@ -32,12 +32,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, default_collate
 
-from segx_helpers.models.checkpoints import TrainedModel, load_trained, split_tensors, training_fingerprint
+from segx_helpers.models.checkpoints import TrainedModel, load_trained, save_checkpoint, split_tensors, training_fingerprint
 from segx_helpers.data.format import LoadedDataset
 from segx_helpers.data.torch_dataset import Normalization, SegXDataset
 from segx_helpers.scores.metrics import bootstrap_ci, macro_auroc, select_thresholds
 from segx_helpers.models.networks import build_classifier
-from segx_helpers.models.training import TrainConfig, classification_loss, fit, make_loader, predict_classifier, save_checkpoint, set_seed
+from segx_helpers.models.training import TrainConfig, classification_loss, fit, make_loader, predict_classifier, set_seed
 from segx_helpers.tutorial.training_recipes import evaluate_classifier
 
 FIXES = ("rrr", "background")
@@ -255,101 +255,173 @@ def predicted_training_masks(segmenter: TrainedModel, data: LoadedDataset, split
 
 # ------------------------------------------------------------------------------ training recipe
 
-def train_with_mask(data: LoadedDataset, checkpoint: str | Path, method: str, strength: float, *,
-                    image_size: int = 128, arch: str = "resnet18", config: TrainConfig | None = None,
-                    batch_size: int = 32, fill: str = "shuffle", masks: dict | None = None,
-                    mask_name: str = "ground truth", normalization: Normalization | None = None,
-                    init: TrainedModel | None = None, penalty_images: int | None = None,
-                    retrain: bool = False) -> TrainedModel:
-    """Train (or load) a classifier like :func:`segx_helpers.tutorial.training_recipes.train_classifier`, with a fix that uses
-    the clinical mask: ``method="rrr"`` (``strength`` = λ of :class:`RRRLoss`) or ``"background"``
-    (``strength`` = q of :class:`BackgroundIntervention`, ``fill`` as there).
+@dataclass(frozen=True)
+class MaskFix:
+    """Which fix :func:`train_with_mask` applies, how strongly, and with which masks.
+
+    ``method``: ``"rrr"`` (``strength`` = λ of :class:`RRRLoss`, ``penalty_images`` as there),
+    ``"background"`` (``strength`` = q of :class:`BackgroundIntervention`, ``fill`` as there) or ``"none"``
+    (the control: the same training without a fix). ``masks`` (image id -> bool ``(H, W)``) replaces the
+    training split's ground-truth masks (e.g. :func:`predicted_training_masks`); ``mask_name`` names the
+    source in the checkpoint. A ``ValueError`` names a bad method or strength.
+    """
+
+    method: str
+    strength: float
+    fill: str = "shuffle"
+    penalty_images: int | None = None
+    masks: dict | None = None
+    mask_name: str = "ground truth"
+
+    def __post_init__(self) -> None:
+        if self.method not in FIXES + ("none",):
+            raise ValueError(f"method must be one of {FIXES}, got {self.method!r}")
+        if not (isinstance(self.strength, (int, float)) and math.isfinite(self.strength) and self.strength >= 0):
+            raise ValueError(f"strength must be a finite number >= 0, got {self.strength!r}")
+        if self.method == "background" and self.strength > 1:
+            raise ValueError(f"the background intervention's strength is a probability q in [0, 1], got {self.strength}")
+
+    def record(self, init: TrainedModel | None) -> dict:
+        """The fix as the checkpoint stores it (``meta["fix"]``, part of the fingerprint), with a SHA-256 of
+        the fingerprint of the classifier it started from (``init``, None from scratch)."""
+        return {"method": self.method, "strength": float(self.strength),
+                "fill": self.fill if self.method == "background" else None, "masks": self.mask_name,
+                "penalty_images": self.penalty_images if self.method == "rrr" else None,
+                "init": None if init is None else hashlib.sha256(
+                    json.dumps(init.meta.get("fingerprint"), sort_keys=True).encode()).hexdigest()}
+
+
+@dataclass(frozen=True)
+class NewClassifier:
+    """The classifier :func:`train_with_mask` builds from scratch: ``arch``, input ``image_size`` and
+    ``normalization`` (default :meth:`Normalization.for_channels`). A run starting from a trained classifier
+    (``init``) keeps that one's instead."""
+
+    arch: str = "resnet18"
+    image_size: int = 128
+    normalization: Normalization | None = None
+
+    def resolve(self, init: TrainedModel | None, channels: int) -> tuple[str, int, Normalization]:
+        """``(arch, image_size, normalization)`` of the model to train: ``init``'s when given, else these."""
+        arch, image_size, normalization = self.arch, self.image_size, self.normalization
+        if init is not None:
+            arch, image_size = init.meta["arch"], init.meta["image_size"]
+            normalization = Normalization(**{k: tuple(v) for k, v in init.meta["normalization"].items()})
+        return arch, image_size, normalization or Normalization.for_channels(channels)
+
+
+def train_with_mask(data: LoadedDataset, checkpoint: str | Path, fix: MaskFix, *, config: TrainConfig | None = None,
+                    batch_size: int = 32, init: TrainedModel | None = None,
+                    classifier: NewClassifier = NewClassifier(), retrain: bool = False) -> TrainedModel:
+    """Train (or load) a classifier like :func:`segx_helpers.tutorial.training_recipes.train_classifier`, with
+    ``fix``, a :class:`MaskFix` that uses the clinical mask, e.g.
+    ``train_with_mask(data, "rrr.pt", MaskFix("rrr", 10.0), config=config, init=baseline)``.
 
     Same architecture, loop, validation (best epoch by validation macro AUROC) and thresholds as the
-    baseline, so "same budget" means the same ``config``. ``init``: start from that trained classifier's
-    weights (fine-tune it with the fix; its architecture and normalisation are kept) instead of from scratch.
-    ``masks`` (image id -> bool) replaces the training split's ground-truth masks (e.g.
-    :func:`predicted_training_masks`); ``mask_name`` names the source in the checkpoint.
-    ``penalty_images``: see :class:`RRRLoss`. An existing checkpoint is reused only when everything, fix and
-    starting point included, matches.
+    baseline, so "same budget" means the same ``config`` (default: lr 1e-3, monitor ``val_auroc``) and
+    ``batch_size``. ``init``: start from that trained classifier's weights (fine-tune it with the fix; its
+    architecture and normalisation are kept) instead of from scratch as ``classifier`` says. An existing
+    checkpoint is reused only when everything, fix and starting point included, matches (else a
+    :class:`~segx_helpers.models.checkpoints.CheckpointError`); ``retrain`` trains again.
     """
-    if method not in FIXES + ("none",):
-        raise ValueError(f"method must be one of {FIXES}, got {method!r}")
-    if not (isinstance(strength, (int, float)) and math.isfinite(strength) and strength >= 0):
-        raise ValueError(f"strength must be a finite number >= 0, got {strength!r}")
-    if method == "background" and strength > 1:
-        raise ValueError(f"the background intervention's strength is a probability q in [0, 1], got {strength}")
     checkpoint = Path(checkpoint)
     config = config or TrainConfig(lr=1e-3, monitor="val_auroc")
-    if init is not None:
-        arch, image_size = init.meta["arch"], init.meta["image_size"]
-        normalization = Normalization(**{k: tuple(v) for k, v in init.meta["normalization"].items()})
-    norm = normalization or Normalization.for_channels(data.info.channels)
-    fix = {"method": method, "strength": float(strength), "fill": fill if method == "background" else None,
-           "masks": mask_name, "penalty_images": penalty_images if method == "rrr" else None,
-           "init": None if init is None else hashlib.sha256(
-               json.dumps(init.meta.get("fingerprint"), sort_keys=True).encode()).hexdigest()}
+    arch, image_size, norm = classifier.resolve(init, data.info.channels)
+    record = fix.record(init)
     fingerprint = training_fingerprint(data, image_size, config, kind="classifier", arch=arch, pretrained=False,
                                        class_weighting=False, batch_size=batch_size, normalization=asdict(norm),
-                                       fix=fix)
+                                       fix=record)
     if checkpoint.exists() and not retrain:
         return load_trained(checkpoint, "classifier", fingerprint,
                             f"To train again pass retrain=True (RETRAIN = True in the notebook), or delete {checkpoint}.")
     task = data.info.task
-    if data.table.loc[data.table["split"] == "train", "mask_path"].isna().all() and not masks:
-        raise ValueError(f"{data.root} has no masks for its training split: pass masks= (e.g. predicted_training_masks)")
-    train_set = MaskSourceDataset(data, "train", image_size, norm, train=True, masks=masks)
-    val_set = SegXDataset(data, "val", image_size, norm)
-    intervention = BackgroundIntervention(strength, fill, seed=config.seed) if method == "background" else None
-    generator = torch.Generator().manual_seed(config.seed)
-    train_loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, generator=generator,
-                              collate_fn=intervention)
-    val_loader = make_loader(val_set, 64, shuffle=False)
+    splits = _FixSplits.of(data, fix, image_size, norm, batch_size, config.seed)
     task_loss = classification_loss(task)
-
-    last_validation: dict = {}
-
-    def validate(model: nn.Module) -> dict:
-        last_validation["result"] = result = predict_classifier(model, val_loader, task)
-        return {"val_auroc": macro_auroc(result["targets"], result["probs"])}
-
-    def build() -> nn.Module:
-        set_seed(config.seed)
-        model = build_classifier(arch, num_classes=data.info.num_classes, in_channels=data.info.channels)
-        if init is not None:
-            model.load_state_dict(init.model.state_dict())
-        return model
-
-    model = build()
-    batch_loss = None
-    if method == "rrr":
-        probe = default_collate([train_set[i] for i in range(min(2, len(train_set)))])
-        check_double_backward(model, probe["image"], probe["mask"], task)
-        model = build()
-        batch_loss = RRRLoss(task_loss, task, float(strength), penalty_images)
+    model = _model_to_train(data, fix, arch, init, config.seed, splits.train_set)
+    batch_loss = RRRLoss(task_loss, task, float(fix.strength), fix.penalty_images) if fix.method == "rrr" else None
     meta = {"kind": "classifier", "arch": arch, "task": task, "class_names": data.info.class_names,
             "in_channels": data.info.channels, "image_size": image_size, "normalization": asdict(norm),
             "dataset": data.info.name, "pretrained": False, "thresholds": None, "fingerprint": fingerprint,
-            "fix": fix, "finished": False}
+            "fix": record, "finished": False}
     started = time.perf_counter()
-    history = fit(model, task_loss, train_loader, validate, config, checkpoint_path=checkpoint, meta=meta,
-                  overwrite=retrain, batch_loss=batch_loss)
+    history = fit(model, task_loss, splits.train_loader, splits.validate, config, checkpoint_path=checkpoint,
+                  meta=meta, overwrite=retrain, batch_loss=batch_loss)
     meta["train_seconds"] = time.perf_counter() - started
-    # the model holds the best epoch's weights: when that was the last epoch validated, its predictions are these
-    best_was_last = history.best_epoch == len(history.records) - 1 and "result" in last_validation
-    val = last_validation["result"] if best_was_last else predict_classifier(model, val_loader, task)
-    if task == "multilabel":
+    _finish_meta(meta, model, history, splits, batch_loss, config)
+    save_checkpoint(checkpoint, model, meta, overwrite=True)
+    return TrainedModel(model, meta, history.frame())
+
+
+@dataclass
+class _FixSplits:
+    """The splits of one :func:`train_with_mask` run: the training split with the fix's masks and its
+    loader (seeded shuffling; the background intervention as its ``collate_fn``), and the validation loader.
+    ``validate(model)`` is the loop's validation (``val_auroc``); it keeps its last predictions in ``last``."""
+
+    task: str
+    train_set: MaskSourceDataset
+    train_loader: DataLoader
+    val_loader: DataLoader
+    intervention: BackgroundIntervention | None
+    last: dict | None = None
+
+    @classmethod
+    def of(cls, data: LoadedDataset, fix: MaskFix, image_size: int, norm: Normalization, batch_size: int,
+           seed: int) -> "_FixSplits":
+        """A ``ValueError`` when the training split has no masks and ``fix`` brings none."""
+        if data.table.loc[data.table["split"] == "train", "mask_path"].isna().all() and not fix.masks:
+            raise ValueError(f"{data.root} has no masks for its training split: pass masks= (e.g. predicted_training_masks)")
+        train_set = MaskSourceDataset(data, "train", image_size, norm, train=True, masks=fix.masks)
+        val_set = SegXDataset(data, "val", image_size, norm)
+        intervention = BackgroundIntervention(fix.strength, fix.fill, seed=seed) if fix.method == "background" else None
+        generator = torch.Generator().manual_seed(seed)
+        train_loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, generator=generator,
+                                  collate_fn=intervention)
+        return cls(data.info.task, train_set, train_loader, make_loader(val_set, 64, shuffle=False), intervention)
+
+    def validate(self, model: nn.Module) -> dict:
+        self.last = result = predict_classifier(model, self.val_loader, self.task)
+        return {"val_auroc": macro_auroc(result["targets"], result["probs"])}
+
+
+def _starting_model(data: LoadedDataset, arch: str, init: TrainedModel | None, seed: int) -> nn.Module:
+    """A fresh ``arch`` classifier for ``data`` built after seeding, holding ``init``'s weights when given."""
+    set_seed(seed)
+    model = build_classifier(arch, num_classes=data.info.num_classes, in_channels=data.info.channels)
+    if init is not None:
+        model.load_state_dict(init.model.state_dict())
+    return model
+
+
+def _model_to_train(data: LoadedDataset, fix: MaskFix, arch: str, init: TrainedModel | None, seed: int,
+                    train_set: MaskSourceDataset) -> nn.Module:
+    """The model to train (:func:`_starting_model`); for RRR it is first checked for the double backward on
+    two training images (:func:`check_double_backward`), then built again, untouched."""
+    model = _starting_model(data, arch, init, seed)
+    if fix.method != "rrr":
+        return model
+    probe = default_collate([train_set[i] for i in range(min(2, len(train_set)))])
+    check_double_backward(model, probe["image"], probe["mask"], data.info.task)
+    return _starting_model(data, arch, init, seed)
+
+
+def _finish_meta(meta: dict, model: nn.Module, history, splits: _FixSplits, batch_loss: RRRLoss | None,
+                 config: TrainConfig) -> None:
+    """After the loop, into ``meta``: the multilabel thresholds and the validation AUROC of the best epoch
+    (its predictions reused when it was the last epoch validated), the last epoch's mean penalty (RRR), the
+    images swapped (background), the history and the configuration, ``finished``."""
+    best_was_last = history.best_epoch == len(history.records) - 1 and splits.last is not None
+    val = splits.last if best_was_last else predict_classifier(model, splits.val_loader, splits.task)
+    if splits.task == "multilabel":
         meta["thresholds"] = select_thresholds(val["targets"], val["probs"]).tolist()
     meta["metrics"] = {"val_auroc": macro_auroc(val["targets"], val["probs"])}
     if batch_loss is not None and batch_loss.log:
-        meta["metrics"]["last_epoch_penalty"] = float(np.mean([p for _, p in batch_loss.log[-len(train_loader):]]))
-    if intervention is not None:
-        meta["metrics"]["images_swapped"] = intervention.swapped
+        meta["metrics"]["last_epoch_penalty"] = float(np.mean([p for _, p in batch_loss.log[-len(splits.train_loader):]]))
+    if splits.intervention is not None:
+        meta["metrics"]["images_swapped"] = splits.intervention.swapped
     meta["history"] = history.records
     meta["train_config"] = asdict(config)
     meta["finished"] = True
-    save_checkpoint(checkpoint, model, meta, overwrite=True)
-    return TrainedModel(model, meta, history.frame())
 
 
 def training_seconds(trained: TrainedModel) -> float:

@@ -1,18 +1,16 @@
 """Ground truth for shortcut reliance, which only the synthetic sets have: did a prediction rely on the
 spurious artefact? Answered causally with counterfactual twins (the same image rendered again with the
-artefact flipped, see :mod:`segx_helpers.data.format`), plus the accuracy breakdown by whether the artefact
-agrees with the label.
+artefact flipped, see :mod:`segx_helpers.data.format`), by the artefact's distance from the lesion, and
+with the shortcut's error taxonomy.
 
 For a real dataset every function here says plainly that it has no twins. A real dataset may still carry
-annotated artefact flags in its ``artefacts.csv`` (the ISIC 2018 trap sets do): the functions of the last
-section (artefact-label correlation per split, accuracy where each artefact agrees or disagrees with the
-label, lesion-size strata, SegU by artefact presence within those strata) work on any dataset with that
-table, synthetic or real.
+annotated artefact flags in its ``artefacts.csv`` (the ISIC 2018 trap sets do): the statistics on those
+(artefact-label correlation per split, accuracy where each artefact agrees or disagrees with the label,
+lesion-size strata, SegU by artefact presence within those strata) are in :mod:`segx_helpers.studies.artefacts`.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -20,11 +18,11 @@ import pandas as pd
 import torch
 from torchvision import tv_tensors
 
-from segx_helpers.data.format import LoadedDataset, read_image, read_mask
-from segx_helpers.data.synthetic import load_artefacts, phi_correlation, shortcut_pairs, twin_path
+from segx_helpers.data.format import LoadedDataset, read_image
+from segx_helpers.data.synthetic import load_artefacts, shortcut_pairs, twin_path
 from segx_helpers.data.torch_dataset import Normalization, make_transforms
 from segx_helpers.explain.targets import predict
-from segx_helpers.scores.segu import separation_table
+from segx_helpers.scores.selective import error_types, separation_table
 
 
 def twin_images(data: LoadedDataset, image_ids: list[str], artefact: str, meta: dict) -> torch.Tensor:
@@ -210,12 +208,10 @@ def shortcut_artefact_masks(data: LoadedDataset, image_ids: list[str], size: int
 
 
 def error_taxonomy(data: LoadedDataset, table: pd.DataFrame, targets: np.ndarray) -> np.ndarray:
-    """:func:`segx_helpers.scores.segu.error_types` of each prediction row of ``table`` (``image_id``, ``class``,
+    """:func:`segx_helpers.scores.selective.error_types` of each prediction row of ``table`` (``image_id``, ``class``,
     ``correct``, ``image_index``) for a multiclass dataset with one shortcut class and its artefact
     (synthetic-derm: melanoma and ink); ``targets`` ``(N,)`` are the split's class indices. For any other
     dataset (multi-label, real data without a planted shortcut) every error is ``"other error"``."""
-    from segx_helpers.scores.segu import error_types
-
     generator = data.info.generator or {}
     correct = table["correct"].to_numpy(dtype=bool)
     if data.info.task != "multiclass" or "shortcut_class" not in generator:
@@ -224,189 +220,3 @@ def error_taxonomy(data: LoadedDataset, table: pd.DataFrame, targets: np.ndarray
     present = artefacts.loc[table["image_id"]].to_numpy(dtype=bool)
     true_class = np.asarray(data.info.class_names)[np.asarray(targets)[table["image_index"].to_numpy()]]
     return error_types(correct, table["class"].to_numpy(), true_class, present, generator["shortcut_class"])
-
-
-def shortcut_breakdown(result: dict, artefacts: pd.DataFrame, shortcut: dict[str, str] | Sequence[str],
-                       class_names: list[str]) -> pd.DataFrame:
-    """Accuracy (and AUROC) where an artefact agrees vs disagrees with the label, per (class, artefact).
-
-    ``result``: from :func:`segx_helpers.tutorial.training_recipes.evaluate_classifier` (``image_id``, ``targets``,
-    ``pred``, and ``probs`` for the AUROC column); ``shortcut`` maps a class name to the artefact column
-    correlated with it (e.g. ``{"melanoma": "ink"}``), or is a list of artefact columns, each paired with
-    the positive class (the last class of a two-class task, e.g. ``malignant``; see
-    :func:`positive_class`). "agrees" means artefact present exactly when the class is present. The AUROC
-    is that class's probability against its presence within the rows (NaN where one outcome is missing).
-    """
-    pairs = list(shortcut.items()) if isinstance(shortcut, dict) else [(positive_class(class_names), c) for c in shortcut]
-    table = artefacts.set_index("image_id").loc[result["image_id"]]
-    targets = np.asarray(result["targets"])
-    pred = np.asarray(result["pred"])
-    probs = np.asarray(result["probs"]) if "probs" in result else None
-    rows = []
-    for class_name, column in pairs:
-        c = class_names.index(class_name)
-        truth = targets == c if targets.ndim == 1 else targets[:, c] > 0.5
-        decided = pred == c if pred.ndim == 1 else pred[:, c] > 0
-        correct = (pred == targets) if targets.ndim == 1 else (decided == truth)
-        agrees = table[column].to_numpy(dtype=bool) == truth
-        for name, rows_mask in (("agrees", agrees), ("disagrees", ~agrees)):
-            auroc = float("nan")
-            if probs is not None and 0 < truth[rows_mask].sum() < rows_mask.sum():
-                from sklearn.metrics import roc_auc_score
-                auroc = float(roc_auc_score(truth[rows_mask], probs[rows_mask, c]))
-            rows.append({"class": class_name, "artefact": column, "artefact vs label": name, "images": int(rows_mask.sum()),
-                         "accuracy": float(correct[rows_mask].mean()) if rows_mask.any() else float("nan"),
-                         "auroc": auroc})
-    return pd.DataFrame(rows)
-
-
-# ----------------------------------------------------------------- annotated artefacts, any dataset
-
-def positive_class(class_names: Sequence[str]) -> str:
-    """The class artefacts are compared with: the second of two classes (``malignant`` in
-    ``["benign", "malignant"]``); more classes need an explicit choice."""
-    if len(class_names) != 2:
-        raise ValueError(f"{len(class_names)} classes {list(class_names)}: name the class to compare artefacts with")
-    return class_names[1]
-
-
-def artefact_columns(root: str | Path) -> list[str]:
-    """The artefact columns of a dataset's optional ``artefacts.csv`` (empty when it has none)."""
-    path = Path(root) / "artefacts.csv"
-    if not path.is_file():
-        return []
-    return [c for c in pd.read_csv(path, nrows=0).columns if c != "image_id"]
-
-
-def artefact_table(data: LoadedDataset) -> pd.DataFrame:
-    """``artefacts.csv`` joined with each image's split and label columns (one row per image, table order)."""
-    path = data.root / "artefacts.csv"
-    if not path.is_file():
-        raise ValueError(f"{data.root} has no artefacts.csv: no artefact flags were recorded for this dataset")
-    flags = pd.read_csv(path, dtype={"image_id": str})
-    labels = data.table.drop(columns=["image_path", "mask_path"], errors="ignore")
-    return labels.merge(flags, on="image_id", how="left", validate="one_to_one")
-
-
-def artefact_label_correlation(data: LoadedDataset, columns: Sequence[str] | None = None,
-                               class_name: str | None = None) -> pd.DataFrame:
-    """Phi correlation of each artefact flag with one class, per split: the shortcut a split offers.
-
-    ``columns``: artefacts to report (default every column of ``artefacts.csv``); ``class_name``: the
-    class (default :func:`positive_class`). Columns: split, artefact, class, phi, prevalence (share of the
-    split's images with the artefact), with class (images with the artefact and the class), images.
-    A positive phi in train and a negative one in test is a trap: a model that learnt the artefact fails.
-    """
-    table = artefact_table(data)
-    columns = list(columns or artefact_columns(data.root))
-    class_name = class_name or positive_class(data.info.class_names)
-    has_class = _has_class(table, data, class_name)
-    rows = []
-    for split in ("train", "val", "test"):
-        in_split = (table["split"] == split).to_numpy()
-        for column in columns:
-            flag = table[column].to_numpy(dtype=bool)
-            rows.append({"split": split, "artefact": column, "class": class_name,
-                         "phi": phi_correlation(flag[in_split], has_class[in_split]),
-                         "prevalence": float(flag[in_split].mean()) if in_split.any() else float("nan"),
-                         "with class": int((flag & has_class)[in_split].sum()), "images": int(in_split.sum())})
-    return pd.DataFrame(rows)
-
-
-def _has_class(table: pd.DataFrame, data: LoadedDataset, class_name: str) -> np.ndarray:
-    if data.info.task == "multiclass":
-        return (table["label"] == class_name).to_numpy()
-    return table[class_name].to_numpy() == 1
-
-
-def lesion_areas(data: LoadedDataset, image_ids: Sequence[str] | None = None) -> pd.Series:
-    """Share of each image covered by its ground-truth mask (the lesion size), indexed by image id; NaN
-    for an image without a mask. Default: every image of the dataset."""
-    table = data.table.set_index("image_id")
-    ids = list(table.index if image_ids is None else image_ids)
-    areas = [float(read_mask(path).mean()) if isinstance(path, str) else float("nan")
-             for path in table.loc[ids, "mask_path"]]
-    return pd.Series(areas, index=pd.Index(ids, name="image_id"), name="lesion area")
-
-
-def lesion_size_auroc(data: LoadedDataset, class_name: str | None = None,
-                      areas: pd.Series | None = None) -> pd.DataFrame:
-    """Per split: AUROC of the ground-truth lesion area alone as a score for ``class_name`` (default
-    :func:`positive_class`), and the median area with and without the class. Far from 0.5 means lesion
-    size is itself a shortcut a classifier can use; a change between splits means the split moved it."""
-    from sklearn.metrics import roc_auc_score
-
-    class_name = class_name or positive_class(data.info.class_names)
-    areas = lesion_areas(data) if areas is None else areas
-    table = data.table.assign(area=areas.reindex(data.table["image_id"]).to_numpy())
-    table["has_class"] = _has_class(table, data, class_name)
-    rows = []
-    for split in ("train", "val", "test"):
-        part = table[(table["split"] == split) & table["area"].notna()]
-        y = part["has_class"].to_numpy()
-        rows.append({"split": split, "class": class_name, "images": len(part),
-                     "AUROC of lesion area": float(roc_auc_score(y, part["area"])) if 0 < y.sum() < len(y) else float("nan"),
-                     f"median area, {class_name}": float(part.loc[y, "area"].median()),
-                     f"median area, not {class_name}": float(part.loc[~y, "area"].median())})
-    return pd.DataFrame(rows)
-
-
-def size_strata(areas: pd.Series, n_strata: int = 3) -> pd.Series:
-    """Lesion-size strata of equal counts (quantiles of ``areas``), labelled ``small``/``medium``/``large``
-    for three (``size 1`` .. ``size n`` otherwise) with the area range in the label."""
-    names = ["small", "medium", "large"] if n_strata == 3 else [f"size {k + 1}" for k in range(n_strata)]
-    codes, edges = pd.qcut(areas.rank(method="first"), n_strata, labels=False, retbins=True)
-    out = pd.Series(index=areas.index, dtype=object, name="size stratum")
-    for k in range(n_strata):
-        members = codes == k
-        if members.any():
-            low, high = areas[members].min(), areas[members].max()
-            out[members] = f"{names[k]} ({low:.0%}-{high:.0%})"
-    return out
-
-
-def score_by_artefact(scores: pd.DataFrame, artefacts: pd.DataFrame, columns: Sequence[str], score: str = "c_IoU",
-                      strata: pd.Series | None = None) -> pd.DataFrame:
-    """Does ``score`` differ between predictions on images with and without each artefact, within strata?
-
-    ``scores``: one row per prediction with ``image_id`` and ``score`` (e.g. SegU's ``c_IoU``, or a
-    localisation column); ``artefacts``: ``image_id`` + 0/1 columns; ``strata``: a label per image id
-    (e.g. :func:`size_strata` of :func:`lesion_areas`), default one stratum. Per artefact and stratum:
-    images with / without, mean score with / without, their difference, and the AUROC of the score for
-    "artefact absent" (0.5: no difference; above: lower scores where the artefact is). The ``all strata``
-    row pools the strata with weights n_with * n_without / n (a size-adjusted difference), so a difference
-    that only comes from lesion size (small lesions leave more of a map outside them) disappears there.
-    """
-    from sklearn.metrics import roc_auc_score
-
-    flags = artefacts.set_index("image_id")
-    frame = scores[["image_id", score]].dropna().copy()
-    frame["stratum"] = "all images" if strata is None else strata.reindex(frame["image_id"]).to_numpy()
-    frame = frame[frame["stratum"].notna()]
-    rows = []
-    for column in columns:
-        present = flags[column].reindex(frame["image_id"]).to_numpy(dtype=float) > 0.5
-        pooled, weights = [], []
-        for stratum in sorted(frame["stratum"].unique(), key=str):
-            inside = (frame["stratum"] == stratum).to_numpy()
-            with_, without = frame[score].to_numpy()[inside & present], frame[score].to_numpy()[inside & ~present]
-            difference = float(with_.mean() - without.mean()) if len(with_) and len(without) else float("nan")
-            auroc = float("nan")
-            if len(with_) and len(without):
-                values = np.concatenate([with_, without])
-                auroc = float(roc_auc_score(np.r_[np.zeros(len(with_)), np.ones(len(without))], values))
-                weight = len(with_) * len(without) / (len(with_) + len(without))
-                pooled.append(difference)
-                weights.append(weight)
-            rows.append({"artefact": column, "stratum": stratum, "with": len(with_), "without": len(without),
-                         "mean with": float(with_.mean()) if len(with_) else float("nan"),
-                         "mean without": float(without.mean()) if len(without) else float("nan"),
-                         "difference": difference, "AUROC (absent vs present)": auroc})
-        if strata is not None:
-            rows.append({"artefact": column, "stratum": "all strata (size-adjusted)",
-                         "with": int(present.sum()), "without": int((~present).sum()),
-                         "mean with": float(frame[score][present].mean()) if present.any() else float("nan"),
-                         "mean without": float(frame[score][~present].mean()) if (~present).any() else float("nan"),
-                         "difference": float(np.average(pooled, weights=weights)) if weights else float("nan"),
-                         "AUROC (absent vs present)": float("nan")})
-    return pd.DataFrame(rows)

@@ -60,8 +60,8 @@ def segu_findings(stats: pd.DataFrame, by_type: pd.DataFrame, ground_truth: pd.D
     shortcut-driven predictions. Written from the tables themselves, so the text cannot drift from the numbers.
     An AUROC below 0.5 is never called a win: when both scores are below chance the text says both are inverted.
 
-    ``stats``: :func:`segx_helpers.scores.segu.separation_table` grouped by method; ``by_type``:
-    :func:`segx_helpers.scores.segu.separation_by_error_type` for ``method``; ``ground_truth``: the separation
+    ``stats``: :func:`segx_helpers.scores.selective.separation_table` grouped by method; ``by_type``:
+    :func:`segx_helpers.scores.selective.separation_by_error_type` for ``method``; ``ground_truth``: the separation
     table for shortcut-driven predictions (or None without twins)."""
     def row(frame, **where):
         part = frame

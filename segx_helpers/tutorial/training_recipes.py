@@ -4,7 +4,7 @@ the training configuration of each run mode, and loading (or making) what a note
 Each ``train_*`` function skips training when its checkpoint already exists (re-running a
 notebook is cheap and never clobbers a model) unless ``retrain=True``. A checkpoint is reused only
 if it was trained on the same thing (its fingerprint, :func:`segx_helpers.models.checkpoints.training_fingerprint`),
-else :class:`~segx_helpers.models.training.CheckpointError` names each differing field and how to retrain.
+else :class:`~segx_helpers.models.checkpoints.CheckpointError` names each differing field and how to retrain.
 
 :func:`segmenter_recipe` / :func:`classifier_recipe` and :func:`finish_training` are the parts of a
 recipe besides the loop (loss, validation metric, checkpoint metadata, thresholds chosen on
@@ -22,7 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from segx_helpers.models.checkpoints import TrainedModel, load_trained, split_tensors, training_fingerprint
+from segx_helpers.models.checkpoints import (TrainedModel, last_checkpoint_path, load_trained, save_checkpoint,
+                                             split_tensors, training_fingerprint)
 from segx_helpers.data.format import LoadedDataset, load_dataset
 from segx_helpers.data.synthetic import GENERATORS, SyntheticConfig, ensure_synthetic
 from segx_helpers.data.torch_dataset import Normalization, SegXDataset
@@ -32,7 +33,7 @@ from segx_helpers.scores.metrics import (classification_report, dice_score, iou_
 from segx_helpers.models.networks import WeightsUnavailableError, build_classifier, build_segmenter
 from segx_helpers.tutorial.settings import RunSettings, TutorialPaths, require
 from segx_helpers.models.training import (DiceBCELoss, TrainConfig, balanced_class_weights, classification_loss, fit,
-                       last_checkpoint_path, make_loader, predict_classifier, predict_masks, save_checkpoint, set_seed)
+                       make_loader, predict_classifier, predict_masks, set_seed)
 
 # The fingerprint fields prepare_models checks: the data and the run mode, not the notebooks' model choices.
 _DATA_AND_MODE = ("dataset", "class_names", "task", "image_size", "channels", "train_ids_sha256", "epochs",

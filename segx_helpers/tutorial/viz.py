@@ -214,7 +214,7 @@ def plot_roc_curves(y_true: np.ndarray, y_score: np.ndarray, class_names: Sequen
 
 
 def plot_shortcut_accuracy(table: pd.DataFrame, title: str) -> plt.Figure:
-    """Accuracy where the artefact agrees vs disagrees with the label (from ``shortcut.shortcut_breakdown``)."""
+    """Accuracy where the artefact agrees vs disagrees with the label (from ``artefacts.shortcut_breakdown``)."""
     fig, ax = plt.subplots(figsize=(6, 3.4))
     sns.barplot(data=table, x="class", y="accuracy", hue="artefact vs label", ax=ax)
     for container in ax.containers:
