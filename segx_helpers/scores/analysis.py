@@ -51,8 +51,6 @@ ORDERS = ("mask-then-top", "top-then-mask")
 top p % of the product. ``top-then-mask`` (the paper, Eq. 7): take the original top p %, then keep
 its part inside the mask."""
 
-SEGU_PAPER = ("c_IoU", "c_AUITC")
-SEGU_VARIANTS = ("SegU share inside", "SegU mass", "SegU distance")
 LOCALISATION = ("IoU@p", "AUITC", "relevance mass", "relevance rank", "pointing game")
 
 

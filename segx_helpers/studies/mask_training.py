@@ -152,26 +152,6 @@ class RRRLoss:
         return task_loss + self.lam * penalty
 
 
-def input_gradient_mass_outside(model: nn.Module, images: torch.Tensor, masks: torch.Tensor, task: str,
-                                batch_size: int = 32) -> np.ndarray:
-    """Per image, the share of the squared input gradient (of the summed log-probabilities) that lies
-    outside the mask, ``(N,)`` in [0, 1]: how much the model's sensitivity sits where it should not."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    out = []
-    try:
-        for start in range(0, len(images), batch_size):
-            x = images[start:start + batch_size].to(device).detach().requires_grad_(True)
-            (grads,) = torch.autograd.grad(log_probabilities(model(x).float(), task).sum(), x)
-            energy = grads.pow(2).sum(dim=1)
-            outside = _outside(masks[start:start + batch_size], x)[:, 0]
-            out.append(((energy * outside).sum(dim=(1, 2)) / energy.sum(dim=(1, 2)).clamp_min(1e-30)).cpu().numpy())
-    finally:
-        model.train(was_training)
-    return np.concatenate(out) if out else np.zeros(0)
-
-
 # ------------------------------------------------------------------------------ the background intervention
 
 def swap_background(images: torch.Tensor, masks: torch.Tensor, q: float, generator: torch.Generator | None = None,

@@ -15,7 +15,6 @@ import seaborn as sns
 from segx_helpers.data.format import LoadedDataset, read_image, read_mask
 
 MASK_COLOUR = "#00e5ff"
-TOP_COLOUR = "#ffffff"
 
 
 def _outline(ax, mask: np.ndarray, colour: str = MASK_COLOUR, width: float = 1.2) -> None:
