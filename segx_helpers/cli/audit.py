@@ -1,61 +1,9 @@
 """``segx audit``: SegX and SegU over a whole image archive, streamed, sharded, resumable, on 1..N processes.
 
-What it does per image, with the package's own building blocks only (no second analysis path): the
-classifier's predicted classes are explained (:func:`segx_helpers.explain.api.explain`), the mask source
-gives the clinical-interest region (a segmenter checkpoint, run at its own size and normalisation,
-probabilities resized bilinearly and binarised at its stored threshold, exactly as
-:func:`segx_helpers.models.masks.mask_probabilities`; or a folder of ``<id>.png`` masks, resized
-nearest-neighbour), and :func:`segx_helpers.tutorial.results.explanation_results` (hence
-:func:`segx_helpers.scores.analysis.analyse`) scores every prediction.
-
-Inputs
-    A dataset folder in our format (``dataset.json``; labels and ground-truth masks are then used;
-    ``--split`` picks a split, default all), or a plain folder of ``.png``/``.jpg`` images (ids are
-    the file stems; no labels). A classifier checkpoint, a mask source, the methods, Gradient SHAP's
-    sample count and background size, ``p``, the batch size and the device.
-
-Output folder::
-
-    .segx-audit.lock             locked while an audit writes here (a second audit of the folder is refused)
-    run.json                     the exact inputs: SHA-256 of the checkpoints (and of the mask folder's
-                                 files: names and contents), the image list's hash, methods, p, seeds,
-                                 shard and batch size, package versions, and every invocation's arguments
-    shards/shard-00000.parquet   table part of shard 0 (rows of every method)
-    shards/shard-00000.npz       its maps: ``maps`` (rows, H, W) aligned with the part's rows, ``image_id``,
-                                 ``class_index``, ``method``, and the predicted masks of its images
-                                 (``predicted_masks`` (n, H, W) bool, ``mask_image_id``, ``mask_row``); the
-                                 SegX map (mask-then-top) of row r is ``maps[r] * predicted_masks[mask_row[r]]``
-    shards/shard-00000.json      written last: the shard is done (rows, ranks, SHA-256 of the part and the maps)
-    table.parquet                all parts in shard order: one row per (image, explained class, method)
-    summary.json                 images, predictions, throughput, SegU AUROC for incorrect predictions
-
-Why ``.npz`` for the maps: numpy opens it without our package or any other dependency
-(``np.load(path)["maps"]``), one shard is one file that is written under a temporary name and renamed
-when complete (a zarr directory store cannot be replaced atomically), and shards are independent, so
-ranks never write to the same file. The maps are compressed (``np.savez_compressed``).
-
-Shards: the images are sorted by id; shard ``k`` is images ``[k * shard_size, (k + 1) * shard_size)``.
-Each shard is computed whole, its table part and maps written atomically, then its marker. A re-run
-skips shards whose marker and the checksums of part and maps are in place, so a killed run resumes where
-it stopped and a damaged part or maps file is recomputed; the final table is the concatenation of the
-parts in shard order, hence byte-identical whatever the interruptions and the number of processes.
-Gradient SHAP draws its samples with the seed ``seed + index of the batch's first image``: the same on
-every rank and every re-run.
-
-Safety: the output folder must be new, empty, or an audit folder of the *same* inputs (``run.json``).
-A change of what matters (a checkpoint's content, the mask source, the image list or labels, methods,
-``nsamples``, the background, ``p``, the seed, the shard or batch size, what is stored) is refused
-with the differing fields named: start a new output folder. A non-empty folder without our
-``run.json`` is refused. Nothing outside ``<out>/`` is written, and inside it only the files above.
-
-Many processes: ``torchrun --nproc_per_node N -m segx_helpers audit ...``. Rank 0 checks the folder
-and lists the unfinished shards; rank ``r`` takes the ``i``-th of them when ``i % N == r`` (disjoint,
-no duplicates, no padding); after a barrier rank 0 merges the table. ``gloo`` on CPU, ``nccl`` on
-CUDA (:mod:`segx_helpers.cli.distributed`). On several nodes the output folder must be on a filesystem
-every node sees, and every node must see the same data and checkpoints.
-
-Memory: images are streamed through a ``DataLoader`` (no cache); a process holds one shard's maps
-at a time, so memory does not grow with the archive (the merge streams the parts too).
+:func:`run_audit` with :class:`AuditOptions` is what ``segx audit`` (``segx audit --help``) calls: every prediction is
+explained, its mask taken from a segmenter checkpoint or a mask folder, and scored by
+:func:`segx_helpers.tutorial.results.explanation_results`. The output folder, the shard and resume rules, the
+refusals and running under torchrun: docs/audit.md.
 """
 from __future__ import annotations
 
@@ -94,7 +42,7 @@ class AuditError(RuntimeError):
 
 @dataclass
 class AuditOptions:
-    """Everything ``segx audit`` takes; see the module docstring and ``segx audit --help``."""
+    """Everything ``segx audit`` takes; see docs/audit.md and ``segx audit --help``."""
 
     data: str | Path
     classifier: str | Path

@@ -19,7 +19,8 @@ def _audit_parser(sub) -> None:
 
     p = sub.add_parser("audit", help="SegX and SegU over a whole archive: streamed, sharded, resumable",
                        description="Explain every prediction of a classifier over an archive, score it with SegU "
-                                   "(c_IoU, c_AUITC, ...) and localisation, and write a Parquet table and the maps.")
+                                   "(c_IoU, c_AUITC, ...) and localisation, and write a Parquet table and the maps.",
+                       epilog="The output folder, resuming, the refusals and torchrun: docs/audit.md.")
     p.add_argument("--data", required=True, help="a dataset folder (dataset.json) or a plain folder of images")
     p.add_argument("--classifier", required=True, help="classifier checkpoint (.pt) of segx_helpers")
     p.add_argument("--masks", required=True, help="segmenter checkpoint (.pt) or a folder of <id>.png masks")
