@@ -248,12 +248,12 @@ def test_fit_refuses_an_epoch_without_a_training_step(tmp_path):
 
 def test_segx_train_resumes_an_interrupted_run_and_removes_its_resume_state(make_tiny_dataset, tmp_path, monkeypatch,
                                                                             capsys):
-    from segx_helpers.tutorial import training_recipes
+    from segx_helpers.cli import distributed
     from segx_helpers.cli.main import main
     from segx_helpers.models.training import read_checkpoint
 
     data = make_tiny_dataset(n=30, size=32)
-    recipe = training_recipes.classifier_recipe
+    recipe = distributed.classifier_recipe
 
     def interrupted_recipe(*args, **kwargs):  # the run is killed during the second epoch's validation
         made = recipe(*args, **kwargs)
@@ -268,7 +268,7 @@ def test_segx_train_resumes_an_interrupted_run_and_removes_its_resume_state(make
         made.validate = validate
         return made
 
-    monkeypatch.setattr(training_recipes, "classifier_recipe", interrupted_recipe)
+    monkeypatch.setattr(distributed, "classifier_recipe", interrupted_recipe)  # where segx train looks it up
     with pytest.raises(KeyboardInterrupt):
         main(_train_args(data, tmp_path / "c.pt", "--batch-size", "8"))
     monkeypatch.undo()

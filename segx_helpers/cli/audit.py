@@ -10,8 +10,11 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import importlib.metadata as md
 import json
 import platform
+import resource
+import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -20,12 +23,25 @@ from typing import Sequence
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Subset
+from tqdm.auto import tqdm
 
+from segx_helpers import __version__
+from segx_helpers.cli import distributed
+from segx_helpers.explain.api import METHODS, explain
 from segx_helpers.models.checkpoints import load_trained, require_finished_run
 from segx_helpers.data.format import IMAGE_SUFFIXES, DatasetInfo, LoadedDataset, image_size, load_dataset, read_mask
 from segx_helpers.data.torch_dataset import Normalization, SegXDataset
 from segx_helpers.data.io import atomic_path, check_safe_id, write_json
+from segx_helpers.models.training import predict_masks
+from segx_helpers.scores.analysis import binarise_masks, score_columns
+from segx_helpers.scores.segu import separation_table
+from segx_helpers.tutorial.explanation_recipes import background_images
+from segx_helpers.tutorial.results import explanation_results
 
 FORMAT = "segx-audit-v1"
 RUN_FILE = "run.json"
@@ -65,8 +81,6 @@ class AuditOptions:
     timeout_minutes: float = 60.0
 
     def __post_init__(self) -> None:
-        from segx_helpers.explain.api import METHODS
-
         self.methods = tuple(dict.fromkeys(self.methods))
         problems = [f"unknown method {m!r} (choose from {METHODS})" for m in self.methods if m not in METHODS]
         if not self.methods:
@@ -221,8 +235,6 @@ class AuditItems(torch.utils.data.Dataset):
         return len(self.images)
 
     def __getitem__(self, i: int) -> dict:
-        import torch.nn.functional as F
-
         item = self.images[i]
         out = {"index": i, "image_id": item["image_id"], "image": item["image"], "target": item["target"],
                "true_mask": item["mask"][0] > 0.5, "has_true_mask": item["has_mask"]}
@@ -240,11 +252,6 @@ class AuditItems(torch.utils.data.Dataset):
 def predicted_masks(batch: dict, masks: MaskSource, size: int, device) -> np.ndarray:
     """Boolean masks ``(n, size, size)`` for a batch of :class:`AuditItems`, as
     :func:`~segx_helpers.models.masks.mask_probabilities` then :func:`~segx_helpers.scores.analysis.binarise_masks`."""
-    import torch.nn.functional as F
-
-    from segx_helpers.scores.analysis import binarise_masks
-    from segx_helpers.models.training import predict_masks
-
     if masks.kind == "segmenter":
         prob = torch.from_numpy(predict_masks(masks.trained.model, batch["seg_image"], device=device))[:, None]
         prob = F.interpolate(prob, size=(size, size), mode="bilinear", align_corners=False)[:, 0].numpy()
@@ -257,8 +264,6 @@ def background(archive: Archive, meta: dict, n: int, seed: int) -> torch.Tensor:
     """Gradient SHAP's reference images: ``n`` training images (seeded) of a dataset, as the notebooks
     take them (:func:`~segx_helpers.tutorial.explanation_recipes.background_images`); for a plain folder, ``n`` of its
     images drawn with the seed."""
-    from segx_helpers.tutorial.explanation_recipes import background_images
-
     if archive.full is not None and (archive.full.table["split"] == "train").any():
         return background_images(archive.full, meta, n, seed)
     source = SegXDataset(archive.data, None, int(meta["image_size"]), _norm(meta), cache=False)
@@ -281,10 +286,6 @@ def _sha256_lines(lines) -> str:
 
 
 def versions() -> dict:
-    import importlib.metadata as md
-
-    from segx_helpers import __version__
-
     out = {"segx_helpers": __version__, "python": platform.python_version()}
     for name in ("torch", "torchvision", "numpy", "pandas", "pyarrow", "grad-cam", "shap",
                  "segmentation-models-pytorch"):
@@ -424,8 +425,6 @@ TABLE_HEAD = ("image_id", "split", "image_index", "method", "class", "class_inde
 
 
 def _arrow_schema(columns: Sequence[str]):
-    import pyarrow as pa
-
     types = {"image_id": pa.string(), "split": pa.string(), "method": pa.string(), "class": pa.string(),
              "label": pa.string(), "outcome": pa.string(), "image_index": pa.int64(), "class_index": pa.int64(),
              "true_label": pa.int64(), "correct": pa.bool_(), "has_true_mask": pa.bool_(), "shard": pa.int64(),
@@ -451,16 +450,9 @@ class ShardWorker:
         self.task, self.class_names = meta["task"], list(meta["class_names"])
         self.background = (background(archive, meta, options.background, options.seed).to(device)
                            if "gradient_shap" in options.methods else None)
-        from segx_helpers.scores.analysis import score_columns
-
         self.columns = list(TABLE_HEAD) + score_columns(options.p, localisation=localise) + ["shard", "map_row"]
 
     def run(self, out: Path, k: int, start: int, stop: int, progress=None, rank: int = 0, world_size: int = 1) -> int:
-        from torch.utils.data import DataLoader, Subset
-
-        from segx_helpers.explain.api import explain
-        from segx_helpers.tutorial.results import explanation_results
-
         started = time.perf_counter()
         opts = self.options
         loader = DataLoader(Subset(self.items, range(start, stop)), batch_size=opts.batch_size, shuffle=False,
@@ -504,7 +496,6 @@ class ShardWorker:
         all_maps = np.concatenate([a for m in opts.methods for a in maps[m]]) if len(frame) else np.zeros((0, size, size))
         paths = shard_paths(out, k)
         arrow = self._arrow(frame)
-        import pyarrow.parquet as pq
 
         with atomic_path(paths["table"], overwrite=True) as tmp:
             pq.write_table(arrow, tmp)
@@ -539,8 +530,6 @@ class ShardWorker:
         return frame[self.columns]
 
     def _arrow(self, frame: pd.DataFrame):
-        import pyarrow as pa
-
         frame = frame.copy()
         for column in ("true_label",):
             frame[column] = frame[column].astype("Int64")
@@ -551,17 +540,12 @@ class ShardWorker:
 
 def peak_rss_mb() -> float:
     """This process's peak resident memory so far, in MB (recorded in each shard marker and the summary)."""
-    import resource
-    import sys
-
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return round(peak / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
 
 
 def merge(out: Path, n_shards: int) -> Path:
     """``table.parquet``: the parts in shard order, one row group per shard, streamed (memory stays at one part)."""
-    import pyarrow.parquet as pq
-
     parts = [shard_paths(out, k)["table"] for k in range(n_shards)]
     schema = pq.read_schema(parts[0])
     with atomic_path(out / TABLE_FILE, overwrite=True) as tmp:
@@ -574,8 +558,6 @@ def merge(out: Path, n_shards: int) -> Path:
 def summarise(out: Path, labels_known: bool, images_now: int, seconds: float) -> dict:
     """Images, predictions per method, this run's throughput and, with labels, how well low SegU
     certainty finds incorrect predictions (:func:`segx_helpers.scores.segu.separation_table`)."""
-    from segx_helpers.scores.segu import separation_table
-
     table = pd.read_parquet(out / TABLE_FILE, columns=["image_id", "method", "correct", "c_IoU", "c_AUITC"])
     summary = {"images": int(table["image_id"].nunique()), "predictions": {m: int(n) for m, n in
                                                                            table.groupby("method").size().items()},
@@ -625,10 +607,6 @@ class AuditResult:
 
 def run_audit(options: AuditOptions, arguments: dict | None = None) -> AuditResult:
     """Run (or resume) an audit; works the same in one process and under torchrun."""
-    from tqdm.auto import tqdm
-
-    from segx_helpers.cli import distributed
-
     ctx = distributed.setup(options.device, options.timeout_minutes)
     held = contextlib.ExitStack()  # rank 0's lock on the output folder, from planning to the merged table
     try:

@@ -31,7 +31,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -39,7 +39,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from segx_helpers.models.networks import pick_device
+from segx_helpers.data.format import load_dataset
+from segx_helpers.data.torch_dataset import Normalization, SegXDataset
+from segx_helpers.models.checkpoints import check_fingerprint, training_fingerprint
+from segx_helpers.models.networks import build_classifier, build_segmenter, pick_device
+from segx_helpers.models.training import TrainConfig, fit, last_checkpoint_path, make_loader, read_checkpoint, set_seed
+from segx_helpers.tutorial.training_recipes import (classifier_recipe, classifier_selection, finish_training,
+                                                    segmenter_recipe)
 
 
 @dataclass(frozen=True)
@@ -200,8 +206,6 @@ def ddp_fit(model: nn.Module, loss_fn: nn.Module, train_loader: DataLoader, vali
     docstring). ``train_loader`` should come from :func:`distributed_loader`. Returns fit's
     ``History``; ``model`` (the bare model, not the wrapper) ends holding the best weights on every
     rank. With one process this is plain ``fit`` with the same loader."""
-    from segx_helpers.models.training import fit
-
     config = dataclasses.replace(config, device=str(ctx.device))
     if not ctx.distributed:
         return fit(model, loss_fn, train_loader, validate, config, target_key=target_key,
@@ -242,15 +246,6 @@ def train(kind: str, data_dir: str | Path, checkpoint: str | Path, *, image_size
     latest epoch; one process only). A ``batch_size`` that leaves no full batch in the training split
     is refused before training. When training finishes, ``<checkpoint>.last.pt`` is removed.
     """
-    from dataclasses import asdict
-
-    from segx_helpers.models.checkpoints import training_fingerprint
-    from segx_helpers.data.format import load_dataset
-    from segx_helpers.data.torch_dataset import Normalization, SegXDataset
-    from segx_helpers.models.networks import build_classifier, build_segmenter
-    from segx_helpers.models.training import TrainConfig, make_loader, set_seed
-    from segx_helpers.tutorial.training_recipes import classifier_recipe, classifier_selection, finish_training, segmenter_recipe
-
     if kind not in ("classifier", "segmenter"):
         raise ValueError(f"kind must be 'classifier' or 'segmenter', got {kind!r}")
     checkpoint = Path(checkpoint)
@@ -320,9 +315,6 @@ def resumable_epochs(checkpoint: str | Path, fingerprint: dict) -> int:
     """The number of epochs an interrupted ``segx train`` run finished, after checking that it can be
     resumed with ``fingerprint``: ``<checkpoint>.last.pt`` exists, holds the same fingerprint, and the
     checkpoint (when there is one) is unfinished. Raises ``ValueError`` saying what to do otherwise."""
-    from segx_helpers.models.checkpoints import check_fingerprint
-    from segx_helpers.models.training import last_checkpoint_path, read_checkpoint
-
     checkpoint = Path(checkpoint)
     if checkpoint.exists() and read_checkpoint(checkpoint)["meta"].get("finished") is not False:
         raise ValueError(f"{checkpoint} holds a finished training run: nothing to resume (pass --overwrite to "

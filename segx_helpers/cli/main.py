@@ -9,14 +9,16 @@ written (a full disk, a read-only folder) prints one line and exits with status 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Sequence
 
+from segx_helpers.cli.audit import MAPS_DTYPES, AuditError, AuditOptions, format_summary, run_audit
+from segx_helpers.cli.distributed import train
+from segx_helpers.explain.api import METHODS
+
 
 def _audit_parser(sub) -> None:
-    from segx_helpers.cli.audit import MAPS_DTYPES
-    from segx_helpers.explain.api import METHODS
-
     p = sub.add_parser("audit", help="SegX and SegU over a whole archive: streamed, sharded, resumable",
                        description="Explain every prediction of a classifier over an archive, score it with SegU "
                                    "(c_IoU, c_AUITC, ...) and localisation, and write a Parquet table and the maps.",
@@ -81,8 +83,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "audit":
-        from segx_helpers.cli.audit import AuditError, AuditOptions, format_summary, run_audit
-
         values = {k: v for k, v in vars(args).items() if k != "command"}
         values["methods"] = tuple(values["methods"] or ("gradcam",))
         try:
@@ -102,7 +102,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             else:
                 _print_main("unfinished shards remain: run the same command again to continue")
         return 0
-    from segx_helpers.cli.distributed import train
 
     try:
         result = train(args.kind, args.data, args.checkpoint, image_size=args.image_size, epochs=args.epochs,
@@ -123,8 +122,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _print_main(text: str) -> None:
-    import os
-
     if os.environ.get("RANK", "0") == "0":
         print(text)
 

@@ -16,7 +16,9 @@ import numpy as np
 import pandas as pd
 import torch
 
+from segx_helpers.scores.metrics import paired_summary
 from segx_helpers.scores.saliency import DegenerateMapWarning
+from segx_helpers.scores.segu import distance_from_top
 
 ORDERS = ("mask-then-top", "top-then-mask")
 """SegX orders. ``mask-then-top`` (the reference code): multiply the map by the mask, then take the
@@ -557,8 +559,6 @@ def _analyse_batch(maps, predicted_masks, true_masks, image_index, *, artefact_m
             "SegU mass": torch.where(usable, _mass(flat, predicted, total, scratch), zero),
         }
         if distance:
-            from segx_helpers.scores.segu import distance_from_top
-
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 out["SegU distance"] = torch.as_tensor(distance_from_top(
@@ -619,8 +619,6 @@ def localisation_summary(tables: dict[str, pd.DataFrame], orders: Sequence[str] 
     """Mean (95 % bootstrap CI) of each localisation metric, original vs SegX of each order, with the
     paired difference; ``tables`` maps a method name to its per-prediction table from :func:`analyse`.
     Predictions without a ground-truth mask (NaN rows) are left out."""
-    from segx_helpers.scores.metrics import paired_summary
-
     frames = []
     for method, table in tables.items():
         original = localisation_columns(table, "original")

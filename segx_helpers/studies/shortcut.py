@@ -18,13 +18,15 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 import torch
+from PIL import Image
+from sklearn.metrics import roc_auc_score
 from torchvision import tv_tensors
 
 from segx_helpers.data.format import LoadedDataset, read_image, read_mask
-from segx_helpers.data.synthetic import load_artefacts, phi_correlation, shortcut_pairs, twin_path
+from segx_helpers.data.synthetic import artefact_masks, load_artefacts, phi_correlation, shortcut_pairs, twin_path
 from segx_helpers.data.torch_dataset import Normalization, make_transforms
 from segx_helpers.explain.api import predict
-from segx_helpers.scores.segu import separation_table
+from segx_helpers.scores.segu import error_types, separation_table
 
 
 def twin_images(data: LoadedDataset, image_ids: list[str], artefact: str, meta: dict) -> torch.Tensor:
@@ -196,10 +198,6 @@ def prediction_rows(result: dict, class_names: list[str]) -> pd.DataFrame:
 def shortcut_artefact_masks(data: LoadedDataset, image_ids: list[str], size: int) -> np.ndarray | None:
     """Where the shortcut artefacts (those correlated with a class) are, bool ``(N, size, size)``, resized
     (nearest) to the classifier's input size; None for a dataset without artefact maps (real data)."""
-    from PIL import Image
-
-    from segx_helpers.data.synthetic import artefact_masks
-
     pairs = shortcut_pairs(data.info)
     if not pairs or not (data.root / "artefacts").is_dir():
         return None
@@ -214,8 +212,6 @@ def error_taxonomy(data: LoadedDataset, table: pd.DataFrame, targets: np.ndarray
     ``correct``, ``image_index``) for a multiclass dataset with one shortcut class and its artefact
     (synthetic-derm: melanoma and ink); ``targets`` ``(N,)`` are the split's class indices. For any other
     dataset (multi-label, real data without a planted shortcut) every error is ``"other error"``."""
-    from segx_helpers.scores.segu import error_types
-
     generator = data.info.generator or {}
     correct = table["correct"].to_numpy(dtype=bool)
     if data.info.task != "multiclass" or "shortcut_class" not in generator:
@@ -252,7 +248,6 @@ def shortcut_breakdown(result: dict, artefacts: pd.DataFrame, shortcut: dict[str
         for name, rows_mask in (("agrees", agrees), ("disagrees", ~agrees)):
             auroc = float("nan")
             if probs is not None and 0 < truth[rows_mask].sum() < rows_mask.sum():
-                from sklearn.metrics import roc_auc_score
                 auroc = float(roc_auc_score(truth[rows_mask], probs[rows_mask, c]))
             rows.append({"class": class_name, "artefact": column, "artefact vs label": name, "images": int(rows_mask.sum()),
                          "accuracy": float(correct[rows_mask].mean()) if rows_mask.any() else float("nan"),
@@ -334,8 +329,6 @@ def lesion_size_auroc(data: LoadedDataset, class_name: str | None = None,
     """Per split: AUROC of the ground-truth lesion area alone as a score for ``class_name`` (default
     :func:`positive_class`), and the median area with and without the class. Far from 0.5 means lesion
     size is itself a shortcut a classifier can use; a change between splits means the split moved it."""
-    from sklearn.metrics import roc_auc_score
-
     class_name = class_name or positive_class(data.info.class_names)
     areas = lesion_areas(data) if areas is None else areas
     table = data.table.assign(area=areas.reindex(data.table["image_id"]).to_numpy())
@@ -377,8 +370,6 @@ def score_by_artefact(scores: pd.DataFrame, artefacts: pd.DataFrame, columns: Se
     row pools the strata with weights n_with * n_without / n (a size-adjusted difference), so a difference
     that only comes from lesion size (small lesions leave more of a map outside them) disappears there.
     """
-    from sklearn.metrics import roc_auc_score
-
     flags = artefacts.set_index("image_id")
     frame = scores[["image_id", score]].dropna().copy()
     frame["stratum"] = "all images" if strata is None else strata.reindex(frame["image_id"]).to_numpy()
