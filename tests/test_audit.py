@@ -499,7 +499,9 @@ def test_a_full_disk_is_one_line_and_the_next_run_resumes(archive, tmp_path, cap
     assert len(err.strip().splitlines()) == 1
     monkeypatch.undo()
     status, err = _cli_audit(archive, out, capsys)
-    assert status == 0 and (out / "table.parquet").is_file()
+    assert status == 0
+    table = pd.read_parquet(out / "table.parquet")  # every image once (gradcam, one predicted class), in id order
+    assert len(table) == table["image_id"].nunique() == 24 and list(table["image_id"]) == sorted(table["image_id"])
 
 
 def test_a_filesystem_without_locks_warns_and_runs(archive, tmp_path, monkeypatch):

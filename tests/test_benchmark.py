@@ -5,14 +5,26 @@ import importlib.util
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
+from segx_helpers.scores import analysis
 
-def test_benchmark_runs_and_fast_paths_match(tmp_path):
+
+def test_benchmark_runs_and_fast_paths_match(tmp_path, monkeypatch):
     path = Path(__file__).resolve().parent.parent / "benchmarks" / "run_benchmark.py"
     spec = importlib.util.spec_from_file_location("run_benchmark", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    # the analysis rows time the one analysis path users run, with the options each row names
+    assert module.analyse is analysis.analyse and module.segx_saliency is analysis.segx_saliency
+    calls = set()
+
+    def recorded(maps, predicted_masks, true_masks=None, **options):
+        calls.add((len(maps), true_masks is not None, options.get("n_thresholds", 101)))
+        return analysis.analyse(maps, predicted_masks, true_masks, **options)
+
+    monkeypatch.setattr(module, "analyse", recorded)
     assert module.main(["--image-size", "64", "--images", "3", "--shap-images", "1", "--nsamples", "4",
                         "--background", "3", "--classes", "4", "--out", str(tmp_path)]) == 0
     table = pd.read_csv(tmp_path / "benchmark.csv").set_index("method")
@@ -20,7 +32,19 @@ def test_benchmark_runs_and_fast_paths_match(tmp_path):
     assert len(gradcam) == 3 and (gradcam["max_abs_diff"] <= 1e-5).all()
     shap = table[table.index.str.startswith("Gradient SHAP")]
     assert shap.loc["Gradient SHAP: shap per target class", "correlation"] > 0.999
-    assert (table["seconds"] > 0).all()
+    assert calls == {(6, False, 101), (6, True, 101), (1024, False, 101), (1024, True, 101),
+                     (6, False, 11), (6, False, 1001), (6, False, 10001)}
+    cpu = table[~table.index.str.contains("cuda|CUDA")]
+    assert list(cpu["maps"]) == [6] * 3 + [2, 2, 2] + [6] * 4 + [1024] * 2 + [6] * 6  # 3 images x 2 classes
+    assert cpu.index[6:].str.endswith(("[cpu, 6 maps]", "[cpu, 1024 maps]")).all()
+    assert (np.isfinite(cpu["seconds"]) & (cpu["seconds"] > 0)).all()
+    assert np.allclose(cpu["maps_per_s"], cpu["maps"] / cpu["seconds"])
+    assert (table.loc[["Grad-CAM: reference loop (per image, per class)",
+                       "Gradient SHAP: reference usage (all classes, per image)"], "ratio_vs_reference"] == 1).all()
+    # shares of the explanation: against the fast Grad-CAM time, scaled to the rows' number of maps
+    fast = table.loc["Grad-CAM: fast engine (one backward per round)", "seconds"]
+    shares = cpu.iloc[6:]
+    assert np.allclose(shares["share_of_explanation"], shares["seconds"] / (fast * shares["maps"] / 6))
     assert json.loads((tmp_path / "benchmark.json").read_text())["settings"]["image_size"] == 64
 
 

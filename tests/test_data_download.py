@@ -16,6 +16,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
@@ -460,7 +461,8 @@ def test_isic2018_trap_downloads_the_chosen_trap_set_and_converts(tmp_path, serv
     assert len(ds.table) == 12 and ds.table["mask_path"].notna().all()
     assert ds.table.groupby("split").size().to_dict() == {"test": 4, "train": 6, "val": 2}
     assert Image.open(ds.table["image_path"][0]).size == (256, 256)  # converted at the paper's 256 px
-    assert (tmp_path / "data" / "isic2018-trap2" / "dataset" / "artefacts.csv").is_file()
+    artefacts = pd.read_csv(tmp_path / "data" / "isic2018-trap2" / "dataset" / "artefacts.csv")
+    assert sorted(artefacts["image_id"]) == sorted(ds.table["image_id"]) and len(artefacts.columns) > 1
 
 
 def test_isic2018_random_split_goes_to_its_own_folder(tmp_path, server):
@@ -471,7 +473,8 @@ def test_isic2018_random_split_goes_to_its_own_folder(tmp_path, server):
     assert "stratified random split (seed 0) of the 12 annotated images" in result.stdout
     ds = load_dataset(tmp_path / "data" / "isic2018-random" / "dataset")
     assert ds.info.name == "isic2018-random" and len(ds.table) == 12
-    assert (tmp_path / "data" / "isic2018-random" / "dataset" / "artefacts.csv").is_file()
+    artefacts = pd.read_csv(tmp_path / "data" / "isic2018-random" / "dataset" / "artefacts.csv")
+    assert sorted(artefacts["image_id"]) == sorted(ds.table["image_id"]) and len(artefacts.columns) > 1
     assert not (tmp_path / "data" / "isic2018-trap" / "dataset").exists()
 
 

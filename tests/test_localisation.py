@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from segx_helpers.scores.metrics import (energy_pointing_game, localisation_scores, paired_summary, pointing_game,
-                                  relevance_mass, relevance_rank_accuracy, top_percent_dice, top_percent_iou)
-from segx_helpers.scores.segx import DegenerateMapWarning
+                                  relevance_mass, relevance_rank_accuracy, top_percent_iou)
+from segx_helpers.scores.saliency import DegenerateMapWarning
 
 
 @pytest.fixture
@@ -36,11 +36,10 @@ def test_pointing_game(case):
     assert pointing_game(maps2, masks)[0] == 0.0
 
 
-def test_top_percent_iou_and_dice(case):
+def test_top_percent_iou(case):
     maps, masks = case
-    # top 25 % of 16 pixels = 4 pixels: values 4, 3, 2, 1 -> 2 inside the 4-pixel mask: IoU 2/6, Dice 4/8
+    # top 25 % of 16 pixels = 4 pixels: values 4, 3, 2, 1 -> 2 inside the 4-pixel mask: IoU 2/6
     assert top_percent_iou(maps, masks, p=25)[0] == pytest.approx(2 / 6)
-    assert top_percent_dice(maps, masks, p=25)[0] == pytest.approx(0.5)
 
 
 def test_energy_pointing_game_uses_min_max_normalised_map(case):

@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader
 
 from segx_helpers.studies.mask_training import (BackgroundIntervention, DoubleBackwardError, FixComparison, MaskFix,
                                         NewClassifier, RRRLoss, agreement_gap, check_double_backward,
-                                        input_gradient_mass_outside, rrr_penalty, swap_background, target_check,
+                                        rrr_penalty, swap_background, target_check,
                                         train_with_mask)
 from segx_helpers.models.networks import build_classifier
 from segx_helpers.models.training import TrainConfig, classification_loss, fit
@@ -186,14 +186,12 @@ def test_a_tiny_training_run_with_the_penalty_lowers_the_gradient_mass_outside_t
         loader = DataLoader(train, batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(0))
         loss = RRRLoss(classification_loss("multiclass"), "multiclass", lam) if lam else None
         fit(model, classification_loss("multiclass"), loader, lambda m: {"val": 0.0}, config, batch_loss=loss)
-        measured[name] = {"share": float(input_gradient_mass_outside(model, held_out.images, masks, "multiclass").mean()),
-                          "mass": rrr_penalty(model, held_out.images, masks, "multiclass")[0].item()}
+        measured[name] = {"mass": rrr_penalty(model, held_out.images, masks, "multiclass")[0].item()}
         with torch.no_grad():
             measured[name]["accuracy"] = (model(held_out.images).argmax(1) == held_out.targets).float().mean().item()
             measured[name]["reversed"] = (model(flipped).argmax(1) == held_out.targets).float().mean().item()
     plain, rrr = measured["plain"], measured["rrr"]
     assert rrr["mass"] < 0.5 * plain["mass"], measured                  # squared input gradient outside the mask
-    assert rrr["share"] < 0.75 * plain["share"], measured               # and its share of the total
     assert rrr["accuracy"] > 0.9 and rrr["reversed"] > plain["reversed"] + 0.2, measured   # from the centre now
 
 

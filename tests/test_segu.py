@@ -6,7 +6,7 @@ import pytest
 
 from segx_helpers.scores.segu import segu_auitc, segu_distance, segu_iou, segu_mass, segu_share_inside, segu_scores
 from segx_helpers.scores.selective import aurc, combined_confidence, fit_combination, risk_coverage, separation
-from segx_helpers.scores.segx import DegenerateMapWarning
+from segx_helpers.scores.saliency import DegenerateMapWarning
 
 SIZE = 20
 

@@ -128,7 +128,7 @@ def _augmented_views(ds, i, n=40):
 def test_training_transforms_follow_the_augmentation(make_tiny_dataset):
     """An asymmetric mask (a corner block) shows which flips happen: with hflip only it appears mirrored
     left-right and never top-bottom; with no augmentation it never moves; only train=True augments."""
-    from segx_helpers.data.augmentation import NO_AUGMENTATION, Augmentation
+    from segx_helpers.data.augmentation import Augmentation
 
     data = load_dataset(make_tiny_dataset(n=30, size=32))
     corner = torch.zeros(32, 32)
@@ -148,7 +148,7 @@ def test_training_transforms_follow_the_augmentation(make_tiny_dataset):
     assert placements(hflip_only) == {(True, True), (True, False)}
     both = SegXDataset(data, "train", 32, train=True, augmentation=Augmentation(True, True, 0.0))
     assert {top for top, _ in placements(both)} == {True, False}
-    for ds in (SegXDataset(data, "train", 32, train=True, augmentation=NO_AUGMENTATION),
+    for ds in (SegXDataset(data, "train", 32, train=True, augmentation=Augmentation(hflip=False, vflip=False, rotation=0.0)),
                SegXDataset(data, "train", 32, augmentation=Augmentation())):
         assert all(torch.equal(item["mask"][0], corner) for item in _augmented_views(ds, 0, 5))
 

@@ -1,69 +1,20 @@
 """``segx audit``: SegX and SegU over a whole image archive, streamed, sharded, resumable, on 1..N processes.
 
-What it does per image, with the package's own building blocks only (no second analysis path): the
-classifier's predicted classes are explained (:func:`segx_helpers.explain.api.explain`), the mask source
-gives the clinical-interest region (a segmenter checkpoint, run at its own size and normalisation,
-probabilities resized bilinearly and binarised at its stored threshold, exactly as
-:func:`segx_helpers.models.masks.mask_probabilities`; or a folder of ``<id>.png`` masks, resized
-nearest-neighbour), and :func:`segx_helpers.tutorial.results.explanation_results` (hence
-:func:`segx_helpers.scores.analysis.analyse`) scores every prediction.
-
-Inputs
-    A dataset folder in our format (``dataset.json``; labels and ground-truth masks are then used;
-    ``--split`` picks a split, default all), or a plain folder of ``.png``/``.jpg`` images (ids are
-    the file stems; no labels). A classifier checkpoint, a mask source, the methods, Gradient SHAP's
-    sample count and background size, ``p``, the batch size and the device.
-
-Output folder::
-
-    .segx-audit.lock             locked while an audit writes here (a second audit of the folder is refused)
-    run.json                     the exact inputs: SHA-256 of the checkpoints (and of the mask folder's
-                                 files: names and contents), the image list's hash, methods, p, seeds,
-                                 shard and batch size, package versions, and every invocation's arguments
-    shards/shard-00000.parquet   table part of shard 0 (rows of every method)
-    shards/shard-00000.npz       its maps: ``maps`` (rows, H, W) aligned with the part's rows, ``image_id``,
-                                 ``class_index``, ``method``, and the predicted masks of its images
-                                 (``predicted_masks`` (n, H, W) bool, ``mask_image_id``, ``mask_row``); the
-                                 SegX map (mask-then-top) of row r is ``maps[r] * predicted_masks[mask_row[r]]``
-    shards/shard-00000.json      written last: the shard is done (rows, ranks, SHA-256 of the part and the maps)
-    table.parquet                all parts in shard order: one row per (image, explained class, method)
-    summary.json                 images, predictions, throughput, SegU AUROC for incorrect predictions
-
-Why ``.npz`` for the maps: numpy opens it without our package or any other dependency
-(``np.load(path)["maps"]``), one shard is one file that is written under a temporary name and renamed
-when complete (a zarr directory store cannot be replaced atomically), and shards are independent, so
-ranks never write to the same file. The maps are compressed (``np.savez_compressed``).
-
-Shards: the images are sorted by id; shard ``k`` is images ``[k * shard_size, (k + 1) * shard_size)``.
-Each shard is computed whole, its table part and maps written atomically, then its marker. A re-run
-skips shards whose marker and the checksums of part and maps are in place, so a killed run resumes where
-it stopped and a damaged part or maps file is recomputed; the final table is the concatenation of the
-parts in shard order, hence byte-identical whatever the interruptions and the number of processes.
-Gradient SHAP draws its samples with the seed ``seed + index of the batch's first image``: the same on
-every rank and every re-run.
-
-Safety: the output folder must be new, empty, or an audit folder of the *same* inputs (``run.json``).
-A change of what matters (a checkpoint's content, the mask source, the image list or labels, methods,
-``nsamples``, the background, ``p``, the seed, the shard or batch size, what is stored) is refused
-with the differing fields named: start a new output folder. A non-empty folder without our
-``run.json`` is refused. Nothing outside ``<out>/`` is written, and inside it only the files above.
-
-Many processes: ``torchrun --nproc_per_node N -m segx_helpers audit ...``. Rank 0 checks the folder
-and lists the unfinished shards; rank ``r`` takes the ``i``-th of them when ``i % N == r`` (disjoint,
-no duplicates, no padding); after a barrier rank 0 merges the table. ``gloo`` on CPU, ``nccl`` on
-CUDA (:mod:`segx_helpers.cli.distributed`). On several nodes the output folder must be on a filesystem
-every node sees, and every node must see the same data and checkpoints.
-
-Memory: images are streamed through a ``DataLoader`` (no cache); a process holds one shard's maps
-at a time, so memory does not grow with the archive (the merge streams the parts too).
+:func:`run_audit` with :class:`AuditOptions` is what ``segx audit`` (``segx audit --help``) calls: every prediction is
+explained, its mask taken from a segmenter checkpoint or a mask folder, and scored by
+:func:`segx_helpers.tutorial.results.explanation_results`. The output folder, the shard and resume rules, the
+refusals and running under torchrun: docs/audit.md.
 """
 from __future__ import annotations
 
 import contextlib
 import fcntl
 import hashlib
+import importlib.metadata as md
 import json
 import platform
+import resource
+import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -72,12 +23,28 @@ from typing import Sequence
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Subset
+from tqdm.auto import tqdm
 
+from segx_helpers import __version__
+from segx_helpers.cli import distributed
+import segx_helpers.explain.api  # noqa: F401 (importing it registers the built-in methods)
+from segx_helpers.explain.api import explain
+from segx_helpers.explain.gradient_shap import GradientShapOptions
+from segx_helpers.explain.registry import method_names
 from segx_helpers.models.checkpoints import load_trained, require_finished_run
 from segx_helpers.data.format import IMAGE_SUFFIXES, DatasetInfo, LoadedDataset, image_size, load_dataset, read_mask
 from segx_helpers.data.torch_dataset import Normalization, SegXDataset
 from segx_helpers.data.io import atomic_path, check_safe_id, write_json
+from segx_helpers.models.training import predict_masks
+from segx_helpers.scores.analysis import binarise_masks, score_columns
+from segx_helpers.scores.selective import separation_table
+from segx_helpers.tutorial.explanation_recipes import background_images
+from segx_helpers.tutorial.results import explanation_results
 
 FORMAT = "segx-audit-v1"
 RUN_FILE = "run.json"
@@ -94,7 +61,7 @@ class AuditError(RuntimeError):
 
 @dataclass
 class AuditOptions:
-    """Everything ``segx audit`` takes; see the module docstring and ``segx audit --help``."""
+    """Everything ``segx audit`` takes; see docs/audit.md and ``segx audit --help``."""
 
     data: str | Path
     classifier: str | Path
@@ -117,9 +84,6 @@ class AuditOptions:
     timeout_minutes: float = 60.0
 
     def __post_init__(self) -> None:
-        import segx_helpers.explain.api  # noqa: F401 (importing it registers the built-in methods)
-        from segx_helpers.explain.registry import method_names
-
         self.methods = tuple(dict.fromkeys(self.methods))
         problems = [f"unknown method {m!r} (choose from {method_names()})" for m in self.methods
                     if m not in method_names()]
@@ -275,8 +239,6 @@ class AuditItems(torch.utils.data.Dataset):
         return len(self.images)
 
     def __getitem__(self, i: int) -> dict:
-        import torch.nn.functional as F
-
         item = self.images[i]
         out = {"index": i, "image_id": item["image_id"], "image": item["image"], "target": item["target"],
                "true_mask": item["mask"][0] > 0.5, "has_true_mask": item["has_mask"]}
@@ -294,11 +256,6 @@ class AuditItems(torch.utils.data.Dataset):
 def predicted_masks(batch: dict, masks: MaskSource, size: int, device) -> np.ndarray:
     """Boolean masks ``(n, size, size)`` for a batch of :class:`AuditItems`, as
     :func:`~segx_helpers.models.masks.mask_probabilities` then :func:`~segx_helpers.scores.analysis.binarise_masks`."""
-    import torch.nn.functional as F
-
-    from segx_helpers.scores.analysis import binarise_masks
-    from segx_helpers.models.training import predict_masks
-
     if masks.kind == "segmenter":
         prob = torch.from_numpy(predict_masks(masks.trained.model, batch["seg_image"], device=device))[:, None]
         prob = F.interpolate(prob, size=(size, size), mode="bilinear", align_corners=False)[:, 0].numpy()
@@ -311,8 +268,6 @@ def background(archive: Archive, meta: dict, n: int, seed: int) -> torch.Tensor:
     """Gradient SHAP's reference images: ``n`` training images (seeded) of a dataset, as the notebooks
     take them (:func:`~segx_helpers.tutorial.explanation_recipes.background_images`); for a plain folder, ``n`` of its
     images drawn with the seed."""
-    from segx_helpers.tutorial.explanation_recipes import background_images
-
     if archive.full is not None and (archive.full.table["split"] == "train").any():
         return background_images(archive.full, meta, n, seed)
     source = SegXDataset(archive.data, None, int(meta["image_size"]), _norm(meta), cache=False)
@@ -335,10 +290,6 @@ def _sha256_lines(lines) -> str:
 
 
 def versions() -> dict:
-    import importlib.metadata as md
-
-    from segx_helpers import __version__
-
     out = {"segx_helpers": __version__, "python": platform.python_version()}
     for name in ("torch", "torchvision", "numpy", "pandas", "pyarrow", "grad-cam", "shap",
                  "segmentation-models-pytorch"):
@@ -478,8 +429,6 @@ TABLE_HEAD = ("image_id", "split", "image_index", "method", "class", "class_inde
 
 
 def _arrow_schema(columns: Sequence[str]):
-    import pyarrow as pa
-
     types = {"image_id": pa.string(), "split": pa.string(), "method": pa.string(), "class": pa.string(),
              "label": pa.string(), "outcome": pa.string(), "image_index": pa.int64(), "class_index": pa.int64(),
              "true_label": pa.int64(), "correct": pa.bool_(), "has_true_mask": pa.bool_(), "shard": pa.int64(),
@@ -505,17 +454,9 @@ class ShardWorker:
         self.task, self.class_names = meta["task"], list(meta["class_names"])
         self.background = (background(archive, meta, options.background, options.seed).to(device)
                            if "gradient_shap" in options.methods else None)
-        from segx_helpers.scores.analysis import score_columns
-
         self.columns = list(TABLE_HEAD) + score_columns(options.p, localisation=localise) + ["shard", "map_row"]
 
     def run(self, out: Path, k: int, start: int, stop: int, progress=None, rank: int = 0, world_size: int = 1) -> int:
-        from torch.utils.data import DataLoader, Subset
-
-        from segx_helpers.explain.api import explain
-        from segx_helpers.explain.gradient_shap import GradientShapOptions
-        from segx_helpers.tutorial.results import explanation_results
-
         started = time.perf_counter()
         opts = self.options
         loader = DataLoader(Subset(self.items, range(start, stop)), batch_size=opts.batch_size, shuffle=False,
@@ -560,7 +501,6 @@ class ShardWorker:
         all_maps = np.concatenate([a for m in opts.methods for a in maps[m]]) if len(frame) else np.zeros((0, size, size))
         paths = shard_paths(out, k)
         arrow = self._arrow(frame)
-        import pyarrow.parquet as pq
 
         with atomic_path(paths["table"], overwrite=True) as tmp:
             pq.write_table(arrow, tmp)
@@ -595,8 +535,6 @@ class ShardWorker:
         return frame[self.columns]
 
     def _arrow(self, frame: pd.DataFrame):
-        import pyarrow as pa
-
         frame = frame.copy()
         for column in ("true_label",):
             frame[column] = frame[column].astype("Int64")
@@ -607,17 +545,12 @@ class ShardWorker:
 
 def peak_rss_mb() -> float:
     """This process's peak resident memory so far, in MB (recorded in each shard marker and the summary)."""
-    import resource
-    import sys
-
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return round(peak / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
 
 
 def merge(out: Path, n_shards: int) -> Path:
     """``table.parquet``: the parts in shard order, one row group per shard, streamed (memory stays at one part)."""
-    import pyarrow.parquet as pq
-
     parts = [shard_paths(out, k)["table"] for k in range(n_shards)]
     schema = pq.read_schema(parts[0])
     with atomic_path(out / TABLE_FILE, overwrite=True) as tmp:
@@ -630,8 +563,6 @@ def merge(out: Path, n_shards: int) -> Path:
 def summarise(out: Path, labels_known: bool, images_now: int, seconds: float) -> dict:
     """Images, predictions per method, this run's throughput and, with labels, how well low SegU
     certainty finds incorrect predictions (:func:`segx_helpers.scores.selective.separation_table`)."""
-    from segx_helpers.scores.selective import separation_table
-
     table = pd.read_parquet(out / TABLE_FILE, columns=["image_id", "method", "correct", "c_IoU", "c_AUITC"])
     summary = {"images": int(table["image_id"].nunique()), "predictions": {m: int(n) for m, n in
                                                                            table.groupby("method").size().items()},
@@ -681,10 +612,6 @@ class AuditResult:
 
 def run_audit(options: AuditOptions, arguments: dict | None = None) -> AuditResult:
     """Run (or resume) an audit; works the same in one process and under torchrun."""
-    from tqdm.auto import tqdm
-
-    from segx_helpers.cli import distributed
-
     ctx = distributed.setup(options.device, options.timeout_minutes)
     held = contextlib.ExitStack()  # rank 0's lock on the output folder, from planning to the merged table
     try:

@@ -68,11 +68,6 @@ class Context:
         return self.rank == 0
 
 
-def launched_by_torchrun() -> bool:
-    """True when torchrun (or another launcher) set a world of more than one process."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
 def setup(device: str | None = None, timeout_minutes: float = 60.0) -> Context:
     """Join the process group torchrun prepared (when there is one) and pick this process's device.
 

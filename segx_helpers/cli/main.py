@@ -9,18 +9,21 @@ written (a full disk, a read-only folder) prints one line and exits with status 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Sequence
 
+from segx_helpers.cli.audit import MAPS_DTYPES, AuditError, AuditOptions, format_summary, run_audit
+from segx_helpers.cli.distributed import Processes, TrainSpec, train
+import segx_helpers.explain.api  # noqa: F401 (importing it registers the built-in methods)
+from segx_helpers.explain.registry import method_names
+
 
 def _audit_parser(sub) -> None:
-    from segx_helpers.cli.audit import MAPS_DTYPES
-    import segx_helpers.explain.api  # noqa: F401 (importing it registers the built-in methods)
-    from segx_helpers.explain.registry import method_names
-
     p = sub.add_parser("audit", help="SegX and SegU over a whole archive: streamed, sharded, resumable",
                        description="Explain every prediction of a classifier over an archive, score it with SegU "
-                                   "(c_IoU, c_AUITC, ...) and localisation, and write a Parquet table and the maps.")
+                                   "(c_IoU, c_AUITC, ...) and localisation, and write a Parquet table and the maps.",
+                       epilog="The output folder, resuming, the refusals and torchrun: docs/audit.md.")
     p.add_argument("--data", required=True, help="a dataset folder (dataset.json) or a plain folder of images")
     p.add_argument("--classifier", required=True, help="classifier checkpoint (.pt) of segx_helpers")
     p.add_argument("--masks", required=True, help="segmenter checkpoint (.pt) or a folder of <id>.png masks")
@@ -81,8 +84,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "audit":
-        from segx_helpers.cli.audit import AuditError, AuditOptions, format_summary, run_audit
-
         values = {k: v for k, v in vars(args).items() if k != "command"}
         values["methods"] = tuple(values["methods"] or ("gradcam",))
         try:
@@ -102,7 +103,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             else:
                 _print_main("unfinished shards remain: run the same command again to continue")
         return 0
-    from segx_helpers.cli.distributed import Processes, TrainSpec, train
 
     try:
         spec = TrainSpec(args.kind, image_size=args.image_size, epochs=args.epochs, batch_size=args.batch_size,
@@ -124,8 +124,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _print_main(text: str) -> None:
-    import os
-
     if os.environ.get("RANK", "0") == "0":
         print(text)
 

@@ -56,8 +56,6 @@ class Augmentation:
         return ", ".join(parts) if parts else "none"
 
 
-NO_AUGMENTATION = Augmentation(hflip=False, vflip=False, rotation=0.0)
-
 MODALITY_AUGMENTATION: dict[str, Augmentation] = {
     "chest x-ray": Augmentation(hflip=False, vflip=False, rotation=5.0),
     "dermoscopy": Augmentation(hflip=True, vflip=True, rotation=15.0),

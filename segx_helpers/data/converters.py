@@ -46,15 +46,6 @@ from segx_helpers.data.format import (IMAGE_SUFFIXES, SPLITS, DatasetFormatError
                      read_image, read_mask, read_table_csv, write_dataset)
 
 HAM_CLASSES = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
-HAM_CLASS_NAMES = {
-    "akiec": "actinic keratosis / intraepithelial carcinoma (Bowen's disease)",
-    "bcc": "basal cell carcinoma",
-    "bkl": "benign keratosis-like lesion (solar lentigo, seborrhoeic keratosis, lichen-planus-like keratosis)",
-    "df": "dermatofibroma",
-    "mel": "melanoma",
-    "nv": "melanocytic nevus",
-    "vasc": "vascular lesion (angioma, angiokeratoma, pyogenic granuloma, haemorrhage)",
-}
 HAM_METADATA_FILES = ("HAM10000_metadata.csv", "HAM10000_metadata.tab")
 HAM_IMAGE_DIRS = ("HAM10000_images_part_1", "HAM10000_images_part_2", "images")
 HAM_MASK_DIRS = ("HAM10000_segmentations_lesion_tschandl", "ISIC2018_Task1_Training_GroundTruth", "masks")

@@ -16,6 +16,8 @@ import uuid
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
+
 _SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-]*")
 
 
@@ -169,8 +171,6 @@ def write_text(path: str | os.PathLike, text: str, overwrite: bool = True) -> Pa
 
 
 def _json_default(value: object) -> object:
-    import numpy as np
-
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, np.ndarray):

@@ -129,7 +129,7 @@ def build_segmenter(encoder: str = "resnet18", encoder_weights: str | None = Non
     and width divisible by 32. Narrower ``decoder_channels`` (:data:`CPU_DECODER_CHANNELS`, what the
     tutorial trains) train about twice as fast on a CPU.
     """
-    import segmentation_models_pytorch as smp
+    import segmentation_models_pytorch as smp  # lazy: about 1 s to import, and only segmenters need it
 
     try:
         extra = {"decoder_channels": tuple(decoder_channels)} if arch in ("Unet", "UnetPlusPlus") else {}

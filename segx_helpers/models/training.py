@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
@@ -52,7 +53,7 @@ class DiceBCELoss(nn.Module):
 
     def __init__(self, dice_weight: float = 1.0, bce_weight: float = 1.0) -> None:
         super().__init__()
-        import segmentation_models_pytorch as smp
+        import segmentation_models_pytorch as smp  # lazy: about 1 s to import, and only segmenters need it
 
         self.dice = smp.losses.DiceLoss(mode="binary", from_logits=True)
         self.bce = nn.BCEWithLogitsLoss()
@@ -162,8 +163,6 @@ class History:
     best_value: float = -math.inf
 
     def frame(self):
-        import pandas as pd
-
         return pd.DataFrame(self.records)
 
 

@@ -1,37 +1,9 @@
 """The one analysis path: SegX, SegU and localisation scores for a batch of explanation maps.
 
-Notebooks 04 and 05, ``explanation_recipes.segx_results``, the benchmark and any command call :func:`analyse`;
-nothing else computes these scores for users. It runs on torch tensors on the maps' device (CPU or
-CUDA), in batches of maps, with no per-threshold loop:
-
-* the top-``p`` % saliency region is one selection per batch (the tie rule of
-  :func:`segx_helpers.scores.segx.top_percent`: the ``k = ceil(p % · H·W)`` largest pixels plus any tied
-  with the k-th, positive pixels only);
-* the areas under the IoU–threshold curve (the paper's ``c_AUITC`` and ``AUITC``) come from one
-  histogram per map over the threshold grid: each pixel falls in the bin of the highest threshold it
-  reaches, and reversed cumulative sums give the selected and intersecting pixel counts at every
-  threshold at once, so the cost does not grow with the number of thresholds;
-* relevance rank needs the K-th largest value for a K that differs per map (the mask's size): one
-  selection (not a sort) per map;
-* overlaps, masses and the pointing game are batched sums;
-* SegX maps are zero off the predicted mask, so their scores are computed on the mask's pixels only
-  (:class:`Support`), the zeros off it entering as counts.
-
-On the CPU every pass over the pixels counts, and eager torch has slow paths there: ``aminmax`` (20
-times slower than ``amin`` and ``amax``), sums of booleans (copied to integers first), comparisons that
-write booleans (several times slower than writing floats), a fresh buffer for each temporary (its
-pages are faulted in again). So the engine keeps masks and regions as 0/1 float32 indicators, sums
-products and comparisons it only counts into one scratch buffer per batch, selects with numpy's
-``partition`` (2 to 4 times faster than ``torch.topk``/``kthvalue``) where that is fast, and scores 16
-maps at a time, so that a batch of 224 px maps stays in the CPU's caches. On a GPU the same functions
-run on the device with torch's own selections, in batches of 1,024 maps.
-
-The numpy functions in :mod:`segx_helpers.scores.segx`, :mod:`segx_helpers.scores.segu` and
-:mod:`segx_helpers.scores.metrics` are the plain reference implementations; the tests check that this
-engine gives the same values (to 1e-6) on random and hand-made maps, ties included.
-
-Shapes: ``maps`` ``(M, H, W)``, one per explained (image, class); masks ``(N, H, W)`` bool, one per
-image, picked for each map by ``image_index`` ``(M,)`` (or ``(M, H, W)`` when ``image_index`` is None).
+:func:`analyse` (what the notebooks, ``segx audit`` and the benchmark call) scores ``maps`` ``(M, H, W)``, one per
+explained (image, class), against boolean masks ``(N, H, W)`` picked per map by ``image_index`` ``(M,)`` (or given
+``(M, H, W)``), in batches on the maps' device, to 1e-6 of the numpy references in ``scores.segx``, ``segu`` and
+``metrics``. How the engine works and what it costs on a CPU: docs/NOTES.md, "Benchmark of the analysis path".
 """
 from __future__ import annotations
 
@@ -44,6 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from segx_helpers.scores.metrics import paired_summary
 from segx_helpers.scores.saliency import DegenerateMapWarning
 from segx_helpers.scores.segu import distance_from_top
 
@@ -52,8 +25,6 @@ ORDERS = ("mask-then-top", "top-then-mask")
 top p % of the product. ``top-then-mask`` (the paper, Eq. 7): take the original top p %, then keep
 its part inside the mask."""
 
-SEGU_PAPER = ("c_IoU", "c_AUITC")
-SEGU_VARIANTS = ("SegU share inside", "SegU mass", "SegU distance")
 LOCALISATION = ("IoU@p", "AUITC", "relevance mass", "relevance rank", "pointing game")
 
 
@@ -477,9 +448,7 @@ def analyse(maps, predicted_masks, true_masks=None, image_index=None, has_true_m
 
     Degenerate inputs (an all-zero map, an empty mask) score 0.0 with a :class:`DegenerateMapWarning`;
     an empty batch gives an empty frame with the same columns. Maps are scored ``batch_size`` at a time
-    (default 16 on the CPU, 1,024 on a GPU): the work per map is the same, and on the CPU the
-    intermediate tensors stay small enough for the caches (at 224 px on a 2-core CPU, batches of 16
-    were the fastest of 4 to 128 maps; 128 cost 1.4 to 1.7 times as much per map).
+    (default 16 on the CPU, 1,024 on a GPU; docs/NOTES.md says why): the scores do not depend on it.
     """
     for order in orders:
         check_order(order)
@@ -763,8 +732,6 @@ def localisation_summary(tables: dict[str, pd.DataFrame], orders: Sequence[str] 
     """Mean (95 % bootstrap CI) of each localisation metric, original vs SegX of each order, with the
     paired difference; ``tables`` maps a method name to its per-prediction table from :func:`analyse`.
     Predictions without a ground-truth mask (NaN rows) are left out."""
-    from segx_helpers.scores.metrics import paired_summary
-
     frames = []
     for method, table in tables.items():
         original = localisation_columns(table, "original")

@@ -384,12 +384,6 @@ def auitc(maps: np.ndarray, masks: np.ndarray, n_thresholds: int = 101) -> np.nd
     return ((curve[:, 1:] + curve[:, :-1]) / 2).sum(axis=1) / (n_thresholds - 1)
 
 
-def top_percent_dice(maps: np.ndarray, masks: np.ndarray, p: float = 5.0) -> np.ndarray:
-    """Dice of each map's top-``p`` % saliency region with the mask ``(N,)`` (0.0 when both are empty)."""
-    maps, masks = _loc_inputs(maps, masks)
-    return dice_score(masks, top_percent(maps, p), empty_value=0.0)
-
-
 def energy_pointing_game(maps: np.ndarray, masks: np.ndarray) -> np.ndarray:
     """Energy-based pointing game (Score-CAM paper): the share of the min-max normalised map's energy
     inside the mask ``(N,)``. Unlike :func:`relevance_mass` the map is shifted by its minimum first."""

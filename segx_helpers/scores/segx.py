@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from segx_helpers.scores.saliency import DegenerateMapWarning, check_maps, check_masks, kth_largest_positive, top_percent  # noqa: F401
+from segx_helpers.scores.saliency import check_maps, check_masks, top_percent
 
 
 def dilate(masks: np.ndarray, margin: int) -> np.ndarray:

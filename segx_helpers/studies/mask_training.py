@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, default_collate
 
@@ -39,6 +40,12 @@ from segx_helpers.scores.metrics import bootstrap_ci, macro_auroc, select_thresh
 from segx_helpers.models.networks import build_classifier
 from segx_helpers.models.training import TrainConfig, classification_loss, fit, make_loader, predict_classifier, set_seed
 from segx_helpers.tutorial.training_recipes import evaluate_classifier
+from segx_helpers.data.synthetic import load_artefacts, shortcut_pairs
+from segx_helpers.models.masks import mask_probabilities
+from segx_helpers.scores.analysis import binarise_masks
+from segx_helpers.studies.shortcut import prediction_rows, shortcut_artefact_masks, shortcut_driven
+from segx_helpers.tutorial.explanation_recipes import explain_predictions
+from segx_helpers.tutorial.results import explanation_results
 
 FIXES = ("rrr", "background")
 FILLS = ("shuffle", "noise")
@@ -152,26 +159,6 @@ class RRRLoss:
         return task_loss + self.lam * penalty
 
 
-def input_gradient_mass_outside(model: nn.Module, images: torch.Tensor, masks: torch.Tensor, task: str,
-                                batch_size: int = 32) -> np.ndarray:
-    """Per image, the share of the squared input gradient (of the summed log-probabilities) that lies
-    outside the mask, ``(N,)`` in [0, 1]: how much the model's sensitivity sits where it should not."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    out = []
-    try:
-        for start in range(0, len(images), batch_size):
-            x = images[start:start + batch_size].to(device).detach().requires_grad_(True)
-            (grads,) = torch.autograd.grad(log_probabilities(model(x).float(), task).sum(), x)
-            energy = grads.pow(2).sum(dim=1)
-            outside = _outside(masks[start:start + batch_size], x)[:, 0]
-            out.append(((energy * outside).sum(dim=(1, 2)) / energy.sum(dim=(1, 2)).clamp_min(1e-30)).cpu().numpy())
-    finally:
-        model.train(was_training)
-    return np.concatenate(out) if out else np.zeros(0)
-
-
 # ------------------------------------------------------------------------------ the background intervention
 
 def swap_background(images: torch.Tensor, masks: torch.Tensor, q: float, generator: torch.Generator | None = None,
@@ -236,8 +223,6 @@ class MaskSourceDataset(SegXDataset):
             return image, mask
         source = np.asarray(self.masks[image_id], dtype=bool)
         if source.shape != image.shape[:2]:
-            from PIL import Image
-
             source = np.asarray(Image.fromarray(source).resize(image.shape[1::-1], Image.NEAREST))
         return image, source
 
@@ -245,9 +230,6 @@ class MaskSourceDataset(SegXDataset):
 def predicted_training_masks(segmenter: TrainedModel, data: LoadedDataset, split: str = "train") -> dict:
     """A segmenter's binary masks for one split, image id -> bool ``(H, W)`` at its own input size (the
     mask source for a user without ground-truth masks for every training image)."""
-    from segx_helpers.scores.analysis import binarise_masks
-    from segx_helpers.models.masks import mask_probabilities
-
     prob = mask_probabilities(segmenter, data, split, segmenter.meta["image_size"])
     binary = np.asarray(binarise_masks(prob, segmenter.meta["threshold"]))
     return dict(zip(data.split(split)["image_id"], binary))
@@ -442,9 +424,6 @@ def selection_table(candidates: dict[str, TrainedModel], data: LoadedDataset, sp
     loss alone rewards the shortcut; the outside share is what the fix is for. ``criterion = loss + outside
     share`` (both on comparable scales, lower is better); ``chosen`` marks the lowest.
     """
-    from segx_helpers.tutorial.explanation_recipes import explain_predictions
-    from segx_helpers.tutorial.results import explanation_results
-
     rows = []
     for name, trained in candidates.items():
         tensors = split_tensors(data, split, trained.meta)
@@ -511,8 +490,6 @@ def agreement_rows(evaluation: dict, data: LoadedDataset, class_names: list[str]
     """One row per (test image, shortcut class): ``image_id``, ``class``, ``correct`` (the decision for that
     class is right; multiclass: the prediction is right), ``agrees`` (the artefact is present exactly when
     the class is). Empty for a dataset without shortcut artefacts."""
-    from segx_helpers.data.synthetic import load_artefacts, shortcut_pairs
-
     pairs = shortcut_pairs(data.info)
     if not pairs:
         return pd.DataFrame(columns=["image_id", "class", "correct", "agrees"])
@@ -545,11 +522,6 @@ def compare_fixes(models: dict[str, TrainedModel], data: LoadedDataset, predicte
     (:func:`segx_helpers.tutorial.results.explanation_results` with ``method``'s maps): attribution mass on the
     artefact, SegU ``c_IoU`` and ``c_AUITC`` (against ``predicted_masks``, the segmenter's binary test masks),
     and localisation against the true lesion (original and SegX ``IoU@p``)."""
-    from segx_helpers.data.synthetic import shortcut_pairs
-    from segx_helpers.tutorial.explanation_recipes import explain_predictions
-    from segx_helpers.tutorial.results import explanation_results
-    from segx_helpers.studies.shortcut import prediction_rows, shortcut_artefact_masks, shortcut_driven
-
     has_twins = bool(shortcut_pairs(data.info))
     rows, results, predictions, breakdowns, evaluations = [], {}, {}, [], {}
 

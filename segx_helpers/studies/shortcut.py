@@ -16,10 +16,11 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 import torch
+from PIL import Image
 from torchvision import tv_tensors
 
 from segx_helpers.data.format import LoadedDataset, read_image
-from segx_helpers.data.synthetic import load_artefacts, shortcut_pairs, twin_path
+from segx_helpers.data.synthetic import artefact_masks, load_artefacts, shortcut_pairs, twin_path
 from segx_helpers.data.torch_dataset import Normalization, make_transforms
 from segx_helpers.explain.targets import predict
 from segx_helpers.scores.selective import error_types, separation_table
@@ -194,10 +195,6 @@ def prediction_rows(result: dict, class_names: list[str]) -> pd.DataFrame:
 def shortcut_artefact_masks(data: LoadedDataset, image_ids: list[str], size: int) -> np.ndarray | None:
     """Where the shortcut artefacts (those correlated with a class) are, bool ``(N, size, size)``, resized
     (nearest) to the classifier's input size; None for a dataset without artefact maps (real data)."""
-    from PIL import Image
-
-    from segx_helpers.data.synthetic import artefact_masks
-
     pairs = shortcut_pairs(data.info)
     if not pairs or not (data.root / "artefacts").is_dir():
         return None

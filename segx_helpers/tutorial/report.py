@@ -7,6 +7,7 @@ notebook to run for anything missing, so it can be rebuilt at any time:
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import pandas as pd
 
 from segx_helpers.data.format import load_info
 from segx_helpers.data.synthetic import shortcut_pairs
-from segx_helpers.data.io import write_text
+from segx_helpers.data.io import write_json, write_text
 from segx_helpers.tutorial.settings import TutorialPaths
 
 
@@ -26,10 +27,6 @@ def update_summary(root: str | Path, dataset: str, **sections) -> Path:
     """Merge ``sections`` into ``<root>/outputs/summary.json`` under ``dataset`` (nested dicts merge, values
     replace), atomically: each notebook adds what it measured, and the report and README read it.
     Non-finite floats are written as null."""
-    import math
-
-    from segx_helpers.data.io import write_json
-
     def clean(value):
         if isinstance(value, dict):
             return {str(k): clean(v) for k, v in value.items()}

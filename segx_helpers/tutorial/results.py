@@ -27,7 +27,8 @@ from PIL import Image
 
 from segx_helpers.explain.targets import Explanations
 from segx_helpers.data.io import atomic_path, check_only_listed_files, check_safe_id, files_below
-from segx_helpers.scores.segx import top_percent
+from segx_helpers.scores.analysis import analyse
+from segx_helpers.scores.segx import segx, top_percent
 from segx_helpers.tutorial.viz import overlay
 
 MANIFEST = "manifest.csv"
@@ -160,9 +161,6 @@ def explanation_results(explanations: Explanations, image_ids: Sequence[str], ta
     localisation score from :func:`segx_helpers.scores.analysis.analyse` (the one analysis path), the maps and
     their SegX maps in the given ``order``. ``predicted_masks`` / ``true_masks`` are boolean ``(N, H, W)``
     per image (binarise once with :func:`segx_helpers.scores.analysis.binarise_masks`)."""
-    from segx_helpers.scores.analysis import analyse
-    from segx_helpers.scores.segx import segx
-
     scores = analyse(explanations.maps, predicted_masks, true_masks, explanations.image_index, has_true_mask, p=p,
                      **analysis_options)
     table = pd.concat([prediction_table(explanations, image_ids, targets, task, class_names), scores], axis=1)

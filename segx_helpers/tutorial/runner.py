@@ -30,6 +30,8 @@ import sys
 import time
 from pathlib import Path
 
+import nbformat
+
 from segx_helpers.data.synthetic import GENERATORS
 from segx_helpers.data.io import check_safe_id
 from segx_helpers.tutorial.settings import NOTEBOOKS, TutorialPaths
@@ -76,8 +78,6 @@ def notebook_parameters(name: str, notebook_dir: Path = NOTEBOOK_DIR) -> list[st
 
 def notebook_defaults(name: str, notebook_dir: Path = NOTEBOOK_DIR) -> dict[str, object]:
     """Each name a notebook's parameters cell assigns -> its default value (when a literal, else None)."""
-    import nbformat
-
     nb = nbformat.read(notebook_dir / f"{name}.ipynb", as_version=4)
     defaults: dict[str, object] = {}
     for cell in nb.cells:
@@ -198,9 +198,9 @@ def run_notebooks(root: str | Path, quick: bool = True, only: list[str] | None =
     executed copy with the error is kept). Each finished notebook's :func:`run_record` goes to
     ``<root>/outputs/timings.json``.
     """
-    import papermill
+    import papermill  # lazy: 2.5 s to import, only running the notebooks needs it
 
-    from segx_helpers.models.networks import pick_device
+    from segx_helpers.models.networks import pick_device  # lazy: importing the runner does not load torch
 
     root = Path(root).resolve()
     names = only or available_notebooks(notebook_dir)

@@ -100,7 +100,7 @@ def resolve_quick(quick: bool | None, device: str | None = None) -> bool:
         print(f"mode: {'quick' if quick else 'full'} (QUICK = {quick} was set explicitly)")
         return quick
     if device is None:
-        from segx_helpers.models.networks import pick_device
+        from segx_helpers.models.networks import pick_device  # lazy: settings (make book, the runner) load no torch
 
         device = pick_device().type
     quick = device == "cpu"

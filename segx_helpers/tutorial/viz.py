@@ -11,11 +11,15 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import seaborn as sns
+from matplotlib import colormaps
+from scipy import ndimage
+from sklearn.metrics import auc, roc_curve
 
 from segx_helpers.data.format import LoadedDataset, read_image, read_mask
+from segx_helpers.scores.metrics import one_hot
+from segx_helpers.scores.segx import top_percent
 
 MASK_COLOUR = "#00e5ff"
-TOP_COLOUR = "#ffffff"
 
 
 def _outline(ax, mask: np.ndarray, colour: str = MASK_COLOUR, width: float = 1.2) -> None:
@@ -194,17 +198,11 @@ def plot_confusion(y_true: np.ndarray, y_pred: np.ndarray, class_names: Sequence
 
 def plot_roc_curves(y_true: np.ndarray, y_score: np.ndarray, class_names: Sequence[str], title: str) -> plt.Figure:
     """One-vs-rest ROC curve per class with its AUROC in the legend."""
-    from sklearn.metrics import roc_curve
-
-    from segx_helpers.scores.metrics import one_hot
-
     onehot = one_hot(y_true, len(class_names))
     fig, ax = plt.subplots(figsize=(4.8, 4.2))
     for c, name in enumerate(class_names):
         if 0 < onehot[:, c].sum() < len(onehot):
             fpr, tpr, _ = roc_curve(onehot[:, c], y_score[:, c])
-            from sklearn.metrics import auc
-
             ax.plot(fpr, tpr, label=f"{name} (AUROC {auc(fpr, tpr):.3f})")
     ax.plot([0, 1], [0, 1], color="grey", ls=":", label="chance")
     ax.set(title=title, xlabel="false positive rate", ylabel="true positive rate")
@@ -231,9 +229,6 @@ def overlay(image: np.ndarray, heat: np.ndarray, mask: np.ndarray | None = None,
     """RGB uint8 ``(H, W, 3)``: ``image`` (``(H, W[, C])`` in [0, 1]) blended with ``heat`` as a jet
     heat map (scaled to its 99th percentile, so a few extreme SHAP pixels do not wash it out), with
     the mask outlined in cyan and the top-p % region outlined in white."""
-    from matplotlib import colormaps
-    from scipy import ndimage
-
     image = np.asarray(image, dtype=np.float32)
     if image.ndim == 2 or image.shape[-1] == 1:
         image = np.repeat(image.reshape(image.shape[0], image.shape[1], 1), 3, axis=2)
@@ -255,8 +250,6 @@ def plot_segx_gallery(images: np.ndarray, rows: Sequence[tuple[int, str]], maps:
     ``rows``: ``(image index, row label)``; ``maps``: method -> ``(original, segx)``, each ``(len(rows), H, W)``
     in row order; ``masks`` ``(N, H, W)`` the clinical-interest masks used by SegX.
     """
-    from segx_helpers.scores.segx import top_percent
-
     methods = list(maps)
     n_cols = 1 + 2 * len(methods)
     fig, axes = plt.subplots(len(rows), n_cols, figsize=(2.1 * n_cols, 2.2 * len(rows)), squeeze=False)
@@ -380,8 +373,6 @@ def plot_auroc_by_distance(tables: dict[str, pd.DataFrame], title: str) -> plt.F
 def plot_prediction_gallery(images: np.ndarray, maps: np.ndarray, masks: np.ndarray, titles: Sequence[str],
                             title: str, p: float = 5.0, ncols: int = 4) -> plt.Figure:
     """One panel per prediction: the image with its original map, mask outline and top-p % outline."""
-    from segx_helpers.scores.segx import top_percent
-
     n = len(maps)
     nrows = max(1, int(np.ceil(n / ncols)))
     fig, axes = plt.subplots(nrows, ncols, figsize=(2.6 * ncols, 3.2 * nrows), squeeze=False)

@@ -80,7 +80,7 @@ class Explorer:
 
     def __init__(self, images: np.ndarray, explanations: dict[str, Explanations], mask_prob: np.ndarray,
                  class_names: list[str], image_ids=None, threshold: float = 0.5, p: float = 5.0):
-        import ipywidgets as w
+        import ipywidgets as w  # lazy: without ipywidgets the module still gives explorer()'s static fallback
 
         if not explanations:
             raise ValueError("explorer needs at least one method in explanations")
@@ -162,7 +162,7 @@ def explorer(images: np.ndarray, explanations: dict[str, Explanations], mask_pro
     Returns the static figure in the fallback, else ``None`` (build an :class:`Explorer` yourself to
     read its selection from code).
     """
-    try:
+    try:  # lazy on purpose: a missing ipywidgets/IPython or no kernel means the static fallback below
         import ipywidgets  # noqa: F401
         from IPython import get_ipython
         from IPython.display import display
