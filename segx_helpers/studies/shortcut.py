@@ -182,6 +182,19 @@ def shortcut_rate_by_distance(predictions: dict[str, pd.DataFrame], distance_px:
                          "rate": float(driven[inside].mean()) if inside.any() else float("nan")})
     return pd.DataFrame(rows)
 
+def examples_by_distance(results, table: pd.DataFrame, bins: DistanceBins, n: int = 4) -> dict:
+    """Shortcut-driven predictions to look at, from either end of the distance bins: ``"far from"`` the lesion
+    (the farthest bin, lowest ``c_IoU`` first: the map sits on the patch) and ``"next to"`` it (the nearest bin,
+    highest ``c_IoU`` first: the map sits on the lesion the patch touches), ``n`` of each. ``results``: a
+    :class:`~segx_helpers.tutorial.results.Results` whose rows are ``table``'s (``distance_px``,
+    ``shortcut_driven``), in the same order."""
+    codes = np.asarray(bins.assign(table["distance_px"].to_numpy()).codes)
+    driven = table["shortcut_driven"].to_numpy(dtype=bool)
+    far = results.select(driven & (codes == len(bins.labels) - 1)).sort("c_IoU").head(n)
+    near = results.select(driven & (codes == 0)).sort("c_IoU", ascending=False).head(n)
+    return {"far from": far, "next to": near}
+
+
 def prediction_rows(result: dict, class_names: list[str]) -> pd.DataFrame:
     """The decisions of :func:`segx_helpers.tutorial.training_recipes.evaluate_classifier` as prediction rows
     (``image_id``, ``class``): one per image (multiclass) or one per predicted finding (multilabel)."""
@@ -410,3 +423,24 @@ def score_by_artefact(scores: pd.DataFrame, artefacts: pd.DataFrame, columns: Se
                          "difference": float(np.average(pooled, weights=weights)) if weights else float("nan"),
                          "AUROC (absent vs present)": float("nan")})
     return pd.DataFrame(rows)
+
+
+def scores_by_artefact(data: LoadedDataset, table: pd.DataFrame, scores: Sequence[str],
+                       image_ids: Sequence[str]) -> pd.DataFrame | None:
+    """:func:`score_by_artefact` for several ``scores`` columns of a prediction table, within lesion-size strata
+    (:func:`size_strata` of the ground-truth :func:`lesion_areas` of ``image_ids``, the split's images), stacked
+    with a ``score`` column. ``None`` for a dataset without annotated artefacts (no ``artefacts.csv`` columns) or a
+    synthetic one with counterfactual twins, whose ground truth is the twins."""
+    columns = artefact_columns(data.root)
+    if not columns or shortcut_pairs(data.info):
+        return None
+    strata = size_strata(lesion_areas(data, list(image_ids)))
+    return pd.concat([score_by_artefact(table, artefact_table(data), columns, score=s, strata=strata).assign(score=s)
+                      for s in scores], ignore_index=True)
+
+
+def pooled_differences(by_artefact: pd.DataFrame) -> pd.DataFrame:
+    """The size-adjusted difference (with the artefact minus without) of each score, pooled over the strata: one
+    row per artefact, one column per score, from :func:`scores_by_artefact`."""
+    pooled = by_artefact[by_artefact["stratum"].str.startswith("all strata")]
+    return pooled.pivot(index="artefact", columns="score", values="difference")
