@@ -52,7 +52,17 @@ def test_resolve_quick_picks_quick_on_a_cpu_and_full_on_a_gpu(capsys):
     assert out.count("\n") == 1 and "full" in out and "GPU" in out
     assert resolve_quick(True, device="cuda") is True and resolve_quick(False, device="cpu") is False
     assert "explicitly" in capsys.readouterr().out
-    assert isinstance(resolve_quick(None), bool)  # the detected device
+
+
+@pytest.mark.parametrize("device, quick", [("cpu", True), ("cuda", False), ("mps", False)])
+def test_resolve_quick_detects_the_device_when_none_is_given(monkeypatch, capsys, device, quick):
+    import torch
+
+    from segx_helpers.models import networks
+
+    monkeypatch.setattr(networks, "pick_device", lambda *a, **k: torch.device(device))
+    assert resolve_quick(None) is quick
+    assert ("quick" if quick else "full") in capsys.readouterr().out
 
 
 def test_colab_cell_is_a_noop_outside_colab(monkeypatch):
@@ -149,6 +159,32 @@ def test_tutorial_keeps_its_figures_in_the_executed_notebooks(tutorial_run):
         assert len(pictures) >= 2, name
 
 
+# Which notebook writes which section of outputs/summary.json (besides quick and seed): what each one measured.
+SUMMARY_SECTIONS = {
+    "02_train_segmenter": {"segmenter"},
+    "03_train_classifier": {"classifier"},
+    "05_segu_analysis": {"segu", "confidence", "aurc", "augrc", "shortcut_by_distance",
+                         "shortcut_by_distance_block_before", "shortcut_by_distance_patch_present"},
+    "07_train_with_the_mask": {"fix"},
+}
+
+
+def test_tutorial_summary_holds_a_section_from_each_measuring_notebook(tutorial_run):
+    full = json.loads((tutorial_run.root / "outputs" / "summary.json").read_text())
+    assert set(full) == {DATASET, "synthetic-cxr"}  # notebook 07's last section repeats the fixes on the CXR set
+    assert set(full[DATASET]) == {"quick", "seed"}.union(*SUMMARY_SECTIONS.values())
+    assert set(full["synthetic-cxr"]) == {"quick", "seed", "fix"}
+    assert all(entry["quick"] is True and entry["seed"] == 0 for entry in full.values())
+
+
+def test_tutorial_notebooks_03_and_07_measure_the_same_baseline(tutorial_run):
+    """Notebook 07 re-evaluates notebook 03's classifier on the same test split: a notebook that trained, loaded or
+    split something else would differ here."""
+    summary = tutorial_run.summary()
+    for key in ("auroc", "accuracy", "shortcut_driven_rate"):
+        assert summary["fix"]["baseline"][key] == pytest.approx(summary["classifier"][key]), key
+
+
 def test_tutorial_segmenter_finds_the_lesions(tutorial_run):
     segmenter = tutorial_run.summary()["segmenter"]
     low, high = segmenter["dice_ci"]
@@ -176,8 +212,21 @@ def test_tutorial_segu_analysis_scores_both_methods_against_confidence(tutorial_
     for curve in ("aurc", "augrc"):
         assert set(summary[curve]) == {"confidence", "segu", "combined"}
         assert all(_probability(v) for v in summary[curve].values()), curve
+    for name in ("confidence", "segu", "combined"):  # AUGRC weighs each coverage's risk by the coverage: never more
+        assert 0.0 < summary["augrc"][name] <= summary["aurc"][name], name
     segu = tutorial_run.segu_summary()
     assert {row["score"] for row in segu["separation"]} >= {"c_IoU", "c_AUITC", "confidence"}
+    assert {row["group"] for row in segu["separation"]} == {"gradcam", "gradient_shap"}
+    assert {row["errors"] for row in segu["by_error_type"]} == {"all errors", "artefact present", "artefact absent",
+                                                                 "other error"}
+    assert set(segu["aurc"]) >= {"confidence", "SegU c_IoU (Grad-CAM)", "confidence × c_IoU"}
+    variants = [row["variant"] for row in segu["ablation_method"]]
+    assert variants[:3] == ["Grad-CAM, last block", "Grad-CAM, block before", "LayerCAM, block before"]
+    assert variants[3].startswith("Gradient SHAP") and variants[4] == "classifier confidence (baseline)"
+    masks = {row["masks"]: row["auroc"] for row in segu["ablation_masks"]}
+    assert list(masks) == ["predicted (U-Net)", "ground truth", "shifted by 1/2 image", "dilated by 12 px"]
+    assert all(_probability(v) for v in masks.values())
+    assert masks["predicted (U-Net)"] == pytest.approx(segu["ablation_method"][0]["auroc"])  # the same c_IoU, twice
 
 
 def test_tutorial_measures_segu_by_the_patch_distance(tutorial_run):
@@ -214,6 +263,12 @@ def test_tutorial_fixes_are_compared_on_both_datasets(tutorial_run):
     for model in ("baseline", "control", "rrr", "background"):
         assert _probability(fix[model]["accuracy"]) and _probability(fix[model]["auroc"]), model
         assert _probability(fix[model]["shortcut_driven_rate"]), model
+        for key in ("accuracy", "auroc", "shortcut_driven_rate", "artefact_mass", "segu_c_iou_mean"):
+            low, high = fix[model][f"{key}_ci"]
+            assert low <= fix[model][key] <= high, (model, key)
+    # swapping the background away from the patch takes most of the shortcut away (0.51 -> 0.15 in the NOTES' run)
+    assert fix["background"]["shortcut_driven_rate"] < fix["baseline"]["shortcut_driven_rate"]
+    assert fix["background"]["artefact_mass"] < fix["baseline"]["artefact_mass"]
     assert fix["chosen"]["rrr"].startswith("RRR") and fix["chosen"]["background"].startswith("background")
     assert set(fix["targets_met"]) == {"control", "rrr", "background"}
     cxr = json.loads((tutorial_run.root / "outputs" / "summary.json").read_text())["synthetic-cxr"]["fix"]

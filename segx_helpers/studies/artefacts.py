@@ -16,7 +16,7 @@ import pandas as pd
 from sklearn.metrics import roc_auc_score
 
 from segx_helpers.data.format import LoadedDataset, read_mask
-from segx_helpers.data.synthetic import phi_correlation
+from segx_helpers.data.synthetic import phi_correlation, shortcut_pairs
 
 
 def positive_class(class_names: Sequence[str]) -> str:
@@ -196,3 +196,24 @@ def score_by_artefact(scores: pd.DataFrame, artefacts: pd.DataFrame, columns: Se
                          "difference": float(np.average(pooled, weights=weights)) if weights else float("nan"),
                          "AUROC (absent vs present)": float("nan")})
     return pd.DataFrame(rows)
+
+
+def scores_by_artefact(data: LoadedDataset, table: pd.DataFrame, scores: Sequence[str],
+                       image_ids: Sequence[str]) -> pd.DataFrame | None:
+    """:func:`score_by_artefact` for several ``scores`` columns of a prediction table, within lesion-size strata
+    (:func:`size_strata` of the ground-truth :func:`lesion_areas` of ``image_ids``, the split's images), stacked
+    with a ``score`` column. ``None`` for a dataset without annotated artefacts (no ``artefacts.csv`` columns) or a
+    synthetic one with counterfactual twins, whose ground truth is the twins."""
+    columns = artefact_columns(data.root)
+    if not columns or shortcut_pairs(data.info):
+        return None
+    strata = size_strata(lesion_areas(data, list(image_ids)))
+    return pd.concat([score_by_artefact(table, artefact_table(data), columns, score=s, strata=strata).assign(score=s)
+                      for s in scores], ignore_index=True)
+
+
+def pooled_differences(by_artefact: pd.DataFrame) -> pd.DataFrame:
+    """The size-adjusted difference (with the artefact minus without) of each score, pooled over the strata: one
+    row per artefact, one column per score, from :func:`scores_by_artefact`."""
+    pooled = by_artefact[by_artefact["stratum"].str.startswith("all strata")]
+    return pooled.pivot(index="artefact", columns="score", values="difference")

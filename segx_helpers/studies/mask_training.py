@@ -615,3 +615,34 @@ def fix_config(settings, seed: int = 0) -> TrainConfig:
                            max_batches_per_epoch=settings.max_batches_per_epoch, cpu_bf16=settings.cpu_bf16)
     return TrainConfig(epochs=max(1, settings.cls_epochs // 3), lr=3e-4, monitor="val_auroc", seed=seed,
                        cpu_bf16=settings.cpu_bf16)
+
+
+# ------------------------------------------------------------------------------ what notebook 07 reads off the comparison
+
+def choose_per_method(selection: pd.DataFrame, methods: tuple[str, ...] = ("rrr", "background")) -> pd.DataFrame:
+    """:func:`selection_table` with ``chosen`` marking the lowest criterion of each fix method separately (one λ for
+    RRR, one q for the background intervention) instead of the lowest overall."""
+    table = selection.copy()
+    table["chosen"] = False
+    for method in methods:
+        rows = table[table["method"] == method]
+        if len(rows):
+            table.loc[rows["criterion"].idxmin(), "chosen"] = True
+    return table
+
+
+def targets_met(targets: pd.DataFrame, names: dict[str, str] | None = None) -> dict[str, bool]:
+    """Per fixed model of ``targets`` (:func:`target_check` rows, concatenated), whether it met every target; keys
+    renamed by ``names`` as in :func:`fix_summary`."""
+    return {(names or {}).get(model, model): bool(targets[targets["model"] == model]["met"].all())
+            for model in dict.fromkeys(targets["model"])}
+
+
+def shortcut_driven_examples(comparison: FixComparison, model: str = "baseline", n: int = 4) -> list[str]:
+    """Ids of the first ``n`` test images whose prediction by ``model`` was shortcut-driven (flips with the
+    artefact), to compare every model's maps on; the first ``n`` explained images when there are none (or no
+    counterfactual twins)."""
+    rows = comparison.predictions[model]
+    driven = rows["shortcut_driven"] if "shortcut_driven" in rows else pd.Series(False, index=rows.index)
+    picked = list(rows.loc[driven.to_numpy(dtype=bool), "image_id"].unique()[:n])
+    return picked or list(dict.fromkeys(comparison.results[model].table["image_id"]))[:n]

@@ -181,6 +181,19 @@ def shortcut_rate_by_distance(predictions: dict[str, pd.DataFrame], distance_px:
                          "rate": float(driven[inside].mean()) if inside.any() else float("nan")})
     return pd.DataFrame(rows)
 
+def examples_by_distance(results, table: pd.DataFrame, bins: DistanceBins, n: int = 4) -> dict:
+    """Shortcut-driven predictions to look at, from either end of the distance bins: ``"far from"`` the lesion
+    (the farthest bin, lowest ``c_IoU`` first: the map sits on the patch) and ``"next to"`` it (the nearest bin,
+    highest ``c_IoU`` first: the map sits on the lesion the patch touches), ``n`` of each. ``results``: a
+    :class:`~segx_helpers.tutorial.results.Results` whose rows are ``table``'s (``distance_px``,
+    ``shortcut_driven``), in the same order."""
+    codes = np.asarray(bins.assign(table["distance_px"].to_numpy()).codes)
+    driven = table["shortcut_driven"].to_numpy(dtype=bool)
+    far = results.select(driven & (codes == len(bins.labels) - 1)).sort("c_IoU").head(n)
+    near = results.select(driven & (codes == 0)).sort("c_IoU", ascending=False).head(n)
+    return {"far from": far, "next to": near}
+
+
 def prediction_rows(result: dict, class_names: list[str]) -> pd.DataFrame:
     """The decisions of :func:`segx_helpers.tutorial.training_recipes.evaluate_classifier` as prediction rows
     (``image_id``, ``class``): one per image (multiclass) or one per predicted finding (multilabel)."""

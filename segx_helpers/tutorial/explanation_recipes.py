@@ -1,7 +1,8 @@
 """Explaining a trained classifier's predictions, as the notebooks do: the Gradient SHAP background
 sampler (:func:`background_images`), the seeded, class-stratified subset a slow method explains
 (:func:`explained_subset`), :func:`explain_predictions` (the classifier's own decisions as targets),
-and :func:`segx_results`, notebook 04's results in one call."""
+and :func:`segx_results`, notebook 04's results in one call; :func:`segmenter_masks` and :func:`score_split` for
+notebook 05's extra variants (another split, layer or method)."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -92,3 +93,20 @@ def segx_results(name: str, paths: TutorialPaths, data: LoadedDataset, segmenter
     save_split_arrays(paths.maps(name) / "test_masks.npz", mask_prob=mask_prob, predicted_masks=predicted,
                       true_masks=true_masks, has_mask=np.asarray(test["has_mask"]), image_id=np.array(test["image_id"]))
     return out
+
+
+def segmenter_masks(segmenter: TrainedModel, data: LoadedDataset, split: str, image_size: int) -> np.ndarray:
+    """The segmenter's masks of a split, bool ``(N, image_size, image_size)``: its probabilities binarised once,
+    with the threshold it tuned on validation."""
+    return binarise_masks(mask_probabilities(segmenter, data, split, image_size), segmenter.meta["threshold"])
+
+
+def score_split(classifier: TrainedModel, data: LoadedDataset, tensors: dict, method: str, masks: np.ndarray,
+                p: float = 5.0, **keywords):
+    """Explain a split's predictions with ``method`` and score every map against ``masks`` with the one analysis
+    path. ``tensors``: :func:`~segx_helpers.models.checkpoints.split_tensors` of the split; ``keywords`` go to
+    :func:`explain_predictions` (e.g. ``options=CamOptions(target_layers=...)``). Returns
+    :class:`~segx_helpers.tutorial.results.Results`."""
+    e = explain_predictions(classifier, tensors["image"], method, progress=False, **keywords)
+    return explanation_results(e, tensors["image_id"], tensors["target"].numpy(), data.info.task,
+                               data.info.class_names, masks, p=p)

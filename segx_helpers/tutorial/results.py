@@ -153,6 +153,18 @@ class Results:
         return save_results(folder, self.table, self.maps, self.segx_maps, images, masks, p=p)
 
 
+def rows_for_images(results: Results, image_ids: Sequence[str]) -> Results:
+    """The first row of each image of ``image_ids``, in that order, maps included (e.g. every model's map of the
+    same test images). Raises ``KeyError`` for an image without a row."""
+    first = {}
+    for k, image_id in enumerate(results.table["image_id"]):
+        first.setdefault(image_id, k)
+    missing = [i for i in image_ids if i not in first]
+    if missing:
+        raise KeyError(f"no prediction row for: {missing[:3]}")
+    return results.select(np.array([first[i] for i in image_ids], dtype=np.int64))
+
+
 def explanation_results(explanations: Explanations, image_ids: Sequence[str], targets: np.ndarray, task: str,
                         class_names: Sequence[str], predicted_masks: np.ndarray, true_masks: np.ndarray | None = None,
                         has_true_mask: np.ndarray | None = None, *, p: float = 5.0, order: str = "mask-then-top",

@@ -42,7 +42,7 @@ class TutorialPaths:
 
     ``data/<name>/`` datasets (notebook 01; real datasets converted by ``data_download.sh`` sit in
     ``data/<name>/dataset/`` next to their ``raw/`` download), ``artifacts/<name>/`` checkpoints
-    (02, 03), ``outputs/<name>/`` maps, scores and figures (04, 05, 06).
+    (02, 03, 07), ``outputs/<name>/`` maps, scores and figures (04, 05, 06).
     """
 
     root: Path
@@ -55,11 +55,19 @@ class TutorialPaths:
         converted = self.root / "data" / name / "dataset"
         return converted if converted.is_dir() else self.root / "data" / name
 
+    def artifacts(self, name: str) -> Path:
+        """``artifacts/<name>/``: the dataset's checkpoints."""
+        return self.root / "artifacts" / name
+
+    def fixes(self, name: str) -> Path:
+        """``artifacts/<name>/fix/``: notebook 07's classifiers trained with the mask."""
+        return self.artifacts(name) / "fix"
+
     def segmenter(self, name: str) -> Path:
-        return self.root / "artifacts" / name / "segmenter.pt"
+        return self.artifacts(name) / "segmenter.pt"
 
     def classifier(self, name: str) -> Path:
-        return self.root / "artifacts" / name / "classifier.pt"
+        return self.artifacts(name) / "classifier.pt"
 
     def outputs(self, name: str) -> Path:
         return self.root / "outputs" / name
@@ -156,6 +164,17 @@ def run_settings(quick: bool, real_data: bool | int = False) -> RunSettings:
         raise ValueError(f"REAL_DATA must be False, True (256 px) or an image size that is a multiple of 32, "
                          f"got {real_data!r}")
     return dataclasses.replace(settings, image_size=size, seg_image_size=size)
+
+
+def with_image_size(settings: RunSettings, image_size: int | None) -> RunSettings:
+    """``settings`` at another image size (notebook 06's ``IMAGE_SIZE``): the classifier's input becomes
+    ``image_size`` and the segmenter's is capped at it; ``None`` keeps ``settings``. The size must be a multiple of
+    32 (the U-Net halves it five times)."""
+    if image_size is None:
+        return settings
+    if image_size % 32 != 0:
+        raise ValueError(f"IMAGE_SIZE must be a multiple of 32 (the U-Net halves it five times), got {image_size}")
+    return dataclasses.replace(settings, image_size=image_size, seg_image_size=min(settings.seg_image_size, image_size))
 
 
 def save_figure(fig, path: str | Path, dpi: int = 120) -> Path:

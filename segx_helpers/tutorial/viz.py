@@ -5,6 +5,7 @@ has a title, axis labels and a legend where one is needed.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
 import matplotlib.pyplot as plt
@@ -402,6 +403,62 @@ def plot_results_gallery(images: np.ndarray, masks: np.ndarray, rows, title: str
     titles = [caption(r) for r in rows.table.to_dict("records")]
     return plot_prediction_gallery(np.asarray(images)[index], rows.maps, np.asarray(masks)[index], titles, title, p=p,
                                    ncols=ncols)
+
+
+def plot_results_rows(images: np.ndarray, masks: np.ndarray, rows: dict, title: str, caption=None, p: float = 5.0
+                      ) -> plt.Figure:
+    """:func:`plot_results_gallery` with one gallery row per entry of ``rows`` (name -> prediction rows with their
+    maps, e.g. several methods' or models' :class:`~segx_helpers.tutorial.results.Results` of the same predictions,
+    all of the same length): each panel shows its row's image and mask, found by ``image_index`` in the whole split's
+    ``images`` and ``masks``. ``caption(name, row) -> str`` titles a panel (default: name, image id, class, ``c_IoU``)."""
+    caption = caption or (lambda name, r: f"{name}: {r['image_id']} → {r['class']}\nc_IoU {r['c_IoU']:.2f}")
+    index = np.concatenate([res.table["image_index"].to_numpy() for res in rows.values()])
+    maps = np.concatenate([res.maps for res in rows.values()])
+    titles = [caption(name, r) for name, res in rows.items() for r in res.table.to_dict("records")]
+    ncols = max(1, len(next(iter(rows.values()))))
+    return plot_prediction_gallery(np.asarray(images)[index], maps, np.asarray(masks)[index], titles, title, p=p,
+                                   ncols=ncols)
+
+
+def plot_augmented_views(plain: dict, views: Sequence[dict], norm, title: str) -> plt.Figure:
+    """A training image as stored, then augmented views of it, each with its mask outlined (yellow).
+    ``plain`` and ``views``: items of a :class:`~segx_helpers.data.torch_dataset.SegXDataset` (``image``
+    ``(C, H, W)`` normalised with ``norm``, ``mask`` ``(1, H, W)``); a one-channel image is shown in grey."""
+    items = [plain, *views]
+    fig, axes = plt.subplots(1, len(items), figsize=(13 * len(items) / 6, 2.6))
+    for ax, item, label in zip(axes, items, ["as stored"] + [f"augmented {k + 1}" for k in range(len(views))]):
+        picture = norm.denormalize(item["image"][None])[0]
+        grey = picture.shape[-1] == 1
+        ax.imshow(picture[..., 0] if grey else picture, cmap="gray" if grey else None)
+        ax.contour(item["mask"][0].numpy(), levels=[0.5], colors="yellow", linewidths=0.8)
+        ax.set_title(label, fontsize=9)
+        ax.axis("off")
+    fig.suptitle(title)
+    return fig
+
+
+def plot_audit_maps(audit_out, rows: Sequence[dict], image_paths, title: str) -> plt.Figure:
+    """Predictions of a ``segx audit`` run read back from its shards with numpy alone: per row of its table
+    (``image_id``, ``class``, ``outcome``, ``c_IoU``, ``shard``, ``map_row``) the image (``image_paths``: image id ->
+    file), the map with the predicted mask outlined, and the SegX map (map x mask)."""
+    from PIL import Image
+
+    fig, axes = plt.subplots(len(rows), 3, figsize=(10, 3.4 * len(rows)), squeeze=False)
+    for ax_row, row in zip(axes, rows):
+        shard = np.load(Path(audit_out) / "shards" / f"shard-{row['shard']:05d}.npz")
+        saliency = shard["maps"][row["map_row"]]
+        mask = shard["predicted_masks"][shard["mask_row"][row["map_row"]]]
+        picture = np.asarray(Image.open(image_paths[row["image_id"]]))
+        for ax, shown, cmap in zip(ax_row, [picture, saliency, saliency * mask], ["gray", "magma", "magma"]):
+            ax.imshow(shown, cmap=cmap)  # (an RGB image ignores the colour map)
+            ax.axis("off")
+        if mask.any():
+            ax_row[1].contour(mask, levels=[0.5], colors="white", linewidths=0.8)
+        ax_row[0].set_title(f"{row['image_id']}: {row['class']} ({row['outcome']})", fontsize=9)
+        ax_row[1].set_title(f"Grad-CAM map, predicted mask; c_IoU {row['c_IoU']:.3f}", fontsize=9)
+        ax_row[2].set_title("SegX map (map x mask)", fontsize=9)
+    fig.suptitle(title)
+    return fig
 
 
 # ------------------------------------------------------------------------------ training with the mask (notebook 07)
