@@ -12,7 +12,7 @@ matrix products natively (:func:`segx_helpers.models.networks.cpu_supports_bf16`
 machine's load average is recorded with each row.
 
 With ``--dice``, also trains the tutorial's segmenter on synthetic-derm as quick mode's notebook 02 does
-(``segmenter_config(QUICK)``, 1,000 images, ``--dice-size`` px) once with ``TrainConfig(amp=False)`` (float32) and
+(``segmenter_config(QUICK_MODE)``, 1,000 images, ``--dice-size`` px) once with ``TrainConfig(amp=False)`` (float32) and
 once with ``cpu_bf16=True`` (channels_last + bfloat16 autocast), interleaved, and reports the test Dice and training
 seconds of each: the speed-up must not cost accuracy.
 
@@ -34,7 +34,7 @@ import torch
 from segx_helpers.models.networks import (CPU_DECODER_CHANNELS, PAPER_DECODER_CHANNELS, CpuTraining, build_classifier,
                                  build_segmenter, cpu_supports_bf16, prepare_for_cpu_training)
 from segx_helpers.data import SyntheticConfig, generate_synthetic_derm, load_dataset
-from segx_helpers.tutorial.settings import QUICK
+from segx_helpers.tutorial.settings import QUICK_MODE
 from segx_helpers.models.training import DiceBCELoss
 from segx_helpers.tutorial.training_recipes import evaluate_segmenter, segmenter_config, train_segmenter
 
@@ -74,10 +74,10 @@ def dice_rows(image_size: int, repeats: int, seed: int = 0) -> list[dict]:
     """Quick mode's segmenter trained on synthetic-derm in float32 and with ``cpu_bf16`` (interleaved, ``repeats`` rounds):
     one row per setting with the test Dice (at 128 px, as notebook 02 reports it) and the best training seconds."""
     with tempfile.TemporaryDirectory() as tmp:
-        generate_synthetic_derm(Path(tmp) / "derm", SyntheticConfig(n_images=QUICK.n_images, image_size=QUICK.image_size,
+        generate_synthetic_derm(Path(tmp) / "derm", SyntheticConfig(n_images=QUICK_MODE.n_images, image_size=QUICK_MODE.image_size,
                                                                      seed=seed), progress=False)
         data = load_dataset(Path(tmp) / "derm")
-        config = segmenter_config(QUICK, seed)
+        config = segmenter_config(QUICK_MODE, seed)
         found: dict[bool, dict] = {}
         for round_ in range(repeats):
             for amp in (False, True):
@@ -85,7 +85,7 @@ def dice_rows(image_size: int, repeats: int, seed: int = 0) -> list[dict]:
                 trained = train_segmenter(data, Path(tmp) / f"seg_{amp}_{round_}.pt", image_size=image_size,
                                           config=dataclasses.replace(config, amp=amp, cpu_bf16=amp))
                 seconds = time.perf_counter() - started
-                dice = float(evaluate_segmenter(trained, data, "test", image_size=QUICK.image_size)["dice"].mean())
+                dice = float(evaluate_segmenter(trained, data, "test", image_size=QUICK_MODE.image_size)["dice"].mean())
                 best = found.setdefault(amp, {"seconds": seconds, "dice": dice})
                 best["seconds"] = min(best["seconds"], seconds)
     return [{"model": "segmenter, quick notebook 02 on synthetic-derm", "image_size": image_size,
@@ -103,7 +103,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=2, help="interleaved rounds; the best is kept")
     parser.add_argument("--kinds", nargs="+", default=["segmenter", "classifier"])
     parser.add_argument("--dice", action="store_true", help="also train quick mode's segmenter in float32 and with cpu_bf16")
-    parser.add_argument("--dice-size", type=int, default=QUICK.seg_image_size)
+    parser.add_argument("--dice-size", type=int, default=QUICK_MODE.seg_image_size)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)

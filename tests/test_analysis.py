@@ -146,7 +146,7 @@ def test_probability_masks_are_refused_and_binarised_in_one_place():
     with pytest.raises(TypeError, match="binarise_masks"):
         analyse(np.ones((1, 2, 2), np.float32), prob)
     assert binarise_masks(prob, 0.7).tolist() == [[[False, False], [True, True]]]
-    assert binarise_masks(prob, reference=True).tolist() == [[[False, False], [True, True]]]
+    assert binarise_masks(prob, as_reference_code=True).tolist() == [[[False, False], [True, True]]]
     assert binarise_masks(prob, 0.5).tolist() == [[[False, True], [True, True]]]
     with pytest.raises(ValueError, match="threshold"):
         binarise_masks(prob, 1.5)

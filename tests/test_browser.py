@@ -67,7 +67,7 @@ def explanations_for(method, shift):
             image_index.append(i)
             class_index.append((i + c) % 3)
     return Explanations(maps=np.stack(maps), image_index=np.array(image_index), class_index=np.array(class_index),
-                        scores=rng.uniform(0.3, 0.9, len(maps)).astype(np.float32), method=method)
+                        confidence=rng.uniform(0.3, 0.9, len(maps)).astype(np.float32), method=method)
 
 
 explanations = {"gradcam": explanations_for("gradcam", 0), "gradient_shap": explanations_for("gradient_shap", 9)}

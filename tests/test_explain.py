@@ -64,7 +64,7 @@ def test_default_targets_follow_the_prediction(tiny):
         probs = model(x).softmax(1).numpy()
     result = explain(model, x, method="gradcam", progress=False)
     assert result.class_index.tolist() == probs.argmax(1).tolist()
-    assert np.allclose(result.scores, probs.max(1), atol=1e-6)
+    assert np.allclose(result.confidence, probs.max(1), atol=1e-6)
     multilabel = predicted_targets(np.array([[0.9, 0.2, 0.6], [0.1, 0.1, 0.1]]), "multilabel", [0.5, 0.5, 0.7])
     assert multilabel == [[0], []]
 
@@ -307,7 +307,7 @@ def test_one_output_model_is_refused_for_multiclass():
         with pytest.raises(ValueError, match="one output.*multilabel"):
             explain(model, x, None, method, progress=False)
     result = explain(model, x, None, "gradcam", task="multilabel", thresholds=[0.0], progress=False)
-    assert len(result) == 2 and (result.scores < 1).all()
+    assert len(result) == 2 and (result.confidence < 1).all()
 
 
 # ------------------------------------------------------------------------------ classifiers the package did not build (issue 18)
@@ -423,7 +423,7 @@ def test_a_registered_method_runs_through_explain_and_the_analysis(input_method)
     assert np.array_equal(result.maps, x.abs().mean(1).numpy()[[0, 0, 1]])
     with torch.no_grad():
         probs = model(x).softmax(1).numpy()
-    assert np.allclose(result.scores, probs[[0, 0, 1], [0, 2, 1]], atol=1e-6)
+    assert np.allclose(result.confidence, probs[[0, 0, 1], [0, 2, 1]], atol=1e-6)
     left = np.zeros((3, 16, 16), bool)
     left[:, :, :8] = True
     table = analyse(result.maps, left, image_index=result.image_index)

@@ -24,8 +24,8 @@ from segx_helpers.tutorial.modality_recipes import FAULTS, SmallCNN, auroc_valid
 from segx_helpers.tutorial.results import Results, rows_for_images
 from segx_helpers.tutorial.segu_recipes import (BASELINE, LOGISTIC, PRODUCT, SEGU, degraded_masks, distance_sections,
                                                 mask_dependence, prediction_scores, segu_sections, segu_summary,
-                                                selective_prediction, separation_by_variant, with_confidence)
-from segx_helpers.tutorial.settings import QUICK, TutorialPaths, with_image_size
+                                                selective_prediction, separation_by_variant)
+from segx_helpers.tutorial.settings import QUICK_MODE, TutorialPaths, with_image_size
 
 matplotlib.use("Agg")
 SIZE = 32
@@ -41,19 +41,18 @@ def _rows(n: int = 40, seed: int = 0) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
     correct = np.arange(n) % 3 != 0
     return pd.DataFrame({"image_id": [f"i{k:02d}" for k in range(n)], "class": "a", "image_index": np.arange(n),
-                         "score": rng.uniform(0.4, 1.0, n), "correct": correct,
+                         "confidence": rng.uniform(0.4, 1.0, n), "correct": correct,
                          "c_IoU": np.where(correct, rng.uniform(0.5, 0.9, n), rng.uniform(0.0, 0.2, n))})
 
 
 # ------------------------------------------------------------------------------ notebook 05 (segu_recipes)
 
-def test_prediction_scores_stack_the_methods_and_name_the_score_confidence():
+def test_prediction_scores_stack_the_methods_in_order():
     a, b = _rows(4), _rows(3, seed=1)
     scores = prediction_scores({"gradcam": _results(a.assign(method="gradcam")),
                                 "gradient_shap": _results(b.assign(method="gradient_shap"))})
-    assert "score" not in scores and scores["confidence"].tolist() == a["score"].tolist() + b["score"].tolist()
+    assert scores["confidence"].tolist() == a["confidence"].tolist() + b["confidence"].tolist()
     assert scores["method"].tolist() == ["gradcam"] * 4 + ["gradient_shap"] * 3 and list(scores.index) == list(range(7))
-    assert with_confidence(a)["confidence"].equals(a["score"]) and "score" in a  # the input stays as it was
 
 
 def test_separation_by_variant_gives_one_row_per_table_and_the_confidence_baseline():
@@ -61,9 +60,9 @@ def test_separation_by_variant_gives_one_row_per_table_and_the_confidence_baseli
     reversed_ = good.assign(c_IoU=1 - good["c_IoU"])
     table = separation_by_variant({"good": good, "reversed": reversed_}, label="masks", baseline=good, n_resamples=50)
     assert table["masks"].tolist() == ["good", "reversed", BASELINE]
-    assert table["score"].tolist() == ["c_IoU", "c_IoU", "confidence"]
+    assert table["certainty"].tolist() == ["c_IoU", "c_IoU", "confidence"]
     assert table.loc[0, "auroc"] == 1.0 and table.loc[1, "auroc"] == 0.0  # a low c_IoU flags exactly the errors
-    expected = separation_table(good.rename(columns={"score": "confidence"}), ["confidence"], n_resamples=50)
+    expected = separation_table(good, ["confidence"], n_resamples=50)
     assert table.loc[2, "auroc"] == expected.loc[0, "auroc"]
     assert "variant" in separation_by_variant({"good": good}, n_resamples=10)
 
@@ -114,14 +113,14 @@ def test_selective_prediction_fits_the_combination_on_validation_only_when_it_ca
 
 def test_segu_summaries_take_their_numbers_from_the_tables():
     scores = pd.concat([_rows().assign(method="gradcam"), _rows(seed=3).assign(method="gradient_shap")],
-                       ignore_index=True).rename(columns={"score": "confidence"}).assign(c_AUITC=lambda t: t["c_IoU"])
+                       ignore_index=True).assign(c_AUITC=lambda t: t["c_IoU"])
     stats = separation_table(scores, ["c_IoU", "c_AUITC", "confidence"], group="method", n_resamples=20)
     ground_truth = stats.assign(auroc=0.25)
     selective = selective_prediction(_rows(30), _rows(30, seed=4))
     sections = segu_sections(stats, ground_truth, ["gradcam", "gradient_shap"], selective)
     assert list(sections) == ["segu", "confidence", "aurc", "augrc"]
     entry = sections["segu"]["gradient_shap"]["c_iou"]
-    row = stats[(stats["group"] == "gradient_shap") & (stats["score"] == "c_IoU")].iloc[0]
+    row = stats[(stats["group"] == "gradient_shap") & (stats["certainty"] == "c_IoU")].iloc[0]
     assert entry["auroc_incorrect"] == row["auroc"] == 1.0 and entry["auroc_shortcut"] == 0.25
     assert entry["auroc_incorrect_ci"] == [row["auroc_low"], row["auroc_high"]]
     assert sections["confidence"]["auroc_incorrect"] == stats.iloc[2]["auroc"]
@@ -284,13 +283,13 @@ def test_run_segx_prints_the_command_relative_to_root_and_raises_on_failure(tmp_
 # ------------------------------------------------------------------------------ settings and paths
 
 def test_with_image_size_changes_the_classifiers_size_and_caps_the_segmenters():
-    assert with_image_size(QUICK, None) is QUICK
-    small = with_image_size(QUICK, 32)
-    assert (small.image_size, small.seg_image_size) == (32, 32) and small.cls_epochs == QUICK.cls_epochs
-    large = with_image_size(QUICK, 256)
-    assert (large.image_size, large.seg_image_size) == (256, QUICK.seg_image_size)
+    assert with_image_size(QUICK_MODE, None) is QUICK_MODE
+    small = with_image_size(QUICK_MODE, 32)
+    assert (small.image_size, small.seg_image_size) == (32, 32) and small.cls_epochs == QUICK_MODE.cls_epochs
+    large = with_image_size(QUICK_MODE, 256)
+    assert (large.image_size, large.seg_image_size) == (256, QUICK_MODE.seg_image_size)
     with pytest.raises(ValueError, match="multiple of 32"):
-        with_image_size(QUICK, 100)
+        with_image_size(QUICK_MODE, 100)
 
 
 def test_tutorial_paths_keep_checkpoints_and_fixes_under_artifacts(tmp_path):

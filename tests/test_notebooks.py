@@ -215,7 +215,7 @@ def test_tutorial_segu_analysis_scores_both_methods_against_confidence(tutorial_
     for name in ("confidence", "segu", "combined"):  # AUGRC weighs each coverage's risk by the coverage: never more
         assert 0.0 < summary["augrc"][name] <= summary["aurc"][name], name
     segu = tutorial_run.segu_summary()
-    assert {row["score"] for row in segu["separation"]} >= {"c_IoU", "c_AUITC", "confidence"}
+    assert {row["certainty"] for row in segu["separation"]} >= {"c_IoU", "c_AUITC", "confidence"}
     assert {row["group"] for row in segu["separation"]} == {"gradcam", "gradient_shap"}
     assert {row["errors"] for row in segu["by_error_type"]} == {"all errors", "artefact present", "artefact absent",
                                                                  "other error"}

@@ -110,8 +110,8 @@ def test_results_round_trip_and_segu(trained, tmp_path):
     assert all((folder / p).is_file() for p in manifest["overlay"])
     scores = segu_scores(maps, masks[manifest["image_index"]] >= 0.5)
     assert scores.shape == (len(e), 5) and scores.notna().all().all()
-    least = loaded.sort("score").head(3)          # maps travel with their rows
-    assert np.allclose(least.maps, e.maps[np.argsort(e.scores, kind="stable")[:3]])
+    least = loaded.sort("confidence").head(3)          # maps travel with their rows
+    assert np.allclose(least.maps, e.maps[np.argsort(e.confidence, kind="stable")[:3]])
     save_results(folder, table, e.maps, aligned, images, masks)
     (tmp_path / "foreign").mkdir()
     with pytest.raises(FileExistsError, match="not written here"):
@@ -192,7 +192,7 @@ def test_background_images_reference_takes_the_first_validation_images(trained):
     from segx_helpers.tutorial.explanation_recipes import background_images
 
     root, data, seg, cls = trained
-    reference = background_images(data, cls.meta, 3, reference=True)
+    reference = background_images(data, cls.meta, 3, as_reference_code=True)
     val = split_tensors(data, "val", cls.meta)["image"][:3]
     assert torch.allclose(reference, val)
     ours = background_images(data, cls.meta, 3, seed=0)

@@ -193,7 +193,7 @@ def test_a_live_runs_partial_file_is_left_alone(tmp_path):
 def _tiny_results():
     rng = np.random.default_rng(0)
     table = pd.DataFrame({"image_id": ["a", "b"], "image_index": [0, 1], "class": ["x", "y"], "class_index": [0, 1],
-                          "score": [0.9, 0.8]})
+                          "confidence": [0.9, 0.8]})
     maps = rng.random((2, 8, 8)).astype(np.float32)
     return table, maps, maps * 0.5, rng.random((2, 8, 8, 3)), np.ones((2, 8, 8))
 
@@ -469,7 +469,7 @@ def test_analyse_and_explanation_results_refuse_bad_image_indices(index, message
         analyse(maps, masks, image_index=index, localisation=False)
     if len(index) == 2:
         e = Explanations(maps=maps, image_index=np.asarray(index), class_index=np.array([0, 1]),
-                         scores=np.array([0.9, 0.8]), method="gradcam")
+                         confidence=np.array([0.9, 0.8]), method="gradcam")
         with pytest.raises(ValueError, match=message):
             explanation_results(e, ["a", "b"], np.array([0, 1]), "multiclass", ["x", "y"], masks)
     assert len(analyse(maps, masks, image_index=np.array([1, 0]), localisation=False)) == 2

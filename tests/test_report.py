@@ -24,13 +24,13 @@ def test_segu_findings_states_what_the_tables_say():
     from segx_helpers.tutorial.report import segu_findings
 
     stats = pd.DataFrame([
-        {"group": "gradcam", "score": "c_IoU", "n_incorrect": 40, "rank_biserial": 0.3, "p_value": 0.001,
+        {"group": "gradcam", "certainty": "c_IoU", "n_incorrect": 40, "rank_biserial": 0.3, "p_value": 0.001,
          "auroc": 0.65, "auroc_low": 0.58, "auroc_high": 0.72},
-        {"group": "gradcam", "score": "confidence", "n_incorrect": 40, "rank_biserial": 0.6, "p_value": 1e-6,
+        {"group": "gradcam", "certainty": "confidence", "n_incorrect": 40, "rank_biserial": 0.6, "p_value": 1e-6,
          "auroc": 0.85, "auroc_low": 0.80, "auroc_high": 0.90}])
     by_type = pd.DataFrame([
-        {"errors": "artefact present", "score": "c_IoU", "n_incorrect": 20, "auroc": 0.30, "auroc_low": 0.2, "auroc_high": 0.4},
-        {"errors": "artefact present", "score": "confidence", "n_incorrect": 20, "auroc": 0.8, "auroc_low": 0.7, "auroc_high": 0.9}])
+        {"errors": "artefact present", "certainty": "c_IoU", "n_incorrect": 20, "auroc": 0.30, "auroc_low": 0.2, "auroc_high": 0.4},
+        {"errors": "artefact present", "certainty": "confidence", "n_incorrect": 20, "auroc": 0.8, "auroc_low": 0.7, "auroc_high": 0.9}])
     text = segu_findings(stats, by_type, None)
     assert "held for gradcam" in text and "is beaten by the classifier's confidence" in text
     assert "artefact present** (20 errors)" in text and "below chance" in text
@@ -56,9 +56,9 @@ def test_segu_findings_does_not_call_a_non_significant_difference_a_result():
     from segx_helpers.tutorial.report import segu_findings
 
     stats = pd.DataFrame([
-        {"group": "gradcam", "score": "c_IoU", "n_incorrect": 40, "rank_biserial": 0.03, "p_value": 0.7,
+        {"group": "gradcam", "certainty": "c_IoU", "n_incorrect": 40, "rank_biserial": 0.03, "p_value": 0.7,
          "auroc": 0.52, "auroc_low": 0.43, "auroc_high": 0.59},
-        {"group": "gradcam", "score": "confidence", "n_incorrect": 40, "rank_biserial": 0.3, "p_value": 0.001,
+        {"group": "gradcam", "certainty": "confidence", "n_incorrect": 40, "rank_biserial": 0.3, "p_value": 0.001,
          "auroc": 0.65, "auroc_low": 0.57, "auroc_high": 0.73}])
     text = segu_findings(stats, stats.iloc[:0].assign(errors=[]), None)
     assert "pointed the right way but was not significant" in text and "overlaps" in text
@@ -85,7 +85,7 @@ def _write_run(root, dataset, generator):
                   "original": ["0.213 [0.190, 0.236]"], "SegX": ["0.412 [0.390, 0.431]"],
                   "difference": ["0.199 [0.180, 0.219]"], "original_mean": [0.21312345], "SegX_mean": [0.4123456],
                   "difference_mean": [0.1992222]}).to_csv(here / "localisation_table.csv", index=False)
-    separation = [{"group": "gradcam", "score": s, "n_incorrect": 40, "n_correct": 160, "auroc": a,
+    separation = [{"group": "gradcam", "certainty": s, "n_incorrect": 40, "n_correct": 160, "auroc": a,
                    "auroc_low": a - 0.0712345, "auroc_high": a + 0.0698765, "rank_biserial": 2 * a - 1, "p_value": 0.01}
                   for s, a in (("c_IoU", 0.3212345), ("c_AUITC", 0.3345678), ("confidence", 0.2012345))]
     write_json(here / "segu" / "summary.json", {"separation": separation, "aurc": {"confidence": 0.2512345,
@@ -177,9 +177,9 @@ def test_segu_findings_calls_two_aurocs_below_chance_inverted_not_a_win():
     from segx_helpers.tutorial.report import segu_findings
 
     stats = pd.DataFrame([
-        {"group": "gradcam", "score": "c_IoU", "n_incorrect": 60, "rank_biserial": -0.36, "p_value": 1e-4,
+        {"group": "gradcam", "certainty": "c_IoU", "n_incorrect": 60, "rank_biserial": -0.36, "p_value": 1e-4,
          "auroc": 0.32, "auroc_low": 0.26, "auroc_high": 0.38},
-        {"group": "gradcam", "score": "confidence", "n_incorrect": 60, "rank_biserial": -0.6, "p_value": 1e-8,
+        {"group": "gradcam", "certainty": "confidence", "n_incorrect": 60, "rank_biserial": -0.6, "p_value": 1e-8,
          "auroc": 0.20, "auroc_low": 0.15, "auroc_high": 0.25}])
     text = segu_findings(stats, stats.iloc[:0].assign(errors=[]), None)
     assert "beats" not in text and "both inverted" in text and "trap split" in text

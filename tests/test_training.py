@@ -261,12 +261,12 @@ def test_checkpoint_without_fingerprint_or_unfinished_is_not_reused(make_tiny_da
 def test_prepare_models_refuses_models_of_another_mode(make_tiny_dataset, tmp_path):
     import dataclasses
 
-    from segx_helpers.tutorial.settings import QUICK, TutorialPaths
+    from segx_helpers.tutorial.settings import QUICK_MODE, TutorialPaths
     from segx_helpers.tutorial.training_recipes import classifier_config, prepare_models, segmenter_config
 
     data = load_dataset(make_tiny_dataset(n=30, size=32))
     paths = TutorialPaths.at(tmp_path)
-    quick = dataclasses.replace(QUICK, image_size=32, seg_image_size=32, seg_epochs=1, cls_epochs=1,
+    quick = dataclasses.replace(QUICK_MODE, image_size=32, seg_image_size=32, seg_epochs=1, cls_epochs=1,
                                 max_batches_per_epoch=1)
     train_segmenter(data, paths.segmenter("tiny"), image_size=32, decoder_channels=(16, 8, 8, 8, 8),
                     config=segmenter_config(quick))

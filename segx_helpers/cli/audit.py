@@ -424,7 +424,7 @@ def shard_done(out: Path, k: int) -> bool:
         return False
 
 
-TABLE_HEAD = ("image_id", "split", "image_index", "method", "class", "class_index", "score", "label", "true_label",
+TABLE_HEAD = ("image_id", "split", "image_index", "method", "class", "class_index", "confidence", "label", "true_label",
               "correct", "outcome", "has_true_mask")
 
 
@@ -577,7 +577,7 @@ def summarise(out: Path, labels_known: bool, images_now: int, seconds: float) ->
             warnings.simplefilter("ignore")
             sep = separation_table(known, ["c_IoU", "c_AUITC"], group="method", n_resamples=200)
         summary["segu_auroc_incorrect"] = [
-            {"method": r["group"], "score": r["score"], "auroc": r["auroc"], "auroc_low": r["auroc_low"],
+            {"method": r["group"], "certainty": r["certainty"], "auroc": r["auroc"], "auroc_low": r["auroc_low"],
              "auroc_high": r["auroc_high"], "incorrect": r["n_incorrect"], "correct": r["n_correct"]}
             for r in sep.to_dict("records")]
     write_json(out / SUMMARY_FILE, summary, overwrite=True)
@@ -590,7 +590,7 @@ def format_summary(summary: dict) -> str:
              f"this run: {summary['images_this_run']} images in {summary['seconds_this_run']} s"
              + (f" ({summary['images_per_second']} images/s)" if summary["images_per_second"] else "")]
     for row in summary["segu_auroc_incorrect"] or []:
-        lines.append(f"SegU {row['score']} ({row['method']}): AUROC for incorrect predictions {row['auroc']:.3f} "
+        lines.append(f"SegU {row['certainty']} ({row['method']}): AUROC for incorrect predictions {row['auroc']:.3f} "
                      f"[{row['auroc_low']:.3f}, {row['auroc_high']:.3f}] ({row['incorrect']} incorrect, "
                      f"{row['correct']} correct)")
     return "\n".join(lines)

@@ -84,5 +84,5 @@ def explain(model: nn.Module, images: torch.Tensor | np.ndarray, targets=None, m
     image_index = np.asarray([p[0] for p in pairs], dtype=np.int64)
     class_index = np.asarray([p[1] for p in pairs], dtype=np.int64)
     return Explanations(maps=maps.astype(np.float32), image_index=image_index, class_index=class_index,
-                        scores=probs[image_index, class_index] if len(pairs) else np.zeros(0, np.float32),
+                        confidence=probs[image_index, class_index] if len(pairs) else np.zeros(0, np.float32),
                         method=method)

@@ -22,14 +22,14 @@ class Explanations:
     """Maps for (image, class) pairs.
 
     ``maps`` float32 ``(M, H, W)`` at input resolution, non-negative; ``image_index`` ``(M,)`` the row
-    of ``images`` each map explains; ``class_index`` ``(M,)`` the explained class; ``scores`` ``(M,)``
+    of ``images`` each map explains; ``class_index`` ``(M,)`` the explained class; ``confidence`` ``(M,)``
     the model's probability for that class (softmax or sigmoid by ``task``).
     """
 
     maps: np.ndarray
     image_index: np.ndarray
     class_index: np.ndarray
-    scores: np.ndarray
+    confidence: np.ndarray
     method: str
 
     def __len__(self) -> int:

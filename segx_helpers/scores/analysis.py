@@ -28,13 +28,13 @@ its part inside the mask."""
 LOCALISATION = ("IoU@p", "AUITC", "relevance mass", "relevance rank", "pointing game")
 
 
-def binarise_masks(prob: np.ndarray | torch.Tensor, threshold: float = 0.5, reference: bool = False):
+def binarise_masks(prob: np.ndarray | torch.Tensor, threshold: float = 0.5, as_reference_code: bool = False):
     """The one place where segmenter probabilities become masks: ``prob >= threshold`` (our default,
     with the threshold tuned on validation and stored in the segmenter's checkpoint), or the reference
-    code's ``prob > 0.5`` when ``reference=True``. Boolean arrays pass through unchanged."""
+    code's ``prob > 0.5`` when ``as_reference_code=True``. Boolean arrays pass through unchanged."""
     if getattr(prob, "dtype", None) in (bool, np.bool_, torch.bool):
         return prob
-    if reference:
+    if as_reference_code:
         return prob > 0.5
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"threshold must be in [0, 1], got {threshold}")

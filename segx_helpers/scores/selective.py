@@ -97,7 +97,7 @@ def separation_by_error_type(table: pd.DataFrame, scores: list[str], n_resamples
         for score in scores:
             result = separation(part["correct"].to_numpy(), part[score].to_numpy(), n_resamples=n_resamples, seed=seed,
                                 groups=_image_groups(part))
-            rows.append({"errors": kind, "score": score, **result})
+            rows.append({"errors": kind, "certainty": score, **result})
     return pd.DataFrame(rows)
 
 
@@ -170,5 +170,5 @@ def separation_table(table: pd.DataFrame, scores: list[str], group: str | None =
         for score in scores:
             result = separation(part["correct"].to_numpy(), part[score].to_numpy(), n_resamples=n_resamples, seed=seed,
                                 groups=_image_groups(part))
-            rows.append({"group": name, "score": score, **result})
+            rows.append({"group": name, "certainty": score, **result})
     return pd.DataFrame(rows)

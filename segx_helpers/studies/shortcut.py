@@ -154,7 +154,7 @@ def shortcut_by_distance(table: pd.DataFrame, bins: DistanceBins,
         flagged = None
         if 0 < driven.sum() < len(part):
             flagged = separation_table(part.assign(correct=~driven), list(scores), n_resamples=n_resamples,
-                                       seed=seed).set_index("score")
+                                       seed=seed).set_index("certainty")
         for score in scores:
             key = score.lower()
             for stat in ("auroc", "auroc_low", "auroc_high"):

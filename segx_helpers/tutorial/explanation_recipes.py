@@ -21,15 +21,15 @@ from segx_helpers.tutorial.settings import RunSettings, TutorialPaths
 from segx_helpers.tutorial.results import explanation_results, save_split_arrays
 
 
-def background_images(data: LoadedDataset, meta: dict, n: int, seed: int = 0, reference: bool = False) -> torch.Tensor:
+def background_images(data: LoadedDataset, meta: dict, n: int, seed: int = 0, as_reference_code: bool = False) -> torch.Tensor:
     """``n`` images ``(n, C, H, W)`` prepared for the classifier: the Gradient SHAP background.
 
-    Default: ``n`` training images drawn at random (seeded). ``reference=True``: the first ``n``
+    Default: ``n`` training images drawn at random (seeded). ``as_reference_code=True``: the first ``n``
     validation images, as the reference code does."""
     norm = Normalization(**{k: tuple(v) for k, v in meta["normalization"].items()})
-    source = SegXDataset(data, "val" if reference else "train", meta["image_size"], norm, cache=False)
+    source = SegXDataset(data, "val" if as_reference_code else "train", meta["image_size"], norm, cache=False)
     count = min(n, len(source))
-    rows = np.arange(count) if reference else np.random.default_rng(seed).choice(len(source), size=count, replace=False)
+    rows = np.arange(count) if as_reference_code else np.random.default_rng(seed).choice(len(source), size=count, replace=False)
     return torch.stack([source[int(i)]["image"] for i in rows])
 
 

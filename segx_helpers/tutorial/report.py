@@ -87,7 +87,7 @@ def segu_findings(stats: pd.DataFrame, by_type: pd.DataFrame, ground_truth: pd.D
         return f"{score} AUROC {auroc(a)} {verdict} {against}, {auroc(b)}{inverted}"
 
     lines = []
-    seg, conf = row(stats, group=method, score=score), row(stats, group=method, score="confidence")
+    seg, conf = row(stats, group=method, certainty=score), row(stats, group=method, certainty="confidence")
     if seg is not None and conf is not None and seg["n_incorrect"] > 0:
         held = ("held" if seg["rank_biserial"] > 0 and seg["p_value"] < 0.05 else
                 "pointed the right way but was not significant" if seg["rank_biserial"] > 0 else "did not hold")
@@ -96,14 +96,14 @@ def segu_findings(stats: pd.DataFrame, by_type: pd.DataFrame, ground_truth: pd.D
         against = "the classifier's confidence"
         lines.append(f"- **Against confidence, all {int(seg['n_incorrect'])} errors:** {versus(seg, conf, against)}.")
     for kind in ("artefact present", "artefact absent", "other error"):
-        a, b = row(by_type, errors=kind, score=score), row(by_type, errors=kind, score="confidence")
+        a, b = row(by_type, errors=kind, certainty=score), row(by_type, errors=kind, certainty="confidence")
         if a is not None and b is not None and np.isfinite(a["auroc"]):
             below = [name for name, r in ((score, a), ("confidence", b)) if r["auroc_high"] < 0.5]
             note = f" (below chance: {' and '.join(below)} rate{'s' if len(below) == 1 else ''} these errors *more* certain)"
             lines.append(f"- **{kind}** ({int(a['n_incorrect'])} errors): {score} {auroc(a)}, confidence {auroc(b)}"
                          f"{note if below else ''}.")
     if ground_truth is not None:
-        a, b = row(ground_truth, group=method, score=score), row(ground_truth, group=method, score="confidence")
+        a, b = row(ground_truth, group=method, certainty=score), row(ground_truth, group=method, certainty="confidence")
         if a is not None and b is not None:
             lines.append(f"- **Shortcut-driven predictions** ({int(a['n_incorrect'])}, by counterfactual twins): "
                          f"{versus(a, b, 'confidence')}.")
@@ -239,9 +239,9 @@ def build_report(root: str | Path, dataset: str = "synthetic-derm") -> str:
     if path.is_file():
         summary = json.loads(path.read_text())
         frame = pd.DataFrame(summary["separation"])
-        frame = frame[frame["score"].isin(["c_IoU", "c_AUITC", "confidence"])]
+        frame = frame[frame["certainty"].isin(["c_IoU", "c_AUITC", "confidence"])]
         body = markdown_table(pd.DataFrame({
-            "explanation": frame["group"], "certainty": frame["score"],
+            "explanation": frame["group"], "certainty": frame["certainty"],
             "incorrect / all": [f"{int(i)} / {int(i + c)}" for i, c in zip(frame["n_incorrect"], frame["n_correct"])],
             "AUROC for flagging errors [95 % CI]": [interval(r["auroc"], (r["auroc_low"], r["auroc_high"]))
                                                     for _, r in frame.iterrows()]}))

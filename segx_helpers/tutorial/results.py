@@ -53,7 +53,7 @@ def prediction_table(explanations: Explanations, image_ids: Sequence[str], targe
         outcome = np.where(true_label == 1, "TP", "FP")
     return pd.DataFrame({"image_id": [image_ids[i] for i in rows], "image_index": rows,
                          "class": [class_names[c] for c in classes], "class_index": classes,
-                         "score": explanations.scores, "true_label": true_label, "correct": true_label == 1,
+                         "confidence": explanations.confidence, "true_label": true_label, "correct": true_label == 1,
                          "outcome": outcome, "method": explanations.method})
 
 

@@ -20,16 +20,10 @@ PRODUCT = "confidence × c_IoU"
 BASELINE = "classifier confidence (baseline)"
 
 
-def with_confidence(table: pd.DataFrame) -> pd.DataFrame:
-    """A results table with the classifier's ``score`` column named ``confidence`` (the softmax or sigmoid
-    probability of the predicted class), the name notebook 05 compares every certainty score with."""
-    return table.rename(columns={"score": "confidence"})
-
-
 def prediction_scores(results: dict) -> pd.DataFrame:
-    """Every method's prediction rows in one table (method after method, a fresh index), with
-    :func:`with_confidence`. ``results``: method -> :class:`~segx_helpers.tutorial.results.Results`."""
-    return with_confidence(pd.concat([r.table for r in results.values()], ignore_index=True))
+    """Every method's prediction rows in one table (method after method, a fresh index). ``results``: method ->
+    :class:`~segx_helpers.tutorial.results.Results`."""
+    return pd.concat([r.table for r in results.values()], ignore_index=True)
 
 
 def separation_by_variant(tables: dict[str, pd.DataFrame], label: str = "variant", score: str = "c_IoU",
@@ -40,7 +34,7 @@ def separation_by_variant(tables: dict[str, pd.DataFrame], label: str = "variant
     rows = [separation_table(table, [score], n_resamples=n_resamples, seed=seed).assign(**{label: name})
             for name, table in tables.items()]
     if baseline is not None:
-        rows.append(separation_table(with_confidence(baseline), ["confidence"], n_resamples=n_resamples, seed=seed)
+        rows.append(separation_table(baseline, ["confidence"], n_resamples=n_resamples, seed=seed)
                     .assign(**{label: BASELINE}))
     return pd.concat(rows, ignore_index=True)
 
@@ -95,11 +89,11 @@ def selective_prediction(test: pd.DataFrame, val: pd.DataFrame, min_errors: int 
     """Selective prediction on the test split with the classifier's confidence, SegU ``c_IoU``, their product and a
     logistic model of correctness from both, **fitted on the validation split only** (skipped, with a message,
     when validation has fewer than ``min_errors`` wrong predictions). ``test`` / ``val``: results tables (columns
-    ``score``, ``c_IoU``, ``correct``) of the same explanation method."""
-    certainty = {"confidence": test["score"].to_numpy(), SEGU: test["c_IoU"].to_numpy()}
+    ``confidence``, ``c_IoU``, ``correct``) of the same explanation method."""
+    certainty = {"confidence": test["confidence"].to_numpy(), SEGU: test["c_IoU"].to_numpy()}
     certainty[PRODUCT] = certainty["confidence"] * certainty[SEGU]
     if val["correct"].nunique() == 2 and (~val["correct"]).sum() >= min_errors:
-        combo = fit_combination(val["c_IoU"], val["score"], val["correct"])
+        combo = fit_combination(val["c_IoU"], val["confidence"], val["correct"])
         certainty[LOGISTIC] = combined_confidence(combo, certainty[SEGU], certainty["confidence"])
     else:
         print(f"Validation has {(~val['correct']).sum()} wrong predictions: too few to fit the logistic combination.")
@@ -120,7 +114,7 @@ def segu_summary(dataset: str, quick: bool, p: float, table4: pd.DataFrame, stat
         "dataset": dataset, "quick": quick, "p": p,
         "segu_means": {f"{m} {s} {o}": float(v) for (s, o), row in table4.T.iterrows() for m, v in row.items()},
         "separation": stats.to_dict(orient="records"),
-        "by_error_type": by_type[["errors", "score", "n_incorrect", *ci]].to_dict(orient="records"),
+        "by_error_type": by_type[["errors", "certainty", "n_incorrect", *ci]].to_dict(orient="records"),
         "aurc": {name: c[2] for name, c in selective.curves.items()},
         "ablation_method": ablation[["variant", *ci]].to_dict(orient="records"),
         "ablation_masks": dependence[["masks", *ci]].to_dict(orient="records"),
@@ -131,7 +125,7 @@ def _aurocs(stats: pd.DataFrame, ground_truth: pd.DataFrame | None, method: str,
     """AUROC (with CI) of a low ``score`` of ``method`` for incorrect and (with a ground truth) shortcut-driven
     predictions."""
     def pick(frame):
-        row = frame[(frame["group"] == method) & (frame["score"] == score)].iloc[0]
+        row = frame[(frame["group"] == method) & (frame["certainty"] == score)].iloc[0]
         return row["auroc"], [row["auroc_low"], row["auroc_high"]]
 
     incorrect, incorrect_ci = pick(stats)

@@ -120,8 +120,8 @@ def resolve_quick(quick: bool | None, device: str | None = None) -> bool:
 
 @dataclass(frozen=True)
 class RunSettings:
-    """How much work each notebook does. ``QUICK`` is what CI and ``make tutorial`` run on 2 CPU cores;
-    ``FULL`` is for a real run (a GPU or patience).
+    """How much work each notebook does. :data:`QUICK_MODE` is what CI and ``make tutorial`` run on 2 CPU cores
+    (the notebooks' ``QUICK = True``); :data:`FULL_MODE` is for a real run (a GPU or patience).
 
     ``seg_image_size`` is the segmenter's input size: quick mode segments at half resolution (the
     clinical regions are large blobs) and upsamples the probabilities, which makes it 4x cheaper.
@@ -142,18 +142,18 @@ class RunSettings:
     cpu_bf16: bool = True
 
 
-QUICK = RunSettings(n_images=1000, image_size=128, seg_image_size=64, seg_epochs=3, cls_epochs=3, max_batches_per_epoch=12,
-                    shap_images=48, shap_nsamples=16, shap_background=16, bootstrap=200)
-FULL = RunSettings(n_images=1000, image_size=128, seg_image_size=128, seg_epochs=15, cls_epochs=15, max_batches_per_epoch=None,
-                   shap_images=200, shap_nsamples=50, shap_background=50, bootstrap=1000)
+QUICK_MODE = RunSettings(n_images=1000, image_size=128, seg_image_size=64, seg_epochs=3, cls_epochs=3, max_batches_per_epoch=12,
+                         shap_images=48, shap_nsamples=16, shap_background=16, bootstrap=200)
+FULL_MODE = RunSettings(n_images=1000, image_size=128, seg_image_size=128, seg_epochs=15, cls_epochs=15, max_batches_per_epoch=None,
+                        shap_images=200, shap_nsamples=50, shap_background=50, bootstrap=1000)
 
 
 def run_settings(quick: bool, real_data: bool | int = False) -> RunSettings:
-    """``QUICK`` or ``FULL``; ``real_data=True`` switches to the paper's full image size (256 px) for
+    """:data:`QUICK_MODE` (``quick=True``) or :data:`FULL_MODE`; ``real_data=True`` switches to the paper's full image size (256 px) for
     classifier and segmenter, for datasets fetched by ``data_download.sh``. ``real_data`` may also be an
     image size in pixels (a multiple of 32, e.g. 128 for a CPU run, 64 for a test on a tiny copy), which
     every notebook then uses alike (``-p REAL_DATA=128`` with the runner)."""
-    settings = QUICK if quick else FULL
+    settings = QUICK_MODE if quick else FULL_MODE
     if real_data is None or real_data is False:
         return settings
     if real_data is True:
