@@ -42,7 +42,7 @@ benchmark: $(STAMP)
 	$(PY) benchmarks/run_benchmark.py
 
 ## Training images/s of the segmenter and classifier at 128 and 256 px on 2 threads, per CPU setting (float32,
-## channels_last, bfloat16 autocast), and quick mode's segmenter Dice with and without them
+## channels_last, bfloat16 autocast, + the opt-in fast kernels), and quick mode's segmenter Dice with each
 .PHONY: benchmark-training
 benchmark-training: $(STAMP)
 	$(PY) benchmarks/run_training_benchmark.py --dice

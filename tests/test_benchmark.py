@@ -58,7 +58,8 @@ def test_training_benchmark_runs_and_lists_every_setting(tmp_path):
     assert module.main(["--sizes", "32", "--steps", "1", "--repeats", "1", "--batch-size", "2", "--threads", "1",
                         "--out", str(tmp_path)]) == 0
     table = pd.read_csv(tmp_path / "training_benchmark.csv")
-    settings = 3 if cpu_supports_bf16() else 2
+    settings = 4 if cpu_supports_bf16() else 3  # float32, channels_last, (+ bf16 autocast), + fast kernels
     assert len(table[table["model"] == "segmenter"]) == 2 * settings  # the paper-size and the CPU decoder
     assert len(table[table["model"] == "classifier"]) == settings
     assert (table["images_per_s"] > 0).all() and set(table["image_size"]) == {32}
+    assert table["setting"].str.endswith("fast kernels").sum() == 3

@@ -1,6 +1,7 @@
 """The notebooks: committed clean, uniform structure, Colab cell a no-op outside Colab, and executed in quick mode."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -11,7 +12,8 @@ import nbformat
 import pytest
 
 from segx_helpers.tutorial.report import read_run_records
-from segx_helpers.tutorial.settings import NOTEBOOKS, REPO_URL, colab_setup_source, resolve_quick
+from segx_helpers.tutorial.settings import NOTEBOOKS, REPO_URL, colab_setup_source, resolve_quick, run_settings
+from segx_helpers.tutorial.training_recipes import classifier_config, segmenter_config
 from segx_helpers.tutorial import runner
 from notebook_run import DATASET, executed_text
 from segx_helpers.tutorial.runner import (NOTEBOOK_DIR, available_notebooks, notebook_parameters, parameters_per_notebook,
@@ -113,6 +115,15 @@ def test_runner_gives_each_notebook_the_parameters_it_declares():
         parameters_per_notebook(NAMES, {"DATASETT": "typo"})
     with pytest.raises(ValueError, match="NEW_DATASET"):
         parameters_per_notebook(["01_dataset_prep"], {"NEW_DATASET": "only in 06"})
+
+
+def test_fast_cpu_kernels_reach_both_trainings_and_only_when_asked():
+    per = parameters_per_notebook(NAMES, {"CPU_FAST_KERNELS": True})
+    assert {name for name in NAMES if per[name]} == {"02_train_segmenter", "03_train_classifier"}
+    fast, plain = run_settings(True, cpu_fast_kernels=True), run_settings(True)
+    assert not plain.cpu_fast_kernels and not segmenter_config(plain).cpu_fast_kernels
+    assert segmenter_config(fast).cpu_fast_kernels and classifier_config(fast).cpu_fast_kernels
+    assert dataclasses.replace(fast, cpu_fast_kernels=False) == plain  # nothing else changes
 
 
 def test_kernel_environment_is_set_while_a_kernel_starts_and_restored(monkeypatch):

@@ -23,7 +23,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from segx_helpers.models.checkpoints import last_checkpoint_path, read_checkpoint, save_checkpoint
-from segx_helpers.models.networks import CpuTraining, cpu_supports_bf16, pick_device, prepare_for_cpu_training
+from segx_helpers.models.networks import (CpuTraining, contiguous_narrow_norms, cpu_supports_bf16, pick_device,
+                                          prepare_for_cpu_training)
 
 class NonFiniteScoreWarning(RuntimeWarning):
     """A validation score was NaN or infinite: that epoch cannot be the best one."""
@@ -101,7 +102,11 @@ class TrainConfig:
     ``amp=False`` trains plain float32. ``cpu_bf16`` (opt-in, with ``amp``): bfloat16 autocast on a CPU that
     computes bfloat16 natively (:func:`segx_helpers.models.networks.cpu_supports_bf16`), about 2x the images/s of the
     tutorial's U-Net and ResNet-18 at 128 px (``make benchmark-training``); the notebooks' run modes turn it on
-    (:class:`segx_helpers.tutorial.settings.RunSettings`). Neither setting enters the checkpoint fingerprint.
+    (:class:`segx_helpers.tutorial.settings.RunSettings`). ``cpu_fast_kernels`` (opt-in, with ``amp``, on a CPU):
+    :class:`~segx_helpers.models.networks.CpuTraining`'s ``fast_kernels`` (batch norms of a width that is not a
+    multiple of 16 on contiguous inputs, AdamW's fused step): faster, but results change by rounding, so the
+    notebooks leave it off to keep every published number reproducible. None of these settings enters the
+    checkpoint fingerprint.
     """
 
     epochs: int = 10
@@ -115,6 +120,7 @@ class TrainConfig:
     amp: bool = True
     max_batches_per_epoch: int | None = None
     cpu_bf16: bool = False
+    cpu_fast_kernels: bool = False
 
     def __post_init__(self) -> None:
         problems = []
@@ -196,16 +202,20 @@ def fit(model: nn.Module, loss_fn: nn.Module, train_loader: DataLoader, validate
         _resume(run, saving)
     loss = _Loss(loss_fn, batch_loss, target_key)
     print(config.selection_rule())
-    for epoch in range(run.start_epoch, config.epochs):
-        if _out_of_patience(run.history, epoch, config):
-            break
-        started = time.perf_counter()
-        losses = _train_one_epoch(run, train_loader, epoch, loss)
-        run.scheduler.step()
-        score = _validate_and_record(run, validate, epoch, losses, started)
-        if _improves(run, score, epoch):
-            _keep_best(run, score, epoch, saving)
-        saving.save_last(run, epoch)
+    try:
+        for epoch in range(run.start_epoch, config.epochs):
+            if _out_of_patience(run.history, epoch, config):
+                break
+            started = time.perf_counter()
+            losses = _train_one_epoch(run, train_loader, epoch, loss)
+            run.scheduler.step()
+            score = _validate_and_record(run, validate, epoch, losses, started)
+            if _improves(run, score, epoch):
+                _keep_best(run, score, epoch, saving)
+            saving.save_last(run, epoch)
+    finally:
+        for hook in run.norm_hooks:  # the model leaves fit as it came, but for its weights and memory format
+            hook.remove()
     if run.history.best_epoch < 0 and run.history.records:
         _keep_last_epoch(run, saving)
     model.load_state_dict(run.best_state)
@@ -227,6 +237,7 @@ class _Run:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
     history: History
+    norm_hooks: list = field(default_factory=list)
     best_state: dict[str, torch.Tensor] | None = None
     start_epoch: int = 0
 
@@ -291,14 +302,21 @@ def _start(model: nn.Module, config: TrainConfig) -> _Run:
     device = pick_device(config.device)
     model.to(device)
     on_cpu = config.amp and device.type == "cpu"
-    cpu = CpuTraining(channels_last=on_cpu, bf16=on_cpu and config.cpu_bf16 and cpu_supports_bf16())
+    cpu = CpuTraining(channels_last=on_cpu, bf16=on_cpu and config.cpu_bf16 and cpu_supports_bf16(),
+                      fast_kernels=on_cpu and config.cpu_fast_kernels)
     prepare_for_cpu_training(model, cpu)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    norm_hooks = contiguous_narrow_norms(model) if cpu.fast_kernels else []
+    optimizer = make_optimizer(model, config.lr, config.weight_decay, cpu)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(config.epochs, 1))
     use_amp = config.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     history = History(best_value=math.inf if config.minimises else -math.inf)
-    return _Run(model, config, device, cpu, use_amp, optimizer, scheduler, scaler, history)
+    return _Run(model, config, device, cpu, use_amp, optimizer, scheduler, scaler, history, norm_hooks)
+
+
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float, cpu: CpuTraining = CpuTraining()) -> torch.optim.AdamW:
+    """The optimiser :func:`fit` trains with: AdamW, with its fused CPU step when ``cpu.fast_kernels``."""
+    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, fused=cpu.fast_kernels or None)
 
 
 def _copy_state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -612,9 +612,10 @@ def fix_config(settings, seed: int = 0) -> TrainConfig:
     The control run (``method="none"``: the same extra training without a fix) uses the same."""
     if settings.max_batches_per_epoch is not None:
         return TrainConfig(epochs=1, lr=3e-4, monitor="val_auroc", seed=seed,
-                           max_batches_per_epoch=settings.max_batches_per_epoch, cpu_bf16=settings.cpu_bf16)
+                           max_batches_per_epoch=settings.max_batches_per_epoch, cpu_bf16=settings.cpu_bf16,
+                           cpu_fast_kernels=settings.cpu_fast_kernels)
     return TrainConfig(epochs=max(1, settings.cls_epochs // 3), lr=3e-4, monitor="val_auroc", seed=seed,
-                       cpu_bf16=settings.cpu_bf16)
+                       cpu_bf16=settings.cpu_bf16, cpu_fast_kernels=settings.cpu_fast_kernels)
 
 
 # ------------------------------------------------------------------------------ what notebook 07 reads off the comparison

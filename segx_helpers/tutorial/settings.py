@@ -127,6 +127,8 @@ class RunSettings:
     clinical regions are large blobs) and upsamples the probabilities, which makes it 4x cheaper.
     ``cpu_bf16``: train with bfloat16 autocast on a CPU that computes it natively (``TrainConfig.cpu_bf16``), about
     twice as fast there (``make benchmark-training``); a CPU without it trains in float32, and a GPU ignores it.
+    ``cpu_fast_kernels`` (``TrainConfig.cpu_fast_kernels``, the notebooks' ``CPU_FAST_KERNELS``): faster CPU training
+    whose results differ from the published ones by rounding; off unless asked for.
     """
 
     n_images: int
@@ -140,6 +142,7 @@ class RunSettings:
     shap_background: int
     bootstrap: int
     cpu_bf16: bool = True
+    cpu_fast_kernels: bool = False
 
 
 QUICK_MODE = RunSettings(n_images=1000, image_size=128, seg_image_size=64, seg_epochs=3, cls_epochs=3, max_batches_per_epoch=12,
@@ -148,12 +151,13 @@ FULL_MODE = RunSettings(n_images=1000, image_size=128, seg_image_size=128, seg_e
                         shap_images=200, shap_nsamples=50, shap_background=50, bootstrap=1000)
 
 
-def run_settings(quick: bool, real_data: bool | int = False) -> RunSettings:
+def run_settings(quick: bool, real_data: bool | int = False, cpu_fast_kernels: bool = False) -> RunSettings:
     """:data:`QUICK_MODE` (``quick=True``) or :data:`FULL_MODE`; ``real_data=True`` switches to the paper's full image size (256 px) for
     classifier and segmenter, for datasets fetched by ``data_download.sh``. ``real_data`` may also be an
     image size in pixels (a multiple of 32, e.g. 128 for a CPU run, 64 for a test on a tiny copy), which
-    every notebook then uses alike (``-p REAL_DATA=128`` with the runner)."""
-    settings = QUICK_MODE if quick else FULL_MODE
+    every notebook then uses alike (``-p REAL_DATA=128`` with the runner). ``cpu_fast_kernels``: see
+    :class:`RunSettings` (``-p CPU_FAST_KERNELS=True``)."""
+    settings = dataclasses.replace(QUICK_MODE if quick else FULL_MODE, cpu_fast_kernels=bool(cpu_fast_kernels))
     if real_data is None or real_data is False:
         return settings
     if real_data is True:

@@ -305,7 +305,8 @@ def evaluate_classifier(trained: TrainedModel, data: LoadedDataset, split: str =
 def segmenter_config(settings: RunSettings, seed: int = 0) -> TrainConfig:
     """The segmenter's training configuration for a run mode (shared by notebook 02 and ``prepare_models``)."""
     return TrainConfig(epochs=settings.seg_epochs, lr=3e-3, monitor="val_dice", seed=seed,
-                       max_batches_per_epoch=settings.max_batches_per_epoch, cpu_bf16=settings.cpu_bf16)
+                       max_batches_per_epoch=settings.max_batches_per_epoch, cpu_bf16=settings.cpu_bf16,
+                       cpu_fast_kernels=settings.cpu_fast_kernels)
 
 
 def classifier_config(settings: RunSettings, seed: int = 0) -> TrainConfig:
@@ -316,7 +317,7 @@ def classifier_config(settings: RunSettings, seed: int = 0) -> TrainConfig:
     (``min_epochs = epochs // 3``: 5 of 15 in full mode, none in quick mode's 3)."""
     return TrainConfig(epochs=settings.cls_epochs, lr=1e-3, monitor="auto", seed=seed,
                        min_epochs=settings.cls_epochs // 3, max_batches_per_epoch=settings.max_batches_per_epoch,
-                       cpu_bf16=settings.cpu_bf16)
+                       cpu_bf16=settings.cpu_bf16, cpu_fast_kernels=settings.cpu_fast_kernels)
 
 
 def prepare_dataset(name: str, paths: TutorialPaths, settings: RunSettings, prepare_missing: bool = False,
