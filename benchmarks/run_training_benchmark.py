@@ -7,8 +7,8 @@ Models as the tutorial builds them (random weights: speed does not depend on the
 ResNet-18 encoder and ``decoder_channels`` of :data:`segx_helpers.models.networks.CPU_DECODER_CHANNELS` and of the
 paper-size decoder, and the ResNet-18 classifier. Each row is one :class:`segx_helpers.models.networks.CpuTraining`
 setting (float32 / channels_last / bfloat16 autocast / bfloat16 autocast with the fast kernels, the opt-in
-``TrainConfig.cpu_fast_kernels``); bfloat16 rows appear only when this CPU runs bfloat16 matrix products natively (:func:`segx_helpers.models.networks.cpu_supports_bf16`). Settings are run interleaved
-(A, B, A, B, ...) and the best of ``--repeats`` rounds is kept, so background load hurts all alike. The
+``TrainConfig.cpu_fast_kernels``); bfloat16 rows appear only when this CPU runs bfloat16 matrix products natively
+(:func:`segx_helpers.models.networks.cpu_supports_bf16`). Settings are run interleaved (A, B, A, B, ...) and the best of ``--repeats`` rounds is kept, so background load hurts all alike. The
 machine's load average is recorded with each row.
 
 With ``--dice``, also trains the tutorial's segmenter on synthetic-derm as quick mode's notebook 02 does

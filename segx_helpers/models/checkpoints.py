@@ -194,7 +194,8 @@ def training_fingerprint(data: LoadedDataset, image_size: int, config, **choices
     (architecture, weights, batch size, normalisation).
 
     ``config`` is a :class:`~segx_helpers.models.training.TrainConfig`, read as a dataclass (every field but
-    ``device``, ``amp``, ``cpu_bf16`` and ``cpu_fast_kernels``), so this module needs no import of the training loop, which imports it."""
+    ``device``, ``amp``, ``cpu_bf16`` and ``cpu_fast_kernels``), so this module needs no import of the training
+    loop, which imports it."""
     train_ids = sorted(str(i) for i in data.split("train")["image_id"])
     settings = {k: v for k, v in asdict(config).items() if k not in ("device", "amp", "cpu_bf16", "cpu_fast_kernels")}
     fingerprint = {"dataset": data.info.name, "class_names": list(data.info.class_names), "task": data.info.task,

@@ -237,7 +237,7 @@ class _Run:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
     history: History
-    norm_hooks: list = field(default_factory=list)
+    norm_hooks: list[torch.utils.hooks.RemovableHandle] = field(default_factory=list)  # contiguous_narrow_norms
     best_state: dict[str, torch.Tensor] | None = None
     start_epoch: int = 0
 
@@ -315,8 +315,10 @@ def _start(model: nn.Module, config: TrainConfig) -> _Run:
 
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float, cpu: CpuTraining = CpuTraining()) -> torch.optim.AdamW:
-    """The optimiser :func:`fit` trains with: AdamW, with its fused CPU step when ``cpu.fast_kernels``."""
-    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, fused=cpu.fast_kernels or None)
+    """The optimiser :func:`fit` trains with: AdamW, with its fused CPU step when ``cpu.fast_kernels`` (else
+    PyTorch's default, ``fused=None``)."""
+    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay,
+                             fused=True if cpu.fast_kernels else None)
 
 
 def _copy_state(model: nn.Module) -> dict[str, torch.Tensor]:
