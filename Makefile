@@ -16,17 +16,17 @@ $(STAMP): pyproject.toml
 
 ## Run every notebook in quick mode on the embedded synthetic data; results under outputs/
 tutorial: $(STAMP)
-	MPLBACKEND=Agg $(PY) -m segx_helpers.tutorial.runner
+	MPLBACKEND=Agg $(PY) -m segx_helpers.cli.runner
 
 ## Same, in full mode (longer training, all test images explained)
 tutorial-full: $(STAMP)
-	MPLBACKEND=Agg $(PY) -m segx_helpers.tutorial.runner --full
+	MPLBACKEND=Agg $(PY) -m segx_helpers.cli.runner --full
 
 ## The notebooks executed by make tutorial as a static site (outputs/book/html/index.html); runs nothing again
 book: $(STAMP)
 	@ls outputs/notebooks/*.ipynb >/dev/null 2>&1 || { echo "make book: no executed notebooks in outputs/notebooks/: run make tutorial first" >&2; exit 1; }
 	@$(PY) -c 'import myst_nb, sphinx_book_theme' 2>/dev/null || $(PY) -m pip install --quiet -e ".[docs]"
-	$(PY) -m segx_helpers.tutorial.book
+	$(PY) -m segx_helpers.cli.book
 
 ## The test suite, notebooks included (what CI runs); installs the headless browser the browser test drives
 test: $(STAMP)

@@ -55,7 +55,7 @@ usage: ./data_download.sh <dataset> [--data-dir DIR] [--which ham|chestx] [--tra
 
 Downloads <dataset> into DIR/<dataset>/raw/ (default DIR: data), checks the SHA-256 of every file
 whose checksum is known, unpacks it and converts it to DIR/<dataset>/dataset/ with
-segx_helpers.data.converters. Downloads resume where they stopped; a file already downloaded and
+segx_helpers.cli.convert. Downloads resume where they stopped; a file already downloaded and
 verified is not fetched again; an existing converted dataset is never overwritten. The SHA-256
 of every downloaded file is recorded in DIR/<dataset>/raw/SHA256SUMS and checked on re-runs; a
 file that fails a check, or an archive that cannot be unpacked, is moved aside as <file>.bad.
@@ -352,4 +352,4 @@ esac
 
 CONVERT_OPTIONS=(--which "$WHICH")
 [[ $DATASET != isic2018-trap ]] || CONVERT_OPTIONS=(--trap-set "$TRAP_SET" --split "$SPLIT" --image-size 256)
-"$PY" -m segx_helpers.data.converters "$DATASET" "$RAW" "$OUT" "${CONVERT_OPTIONS[@]}"
+"$PY" -m segx_helpers.cli.convert "$DATASET" "$RAW" "$OUT" "${CONVERT_OPTIONS[@]}"

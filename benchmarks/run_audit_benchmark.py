@@ -100,7 +100,7 @@ def notebook_path(data_dir: Path, classifier: Path, n: int, method: str, batch_s
     from segx_helpers.models.checkpoints import load_trained, split_tensors
     from segx_helpers.data.format import LoadedDataset, load_dataset, read_mask
     from segx_helpers.explain.api import explain
-    from segx_helpers.tutorial.results import explanation_results
+    from segx_helpers.workflows.results import explanation_results
 
     load_before = load_average()
     torch.set_num_threads(1)

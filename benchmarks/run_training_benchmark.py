@@ -36,9 +36,9 @@ from segx_helpers.models.networks import (CPU_DECODER_CHANNELS, PAPER_DECODER_CH
                                           build_segmenter, contiguous_narrow_norms, cpu_supports_bf16,
                                           prepare_for_cpu_training)
 from segx_helpers.data import SyntheticConfig, generate_synthetic_derm, load_dataset
-from segx_helpers.tutorial.settings import QUICK_MODE
+from segx_helpers.workflows.settings import QUICK_MODE
 from segx_helpers.models.training import DiceBCELoss, make_optimizer
-from segx_helpers.tutorial.training_recipes import evaluate_segmenter, segmenter_config, train_segmenter
+from segx_helpers.workflows.training_recipes import evaluate_segmenter, segmenter_config, train_segmenter
 
 ROOT = Path(__file__).resolve().parent.parent
 

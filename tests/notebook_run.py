@@ -21,7 +21,7 @@ from pathlib import Path
 import nbformat
 import pandas as pd
 
-from segx_helpers.tutorial.runner import run_notebooks
+from segx_helpers.cli.runner import run_notebooks
 
 DATASET = "synthetic-derm"
 

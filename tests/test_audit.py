@@ -122,9 +122,9 @@ def test_audit_equals_the_notebook_path(archive, tmp_path):
     from segx_helpers.models.checkpoints import load_trained, split_tensors
     from segx_helpers.data.format import load_dataset
     from segx_helpers.explain.gradient_shap import GradientShapOptions
-    from segx_helpers.tutorial.explanation_recipes import background_images, explain_predictions
+    from segx_helpers.workflows.explanation_recipes import background_images, explain_predictions
     from segx_helpers.models.masks import mask_probabilities
-    from segx_helpers.tutorial.results import explanation_results
+    from segx_helpers.workflows.results import explanation_results
 
     result = _audit(_options(archive, tmp_path / "out", masks=archive / "segmenter.pt", split="test", shard_size=64,
                              batch_size=32, nsamples=4, background=3))

@@ -1,4 +1,4 @@
-"""The book (``make book``, segx_helpers.tutorial.book): staged pages, run headers, and the built site in headless Chromium.
+"""The book (``make book``, segx_helpers.cli.book): staged pages, run headers, and the built site in headless Chromium.
 
 The site is built once per module from a small executed fixture made here: two tutorial notebooks with a
 picture output each (written with nbformat, as papermill leaves them; no kernel runs), a run record in
@@ -14,9 +14,9 @@ import matplotlib.pyplot as plt
 import nbformat
 import pytest
 
-from segx_helpers.tutorial.book import (BADGE_FILE, WIDGET_NOTE, BookError, build_book, executed_notebooks, prepare_folder,
+from segx_helpers.cli.book import (BADGE_FILE, WIDGET_NOTE, BookError, build_book, executed_notebooks, prepare_folder,
                                remote_resources, run_header, with_run_header)
-from segx_helpers.tutorial.settings import colab_badge
+from segx_helpers.workflows.settings import colab_badge
 from test_browser import browser  # noqa: F401  (the browser test's headless Chromium, started the same way)
 
 NAMES = ("01_dataset_prep", "02_train_segmenter")

@@ -9,7 +9,7 @@ import pytest
 
 from segx_helpers.tutorial import viz
 from segx_helpers.models.networks import build_classifier, feature_grid, find_target_layer, previous_block
-from segx_helpers.tutorial.report import distance_findings
+from segx_helpers.workflows.report import distance_findings
 from segx_helpers.studies.shortcut import DistanceBins, shortcut_by_distance, shortcut_rate_by_distance
 
 matplotlib.use("Agg")

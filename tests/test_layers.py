@@ -20,9 +20,10 @@ LAYERS = (
     ("scores", "the saliency map, SegX, SegU, metrics, selective prediction, the one analysis path"),
     ("models", "networks, the training loop, checkpoints, where masks come from"),
     ("explain", "explanation maps, one module per method family behind a registry"),
-    ("tutorial", "what the notebooks call: settings, recipes, results, figures, report, runner, book"),
-    ("studies", "the shortcut ground truth, training with the mask"),
-    ("cli", "segx audit / segx train, DDP training"),
+    ("workflows", "the reusable steps: paths and run settings, train, explain and score a split, results, summary"),
+    ("studies", "the shortcut ground truth, annotated artefacts, training with the mask"),
+    ("cli", "every command: segx audit / segx train (DDP), the notebook runner, the book, dataset conversion"),
+    ("tutorial", "what only the notebooks use: figures, widgets, the notebooks' one-call analyses"),
 )
 LAYER_NAMES = [folder for folder, _ in LAYERS]
 
@@ -147,6 +148,22 @@ def test_no_module_imports_a_higher_layer():
     assert upward_imports(import_graph()) == []
 
 
+def test_commands_and_studies_stand_on_the_workflows_not_on_the_tutorial():
+    """``cli/`` and ``studies/`` import nothing from ``tutorial/`` (the layer order says so; this names the rule)."""
+    graph = import_graph()
+    offending = [f"{m} imports {d}" for m, deps in sorted(graph.items()) for d in sorted(deps)
+                 if m.split(".")[0] in ("cli", "studies") and d.split(".")[0] == "tutorial"]
+    assert offending == []
+
+
+def test_every_command_line_entry_point_is_in_cli():
+    """``if __name__ == "__main__"`` appears only in ``cli/`` (and the package's ``__main__``)."""
+    outside = [m for m, path in package_modules().items()
+               if "__name__ == \"__main__\"" in path.read_text(encoding="utf-8")
+               and layer_of(m) != LAYER_NAMES.index("cli") and m != "__main__"]
+    assert outside == []
+
+
 def test_no_import_cycles():
     assert cycles(import_graph()) == []
 
@@ -154,8 +171,9 @@ def test_no_import_cycles():
 @pytest.mark.parametrize("module, source, upward", [
     ("scores.saliency", "def f():\n    from ..cli.audit import run_audit\n", "cli.audit"),
     ("data.format", "from ..explain.api import explain\n", "explain.api"),
-    ("scores.metrics", "import segx_helpers.tutorial.training_recipes as recipes\n", "tutorial.training_recipes"),
-    ("models.masks", "from segx_helpers.tutorial.results import Results\n", "tutorial.results"),
+    ("scores.metrics", "import segx_helpers.workflows.training_recipes as recipes\n", "workflows.training_recipes"),
+    ("models.masks", "from segx_helpers.workflows.results import Results\n", "workflows.results"),
+    ("cli.audit", "from segx_helpers.tutorial.viz import overlay\n", "tutorial.viz"),
     ("scores.analysis", "from ..cli import distributed\n", "cli.distributed"),
 ])
 def test_the_check_sees_upward_imports_anywhere(module, source, upward):

@@ -19,13 +19,13 @@ from segx_helpers.models.training import make_loader
 from segx_helpers.explain.cams import CamOptions
 from segx_helpers.scores.selective import separation_table
 from segx_helpers.tutorial import viz
-from segx_helpers.tutorial.explanation_recipes import score_split, segmenter_masks
+from segx_helpers.workflows.explanation_recipes import score_split, segmenter_masks
 from segx_helpers.tutorial.modality_recipes import FAULTS, SmallCNN, auroc_validation, broken_copy, run_segx
-from segx_helpers.tutorial.results import Results, rows_for_images
+from segx_helpers.workflows.results import Results, rows_for_images
 from segx_helpers.tutorial.segu_recipes import (BASELINE, LOGISTIC, PRODUCT, SEGU, degraded_masks, distance_sections,
                                                 mask_dependence, prediction_scores, segu_sections, segu_summary,
                                                 selective_prediction, separation_by_variant)
-from segx_helpers.tutorial.settings import QUICK_MODE, TutorialPaths, with_image_size
+from segx_helpers.workflows.settings import QUICK_MODE, TutorialPaths, with_image_size
 
 matplotlib.use("Agg")
 SIZE = 32

@@ -11,12 +11,12 @@ import types
 import nbformat
 import pytest
 
-from segx_helpers.tutorial.report import read_run_records
-from segx_helpers.tutorial.settings import NOTEBOOKS, REPO_URL, colab_setup_source, resolve_quick, run_settings
-from segx_helpers.tutorial.training_recipes import classifier_config, segmenter_config
-from segx_helpers.tutorial import runner
+from segx_helpers.workflows.report import read_run_records
+from segx_helpers.workflows.settings import NOTEBOOKS, REPO_URL, colab_setup_source, resolve_quick, run_settings
+from segx_helpers.workflows.training_recipes import classifier_config, segmenter_config
+from segx_helpers.cli import runner
 from notebook_run import DATASET, executed_text
-from segx_helpers.tutorial.runner import (NOTEBOOK_DIR, available_notebooks, notebook_parameters, parameters_per_notebook,
+from segx_helpers.cli.runner import (NOTEBOOK_DIR, available_notebooks, notebook_parameters, parameters_per_notebook,
                                  parse_args, parse_value, run_notebooks)
 
 NAMES = available_notebooks()
@@ -287,7 +287,7 @@ def test_tutorial_fixes_are_compared_on_both_datasets(tutorial_run):
 
 
 def test_tutorial_writes_its_figures_and_report(tutorial_run):
-    from segx_helpers.tutorial.report import write_report
+    from segx_helpers.workflows.report import write_report
 
     figures = tutorial_run.outputs / "figures"
     for figure in ("01_examples.png", "02_worst_cases.png", "03_shortcut_accuracy.png", "04_gallery.png",

@@ -13,7 +13,8 @@ from PIL import Image
 from segx_helpers.data import DatasetFormatError, load_dataset, read_image, read_mask
 from segx_helpers.data.converters import (CHESTX_DET10_CLASSES, HAM_CLASSES, MissingMaskWarning, convert_chestx_det10,
                                     convert_ham10000, convert_isic2018_trap, convert_montgomery, convert_segx_kaggle,
-                                    convert_shenzhen, find_layout, main)
+                                    convert_shenzhen, find_layout)
+from segx_helpers.cli.convert import main
 from segx_helpers.studies.artefacts import (artefact_label_correlation, lesion_size_auroc, score_by_artefact, shortcut_breakdown,
                                    size_strata)
 

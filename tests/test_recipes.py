@@ -14,15 +14,15 @@ from segx_helpers.data import SyntheticConfig, generate_synthetic_derm, load_dat
 from segx_helpers.data.synthetic import load_artefacts
 from segx_helpers.explain.api import explain
 from segx_helpers.explain.cams import CamOptions
-from segx_helpers.tutorial.explanation_recipes import explain_predictions, segx_results
+from segx_helpers.workflows.explanation_recipes import explain_predictions, segx_results
 from segx_helpers.models.masks import mask_probabilities
-from segx_helpers.tutorial.settings import MissingArtifactError, TutorialPaths, run_settings
-from segx_helpers.tutorial.results import load_results, load_split_arrays, prediction_table, save_results
+from segx_helpers.workflows.settings import MissingArtifactError, TutorialPaths, run_settings
+from segx_helpers.workflows.results import load_results, load_split_arrays, prediction_table, save_results
 from segx_helpers.scores.segu import segu_scores
 from segx_helpers.studies.artefacts import shortcut_breakdown
 from segx_helpers.scores.segx import segx
 from segx_helpers.models.training import TrainConfig
-from segx_helpers.tutorial.training_recipes import (evaluate_classifier, evaluate_segmenter, prepare_dataset,
+from segx_helpers.workflows.training_recipes import (evaluate_classifier, evaluate_segmenter, prepare_dataset,
                                            prepare_models, train_classifier, train_segmenter)
 
 
@@ -148,7 +148,7 @@ def test_segx_results_writes_what_notebook_05_reads(trained):
 def test_notebook_path_and_benchmark_path_give_identical_tables(trained):
     """Notebook 04 scores with explanation_results; the benchmark calls analyse on the same maps: one path."""
     from segx_helpers.scores.analysis import analyse, binarise_masks
-    from segx_helpers.tutorial.results import explanation_results
+    from segx_helpers.workflows.results import explanation_results
 
     root, data, seg, cls = trained
     tensors = split_tensors(data, "test", cls.meta)
@@ -162,7 +162,7 @@ def test_notebook_path_and_benchmark_path_give_identical_tables(trained):
 
 
 def test_explained_subset_is_stratified_seeded_and_covers_every_class():
-    from segx_helpers.tutorial.explanation_recipes import explained_subset
+    from segx_helpers.workflows.explanation_recipes import explained_subset
 
     targets = np.repeat([0, 1, 2], [60, 30, 10])        # sorted by class, as many user folders are
     rows = explained_subset(targets, 20, seed=0)
@@ -189,7 +189,7 @@ def test_foreign_classifier_and_callable_mask_source(trained):
 
 
 def test_background_images_reference_takes_the_first_validation_images(trained):
-    from segx_helpers.tutorial.explanation_recipes import background_images
+    from segx_helpers.workflows.explanation_recipes import background_images
 
     root, data, seg, cls = trained
     reference = background_images(data, cls.meta, 3, as_reference_code=True)

@@ -199,7 +199,7 @@ def _tiny_results():
 
 
 def test_save_results_replaces_only_its_own_folders(tmp_path):
-    from segx_helpers.tutorial.results import save_results
+    from segx_helpers.workflows.results import save_results
 
     args = _tiny_results()
     user = tmp_path / "user"
@@ -321,7 +321,7 @@ def test_flipped_bytes_in_a_checkpoints_weights_are_detected(tmp_path):
 
 @pytest.mark.parametrize("dataset", ["/abs/path", "../x", "data/mine", "."])
 def test_runner_dataset_must_be_a_name_not_a_path(dataset, capsys):
-    from segx_helpers.tutorial.runner import parse_args
+    from segx_helpers.cli.runner import parse_args
 
     with pytest.raises(SystemExit):
         parse_args(["--dataset", dataset])
@@ -332,7 +332,7 @@ def test_runner_dataset_must_be_a_name_not_a_path(dataset, capsys):
 def test_runner_checks_its_arguments_before_any_notebook_starts(tmp_path, monkeypatch, capsys):
     import papermill
 
-    from segx_helpers.tutorial import runner
+    from segx_helpers.cli import runner
 
     started = []
     monkeypatch.setattr(papermill, "execute_notebook", lambda *a, **k: started.append(a))
@@ -459,7 +459,7 @@ def test_regenerating_a_synthetic_dataset_keeps_files_the_user_added(tmp_path):
 def test_analyse_and_explanation_results_refuse_bad_image_indices(index, message):
     from segx_helpers.scores.analysis import analyse
     from segx_helpers.explain.targets import Explanations
-    from segx_helpers.tutorial.results import explanation_results
+    from segx_helpers.workflows.results import explanation_results
 
     rng = np.random.default_rng(0)
     maps = rng.random((2, 8, 8)).astype(np.float32)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import math
 
-from segx_helpers.tutorial.report import update_summary
+from segx_helpers.workflows.report import update_summary
 
 
 def test_update_summary_merges_sections_per_dataset_and_writes_nan_as_null(tmp_path):
@@ -21,7 +21,7 @@ def test_update_summary_merges_sections_per_dataset_and_writes_nan_as_null(tmp_p
 def test_segu_findings_states_what_the_tables_say():
     import pandas as pd
 
-    from segx_helpers.tutorial.report import segu_findings
+    from segx_helpers.workflows.report import segu_findings
 
     stats = pd.DataFrame([
         {"group": "gradcam", "certainty": "c_IoU", "n_incorrect": 40, "rank_biserial": 0.3, "p_value": 0.001,
@@ -37,7 +37,7 @@ def test_segu_findings_states_what_the_tables_say():
 
 
 def test_report_shows_the_ground_truth_and_the_fix_from_summary_json(tmp_path):
-    from segx_helpers.tutorial.report import build_report
+    from segx_helpers.workflows.report import build_report
 
     update_summary(tmp_path, "synthetic-derm", classifier={"shortcut_driven_rate": 0.33},
                    segu={"gradcam": {"c_iou": {"auroc_shortcut": 0.59, "auroc_shortcut_ci": [0.5, 0.67]}}},
@@ -53,7 +53,7 @@ def test_report_shows_the_ground_truth_and_the_fix_from_summary_json(tmp_path):
 def test_segu_findings_does_not_call_a_non_significant_difference_a_result():
     import pandas as pd
 
-    from segx_helpers.tutorial.report import segu_findings
+    from segx_helpers.workflows.report import segu_findings
 
     stats = pd.DataFrame([
         {"group": "gradcam", "certainty": "c_IoU", "n_incorrect": 40, "rank_biserial": 0.03, "p_value": 0.7,
@@ -126,7 +126,7 @@ def _assert_readable(text):
 
 
 def test_report_labels_a_real_dataset_and_prints_no_shortcut_table(tmp_path):
-    from segx_helpers.tutorial.report import build_report
+    from segx_helpers.workflows.report import build_report
 
     _write_run(tmp_path, "isic2018-trap", generator={})
     text = build_report(tmp_path, "isic2018-trap")
@@ -139,7 +139,7 @@ def test_report_labels_a_real_dataset_and_prints_no_shortcut_table(tmp_path):
 
 
 def test_report_of_a_synthetic_run_has_short_numbers_no_empty_column_and_a_sentence_per_table(tmp_path):
-    from segx_helpers.tutorial.report import build_report
+    from segx_helpers.workflows.report import build_report
 
     _write_run(tmp_path, "synthetic-derm", generator={"shortcut_class": "melanoma", "shortcut_artefact": "ink"})
     ci = [0.5123456789, 0.6712345678]
@@ -174,7 +174,7 @@ def test_report_of_a_synthetic_run_has_short_numbers_no_empty_column_and_a_sente
 def test_segu_findings_calls_two_aurocs_below_chance_inverted_not_a_win():
     import pandas as pd
 
-    from segx_helpers.tutorial.report import segu_findings
+    from segx_helpers.workflows.report import segu_findings
 
     stats = pd.DataFrame([
         {"group": "gradcam", "certainty": "c_IoU", "n_incorrect": 60, "rank_biserial": -0.36, "p_value": 1e-4,

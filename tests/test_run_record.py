@@ -9,8 +9,8 @@ import subprocess
 import nbformat
 import pytest
 
-from segx_helpers.tutorial import runner
-from segx_helpers.tutorial.report import read_run_records, run_line
+from segx_helpers.cli import runner
+from segx_helpers.workflows.report import read_run_records, run_line
 
 
 def _notebooks(folder, names):

@@ -12,7 +12,7 @@ from segx_helpers.data import load_dataset
 from segx_helpers.studies.mask_training import FixComparison, choose_per_method, shortcut_driven_examples, targets_met
 from segx_helpers.studies.artefacts import pooled_differences, scores_by_artefact
 from segx_helpers.studies.shortcut import DistanceBins, examples_by_distance
-from segx_helpers.tutorial.results import Results
+from segx_helpers.workflows.results import Results
 
 
 def _with_artefacts(root, flags: dict[str, list[int]]) -> None:

@@ -10,7 +10,7 @@ from segx_helpers.data.torch_dataset import SegXDataset
 from segx_helpers.models.networks import build_classifier
 from segx_helpers.models.checkpoints import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
 from segx_helpers.models.training import DiceBCELoss, TrainConfig, balanced_class_weights, classification_loss, fit, make_loader
-from segx_helpers.tutorial.training_recipes import train_classifier, train_segmenter
+from segx_helpers.workflows.training_recipes import train_classifier, train_segmenter
 
 META = {"kind": "classifier", "arch": "resnet18", "class_names": ["a", "b", "c"], "in_channels": 3}
 
@@ -115,7 +115,7 @@ def test_train_classifier_writes_checkpoint_resumes_and_is_deterministic(make_ti
     assert reloaded.meta["history"] == meta["history"]
     assert not (tmp_path / "a.pt.last.pt").exists()  # the resume state goes once training finished
     longer = TrainConfig(epochs=3, lr=1e-3, monitor="val_auroc")
-    from segx_helpers.tutorial.training_recipes import _datasets
+    from segx_helpers.workflows.training_recipes import _datasets
     train_set, val_set, _ = _datasets(data, 32)
     fit(build_classifier("resnet18", 3), classification_loss("multiclass"), make_loader(train_set, 32, True),
         lambda m: {"val_auroc": 0.5}, config, checkpoint_path=tmp_path / "c.pt")
@@ -261,8 +261,8 @@ def test_checkpoint_without_fingerprint_or_unfinished_is_not_reused(make_tiny_da
 def test_prepare_models_refuses_models_of_another_mode(make_tiny_dataset, tmp_path):
     import dataclasses
 
-    from segx_helpers.tutorial.settings import QUICK_MODE, TutorialPaths
-    from segx_helpers.tutorial.training_recipes import classifier_config, prepare_models, segmenter_config
+    from segx_helpers.workflows.settings import QUICK_MODE, TutorialPaths
+    from segx_helpers.workflows.training_recipes import classifier_config, prepare_models, segmenter_config
 
     data = load_dataset(make_tiny_dataset(n=30, size=32))
     paths = TutorialPaths.at(tmp_path)
@@ -280,7 +280,7 @@ def test_prepare_models_refuses_models_of_another_mode(make_tiny_dataset, tmp_pa
 
 
 def test_wrong_monitor_is_refused_before_any_training(make_tiny_dataset, tmp_path, monkeypatch):
-    import segx_helpers.tutorial.training_recipes as training_recipes
+    import segx_helpers.workflows.training_recipes as training_recipes
 
     def no_training(*args, **kwargs):
         raise AssertionError("training started")
@@ -378,7 +378,7 @@ def test_min_epochs_longer_than_the_run_keeps_the_best_of_the_last_epoch():
 def test_small_validation_class_is_named_and_auto_selects_on_the_validation_loss(make_tiny_dataset, tmp_path, capsys):
     """30 images: the validation split holds one image per class, so "auto" monitors the validation loss,
     warns naming each class, and keeps the epoch of the lowest validation loss; the kept weights have it."""
-    from segx_helpers.tutorial.training_recipes import SmallValidationWarning
+    from segx_helpers.workflows.training_recipes import SmallValidationWarning
 
     data = load_dataset(make_tiny_dataset(n=30, size=32))
     config = TrainConfig(epochs=4, lr=3e-3, monitor="auto", min_epochs=2, max_batches_per_epoch=2)
@@ -396,7 +396,7 @@ def test_small_validation_class_is_named_and_auto_selects_on_the_validation_loss
 
 
 def test_auto_monitors_the_auroc_when_every_validation_class_is_large_enough(make_tiny_dataset, recwarn):
-    from segx_helpers.tutorial.training_recipes import SmallValidationWarning, classifier_selection, validation_class_counts
+    from segx_helpers.workflows.training_recipes import SmallValidationWarning, classifier_selection, validation_class_counts
 
     data = load_dataset(make_tiny_dataset(n=330, size=32))
     assert validation_class_counts(data) == {"a": 11, "b": 11, "c": 11}

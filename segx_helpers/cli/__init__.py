@@ -1,1 +1,1 @@
-"""Command line: ``segx audit`` / ``segx train`` and DDP training with torchrun."""
+"""Commands: ``segx audit`` / ``segx train`` (DDP with torchrun), the notebook runner, the book, dataset conversion."""

@@ -2,7 +2,7 @@
 
 :func:`run_audit` with :class:`AuditOptions` is what ``segx audit`` (``segx audit --help``) calls: every prediction is
 explained, its mask taken from a segmenter checkpoint or a mask folder, and scored by
-:func:`segx_helpers.tutorial.results.explanation_results`. The output folder, the shard and resume rules, the
+:func:`segx_helpers.workflows.results.explanation_results`. The output folder, the shard and resume rules, the
 refusals and running under torchrun: docs/audit.md.
 """
 from __future__ import annotations
@@ -43,8 +43,8 @@ from segx_helpers.data.io import atomic_path, check_safe_id, write_json
 from segx_helpers.models.training import predict_masks
 from segx_helpers.scores.analysis import binarise_masks, score_columns
 from segx_helpers.scores.selective import separation_table
-from segx_helpers.tutorial.explanation_recipes import background_images
-from segx_helpers.tutorial.results import explanation_results
+from segx_helpers.workflows.explanation_recipes import background_images
+from segx_helpers.workflows.results import explanation_results
 
 FORMAT = "segx-audit-v1"
 RUN_FILE = "run.json"
@@ -266,7 +266,7 @@ def predicted_masks(batch: dict, masks: MaskSource, size: int, device) -> np.nda
 
 def background(archive: Archive, meta: dict, n: int, seed: int) -> torch.Tensor:
     """Gradient SHAP's reference images: ``n`` training images (seeded) of a dataset, as the notebooks
-    take them (:func:`~segx_helpers.tutorial.explanation_recipes.background_images`); for a plain folder, ``n`` of its
+    take them (:func:`~segx_helpers.workflows.explanation_recipes.background_images`); for a plain folder, ``n`` of its
     images drawn with the seed."""
     if archive.full is not None and (archive.full.table["split"] == "train").any():
         return background_images(archive.full, meta, n, seed)

@@ -44,7 +44,7 @@ from segx_helpers.data.torch_dataset import Normalization, SegXDataset
 from segx_helpers.models.checkpoints import check_fingerprint, last_checkpoint_path, read_checkpoint, training_fingerprint
 from segx_helpers.models.networks import build_classifier, build_segmenter, pick_device
 from segx_helpers.models.training import TrainConfig, fit, make_loader, set_seed
-from segx_helpers.tutorial.training_recipes import (Recipe, classifier_recipe, classifier_selection, finish_training,
+from segx_helpers.workflows.training_recipes import (Recipe, classifier_recipe, classifier_selection, finish_training,
                                                     segmenter_recipe)
 
 
@@ -259,7 +259,7 @@ class TrainSpec:
 
     def train_config(self, data: LoadedDataset) -> TrainConfig:
         """The loop's configuration: the classifier's monitor chosen for ``data``'s validation split
-        (:func:`~segx_helpers.tutorial.training_recipes.classifier_selection`), the segmenter's validation Dice."""
+        (:func:`~segx_helpers.workflows.training_recipes.classifier_selection`), the segmenter's validation Dice."""
         monitor = "auto" if self.kind == "classifier" else "val_dice"
         config = TrainConfig(epochs=self.epochs, lr=self.lr or (1e-3 if self.kind == "classifier" else 3e-3),
                              monitor=monitor, seed=self.seed, max_batches_per_epoch=self.max_batches_per_epoch)
@@ -294,7 +294,7 @@ def train(data_dir: str | Path, checkpoint: str | Path, spec: TrainSpec, process
           overwrite: bool = False, resume: bool = False) -> dict | None:
     """``segx train``: train a classifier or a segmenter (``spec``) on a dataset folder, on 1..N processes.
 
-    The same recipe as :func:`segx_helpers.tutorial.training_recipes.train_classifier` / ``train_segmenter`` (losses,
+    The same recipe as :func:`segx_helpers.workflows.training_recipes.train_classifier` / ``train_segmenter`` (losses,
     validation metric, stored thresholds, training fingerprint, checkpoint metadata), with
     ``spec.batch_size`` the *global* batch (split over ranks) and :func:`ddp_fit` as the loop. Rank 0 writes
     the checkpoint and gets ``{"checkpoint", "metrics", "epochs", "world_size"}``; the others return None. An
@@ -371,7 +371,7 @@ def _model_and_recipe(data: LoadedDataset, spec: TrainSpec, config: TrainConfig,
 
 def _finish(recipe: Recipe, model: nn.Module, history, config: TrainConfig, checkpoint: Path, ctx: Context) -> dict:
     """Rank 0's end of a run: thresholds, metadata and the finished checkpoint
-    (:func:`~segx_helpers.tutorial.training_recipes.finish_training`), and what :func:`train` returns."""
+    (:func:`~segx_helpers.workflows.training_recipes.finish_training`), and what :func:`train` returns."""
     meta = finish_training(recipe, model, history, config, checkpoint)
     return {"checkpoint": str(checkpoint), "metrics": meta["metrics"], "epochs": len(history.records),
             "world_size": ctx.world_size}

@@ -174,7 +174,7 @@ class TrainedModel:
 
 
 def load_trained(checkpoint: str | Path, kind: str, expected: dict | None = None, how_to_retrain: str = "") -> TrainedModel:
-    """Load a checkpoint written by :func:`~segx_helpers.tutorial.training_recipes.train_segmenter` /
+    """Load a checkpoint written by :func:`~segx_helpers.workflows.training_recipes.train_segmenter` /
     ``train_classifier`` (``kind`` "segmenter" or "classifier").
 
     With ``expected`` (a fingerprint, or some of its fields) the checkpoint must have been trained

@@ -102,7 +102,7 @@ class TrainConfig:
     ``amp=False`` trains plain float32. ``cpu_bf16`` (opt-in, with ``amp``): bfloat16 autocast on a CPU that
     computes bfloat16 natively (:func:`segx_helpers.models.networks.cpu_supports_bf16`), about 2x the images/s of the
     tutorial's U-Net and ResNet-18 at 128 px (``make benchmark-training``); the notebooks' run modes turn it on
-    (:class:`segx_helpers.tutorial.settings.RunSettings`). ``cpu_fast_kernels`` (opt-in, with ``amp``, on a CPU):
+    (:class:`segx_helpers.workflows.settings.RunSettings`). ``cpu_fast_kernels`` (opt-in, with ``amp``, on a CPU):
     :class:`~segx_helpers.models.networks.CpuTraining`'s ``fast_kernels`` (batch norms of a width that is not a
     multiple of 16 on contiguous inputs, AdamW's fused step): faster, but results change by rounding, so the
     notebooks leave it off to keep every published number reproducible. None of these settings enters the

@@ -31,7 +31,7 @@ def shortcut_breakdown(result: dict, artefacts: pd.DataFrame, shortcut: dict[str
                        class_names: list[str]) -> pd.DataFrame:
     """Accuracy (and AUROC) where an artefact agrees vs disagrees with the label, per (class, artefact).
 
-    ``result``: from :func:`segx_helpers.tutorial.training_recipes.evaluate_classifier` (``image_id``, ``targets``,
+    ``result``: from :func:`segx_helpers.workflows.training_recipes.evaluate_classifier` (``image_id``, ``targets``,
     ``pred``, and ``probs`` for the AUROC column); ``shortcut`` maps a class name to the artefact column
     correlated with it (e.g. ``{"melanoma": "ink"}``), or is a list of artefact columns, each paired with
     the positive class (the last class of a two-class task, e.g. ``malignant``; see

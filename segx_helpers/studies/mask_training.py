@@ -39,13 +39,13 @@ from segx_helpers.data.torch_dataset import Normalization, SegXDataset
 from segx_helpers.scores.metrics import bootstrap_ci, macro_auroc, select_thresholds
 from segx_helpers.models.networks import build_classifier
 from segx_helpers.models.training import TrainConfig, classification_loss, fit, make_loader, predict_classifier, set_seed
-from segx_helpers.tutorial.training_recipes import evaluate_classifier
+from segx_helpers.workflows.training_recipes import evaluate_classifier
 from segx_helpers.data.synthetic import load_artefacts, shortcut_pairs
 from segx_helpers.models.masks import mask_probabilities
 from segx_helpers.scores.analysis import binarise_masks
 from segx_helpers.studies.shortcut import prediction_rows, shortcut_artefact_masks, shortcut_driven
-from segx_helpers.tutorial.explanation_recipes import explain_predictions
-from segx_helpers.tutorial.results import explanation_results
+from segx_helpers.workflows.explanation_recipes import explain_predictions
+from segx_helpers.workflows.results import explanation_results
 
 FIXES = ("rrr", "background")
 FILLS = ("shuffle", "noise")
@@ -295,7 +295,7 @@ class NewClassifier:
 def train_with_mask(data: LoadedDataset, checkpoint: str | Path, fix: MaskFix, *, config: TrainConfig | None = None,
                     batch_size: int = 32, init: TrainedModel | None = None,
                     classifier: NewClassifier = NewClassifier(), retrain: bool = False) -> TrainedModel:
-    """Train (or load) a classifier like :func:`segx_helpers.tutorial.training_recipes.train_classifier`, with
+    """Train (or load) a classifier like :func:`segx_helpers.workflows.training_recipes.train_classifier`, with
     ``fix``, a :class:`MaskFix` that uses the clinical mask, e.g.
     ``train_with_mask(data, "rrr.pt", MaskFix("rrr", 10.0), config=config, init=baseline)``.
 
@@ -457,7 +457,7 @@ def selection_table(candidates: dict[str, TrainedModel], data: LoadedDataset, sp
 @dataclass
 class FixComparison:
     """Every model measured on the test split: ``metrics`` (model, metric, value, ci_low, ci_high),
-    ``results`` (model -> :class:`~segx_helpers.tutorial.results.Results` of the explanation method),
+    ``results`` (model -> :class:`~segx_helpers.workflows.results.Results` of the explanation method),
     ``predictions`` (model -> prediction rows with ``shortcut_driven``), ``breakdown`` (accuracy where the
     artefact agrees vs disagrees, per model), ``evaluations`` (model -> :func:`evaluate_classifier` output)."""
 
@@ -519,7 +519,7 @@ def compare_fixes(models: dict[str, TrainedModel], data: LoadedDataset, predicte
     """Measure each model on the test split, with 95 % bootstrap CIs over test images: accuracy (multilabel:
     per-finding decision accuracy), macro AUROC, accuracy where the shortcut artefact agrees / disagrees with
     the label and their gap, the shortcut-driven rate (counterfactual twins), and, from the one analysis path
-    (:func:`segx_helpers.tutorial.results.explanation_results` with ``method``'s maps): attribution mass on the
+    (:func:`segx_helpers.workflows.results.explanation_results` with ``method``'s maps): attribution mass on the
     artefact, SegU ``c_IoU`` and ``c_AUITC`` (against ``predicted_masks``, the segmenter's binary test masks),
     and localisation against the true lesion (original and SegX ``IoU@p``)."""
     has_twins = bool(shortcut_pairs(data.info))

@@ -41,7 +41,7 @@ def twin_images(data: LoadedDataset, image_ids: list[str], artefact: str, meta: 
 def shortcut_driven(model: torch.nn.Module, meta: dict, data: LoadedDataset, table: pd.DataFrame,
                     batch_size: int = 64) -> np.ndarray:
     """For each prediction row of ``table`` (columns ``image_id`` and ``class``, e.g. from
-    :func:`segx_helpers.tutorial.results.prediction_table`): does it change when the shortcut artefact of that
+    :func:`segx_helpers.workflows.results.prediction_table`): does it change when the shortcut artefact of that
     class is flipped in the image? ``(len(table),)`` bool.
 
     Multiclass: the predicted class of the twin (shortcut artefact flipped) is another class.
@@ -185,7 +185,7 @@ def examples_by_distance(results, table: pd.DataFrame, bins: DistanceBins, n: in
     """Shortcut-driven predictions to look at, from either end of the distance bins: ``"far from"`` the lesion
     (the farthest bin, lowest ``c_IoU`` first: the map sits on the patch) and ``"next to"`` it (the nearest bin,
     highest ``c_IoU`` first: the map sits on the lesion the patch touches), ``n`` of each. ``results``: a
-    :class:`~segx_helpers.tutorial.results.Results` whose rows are ``table``'s (``distance_px``,
+    :class:`~segx_helpers.workflows.results.Results` whose rows are ``table``'s (``distance_px``,
     ``shortcut_driven``), in the same order."""
     codes = np.asarray(bins.assign(table["distance_px"].to_numpy()).codes)
     driven = table["shortcut_driven"].to_numpy(dtype=bool)
@@ -195,7 +195,7 @@ def examples_by_distance(results, table: pd.DataFrame, bins: DistanceBins, n: in
 
 
 def prediction_rows(result: dict, class_names: list[str]) -> pd.DataFrame:
-    """The decisions of :func:`segx_helpers.tutorial.training_recipes.evaluate_classifier` as prediction rows
+    """The decisions of :func:`segx_helpers.workflows.training_recipes.evaluate_classifier` as prediction rows
     (``image_id``, ``class``): one per image (multiclass) or one per predicted finding (multilabel)."""
     pred = np.asarray(result["pred"])
     ids = np.asarray(result["image_id"])

@@ -1,1 +1,1 @@
-"""Tutorial: what the notebooks call (paths and run settings, recipes, results, figures, report, runner, book)."""
+"""Tutorial: what only the notebooks use (figures, the interactive explorer, the notebooks' one-call analyses)."""

@@ -22,7 +22,7 @@ BASELINE = "classifier confidence (baseline)"
 
 def prediction_scores(results: dict) -> pd.DataFrame:
     """Every method's prediction rows in one table (method after method, a fresh index). ``results``: method ->
-    :class:`~segx_helpers.tutorial.results.Results`."""
+    :class:`~segx_helpers.workflows.results.Results`."""
     return pd.concat([r.table for r in results.values()], ignore_index=True)
 
 
@@ -52,7 +52,7 @@ def degraded_masks(predicted: np.ndarray, true_masks: np.ndarray, dilation_px: i
 def mask_dependence(results, mask_sources: dict[str, np.ndarray], p: float = 5.0, n_resamples: int = 1000,
                     seed: int = 0) -> pd.DataFrame:
     """SegU's dependence on the segmenter: ``c_IoU`` of the same maps (``results``, a
-    :class:`~segx_helpers.tutorial.results.Results`) recomputed against each mask source (name -> bool
+    :class:`~segx_helpers.workflows.results.Results`) recomputed against each mask source (name -> bool
     ``(N, H, W)`` per image, e.g. :func:`degraded_masks`), and its separation of incorrect predictions, one row per
     source (column ``masks``)."""
     rows = []
@@ -137,7 +137,7 @@ def _aurocs(stats: pd.DataFrame, ground_truth: pd.DataFrame | None, method: str,
 def segu_sections(stats: pd.DataFrame, ground_truth: pd.DataFrame | None, methods, selective: SelectivePrediction,
                   confidence_method: str = "gradcam") -> dict:
     """Notebook 05's sections of ``outputs/summary.json`` (keyword arguments of
-    :func:`~segx_helpers.tutorial.report.update_summary`): per method the AUROC of ``c_IoU`` and ``c_AUITC`` for
+    :func:`~segx_helpers.workflows.report.update_summary`): per method the AUROC of ``c_IoU`` and ``c_AUITC`` for
     flagging incorrect and shortcut-driven predictions (``stats`` and ``ground_truth``:
     :func:`~segx_helpers.scores.segu.separation_table` per method), the same for the classifier's confidence, and
     the AURC and AUGRC of confidence, SegU and their combination."""

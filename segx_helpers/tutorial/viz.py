@@ -12,13 +12,12 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import seaborn as sns
-from matplotlib import colormaps
-from scipy import ndimage
 from sklearn.metrics import auc, roc_curve
 
 from segx_helpers.data.format import LoadedDataset, read_image, read_mask
 from segx_helpers.scores.metrics import one_hot
 from segx_helpers.scores.segx import top_percent
+from segx_helpers.workflows.results import overlay
 
 MASK_COLOUR = "#00e5ff"
 
@@ -225,25 +224,6 @@ def plot_shortcut_accuracy(table: pd.DataFrame, title: str) -> plt.Figure:
 
 # ------------------------------------------------------------------------------ explanations
 
-def overlay(image: np.ndarray, heat: np.ndarray, mask: np.ndarray | None = None, top: np.ndarray | None = None,
-            alpha: float = 0.5) -> np.ndarray:
-    """RGB uint8 ``(H, W, 3)``: ``image`` (``(H, W[, C])`` in [0, 1]) blended with ``heat`` as a jet
-    heat map (scaled to its 99th percentile, so a few extreme SHAP pixels do not wash it out), with
-    the mask outlined in cyan and the top-p % region outlined in white."""
-    image = np.asarray(image, dtype=np.float32)
-    if image.ndim == 2 or image.shape[-1] == 1:
-        image = np.repeat(image.reshape(image.shape[0], image.shape[1], 1), 3, axis=2)
-    positive = heat[heat > 0]
-    peak = float(np.percentile(positive, 99)) if positive.size else 0.0
-    coloured = colormaps["jet"](np.clip(heat / peak, 0, 1) if peak > 0 else heat)[..., :3]
-    out = (1 - alpha) * image + alpha * coloured
-    for region, colour in ((mask, (0.0, 0.9, 1.0)), (top, (1.0, 1.0, 1.0))):
-        if region is not None and region.any():
-            edge = region & ~ndimage.binary_erosion(region)
-            out[edge] = colour
-    return (np.clip(out, 0, 1) * 255).astype(np.uint8)
-
-
 def plot_segx_gallery(images: np.ndarray, rows: Sequence[tuple[int, str]], maps: dict[str, tuple[np.ndarray, np.ndarray]],
                       masks: np.ndarray, p: float = 5.0, title: str = "Original vs SegX maps") -> plt.Figure:
     """Gallery: per row an image with its mask, then each method's original and SegX map.
@@ -395,7 +375,7 @@ def plot_prediction_gallery(images: np.ndarray, maps: np.ndarray, masks: np.ndar
 def plot_results_gallery(images: np.ndarray, masks: np.ndarray, rows, title: str, caption=None, p: float = 5.0,
                          ncols: int = 4) -> plt.Figure:
     """:func:`plot_prediction_gallery` for prediction rows that travel with their maps (a
-    :class:`~segx_helpers.tutorial.results.Results`, or anything with ``table`` (with ``image_index``) and ``maps``):
+    :class:`~segx_helpers.workflows.results.Results`, or anything with ``table`` (with ``image_index``) and ``maps``):
     ``images`` ``(N, H, W, C)`` and ``masks`` ``(N, H, W)`` are the whole split's, indexed here by each row's
     ``image_index``. ``caption(row) -> str`` titles a panel (default: image id, class, ``c_IoU``)."""
     caption = caption or (lambda r: f"{r['image_id']} → {r['class']}\nc_IoU {r['c_IoU']:.2f}")
@@ -408,7 +388,7 @@ def plot_results_gallery(images: np.ndarray, masks: np.ndarray, rows, title: str
 def plot_results_rows(images: np.ndarray, masks: np.ndarray, rows: dict, title: str, caption=None, p: float = 5.0
                       ) -> plt.Figure:
     """:func:`plot_results_gallery` with one gallery row per entry of ``rows`` (name -> prediction rows with their
-    maps, e.g. several methods' or models' :class:`~segx_helpers.tutorial.results.Results` of the same predictions,
+    maps, e.g. several methods' or models' :class:`~segx_helpers.workflows.results.Results` of the same predictions,
     all of the same length): each panel shows its row's image and mask, found by ``image_index`` in the whole split's
     ``images`` and ``masks``. ``caption(name, row) -> str`` titles a panel (default: name, image id, class, ``c_IoU``)."""
     caption = caption or (lambda name, r: f"{name}: {r['image_id']} → {r['class']}\nc_IoU {r['c_IoU']:.2f}")
@@ -508,3 +488,11 @@ def plot_background_intervention(before: np.ndarray, after: np.ndarray, masks: n
     fig.suptitle(title)
     fig.tight_layout(rect=(0, 0.05, 1, 0.95))
     return fig
+
+
+def save_figure(fig, path: str | Path, dpi: int = 120) -> Path:
+    """Save a matplotlib figure as PNG (creating folders) and return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")
+    return path

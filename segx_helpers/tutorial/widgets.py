@@ -18,7 +18,7 @@ import numpy as np
 from segx_helpers.explain.targets import Explanations
 from segx_helpers.scores.segu import segu_iou
 from segx_helpers.scores.segx import segx, top_percent
-from segx_helpers.tutorial.viz import overlay
+from segx_helpers.workflows.results import overlay
 
 MASK_MODES = {"binary": {"mode": "binary"}, "binary + 4 px margin": {"mode": "binary", "margin": 4},
               "soft (probabilities)": {"mode": "soft"}}

@@ -31,7 +31,7 @@ from segx_helpers.models.masks import mask_probabilities
 from segx_helpers.scores.metrics import (classification_report, dice_score, iou_score, macro_auroc, predict_labels, select_mask_threshold,
                       select_thresholds)
 from segx_helpers.models.networks import WeightsUnavailableError, build_classifier, build_segmenter
-from segx_helpers.tutorial.settings import RunSettings, TutorialPaths, require
+from segx_helpers.workflows.settings import RunSettings, TutorialPaths, require
 from segx_helpers.models.training import (DiceBCELoss, TrainConfig, balanced_class_weights, classification_loss, fit,
                        make_loader, predict_classifier, predict_masks, set_seed)
 

@@ -1,6 +1,6 @@
 """The tutorial as a book a learner can read without running it (the ``make book`` command).
 
-    python -m segx_helpers.tutorial.book [--root ROOT] [--out DIR]
+    python -m segx_helpers.cli.book [--root ROOT] [--out DIR]
 
 Builds a static HTML site from the notebooks that ``make tutorial`` executed (``<root>/outputs/notebooks/``; they
 are never executed again) with Sphinx, myst-nb and sphinx-book-theme (the ``docs`` extra): the README as the landing
@@ -24,8 +24,8 @@ from pathlib import Path
 
 import nbformat
 
-from segx_helpers.tutorial.settings import NOTEBOOKS, colab_badge
-from segx_helpers.tutorial.report import read_run_records
+from segx_helpers.workflows.settings import NOTEBOOKS, colab_badge
+from segx_helpers.workflows.report import read_run_records
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MARKER = ".made-by-segx-book"
@@ -45,7 +45,7 @@ BADGE_SVG = """\
 </svg>
 """
 CONF = """\
-# Written by segx_helpers.tutorial.book (make book): rewritten on every build.
+# Written by segx_helpers.cli.book (make book): rewritten on every build.
 project = "SegX tutorials"
 html_title = "SegX tutorials"
 extensions = ["myst_nb"]
@@ -141,7 +141,7 @@ def prepare_folder(folder: Path) -> None:
             raise BookError(f"{folder} exists and was not made by `make book`: move it away or choose another --out")
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
-    (folder / MARKER).write_text("Made by segx_helpers.tutorial.book; emptied on every build.\n")
+    (folder / MARKER).write_text("Made by segx_helpers.cli.book; emptied on every build.\n")
 
 
 def stage_source(root: str | Path, source: Path, repo: Path = REPO_ROOT) -> list[str]:
@@ -214,7 +214,7 @@ def build_book(root: str | Path, out: str | Path | None = None, repo: Path = REP
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m segx_helpers.tutorial.book",
+    parser = argparse.ArgumentParser(prog="python -m segx_helpers.cli.book",
                                      description="Build the tutorial's executed notebooks into a static site.")
     parser.add_argument("--root", default=str(REPO_ROOT), help="the folder whose outputs/notebooks/ make tutorial wrote")
     parser.add_argument("--out", help="where to write source/ and html/ (default: <root>/outputs/book)")

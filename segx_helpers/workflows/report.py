@@ -2,13 +2,12 @@
 
 It reads only what the notebooks saved (metric CSVs, the SegU summary, figures) and says which
 notebook to run for anything missing, so it can be rebuilt at any time:
-``python -m segx_helpers.tutorial.report [root]``.
+``python -m segx_helpers.cli.runner --report-only [--root ROOT]``.
 """
 from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,7 @@ import pandas as pd
 from segx_helpers.data.format import load_info
 from segx_helpers.data.synthetic import shortcut_pairs
 from segx_helpers.data.io import write_json, write_text
-from segx_helpers.tutorial.settings import TutorialPaths
+from segx_helpers.workflows.settings import TutorialPaths
 
 
 SUMMARY = "summary.json"
@@ -160,7 +159,7 @@ def missing(notebook: str) -> str:
 
 
 def read_run_records(root: str | Path) -> dict[str, dict]:
-    """``<root>/outputs/timings.json`` as notebook -> record (see :func:`segx_helpers.tutorial.runner.run_record`);
+    """``<root>/outputs/timings.json`` as notebook -> record (see :func:`segx_helpers.cli.runner.run_record`);
     an entry of the older format (bare seconds) becomes ``{"seconds": value}``. Empty when there is none."""
     path = Path(root) / "outputs" / "timings.json"
     if not path.is_file():
@@ -333,10 +332,6 @@ def fix_table(fix: dict) -> str:
 def write_report(root: str | Path, dataset: str = "synthetic-derm") -> Path:
     """Write ``<root>/outputs/report.md`` and return its path."""
     return write_text(Path(root) / "outputs" / "report.md", build_report(root, dataset))
-
-
-if __name__ == "__main__":
-    print(write_report(sys.argv[1] if len(sys.argv) > 1 else "."))
 
 
 def distance_findings(by_distance: dict[str, pd.DataFrame], score: str = "c_IoU") -> str:

@@ -1,5 +1,5 @@
 """Small helpers the notebooks share: where files live, what to run when something is missing,
-the run mode (quick or full, :class:`RunSettings`), the Colab setup cell, and figure saving.
+the run mode (quick or full, :class:`RunSettings`), and the Colab setup cell.
 
 The repository URL lives here and only here; the notebooks' Colab cells are checked against it.
 """
@@ -179,11 +179,3 @@ def with_image_size(settings: RunSettings, image_size: int | None) -> RunSetting
     if image_size % 32 != 0:
         raise ValueError(f"IMAGE_SIZE must be a multiple of 32 (the U-Net halves it five times), got {image_size}")
     return dataclasses.replace(settings, image_size=image_size, seg_image_size=min(settings.seg_image_size, image_size))
-
-
-def save_figure(fig, path: str | Path, dpi: int = 120) -> Path:
-    """Save a matplotlib figure as PNG (creating folders) and return the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi, bbox_inches="tight")
-    return path

@@ -4,10 +4,10 @@ Executed copies go to ``<root>/outputs/notebooks/``, figures to ``<root>/outputs
 (written by the notebooks themselves), how each notebook ran to ``<root>/outputs/timings.json`` (see
 :func:`run_record`; ``make book`` prints it at the top of each page).
 
-    python -m segx_helpers.tutorial.runner            # quick mode, every notebook
-    python -m segx_helpers.tutorial.runner --full     # full mode
-    python -m segx_helpers.tutorial.runner --only 01_dataset_prep 02_train_segmenter
-    python -m segx_helpers.tutorial.runner --dataset my-xrays -p REAL_DATA=True -p ARCH=densenet121
+    python -m segx_helpers.cli.runner            # quick mode, every notebook
+    python -m segx_helpers.cli.runner --full     # full mode
+    python -m segx_helpers.cli.runner --only 01_dataset_prep 02_train_segmenter
+    python -m segx_helpers.cli.runner --dataset my-xrays -p REAL_DATA=True -p ARCH=densenet121
 
 ``--dataset NAME`` sets ``DATASET`` (a folder ``data/NAME`` under ``--root`` in the format, e.g. made by
 ``import_folder``; a name, never a path, so that every output stays under ``--root``) and ``-p KEY=VALUE``
@@ -34,8 +34,8 @@ import nbformat
 
 from segx_helpers.data.synthetic import GENERATORS
 from segx_helpers.data.io import check_safe_id
-from segx_helpers.tutorial.settings import NOTEBOOKS, TutorialPaths
-from segx_helpers.tutorial.report import write_report
+from segx_helpers.workflows.settings import NOTEBOOKS, TutorialPaths
+from segx_helpers.workflows.report import write_report
 
 NOTEBOOK_DIR = Path(__file__).resolve().parents[2] / "notebooks"
 
@@ -230,7 +230,7 @@ def run_notebooks(root: str | Path, quick: bool = True, only: list[str] | None =
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m segx_helpers.tutorial.runner",
+    parser = argparse.ArgumentParser(prog="python -m segx_helpers.cli.runner",
                                      description="Run the SegX tutorial notebooks in order.")
     parser.add_argument("--full", action="store_true", help="full mode (default: quick mode)")
     parser.add_argument("--root", default=str(NOTEBOOK_DIR.parent), help="folder for data/, artifacts/ and outputs/")
@@ -239,6 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-p", "--parameter", dest="parameters", action="append", default=[], metavar="KEY=VALUE",
                         help="set a notebook parameter (repeatable); VALUE is read as a Python/JSON literal "
                              "when it is one, else as a string")
+    parser.add_argument("--report-only", action="store_true",
+                        help="run nothing: rebuild outputs/report.md from what the notebooks saved under --root")
     return parser
 
 
@@ -270,6 +272,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict]
 
 def main(argv: list[str] | None = None) -> int:
     args, parameters = parse_args(argv)
+    if args.report_only:
+        print(write_report(args.root, parameters.get("DATASET", "synthetic-derm")))
+        return 0
     try:  # a typo in a parameter name fails here, before anything runs
         parameters_per_notebook(args.only or available_notebooks(), parameters)
     except (ValueError, FileNotFoundError) as err:

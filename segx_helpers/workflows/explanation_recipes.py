@@ -17,8 +17,8 @@ from segx_helpers.data.torch_dataset import Normalization, SegXDataset
 from segx_helpers.explain.api import explain
 from segx_helpers.explain.gradient_shap import GradientShapOptions
 from segx_helpers.models.masks import mask_probabilities
-from segx_helpers.tutorial.settings import RunSettings, TutorialPaths
-from segx_helpers.tutorial.results import explanation_results, save_split_arrays
+from segx_helpers.workflows.settings import RunSettings, TutorialPaths
+from segx_helpers.workflows.results import explanation_results, save_split_arrays
 
 
 def background_images(data: LoadedDataset, meta: dict, n: int, seed: int = 0, as_reference_code: bool = False) -> torch.Tensor:
@@ -70,8 +70,8 @@ def segx_results(name: str, paths: TutorialPaths, data: LoadedDataset, segmenter
                  seed: int = 0, p: float = 5.0) -> dict:
     """Notebook 04's results in one call (for a fresh runtime that skipped it), with the same package
     calls as the notebook: explain the test split, score every prediction with the one analysis path
-    (:func:`segx_helpers.tutorial.results.explanation_results`), save each method's results folder and the test
-    masks. Returns method -> :class:`~segx_helpers.tutorial.results.Results`."""
+    (:func:`segx_helpers.workflows.results.explanation_results`), save each method's results folder and the test
+    masks. Returns method -> :class:`~segx_helpers.workflows.results.Results`."""
     test = split_tensors(data, "test", classifier.meta)
     images = Normalization(**classifier.meta["normalization"]).denormalize(test["image"])
     mask_prob = mask_probabilities(segmenter, data, "test", classifier.meta["image_size"])
@@ -106,7 +106,7 @@ def score_split(classifier: TrainedModel, data: LoadedDataset, tensors: dict, me
     """Explain a split's predictions with ``method`` and score every map against ``masks`` with the one analysis
     path. ``tensors``: :func:`~segx_helpers.models.checkpoints.split_tensors` of the split; ``keywords`` go to
     :func:`explain_predictions` (e.g. ``options=CamOptions(target_layers=...)``). Returns
-    :class:`~segx_helpers.tutorial.results.Results`."""
+    :class:`~segx_helpers.workflows.results.Results`."""
     e = explain_predictions(classifier, tensors["image"], method, progress=False, **keywords)
     return explanation_results(e, tensors["image_id"], tensors["target"].numpy(), data.info.task,
                                data.info.class_names, masks, p=p)

@@ -23,13 +23,14 @@ from typing import Sequence
 
 import numpy as np
 import pandas as pd
+from matplotlib import colormaps
 from PIL import Image
+from scipy import ndimage
 
 from segx_helpers.explain.targets import Explanations
 from segx_helpers.data.io import atomic_path, check_only_listed_files, check_safe_id, files_below
 from segx_helpers.scores.analysis import analyse
 from segx_helpers.scores.segx import segx, top_percent
-from segx_helpers.tutorial.viz import overlay
 
 MANIFEST = "manifest.csv"
 MARKER = ".segx_results.json"
@@ -87,7 +88,7 @@ def save_results(folder: str | Path, table: pd.DataFrame, maps: np.ndarray, segx
         manifest["overlay"] = [f"overlays/{n}.png" for n in names]
         manifest.to_csv(tmp / MANIFEST, index=False)
         written = sorted(files_below(tmp, MARKER))
-        (tmp / MARKER).write_text(json.dumps({"written_by": "segx_helpers.tutorial.results.save_results", "files": written},
+        (tmp / MARKER).write_text(json.dumps({"written_by": "segx_helpers.workflows.results.save_results", "files": written},
                                              indent=1) + "\n")
     return folder
 
@@ -208,3 +209,22 @@ def load_split_arrays(path: str | Path) -> dict[str, np.ndarray]:
         raise FileNotFoundError(f"{path} not found: run notebook 04_segx_maps first")
     with np.load(path, allow_pickle=False) as data:
         return {k: data[k] for k in data.files}
+
+
+def overlay(image: np.ndarray, heat: np.ndarray, mask: np.ndarray | None = None, top: np.ndarray | None = None,
+            alpha: float = 0.5) -> np.ndarray:
+    """RGB uint8 ``(H, W, 3)``: ``image`` (``(H, W[, C])`` in [0, 1]) blended with ``heat`` as a jet
+    heat map (scaled to its 99th percentile, so a few extreme SHAP pixels do not wash it out), with
+    the mask outlined in cyan and the top-p % region outlined in white."""
+    image = np.asarray(image, dtype=np.float32)
+    if image.ndim == 2 or image.shape[-1] == 1:
+        image = np.repeat(image.reshape(image.shape[0], image.shape[1], 1), 3, axis=2)
+    positive = heat[heat > 0]
+    peak = float(np.percentile(positive, 99)) if positive.size else 0.0
+    coloured = colormaps["jet"](np.clip(heat / peak, 0, 1) if peak > 0 else heat)[..., :3]
+    out = (1 - alpha) * image + alpha * coloured
+    for region, colour in ((mask, (0.0, 0.9, 1.0)), (top, (1.0, 1.0, 1.0))):
+        if region is not None and region.any():
+            edge = region & ~ndimage.binary_erosion(region)
+            out[edge] = colour
+    return (np.clip(out, 0, 1) * 255).astype(np.uint8)
