@@ -38,7 +38,7 @@ from segx_helpers.models.networks import (CPU_DECODER_CHANNELS, PAPER_DECODER_CH
 from segx_helpers.data import SyntheticConfig, generate_synthetic_derm, load_dataset
 from segx_helpers.workflows.settings import QUICK_MODE
 from segx_helpers.models.training import DiceBCELoss, make_optimizer
-from segx_helpers.workflows.training_recipes import evaluate_segmenter, segmenter_config, train_segmenter
+from segx_helpers.workflows.training_recipes import SegmenterSpec, evaluate_segmenter, segmenter_config, train_segmenter
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -95,8 +95,7 @@ def dice_rows(image_size: int, repeats: int, seed: int = 0) -> list[dict]:
         for round_ in range(repeats):
             for index, (name, fields) in enumerate(DICE_SETTINGS.items()):
                 started = time.perf_counter()
-                trained = train_segmenter(data, Path(tmp) / f"seg_{index}_{round_}.pt", image_size=image_size,
-                                          config=dataclasses.replace(config, **fields))
+                trained = train_segmenter(data, Path(tmp) / f"seg_{index}_{round_}.pt", SegmenterSpec(image_size=image_size), config=dataclasses.replace(config, **fields))
                 seconds = time.perf_counter() - started
                 dice = float(evaluate_segmenter(trained, data, "test", image_size=QUICK_MODE.image_size)["dice"].mean())
                 best = found.setdefault(name, {"seconds": seconds, "dice": dice})

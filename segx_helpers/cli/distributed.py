@@ -31,7 +31,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -41,11 +41,12 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from segx_helpers.data.format import LoadedDataset, load_dataset
 from segx_helpers.data.torch_dataset import Normalization, SegXDataset
-from segx_helpers.models.checkpoints import check_fingerprint, last_checkpoint_path, read_checkpoint, training_fingerprint
-from segx_helpers.models.networks import build_classifier, build_segmenter, pick_device
+from segx_helpers.models.checkpoints import check_fingerprint, last_checkpoint_path, read_checkpoint
+from segx_helpers.models.networks import RANDOM, build_classifier, build_segmenter, classifier_normalization, pick_device
 from segx_helpers.models.training import TrainConfig, fit, make_loader, set_seed
-from segx_helpers.workflows.training_recipes import (Recipe, classifier_recipe, classifier_selection, finish_training,
-                                                    segmenter_recipe)
+from segx_helpers.workflows.training_recipes import (ClassifierSpec, Recipe, SegmenterSpec, classifier_fingerprint,
+                                                    classifier_recipe, classifier_selection, finish_training,
+                                                    segmenter_fingerprint, segmenter_recipe)
 
 
 @dataclass(frozen=True)
@@ -337,7 +338,8 @@ def _check_checkpoint(checkpoint: Path, overwrite: bool, resume: bool) -> None:
 def _splits(data: LoadedDataset, data_dir: str | Path, spec: TrainSpec, processes: Processes, ctx: Context) -> _Splits:
     """The splits at ``spec.image_size`` with the channels' default normalisation, and their loaders; a
     ``ValueError`` when the training split holds no full global batch."""
-    norm = Normalization.for_channels(data.info.channels)
+    norm = (classifier_normalization(spec.arch, data.info.channels) if spec.kind == "classifier"
+            else Normalization.for_channels(data.info.channels))
     train_set = SegXDataset(data, "train", spec.image_size, norm, train=True)
     val_set = SegXDataset(data, "val", spec.image_size, norm)
     loader = distributed_loader(train_set, spec.batch_size, ctx, shuffle=True, seed=spec.seed,
@@ -353,20 +355,20 @@ def _model_and_recipe(data: LoadedDataset, spec: TrainSpec, config: TrainConfig,
                       processes: Processes, ctx: Context) -> tuple[nn.Module, Recipe]:
     """The untrained model of ``spec.kind`` and its recipe, whose ``meta`` holds the training fingerprint
     (with the global batch size, the normalisation, the number of processes and ``sync_batchnorm``)."""
-    common = dict(batch_size=spec.batch_size, normalization=asdict(splits.norm), world_size=ctx.world_size,
-                  sync_batchnorm=processes.sync_batchnorm)
+    common = dict(world_size=ctx.world_size, sync_batchnorm=processes.sync_batchnorm)
     if spec.kind == "classifier":
-        fingerprint = training_fingerprint(data, spec.image_size, config, **common, kind="classifier", arch=spec.arch,
-                                           pretrained=False, class_weighting=False)
+        classifier = ClassifierSpec(arch=spec.arch, image_size=spec.image_size, batch_size=spec.batch_size,
+                                    normalization=splits.norm).resolved(data)
+        fingerprint = classifier_fingerprint(data, classifier, config, RANDOM, **common)
         model = build_classifier(spec.arch, num_classes=data.info.num_classes, in_channels=data.info.channels)
-        return model, classifier_recipe(data, spec.image_size, splits.norm, splits.val_loader, spec.arch, False,
-                                        fingerprint, device=str(ctx.device))
-    decoder = (128, 64, 32, 16, 8)
-    fingerprint = training_fingerprint(data, spec.image_size, config, **common, kind="segmenter", encoder=spec.encoder,
-                                       decoder_channels=list(decoder), encoder_weights=None)
-    model = build_segmenter(spec.encoder, encoder_weights=None, in_channels=data.info.channels, decoder_channels=decoder)
-    return model, segmenter_recipe(data, spec.image_size, splits.norm, splits.val_set, splits.val_loader, spec.encoder,
-                                   decoder, fingerprint, device=str(ctx.device))
+        return model, classifier_recipe(data, classifier, RANDOM, splits.val_loader, fingerprint, device=str(ctx.device))
+    segmenter = SegmenterSpec(encoder=spec.encoder, image_size=spec.image_size, batch_size=spec.batch_size,
+                              normalization=splits.norm).resolved(data)
+    fingerprint = segmenter_fingerprint(data, segmenter, config, RANDOM, **common)
+    model = build_segmenter(spec.encoder, encoder_weights=None, in_channels=data.info.channels,
+                            decoder_channels=segmenter.decoder_channels)
+    return model, segmenter_recipe(data, segmenter, RANDOM, splits.val_set, splits.val_loader, fingerprint,
+                                   device=str(ctx.device))
 
 
 def _finish(recipe: Recipe, model: nn.Module, history, config: TrainConfig, checkpoint: Path, ctx: Context) -> dict:

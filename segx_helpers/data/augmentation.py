@@ -17,23 +17,37 @@ from dataclasses import asdict, dataclass, fields
 
 @dataclass(frozen=True)
 class Augmentation:
-    """Random geometric changes applied to training images (and their masks).
+    """Random changes applied to training images (geometric ones to their masks too).
 
     ``hflip`` / ``vflip``: mirror left-right / top-bottom with probability 0.5. ``rotation``: rotate by
-    an angle drawn uniformly from ``[-rotation, rotation]`` degrees (0 = never).
+    an angle drawn uniformly from ``[-rotation, rotation]`` degrees (0 = never). ``rotate90``: rotate by a
+    multiple of 90 degrees drawn uniformly (no interpolation, no corners filled). ``crop_scale``: instead of
+    resizing the whole image, a random resized crop covering ``[crop_scale, 1]`` of its area (aspect 3/4 to 4/3),
+    taken from the image at up to twice the training size, so the crop keeps detail (``None`` = no crop).
+    ``colour_jitter``: brightness, contrast and saturation each scaled by a factor drawn from
+    ``[1 - colour_jitter, 1 + colour_jitter]``, hue shifted by up to ``colour_jitter / 4`` (0 = none).
     """
 
     hflip: bool = True
     vflip: bool = True
     rotation: float = 15.0
+    rotate90: bool = False
+    crop_scale: float | None = None
+    colour_jitter: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("hflip", "vflip"):
+        for name in ("hflip", "vflip", "rotate90"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"augmentation {name} must be true or false, got {getattr(self, name)!r}")
         if isinstance(self.rotation, bool) or not isinstance(self.rotation, (int, float)) or not 0 <= self.rotation <= 180:
             raise ValueError(f"augmentation rotation must be a number of degrees in [0, 180], got {self.rotation!r}")
         object.__setattr__(self, "rotation", float(self.rotation))
+        if self.crop_scale is not None and (isinstance(self.crop_scale, bool) or not isinstance(self.crop_scale, (int, float))
+                                            or not 0 < self.crop_scale <= 1):
+            raise ValueError(f"augmentation crop_scale must be None or a share of the area in (0, 1], got {self.crop_scale!r}")
+        if isinstance(self.colour_jitter, bool) or not isinstance(self.colour_jitter, (int, float)) \
+                or not 0 <= self.colour_jitter < 1:
+            raise ValueError(f"augmentation colour_jitter must be a number in [0, 1), got {self.colour_jitter!r}")
 
     @classmethod
     def from_dict(cls, values: dict) -> "Augmentation":
@@ -50,9 +64,14 @@ class Augmentation:
         return asdict(self)
 
     def describe(self) -> str:
-        parts = [name for name, on in (("horizontal flips", self.hflip), ("vertical flips", self.vflip)) if on]
+        parts = [name for name, on in (("horizontal flips", self.hflip), ("vertical flips", self.vflip),
+                                       ("90-degree rotations", self.rotate90)) if on]
         if self.rotation:
             parts.append(f"rotations up to +-{self.rotation:g} degrees")
+        if self.crop_scale is not None:
+            parts.append(f"random resized crops of {self.crop_scale:g} to 1 of the area")
+        if self.colour_jitter:
+            parts.append(f"colour jitter {self.colour_jitter:g}")
         return ", ".join(parts) if parts else "none"
 
 
@@ -62,6 +81,11 @@ MODALITY_AUGMENTATION: dict[str, Augmentation] = {
 }
 """Defaults per modality, found by name in ``dataset.json``'s ``modality`` (case-insensitive, e.g.
 ``"chest X-ray (synthetic)"``, ``"CXR"``, ``"dermoscopy"``)."""
+
+REAL_DERMOSCOPY = Augmentation(hflip=True, vflip=True, rotation=0.0, rotate90=True, crop_scale=0.5, colour_jitter=0.1)
+"""The augmentation of the real-data classifier recipe for dermoscopy (ISIC, HAM10000): random resized crops from
+the full-size image, flips, 90-degree rotations and mild colour jitter (a lesion has no orientation, and
+dermatoscopes differ in light and colour)."""
 
 _ALIASES = {"chest x-ray": ("chest x-ray", "chest xray", "chest x ray", "cxr", "chest radiograph"),
             "dermoscopy": ("dermoscopy", "dermatoscopy", "dermoscopic", "skin lesion")}

@@ -45,16 +45,35 @@ class Normalization:
         return np.clip(array * std + mean, 0, 1).transpose(0, 2, 3, 1)
 
 
+class RandomRotate90(v2.Transform):
+    """Rotate by 0, 90, 180 or 270 degrees, drawn uniformly, images and masks alike (exact: ``torch.rot90``)."""
+
+    def make_params(self, flat_inputs: list) -> dict:
+        return {"turns": int(torch.randint(4, ()).item())}
+
+    def transform(self, inpt, params: dict):
+        if not isinstance(inpt, torch.Tensor) or params["turns"] == 0:
+            return inpt
+        return tv_tensors.wrap(torch.rot90(inpt, params["turns"], dims=(-2, -1)), like=inpt) \
+            if isinstance(inpt, tv_tensors.TVTensor) else torch.rot90(inpt, params["turns"], dims=(-2, -1))
+
+
 def make_transforms(image_size: int, normalization: Normalization, train: bool = False,
                     rotation_degrees: float = 15.0, augmentation: Augmentation | None = None) -> v2.Compose:
     """Paired transforms for ``(tv_tensors.Image uint8, tv_tensors.Mask)``; augmentation only when ``train``:
-    ``augmentation``'s flips and rotation (default: both flips and ``rotation_degrees``)."""
-    steps: list = [v2.Resize((image_size, image_size), antialias=True)]
-    if train:
-        augmentation = augmentation if augmentation is not None else Augmentation(rotation=rotation_degrees)
+    ``augmentation``'s crop, flips, rotations and colour jitter (default: both flips and ``rotation_degrees``)."""
+    augmentation = (augmentation if augmentation is not None else Augmentation(rotation=rotation_degrees)) if train else None
+    if augmentation is not None and augmentation.crop_scale is not None:
+        steps: list = [v2.RandomResizedCrop((image_size, image_size), scale=(augmentation.crop_scale, 1.0), antialias=True)]
+    else:
+        steps = [v2.Resize((image_size, image_size), antialias=True)]
+    if augmentation is not None:
         steps += [v2.RandomHorizontalFlip()] if augmentation.hflip else []
         steps += [v2.RandomVerticalFlip()] if augmentation.vflip else []
+        steps += [RandomRotate90()] if augmentation.rotate90 else []
         steps += [v2.RandomRotation(augmentation.rotation)] if augmentation.rotation else []
+        jitter = augmentation.colour_jitter
+        steps += [v2.ColorJitter(brightness=jitter, contrast=jitter, saturation=jitter, hue=jitter / 4)] if jitter else []
     steps += [v2.ToDtype({tv_tensors.Image: torch.float32, tv_tensors.Mask: torch.float32, "others": None}, scale=True),
               v2.Normalize(mean=list(normalization.mean), std=list(normalization.std))]
     return v2.Compose(steps)
@@ -66,8 +85,8 @@ class SegXDataset(Dataset):
     Each item is a dict: ``image`` float ``(C, H, W)`` normalised, ``mask`` float ``(1, H, W)`` in
     {0, 1} (all zeros and ``has_mask`` False when the image has no mask), ``target`` (int64 class
     index for multiclass, float ``(C,)`` 0/1 for multilabel) and ``image_id``.
-    With ``cache=True`` decoded images and masks are kept in memory already resized to ``image_size`` (about
-    50 MB for 1,000 RGB images at 128 px), which makes epochs after the first much faster: a large photograph
+    With ``cache=True`` decoded images and masks are kept in memory already resized to ``image_size`` (twice it
+    when the augmentation crops), which makes epochs after the first much faster: a large photograph
     is decoded and resized once, not every epoch (the resize is the transforms' first, deterministic step). ``train=True`` augments with
     ``augmentation`` (default: the dataset's own, :func:`~segx_helpers.data.augmentation.augmentation_for`);
     ``self.augmentation`` says what is applied (``None`` when not training).
@@ -86,7 +105,10 @@ class SegXDataset(Dataset):
             raise ValueError(f"normalization has {len(self.normalization.mean)} channels but {data.root} images have {self.channels}.")
         self.augmentation = (augmentation if augmentation is not None else augmentation_for(data.info)) if train else None
         self.transform = make_transforms(image_size, self.normalization, train=train, augmentation=self.augmentation)
-        self.resize = v2.Resize((image_size, image_size), antialias=True)  # the transforms' first step, then a no-op
+        # the cache keeps images resized to what the transforms' first step reads: the training size (a no-op
+        # resize then), or twice it for random resized crops, so that a crop keeps detail
+        self.cached_size = image_size * 2 if self.augmentation is not None and self.augmentation.crop_scale is not None \
+            else image_size
         all_targets = data.targets
         index = {image_id: i for i, image_id in enumerate(data.table["image_id"])}
         self.targets = all_targets[[index[i] for i in self.rows["image_id"]]]
@@ -106,7 +128,9 @@ class SegXDataset(Dataset):
         image = read_image(row["image_path"], channels=self.channels)
         mask = read_mask(row["mask_path"], expected_size=image.shape[:2]) if row["mask_path"] is not None else None
         if self._cache is not None:
-            image_t, mask_t = self.resize(tv_tensors.Image(torch.from_numpy(image).permute(2, 0, 1)),
+            size = min(self.cached_size, max(image.shape[:2]))  # never larger than the image itself
+            resize = v2.Resize((size, size), antialias=True)
+            image_t, mask_t = resize(tv_tensors.Image(torch.from_numpy(image).permute(2, 0, 1)),
                                           tv_tensors.Mask(torch.from_numpy(mask.astype(np.uint8))[None])
                                           if mask is not None else None)
             image = image_t.permute(1, 2, 0).numpy()

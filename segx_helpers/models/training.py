@@ -23,8 +23,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from segx_helpers.models.checkpoints import last_checkpoint_path, read_checkpoint, save_checkpoint
-from segx_helpers.models.networks import (CpuTraining, contiguous_narrow_norms, cpu_supports_bf16, pick_device,
-                                          prepare_for_cpu_training)
+from segx_helpers.models.networks import (CpuTraining, contiguous_narrow_norms, cpu_supports_bf16,
+                                          has_grouped_convolutions, pick_device, prepare_for_cpu_training)
 
 class NonFiniteScoreWarning(RuntimeWarning):
     """A validation score was NaN or infinite: that epoch cannot be the best one."""
@@ -64,17 +64,33 @@ class DiceBCELoss(nn.Module):
         return self.dice_weight * self.dice(logits, masks) + self.bce_weight * self.bce(logits, masks)
 
 
-def classification_loss(task: str, class_weights: np.ndarray | None = None) -> nn.Module:
-    """Cross-entropy on logits (multiclass) or BCE-with-logits (multilabel), optionally class-weighted.
+def classification_loss(task: str, class_weights: np.ndarray | None = None, label_smoothing: float = 0.0) -> nn.Module:
+    """Cross-entropy on logits (multiclass) or BCE-with-logits (multilabel), optionally class-weighted and with
+    label smoothing (multiclass: PyTorch's ``label_smoothing``; multilabel: targets pulled towards 0.5 by
+    ``label_smoothing / 2``).
 
     For multilabel, ``class_weights`` act as ``pos_weight`` (weight of positives per class).
     """
+    if not 0 <= label_smoothing < 1:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
     weight = None if class_weights is None else torch.as_tensor(class_weights, dtype=torch.float32)
     if task == "multiclass":
-        return nn.CrossEntropyLoss(weight=weight)
+        return nn.CrossEntropyLoss(weight=weight, label_smoothing=float(label_smoothing))
     if task == "multilabel":
-        return nn.BCEWithLogitsLoss(pos_weight=weight)
+        loss = nn.BCEWithLogitsLoss(pos_weight=weight)
+        return SmoothedBCE(loss, label_smoothing) if label_smoothing else loss
     raise ValueError(f"task must be 'multiclass' or 'multilabel', got {task!r}")
+
+
+class SmoothedBCE(nn.Module):
+    """BCE-with-logits on targets moved towards 0.5 by ``smoothing / 2`` (1 -> 1 - smoothing / 2)."""
+
+    def __init__(self, loss: nn.BCEWithLogitsLoss, smoothing: float) -> None:
+        super().__init__()
+        self.loss, self.smoothing = loss, float(smoothing)
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self.loss(logits, targets * (1 - self.smoothing) + self.smoothing / 2)
 
 
 def balanced_class_weights(targets: np.ndarray, task: str) -> np.ndarray:
@@ -98,6 +114,11 @@ class TrainConfig:
     never kept, and early stopping waits for them (an epoch of a model trained from scratch can win on
     a small validation split by noise alone); it counts from 1 and is capped at ``epochs``. 0 or 1: every
     epoch is a candidate. ``patience``: stop after this many candidate epochs without improvement.
+    ``selection_window``: the monitored value is averaged over the last this-many epochs before epochs are
+    compared (1: each epoch's own value), so that one lucky epoch on a small validation split does not win;
+    the epoch kept is the last of the best window. ``warmup_epochs``: the learning rate rises linearly over the
+    first epochs (from ``lr / (warmup_epochs + 1)``) before the cosine decay over the rest; 0: cosine from the
+    start.
     ``amp``: on a GPU float16 autocast with a gradient scaler, on a CPU the channels_last memory format;
     ``amp=False`` trains plain float32. ``cpu_bf16`` (opt-in, with ``amp``): bfloat16 autocast on a CPU that
     computes bfloat16 natively (:func:`segx_helpers.models.networks.cpu_supports_bf16`), about 2x the images/s of the
@@ -121,9 +142,18 @@ class TrainConfig:
     max_batches_per_epoch: int | None = None
     cpu_bf16: bool = False
     cpu_fast_kernels: bool = False
+    warmup_epochs: int = 0
+    selection_window: int = 1
 
     def __post_init__(self) -> None:
         problems = []
+        if not isinstance(self.warmup_epochs, Integral) or isinstance(self.warmup_epochs, bool) or self.warmup_epochs < 0:
+            problems.append(f"warmup_epochs must be an int >= 0, got {self.warmup_epochs!r}")
+        elif isinstance(self.epochs, Integral) and self.warmup_epochs >= self.epochs:
+            problems.append(f"warmup_epochs ({self.warmup_epochs}) must be fewer than epochs ({self.epochs})")
+        if (not isinstance(self.selection_window, Integral) or isinstance(self.selection_window, bool)
+                or self.selection_window < 1):
+            problems.append(f"selection_window must be an int >= 1, got {self.selection_window!r}")
         if not isinstance(self.epochs, Integral) or isinstance(self.epochs, bool) or self.epochs < 1:
             problems.append(f"epochs must be a positive int, got {self.epochs!r}")
         if not (isinstance(self.lr, Real) and math.isfinite(self.lr) and self.lr > 0):
@@ -156,8 +186,20 @@ class TrainConfig:
         """The model-selection rule in one sentence, as :func:`fit` prints it."""
         direction = "lowest" if self.minimises else "highest"
         start = f" from epoch {self.first_candidate} on" if self.first_candidate > 1 else ""
-        return (f"model selection: keeps the epoch with the {direction} {self.monitor}{start} "
+        value = (f"{self.monitor} averaged over {self.selection_window} epochs" if self.selection_window > 1
+                 else self.monitor)
+        return (f"model selection: keeps the epoch with the {direction} {value}{start} "
                 f"(of {self.epochs}); stops early after {self.patience} epochs without improvement")
+
+    def schedule(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+        """The learning-rate schedule, stepped once per epoch: cosine over ``epochs``, or a linear warm-up over
+        ``warmup_epochs`` then cosine over the rest."""
+        if not self.warmup_epochs:
+            return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(self.epochs, 1))
+        warmup = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1 / (self.warmup_epochs + 1),
+                                                   total_iters=self.warmup_epochs)
+        cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.epochs - self.warmup_epochs)
+        return torch.optim.lr_scheduler.SequentialLR(optimizer, [warmup, cosine], milestones=[self.warmup_epochs])
 
 
 @dataclass
@@ -302,12 +344,13 @@ def _start(model: nn.Module, config: TrainConfig) -> _Run:
     device = pick_device(config.device)
     model.to(device)
     on_cpu = config.amp and device.type == "cpu"
-    cpu = CpuTraining(channels_last=on_cpu, bf16=on_cpu and config.cpu_bf16 and cpu_supports_bf16(),
+    cpu = CpuTraining(channels_last=on_cpu, bf16=on_cpu and config.cpu_bf16 and cpu_supports_bf16()
+                      and not has_grouped_convolutions(model),
                       fast_kernels=on_cpu and config.cpu_fast_kernels)
     prepare_for_cpu_training(model, cpu)
     norm_hooks = contiguous_narrow_norms(model) if cpu.fast_kernels else []
     optimizer = make_optimizer(model, config.lr, config.weight_decay, cpu)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(config.epochs, 1))
+    scheduler = config.schedule(optimizer)
     use_amp = config.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     history = History(best_value=math.inf if config.minimises else -math.inf)
@@ -393,7 +436,14 @@ def _validate_and_record(run: _Run, validate: Callable[[nn.Module], dict], epoch
               "seconds": time.perf_counter() - started}
     run.history.records.append(record)
     print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
-    return float(values[config.monitor])
+    return smoothed_score(run.history.records, config.monitor, config.selection_window)
+
+
+def smoothed_score(records: list[dict], monitor: str, window: int) -> float:
+    """The mean of ``monitor`` over the last ``window`` epoch records (fewer at the start); NaN when one of them
+    is not finite."""
+    values = [float(r[monitor]) for r in records[-window:]]
+    return float(np.mean(values)) if all(math.isfinite(v) for v in values) else math.nan
 
 
 def _improves(run: _Run, score: float, epoch: int) -> bool:

@@ -8,7 +8,7 @@ arrays so that they can be averaged, bootstrapped or paired.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
@@ -16,19 +16,11 @@ import pandas as pd
 from scipy.stats import rankdata
 from sklearn.metrics import average_precision_score, f1_score
 
+from segx_helpers.scores.decisions import (check_task, cutoffs, decide, one_hot, recalls, select_class_cutoffs,
+                                          specificities)
 from segx_helpers.scores.saliency import DegenerateMapWarning, check_maps, check_masks, kth_largest_positive, top_percent
 
 # ------------------------------------------------------------------------------ classification
-
-
-def one_hot(y_true: np.ndarray, num_classes: int) -> np.ndarray:
-    """``(N,)`` class indices -> ``(N, C)`` 0/1; ``(N, C)`` input (or 0/1 labels of a single class) as int."""
-    y_true = np.asarray(y_true)
-    if y_true.ndim == 2 or num_classes == 1:
-        return y_true.reshape(len(y_true), -1).astype(int)
-    out = np.zeros((len(y_true), num_classes), dtype=int)
-    out[np.arange(len(y_true)), y_true.astype(int)] = 1
-    return out
 
 
 def per_class_auroc(y_true: np.ndarray, y_score: np.ndarray) -> np.ndarray:
@@ -79,14 +71,10 @@ def macro_auprc(y_true: np.ndarray, y_score: np.ndarray) -> float:
 
 
 def predict_labels(y_score: np.ndarray, task: str, thresholds: Sequence[float] | None = None) -> np.ndarray:
-    """Decisions from scores: argmax ``(N,)`` (multiclass) or ``y_score >= thresholds`` ``(N, C)`` (multilabel)."""
-    y_score = np.asarray(y_score)
-    if task == "multiclass":
-        return y_score.argmax(axis=1)
-    if task != "multilabel":
-        raise ValueError(f"task must be 'multiclass' or 'multilabel', got {task!r}")
-    cut = np.full(y_score.shape[1], 0.5) if thresholds is None else np.asarray(thresholds, dtype=float)
-    return (y_score >= cut[None, :]).astype(int)
+    """Decisions from scores with the stored cut-offs: class indices ``(N,)`` (multiclass: ``argmax p / t``, the
+    argmax without cut-offs) or 0/1 ``(N, C)`` (multilabel: ``p >= t``, 0.5 without); see
+    :mod:`segx_helpers.scores.decisions`."""
+    return decide(y_score, task, thresholds)
 
 
 def macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
@@ -128,6 +116,17 @@ def select_thresholds(y_true: np.ndarray, y_score: np.ndarray) -> np.ndarray:
         f1 = np.where(last_of_tie, f1, -1)
         thresholds[c] = sorted_scores[int(np.argmax(f1))]
     return thresholds
+
+
+def select_decision_thresholds(y_true: np.ndarray, y_score: np.ndarray, task: str) -> np.ndarray:
+    """The cut-offs ``(C,)`` a classifier's checkpoint stores, chosen on the validation split: multiclass
+    cut-offs for the best balanced accuracy (:func:`segx_helpers.scores.decisions.select_class_cutoffs`; Youden's J
+    for two classes), multilabel thresholds for the best F1 per class (:func:`select_thresholds`, as the
+    reference code)."""
+    check_task(task)
+    if task == "multiclass":
+        return select_class_cutoffs(y_true, y_score)
+    return select_thresholds(y_true, y_score)
 
 
 class BootstrapWarning(UserWarning):
@@ -184,7 +183,8 @@ def bootstrap_ci(metric: Callable[..., float], *arrays: np.ndarray, n_resamples:
 def classification_report(y_true: np.ndarray, y_score: np.ndarray, task: str, class_names: Sequence[str],
                           thresholds: Sequence[float] | None = None, n_resamples: int = 1000,
                           seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Summary table (metric, value, 95 % CI) and per-class table (AUROC, AUPRC, F1, support)."""
+    """Summary table (metric, value, 95 % CI) and per-class table (AUROC, AUPRC, F1, sensitivity, specificity, share
+    of images decided as the class, its cut-off, support); decisions use the stored cut-offs ``thresholds``."""
     y_true, y_score = np.asarray(y_true), np.asarray(y_score)
     cut = None if thresholds is None else np.asarray(thresholds)
 
@@ -199,7 +199,9 @@ def classification_report(y_true: np.ndarray, y_score: np.ndarray, task: str, cl
 
     metrics: dict[str, Callable] = {"macro AUROC": auroc, "macro AUPRC": macro_auprc, "macro F1": f1}
     if task == "multiclass":
-        metrics["accuracy"] = lambda t, s: accuracy(t, predict_labels(s, task))
+        metrics["accuracy"] = lambda t, s: accuracy(t, predict_labels(s, task, cut))
+        metrics["balanced accuracy"] = lambda t, s: float(np.nanmean(recalls(t, predict_labels(s, task, cut),
+                                                                             s.shape[1])))
     rows = []
     for name, fn in metrics.items():
         value, low, high = bootstrap_ci(fn, y_true, y_score, n_resamples=n_resamples, seed=seed)
@@ -209,9 +211,111 @@ def classification_report(y_true: np.ndarray, y_score: np.ndarray, task: str, cl
     per_class = pd.DataFrame({
         "class": list(class_names), "AUROC": per_class_auroc(y_true, y_score), "AUPRC": per_class_auprc(y_true, y_score),
         "F1": [f1_score(onehot[:, c], decisions[:, c], zero_division=0) for c in range(len(class_names))],
+        "sensitivity": recalls(y_true, decisions, y_score.shape[1]),
+        "specificity": specificities(y_true, decisions, y_score.shape[1]),
+        "predicted share": decisions.mean(axis=0),
+        "cut-off": cutoffs(task, y_score.shape[1], cut),
         "support": onehot.sum(axis=0),
     })
     return pd.DataFrame(rows), per_class
+
+
+MIN_RECALL = 0.2
+MIN_CLASS_IMAGES = 10
+DECIDES_RULE = (f"a classifier decides when (1) every class with at least {MIN_CLASS_IMAGES} test images is "
+                f"recognised in at least {MIN_RECALL:.0%} of them (its recall: no class is ignored), (2) the 95 % "
+                "bootstrap interval of its test macro AUROC lies above 0.5, and (3) its macro AUROC is above that of "
+                "every one-feature baseline the data offers (e.g. the lesion's area; on the trap sets each annotated "
+                "artefact), each baseline oriented on the validation split")
+"""Why it matters: a classifier that calls almost every image benign makes "incorrect" mean "malignant", and SegU's
+tables then measure whatever separates the classes (lesion size), not SegU."""
+
+
+def oriented_auroc(feature_val: np.ndarray, y_val: np.ndarray, feature_test: np.ndarray, y_test: np.ndarray,
+                   num_classes: int) -> float:
+    """Macro one-vs-rest test AUROC of one feature ``(N,)`` (e.g. the lesion's area), each class's direction
+    (higher or lower means the class) taken from the validation split, never from the test split itself."""
+    val = np.repeat(np.asarray(feature_val, dtype=float)[:, None], num_classes, axis=1)
+    test = np.repeat(np.asarray(feature_test, dtype=float)[:, None], num_classes, axis=1)
+    sign = np.where(per_class_auroc(y_val, val) < 0.5, -1.0, 1.0)
+    values = per_class_auroc(y_test, test * sign[None, :])
+    return float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
+
+
+@dataclass
+class DecidesCheck:
+    """The answer of :func:`decides_check`: ``decides`` and the ``reasons`` it fails (empty when it decides), the
+    test macro ``auroc`` with its 95 % interval, ``baseline_auroc`` ({feature: AUROC}), ``predicted_share``
+    ({class: share of test images decided as it}), ``sensitivity`` and ``specificity`` ({class: value}), and the
+    ``thresholds`` (cut-offs) of the decision."""
+
+    decides: bool
+    reasons: list[str]
+    auroc: tuple[float, float, float]
+    baseline_auroc: dict[str, float]
+    predicted_share: dict[str, float]
+    sensitivity: dict[str, float]
+    specificity: dict[str, float]
+    thresholds: list[float] = field(default_factory=list)
+
+    def verdict(self) -> str:
+        """One line: "decides" or why not, with the consequence for SegU."""
+        if self.decides:
+            return "The classifier decides: its SegU tables are a valid test of SegU."
+        return ("The classifier does not decide (" + "; ".join(self.reasons) + "): its SegU tables are **not a valid "
+                "test of SegU** (they measure what separates the classes, e.g. lesion size, not SegU).")
+
+    def summary(self) -> dict:
+        """The ``classifier`` fields of ``outputs/summary.json``."""
+        return {"decides": bool(self.decides), "decides_reasons": list(self.reasons),
+                "thresholds": [float(t) for t in self.thresholds], "predicted_share": dict(self.predicted_share),
+                "baseline_auroc": dict(self.baseline_auroc), "sensitivity": dict(self.sensitivity),
+                "specificity": dict(self.specificity)}
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """One feature per image that might separate the classes on its own (``(N,)`` on the validation and the test
+    split, in the order of their labels): the lesion's area, an annotated artefact's 0/1 flag."""
+
+    validation: np.ndarray
+    test: np.ndarray
+
+
+def decides_check(y_true: np.ndarray, probs: np.ndarray, task: str, class_names: Sequence[str],
+                  thresholds: Sequence[float] | None = None, baselines: dict[str, Baseline] | None = None,
+                  validation_labels: np.ndarray | None = None, n_resamples: int = 1000) -> DecidesCheck:
+    """Does the classifier decide on this (test) split? :data:`DECIDES_RULE`, on labels ``y_true`` and
+    probabilities ``probs`` ``(N, C)`` with the stored ``thresholds``; ``baselines`` need ``validation_labels``
+    (the validation split's labels, to orient each feature)."""
+    check_task(task)
+    y_true, probs = np.asarray(y_true), np.asarray(probs, dtype=float)
+    num_classes = probs.shape[1]
+    predicted = decide(probs, task, thresholds)
+    decided = one_hot(predicted, num_classes)
+    truth = one_hot(y_true, num_classes)
+    sens, spec = recalls(y_true, predicted, num_classes), specificities(y_true, predicted, num_classes)
+    auroc = bootstrap_ci(macro_auroc, y_true, probs, n_resamples=n_resamples, seed=0)
+    baseline_auroc = {}
+    for name, feature in (baselines or {}).items():
+        if validation_labels is None:
+            raise ValueError("decides_check: baselines need validation_labels to orient each feature")
+        baseline_auroc[name] = oriented_auroc(feature.validation, validation_labels, feature.test, y_true, num_classes)
+    reasons = []
+    ignored = [name for c, name in enumerate(class_names)
+               if truth[:, c].sum() >= MIN_CLASS_IMAGES and sens[c] < MIN_RECALL]
+    if ignored:
+        reasons.append(f"recall below {MIN_RECALL:.0%} for {', '.join(ignored)}")
+    if not auroc[1] > 0.5:
+        reasons.append(f"test macro AUROC {auroc[0]:.3f} [{auroc[1]:.3f}, {auroc[2]:.3f}] is not above chance")
+    beaten_by = [f"{name} ({value:.3f})" for name, value in baseline_auroc.items() if value >= auroc[0]]
+    if beaten_by:
+        reasons.append(f"AUROC {auroc[0]:.3f} is not above the one-feature baseline " + ", ".join(beaten_by))
+    names = list(class_names)
+    return DecidesCheck(not reasons, reasons, auroc, baseline_auroc,
+                        {n: float(v) for n, v in zip(names, decided.mean(axis=0))},
+                        {n: float(v) for n, v in zip(names, sens)}, {n: float(v) for n, v in zip(names, spec)},
+                        cutoffs(task, num_classes, thresholds).tolist())
 
 
 # ------------------------------------------------------------------------------ segmentation

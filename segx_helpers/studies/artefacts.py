@@ -3,8 +3,9 @@ the synthetic sets): the shortcut a split offers (:func:`artefact_label_correlat
 of each artefact flag with a class, per split), the accuracy where each artefact agrees or disagrees with
 the label (:func:`shortcut_breakdown`), lesion size as a shortcut (:func:`lesion_areas`,
 :func:`lesion_size_auroc`), and a score (SegU, localisation) by artefact presence within lesion-size strata
-(:func:`size_strata`, :func:`score_by_artefact`). Counterfactual twins, which only the synthetic sets
-have, are :mod:`segx_helpers.studies.shortcut`'s.
+(:func:`size_strata`, :func:`score_by_artefact`), and whether a classifier decides at all, against the
+one-feature baselines the dataset offers (:func:`classifier_decides`). Counterfactual twins, which only the
+synthetic sets have, are :mod:`segx_helpers.studies.shortcut`'s.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from sklearn.metrics import roc_auc_score
 
 from segx_helpers.data.format import LoadedDataset, read_mask
 from segx_helpers.data.synthetic import phi_correlation, shortcut_pairs
+from segx_helpers.scores.metrics import Baseline, DecidesCheck, decides_check
 
 
 def positive_class(class_names: Sequence[str]) -> str:
@@ -217,3 +219,34 @@ def pooled_differences(by_artefact: pd.DataFrame) -> pd.DataFrame:
     row per artefact, one column per score, from :func:`scores_by_artefact`."""
     pooled = by_artefact[by_artefact["stratum"].str.startswith("all strata")]
     return pooled.pivot(index="artefact", columns="score", values="difference")
+
+
+def decision_baselines(data: LoadedDataset) -> dict[str, Baseline]:
+    """The one-feature baselines ``data`` offers on its validation and test splits (table order): ``"lesion area"``
+    (the ground-truth mask's share of the image; when every validation and test image has a mask) and each 0/1
+    column of ``artefacts.csv`` (an annotated artefact, e.g. a ruler on the ISIC trap sets)."""
+    parts = {split: data.table[data.table["split"] == split] for split in ("val", "test")}
+    out = {}
+    if all(part["mask_path"].notna().all() and len(part) for part in parts.values()):
+        out["lesion area"] = Baseline(*(lesion_areas(data, part["image_id"]).to_numpy() for part in parts.values()))
+    columns = artefact_columns(data.root)
+    if columns:
+        flags = artefact_table(data).set_index("image_id")
+        for column in columns:
+            values = flags[column]
+            if values.isin([0, 1]).all():
+                out[column] = Baseline(*(values.loc[part["image_id"]].to_numpy(float) for part in parts.values()))
+    return out
+
+
+def classifier_decides(test: dict, data: LoadedDataset, meta: dict, n_resamples: int = 1000) -> DecidesCheck:
+    """Does the classifier decide on the test split (:data:`segx_helpers.scores.metrics.DECIDES_RULE`)? ``test``:
+    :func:`~segx_helpers.workflows.training_recipes.evaluate_classifier`'s result on ``"test"`` (its ``targets``,
+    ``probs`` and ``image_id`` in table order); ``meta``: the classifier's checkpoint metadata (task, class names,
+    the cut-offs chosen on validation). Compared with :func:`decision_baselines`."""
+    order = data.table.loc[data.table["split"] == "test", "image_id"].tolist()
+    if list(test["image_id"]) != order:
+        raise ValueError("classifier_decides: test predictions must be in the dataset's test order (evaluate_classifier)")
+    validation_labels = data.targets[(data.table["split"] == "val").to_numpy()]
+    return decides_check(test["targets"], test["probs"], meta["task"], meta["class_names"], meta.get("thresholds"),
+                         decision_baselines(data), validation_labels, n_resamples)

@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, default_collate
 from segx_helpers.models.checkpoints import TrainedModel, load_trained, save_checkpoint, split_tensors, training_fingerprint
 from segx_helpers.data.format import LoadedDataset
 from segx_helpers.data.torch_dataset import Normalization, SegXDataset
-from segx_helpers.scores.metrics import bootstrap_ci, macro_auroc, select_thresholds
+from segx_helpers.scores.metrics import bootstrap_ci, macro_auroc, select_decision_thresholds
 from segx_helpers.models.networks import build_classifier
 from segx_helpers.models.training import TrainConfig, classification_loss, fit, make_loader, predict_classifier, set_seed
 from segx_helpers.workflows.training_recipes import evaluate_classifier
@@ -310,7 +310,7 @@ def train_with_mask(data: LoadedDataset, checkpoint: str | Path, fix: MaskFix, *
     config = config or TrainConfig(lr=1e-3, monitor="val_auroc")
     arch, image_size, norm = classifier.resolve(init, data.info.channels)
     record = fix.record(init)
-    fingerprint = training_fingerprint(data, image_size, config, kind="classifier", arch=arch, pretrained=False,
+    fingerprint = training_fingerprint(data, image_size, config, kind="classifier", arch=arch, init="random",
                                        class_weighting=False, batch_size=batch_size, normalization=asdict(norm),
                                        fix=record)
     if checkpoint.exists() and not retrain:
@@ -323,7 +323,7 @@ def train_with_mask(data: LoadedDataset, checkpoint: str | Path, fix: MaskFix, *
     batch_loss = RRRLoss(task_loss, task, float(fix.strength), fix.penalty_images) if fix.method == "rrr" else None
     meta = {"kind": "classifier", "arch": arch, "task": task, "class_names": data.info.class_names,
             "in_channels": data.info.channels, "image_size": image_size, "normalization": asdict(norm),
-            "dataset": data.info.name, "pretrained": False, "thresholds": None, "fingerprint": fingerprint,
+            "dataset": data.info.name, "init": "random", "pretrained": False, "thresholds": None, "fingerprint": fingerprint,
             "fix": record, "finished": False}
     started = time.perf_counter()
     history = fit(model, task_loss, splits.train_loader, splits.validate, config, checkpoint_path=checkpoint,
@@ -389,13 +389,12 @@ def _model_to_train(data: LoadedDataset, fix: MaskFix, arch: str, init: TrainedM
 
 def _finish_meta(meta: dict, model: nn.Module, history, splits: _FixSplits, batch_loss: RRRLoss | None,
                  config: TrainConfig) -> None:
-    """After the loop, into ``meta``: the multilabel thresholds and the validation AUROC of the best epoch
+    """After the loop, into ``meta``: the decision cut-offs chosen on validation and the validation AUROC of the best epoch
     (its predictions reused when it was the last epoch validated), the last epoch's mean penalty (RRR), the
     images swapped (background), the history and the configuration, ``finished``."""
     best_was_last = history.best_epoch == len(history.records) - 1 and splits.last is not None
     val = splits.last if best_was_last else predict_classifier(model, splits.val_loader, splits.task)
-    if splits.task == "multilabel":
-        meta["thresholds"] = select_thresholds(val["targets"], val["probs"]).tolist()
+    meta["thresholds"] = select_decision_thresholds(val["targets"], val["probs"], splits.task).tolist()
     meta["metrics"] = {"val_auroc": macro_auroc(val["targets"], val["probs"])}
     if batch_loss is not None and batch_loss.log:
         meta["metrics"]["last_epoch_penalty"] = float(np.mean([p for _, p in batch_loss.log[-len(splits.train_loader):]]))

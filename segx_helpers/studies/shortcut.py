@@ -23,6 +23,7 @@ from segx_helpers.data.format import LoadedDataset, read_image
 from segx_helpers.data.synthetic import artefact_masks, load_artefacts, shortcut_pairs, twin_path
 from segx_helpers.data.torch_dataset import Normalization, make_transforms
 from segx_helpers.explain.targets import predict
+from segx_helpers.scores.decisions import decide
 from segx_helpers.scores.selective import error_types, separation_table
 
 
@@ -44,7 +45,8 @@ def shortcut_driven(model: torch.nn.Module, meta: dict, data: LoadedDataset, tab
     :func:`segx_helpers.workflows.results.prediction_table`): does it change when the shortcut artefact of that
     class is flipped in the image? ``(len(table),)`` bool.
 
-    Multiclass: the predicted class of the twin (shortcut artefact flipped) is another class.
+    Multiclass: the predicted class of the twin (shortcut artefact flipped, decided with the checkpoint's cut-offs)
+    is another class.
     Multilabel: the twin (the token tied to that finding flipped) falls below the finding's threshold.
     Classes without a shortcut artefact never count as shortcut-driven.
     """
@@ -53,7 +55,7 @@ def shortcut_driven(model: torch.nn.Module, meta: dict, data: LoadedDataset, tab
         raise ValueError(f"{data.root} has no shortcut artefacts with counterfactual twins (a real dataset?)")
     task = meta["task"]
     classes = list(meta["class_names"])
-    thresholds = np.asarray(meta.get("thresholds") or [0.5] * len(classes), dtype=float)
+    thresholds = meta.get("thresholds")
     out = np.zeros(len(table), dtype=bool)
     device = next(model.parameters()).device
     was_training = model.training
@@ -67,11 +69,11 @@ def shortcut_driven(model: torch.nn.Module, meta: dict, data: LoadedDataset, tab
             unique, inverse = np.unique(ids, return_inverse=True)
             probs = predict(model, twin_images(data, list(unique), artefact, meta), task, batch_size, device)[inverse]
             if task == "multiclass":
-                predicted = np.array(classes)[probs.argmax(axis=1)]
+                predicted = np.array(classes)[decide(probs, task, thresholds)]
                 out[rows] = predicted != table["class"].to_numpy()[rows]
             else:
                 c = classes.index(class_name)
-                out[rows] = probs[:, c] < thresholds[c]
+                out[rows] = decide(probs, task, thresholds)[:, c] == 0
     finally:
         model.train(was_training)
     return out

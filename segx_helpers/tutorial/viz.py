@@ -15,7 +15,7 @@ import seaborn as sns
 from sklearn.metrics import auc, roc_curve
 
 from segx_helpers.data.format import LoadedDataset, read_image, read_mask
-from segx_helpers.scores.metrics import one_hot
+from segx_helpers.scores.decisions import one_hot
 from segx_helpers.scores.segx import top_percent
 from segx_helpers.workflows.results import overlay
 

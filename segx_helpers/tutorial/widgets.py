@@ -137,7 +137,7 @@ class Explorer:
         e = self.explanations[method]
         index = int(e.image_index[k])
         class_name = self.class_names[e.class_index[k]]
-        title = f"{self.image_ids[index]}: {class_name} (probability {e.confidence[k]:.2f}, {method})"
+        title = f"{self.image_ids[index]}: {class_name} (confidence {e.confidence[k]:.2f}, {method})"
         fig = render_panels(self.images[index], e.maps[k], self.mask_prob[index], self.p_box.value, self.mode_box.value,
                             title, threshold=self.threshold)
         score = panel_score(e.maps[k], self.mask_prob[index], self.p_box.value, self.threshold)

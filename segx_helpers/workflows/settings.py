@@ -143,7 +143,12 @@ class RunSettings:
     bootstrap: int
     cpu_bf16: bool = True
     cpu_fast_kernels: bool = False
+    real_data: bool = False
 
+
+REAL_DATA_SEG_IMAGE_SIZE = 128
+"""The segmenter's input size on real data whatever the classifier's: lesions and lungs are large regions, and its
+probabilities are upsampled to the classifier's size (at 256 px a U-Net at 128 px trains 4x faster)."""
 
 QUICK_MODE = RunSettings(n_images=1000, image_size=128, seg_image_size=64, seg_epochs=3, cls_epochs=3, max_batches_per_epoch=12,
                          shap_images=48, shap_nsamples=16, shap_background=16, bootstrap=200)
@@ -152,11 +157,12 @@ FULL_MODE = RunSettings(n_images=1000, image_size=128, seg_image_size=128, seg_e
 
 
 def run_settings(quick: bool, real_data: bool | int = False, cpu_fast_kernels: bool = False) -> RunSettings:
-    """:data:`QUICK_MODE` (``quick=True``) or :data:`FULL_MODE`; ``real_data=True`` switches to the paper's full image size (256 px) for
-    classifier and segmenter, for datasets fetched by ``data_download.sh``. ``real_data`` may also be an
-    image size in pixels (a multiple of 32, e.g. 128 for a CPU run, 64 for a test on a tiny copy), which
-    every notebook then uses alike (``-p REAL_DATA=128`` with the runner). ``cpu_fast_kernels``: see
-    :class:`RunSettings` (``-p CPU_FAST_KERNELS=True``)."""
+    """:data:`QUICK_MODE` (``quick=True``) or :data:`FULL_MODE`; ``real_data=True`` switches to the paper's full image
+    size (256 px) for the classifier, for datasets fetched by ``data_download.sh``, with the segmenter at
+    :data:`REAL_DATA_SEG_IMAGE_SIZE` (or the classifier's size when smaller), and the real-data classifier recipe
+    in notebook 03. ``real_data`` may also be an image size in pixels (a multiple of 32, e.g. 128 for a CPU run, 64
+    for a test on a tiny copy), which every notebook then uses alike (``-p REAL_DATA=128`` with the runner).
+    ``cpu_fast_kernels``: see :class:`RunSettings` (``-p CPU_FAST_KERNELS=True``)."""
     settings = dataclasses.replace(QUICK_MODE if quick else FULL_MODE, cpu_fast_kernels=bool(cpu_fast_kernels))
     if real_data is None or real_data is False:
         return settings
@@ -167,7 +173,8 @@ def run_settings(quick: bool, real_data: bool | int = False, cpu_fast_kernels: b
     else:
         raise ValueError(f"REAL_DATA must be False, True (256 px) or an image size that is a multiple of 32, "
                          f"got {real_data!r}")
-    return dataclasses.replace(settings, image_size=size, seg_image_size=size)
+    return dataclasses.replace(settings, image_size=size, seg_image_size=min(size, REAL_DATA_SEG_IMAGE_SIZE),
+                               real_data=True)
 
 
 def with_image_size(settings: RunSettings, image_size: int | None) -> RunSettings:

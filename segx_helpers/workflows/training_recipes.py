@@ -19,21 +19,24 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 
-from segx_helpers.models.checkpoints import (TrainedModel, last_checkpoint_path, load_trained, save_checkpoint,
-                                             split_tensors, training_fingerprint)
+from segx_helpers.data.augmentation import REAL_DERMOSCOPY, Augmentation, augmentation_for, default_augmentation
 from segx_helpers.data.format import LoadedDataset, load_dataset
 from segx_helpers.data.synthetic import GENERATORS, SyntheticConfig, ensure_synthetic
 from segx_helpers.data.torch_dataset import Normalization, SegXDataset
+from segx_helpers.models.checkpoints import (TrainedModel, last_checkpoint_path, load_trained, save_checkpoint,
+                                             split_tensors, training_fingerprint)
 from segx_helpers.models.masks import mask_probabilities
-from segx_helpers.scores.metrics import (classification_report, dice_score, iou_score, macro_auroc, predict_labels, select_mask_threshold,
-                      select_thresholds)
-from segx_helpers.models.networks import WeightsUnavailableError, build_classifier, build_segmenter
-from segx_helpers.workflows.settings import RunSettings, TutorialPaths, require
+from segx_helpers.models.networks import (CPU_DECODER_CHANNELS, Initialisation, build_classifier, build_segmenter,
+                                          classifier_normalization, resolve_weights)
 from segx_helpers.models.training import (DiceBCELoss, TrainConfig, balanced_class_weights, classification_loss, fit,
-                       make_loader, predict_classifier, predict_masks, set_seed)
+                                          make_loader, predict_classifier, predict_masks, set_seed)
+from segx_helpers.scores.metrics import (classification_report, dice_score, iou_score, macro_auroc, predict_labels,
+                                         select_decision_thresholds, select_mask_threshold)
+from segx_helpers.workflows.settings import RunSettings, TutorialPaths, require
 
 # The fingerprint fields prepare_models checks: the data and the run mode, not the notebooks' model choices.
 _DATA_AND_MODE = ("dataset", "class_names", "task", "image_size", "channels", "train_ids_sha256", "epochs",
@@ -98,22 +101,72 @@ def classifier_selection(config: TrainConfig, data: LoadedDataset) -> TrainConfi
     return dataclasses.replace(config, monitor=monitor)
 
 
-def _with_weights_if_online(build, requested, pretrained_value, scratch_value):
-    """Build a model; ``requested="if-online"`` tries pretrained weights and falls back to random
-    initialisation, saying so, when they cannot be downloaded. Returns ``(model, weights used)``."""
-    if requested != "if-online":
-        return build(requested), requested
-    try:
-        return build(pretrained_value), pretrained_value
-    except WeightsUnavailableError as err:
-        print(f"Pretrained weights unavailable, training from scratch instead: {err}")
-        return build(scratch_value), scratch_value
+@dataclass(frozen=True)
+class ClassifierSpec:
+    """What classifier is trained, all of it recorded in the checkpoint's fingerprint: ``arch`` (see
+    :data:`~segx_helpers.models.networks.CLASSIFIER_ARCHS`) at ``image_size``, starting from ``weights`` (a request
+    for :func:`~segx_helpers.models.networks.resolve_weights`: ``None`` random, ``"imagenet"``, ``"if-online"``,
+    a file; the fingerprint records what it resolved to), the loss's ``class_weighting`` (inverse class
+    frequency) and ``label_smoothing``, the training ``augmentation`` (``None``: the dataset's own), the input
+    ``normalization`` (``None``: the architecture's, :func:`~segx_helpers.models.networks.classifier_normalization`)
+    and ``batch_size``."""
+
+    arch: str = "resnet18"
+    image_size: int = 128
+    weights: str | None = None
+    class_weighting: bool = False
+    label_smoothing: float = 0.0
+    augmentation: Augmentation | None = None
+    normalization: Normalization | None = None
+    batch_size: int = 32
+
+    def resolved(self, data: LoadedDataset) -> "ClassifierSpec":
+        """This spec with the augmentation and normalisation it will use on ``data`` filled in."""
+        return dataclasses.replace(self, augmentation=self.augmentation or augmentation_for(data.info),
+                                   normalization=self.normalization or classifier_normalization(self.arch,
+                                                                                                data.info.channels))
 
 
-def _datasets(data: LoadedDataset, image_size: int, normalization: Normalization | None = None):
-    norm = normalization or Normalization.for_channels(data.info.channels)
-    return (SegXDataset(data, "train", image_size, norm, train=True), SegXDataset(data, "val", image_size, norm),
-            norm)
+@dataclass(frozen=True)
+class SegmenterSpec:
+    """What segmenter is trained, all of it in the checkpoint's fingerprint: a U-Net with ``encoder`` and
+    ``decoder_channels`` at ``image_size`` (a multiple of 32), the encoder starting from ``encoder_weights`` (as
+    :class:`ClassifierSpec`'s ``weights``), the input ``normalization`` (``None``: ImageNet statistics, their
+    channel mean for grayscale) and ``batch_size``."""
+
+    encoder: str = "resnet18"
+    image_size: int = 128
+    decoder_channels: tuple[int, ...] = CPU_DECODER_CHANNELS
+    encoder_weights: str | None = None
+    normalization: Normalization | None = None
+    batch_size: int = 32
+
+    def resolved(self, data: LoadedDataset) -> "SegmenterSpec":
+        return dataclasses.replace(self, normalization=self.normalization or Normalization.for_channels(data.info.channels))
+
+
+def classifier_fingerprint(data: LoadedDataset, spec: ClassifierSpec, config: TrainConfig, init: Initialisation,
+                           **extra) -> dict:
+    """The fingerprint of a classifier trained on ``data`` as ``spec`` (resolved) says with ``config``, starting from
+    ``init`` (its name, not the request); ``extra``: fields a caller adds (e.g. ``segx train``'s world size)."""
+    return training_fingerprint(data, spec.image_size, config, kind="classifier", arch=spec.arch, init=init.name,
+                                class_weighting=spec.class_weighting, label_smoothing=spec.label_smoothing,
+                                augmentation=asdict(spec.augmentation), batch_size=spec.batch_size,
+                                normalization=asdict(spec.normalization), **extra)
+
+
+def segmenter_fingerprint(data: LoadedDataset, spec: SegmenterSpec, config: TrainConfig, init: Initialisation,
+                          **extra) -> dict:
+    """The fingerprint of a segmenter trained on ``data`` as ``spec`` (resolved) says (see
+    :func:`classifier_fingerprint`)."""
+    return training_fingerprint(data, spec.image_size, config, kind="segmenter", encoder=spec.encoder,
+                                decoder_channels=list(spec.decoder_channels), init=init.name,
+                                batch_size=spec.batch_size, normalization=asdict(spec.normalization), **extra)
+
+
+def _datasets(data: LoadedDataset, image_size: int, norm: Normalization, augmentation: Augmentation | None = None):
+    return (SegXDataset(data, "train", image_size, norm, train=True, augmentation=augmentation),
+            SegXDataset(data, "val", image_size, norm))
 
 
 @dataclass
@@ -130,15 +183,15 @@ class Recipe:
     choose_thresholds: Callable[[nn.Module], None]
 
 
-def segmenter_recipe(data: LoadedDataset, image_size: int, norm: Normalization, val_set: SegXDataset, val_loader,
-                     encoder: str, decoder_channels: tuple[int, ...], fingerprint: dict,
-                     device: str | None = None) -> Recipe:
+def segmenter_recipe(data: LoadedDataset, spec: SegmenterSpec, init: Initialisation, val_set: SegXDataset,
+                     val_loader, fingerprint: dict, device: str | None = None) -> Recipe:
     """The segmenter's recipe: Dice + BCE loss, best epoch by validation Dice, the binarisation
-    threshold chosen on validation. ``val_set`` / ``val_loader``: the validation split."""
+    threshold chosen on validation. ``spec`` resolved (:meth:`SegmenterSpec.resolved`); ``val_set`` /
+    ``val_loader``: the validation split."""
     val_masks = val_set.tensors()["mask"][:, 0].numpy() > 0.5
-    meta = {"kind": "segmenter", "arch": "Unet", "encoder": encoder, "decoder_channels": list(decoder_channels),
-            "in_channels": data.info.channels, "image_size": image_size, "normalization": asdict(norm),
-            "dataset": data.info.name,
+    meta = {"kind": "segmenter", "arch": "Unet", "encoder": spec.encoder, "decoder_channels": list(spec.decoder_channels),
+            "in_channels": data.info.channels, "image_size": spec.image_size, "normalization": asdict(spec.normalization),
+            "dataset": data.info.name, "init": init.name, "init_source": init.source,
             "mask_description": data.info.mask_description, "threshold": 0.5, "fingerprint": fingerprint,
             "finished": False}
 
@@ -153,21 +206,21 @@ def segmenter_recipe(data: LoadedDataset, image_size: int, norm: Normalization, 
     return Recipe(meta, DiceBCELoss(), "mask", validate, choose_thresholds)
 
 
-def classifier_recipe(data: LoadedDataset, image_size: int, norm: Normalization, val_loader, arch: str,
-                      pretrained: bool, fingerprint: dict, class_weights: np.ndarray | None = None,
-                      device: str | None = None) -> Recipe:
+def classifier_recipe(data: LoadedDataset, spec: ClassifierSpec, init: Initialisation, val_loader, fingerprint: dict,
+                      class_weights: np.ndarray | None = None, device: str | None = None) -> Recipe:
     """The classifier's recipe: cross-entropy (multiclass) or BCE (multilabel) loss, optionally class
-    weighted; ``validate`` returns the validation macro AUROC (``val_auroc``) and the same loss on the
-    validation split (``val_loss``), either of which the loop may monitor (see :func:`classifier_selection`);
-    multilabel decision thresholds (per class, maximising F1 on validation, as the reference code does)
-    stored in the checkpoint."""
+    weighted and with label smoothing (``spec``, resolved); ``validate`` returns the validation macro AUROC
+    (``val_auroc``) and the same loss on the validation split (``val_loss``), either of which the loop may monitor
+    (see :func:`classifier_selection`); the decision cut-offs chosen on validation
+    (:func:`~segx_helpers.scores.metrics.select_decision_thresholds`: balanced accuracy for multiclass, Youden's J
+    for two classes, F1 per class for multilabel) stored in the checkpoint."""
     task = data.info.task
-    meta = {"kind": "classifier", "arch": arch, "task": task, "class_names": data.info.class_names,
-            "in_channels": data.info.channels, "image_size": image_size, "normalization": asdict(norm),
-            "dataset": data.info.name, "pretrained": pretrained,
+    meta = {"kind": "classifier", "arch": spec.arch, "task": task, "class_names": data.info.class_names,
+            "in_channels": data.info.channels, "image_size": spec.image_size, "normalization": asdict(spec.normalization),
+            "dataset": data.info.name, "init": init.name, "init_source": init.source, "pretrained": init.name == "imagenet",
             "thresholds": None, "fingerprint": fingerprint, "finished": False}
 
-    loss = classification_loss(task, class_weights)
+    loss = classification_loss(task, class_weights, spec.label_smoothing)
 
     def validate(model: nn.Module) -> dict:
         result = predict_classifier(model, val_loader, task, device=device)
@@ -177,8 +230,7 @@ def classifier_recipe(data: LoadedDataset, image_size: int, norm: Normalization,
 
     def choose_thresholds(model: nn.Module) -> None:
         val = predict_classifier(model, val_loader, task, device=device)
-        if task == "multilabel":
-            meta["thresholds"] = select_thresholds(val["targets"], val["probs"]).tolist()
+        meta["thresholds"] = select_decision_thresholds(val["targets"], val["probs"], task).tolist()
         meta["metrics"] = {"val_auroc": macro_auroc(val["targets"], val["probs"])}
 
     return Recipe(meta, loss, "target", validate, choose_thresholds)
@@ -195,76 +247,65 @@ def finish_training(recipe: Recipe, model: nn.Module, history, config: TrainConf
     return recipe.meta
 
 
-def train_segmenter(data: LoadedDataset, checkpoint: str | Path, image_size: int = 128, encoder: str = "resnet18",
-                    decoder_channels: tuple[int, ...] = (128, 64, 32, 16, 8), encoder_weights: str | None = None,
-                    config: TrainConfig | None = None, batch_size: int = 32, num_workers: int = 0,
-                    normalization: Normalization | None = None, retrain: bool = False) -> TrainedModel:
-    """Train (or load) a U-Net on the dataset's masks; Dice + BCE loss, best epoch by validation Dice.
+def train_segmenter(data: LoadedDataset, checkpoint: str | Path, spec: SegmenterSpec = SegmenterSpec(),
+                    config: TrainConfig | None = None, num_workers: int = 0, retrain: bool = False) -> TrainedModel:
+    """Train (or load) a U-Net (``spec``) on the dataset's masks; Dice + BCE loss, best epoch by validation Dice.
 
-    The binarisation threshold is then chosen on the validation split and stored in the checkpoint.
-    ``normalization`` defaults to ImageNet statistics (their channel mean for grayscale).
-    ``encoder_weights``: None (random, the default), "imagenet", or "if-online" (ImageNet when they
-    can be downloaded, else random with a message).
+    The binarisation threshold is then chosen on the validation split and stored in the checkpoint, with what
+    initialised the encoder (``meta["init"]``). A checkpoint is reused only when its fingerprint matches.
     """
     checkpoint = Path(checkpoint)
     config = config or TrainConfig(lr=3e-3, monitor="val_dice")
     _check_monitor(config, "val_dice")
-    norm = normalization or Normalization.for_channels(data.info.channels)
-    fingerprint = training_fingerprint(data, image_size, config, kind="segmenter", encoder=encoder,
-                                       decoder_channels=list(decoder_channels), encoder_weights=encoder_weights,
-                                       batch_size=batch_size, normalization=asdict(norm))
+    spec = spec.resolved(data)
+    init = resolve_weights(spec.encoder_weights, spec.encoder, kind="segmenter")
+    fingerprint = segmenter_fingerprint(data, spec, config, init)
     if checkpoint.exists() and not retrain:
         return load_trained(checkpoint, "segmenter", fingerprint, _retrain_hint(checkpoint))
-    if image_size % 32:
-        raise ValueError(f"image_size must be divisible by 32 for a U-Net, got {image_size}")
+    if spec.image_size % 32:
+        raise ValueError(f"image_size must be divisible by 32 for a U-Net, got {spec.image_size}")
     if data.table["mask_path"].isna().all():
         raise ValueError(f"{data.root} has no masks: a segmenter cannot be trained on it.")
-    train_set, val_set, norm = _datasets(data, image_size, norm)
-    train_loader = make_loader(train_set, batch_size, shuffle=True, seed=config.seed, num_workers=num_workers)
+    train_set, val_set = _datasets(data, spec.image_size, spec.normalization)
+    train_loader = make_loader(train_set, spec.batch_size, shuffle=True, seed=config.seed, num_workers=num_workers)
     val_loader = make_loader(val_set, 64, shuffle=False)
-    recipe = segmenter_recipe(data, image_size, norm, val_set, val_loader, encoder, decoder_channels, fingerprint)
+    recipe = segmenter_recipe(data, spec, init, val_set, val_loader, fingerprint)
     set_seed(config.seed)
-    model, _ = _with_weights_if_online(
-        lambda weights: build_segmenter(encoder, encoder_weights=weights, in_channels=data.info.channels,
-                                        decoder_channels=decoder_channels),
-        encoder_weights, "imagenet", None)
+    model = build_segmenter(spec.encoder, encoder_weights=init, in_channels=data.info.channels,
+                            decoder_channels=spec.decoder_channels)
     history = fit(model, recipe.loss, train_loader, recipe.validate, config, target_key=recipe.target_key,
                   checkpoint_path=checkpoint, meta=recipe.meta, overwrite=retrain)
     return TrainedModel(model, finish_training(recipe, model, history, config, checkpoint), history.frame())
 
 
-def train_classifier(data: LoadedDataset, checkpoint: str | Path, image_size: int = 128, arch: str = "resnet18",
-                     pretrained: bool | str = False, class_weighting: bool = False, config: TrainConfig | None = None,
-                     batch_size: int = 32, num_workers: int = 0, normalization: Normalization | None = None,
-                     retrain: bool = False) -> TrainedModel:
-    """Train (or load) a torchvision classifier; best epoch by validation macro AUROC or loss.
+def train_classifier(data: LoadedDataset, checkpoint: str | Path, spec: ClassifierSpec = ClassifierSpec(),
+                     config: TrainConfig | None = None, num_workers: int = 0, retrain: bool = False) -> TrainedModel:
+    """Train (or load) a classifier (``spec``); best epoch by validation macro AUROC or loss.
 
     Model selection follows ``config`` (:class:`~segx_helpers.models.training.TrainConfig`: ``monitor``,
-    ``min_epochs``, ``patience``); ``monitor="auto"`` (the run modes' :func:`classifier_config`) selects
-    on the validation loss when a validation class has fewer than :data:`SMALL_VALIDATION_CLASS` images,
-    else on the AUROC, and a small class is warned about by name (:func:`classifier_selection`). Multilabel
-    decision thresholds (per class, maximising F1 on validation, as the reference code does) are stored
-    in the checkpoint; multiclass decisions are the argmax. ``pretrained``: False (default), True, or
-    "if-online" (ImageNet weights when they can be downloaded, else random).
+    ``min_epochs``, ``selection_window``, ``patience``); ``monitor="auto"`` (the run modes' :func:`classifier_config`)
+    selects on the validation loss when a validation class has fewer than :data:`SMALL_VALIDATION_CLASS` images,
+    else on the AUROC, and a small class is warned about by name (:func:`classifier_selection`). The decision
+    cut-offs chosen on validation and what initialised the model (``meta["init"]``: ``"random"``,
+    ``"imagenet"``, ``"file:<sha256>"``) are stored in the checkpoint. A checkpoint is reused only when its
+    fingerprint matches, the initialisation actually obtained included (so ``weights="if-online"`` offline and
+    online are different models).
     """
     checkpoint = Path(checkpoint)
     config = classifier_selection(config or TrainConfig(lr=1e-3, monitor="val_auroc"), data)
-    norm = normalization or Normalization.for_channels(data.info.channels)
-    fingerprint = training_fingerprint(data, image_size, config, kind="classifier", arch=arch, pretrained=pretrained,
-                                       class_weighting=class_weighting, batch_size=batch_size,
-                                       normalization=asdict(norm))
+    spec = spec.resolved(data)
+    init = resolve_weights(spec.weights, spec.arch)
+    fingerprint = classifier_fingerprint(data, spec, config, init)
     if checkpoint.exists() and not retrain:
         return load_trained(checkpoint, "classifier", fingerprint, _retrain_hint(checkpoint))
-    train_set, val_set, norm = _datasets(data, image_size, norm)
-    train_loader = make_loader(train_set, batch_size, shuffle=True, seed=config.seed, num_workers=num_workers)
+    train_set, val_set = _datasets(data, spec.image_size, spec.normalization, spec.augmentation)
+    train_loader = make_loader(train_set, spec.batch_size, shuffle=True, seed=config.seed, num_workers=num_workers)
     val_loader = make_loader(val_set, 64, shuffle=False)
-    weights = balanced_class_weights(train_set.targets, data.info.task) if class_weighting else None
+    weights = balanced_class_weights(train_set.targets, data.info.task) if spec.class_weighting else None
     set_seed(config.seed)
-    model, pretrained = _with_weights_if_online(
-        lambda weights: build_classifier(arch, num_classes=data.info.num_classes, in_channels=data.info.channels,
-                                         pretrained=weights),
-        pretrained, True, False)
-    recipe = classifier_recipe(data, image_size, norm, val_loader, arch, pretrained, fingerprint, weights)
+    model = build_classifier(spec.arch, num_classes=data.info.num_classes, in_channels=data.info.channels,
+                             weights=init)
+    recipe = classifier_recipe(data, spec, init, val_loader, fingerprint, weights)
     history = fit(model, recipe.loss, train_loader, recipe.validate, config, target_key=recipe.target_key,
                   checkpoint_path=checkpoint, meta=recipe.meta, overwrite=retrain)
     return TrainedModel(model, finish_training(recipe, model, history, config, checkpoint), history.frame())
@@ -310,7 +351,8 @@ def segmenter_config(settings: RunSettings, seed: int = 0) -> TrainConfig:
 
 
 def classifier_config(settings: RunSettings, seed: int = 0) -> TrainConfig:
-    """The classifier's training configuration for a run mode (shared by notebook 03 and ``prepare_models``).
+    """The classifier's training configuration for a run mode in the ``"tutorial"`` recipe (shared by notebook 03
+    and ``prepare_models``).
 
     Model selection: ``monitor="auto"`` (validation AUROC, or validation loss when a validation class is
     small: :func:`classifier_selection`), and no epoch in the first third of the run is kept
@@ -318,6 +360,66 @@ def classifier_config(settings: RunSettings, seed: int = 0) -> TrainConfig:
     return TrainConfig(epochs=settings.cls_epochs, lr=1e-3, monitor="auto", seed=seed,
                        min_epochs=settings.cls_epochs // 3, max_batches_per_epoch=settings.max_batches_per_epoch,
                        cpu_bf16=settings.cpu_bf16, cpu_fast_kernels=settings.cpu_fast_kernels)
+
+
+@dataclass(frozen=True)
+class ClassifierTraining:
+    """A classifier recipe as notebook 03 shows it: what is trained (``spec``) and how (``config``)."""
+
+    recipe: str
+    spec: ClassifierSpec
+    config: TrainConfig
+
+    def with_choices(self, arch: str | None = None, weights: str | None = None, class_weighting: bool | None = None,
+                     label_smoothing: float | None = None, epochs: int | None = None) -> "ClassifierTraining":
+        """The recipe with the choices that are not ``None`` replaced (notebook 03's parameters)."""
+        spec_changes = {k: v for k, v in (("arch", arch), ("weights", weights), ("class_weighting", class_weighting),
+                                          ("label_smoothing", label_smoothing)) if v is not None}
+        config = self.config if epochs is None else dataclasses.replace(
+            self.config, epochs=epochs, min_epochs=min(self.config.min_epochs, epochs),
+            warmup_epochs=min(self.config.warmup_epochs, max(epochs - 1, 0)))
+        return dataclasses.replace(self, spec=dataclasses.replace(self.spec, **spec_changes), config=config)
+
+    def table(self) -> pd.DataFrame:
+        """Every choice of the recipe, one row each (setting, value)."""
+        spec, config = self.spec, self.config
+        augmentation = spec.augmentation.describe() if spec.augmentation is not None else "the dataset's own"
+        rows = [("recipe", self.recipe), ("architecture", spec.arch), ("starts from", spec.weights or "random"),
+                ("image size", spec.image_size), ("class weighting", spec.class_weighting),
+                ("label smoothing", spec.label_smoothing), ("augmentation", augmentation),
+                ("batch size", spec.batch_size), ("optimiser", f"AdamW, lr {config.lr:g}, weight decay {config.weight_decay:g}"),
+                ("schedule", f"{config.warmup_epochs} warm-up epochs, then cosine" if config.warmup_epochs else "cosine"),
+                ("epochs", config.epochs), ("model selection", config.selection_rule()),
+                ("decision", "cut-offs chosen on validation (balanced accuracy; Youden's J for two classes)")]
+        return pd.DataFrame(rows, columns=["setting", "value"]).astype({"value": str})
+
+
+CLASSIFIER_RECIPES = ("tutorial", "real-data")
+
+
+def classifier_training(settings: RunSettings, recipe: str, data: LoadedDataset, seed: int = 0) -> ClassifierTraining:
+    """The classifier recipe ``recipe`` for a run mode on ``data``.
+
+    ``"tutorial"``: the synthetic set's recipe (ResNet-18 from random weights, plain cross-entropy, the dataset's
+    augmentation, :func:`classifier_config`). ``"real-data"``: a recipe for small, imbalanced real datasets, the
+    measured starting point of docs/real-data.md: EfficientNet-Lite0 from ImageNet weights (offline from the
+    ``offline-imagenet`` extra), class-weighted cross-entropy with label smoothing 0.1, random resized crops,
+    flips, 90-degree rotations and mild colour jitter for dermoscopy (the dataset's own augmentation otherwise),
+    AdamW with weight decay 0.05, a 3-epoch warm-up then cosine, and the epoch chosen by the validation score
+    averaged over 3 epochs, from the first third of the run on. Both decide with cut-offs chosen on validation."""
+    if recipe not in CLASSIFIER_RECIPES:
+        raise ValueError(f"recipe must be one of {CLASSIFIER_RECIPES}, got {recipe!r}")
+    config = classifier_config(settings, seed)
+    if recipe == "tutorial":
+        return ClassifierTraining(recipe, ClassifierSpec(image_size=settings.image_size), config)
+    dermoscopy = default_augmentation(data.info.modality) == default_augmentation("dermoscopy")
+    spec = ClassifierSpec(arch="efficientnet_lite0", image_size=settings.image_size, weights="imagenet",
+                          class_weighting=True, label_smoothing=0.1,
+                          augmentation=REAL_DERMOSCOPY if dermoscopy and data.info.augmentation is None else None)
+    long_enough = config.epochs >= 9
+    config = dataclasses.replace(config, weight_decay=0.05, warmup_epochs=3 if long_enough else 0,
+                                 selection_window=3 if long_enough else 1)
+    return ClassifierTraining(recipe, spec, config)
 
 
 def prepare_dataset(name: str, paths: TutorialPaths, settings: RunSettings, prepare_missing: bool = False,
@@ -341,11 +443,11 @@ def prepare_models(name: str, paths: TutorialPaths, data: LoadedDataset, setting
     :class:`CheckpointError` (a full run never silently reuses a quick model). Architecture and
     learning-rate choices made in notebooks 02 and 03 are not checked here."""
     if not paths.segmenter(name).exists() and prepare_missing:
-        train_segmenter(data, paths.segmenter(name), image_size=settings.seg_image_size,
+        train_segmenter(data, paths.segmenter(name), SegmenterSpec(image_size=settings.seg_image_size),
                         config=segmenter_config(settings, seed))
     if not paths.classifier(name).exists() and prepare_missing:
-        train_classifier(data, paths.classifier(name), image_size=settings.image_size,
-                         config=classifier_config(settings, seed))
+        training = classifier_training(settings, "real-data" if settings.real_data else "tutorial", data, seed)
+        train_classifier(data, paths.classifier(name), training.spec, training.config)
     loaded = []
     for kind, path, image_size, config, notebook in (
             ("segmenter", paths.segmenter(name), settings.seg_image_size, segmenter_config(settings, seed),
