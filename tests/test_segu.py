@@ -149,3 +149,34 @@ def test_scoring_an_empty_set_of_maps_gives_an_empty_table_with_a_warning():
     from segx_helpers.scores.segx import top_percent
 
     assert top_percent(np.zeros((0, 8, 8))).shape == (0, 8, 8)
+
+
+def test_the_iou_ceiling_is_reached_by_a_top_region_inside_a_larger_mask_or_around_a_smaller_one():
+    """``segu_iou_ceiling`` is the largest ``c_IoU`` a top-5 % region can have: reached when the region sits inside a
+    larger mask, or covers a smaller one; a map elsewhere scores below it."""
+    from segx_helpers.scores.segu import segu_iou, segu_iou_ceiling
+
+    size = 40  # 1,600 pixels: the top 5 % is 80 pixels
+    maps = np.zeros((2, size, size), np.float32)
+    masks = np.zeros((2, size, size), bool)
+    masks[0, :20, :20] = True                 # 400 pixels, larger than the region
+    maps[0, :8, :10] = 1.0                     # the 80 top pixels, inside it
+    masks[1, :5, :8] = True                    # 40 pixels, smaller than the region
+    maps[1, :8, :10] = 1.0                     # the region covers the mask
+    area = masks.mean(axis=(1, 2))
+    assert segu_iou(maps, masks).tolist() == pytest.approx(segu_iou_ceiling(area).tolist())
+    assert segu_iou_ceiling(area).tolist() == pytest.approx([80 / 400, 40 / 80])
+    elsewhere = np.roll(maps, 20, axis=2)
+    assert (segu_iou(elsewhere, masks) < segu_iou_ceiling(area)).all()
+    assert segu_iou_ceiling(np.array([0.0])).tolist() == [0.0]
+
+
+def test_peaks_in_border_cells_of_the_explanation_grid():
+    from segx_helpers.scores.saliency import peak_in_border_cell
+
+    maps = np.zeros((3, 128, 128), np.float32)
+    maps[0, 5, 5] = 1        # top-left cell of a 4 x 4 grid
+    maps[1, 64, 64] = 1      # a central cell
+    maps[2, 100, 40] = 1     # row 3 of 4: the bottom border
+    assert peak_in_border_cell(maps, (4, 4)).tolist() == [True, False, True]
+    assert peak_in_border_cell(maps, (8, 8)).tolist() == [True, False, False]

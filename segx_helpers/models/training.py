@@ -116,7 +116,7 @@ class TrainConfig:
     epoch is a candidate. ``patience``: stop after this many candidate epochs without improvement.
     ``selection_window``: the monitored value is averaged over the last this-many epochs before epochs are
     compared (1: each epoch's own value), so that one lucky epoch on a small validation split does not win;
-    the epoch kept is the last of the best window. ``warmup_epochs``: the learning rate rises linearly over the
+    the epoch kept is the last of the best window, and no epoch before the first full window is a candidate. ``warmup_epochs``: the learning rate rises linearly over the
     first epochs (from ``lr / (warmup_epochs + 1)``) before the cosine decay over the rest; 0: cosine from the
     start.
     ``amp``: on a GPU float16 autocast with a gradient scaler, on a CPU the channels_last memory format;
@@ -424,9 +424,9 @@ def _train_step(run: _Run, batch: dict, epoch: int, loss: _Loss) -> float:
 
 
 def _validate_and_record(run: _Run, validate: Callable[[nn.Module], dict], epoch: int, losses: list[float],
-                         started: float) -> float:
+                         started: float) -> float | None:
     """``validate`` the model in eval mode, append the epoch's record to the history and print it; the
-    monitored score."""
+    monitored score, averaged over the selection window (``None`` until the window is full)."""
     config = run.config
     run.model.eval()
     values = validate(run.model)
@@ -436,20 +436,24 @@ def _validate_and_record(run: _Run, validate: Callable[[nn.Module], dict], epoch
               "seconds": time.perf_counter() - started}
     run.history.records.append(record)
     print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
-    return smoothed_score(run.history.records, config.monitor, config.selection_window)
+    return smoothed_score(run.history.records, config.monitor, min(config.selection_window, config.epochs))
 
 
-def smoothed_score(records: list[dict], monitor: str, window: int) -> float:
-    """The mean of ``monitor`` over the last ``window`` epoch records (fewer at the start); NaN when one of them
-    is not finite."""
+def smoothed_score(records: list[dict], monitor: str, window: int) -> float | None:
+    """The mean of ``monitor`` over the last ``window`` epoch records; ``None`` while fewer than ``window`` epochs
+    have been validated (no epoch is compared before its window is full); NaN when one of them is not finite."""
+    if len(records) < window:
+        return None
     values = [float(r[monitor]) for r in records[-window:]]
     return float(np.mean(values)) if all(math.isfinite(v) for v in values) else math.nan
 
 
-def _improves(run: _Run, score: float, epoch: int) -> bool:
+def _improves(run: _Run, score: float | None, epoch: int) -> bool:
     """Whether ``epoch`` is a candidate and ``score`` beats the best so far; a non-finite score never
     does and gives a :class:`NonFiniteScoreWarning` (at :func:`fit`'s caller)."""
     config, best = run.config, run.history.best_value
+    if score is None:  # the selection window is not full yet
+        return False
     if not math.isfinite(score):
         warnings.warn(f"Validation {config.monitor} is {score} (not finite) at epoch {epoch + 1}, so this epoch cannot "
                       "be the best one (AUROC is undefined when the validation split lacks a class).",

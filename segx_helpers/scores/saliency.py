@@ -90,3 +90,18 @@ def kth_largest_positive(flat: np.ndarray, k: int | np.ndarray) -> np.ndarray:
     else:
         kth = np.array([np.partition(row, pixels - int(kk))[pixels - int(kk)] for row, kk in zip(work, ks)])
     return np.where(kth > 0, kth, 0).astype(flat.dtype)
+
+
+def peak_in_border_cell(maps: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """Whether each map's peak ``(M, H, W)`` lies in a border cell of the ``grid`` ``(h, w)`` its explanation was
+    computed on (a Grad-CAM's feature grid: 4 x 4 for a ResNet's or an EfficientNet's last block at 128 px):
+    ``(M,)`` bool. By chance ``1 - (h - 2)(w - 2) / (h w)`` of the peaks do (3/4 on a 4 x 4 grid); far more means the
+    maps mostly light up the image's edges (where rulers, dark corners and gel borders sit) and read little of
+    the lesion."""
+    maps = np.asarray(maps)
+    h, w = grid
+    m, rows, cols = maps.shape
+    flat = maps.reshape(m, -1).argmax(axis=1)
+    cell_row = (flat // cols) * h // rows
+    cell_col = (flat % cols) * w // cols
+    return (cell_row == 0) | (cell_row == h - 1) | (cell_col == 0) | (cell_col == w - 1)

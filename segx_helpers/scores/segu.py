@@ -68,6 +68,18 @@ def segu_iou(maps: np.ndarray, masks: np.ndarray, p: float = 5.0) -> np.ndarray:
         return np.where(masks.any(axis=(1, 2)), top_percent_iou(maps, masks, p), 0.0)
 
 
+def segu_iou_ceiling(mask_area: np.ndarray, p: float = 5.0) -> np.ndarray:
+    """The largest ``c_IoU`` a top-``p`` % region can reach against a mask covering ``mask_area`` of the image
+    (``(N,)`` shares in [0, 1]): ``(p / 100) / area`` when the mask is larger than the region, ``area / (p / 100)``
+    when it is smaller, 0 for an empty mask. The paper's ``c_IoU`` is bounded by it, so on data whose lesion size
+    differs between classes (ISIC: malignant lesions are larger) ``c_IoU`` follows lesion size; ``c_IoU`` over this
+    ceiling (``c_IoU / max``) is a size-aware variant."""
+    area = np.asarray(mask_area, dtype=float)
+    region = p / 100.0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(area <= 0, 0.0, np.minimum(area, region) / np.maximum(area, region))
+
+
 def segu_auitc(maps: np.ndarray, masks: np.ndarray, n_thresholds: int = 101) -> np.ndarray:
     """The paper's ``c_AUITC`` (Eq. 10): the area under the IoU–threshold curve of the *original* map
     against the predicted mask, ``∫_0^1 c_IoU(τ) dτ`` (see :func:`segx_helpers.scores.metrics.auitc` for the

@@ -19,6 +19,7 @@ from sklearn.metrics import roc_auc_score
 from segx_helpers.data.format import LoadedDataset, read_mask
 from segx_helpers.data.synthetic import phi_correlation, shortcut_pairs
 from segx_helpers.scores.metrics import Baseline, DecidesCheck, decides_check
+from segx_helpers.scores.segu import segu_iou_ceiling
 
 
 def positive_class(class_names: Sequence[str]) -> str:
@@ -250,3 +251,20 @@ def classifier_decides(test: dict, data: LoadedDataset, meta: dict, n_resamples:
     validation_labels = data.targets[(data.table["split"] == "val").to_numpy()]
     return decides_check(test["targets"], test["probs"], meta["task"], meta["class_names"], meta.get("thresholds"),
                          decision_baselines(data), validation_labels, n_resamples)
+
+
+def with_size_columns(table: pd.DataFrame, data: LoadedDataset, predicted_area: pd.Series, p: float = 5.0,
+                      n_strata: int = 3) -> pd.DataFrame:
+    """``table`` (one row per prediction, with ``image_id`` and ``c_IoU``) with the columns that let SegU be read
+    apart from lesion size: ``lesion area`` (the ground-truth mask's share of the image), ``size stratum``
+    (:func:`size_strata` of the lesion areas of the table's images), and ``c_IoU / max``, the paper's ``c_IoU``
+    over the largest value it can reach for that image's predicted mask (``predicted_area``: its share of the
+    image, indexed by image id; :func:`segx_helpers.scores.segu.segu_iou_ceiling`)."""
+    ids = table["image_id"].astype(str)
+    areas = lesion_areas(data, sorted(set(ids)))
+    ceiling = segu_iou_ceiling(predicted_area.reindex(ids).to_numpy(), p)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        relative = np.where(ceiling > 0, table["c_IoU"].to_numpy() / ceiling, 0.0)
+    return table.assign(**{"lesion area": areas.reindex(ids).to_numpy(),
+                           "size stratum": size_strata(areas, n_strata).reindex(ids).to_numpy(),
+                           "c_IoU / max": relative})
