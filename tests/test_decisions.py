@@ -126,3 +126,32 @@ def test_a_baseline_is_oriented_on_validation_not_on_test():
     feature_test = 1 - y_test.astype(float)
     assert oriented_auroc(feature_val, y_val, feature_test, y_test, 2) == pytest.approx(0.0)
     assert oriented_auroc(-feature_val, y_val, feature_test, y_test, 2) == pytest.approx(1.0)
+
+
+def test_segu_within_predicted_classes_and_lesion_size_strata(make_tiny_dataset):
+    """The real-data SegU tables: overall, per predicted class and per lesion-size stratum, with the size-aware
+    c_IoU / max and lesion area alone as certainties of their own."""
+    import pandas as pd
+
+    from segx_helpers.data import load_dataset
+    from segx_helpers.studies.artefacts import lesion_areas, segu_within, with_size_columns
+
+    data = load_dataset(make_tiny_dataset(n=60, size=32))
+    ids = data.table["image_id"].tolist()
+    rng = np.random.default_rng(0)
+    table = pd.DataFrame({"image_id": ids, "class": [["a", "b"][i % 2] for i in range(len(ids))],
+                          "correct": rng.random(len(ids)) < 0.6, "c_IoU": rng.random(len(ids)) * 0.05,
+                          "c_AUITC": rng.random(len(ids)), "SegU share inside": rng.random(len(ids)),
+                          "confidence": rng.random(len(ids))})
+    predicted_area = pd.Series(0.1, index=ids)
+    sized = with_size_columns(table, data, predicted_area)
+    assert sized["c_IoU / max"].to_numpy() == pytest.approx(table["c_IoU"].to_numpy() / 0.5)  # 5 % vs 10 %: max 0.5
+    assert sized["lesion area"].to_numpy() == pytest.approx(lesion_areas(data, ids).to_numpy())
+    assert sized["size stratum"].nunique() == 3
+    out = segu_within(sized, n_resamples=20)
+    assert set(out["view"]) == {"all", "predicted class", "lesion size"}
+    assert set(out.loc[out["view"] == "predicted class", "group"]) == {"a", "b"}
+    assert set(out["certainty"]) == {"c_IoU", "c_AUITC", "SegU share inside", "c_IoU / max", "confidence",
+                                     "lesion area"}
+    whole = out[(out["view"] == "all") & (out["certainty"] == "c_IoU")].iloc[0]
+    assert whole["n_correct"] + whole["n_incorrect"] == len(ids)

@@ -20,6 +20,7 @@ from segx_helpers.data.format import LoadedDataset, read_mask
 from segx_helpers.data.synthetic import phi_correlation, shortcut_pairs
 from segx_helpers.scores.metrics import Baseline, DecidesCheck, decides_check
 from segx_helpers.scores.segu import segu_iou_ceiling
+from segx_helpers.scores.selective import separation_table
 
 
 def positive_class(class_names: Sequence[str]) -> str:
@@ -268,3 +269,25 @@ def with_size_columns(table: pd.DataFrame, data: LoadedDataset, predicted_area: 
     return table.assign(**{"lesion area": areas.reindex(ids).to_numpy(),
                            "size stratum": size_strata(areas, n_strata).reindex(ids).to_numpy(),
                            "c_IoU / max": relative})
+
+
+SIZE_AWARE_CERTAINTIES = ("c_IoU", "c_AUITC", "SegU share inside", "c_IoU / max", "confidence", "lesion area")
+"""The certainty columns of :func:`segu_within`: the paper's two scores, two size-aware variants, the classifier's
+confidence (of its decision) and the lesion's area alone (a score that knows nothing of the explanation)."""
+
+
+def segu_within(table: pd.DataFrame, n_resamples: int = 1000, seed: int = 0,
+                certainties: Sequence[str] = SIZE_AWARE_CERTAINTIES) -> pd.DataFrame:
+    """How well each certainty flags incorrect predictions (AUROC of *low* certainty with its 95 % interval),
+    overall, within each predicted class and within each lesion-size stratum. ``table``: one row per prediction
+    with ``correct``, ``class``, the certainty columns and ``size stratum`` (:func:`with_size_columns`). Columns:
+    view ("all", "predicted class", "lesion size"), group, certainty, n_correct, n_incorrect, auroc, auroc_low,
+    auroc_high. Within a predicted class SegU cannot ride on which class was predicted; within a size stratum it
+    cannot ride on lesion size."""
+    views = (("all", None), ("predicted class", "class"), ("lesion size", "size stratum"))
+    frames = []
+    for view, column in views:
+        part = separation_table(table, list(certainties), group=column, n_resamples=n_resamples, seed=seed)
+        frames.append(part.assign(view=view))
+    out = pd.concat(frames, ignore_index=True)
+    return out[["view", "group", "certainty", "n_correct", "n_incorrect", "auroc", "auroc_low", "auroc_high"]]
