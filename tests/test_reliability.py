@@ -1,6 +1,8 @@
 """Faults and re-runs: atomic writers, safe ids, determinism, mixed inputs."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -347,6 +349,72 @@ def test_runner_checks_its_arguments_before_any_notebook_starts(tmp_path, monkey
     (tmp_path / "data" / "mine").mkdir(parents=True)
     runner.check_datasets(tmp_path, {"DATASET": "mine"})  # present under --root: accepted
     runner.check_datasets(tmp_path, {"DATASET": "synthetic-cxr"})  # made by notebook 01: accepted
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["-p", "REAL_DATA=100"], "-p REAL_DATA=100: 02_train_segmenter expects a bool for REAL_DATA (its default is False), "
+                              "not the int 100"),
+    (["-p", "SEED=1.5"], "expects a int for SEED (its default is 0), not the float 1.5"),
+    (["-p", "P=True"], "expects a float for P (its default is 5.0), not the bool True"),
+    (["-p", "ARCH=3"], "expects a str for ARCH (its default is 'resnet18'), not the int 3")])
+def test_runner_refuses_a_value_of_another_type_than_the_default_before_any_kernel(tmp_path, monkeypatch, capsys, argv,
+                                                                                   message):
+    """Issue 35 item 10: ``-p REAL_DATA=100`` (a number for a True/False switch) is refused up front like text for a
+    number, instead of a kernel failing with a 40-line traceback (after notebook 01 in a full run)."""
+    import papermill
+
+    from segx_helpers.cli import runner
+
+    started = []
+    monkeypatch.setattr(papermill, "execute_notebook", lambda *a, **k: started.append(a))
+    with pytest.raises(SystemExit) as stop:
+        runner.main(["--root", str(tmp_path)] + argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and message in err and "Traceback" not in err
+    assert started == [] and not (tmp_path / "outputs").exists()
+
+
+def test_runner_accepts_an_int_for_a_float_and_anything_for_a_none_default():
+    """Item 10's rule is by the default's type, so what worked before still works: 3 for ``P = 5.0``, and any value
+    for a parameter whose default is None (``IMAGE_SIZE = None``, ``ENCODER_WEIGHTS = None``)."""
+    from segx_helpers.cli.runner import parameters_per_notebook
+
+    chosen = parameters_per_notebook(["04_segx_maps", "06_adapt_new_modality"], {"P": 3, "IMAGE_SIZE": 64})
+    assert chosen == {"04_segx_maps": {"P": 3}, "06_adapt_new_modality": {"P": 3, "IMAGE_SIZE": 64}}
+
+
+def test_runner_root_that_cannot_be_written_is_one_line(tmp_path, monkeypatch, capsys):
+    """Issue 35 item 11: a ``--root`` below a file, or in /proc, is one line (exit 2) naming the folder, not an
+    OSError traceback."""
+    import papermill
+
+    from segx_helpers.cli import runner
+
+    started = []
+    monkeypatch.setattr(papermill, "execute_notebook", lambda *a, **k: started.append(a))
+    (tmp_path / "notes.txt").write_text("a file")
+    for root in (tmp_path / "notes.txt" / "project", Path("/proc/segx-tutorial-root")):
+        with pytest.raises(SystemExit) as stop:
+            runner.main(["--root", str(root), "--only", "01_dataset_prep"])
+        err = capsys.readouterr().err
+        error = [line for line in err.splitlines() if "error:" in line]
+        assert stop.value.code == 2 and len(error) == 1 and f"--root {root}: cannot create" in error[0], err
+        assert "Traceback" not in err
+    assert started == []
+
+
+def test_runner_only_with_an_unknown_name_lists_the_notebooks(tmp_path, capsys):
+    """The smaller item: ``--only`` with a name that is no notebook says which names there are (a name with its
+    ``.ipynb`` suffix is taken too)."""
+    from segx_helpers.cli import runner
+
+    with pytest.raises(SystemExit) as stop:
+        runner.parse_args(["--only", "01_dataset_prep", "02_train"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "--only: no notebook named ['02_train']" in err
+    assert "01_dataset_prep, 02_train_segmenter, 03_train_classifier" in err and "07_train_with_the_mask" in err
+    args, _ = runner.parse_args(["--only", "03_train_classifier.ipynb", "01_dataset_prep"])
+    assert args.only == ["03_train_classifier", "01_dataset_prep"]
 
 
 # ------------------------------------------------------------------------------ import_folder (issue 25)
