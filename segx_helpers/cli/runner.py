@@ -35,9 +35,9 @@ from pathlib import Path
 import nbformat
 
 from segx_helpers.data.synthetic import GENERATORS
-from segx_helpers.data.io import check_safe_id
+from segx_helpers.data.io import check_safe_id, write_json
 from segx_helpers.workflows.settings import NOTEBOOKS, TutorialPaths
-from segx_helpers.workflows.report import write_report
+from segx_helpers.workflows.report import read_run_records, write_report
 
 NOTEBOOK_DIR = Path(__file__).resolve().parents[2] / "notebooks"
 
@@ -188,13 +188,11 @@ def run_record(seconds: float, quick: bool, device: str, started: datetime.datet
 
 
 def record_run(root: Path, name: str, record: dict) -> Path:
-    """Store ``record`` under ``name`` in ``<root>/outputs/timings.json``, keeping the other notebooks' records
-    (a run with ``--only`` replaces only what it ran)."""
-    path = root / "outputs" / "timings.json"
-    records = json.loads(path.read_text()) if path.is_file() else {}
+    """Store ``record`` under ``name`` in ``<root>/outputs/timings.json``, atomically, keeping the other notebooks'
+    records (a run with ``--only`` replaces only what it ran; a damaged file is replaced, with a warning)."""
+    records = read_run_records(root)
     records[name] = record
-    path.write_text(json.dumps(records, indent=2) + "\n")
-    return path
+    return write_json(Path(root) / "outputs" / "timings.json", records)
 
 
 INLINE_BACKEND = "module://matplotlib_inline.backend_inline"
