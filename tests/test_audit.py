@@ -305,7 +305,7 @@ def validate(m):
     with torch.no_grad():
         return {"val_score": -float(loss_fn(m(val.x), val.y))}
 loader = distributed.distributed_loader(Items(64, 0), 16, ctx, shuffle=True, seed=3)
-config = TrainConfig(epochs=3, lr=1e-2, monitor="val_score", amp=False, patience=10)
+config = TrainConfig(epochs=3, lr=1e-2, monitor="val_score", patience=10)  # amp: channels_last, as segx train
 history = distributed.ddp_fit(model, loss_fn, loader, validate, config, ctx, checkpoint_path=out / "model.pt",
                               meta={"note": "ddp"})
 if ctx.is_main:
@@ -322,7 +322,9 @@ def test_ddp_training_on_two_processes_matches_one(tmp_path):
     after 12 AdamW steps at lr 1e-2). The tolerance, 1e-5 relative in the loss and 1e-5 absolute in
     the weights, leaves a factor of 50 for other CPUs; a wrong batch split, a missing gradient
     all-reduce or a rank-local loss changes the loss by ~1e-2 (rank 0's half-batch loss differs from
-    the global one by 1.4 %)."""
+    the global one by 1.4 %). With ``amp`` (the default, as ``segx train`` runs) the model trains in channels_last
+    on the CPU: ``ddp_fit`` converts it before DDP lays out its gradient buckets (issue 35: converted after, the
+    first step's convolution gradients came back scrambled, and two processes no longer matched one)."""
     import runpy
 
     script = tmp_path / "train_ddp.py"
@@ -415,6 +417,66 @@ def test_changed_masks_of_the_same_byte_size_are_refused(archive, tmp_path):
     one.write_bytes(bytes(data))
     with pytest.raises(AuditError, match=r"masks\.files_sha256"):
         _audit(_options(archive, out, methods=("gradcam",), masks=masks))
+
+
+def test_images_and_ground_truth_masks_changed_after_a_partial_run_are_refused(archive, tmp_path):
+    """Issue 35 item 6: ``run.json`` holds a SHA-256 of every image's and every ground-truth mask's bytes (streamed,
+    one file at a time), so editing one image and two ground-truth masks between ``--max-shards 1`` and the rerun is
+    refused instead of mixing old and new data in one table."""
+    from PIL import Image
+
+    data = tmp_path / "data"
+    shutil.copytree(archive / "data", data)
+    out = tmp_path / "out"
+    masks = archive / "data" / "masks"  # the mask source stays as it is: only the dataset changes
+    _audit(_options(archive, out, methods=("gradcam",), data=data, masks=masks, max_shards=1))
+    image = data / "images" / "derm_00021.png"
+    pixels = np.array(Image.open(image))
+    pixels[0, 0] = 255 - pixels[0, 0]
+    Image.fromarray(pixels).save(image)
+    for name in ("derm_00003.png", "derm_00020.png"):
+        truth = np.array(Image.open(data / "masks" / name))
+        Image.fromarray(np.where(truth > 0, 0, 255).astype(np.uint8)).save(data / "masks" / name)
+    with pytest.raises(AuditError, match=r"holds results of other inputs.*data\.images_sha256: before .*"
+                                         r"data\.true_masks_sha256: before"):
+        _audit(_options(archive, out, methods=("gradcam",), data=data, masks=masks))
+    assert len(list((out / "shards").glob("*.json"))) == 1 and not (out / "table.parquet").exists()
+
+
+@pytest.mark.parametrize("leftover", ["partial run.json", "shards folder", "both"])
+def test_a_run_json_that_was_never_completely_written_does_not_block_the_rerun(archive, tmp_path, capsys, monkeypatch,
+                                                                              leftover):
+    """Issue 35 item 7: a full disk (or kill -9) while ``run.json`` is first written leaves the lock file, an empty
+    ``shards/`` folder or a ``.run.json.<pid>.*.partial`` file; the same command then works, as the message said
+    (before: refused for ever, "not empty and holds no run.json")."""
+    from segx_helpers.cli import audit
+
+    out = tmp_path / "out"
+    if leftover in ("shards folder", "both"):
+        real_write_json = audit.write_json
+
+        def full_disk(path, *args, **kwargs):
+            if Path(path).name == audit.RUN_FILE:
+                raise OSError(28, "No space left on device")
+            return real_write_json(path, *args, **kwargs)
+
+        monkeypatch.setattr(audit, "write_json", full_disk)
+        status, err = _cli_audit(archive, out, capsys, **{"--max-shards": 1})
+        assert status == 1 and "No space left on device" in err and "run the same command again" in err
+        monkeypatch.undo()
+        (out / "shards").mkdir(exist_ok=True)  # as an older version left it: shards/ was made before run.json
+    if leftover in ("partial run.json", "both"):
+        out.mkdir(exist_ok=True)
+        (out / audit.LOCK_FILE).touch()
+        (out / ".run.json.999999999.deadbeef.partial").write_text('{"format": "segx-audit-v1", "inp')  # killed
+    status, err = _cli_audit(archive, out, capsys, **{"--max-shards": 1})
+    assert status == 0, err
+    assert json.loads((out / "run.json").read_text())["format"] == audit.FORMAT
+    assert not list(out.glob(".run.json.*"))
+    (out / "notes.txt").write_text("a user's file")  # a folder holding anything else is still refused
+    (out / "run.json").unlink()
+    status, err = _cli_audit(archive, out, capsys)
+    assert status == 2 and "holds no run.json" in err
 
 
 def test_mask_folder_problems_are_refused_before_anything_is_written(archive, tmp_path, capsys):

@@ -120,8 +120,58 @@ def test_remote_resources_lists_loads_from_the_network_not_links(tmp_path):
     (tmp_path / "a.html").write_text('<a href="https://example.org">x</a><script src="_static/x.js"></script>'
                                      '<link rel="stylesheet" href="https://cdn.example.org/x.css">'
                                      "<img src='//cdn.example.org/y.png'>")
-    assert remote_resources(tmp_path) == ["a.html: <link> https://cdn.example.org/x.css",
-                                          "a.html: <img> //cdn.example.org/y.png"]
+    assert remote_resources(tmp_path) == ["a.html: <link href> https://cdn.example.org/x.css",
+                                          "a.html: <img src> //cdn.example.org/y.png"]
+
+
+
+REMOTE_LOADS = """<html><head><style>@import url("https://fonts.example.org/a.css");
+@import 'https://cdn.example.org/b.css';</style></head><body>
+<div style="background: url(https://cdn.example.org/c.png)">x</div>
+<object data="https://cdn.example.org/d.svg"></object><embed src="//cdn.example.org/e.swf">
+<img src="local.png" srcset="local-2x.png 2x, https://cdn.example.org/f.png 3x">
+<video poster="https://cdn.example.org/g.jpg"></video>
+<svg><image href="https://cdn.example.org/h.png"/><image xlink:href="https://cdn.example.org/i.png"/></svg>
+<a href="https://example.org/a-link-to-click">not a load</a><img src="data:image/png;base64,AAAA"></body></html>
+"""
+
+
+def test_remote_resources_finds_every_way_a_page_loads_from_the_network(tmp_path):
+    """Issue 35 item 8: CSS ``url()`` and ``@import`` (in a style element, a style attribute or a style sheet),
+    ``<object data>``, ``<embed>``, ``srcset``, ``poster`` and ``<svg><image>`` are loads too, so a notebook output
+    holding one makes ``make book`` fail (before, the site was built with all of them in the page)."""
+    (tmp_path / "page.html").write_text(REMOTE_LOADS)
+    (tmp_path / "_static").mkdir()
+    (tmp_path / "_static" / "theme.css").write_text("body { background: url('img/local.png') }\n"
+                                                   "@font-face { src: url(//fonts.example.org/x.woff2) }\n")
+    assert remote_resources(tmp_path) == [
+        "_static/theme.css: <css url()> //fonts.example.org/x.woff2",
+        "page.html: <style @import> https://fonts.example.org/a.css",
+        "page.html: <style @import> https://cdn.example.org/b.css",
+        "page.html: <div style url()> https://cdn.example.org/c.png",
+        "page.html: <object data> https://cdn.example.org/d.svg",
+        "page.html: <embed src> //cdn.example.org/e.swf",
+        "page.html: <img srcset> https://cdn.example.org/f.png",
+        "page.html: <video poster> https://cdn.example.org/g.jpg",
+        "page.html: <image href> https://cdn.example.org/h.png",
+        "page.html: <image xlink:href> https://cdn.example.org/i.png"]
+
+
+def test_a_truncated_timings_json_is_one_warning_and_the_pages_say_the_run_is_not_recorded(tmp_path):
+    """Issue 35 item 9: a truncated ``outputs/timings.json`` (the runner wrote it in place; now it writes it
+    atomically) gives one warning line and no run records, never a JSONDecodeError traceback."""
+    from segx_helpers.cli.runner import record_run
+    from segx_helpers.workflows.report import RunRecordWarning, read_run_records
+
+    (tmp_path / "outputs").mkdir()
+    (tmp_path / "outputs" / "timings.json").write_text('{"01_dataset_prep": {"seconds": 75.2, "mo')
+    with pytest.warns(RunRecordWarning, match=r"timings.json is not valid JSON .*: the pages say how the notebooks ran "
+                                              "only once make tutorial writes it again"):
+        assert read_run_records(tmp_path) == {}
+    with pytest.warns(RunRecordWarning):
+        record_run(tmp_path, NAMES[0], RECORD)  # the runner replaces the damaged file with a complete one
+    assert read_run_records(tmp_path) == {NAMES[0]: RECORD}
+    assert [p.name for p in (tmp_path / "outputs").iterdir()] == ["timings.json"]
 
 
 LOADED = """

@@ -454,3 +454,27 @@ def test_the_registry_refuses_unknown_and_duplicate_names_and_wrong_maps(tiny, i
     assert "one_map" not in method_names()
     with pytest.raises(ValueError, match="Unknown method 'one_map'"):
         unregister_method("one_map")
+
+
+def _tensor_maps(model, images, targets, options, settings):
+    """A method's mistake: the maps as a torch tensor."""
+    return torch.stack([images[i].abs().mean(0) for i, row in enumerate(targets) for _ in row])
+
+
+def _list_maps(model, images, targets, options, settings):
+    """A method's mistake: the maps as a list of arrays."""
+    return [images[i].abs().mean(0).numpy() for i, row in enumerate(targets) for _ in row]
+
+
+@pytest.mark.parametrize("maps, kind", [(_tensor_maps, "Tensor"), (_list_maps, "list")])
+def test_a_method_returning_another_type_than_an_array_is_named_with_the_expected_type(tiny, maps, kind):
+    """Issue 35 item 16: a registered method that returns a torch tensor or a list gets a TypeError naming the
+    method, what it returned and what it must return (before: a bare AttributeError about ``astype`` or ``shape``)."""
+    model, x = tiny
+    register_method(ExplanationMethod("wrong_type", InputOptions, maps))
+    try:
+        with pytest.raises(TypeError, match=rf"explanation method 'wrong_type' returned a {kind}, not a numpy array "
+                                            r"\(M, H, W\)"):
+            explain(model, x, 0, "wrong_type", progress=False)
+    finally:
+        unregister_method("wrong_type")

@@ -169,60 +169,62 @@ def _user_folder(tmp_path, n=30, grayscale=False, rgb_stored_gray=False):
 
 
 def test_import_folder_keeps_a_users_splits_file_or_frame(tmp_path):
-    from segx_helpers.data.converters import IgnoredSplitsWarning, import_folder
+    from segx_helpers.data.converters import FormatChoices, IgnoredSplitsWarning, LabelsCsv, SplitChoice, import_folder
 
     raw, ids, own = _user_folder(tmp_path)
     expected = dict(zip(own["image_id"], own["split"]))
     for name, splits in (("from_file", raw / "splits.csv"), ("from_frame", own)):
         with warnings.catch_warnings():
             warnings.simplefilter("error", IgnoredSplitsWarning)  # no "ignored split" warning when the split is used
-            out = import_folder(raw / "images", raw / "labels.csv", tmp_path / name, task="multiclass", splits=splits,
-                                channels=3)
+            out = import_folder(raw / "images", LabelsCsv(raw / "labels.csv", "multiclass"), tmp_path / name,
+                                splits=SplitChoice(own=splits), choices=FormatChoices(channels=3))
         table = load_dataset(out).table
         assert dict(zip(table["image_id"], table["split"])) == expected
 
 
 def test_import_folder_takes_a_split_column_of_the_labels_file(tmp_path):
-    from segx_helpers.data.converters import import_folder
+    from segx_helpers.data.converters import FormatChoices, LabelsCsv, SplitChoice, import_folder
 
     raw, ids, own = _user_folder(tmp_path)
     (raw / "splits.csv").unlink()
     labels = pd.read_csv(raw / "labels.csv").merge(own, on="image_id")
     labels.to_csv(raw / "labels.csv", index=False)
-    out = import_folder(raw / "images", raw / "labels.csv", tmp_path / "ds", task="multiclass", splits=raw / "labels.csv",
-                        channels=3)
+    out = import_folder(raw / "images", LabelsCsv(raw / "labels.csv", "multiclass"), tmp_path / "ds",
+                        splits=SplitChoice(own=raw / "labels.csv"), choices=FormatChoices(channels=3))
     table = load_dataset(out).table
     assert dict(zip(table["image_id"], table["split"])) == dict(zip(own["image_id"], own["split"]))
     assert list(pd.read_csv(out / "labels.csv").columns) == ["image_id", "label"]
 
 
 def test_import_folder_warns_when_a_users_splits_csv_is_ignored(tmp_path):
-    from segx_helpers.data.converters import IgnoredSplitsWarning, import_folder
+    from segx_helpers.data.converters import FormatChoices, IgnoredSplitsWarning, LabelsCsv, import_folder
 
     raw, ids, own = _user_folder(tmp_path)
     with pytest.warns(IgnoredSplitsWarning, match="splits.csv.*splits="):
-        out = import_folder(raw / "images", raw / "labels.csv", tmp_path / "ds", task="multiclass", channels=3)
+        out = import_folder(raw / "images", LabelsCsv(raw / "labels.csv", "multiclass"), tmp_path / "ds",
+                            choices=FormatChoices(channels=3))
     assert len(load_dataset(out).table) == len(ids)
 
 
 def test_import_folder_rejects_a_split_that_misses_ids(tmp_path):
-    from segx_helpers.data.converters import import_folder
+    from segx_helpers.data.converters import FormatChoices, LabelsCsv, SplitChoice, import_folder
 
     raw, ids, own = _user_folder(tmp_path)
     with pytest.raises(DatasetFormatError, match="have no split"):
-        import_folder(raw / "images", raw / "labels.csv", tmp_path / "ds", task="multiclass", splits=own.iloc[1:],
-                      channels=3)
+        import_folder(raw / "images", LabelsCsv(raw / "labels.csv", "multiclass"), tmp_path / "ds",
+                      splits=SplitChoice(own=own.iloc[1:]), choices=FormatChoices(channels=3))
     with pytest.raises(DatasetFormatError, match="unknown split names"):
-        import_folder(raw / "images", raw / "labels.csv", tmp_path / "ds", task="multiclass",
-                      splits=own.assign(split="training"), channels=3)
+        import_folder(raw / "images", LabelsCsv(raw / "labels.csv", "multiclass"), tmp_path / "ds",
+                      splits=SplitChoice(own=own.assign(split="training")), choices=FormatChoices(channels=3))
 
 
 @pytest.mark.parametrize("kind, expected", [("grayscale", 1), ("rgb_stored_gray", 1), ("colour", 3)])
 def test_import_folder_detects_single_channel_sources_and_says_so(tmp_path, capsys, kind, expected):
-    from segx_helpers.data.converters import import_folder
+    from segx_helpers.data.converters import LabelsCsv, SplitChoice, import_folder
 
     raw, ids, own = _user_folder(tmp_path, grayscale=kind == "grayscale", rgb_stored_gray=kind == "rgb_stored_gray")
-    out = import_folder(raw / "images", raw / "labels.csv", tmp_path / "ds", task="multiclass", splits=own)
+    out = import_folder(raw / "images", LabelsCsv(raw / "labels.csv", "multiclass"), tmp_path / "ds",
+                        splits=SplitChoice(own=own))
     said = capsys.readouterr().out
     assert f"channels={expected}" in said
     data = load_dataset(out)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -130,6 +131,23 @@ def test_prepare_helpers_say_which_notebook_to_run(trained, tmp_path):
                                        max_batches_per_epoch=None)
     loaded_seg, loaded_cls = prepare_models("synthetic-derm", paths, data, trained_with)
     assert loaded_cls.meta["class_names"] == data.info.class_names
+
+
+def test_prepare_dataset_checks_every_file_before_any_training(make_tiny_dataset, tmp_path):
+    """Issue 35 (the smaller item): notebooks 02 to 05 load their dataset checking every image and mask, so a
+    corrupt test image is refused when the notebook starts, naming the file (before: only at evaluation, after the
+    training)."""
+    import shutil
+
+    from segx_helpers.data.format import DatasetFormatError
+
+    root = tmp_path / "project"
+    shutil.copytree(make_tiny_dataset("mine"), root / "data" / "mine")
+    data = prepare_dataset("mine", TutorialPaths.at(root), run_settings(quick=True))
+    image = Path(data.split("test")["image_path"].iloc[0])
+    image.write_bytes(image.read_bytes()[:60])  # truncated, as by a partial copy
+    with pytest.raises(DatasetFormatError, match=rf"Unreadable or truncated image file: .*{image.name}"):
+        prepare_dataset("mine", TutorialPaths.at(root), run_settings(quick=True))
 
 
 def test_segx_results_writes_what_notebook_05_reads(trained):

@@ -1,6 +1,8 @@
 """Faults and re-runs: atomic writers, safe ids, determinism, mixed inputs."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -349,6 +351,72 @@ def test_runner_checks_its_arguments_before_any_notebook_starts(tmp_path, monkey
     runner.check_datasets(tmp_path, {"DATASET": "synthetic-cxr"})  # made by notebook 01: accepted
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["-p", "REAL_DATA=100"], ("-p REAL_DATA=100: 02_train_segmenter expects a bool for REAL_DATA (its default is "
+                               "False), not the int 100")),
+    (["-p", "SEED=1.5"], "expects a int for SEED (its default is 0), not the float 1.5"),
+    (["-p", "P=True"], "expects a float for P (its default is 5.0), not the bool True"),
+    (["-p", "ARCH=3"], "expects a str for ARCH (its default is 'resnet18'), not the int 3")])
+def test_runner_refuses_a_value_of_another_type_than_the_default_before_any_kernel(tmp_path, monkeypatch, capsys, argv,
+                                                                                   message):
+    """Issue 35 item 10: ``-p REAL_DATA=100`` (a number for a True/False switch) is refused up front like text for a
+    number, instead of a kernel failing with a 40-line traceback (after notebook 01 in a full run)."""
+    import papermill
+
+    from segx_helpers.cli import runner
+
+    started = []
+    monkeypatch.setattr(papermill, "execute_notebook", lambda *a, **k: started.append(a))
+    with pytest.raises(SystemExit) as stop:
+        runner.main(["--root", str(tmp_path)] + argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and message in err and "Traceback" not in err
+    assert started == [] and not (tmp_path / "outputs").exists()
+
+
+def test_runner_accepts_an_int_for_a_float_and_anything_for_a_none_default():
+    """Item 10's rule is by the default's type, so what worked before still works: 3 for ``P = 5.0``, and any value
+    for a parameter whose default is None (``IMAGE_SIZE = None``, ``ENCODER_WEIGHTS = None``)."""
+    from segx_helpers.cli.runner import parameters_per_notebook
+
+    chosen = parameters_per_notebook(["04_segx_maps", "06_adapt_new_modality"], {"P": 3, "IMAGE_SIZE": 64})
+    assert chosen == {"04_segx_maps": {"P": 3}, "06_adapt_new_modality": {"P": 3, "IMAGE_SIZE": 64}}
+
+
+def test_runner_root_that_cannot_be_written_is_one_line(tmp_path, monkeypatch, capsys):
+    """Issue 35 item 11: a ``--root`` below a file, or in /proc, is one line (exit 2) naming the folder, not an
+    OSError traceback."""
+    import papermill
+
+    from segx_helpers.cli import runner
+
+    started = []
+    monkeypatch.setattr(papermill, "execute_notebook", lambda *a, **k: started.append(a))
+    (tmp_path / "notes.txt").write_text("a file")
+    for root in (tmp_path / "notes.txt" / "project", Path("/proc/segx-tutorial-root")):
+        with pytest.raises(SystemExit) as stop:
+            runner.main(["--root", str(root), "--only", "01_dataset_prep"])
+        err = capsys.readouterr().err
+        error = [line for line in err.splitlines() if "error:" in line]
+        assert stop.value.code == 2 and len(error) == 1 and f"--root {root}: cannot create" in error[0], err
+        assert "Traceback" not in err
+    assert started == []
+
+
+def test_runner_only_with_an_unknown_name_lists_the_notebooks(tmp_path, capsys):
+    """The smaller item: ``--only`` with a name that is no notebook says which names there are (a name with its
+    ``.ipynb`` suffix is taken too)."""
+    from segx_helpers.cli import runner
+
+    with pytest.raises(SystemExit) as stop:
+        runner.parse_args(["--only", "01_dataset_prep", "02_train"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "--only: no notebook named ['02_train']" in err
+    assert "01_dataset_prep, 02_train_segmenter, 03_train_classifier" in err and "07_train_with_the_mask" in err
+    args, _ = runner.parse_args(["--only", "03_train_classifier.ipynb", "01_dataset_prep"])
+    assert args.only == ["03_train_classifier", "01_dataset_prep"]
+
+
 # ------------------------------------------------------------------------------ import_folder (issue 25)
 
 def _raw_folder(tmp_path, n=30):
@@ -370,12 +438,12 @@ def test_import_folder_refuses_two_image_files_of_one_id_naming_both(tmp_path):
     from PIL import Image
 
     from segx_helpers.data.format import DatasetFormatError
-    from segx_helpers.data.converters import import_folder
+    from segx_helpers.data.converters import LabelsCsv, import_folder
 
     raw = _raw_folder(tmp_path)
     Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(raw / "images" / "case_004.jpg")
     with pytest.raises(DatasetFormatError, match=r"case_004\.jpg and .*case_004\.png share the id 'case_004'"):
-        import_folder(raw / "images", raw / "labels.csv", tmp_path / "ds", task="multiclass")
+        import_folder(raw / "images", LabelsCsv(raw / "labels.csv", "multiclass"), tmp_path / "ds")
     assert not (tmp_path / "ds").exists()
 
 
@@ -384,14 +452,14 @@ def test_import_folder_decompression_bomb_is_the_documented_error_on_every_path(
     from PIL import Image
 
     from segx_helpers.data.format import DatasetFormatError
-    from segx_helpers.data.converters import import_folder
+    from segx_helpers.data.converters import FormatChoices, LabelsCsv, import_folder
 
     raw = _raw_folder(tmp_path)
     Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(raw / "images" / "case_007.png")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 4096 pixels > 2 x 1000: PIL refuses the file
     for channels in (None, 3):  # channel detection, then conversion
         with pytest.raises(DatasetFormatError, match=r"case_007\.png has too many pixels to decode safely"):
-            import_folder(raw / "images", raw / "labels.csv", tmp_path / "ds", task="multiclass", channels=channels)
+            import_folder(raw / "images", LabelsCsv(raw / "labels.csv", "multiclass"), tmp_path / "ds", choices=FormatChoices(channels=channels))
 
 
 @pytest.mark.parametrize("labels, message", [
@@ -407,31 +475,131 @@ def test_import_folder_checks_labels_before_converting_any_image(tmp_path, monke
     (raw / "labels.csv").write_text(labels)
     monkeypatch.setattr(real, "read_image", lambda *a, **k: pytest.fail("an image was converted"))
     with pytest.raises(DatasetFormatError, match=message) as caught:
-        real.import_folder(raw / "images", raw / "labels.csv", tmp_path / "ds", task="multiclass",
-                           class_names=["normal", "abnormal"], channels=3)
+        real.import_folder(raw / "images", real.LabelsCsv(raw / "labels.csv", "multiclass", ["normal", "abnormal"]),
+                           tmp_path / "ds", choices=real.FormatChoices(channels=3))
     assert str(raw / "labels.csv") in str(caught.value) and ".partial" not in str(caught.value)
 
 
 @pytest.mark.filterwarnings("ignore:.*have no mask")
 def test_import_folder_too_small_for_the_splits_says_so_and_points_to_splits(tmp_path):
     from segx_helpers.data.format import DatasetFormatError
-    from segx_helpers.data.converters import import_folder
+    from segx_helpers.data.converters import FormatChoices, LabelsCsv, import_folder
 
     raw = _raw_folder(tmp_path, n=4)
     with pytest.raises(DatasetFormatError, match=r"4 images are too few for a 7:1:2 split.*\['val'\].*splits=") as caught:
-        import_folder(raw / "images", raw / "labels.csv", tmp_path / "ds", task="multiclass", channels=3)
+        import_folder(raw / "images", LabelsCsv(raw / "labels.csv", "multiclass"), tmp_path / "ds", choices=FormatChoices(channels=3))
     assert ".partial" not in str(caught.value) and not (tmp_path / "ds").exists()
 
 
 @pytest.mark.filterwarnings("ignore:.*have no mask")
-def test_import_folder_never_suggests_an_overwrite_that_it_would_refuse(tmp_path):
-    from segx_helpers.data.converters import import_folder
+def test_import_folder_keeps_images_of_height_or_width_one(tmp_path):
+    """Issue 35 item 12: a 40 x 1 and a 1 x 40 RGB image are stored as they are (``squeeze()`` made them 3 x 40
+    grayscale images), and a 1 x 1 image with its mask is written so that ``load_dataset`` accepts it."""
+    from PIL import Image
+
+    from segx_helpers.data.converters import LabelsCsv, MaskFolder, import_folder
+    from segx_helpers.data.format import read_image, read_mask
 
     raw = _raw_folder(tmp_path)
-    out = import_folder(raw / "images", raw / "labels.csv", tmp_path / "ds", task="multiclass", channels=3)
+    rng = np.random.default_rng(1)
+    shapes = {"case_001": (40, 1, 3), "case_002": (1, 40, 3), "case_003": (1, 1, 3)}
+    for image_id, shape in shapes.items():
+        Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8)).save(raw / "images" / f"{image_id}.png")
+    (raw / "masks").mkdir()
+    Image.fromarray(np.full((1, 1), 255, np.uint8)).save(raw / "masks" / "case_003.png")
+    out = import_folder(raw / "images", LabelsCsv(raw / "labels.csv", "multiclass"), tmp_path / "ds",
+                        masks=MaskFolder(raw / "masks"))
+    table = load_dataset(out, check_files=True).table.set_index("image_id")
+    for image_id, shape in shapes.items():
+        stored = read_image(table.loc[image_id, "image_path"])
+        assert stored.shape == shape and np.array_equal(stored, np.asarray(Image.open(raw / "images" / f"{image_id}.png")))
+    assert read_mask(table.loc["case_003", "mask_path"]).tolist() == [[True]]
+
+
+@pytest.mark.filterwarnings("ignore:.*have no mask")
+def test_import_folder_scales_a_16_bit_series_once_for_all_its_images(tmp_path, capsys):
+    """Issue 35 item 13: the 12-bit guess is made for the whole series, so the same raw value becomes the same
+    8-bit value in every image (before: 4000 became 249 in an image whose maximum is below 4096, 16 in the next)."""
+    from PIL import Image
+
+    from segx_helpers.data.converters import LabelsCsv, import_folder
+    from segx_helpers.data.format import read_image
+
+    raw = _raw_folder(tmp_path)
+    rng = np.random.default_rng(2)
+    for k in range(30):
+        pixels = rng.integers(0, 4000, (16, 16), dtype=np.uint16)
+        pixels[0, 0] = 4000
+        if k == 5:
+            pixels[1, 1] = 60000  # one image uses the full 16 bits: the series is 16-bit
+        Image.fromarray(pixels).save(raw / "images" / f"case_{k:03d}.png")
+    assert Image.open(raw / "images" / "case_000.png").mode.startswith("I")
+    out = import_folder(raw / "images", LabelsCsv(raw / "labels.csv", "multiclass"), tmp_path / "ds")
+    assert "scaled to 8 bits as 16-bit for the whole series" in capsys.readouterr().out
+    table = load_dataset(out).table.set_index("image_id")
+    corners = {int(read_image(table.loc[f"case_{k:03d}", "image_path"], channels=1)[0, 0, 0]) for k in range(30)}
+    assert corners == {round(4000 / 65535 * 255)}
+
+
+def test_import_folder_with_a_mistyped_mask_folder_names_it(tmp_path):
+    """Issue 35 item 14: a mask folder that does not exist (a typo), or whose files match no image id (a wrong
+    suffix), is an error naming the folder before anything is written (before: a dataset without masks and a
+    warning, and the segmenter failed much later)."""
+    from PIL import Image
+
+    from segx_helpers.data.converters import LabelsCsv, MaskFolder, import_folder
+    from segx_helpers.data.format import DatasetFormatError
+
+    raw = _raw_folder(tmp_path)
+    (raw / "masks").mkdir()
+    for k in range(30):
+        Image.fromarray(np.zeros((16, 16), np.uint8)).save(raw / "masks" / f"case_{k:03d}_mask.png")
+    labels = LabelsCsv(raw / "labels.csv", "multiclass")
+    with pytest.raises(DatasetFormatError, match=r"Mask folder .*maks not found \(is its name right\?\)"):
+        import_folder(raw / "images", labels, tmp_path / "ds", masks=MaskFolder(raw / "maks", suffix="_mask"))
+    with pytest.raises(DatasetFormatError, match=r"None of the 30 \.png files in .*masks is the mask of an image: "
+                                                 r"masks are <image_id>\.png \(suffix=''\)"):
+        import_folder(raw / "images", labels, tmp_path / "ds", masks=MaskFolder(raw / "masks"))
+    assert not (tmp_path / "ds").exists()
+    out = import_folder(raw / "images", labels, tmp_path / "ds", masks=MaskFolder(raw / "masks", suffix="_mask"))
+    assert load_dataset(out).table["mask_path"].notna().all()
+
+
+@pytest.mark.filterwarnings("ignore:.*have no mask")
+def test_import_folder_says_that_ids_are_file_names_without_their_suffix(tmp_path):
+    """Issue 35 item 15: ``labels.csv`` ids written with their suffix (``case_000.png``) get "ids are file names
+    without their suffix" (before: "is part of the download missing?")."""
+    from segx_helpers.data.converters import LabelsCsv, import_folder
+    from segx_helpers.data.format import DatasetFormatError
+
+    raw = _raw_folder(tmp_path)
+    labels = pd.read_csv(raw / "labels.csv")
+    labels["image_id"] = labels["image_id"] + ".png"
+    labels.to_csv(raw / "labels.csv", index=False)
+    with pytest.raises(DatasetFormatError, match=r"labels\.csv: image ids are file names without their suffix, but 30 "
+                                                 r"ids carry one \(e\.g\. \['case_000\.png'.*write 'case_000' for") as caught:
+        import_folder(raw / "images", LabelsCsv(raw / "labels.csv", "multiclass"), tmp_path / "ds")
+    assert "download" not in str(caught.value)
+
+
+def test_import_folder_explains_its_grouped_arguments():
+    """Issue 36: the grouped arguments given the old way (a path for ``labels``) say how to pass them."""
+    from segx_helpers.data.converters import import_folder
+
+    with pytest.raises(TypeError, match=r"import_folder's labels must be a LabelsCsv\(...\), got str .*"
+                                        r"labels=LabelsCsv\('labels.csv', 'multiclass'\)"):
+        import_folder("images", "labels.csv", "out")
+
+
+@pytest.mark.filterwarnings("ignore:.*have no mask")
+def test_import_folder_never_suggests_an_overwrite_that_it_would_refuse(tmp_path):
+    from segx_helpers.data.converters import FormatChoices, LabelsCsv, import_folder
+
+    raw = _raw_folder(tmp_path)
+    out = import_folder(raw / "images", LabelsCsv(raw / "labels.csv", "multiclass"), tmp_path / "ds", choices=FormatChoices(channels=3))
     for overwrite in (False, True):
         with pytest.raises(FileExistsError, match="never replaced, with or without overwrite=True") as caught:
-            import_folder(raw / "images", raw / "labels.csv", out, task="multiclass", channels=3, overwrite=overwrite)
+            import_folder(raw / "images", LabelsCsv(raw / "labels.csv", "multiclass"), out, choices=FormatChoices(channels=3), overwrite=overwrite)
         assert "pass overwrite=True" not in str(caught.value)
 
 

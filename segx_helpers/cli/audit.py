@@ -13,6 +13,7 @@ import hashlib
 import importlib.metadata as md
 import json
 import platform
+import re
 import resource
 import sys
 import time
@@ -286,7 +287,17 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 
 
 def _sha256_lines(lines) -> str:
-    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+    """SHA-256 of the lines joined by newlines, fed one line at a time (memory does not grow with their number)."""
+    digest = hashlib.sha256()
+    for k, line in enumerate(lines):
+        digest.update((f"\n{line}" if k else line).encode())
+    return digest.hexdigest()
+
+
+def _sha256_files(ids: Sequence[str], paths: Sequence[str | None]) -> str:
+    """SHA-256 over ``<id>\t<SHA-256 of its file's bytes>`` lines (``-`` for an id without a file): the files'
+    contents, not their sizes or times, read one at a time in 1 MB blocks."""
+    return _sha256_lines(f"{i}\t{sha256_file(path) if path is not None else '-'}" for i, path in zip(ids, paths))
 
 
 def versions() -> dict:
@@ -301,11 +312,14 @@ def versions() -> dict:
 
 
 def fingerprint(options: AuditOptions, archive: Archive, masks: MaskSource) -> dict:
-    """What the results depend on (``run.json["inputs"]``): a difference refuses to mix results."""
+    """What the results depend on (``run.json["inputs"]``): a difference refuses to mix results. Images,
+    ground-truth masks, mask folders and checkpoints count by the SHA-256 of their bytes (every file is read once
+    per invocation, streamed)."""
     table = archive.data.table
+    ids = table["image_id"].tolist()
     data = {"kind": archive.kind, "split": options.split, "images": len(archive),
-            "image_ids_sha256": _sha256_lines(table["image_id"]),
-            "true_masks_sha256": _sha256_lines(f"{i}\t{m is not None}" for i, m in zip(table["image_id"], table["mask_path"]))}
+            "image_ids_sha256": _sha256_lines(ids), "images_sha256": _sha256_files(ids, table["image_path"]),
+            "true_masks_sha256": _sha256_files(ids, table["mask_path"])}
     if archive.kind == "dataset":
         root = archive.data.root
         data.update({name.replace(".", "_") + "_sha256": sha256_file(root / name) for name in ("labels.csv", "splits.csv")})
@@ -313,7 +327,7 @@ def fingerprint(options: AuditOptions, archive: Archive, masks: MaskSource) -> d
         mask_print = {"kind": "segmenter", "sha256": sha256_file(options.masks)}
     else:
         files = sorted(p for p in masks.folder.iterdir() if p.suffix == ".png")
-        mask_print = {"kind": "folder", "files_sha256": _sha256_lines(f"{p.name}\t{sha256_file(p)}" for p in files)}
+        mask_print = {"kind": "folder", "files_sha256": _sha256_files([p.name for p in files], files)}
     shap = "gradient_shap" in options.methods
     return {"classifier_sha256": sha256_file(options.classifier), "masks": mask_print, "data": data,
             "methods": list(options.methods), "nsamples": int(options.nsamples) if shap else None,
@@ -333,11 +347,24 @@ def _differences(old, new, prefix: str = "") -> list[str]:
 
 
 def _check_not_foreign(out: Path) -> None:
+    """Refuse an ``out`` that is a file, or a folder that holds something else than an audit: without ``run.json``
+    it may hold only what an audit stopped while first writing ``run.json`` leaves (:func:`_unstarted`)."""
     if out.exists() and not out.is_dir():
         raise AuditError(f"{out} exists and is not a folder; choose another --out")
-    if out.is_dir() and any(p.name != LOCK_FILE for p in out.iterdir()) and not (out / RUN_FILE).is_file():
+    if out.is_dir() and not (out / RUN_FILE).is_file() and not all(_unstarted(p) for p in out.iterdir()):
         raise AuditError(f"{out} is not empty and holds no {RUN_FILE} of segx audit: refusing to write into it "
                          "(nothing there was touched). Choose a new or empty --out folder.")
+
+
+_RUN_FILE_LEFTOVER = re.compile(re.escape(f".{RUN_FILE}.") + r"\d+\.[A-Za-z0-9_]+\.partial")
+
+
+def _unstarted(path: Path) -> bool:
+    """Whether ``path`` is what an audit leaves when stopped (a full disk, kill -9) before ``run.json`` was
+    complete: the lock file, an empty ``shards/`` folder, or the temporary file ``run.json`` was being written to."""
+    if path.name == LOCK_FILE or _RUN_FILE_LEFTOVER.fullmatch(path.name):
+        return path.is_file() and not path.is_symlink()
+    return path.name == SHARDS and path.is_dir() and not path.is_symlink() and not any(path.iterdir())
 
 
 @contextlib.contextmanager
@@ -394,9 +421,9 @@ def prepare_output(out: str | Path, inputs: dict, invocation: dict) -> str:
         record["invocations"].append(invocation)
         write_json(run_file, record, overwrite=True)
         return "resume"
-    (out / SHARDS).mkdir(parents=True, exist_ok=True)
     write_json(run_file, {"format": FORMAT, "written_by": "segx_helpers.cli.audit", "inputs": inputs,
-                          "invocations": [invocation]}, overwrite=False)
+                          "invocations": [invocation]}, overwrite=False)  # first: the folder is ours once it exists
+    (out / SHARDS).mkdir(parents=True, exist_ok=True)
     return "new"
 
 

@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import time
+from html.parser import HTMLParser
 from pathlib import Path
 
 import nbformat
@@ -171,17 +172,71 @@ def stage_source(root: str | Path, source: Path, repo: Path = REPO_ROOT) -> list
     return list(notebooks)
 
 
-REMOTE = re.compile(r"<(script|link|img|iframe|source|video|audio)\b[^>]*?\b(src|href)\s*=\s*[\"']?((?:https?:)?//[^\"' >]+)",
-                    re.IGNORECASE)
+REMOTE_URL = re.compile(r"(?:https?:)?//", re.IGNORECASE)
+CSS_LOAD = re.compile(r"""@import\s+(?:url\(\s*)?["']?([^"')\s;]+)|url\(\s*["']?([^"')\s]+)""", re.IGNORECASE)
+NOT_LOADS = {"a": ("href",), "area": ("href",), "base": ("href",)}
+"""Attributes that are links a reader may click (or the page's base address), not loads."""
+LOAD_ATTRIBUTES = ("src", "href", "xlink:href", "data", "poster", "srcset", "background")
+"""Attributes whose address the browser fetches as it shows the page (``href`` of any element but a link)."""
+
+
+class _LoadFinder(HTMLParser):
+    """Collects ``(where, url)`` for every remote address a page loads: the attributes of
+    :data:`LOAD_ATTRIBUTES`, the candidates of a ``srcset``, and CSS ``url()`` / ``@import`` in ``style``
+    attributes and ``<style>`` elements."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.found: list[tuple[str, str]] = []
+        self.in_style = False
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.in_style = tag == "style"
+        for name, value in attrs:
+            if not value:
+                continue
+            if name == "style":
+                self.found += [(f"{tag} style {kind}", url) for kind, url in css_loads(value)]
+            elif name in LOAD_ATTRIBUTES and name not in NOT_LOADS.get(tag, ()):
+                urls = [part.split()[0] for part in value.split(",") if part.strip()] if name == "srcset" else [value]
+                self.found += [(f"{tag} {name}", url.strip()) for url in urls if REMOTE_URL.match(url.strip())]
+
+    handle_startendtag = handle_starttag
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "style":
+            self.in_style = False
+
+    def handle_data(self, data: str) -> None:
+        if self.in_style:
+            self.found += [(f"style {kind}", url) for kind, url in css_loads(data)]
+
+
+def css_loads(css: str) -> list[tuple[str, str]]:
+    """``("@import" | "url()", url)`` for every remote address a piece of CSS loads, in order."""
+    found = []
+    for match in CSS_LOAD.finditer(css):
+        url, kind = (match.group(1), "@import") if match.group(1) is not None else (match.group(2), "url()")
+        if REMOTE_URL.match(url):
+            found.append((kind, url))
+    return found
 
 
 def remote_resources(html_dir: Path) -> list[str]:
-    """``page: url`` for every script, style sheet, picture or frame a built page loads from the network
-    (links a reader may click are not loads and are not listed). Empty for a self-contained site."""
+    """``page: <what> url`` for every script, style sheet, font, picture, frame, object or poster a built page or
+    style sheet loads from the network (HTML attributes, ``srcset``, ``<svg><image>``, CSS ``url()`` and
+    ``@import``; links a reader may click are not loads and are not listed). Empty for a self-contained site."""
     found = []
-    for page in sorted(html_dir.rglob("*.html")):
-        for match in REMOTE.finditer(page.read_text(encoding="utf-8", errors="replace")):
-            found.append(f"{page.relative_to(html_dir)}: <{match.group(1)}> {match.group(3)}")
+    for path in sorted(p for p in html_dir.rglob("*") if p.suffix in (".html", ".css") and p.is_file()):
+        text = path.read_text(encoding="utf-8", errors="replace")
+        if path.suffix == ".css":
+            loads = [(f"css {kind}", url) for kind, url in css_loads(text)]
+        else:
+            finder = _LoadFinder()
+            finder.feed(text)
+            finder.close()
+            loads = finder.found
+        found += [f"{path.relative_to(html_dir)}: <{where}> {url}" for where, url in loads]
     return found
 
 

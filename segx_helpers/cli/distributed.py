@@ -21,7 +21,9 @@ Training under DDP (:func:`ddp_fit`) reuses :func:`segx_helpers.models.training.
 * the logged training loss is the global batch's (:class:`GlobalMeanLoss`), the gradients each
   rank's own, averaged by DDP;
 * ``validate`` runs on rank 0 (on the bare model) and its result is broadcast, so every rank takes
-  the same best-epoch and early-stopping decisions; checkpoints are written by rank 0 only;
+  the same best-epoch and early-stopping decisions; checkpoints are written by rank 0 only, with every
+  rank's random state, so that a run killed in any epoch resumes (the same torchrun command with
+  ``--resume``, the same number of processes) to the weights of an uninterrupted run;
 * ``sync_batchnorm=True`` converts BatchNorm layers to ``SyncBatchNorm`` (CUDA only in PyTorch), so
   batch statistics are those of the global batch. Without it each rank normalises with its own
   share of the batch, the usual DDP behaviour, and the result differs slightly from one process.
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,8 +45,9 @@ from torch.utils.data import DataLoader, DistributedSampler
 from segx_helpers.data.format import LoadedDataset, load_dataset
 from segx_helpers.data.torch_dataset import Normalization, SegXDataset
 from segx_helpers.models.checkpoints import check_fingerprint, last_checkpoint_path, read_checkpoint
-from segx_helpers.models.networks import RANDOM, build_classifier, build_segmenter, classifier_normalization, pick_device
-from segx_helpers.models.training import TrainConfig, fit, make_loader, set_seed
+from segx_helpers.models.networks import (RANDOM, build_classifier, build_segmenter, classifier_normalization, pick_device,
+                                          prepare_for_cpu_training)
+from segx_helpers.models.training import TrainConfig, cpu_setting, fit, make_loader, set_seed
 from segx_helpers.workflows.training_recipes import (ClassifierSpec, Recipe, SegmenterSpec, classifier_fingerprint,
                                                     classifier_recipe, classifier_selection, finish_training,
                                                     segmenter_fingerprint, segmenter_recipe)
@@ -206,19 +210,20 @@ def ddp_fit(model: nn.Module, loss_fn: nn.Module, train_loader: DataLoader, vali
     """:func:`segx_helpers.models.training.fit` on every rank with the model under DDP (see the module
     docstring). ``train_loader`` should come from :func:`distributed_loader`. Returns fit's
     ``History``; ``model`` (the bare model, not the wrapper) ends holding the best weights on every
-    rank. With one process this is plain ``fit`` with the same loader."""
+    rank. With one process this is plain ``fit`` with the same loader. ``resume``: every rank continues from
+    ``<checkpoint_path>.last.pt`` as rank 0 reads it (fit's ``resume``)."""
     config = dataclasses.replace(config, device=str(ctx.device))
     if not ctx.distributed:
         return fit(model, loss_fn, train_loader, validate, config, target_key=target_key,
                    checkpoint_path=checkpoint_path, meta=meta, overwrite=overwrite, resume=resume)
-    if resume:
-        raise ValueError("resuming runs in one process only (the resume state is read by rank 0 alone); "
-                         "resume without torchrun, or train again with --overwrite")
     if sync_batchnorm:
         if ctx.device.type != "cuda":
             raise ValueError("sync_batchnorm needs CUDA devices (PyTorch's SyncBatchNorm does not run on the CPU)")
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(ctx.device)
+    # the memory format fit trains in, before DDP lays out its gradient buckets: changed afterwards, the first
+    # step's convolution gradients would be copied through buckets of the old strides (scrambled)
+    prepare_for_cpu_training(model, cpu_setting(config, ctx.device, model))
     wrapped = StateDictDDP(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
 
     def shared_validate(_wrapped: nn.Module) -> dict:
@@ -227,7 +232,7 @@ def ddp_fit(model: nn.Module, loss_fn: nn.Module, train_loader: DataLoader, vali
     if not ctx.is_main:
         os.environ["TQDM_DISABLE"] = "1"
     history = fit(wrapped, GlobalMeanLoss(loss_fn, ctx), train_loader, shared_validate, config, target_key=target_key,
-                  checkpoint_path=checkpoint_path if ctx.is_main else None, meta=meta, overwrite=overwrite)
+                  checkpoint_path=checkpoint_path, meta=meta, overwrite=overwrite, resume=resume)
     barrier(ctx)
     return history
 
@@ -300,7 +305,8 @@ def train(data_dir: str | Path, checkpoint: str | Path, spec: TrainSpec, process
     ``spec.batch_size`` the *global* batch (split over ranks) and :func:`ddp_fit` as the loop. Rank 0 writes
     the checkpoint and gets ``{"checkpoint", "metrics", "epochs", "world_size"}``; the others return None. An
     existing checkpoint is refused unless ``overwrite``, or ``resume`` and it holds an unfinished run of the
-    same settings (its ``<checkpoint>.last.pt`` holds the latest epoch; one process only). A batch size that
+    same settings (its ``<checkpoint>.last.pt`` holds the latest epoch; the same number of processes: a torchrun
+    run is resumed with the same torchrun command and ``--resume``). A batch size that
     leaves no full batch in the training split is refused before training. When training finishes,
     ``<checkpoint>.last.pt`` is removed. E.g. ``train("data/tiny", "c.pt", TrainSpec("classifier", epochs=2))``.
     """
@@ -314,7 +320,8 @@ def train(data_dir: str | Path, checkpoint: str | Path, spec: TrainSpec, process
         set_seed(spec.seed)
         model, recipe = _model_and_recipe(data, spec, config, splits, processes, ctx)
         if resume:
-            splits.loader.sampler.start_at(resumable_epochs(checkpoint, recipe.meta["fingerprint"]))
+            check = functools.partial(resumable_epochs, checkpoint, recipe.meta["fingerprint"])
+            splits.loader.sampler.start_at(run_on_main(ctx, check))
         history = ddp_fit(model, recipe.loss, splits.loader, recipe.validate, config, ctx, checkpoint_path=checkpoint,
                           meta=recipe.meta, overwrite=overwrite, sync_batchnorm=processes.sync_batchnorm,
                           target_key=recipe.target_key, resume=resume)
@@ -381,17 +388,27 @@ def _finish(recipe: Recipe, model: nn.Module, history, config: TrainConfig, chec
 
 def resumable_epochs(checkpoint: str | Path, fingerprint: dict) -> int:
     """The number of epochs an interrupted ``segx train`` run finished, after checking that it can be
-    resumed with ``fingerprint``: ``<checkpoint>.last.pt`` exists, holds the same fingerprint, and the
-    checkpoint (when there is one) is unfinished. Raises ``ValueError`` saying what to do otherwise."""
+    resumed with ``fingerprint``: ``<checkpoint>.last.pt`` exists, holds the same fingerprint (the same number
+    of processes included), and the checkpoint (when there is one) is unfinished. Raises ``ValueError`` saying
+    what to do otherwise: each message names a command that works, never one that is refused in turn."""
     checkpoint = Path(checkpoint)
     if checkpoint.exists() and read_checkpoint(checkpoint)["meta"].get("finished") is not False:
         raise ValueError(f"{checkpoint} holds a finished training run: nothing to resume (pass --overwrite to "
                          "train again)")
     last = last_checkpoint_path(checkpoint)
     if not last.exists():
-        raise ValueError(f"nothing to resume: {last} (the state of the latest epoch) does not exist; train again "
-                         "with --overwrite")
+        how = (f"pass --overwrite instead of --resume to train again from the start (the unfinished {checkpoint} is "
+               "replaced)" if checkpoint.exists() else "run the same command without --resume to train from the start")
+        raise ValueError(f"nothing to resume: {last} (the state of the latest finished epoch) does not exist, as "
+                         f"when a run stops in its first epoch; {how}")
     raw = read_checkpoint(last)
+    stored = raw["meta"].get("fingerprint") or {}
+    before, now = stored.get("world_size"), fingerprint.get("world_size")
+    if before is not None and before != now:
+        raise ValueError(f"{last} is the state of a run on {before} processes, and this one runs on {now}: resume it "
+                         f"with {before} processes, e.g. torchrun --nproc_per_node {before} -m segx_helpers train ... "
+                         "--resume (the same arguments; on several nodes, the same total), or train again with "
+                         "--overwrite")
     check_fingerprint(last, raw["meta"], fingerprint, "Resume with the settings of the interrupted run, or train "
                       "again with --overwrite.", require_finished=False)
     return int(raw["training_state"]["epoch"]) + 1

@@ -69,7 +69,8 @@ def _train_parser(sub) -> None:
     p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes (CUDA only)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint")
     p.add_argument("--resume", action="store_true",
-                   help="continue an interrupted run from <checkpoint>.last.pt (same settings, one process)")
+                   help="continue an interrupted run from <checkpoint>.last.pt (the same arguments; a torchrun run "
+                        "with torchrun and the same number of processes)")
     p.add_argument("--timeout-minutes", type=float, default=60.0)
 
 

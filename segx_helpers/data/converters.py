@@ -40,8 +40,9 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from segx_helpers.data.io import check_safe_id
-from segx_helpers.data.format import (IMAGE_SUFFIXES, SPLITS, DatasetFormatError, DatasetInfo, image_mode, make_splits, parse_labels,
-                     read_image, read_mask, read_table_csv, write_dataset)
+from segx_helpers.data.format import (IMAGE_SUFFIXES, NO_EXTRAS, SPLITS, DatasetExtras, DatasetFormatError, DatasetInfo,
+                                      image_mode, make_splits, parse_labels, read_image, read_mask, read_table_csv,
+                                      series_bit_depth, write_dataset)
 
 HAM_CLASSES = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
 HAM_METADATA_FILES = ("HAM10000_metadata.csv", "HAM10000_metadata.tab")
@@ -377,7 +378,7 @@ def convert_isic2018_trap(raw_dir: str | Path, out_dir: str | Path, trap_set: in
         channels=3,
     )
     return _write(out_dir, info, records, labels, splits, image_size, overwrite,
-                  extra_tables=lambda: {"artefacts.csv": artefacts})
+                  extras=DatasetExtras(tables=lambda: {"artefacts.csv": artefacts}))
 
 
 def read_isic_bias(path: str | Path) -> pd.DataFrame:
@@ -551,61 +552,151 @@ def find_layout(raw_dir: str | Path, names: Sequence[str], depth: int = 2) -> tu
 
 # ------------------------------------------------------------------------------------ your own folder
 
-def import_folder(images_dir: str | Path, labels_csv: str | Path, out_dir: str | Path, task: str,
-                  class_names: Sequence[str] | None = None, masks_dir: str | Path | None = None, mask_suffix: str = "",
-                  name: str | None = None, modality: str = "", mask_description: str = "clinical-interest region",
-                  channels: int | None = None, seed: int = 0, image_size: int | None = None, overwrite: bool = False,
-                  splits: str | Path | pd.DataFrame | None = None) -> Path:
-    """Bring your own data: a folder of images, an optional folder of masks and a labels CSV.
+@dataclass(frozen=True)
+class LabelsCsv:
+    """The labels of :func:`import_folder`: a CSV file (``path``) with ``image_id`` (each image's file name without
+    its suffix) plus a ``label`` column of class names (``task="multiclass"``) or one 0/1 column per class
+    (``task="multilabel"``). ``class_names`` fixes the class order (default: the sorted labels, or the CSV's
+    columns)."""
 
-    ``labels_csv`` has ``image_id`` plus a ``label`` column (``task="multiclass"``) or one 0/1 column
-    per class (``task="multilabel"``). Images are ``images_dir/<image_id>.png|jpg``; masks, when
-    given, ``masks_dir/<image_id><mask_suffix>.png`` (an image without a mask file is kept without
-    one). ``class_names`` fixes the class order (default: sorted labels, or the CSV's columns).
+    path: str | Path
+    task: str
+    class_names: Sequence[str] | None = None
 
-    ``splits``: your own split, a CSV file or frame with ``image_id`` and ``split`` (train/val/test)
-    columns, kept as it is (a ``split`` column in ``labels_csv`` works too: pass ``splits=labels_csv``).
-    Without it a fresh 7:1:2 split stratified by label is made, with a warning when a ``splits.csv``
-    or a ``split`` column next to your data is thereby ignored. ``channels``: 1 (grayscale) or 3 (RGB);
-    by default 1 when every image is grayscale (single-channel, or RGB with equal channels), else 3,
-    and one printed line says which was chosen.
+
+@dataclass(frozen=True)
+class MaskFolder:
+    """The masks of :func:`import_folder`: ``folder/<image_id><suffix>.png`` (an image without a mask file is kept
+    without one); ``description`` says what they outline (``mask_description`` in ``dataset.json``)."""
+
+    folder: str | Path
+    suffix: str = ""
+    description: str = "clinical-interest region"
+
+
+@dataclass(frozen=True)
+class SplitChoice:
+    """The split of :func:`import_folder`: ``own``, your split (a CSV file or a frame with ``image_id`` and
+    ``split`` (train/val/test) columns; ``labels.csv`` itself when it has a ``split`` column), kept as it is; or,
+    without it, a fresh 7:1:2 split stratified by label, drawn with ``seed``."""
+
+    own: str | Path | pd.DataFrame | None = None
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class FormatChoices:
+    """How :func:`import_folder` writes the dataset: its ``name`` (default: the output folder's name), its
+    ``modality`` (e.g. ``"chest X-ray"``, which chooses the training augmentation), ``channels`` (1 grayscale, 3
+    RGB; None: 1 when every image is grayscale, else 3, printed) and ``image_size`` (a square of that many pixels;
+    None: each image keeps its size)."""
+
+    name: str | None = None
+    modality: str = ""
+    channels: int | None = None
+    image_size: int | None = None
+
+
+def import_folder(images_dir: str | Path, labels: LabelsCsv, out_dir: str | Path, masks: MaskFolder | None = None,
+                  splits: SplitChoice = SplitChoice(), choices: FormatChoices = FormatChoices(),
+                  overwrite: bool = False) -> Path:
+    """Bring your own data: a folder of images (``images_dir/<image_id>.png|jpg``), a labels CSV
+    (:class:`LabelsCsv`) and optionally a folder of masks (:class:`MaskFolder`), written to ``out_dir`` in the
+    format, e.g. ``import_folder("raw/images", LabelsCsv("raw/labels.csv", "multiclass"), "data/mine",
+    masks=MaskFolder("raw/masks", suffix="_mask"))``.
+
+    ``splits`` (:class:`SplitChoice`): your own split, or a fresh stratified 7:1:2 one, with a warning when a
+    ``splits.csv`` or a ``split`` column next to your data is thereby ignored. ``choices``
+    (:class:`FormatChoices`): name, modality, channels, image size. A 16-bit series is scaled to 8 bits once for
+    all its images (:func:`~segx_helpers.data.format.series_bit_depth`). Labels, ids, the mask folder and the
+    splits are checked before any image is converted; each problem is a :class:`DatasetFormatError` naming the
+    file or folder.
     """
-    images_dir, labels_csv = _require_dir(Path(images_dir)), Path(labels_csv)
+    _check_groups(labels, masks, splits, choices)
+    images_dir, labels_csv = _require_dir(Path(images_dir)), Path(labels.path)
     if not labels_csv.is_file():
         raise DatasetFormatError(f"Labels file {labels_csv} not found.")
-    labels = read_table_csv(labels_csv, required=["image_id"])
-    user_splits = _user_splits(splits, labels, labels_csv) if splits is not None else None
+    table = read_table_csv(labels_csv, required=["image_id"])
+    user_splits = _user_splits(splits.own, table, labels_csv) if splits.own is not None else None
     if user_splits is None:
-        _warn_ignored_splits(images_dir, labels_csv, labels)
-    labels = labels.drop(columns=["split"], errors="ignore")
-    if task == "multiclass":
-        if "label" not in labels.columns:
-            raise DatasetFormatError(f"{labels_csv} needs a 'label' column for a multiclass task.")
-        class_names = list(class_names or sorted(labels["label"].dropna().astype(str).unique()))
-        stratum = labels["label"].astype(str)
-    elif task == "multilabel":
-        class_names = list(class_names or [c for c in labels.columns if c not in ("image_id", "split")])
-        stratum = labels[class_names].astype(str).agg("".join, axis=1)
-    else:
-        raise ValueError(f"task must be 'multiclass' or 'multilabel', got {task!r}")
-    info = DatasetInfo(name=name or Path(out_dir).name, modality=modality, task=task, class_names=class_names,
-                       mask_description=mask_description, source=str(images_dir), licence="", channels=channels or 3)
-    parse_labels(labels, info, labels_csv)  # NaN or unknown labels: refused before any image is converted
-    ids = [_check_id(i, labels_csv) for i in labels["image_id"]]
+        _warn_ignored_splits(images_dir, labels_csv, table)
+    table = table.drop(columns=["split"], errors="ignore")
+    class_names, stratum = _classes_and_strata(table, labels, labels_csv)
+    info = DatasetInfo(name=choices.name or Path(out_dir).name, modality=choices.modality, task=labels.task,
+                       class_names=class_names,
+                       mask_description=(masks or MaskFolder("")).description,
+                       source=str(images_dir), licence="", channels=choices.channels or 3)
+    parse_labels(table, info, labels_csv)  # NaN or unknown labels: refused before any image is converted
+    ids = [_check_id(i, labels_csv) for i in table["image_id"]]
     images = _index_files([images_dir], IMAGE_SUFFIXES)
-    _check_all_found(ids, images, images_dir.parent, [images_dir.name])
-    masks = _index_files([Path(masks_dir)], (".png",), strip=mask_suffix) if masks_dir is not None else {}
-    records = [_Record(i, images[i], _as_tuple(masks.get(i))) for i in ids]
-    splits = user_splits if user_splits is not None else make_splits(ids, seed=seed, stratify=stratum)
-    empty = [split for split in SPLITS if not (splits["split"] == split).any()]
+    _check_ids_name_files(ids, images, labels_csv, images_dir)
+    found = _mask_files(masks, ids) if masks is not None else {}
+    records = [_Record(i, images[i], _as_tuple(found.get(i))) for i in ids]
+    chosen = user_splits if user_splits is not None else make_splits(ids, seed=splits.seed, stratify=stratum)
+    empty = [split for split in SPLITS if not (chosen["split"] == split).any()]
     if empty:
         made = ("the splits you passed leave" if user_splits is not None else
                 f"{len(ids)} images are too few for a 7:1:2 split stratified by label: it leaves")
         raise DatasetFormatError(f"{labels_csv}: {made} the {empty} split(s) empty (every split needs at least one "
-                                 "image). Add images, or pass splits= with your own train/val/test split.")
-    if channels is None:
+                                 "image). Add images, or pass splits=SplitChoice(own=...) with your own train/val/test "
+                                 "split.")
+    if choices.channels is None:
         info = dataclasses.replace(info, channels=_detect_channels([images[i] for i in ids]))
-    return _write(out_dir, info, records, labels, splits, image_size, overwrite)
+    return _write(out_dir, info, records, table, chosen, choices.image_size, overwrite)
+
+
+def _check_groups(labels, masks, splits, choices) -> None:
+    """A ``TypeError`` saying how to pass each of :func:`import_folder`'s grouped arguments given as something else
+    (e.g. a path for ``labels``)."""
+    for value, kind, name in ((labels, LabelsCsv, "labels"), (masks, MaskFolder, "masks"), (splits, SplitChoice, "splits"),
+                              (choices, FormatChoices, "choices")):
+        if not isinstance(value, kind) and not (name == "masks" and value is None):
+            raise TypeError(f"import_folder's {name} must be a {kind.__name__}(...), got {type(value).__name__} "
+                            f"{value!r:.80}: e.g. labels=LabelsCsv('labels.csv', 'multiclass'), "
+                            "masks=MaskFolder('masks', suffix='_mask'), splits=SplitChoice(own='splits.csv'), "
+                            "choices=FormatChoices(channels=1)")
+
+
+def _classes_and_strata(table: pd.DataFrame, labels: LabelsCsv, labels_csv: Path) -> tuple[list[str], pd.Series]:
+    """The class names (in order) and one stratification key per row of the labels ``table``."""
+    if labels.task == "multiclass":
+        if "label" not in table.columns:
+            raise DatasetFormatError(f"{labels_csv} needs a 'label' column for a multiclass task.")
+        class_names = list(labels.class_names or sorted(table["label"].dropna().astype(str).unique()))
+        return class_names, table["label"].astype(str)
+    if labels.task == "multilabel":
+        class_names = list(labels.class_names or [c for c in table.columns if c not in ("image_id", "split")])
+        return class_names, table[class_names].astype(str).agg("".join, axis=1)
+    raise ValueError(f"task must be 'multiclass' or 'multilabel', got {labels.task!r}")
+
+
+def _check_ids_name_files(ids: Sequence[str], images: dict[str, Path], labels_csv: Path, images_dir: Path) -> None:
+    """Every id of ``labels_csv`` has its image in ``images_dir``; ids written with their file suffix
+    (``s00.png``) are refused saying that ids are file names without it."""
+    missing = [i for i in ids if i not in images]
+    suffixed = [i for i in missing if Path(i).suffix.lower() in IMAGE_SUFFIXES and Path(i).stem in images]
+    if suffixed:
+        raise DatasetFormatError(
+            f"{labels_csv}: image ids are file names without their suffix, but {len(suffixed)} ids carry one (e.g. "
+            f"{suffixed[:3]}): write {Path(suffixed[0]).stem!r} for {images_dir / suffixed[0]}.")
+    _check_all_found(ids, images, images_dir.parent, [images_dir.name])
+
+
+def _mask_files(masks: MaskFolder, ids: Sequence[str]) -> dict[str, Path]:
+    """Image id -> its mask file in ``masks.folder``; a folder that does not exist, or whose ``.png`` files are the
+    mask of no image (a wrong ``suffix``?), is a :class:`DatasetFormatError` naming it."""
+    folder = Path(masks.folder)
+    if not folder.is_dir():
+        raise DatasetFormatError(f"Mask folder {folder} not found (is its name right?). Pass masks=None to import the "
+                                 "images without masks.")
+    found = _index_files([folder], (".png",), strip=masks.suffix)
+    if found and not set(found) & set(ids):
+        example = next(iter(found))
+        raise DatasetFormatError(
+            f"None of the {len(found)} .png files in {folder} is the mask of an image: masks are "
+            f"<image_id>{masks.suffix}.png (suffix={masks.suffix!r}), e.g. {ids[0]}{masks.suffix}.png, but the folder "
+            f"holds e.g. {example}{masks.suffix}.png. Set MaskFolder's suffix to the part after the image id.")
+    return found
 
 
 class IgnoredSplitsWarning(UserWarning):
@@ -646,7 +737,8 @@ def _warn_ignored_splits(images_dir: Path, labels_csv: Path, labels: pd.DataFram
         found.append(f"the split column of {labels_csv}")
     if found:
         warnings.warn(f"import_folder ignores your split ({', '.join(found)}) and makes a fresh stratified 7:1:2 split; "
-                      "pass splits=<that file> to keep yours.", IgnoredSplitsWarning, stacklevel=3)
+                      "pass splits=SplitChoice(own=<that file>) to keep yours.", IgnoredSplitsWarning,
+                      stacklevel=3)
 
 
 def _detect_channels(paths: Sequence[Path], max_checked: int = 64) -> int:
@@ -661,20 +753,21 @@ def _detect_channels(paths: Sequence[Path], max_checked: int = 64) -> int:
             colour.append(path)
             break
     if colour:
-        print(f"import_folder: channels=3 (RGB): {colour[0].name} is a colour image; pass channels=1 for grayscale")
+        print(f"import_folder: channels=3 (RGB): {colour[0].name} is a colour image; pass "
+              "choices=FormatChoices(channels=1) for grayscale")
         return 3
     checked = len(paths) - len(rgb_paths) + len(rgb_paths[::step])
     print(f"import_folder: channels=1 (grayscale): the {checked} of {len(paths)} images checked are all grayscale; "
-          "pass channels=3 to keep RGB")
+          "pass choices=FormatChoices(channels=3) to keep RGB")
     return 1
 
 
 # ------------------------------------------------------------------------------------ shared steps
 
 def _write(out_dir, info: DatasetInfo, records: list[_Record], labels: pd.DataFrame, splits: pd.DataFrame,
-           image_size: int | None, overwrite: bool, extra_tables: Callable[[], dict[str, pd.DataFrame]] | None = None
-           ) -> Path:
-    """Read, optionally resize and write every record; warn once about the images without a mask."""
+           image_size: int | None, overwrite: bool, extras: DatasetExtras = NO_EXTRAS) -> Path:
+    """Read, optionally resize and write every record; warn once about the images without a mask. The 16-bit
+    images of the series are scaled with one bit depth for all (:func:`~segx_helpers.data.format.series_bit_depth`)."""
     if image_size is not None and image_size < 1:
         raise ValueError(f"image_size must be a positive number of pixels, got {image_size}")
     unmasked = [r.image_id for r in records if not r.masks]
@@ -686,16 +779,22 @@ def _write(out_dir, info: DatasetInfo, records: list[_Record], labels: pd.DataFr
             stacklevel=3,
         )
 
+    bit_depth = series_bit_depth([r.image for r in records])
+    if bit_depth is not None:
+        print(f"{info.name}: 16-bit images, scaled to 8 bits as {bit_depth}-bit for the whole series"
+              + (" (every image's maximum is below 4096)" if bit_depth == 12 else ""))
+
     def samples():
         for record in tqdm(records, desc=info.name, unit="image"):
-            image, mask = _load(record, info.channels, image_size)
+            image, mask = _load(record, info.channels, image_size, bit_depth)
             yield record.image_id, image, mask
 
-    return write_dataset(out_dir, info, samples(), labels, splits, overwrite=overwrite, extra_tables=extra_tables)
+    return write_dataset(out_dir, info, samples(), labels, splits, overwrite=overwrite, extras=extras)
 
 
-def _load(record: _Record, channels: int, image_size: int | None) -> tuple[np.ndarray, np.ndarray | None]:
-    image = read_image(record.image, channels=channels)
+def _load(record: _Record, channels: int, image_size: int | None,
+          bit_depth: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    image = read_image(record.image, channels=channels, bit_depth=bit_depth)
     mask = None
     if record.masks:
         mask = np.logical_or.reduce([read_mask(p, expected_size=image.shape[:2]) for p in record.masks])

@@ -132,26 +132,18 @@ class LoadedDataset:
 
 # ----------------------------------------------------------------------------------------- reading
 
-def read_image(path: str | Path, channels: int = 3) -> np.ndarray:
+def read_image(path: str | Path, channels: int = 3, bit_depth: int | None = None) -> np.ndarray:
     """Read an image as uint8 ``(H, W, channels)``.
 
     RGBA loses its alpha channel, grayscale is replicated to RGB when ``channels == 3``, and 16-bit
-    radiographs are scaled to 8 bits by their bit depth (12-bit when the maximum is below 4096).
-    Unreadable, zero-byte and truncated files raise :class:`DatasetFormatError` naming the file.
+    radiographs are scaled to 8 bits by their bit depth: ``bit_depth`` (e.g. 12: the value 4095 becomes 255)
+    when given, as for a whole series (:func:`series_bit_depth`), else guessed for this image alone (12-bit
+    when its maximum is below 4096). Missing, unreadable, zero-byte and truncated files raise
+    :class:`DatasetFormatError` naming the file.
     """
     path = Path(path)
-    if not path.is_file():
-        raise DatasetFormatError(f"Missing image file: {path}")
-    if path.stat().st_size == 0:
-        raise DatasetFormatError(f"Empty (zero-byte) image file: {path}")
-    try:
-        with Image.open(path) as img:
-            img.load()
-            array = _to_uint8(img)
-    except Image.DecompressionBombError as err:
-        raise _too_many_pixels(path, "Image", err) from err
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
-        raise DatasetFormatError(f"Unreadable or truncated image file: {path} ({err})") from err
+    with _open_checked(path, "image") as img:
+        array = _to_uint8(img, bit_depth)
     if array.ndim == 2:
         array = array[:, :, None]
     if channels == 3 and array.shape[2] == 1:
@@ -168,10 +160,57 @@ def _too_many_pixels(path: Path, what: str, err: Exception) -> DatasetFormatErro
     )
 
 
-def _to_uint8(img: Image.Image) -> np.ndarray:
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I")
+
+
+def _open_checked(path: str | Path, what: str = "image", decode: bool = True) -> Image.Image:
+    """``path`` opened with PIL (its pixels decoded unless ``decode`` is False), to use in a ``with`` block. A
+    missing, zero-byte, unreadable or truncated file, or one with too many pixels to decode safely, is a
+    :class:`DatasetFormatError` naming it as an ``what`` file (``"image"`` or ``"mask"``): the one place
+    :func:`read_image`, :func:`read_mask` and :func:`image_size` check their files."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetFormatError(f"Missing {what} file: {path}")
+    if path.stat().st_size == 0:
+        raise DatasetFormatError(f"Empty (zero-byte) {what} file: {path}")
+    img = None
+    try:
+        img = Image.open(path)
+        if decode:
+            img.load()
+        return img
+    except Image.DecompressionBombError as err:
+        _close(img)
+        raise _too_many_pixels(path, what.capitalize(), err) from err
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        _close(img)
+        state = "Unreadable or truncated" if decode else "Unreadable"
+        raise DatasetFormatError(f"{state} {what} file: {path} ({err})") from err
+
+
+def _close(img: Image.Image | None) -> None:
+    if img is not None:
+        img.close()
+
+
+def series_bit_depth(paths: Sequence[str | Path]) -> int | None:
+    """The bit depth of the 16-bit images among ``paths``, for one scaling of the whole series: 12 when every
+    one's maximum is below 4096, else 16; None when none is 16-bit. Reads the pixels of the 16-bit files only
+    (one at a time); the others' headers."""
+    sixteen = [path for path in paths if image_mode(path) in SIXTEEN_BIT_MODES]
+    if not sixteen:
+        return None
+    top = 0.0
+    for path in sixteen:
+        with _open_checked(path, "image") as img:
+            top = max(top, float(np.asarray(img).max()))
+    return 12 if top < 4096 else 16
+
+
+def _to_uint8(img: Image.Image, bit_depth: int | None = None) -> np.ndarray:
+    if img.mode in SIXTEEN_BIT_MODES:
         values = np.asarray(img, dtype=np.float64)
-        depth = 4095.0 if values.max() < 4096 else 65535.0
+        depth = float(2 ** bit_depth - 1) if bit_depth is not None else 4095.0 if values.max() < 4096 else 65535.0
         return np.clip(np.round(values / depth * 255.0), 0, 255).astype(np.uint8)
     if img.mode == "F":
         values = np.asarray(img, dtype=np.float64)
@@ -197,19 +236,9 @@ def read_mask(path: str | Path, expected_size: tuple[int, int] | None = None) ->
     ``expected_size`` is the image's ``(H, W)``; a mask of another size is an error.
     """
     path = Path(path)
-    if not path.is_file():
-        raise DatasetFormatError(f"Missing mask file: {path}")
-    if path.stat().st_size == 0:
-        raise DatasetFormatError(f"Empty (zero-byte) mask file: {path}")
-    try:
-        with Image.open(path) as img:
-            img.load()
-            palette = img.mode == "P"
-            values = np.asarray(img if img.mode in ("L", "1", "P", "I;16", "I;16B", "I;16L", "I") else img.convert("L"))
-    except Image.DecompressionBombError as err:
-        raise _too_many_pixels(path, "Mask", err) from err
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
-        raise DatasetFormatError(f"Unreadable or truncated mask file: {path} ({err})") from err
+    with _open_checked(path, "mask") as img:
+        palette = img.mode == "P"
+        values = np.asarray(img if img.mode in ("L", "1", "P") + SIXTEEN_BIT_MODES else img.convert("L"))
     if values.ndim != 2:
         raise DatasetFormatError(f"Mask {path} must be single-channel, got shape {values.shape}.")
     if expected_size is not None and values.shape != tuple(expected_size):
@@ -255,19 +284,9 @@ def image_mode(path: str | Path) -> str:
 
 def _header(path: str | Path) -> tuple[str, tuple[int, int]]:
     """Mode and ``(H, W)`` from an image file's header; problems are a :class:`DatasetFormatError` naming it."""
-    path = Path(path)
-    if not path.is_file():
-        raise DatasetFormatError(f"Missing image file: {path}")
-    if path.stat().st_size == 0:
-        raise DatasetFormatError(f"Empty (zero-byte) image file: {path}")
-    try:
-        with Image.open(path) as img:
-            width, height = img.size
-            return img.mode, (height, width)
-    except Image.DecompressionBombError as err:
-        raise _too_many_pixels(path, "Image", err) from err
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
-        raise DatasetFormatError(f"Unreadable image file: {path} ({err})") from err
+    with _open_checked(path, "image", decode=False) as img:
+        width, height = img.size
+        return img.mode, (height, width)
 
 
 # ----------------------------------------------------------------------------------------- loading
@@ -460,6 +479,20 @@ def make_splits(
     return pd.DataFrame({"image_id": ids, "split": split})
 
 
+@dataclass(frozen=True)
+class DatasetExtras:
+    """What :func:`write_dataset` writes besides the images, masks, labels and splits, once ``samples`` is
+    consumed (so that what the samples produced can go in): ``tables()`` returns more CSV files (name ->
+    frame), e.g. the synthetic ``artefacts.csv``; ``files(folder)`` writes more files into the (temporary)
+    dataset folder, e.g. the synthetic artefact maps and twins."""
+
+    tables: Callable[[], dict[str, pd.DataFrame]] | None = None
+    files: Callable[[Path], None] | None = None
+
+
+NO_EXTRAS = DatasetExtras()
+
+
 def write_dataset(
     root: str | Path,
     info: DatasetInfo,
@@ -468,8 +501,7 @@ def write_dataset(
     splits: pd.DataFrame,
     overwrite: bool = False,
     image_format: str = "png",
-    extra_tables: Callable[[], dict[str, pd.DataFrame]] | None = None,
-    extra_files: Callable[[Path], None] | None = None,
+    extras: DatasetExtras = NO_EXTRAS,
 ) -> Path:
     """Write a dataset folder atomically from ``(image_id, image (H, W[, C]) uint8, mask (H, W) bool | None)``.
 
@@ -478,8 +510,8 @@ def write_dataset(
     written by this package (its dataset.json carries a ``generator`` entry) and holds no file the
     writer did not put there (the writer lists its files in ``.segx_files.json``; a folder written
     before that list existed is checked by its ``generator`` entry only): user data is never replaced.
-    ``extra_tables`` returns more CSV files to write (name -> frame), e.g. the synthetic artefact table; it is called after ``samples`` is consumed, as is ``extra_files(folder)``, which
-    writes more files into the (temporary) dataset folder, e.g. the synthetic artefact maps and twins.
+    ``extras``: more tables and files (:class:`DatasetExtras`). An image of height or width 1 is stored as it is
+    (only a channel axis of 1 is dropped).
     """
     root = Path(root)
     if root.exists():
@@ -493,15 +525,15 @@ def write_dataset(
             if image_id in seen:
                 raise DatasetFormatError(f"Duplicate image id {image_id!r} while writing {root}.")
             seen.add(image_id)
-            Image.fromarray(np.asarray(image, dtype=np.uint8).squeeze()).save(tmp / "images" / f"{image_id}.{image_format}")
+            image_file(image).save(tmp / "images" / f"{image_id}.{image_format}")
             if mask is not None:
                 if mask.shape != image.shape[:2]:
                     raise DatasetFormatError(f"Mask for {image_id!r} has shape {mask.shape}, image {image.shape[:2]}.")
                 Image.fromarray(np.where(mask, 255, 0).astype(np.uint8)).save(tmp / "masks" / f"{image_id}.png")
-        for name, frame in (extra_tables() if extra_tables else {}).items():
+        for name, frame in (extras.tables() if extras.tables else {}).items():
             frame.to_csv(tmp / name, index=False)
-        if extra_files is not None:
-            extra_files(tmp)
+        if extras.files is not None:
+            extras.files(tmp)
         labels.to_csv(tmp / "labels.csv", index=False)
         splits.to_csv(tmp / "splits.csv", index=False)
         write_json(tmp / "dataset.json", asdict(info))
@@ -512,6 +544,13 @@ def write_dataset(
 
 
 WRITTEN_FILES = ".segx_files.json"
+
+
+def image_file(image: np.ndarray) -> Image.Image:
+    """A uint8 image ``(H, W)``, ``(H, W, 1)`` or ``(H, W, 3)`` as a PIL image of that height and width (a
+    channel axis of 1 is dropped, never a height or width of 1)."""
+    array = np.asarray(image, dtype=np.uint8)
+    return Image.fromarray(array[:, :, 0] if array.ndim == 3 and array.shape[2] == 1 else array)
 
 
 def _check_owned(root: Path) -> None:

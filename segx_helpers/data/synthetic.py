@@ -25,7 +25,7 @@ from scipy import ndimage
 from tqdm.auto import tqdm
 
 from segx_helpers.data.io import check_safe_id
-from segx_helpers.data.format import DatasetInfo, load_info, make_splits, write_dataset
+from segx_helpers.data.format import DatasetExtras, DatasetInfo, image_file, load_info, make_splits, write_dataset
 
 DERM_CLASSES = ("nevus", "melanoma", "keratosis")
 CXR_FINDINGS = ("nodule", "opacity", "effusion")
@@ -345,7 +345,7 @@ def generate_synthetic_derm(root: str | Path, config: SyntheticConfig | None = N
     subtle = is_melanoma & (np.random.default_rng([config.seed, 30_000_000]).random(config.n_images) < config.subtle_share)
     is_test = splits["split"].to_numpy() == "test"
 
-    records, maps, twins = [], {}, {}
+    artefacts = _Artefacts()
 
     def draw(i: int, with_artefact: bool):
         return _draw_derm(np.random.default_rng([config.seed, i]), config.image_size, DERM_CLASSES[labels[i]],
@@ -353,11 +353,11 @@ def generate_synthetic_derm(root: str | Path, config: SyntheticConfig | None = N
 
     def samples():
         for i, image_id in enumerate(tqdm(ids, desc="synthetic-derm", disable=not progress)):
-            image, mask, artefacts, where = draw(i, present[i])
-            records.append({"image_id": image_id, **artefacts, "subtle": bool(subtle[i])})
-            maps[image_id] = where
+            image, mask, drawn, where = draw(i, present[i])
+            artefacts.records.append({"image_id": image_id, **drawn, "subtle": bool(subtle[i])})
+            artefacts.maps[image_id] = where
             if is_test[i]:
-                twins[f"{image_id}__{artefact}"] = draw(i, not present[i])[0]
+                artefacts.twins[f"{image_id}__{artefact}"] = draw(i, not present[i])[0]
             yield image_id, image, mask
 
     info = DatasetInfo(
@@ -368,7 +368,7 @@ def generate_synthetic_derm(root: str | Path, config: SyntheticConfig | None = N
                    "nuisance_artefacts": ["ruler", "vignette", "hair"], "artefact_bits": list(DERM_ARTEFACTS)},
     )
     frame = pd.DataFrame({"image_id": ids, "label": [DERM_CLASSES[k] for k in labels]})
-    _write_with_artefacts(root, info, samples(), frame, splits, records, overwrite, maps, twins)
+    write_dataset(root, info, samples(), frame, splits, overwrite=overwrite, extras=artefacts.extras())
     return Path(root)
 
 
@@ -490,7 +490,7 @@ def generate_synthetic_cxr(root: str | Path, config: SyntheticConfig | None = No
     token_flags = {CXR_TOKENS[f]: _split_shortcut(splits["split"].to_numpy(), labels[:, j], config, rng)
                    for j, f in enumerate(CXR_FINDINGS)}
     is_test = splits["split"].to_numpy() == "test"
-    records, maps, twins = [], {}, {}
+    artefacts = _Artefacts()
 
     def samples():
         for i, image_id in enumerate(tqdm(ids, desc="synthetic-cxr", disable=not progress)):
@@ -498,12 +498,12 @@ def generate_synthetic_cxr(root: str | Path, config: SyntheticConfig | None = No
             tokens = {t: bool(flags[i]) for t, flags in token_flags.items()}
             image, mask, drawn, where = _draw_cxr(np.random.default_rng([config.seed, i]), config.image_size, findings,
                                                   tokens)
-            records.append({"image_id": image_id, **drawn})
-            maps[image_id] = where
+            artefacts.records.append({"image_id": image_id, **drawn})
+            artefacts.maps[image_id] = where
             if is_test[i]:
                 for token in tokens:
                     flipped = {**tokens, token: not tokens[token]}
-                    twins[f"{image_id}__{token}"] = _draw_cxr(np.random.default_rng([config.seed, i]), config.image_size,
+                    artefacts.twins[f"{image_id}__{token}"] = _draw_cxr(np.random.default_rng([config.seed, i]), config.image_size,
                                                               findings, flipped)[0]
             yield image_id, image, mask
 
@@ -516,7 +516,7 @@ def generate_synthetic_cxr(root: str | Path, config: SyntheticConfig | None = No
         augmentation={"hflip": False, "vflip": False, "rotation": 5.0},  # = augmentation.MODALITY_AUGMENTATION["chest x-ray"]
     )
     frame = pd.DataFrame({"image_id": ids, **{f: labels[:, j].astype(int) for j, f in enumerate(CXR_FINDINGS)}})
-    _write_with_artefacts(root, info, samples(), frame, splits, records, overwrite, maps, twins)
+    write_dataset(root, info, samples(), frame, splits, overwrite=overwrite, extras=artefacts.extras())
     return Path(root)
 
 
@@ -541,20 +541,30 @@ def _config_dict(config: SyntheticConfig, prevalence: np.ndarray) -> dict:
     return values
 
 
-def _write_with_artefacts(root, info, samples, labels, splits, records, overwrite, maps, twins) -> None:
-    """Write the dataset plus ``artefacts.csv`` (which spurious marks each image carries), the artefact
-    maps ``artefacts/<id>.png`` and the test split's counterfactual twins ``twins/<id>__<artefact>.png``,
-    atomically (see :mod:`segx_helpers.data.format`)."""
-    def extra_files(folder: Path) -> None:
+@dataclass
+class _Artefacts:
+    """What a generator records while it draws the images, written with the dataset (:meth:`extras`): one row
+    per image of which spurious marks it carries (``artefacts.csv``), where they are (``artefacts/<id>.png``,
+    uint8 bit flags ``(S, S)``) and the test split's counterfactual twins (``twins/<id>__<artefact>.png``)."""
+
+    records: list[dict] = field(default_factory=list)
+    maps: dict[str, np.ndarray] = field(default_factory=dict)
+    twins: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def extras(self) -> DatasetExtras:
+        """The table and files for :func:`~segx_helpers.data.format.write_dataset`, read once the samples are drawn."""
+        return DatasetExtras(tables=self.tables, files=self.write_files)
+
+    def tables(self) -> dict[str, pd.DataFrame]:
+        return {"artefacts.csv": pd.DataFrame(self.records)}
+
+    def write_files(self, folder: Path) -> None:
         (folder / "artefacts").mkdir()
         (folder / "twins").mkdir()
-        for image_id, where in maps.items():
+        for image_id, where in self.maps.items():
             Image.fromarray(where).save(folder / "artefacts" / f"{image_id}.png")
-        for name, image in twins.items():
-            Image.fromarray(np.asarray(image, dtype=np.uint8).squeeze()).save(folder / "twins" / f"{name}.png")
-
-    write_dataset(root, info, samples, labels, splits, overwrite=overwrite,
-                  extra_tables=lambda: {"artefacts.csv": pd.DataFrame(records)}, extra_files=extra_files)
+        for name, image in self.twins.items():
+            image_file(image).save(folder / "twins" / f"{name}.png")
 
 
 def load_artefacts(root: str | Path) -> pd.DataFrame:

@@ -73,6 +73,9 @@ def explain(model: nn.Module, images: torch.Tensor | np.ndarray, targets=None, m
         options = spec.prepare(options, model, images)
     with evaluation_mode(model):
         maps, pairs, probs = run(model, images, targets, options, settings)
+    if not isinstance(maps, np.ndarray):
+        raise TypeError(f"explanation method {method!r} returned a {type(maps).__name__}, not a numpy array (M, H, W) "
+                        "with one map per (image, class) pair: return e.g. np.stack(maps) or tensor.detach().cpu().numpy()")
     if maps.shape != (len(pairs), *images.shape[-2:]):
         raise ValueError(f"{method} gave maps of shape {maps.shape} for {len(pairs)} (image, class) pairs of "
                          f"{tuple(images.shape[-2:])} images; a method must give one map per pair at input resolution")

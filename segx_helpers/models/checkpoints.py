@@ -5,7 +5,10 @@ for now.
 A checkpoint is one file holding the state dict plus everything needed to rebuild and use the
 model (``meta``: architecture, task, class names, image size, normalisation, thresholds, training
 configuration, metrics) and ``content_sha256``, a SHA-256 of the weights and the metadata that is
-checked on every load (a damaged file is refused, never used). It is loaded with
+checked on every load (a damaged file is refused, never used). The resume state of an unfinished run
+(``<checkpoint>.last.pt``) also holds ``training_state`` (optimiser, scheduler, epoch counter, random
+state) and ``training_sha256``, its SHA-256, checked the same way. A file written before these checksums
+existed loads with an :class:`UnverifiedCheckpointWarning`. It is loaded with
 ``torch.load(weights_only=True)``: no arbitrary pickles. Saving refuses to overwrite an existing file
 unless asked. :func:`load_trained` gives a :class:`TrainedModel` (model, metadata, history).
 
@@ -21,6 +24,7 @@ import hashlib
 import json
 import pickle
 import re
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -41,6 +45,11 @@ class CheckpointError(ValueError):
     """A checkpoint file is missing, corrupt, or does not match what the caller expects."""
 
 
+class UnverifiedCheckpointWarning(UserWarning):
+    """A checkpoint (or its training state) carries no SHA-256 (written by an older segx_helpers), so damage
+    to it cannot be detected."""
+
+
 # ------------------------------------------------------------------------------ one file
 
 def save_checkpoint(path: str | Path, model: nn.Module, meta: dict, overwrite: bool = False,
@@ -56,6 +65,7 @@ def save_checkpoint(path: str | Path, model: nn.Module, meta: dict, overwrite: b
                "content_sha256": content_sha256(state_dict, meta_json)}
     if training_state is not None:
         payload["training_state"] = training_state
+        payload["training_sha256"] = training_sha256(training_state)
     with atomic_path(path, overwrite=overwrite) as tmp:
         torch.save(payload, tmp)
     return path
@@ -71,6 +81,36 @@ def content_sha256(state_dict: dict[str, torch.Tensor], meta_json: str) -> str:
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
     digest.update(meta_json.encode())
     return digest.hexdigest()
+
+
+def training_sha256(training_state: dict) -> str:
+    """SHA-256 of a resume state (what :func:`~segx_helpers.models.training.fit` saves in ``.last.pt``): every
+    value in it, nested dicts (in key order), lists, tensors (dtype, shape and bytes), numbers and text, each
+    with its type. Stored by :func:`save_checkpoint`, checked by :func:`read_checkpoint`."""
+    digest = hashlib.sha256()
+    _digest_value(digest, training_state)
+    return digest.hexdigest()
+
+
+def _digest_value(digest, value) -> None:
+    """Feed ``value`` to ``digest`` unambiguously (type, length and order included)."""
+    if isinstance(value, dict):
+        digest.update(f"dict {len(value)}\n".encode())
+        for key in sorted(value, key=repr):
+            digest.update(f"{key!r}:".encode())
+            _digest_value(digest, value[key])
+    elif isinstance(value, (list, tuple)):
+        digest.update(f"{type(value).__name__} {len(value)}\n".encode())
+        for item in value:
+            _digest_value(digest, item)
+    elif isinstance(value, torch.Tensor):
+        tensor = value.detach().cpu().contiguous()
+        digest.update(f"tensor {tensor.dtype} {tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    elif value is None or isinstance(value, (bool, int, float, str, bytes)):
+        digest.update(f"{type(value).__name__} {value!r}\n".encode())
+    else:
+        raise TypeError(f"a training state cannot hold a {type(value).__name__} ({value!r:.80})")
 
 
 def _jsonable(value):
@@ -106,11 +146,39 @@ def read_checkpoint(path: str | Path) -> dict:
         raise CheckpointError(f"{path} is damaged: its meta_json is missing or not valid JSON ({type(err).__name__}: {err}).") from err
     if not isinstance(meta, dict):
         raise CheckpointError(f"{path} is damaged: its meta_json holds a {type(meta).__name__}, not an object.")
-    stored = raw.get("content_sha256")  # absent in checkpoints written before it was introduced
-    if stored is not None and stored != content_sha256(state_dict, raw["meta_json"]):
+    _verify(path, raw, state_dict)
+    return {"state_dict": state_dict, "meta": meta, "training_state": raw.get("training_state")}
+
+
+def _verify(path: Path, raw: dict, state_dict: dict) -> None:
+    """Check the SHA-256 of the weights and metadata and, in a resume state, of the training state; a file
+    written before a checksum existed gives an :class:`UnverifiedCheckpointWarning` instead."""
+    stored = raw.get("content_sha256")
+    if stored is None:
+        warnings.warn(f"{path} has no SHA-256 of its contents (written by an older segx_helpers): it is loaded "
+                      "unverified, so damage to it would go unnoticed. Save it again (or retrain) to add one.",
+                      UnverifiedCheckpointWarning, stacklevel=3)
+    elif stored != content_sha256(state_dict, raw["meta_json"]):
         raise CheckpointError(f"{path} is damaged: its weights or metadata do not match the SHA-256 stored when it "
                               "was saved (a bit flip, a partial copy or an edit). Restore it from a copy or train again.")
-    return {"state_dict": state_dict, "meta": meta, "training_state": raw.get("training_state")}
+    state = raw.get("training_state")
+    if state is None:
+        return
+    stored = raw.get("training_sha256")
+    if stored is None:
+        warnings.warn(f"{path} holds a training state without its SHA-256 (written by an older segx_helpers): "
+                      "resuming from it is unverified.", UnverifiedCheckpointWarning, stacklevel=3)
+        return
+    try:
+        actual = training_sha256(state)
+    except TypeError as err:
+        raise CheckpointError(f"{path} is damaged: its training state holds something a resume state never holds "
+                              f"({err}).") from err
+    if stored != actual:
+        raise CheckpointError(f"{path} is damaged: its training state (optimiser, scheduler, epoch counter or random "
+                              "state) does not match the SHA-256 stored when it was saved (a bit flip, a partial copy "
+                              "or an edit), so the run cannot be resumed from it. Train again with overwrite (segx "
+                              "train --overwrite).")
 
 
 def _load_failure(err: Exception) -> str:

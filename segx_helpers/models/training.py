@@ -1,7 +1,8 @@
 """Training: one loop for segmenters and classifiers (:func:`fit`), losses, and prediction.
 
 :func:`fit` writes its checkpoints with :mod:`segx_helpers.models.checkpoints` (the best epoch's model, and
-the latest epoch's state for ``resume``).
+the latest epoch's state for ``resume``: weights, optimiser, scheduler, history and every random-number state
+the next epoch draws from, :func:`random_state`, so that a resumed run repeats an uninterrupted one).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from segx_helpers.models.checkpoints import last_checkpoint_path, read_checkpoint, save_checkpoint
+from segx_helpers.models.checkpoints import CheckpointError, last_checkpoint_path, read_checkpoint, save_checkpoint
 from segx_helpers.models.networks import (CpuTraining, contiguous_narrow_norms, cpu_supports_bf16,
                                           has_grouped_convolutions, pick_device, prepare_for_cpu_training)
 
@@ -45,6 +46,47 @@ def make_loader(dataset, batch_size: int, shuffle: bool, seed: int = 0, num_work
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=num_workers,
                       persistent_workers=num_workers > 0)
+
+
+class InexactResumeWarning(UserWarning):
+    """A resumed run cannot repeat the uninterrupted one exactly (its resume state lacks the random state, or the
+    loader's worker processes hold random state that cannot be saved)."""
+
+
+def random_state(loader=None) -> dict:
+    """Every random-number state a training epoch draws from, as plain tensors and numbers (what a checkpoint
+    loaded with ``weights_only=True`` may hold): torch's (``"torch"``; ``"cuda"``, one per device once CUDA is
+    in use), NumPy's global generator, Python's ``random`` and ``loader``'s own generator (``"loader"``: the
+    shuffling order and the worker seeds of :func:`make_loader`'s loaders; None for a loader without one).
+    :func:`restore_random_state` puts it back."""
+    numpy_state = np.random.get_state(legacy=False)
+    python_state = random.getstate()
+    generator = getattr(loader, "generator", None)
+    return {"torch": torch.get_rng_state(),
+            "cuda": list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() and torch.cuda.is_initialized()
+            else [],
+            "numpy": {"bit_generator": numpy_state["bit_generator"],
+                      "key": torch.from_numpy(numpy_state["state"]["key"].astype(np.int64)),
+                      "pos": int(numpy_state["state"]["pos"]), "has_gauss": int(numpy_state["has_gauss"]),
+                      "gauss": float(numpy_state["gauss"])},
+            "python": [python_state[0], list(python_state[1]), python_state[2]],
+            "loader": generator.get_state() if generator is not None else None}
+
+
+def restore_random_state(state: dict, loader=None) -> None:
+    """Put back a :func:`random_state` (``loader``'s generator too, when both have one)."""
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    numpy_state = state["numpy"]
+    np.random.set_state({"bit_generator": numpy_state["bit_generator"],
+                         "state": {"key": numpy_state["key"].numpy().astype(np.uint32), "pos": numpy_state["pos"]},
+                         "has_gauss": numpy_state["has_gauss"], "gauss": numpy_state["gauss"]})
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    generator = getattr(loader, "generator", None)
+    if generator is not None and state["loader"] is not None:
+        generator.set_state(state["loader"])
 
 
 # ------------------------------------------------------------------------------ losses
@@ -228,6 +270,15 @@ def fit(model: nn.Module, loss_fn: nn.Module, train_loader: DataLoader, validate
     epoch to ``<path>.last.pt`` for ``resume``. An existing checkpoint is an error unless
     ``overwrite`` or ``resume``. The model ends in eval mode holding the best weights.
 
+    ``resume`` continues from ``<path>.last.pt`` when it exists (else trains from the start): the weights,
+    optimiser, scheduler, history and the random state of every process (:func:`random_state`, with
+    ``train_loader``'s generator) as the last finished epoch left them, so the resumed run gives the same
+    weights as an uninterrupted one. Not with worker processes (``num_workers > 0``): their random state
+    (the augmentation's) lives in those processes and cannot be saved, so the augmentations after resuming
+    differ (an :class:`InexactResumeWarning` says so). Under ``torch.distributed`` pass the same
+    ``checkpoint_path`` on every rank: rank 0 writes (with every rank's random state) and reads, and every
+    rank resumes from what it read.
+
     A NaN (or infinite) validation score never counts as an improvement and gives a
     :class:`NonFiniteScoreWarning`. If *no* epoch has a finite score, the last epoch's weights are
     kept (and saved), ``best_epoch`` is that epoch, ``best_value`` is NaN, and a warning says so: a
@@ -240,8 +291,8 @@ def fit(model: nn.Module, loss_fn: nn.Module, train_loader: DataLoader, validate
     run = _start(model, config)
     saving = _Saving.at(checkpoint_path, meta, overwrite, resume)
     run.best_state = _copy_state(model)
-    if resume and saving.last_path is not None and saving.last_path.exists():
-        _resume(run, saving)
+    if resume:
+        _resume(run, saving, train_loader)
     loss = _Loss(loss_fn, batch_loss, target_key)
     print(config.selection_rule())
     try:
@@ -254,7 +305,7 @@ def fit(model: nn.Module, loss_fn: nn.Module, train_loader: DataLoader, validate
             score = _validate_and_record(run, validate, epoch, losses, started)
             if _improves(run, score, epoch):
                 _keep_best(run, score, epoch, saving)
-            saving.save_last(run, epoch)
+            saving.save_last(run, epoch, train_loader)
     finally:
         for hook in run.norm_hooks:  # the model leaves fit as it came, but for its weights and memory format
             hook.remove()
@@ -307,11 +358,15 @@ class _Loss:
 @dataclass
 class _Saving:
     """Where :func:`fit` writes: the best model at ``path`` (with ``meta``), the latest epoch's state at
-    ``last_path`` (:func:`~segx_helpers.models.checkpoints.last_checkpoint_path`); both None without a path."""
+    ``last_path`` (:func:`~segx_helpers.models.checkpoints.last_checkpoint_path`); both None without a path.
+    Under ``torch.distributed`` this process is ``rank`` of ``world_size``: only rank 0 reads and writes
+    files, the others take part in gathering the random states and receive what rank 0 read."""
 
     path: Path | None
     last_path: Path | None
     meta: dict
+    rank: int = 0
+    world_size: int = 1
 
     @classmethod
     def at(cls, checkpoint_path: str | Path | None, meta: dict | None, overwrite: bool, resume: bool) -> "_Saving":
@@ -320,21 +375,69 @@ class _Saving:
         if path is not None and path.exists() and not (overwrite or resume):
             raise FileExistsError(f"Checkpoint {path} already exists; pass overwrite=True to retrain, or resume=True "
                                   "to continue.")
-        return cls(path, last_checkpoint_path(path) if path is not None else None, meta or {})
+        rank, world_size = _process_group()
+        return cls(path, last_checkpoint_path(path) if path is not None else None, meta or {}, rank, world_size)
 
     def save_best(self, run: _Run) -> None:
         """The model as it is now, with ``meta``, its history so far and the training configuration."""
-        if self.path is not None:
+        if self.path is not None and self.rank == 0:
             save_checkpoint(self.path, run.model, {**self.meta, "history": run.history.records,
                                                    "train_config": asdict(run.config)}, overwrite=True)
 
-    def save_last(self, run: _Run, epoch: int) -> None:
-        """The model after ``epoch`` (counting from 0) with what ``resume`` needs: optimiser, scheduler, history."""
-        if self.last_path is not None:
+    def save_last(self, run: _Run, epoch: int, loader) -> None:
+        """The model after ``epoch`` (counting from 0) with what ``resume`` needs: optimiser, scheduler, gradient
+        scaler, history and each process's :func:`random_state` (``random_states[rank]``)."""
+        if self.last_path is None:
+            return
+        states = _gather(random_state(loader), self.world_size)
+        if self.rank == 0:
             save_checkpoint(self.last_path, run.model, self.meta, overwrite=True, training_state={
-                "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(), "epoch": epoch,
-                "history": json.dumps(run.history.records), "best_epoch": run.history.best_epoch,
-                "best_value": run.history.best_value})
+                "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+                "scaler": run.scaler.state_dict(), "epoch": epoch, "history": json.dumps(run.history.records),
+                "best_epoch": run.history.best_epoch, "best_value": run.history.best_value, "random_states": states})
+
+    def read_last(self) -> tuple[dict, dict | None] | None:
+        """The resume state at ``last_path`` and the best weights at ``path`` (None when not written yet), read by
+        rank 0 and shared with every rank; None when there is nothing to resume. A damaged file is a
+        :class:`~segx_helpers.models.checkpoints.CheckpointError` on every rank."""
+        found, error = None, None
+        if self.rank == 0 and self.last_path is not None and self.last_path.exists():
+            try:
+                found = (read_checkpoint(self.last_path),
+                         read_checkpoint(self.path)["state_dict"] if self.path.exists() else None)
+            except CheckpointError as err:
+                error = err
+        shared, message = _from_rank_0((found, None if error is None else str(error)), self.world_size)
+        if error is not None:
+            raise error
+        if message is not None:
+            raise CheckpointError(message)
+        return shared
+
+
+def _process_group() -> tuple[int, int]:
+    """``(rank, world size)`` in the ``torch.distributed`` process group; ``(0, 1)`` without one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _gather(value, world_size: int) -> list:
+    """Every rank's ``value``, in rank order (``[value]`` in one process)."""
+    if world_size == 1:
+        return [value]
+    values = [None] * world_size
+    torch.distributed.all_gather_object(values, value)
+    return values
+
+
+def _from_rank_0(value, world_size: int):
+    """Rank 0's ``value`` on every rank (``value`` itself in one process)."""
+    if world_size == 1:
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _start(model: nn.Module, config: TrainConfig) -> _Run:
@@ -343,10 +446,7 @@ def _start(model: nn.Module, config: TrainConfig) -> _Run:
     set_seed(config.seed)
     device = pick_device(config.device)
     model.to(device)
-    on_cpu = config.amp and device.type == "cpu"
-    cpu = CpuTraining(channels_last=on_cpu, bf16=on_cpu and config.cpu_bf16 and cpu_supports_bf16()
-                      and not has_grouped_convolutions(model),
-                      fast_kernels=on_cpu and config.cpu_fast_kernels)
+    cpu = cpu_setting(config, device, model)
     prepare_for_cpu_training(model, cpu)
     norm_hooks = contiguous_narrow_norms(model) if cpu.fast_kernels else []
     optimizer = make_optimizer(model, config.lr, config.weight_decay, cpu)
@@ -355,6 +455,16 @@ def _start(model: nn.Module, config: TrainConfig) -> _Run:
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     history = History(best_value=math.inf if config.minimises else -math.inf)
     return _Run(model, config, device, cpu, use_amp, optimizer, scheduler, scaler, history, norm_hooks)
+
+
+def cpu_setting(config: TrainConfig, device: torch.device, model: nn.Module) -> CpuTraining:
+    """How :func:`fit` trains ``model`` on ``device`` with ``config``: on a CPU with ``config.amp``, channels_last (with
+    bfloat16 autocast and the fast kernels where ``config`` asks for them; never bfloat16 for a model with grouped
+    convolutions, :func:`~segx_helpers.models.networks.has_grouped_convolutions`); plain float32 otherwise."""
+    on_cpu = config.amp and device.type == "cpu"
+    return CpuTraining(channels_last=on_cpu, bf16=on_cpu and config.cpu_bf16 and cpu_supports_bf16()
+                       and not has_grouped_convolutions(model),
+                       fast_kernels=on_cpu and config.cpu_fast_kernels)
 
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float, cpu: CpuTraining = CpuTraining()) -> torch.optim.AdamW:
@@ -369,19 +479,47 @@ def _copy_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def _resume(run: _Run, saving: _Saving) -> None:
-    """Continue an interrupted run from ``saving.last_path``: its weights, optimiser, scheduler and history,
-    the best weights from ``saving.path`` (when written), and the seed of the next epoch."""
-    raw = read_checkpoint(saving.last_path)
+def _resume(run: _Run, saving: _Saving, loader) -> None:
+    """Continue an interrupted run from ``saving.last_path`` (nothing to do without one): its weights, optimiser,
+    scheduler, gradient scaler and history, the best weights from ``saving.path`` (when written), and this
+    process's random state at the end of the last finished epoch (``loader``'s generator included)."""
+    found = saving.read_last()
+    if found is None:
+        return
+    raw, best = found
     run.model.load_state_dict(raw["state_dict"])
     state = raw["training_state"]
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
+    if "scaler" in state:
+        run.scaler.load_state_dict(state["scaler"])
     run.history = History(records=json.loads(state["history"]), best_epoch=int(state["best_epoch"]),
                           best_value=float(state["best_value"]))
-    run.best_state = read_checkpoint(saving.path)["state_dict"] if saving.path.exists() else run.best_state
+    run.best_state = best if best is not None else run.best_state
     run.start_epoch = int(state["epoch"]) + 1
-    torch.manual_seed(run.config.seed + run.start_epoch)
+    _restore_process_state(state.get("random_states"), saving, loader, run.config.seed + run.start_epoch)
+
+
+def _restore_process_state(states: list | None, saving: _Saving, loader, fallback_seed: int) -> None:
+    """Put back this rank's saved random state; a resume state of another number of processes is a
+    :class:`~segx_helpers.models.checkpoints.CheckpointError`, one without a random state (an older
+    segx_helpers) is seeded with ``fallback_seed`` and an :class:`InexactResumeWarning`."""
+    if states is None:
+        warnings.warn(f"{saving.last_path} holds no random state (written by an older segx_helpers): the resumed run "
+                      "draws other augmentations and batches than an uninterrupted one would.", InexactResumeWarning,
+                      stacklevel=4)
+        torch.manual_seed(fallback_seed)
+        return
+    if len(states) != saving.world_size:
+        raise CheckpointError(f"{saving.last_path} was saved by a run on {len(states)} process(es), and this one runs "
+                              f"on {saving.world_size}: resume it with {len(states)} (torchrun --nproc_per_node "
+                              f"{len(states)} on one node), or train again.")
+    restore_random_state(states[saving.rank], loader)
+    if getattr(loader, "num_workers", 0):
+        warnings.warn(f"resuming with {loader.num_workers} loader worker process(es): their random state (the "
+                      "augmentation's) cannot be saved, so the resumed run's augmentations differ from an "
+                      "uninterrupted run's (use num_workers=0 for an exact repeat).", InexactResumeWarning,
+                      stacklevel=4)
 
 
 def _out_of_patience(history: History, epoch: int, config: TrainConfig) -> bool:

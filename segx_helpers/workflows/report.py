@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -158,13 +159,27 @@ def missing(notebook: str) -> str:
     return f"_Missing: run notebook {notebook}._"
 
 
+class RunRecordWarning(UserWarning):
+    """``outputs/timings.json`` is damaged (e.g. truncated); the run records in it are ignored."""
+
+
 def read_run_records(root: str | Path) -> dict[str, dict]:
     """``<root>/outputs/timings.json`` as notebook -> record (see :func:`segx_helpers.cli.runner.run_record`);
-    an entry of the older format (bare seconds) becomes ``{"seconds": value}``. Empty when there is none."""
+    an entry of the older format (bare seconds) becomes ``{"seconds": value}``. Empty when there is none, and
+    empty with one :class:`RunRecordWarning` when the file is damaged (not JSON, or not an object)."""
     path = Path(root) / "outputs" / "timings.json"
     if not path.is_file():
         return {}
-    records = json.loads(path.read_text())
+    try:
+        records = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        records = err
+    if not isinstance(records, dict):
+        problem = f"is not valid JSON ({records})" if isinstance(records, Exception) else \
+            f"holds a {type(records).__name__}, not an object"
+        warnings.warn(f"{path} {problem}: the pages say how the notebooks ran only once make tutorial writes it again",
+                      RunRecordWarning, stacklevel=2)
+        return {}
     return {name: value if isinstance(value, dict) else {"seconds": value} for name, value in records.items()}
 
 

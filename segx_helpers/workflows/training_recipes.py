@@ -424,13 +424,14 @@ def classifier_training(settings: RunSettings, recipe: str, data: LoadedDataset,
 
 def prepare_dataset(name: str, paths: TutorialPaths, settings: RunSettings, prepare_missing: bool = False,
                     seed: int = 0) -> LoadedDataset:
-    """Load ``data/<name>``; when it is missing, generate it (synthetic sets, ``prepare_missing``) or
-    say which notebook or script makes it."""
+    """Load ``data/<name>``, checking that every image and mask can be read (a corrupt file is a
+    :class:`~segx_helpers.data.format.DatasetFormatError` naming it, before any training); when it is missing,
+    generate it (synthetic sets, ``prepare_missing``) or say which notebook or script makes it."""
     root = paths.dataset(name)
     if not root.exists() and prepare_missing and name in GENERATORS:
         ensure_synthetic(name, root, SyntheticConfig(n_images=settings.n_images, image_size=settings.image_size, seed=seed))
     made_by = "01_dataset_prep" if name in GENERATORS else f"data_download.sh {name}"
-    return load_dataset(require(root, made_by), check_files=False)
+    return load_dataset(require(root, made_by), check_files=True)
 
 
 def prepare_models(name: str, paths: TutorialPaths, data: LoadedDataset, settings: RunSettings,
