@@ -204,7 +204,7 @@ def run_notebooks(root: str | Path, quick: bool = True, only: list[str] | None =
     executed copy with the error is kept). Each finished notebook's :func:`run_record` goes to
     ``<root>/outputs/timings.json``.
     """
-    import papermill  # lazy: 2.5 s to import, only running the notebooks needs it
+    import papermill  # lazy: slow to import, only running the notebooks needs it
     from traitlets.config import Config
 
     from segx_helpers.models.networks import pick_device  # lazy: importing the runner does not load torch

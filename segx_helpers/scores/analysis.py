@@ -61,10 +61,10 @@ def _tensor(x, device, dtype=None) -> torch.Tensor:
 
 
 def _as_float(mask: torch.Tensor) -> torch.Tensor:
-    """A boolean mask as its 0.0/1.0 float32 indicator (through uint8: torch's bool-to-float cast is several
-    times slower). The engine keeps every region and mask as such an indicator: counts are float sums,
-    exact below 2**24 pixels, where summing booleans copies them to integers first (20 times slower), and
-    comparisons write floats, several times faster than writing booleans."""
+    """A boolean mask as its 0.0/1.0 float32 indicator (through uint8: torch's bool-to-float cast is slower). The
+    engine keeps every region and mask as such an indicator: counts are float sums, exact below 2**24 pixels, where
+    summing booleans copies them to integers first, and comparisons write floats, faster than writing booleans
+    (docs/NOTES.md, "How the engine works", has the measurements)."""
     return mask.view(torch.uint8).float() if mask.dtype == torch.bool else mask.float()
 
 
@@ -104,7 +104,7 @@ def _check_maps(maps: torch.Tensor, first: int = 0) -> tuple[torch.Tensor, torch
     if not maps.numel():
         return maps, maps.new_zeros(len(maps)), maps.new_zeros(len(maps))
     flat = maps.flatten(1)
-    low, high = flat.amin(dim=1), flat.amax(dim=1)  # NaN and inf propagate into these (aminmax is 20x slower on CPU)
+    low, high = flat.amin(dim=1), flat.amax(dim=1)  # NaN and inf propagate into these (aminmax is slower on a CPU)
     if not (torch.isfinite(low).all() and torch.isfinite(high).all()):
         bad = (torch.nonzero(~(torch.isfinite(low) & torch.isfinite(high))).flatten()[:5] + first).tolist()
         raise ValueError(f"maps contain NaN or inf values (maps {bad}); refusing to score them")
@@ -146,9 +146,9 @@ def kth_largest(flat: torch.Tensor, k: torch.Tensor, positive: torch.Tensor | No
 
 def _numpy_selects(flat: torch.Tensor, positive: torch.Tensor | None = None) -> list[bool]:
     """Per row of the non-negative ``flat`` ``(M, P)`` (``positive`` its positive counts, if known): whether
-    to select with numpy's ``partition``, 2 to 4 times faster than torch's selection on the CPU, but 20
-    times slower when most of a row is one value (a SegX map's zeros off the mask): yes when at most half
-    the row is zero."""
+    to select with numpy's ``partition``, faster than torch's selection on the CPU but far slower when most of a
+    row is one value (a SegX map's zeros off the mask; docs/NOTES.md, "How the engine works"): yes when at most
+    half the row is zero."""
     positive = _count(_test(torch.gt, flat, 0.0)) if positive is None else positive
     return (positive * 2 >= flat.shape[1]).tolist()
 
@@ -253,7 +253,7 @@ class Support:
 
 def _flat_nonzero(mask: torch.Tensor) -> torch.Tensor:
     """Flat indices ``(S,)`` int64 of the true values of a boolean tensor, in order (numpy's ``flatnonzero``
-    on the CPU, 3 times faster there than ``torch.nonzero``)."""
+    on the CPU, where it is faster than ``torch.nonzero``)."""
     if mask.device.type == "cpu":
         return torch.from_numpy(np.flatnonzero(mask.numpy()))
     return torch.nonzero(mask.reshape(-1)).squeeze(1)

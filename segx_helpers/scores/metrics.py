@@ -373,7 +373,7 @@ def auitc(maps: np.ndarray, masks: np.ndarray, n_thresholds: int = 101) -> np.nd
     Each map is min-max scaled to [0, 1] (a constant positive map becomes all ones); at each
     threshold ``τ_j = j / (n_thresholds - 1)`` the region ``scaled >= τ`` is compared with
     the mask by IoU, and the curve is integrated with the trapezoid rule. The error of the grid falls
-    as ``1 / n_thresholds`` (tested); 101 thresholds are within 0.005 of the limit on our maps. This is
+    as ``1 / n_thresholds`` (tested; docs/NOTES.md gives it for 101 thresholds on the tutorial's maps). This is
     the plain reference, one pass per threshold; :mod:`segx_helpers.scores.analysis` computes it from one
     histogram per map.
     """
