@@ -129,7 +129,7 @@ def build_segmenter(encoder: str = "resnet18", encoder_weights: str | None = Non
     and width divisible by 32. Narrower ``decoder_channels`` (:data:`CPU_DECODER_CHANNELS`, what the
     tutorial trains) train about twice as fast on a CPU.
     """
-    import segmentation_models_pytorch as smp  # lazy: about 1 s to import, and only segmenters need it
+    import segmentation_models_pytorch as smp  # lazy: slow to import, and only segmenters need it
 
     try:
         extra = {"decoder_channels": tuple(decoder_channels)} if arch in ("Unet", "UnetPlusPlus") else {}
@@ -159,8 +159,8 @@ class CpuTraining:
 
     ``fast_kernels`` (with ``channels_last``): two kernel choices that change results only by rounding. Batch
     norms whose channel count is not a multiple of 16 get contiguous (NCHW) inputs
-    (:func:`contiguous_narrow_norms`): PyTorch's channels_last backward for them is 4-9x slower on this CPU
-    (8 channels at 128 px, batch 32: 43 ms against 6 ms), and the tutorial's narrow decoder ends in 8 channels.
+    (:func:`contiguous_narrow_norms`): PyTorch's channels_last backward for them is several times slower
+    (docs/NOTES.md, "Faster feedback"), and the tutorial's narrow decoder ends in 8 channels.
     And AdamW takes its fused CPU step (:func:`segx_helpers.models.training.make_optimizer`).
 
     ``CpuTraining.for_this_cpu()`` is the setting the notebooks train with here; ``CpuTraining()`` is plain float32.
