@@ -25,7 +25,7 @@ tutorial-full: $(STAMP)
 ## The notebooks executed by make tutorial as a static site (outputs/book/html/index.html); runs nothing again
 book: $(STAMP)
 	@ls outputs/notebooks/*.ipynb >/dev/null 2>&1 || { echo "make book: no executed notebooks in outputs/notebooks/: run make tutorial first" >&2; exit 1; }
-	@$(PY) -c 'import myst_nb, sphinx_book_theme' 2>/dev/null || $(PY) -m pip install --quiet -e ".[docs]"
+	@$(PY) -c 'import importlib, myst_nb, sphinx_book_theme; importlib.import_module("sphinx-mathjax-offline")' 2>/dev/null || $(PY) -m pip install --quiet -e ".[docs]"
 	$(PY) -m segx_helpers.cli.book
 
 ## The test suite, notebooks included (what CI runs); installs the headless browser the browser test drives

@@ -96,11 +96,12 @@ def make_classifier(work: Path, image_size: int) -> Path:
 
 def notebook_path(data_dir: Path, classifier: Path, n: int, method: str, batch_size: int, device: str) -> dict:
     """Seconds per image of the notebooks' calls on the first ``n`` images (one torch thread)."""
-    from segx_helpers.scores.analysis import binarise_masks
+    from segx_helpers.scores.analysis import AnalysisOptions, binarise_masks
     from segx_helpers.models.checkpoints import load_trained, split_tensors
     from segx_helpers.data.format import LoadedDataset, load_dataset, read_mask
-    from segx_helpers.explain.api import explain
-    from segx_helpers.workflows.results import explanation_results
+    from segx_helpers.explain.api import RunOptions, explain
+    from segx_helpers.explain.targets import TargetChoice
+    from segx_helpers.workflows.results import SplitLabels, explanation_results
 
     load_before = load_average()
     torch.set_num_threads(1)
@@ -113,10 +114,10 @@ def notebook_path(data_dir: Path, classifier: Path, n: int, method: str, batch_s
     predicted = binarise_masks(np.stack([read_mask(data_dir / "masks" / f"{i}.png") for i in tensors["image_id"]]
                                         ).astype(np.float32), 0.5)
     truth = tensors["mask"][:, 0].numpy() > 0.5
-    e = explain(trained.model, tensors["image"], None, method, task="multiclass", batch_size=batch_size,
-                progress=False, device=device)
-    explanation_results(e, tensors["image_id"], tensors["target"].numpy(), "multiclass", trained.meta["class_names"],
-                        predicted, truth, tensors["has_mask"], device=device)
+    e = explain(trained.model, tensors["image"], None, method, explained=TargetChoice(task="multiclass"),
+                run=RunOptions(batch_size=batch_size, progress=False, device=device))
+    labels = SplitLabels(tensors["image_id"], tensors["target"].numpy(), "multiclass", trained.meta["class_names"])
+    explanation_results(e, labels, predicted, truth, tensors["has_mask"], options=AnalysisOptions(device=device))
     seconds = time.perf_counter() - started
     return {"run": "notebook path (in process)", "processes": 1, "images": n, "wall_s": round(seconds, 2),
             "images_per_s": round(n / seconds, 2), "load_before": load_before, "load_after": load_average()}

@@ -41,10 +41,10 @@ import torch
 
 from segx_helpers.data import SyntheticConfig, generate_synthetic_cxr, load_dataset
 from segx_helpers.data.torch_dataset import SegXDataset
-from segx_helpers.explain.api import explain
+from segx_helpers.explain.api import RunOptions, explain
 from segx_helpers.explain.gradient_shap import GradientShapOptions
 from segx_helpers.models.networks import build_classifier, find_target_layer
-from segx_helpers.scores.analysis import analyse, segx_saliency
+from segx_helpers.scores.analysis import AnalysisOptions, analyse, segx_saliency
 from segx_helpers.scores.metrics import auitc, localisation_scores
 from segx_helpers.scores.segu import segu_scores
 from segx_helpers.scores.segx import segx, top_percent
@@ -123,7 +123,8 @@ def analysis_rows(maps: np.ndarray, masks: np.ndarray, explain_seconds: float, d
         budget = explain_seconds * count / len(maps)
         work = {
             "SegX + saliency map + SegU (c_IoU, c_AUITC, variants)":
-                lambda: (segx_saliency(m_dev, k_dev), analyse(m_dev, k_dev, localisation=False)),
+                lambda: (segx_saliency(m_dev, k_dev), analyse(m_dev, k_dev,
+                                                              options=AnalysisOptions(localisation=False))),
             "full analysis: SegU + 5 localisation metrics, original and both SegX orders":
                 lambda: analyse(m_dev, k_dev, k_dev),
         }
@@ -141,7 +142,7 @@ def analysis_rows(maps: np.ndarray, masks: np.ndarray, explain_seconds: float, d
                          "peak_memory_mb": peak_memory_mb()})
     m_dev, k_dev = torch.as_tensor(maps, device=device), torch.as_tensor(masks, device=device)
     for n in (11, 101, 1001, 10001):
-        seconds = best_of(lambda: analyse(m_dev, k_dev, localisation=False, n_thresholds=n))
+        seconds = best_of(lambda: analyse(m_dev, k_dev, options=AnalysisOptions(localisation=False, n_thresholds=n)))
         rows.append({"method": f"SegU with c_AUITC on {n} thresholds [{device}, {len(maps)} maps]", "maps": len(maps),
                      "seconds": seconds, "maps_per_s": len(maps) / seconds,
                      "share_of_explanation": seconds / explain_seconds})
@@ -183,10 +184,13 @@ def main(argv=None) -> int:
     rows = []
 
     ref, t_ref = timed(lambda: reference_gradcam(model, images, targets))
-    lib, t_lib = timed(lambda: explain(model, images, targets, "gradcam", engine="library", progress=False).maps)
-    fast_result, t_fast = timed(lambda: explain(model, images, targets, "gradcam", engine="fast", progress=False))
+    lib, t_lib = timed(lambda: explain(model, images, targets, "gradcam",
+                                       run=RunOptions(engine="library", progress=False)).maps)
+    fast_result, t_fast = timed(lambda: explain(model, images, targets, "gradcam",
+                                                run=RunOptions(engine="fast", progress=False)))
     # the denominator of the analysis shares: best of 3 like the analysis rows (the smaller, the stricter)
-    t_fast = min(t_fast, best_of(lambda: explain(model, images, targets, "gradcam", engine="fast", progress=False), 2))
+    t_fast = min(t_fast, best_of(lambda: explain(model, images, targets, "gradcam",
+                                                 run=RunOptions(engine="fast", progress=False)), 2))
     for name, maps, seconds in (("Grad-CAM: reference loop (per image, per class)", ref, t_ref),
                                 ("Grad-CAM: pytorch-grad-cam per batch", lib, t_lib),
                                 ("Grad-CAM: fast engine (one backward per round)", fast_result.maps, t_fast)):
@@ -202,11 +206,12 @@ def main(argv=None) -> int:
     options = GradientShapOptions(background, nsamples=args.nsamples, seed=args.seed)
     for engine in ("library", "fast"):
         result, seconds = timed(lambda: explain(model, shap_images, shap_targets, "gradient_shap", options=options,
-                                                engine=engine, progress=False).maps)
+                                                run=RunOptions(engine=engine, progress=False)).maps)
         label = "shap per target class" if engine == "library" else "fast engine (targets only, shared forward)"
         shap_rows.append((f"Gradient SHAP: {label}", result, seconds, correlation(result, ref_shap)))
-    noise = explain(model, shap_images, shap_targets, "gradient_shap", engine="library", progress=False,
-                    options=GradientShapOptions(background, nsamples=args.nsamples, seed=args.seed + 1000)).maps
+    noise = explain(model, shap_images, shap_targets, "gradient_shap",
+                    options=GradientShapOptions(background, nsamples=args.nsamples, seed=args.seed + 1000),
+                    run=RunOptions(engine="library", progress=False)).maps
     shap_rows.insert(0, ("Gradient SHAP: reference usage (all classes, per image)", ref_shap, t_ref_shap,
                          correlation(noise, ref_shap)))
     for name, maps, seconds, corr in shap_rows:
@@ -217,11 +222,12 @@ def main(argv=None) -> int:
     rows += analysis_rows(fast_result.maps, masks[fast_result.image_index], t_fast, "cpu")
     if torch.cuda.is_available():
         gpu_model = model.to("cuda")
-        explain(gpu_model, images, targets, "gradcam", progress=False, device="cuda")  # warm-up
+        explain(gpu_model, images, targets, "gradcam", run=RunOptions(progress=False, device="cuda"))  # warm-up
         torch.cuda.synchronize()
-        gpu_result, t_gpu = timed(lambda: explain(gpu_model, images, targets, "gradcam", progress=False, device="cuda"))
-        t_gpu = min(t_gpu, best_of(lambda: explain(gpu_model, images, targets, "gradcam", progress=False,
-                                                   device="cuda"), 2))
+        gpu_result, t_gpu = timed(lambda: explain(gpu_model, images, targets, "gradcam",
+                                                  run=RunOptions(progress=False, device="cuda")))
+        t_gpu = min(t_gpu, best_of(lambda: explain(gpu_model, images, targets, "gradcam",
+                                                   run=RunOptions(progress=False, device="cuda")), 2))
         rows.append({"method": "Grad-CAM: fast engine on CUDA", "maps": pairs, "seconds": t_gpu,
                      "maps_per_s": pairs / t_gpu, "ratio_vs_reference": t_ref / t_gpu,
                      "max_abs_diff": float(np.abs(gpu_result.maps - fast_result.maps).max())})

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from segx_helpers.scores.analysis import (DegenerateMapWarning, analyse, binarise_masks, localisation_summary,
+from segx_helpers.scores.analysis import (AnalysisOptions, DegenerateMapWarning, analyse, binarise_masks, localisation_summary,
                                    threshold_grid)
 from segx_helpers.scores.metrics import auitc, localisation_scores
 from segx_helpers.scores.segu import segu_auitc, segu_iou, segu_scores, segu_share_inside
@@ -75,7 +75,7 @@ def test_auitc_of_a_map_equal_to_its_mask_is_one_up_to_the_grid():
         # only the first trapezoid (tau = 0 selects the whole image) falls short of 1
         share = mask.mean()
         assert value == pytest.approx(1 - (1 - share) / (2 * (n - 1)))
-        assert analyse(mask[None].astype(np.float32), mask[None], n_thresholds=n)["c_AUITC"][0] == pytest.approx(value)
+        assert analyse(mask[None].astype(np.float32), mask[None], options=AnalysisOptions(n_thresholds=n))["c_AUITC"][0] == pytest.approx(value)
 
 
 def test_auitc_converges_as_the_grid_gets_finer():
@@ -107,7 +107,7 @@ def test_engine_equals_the_reference_functions_on_random_and_tied_maps():
     predicted = rng.random((30, 24, 24)) > 0.6
     predicted[12] = False
     truth = rng.random((30, 24, 24)) > 0.5
-    table = quiet(analyse, maps, predicted, truth, distance=True)
+    table = quiet(analyse, maps, predicted, truth, options=AnalysisOptions(distance=True))
     reference = quiet(segu_scores, maps, predicted)
     for column in reference.columns:
         assert np.abs(table[column].to_numpy() - reference[column].to_numpy()).max() < 1e-6, column
@@ -160,7 +160,8 @@ def test_bad_maps_are_refused():
     with pytest.raises(ValueError, match="shape"):
         analyse(np.ones((2, 4, 4), np.float32), np.ones((3, 4, 4), bool))
     with pytest.raises(ValueError, match="order"):
-        analyse(np.ones((2, 4, 4), np.float32), np.ones((2, 4, 4), bool), orders=("mask-first",))
+        analyse(np.ones((2, 4, 4), np.float32), np.ones((2, 4, 4), bool),
+                options=AnalysisOptions(orders=("mask-first",)))
 
 
 def test_threshold_grid_is_evenly_spaced_and_includes_both_ends():
@@ -235,10 +236,10 @@ def test_engine_auitc_is_exact_for_values_on_the_thresholds(n_thresholds):
     maps = rng.choice(grid, size=(12, 20, 20)).astype(np.float32)
     maps[:, 0, 0], maps[:, 0, 1] = 0.0, 1.0          # min 0 and max 1: scaling leaves the values on the grid
     masks = rng.random((12, 20, 20)) > 0.5
-    engine = analyse(maps, masks, n_thresholds=n_thresholds, localisation=False)["c_AUITC"].to_numpy()
+    engine = analyse(maps, masks, options=AnalysisOptions(n_thresholds=n_thresholds, localisation=False))["c_AUITC"].to_numpy()
     assert np.abs(engine - auitc(maps, masks, n_thresholds)).max() < 1e-9
     shifted = (maps + np.float32(1.0)).astype(np.float32)   # minimum 1: the engine's other scaling path,
-    engine = analyse(shifted, masks, n_thresholds=n_thresholds, localisation=False)["c_AUITC"].to_numpy()
+    engine = analyse(shifted, masks, options=AnalysisOptions(n_thresholds=n_thresholds, localisation=False))["c_AUITC"].to_numpy()
     assert np.abs(engine - auitc(shifted, masks, n_thresholds)).max() < 1e-9  # values within an ulp of a threshold
 
 
@@ -247,9 +248,12 @@ def test_scoring_in_batches_gives_the_same_table():
     maps = rng.random((11, 16, 16)).astype(np.float32)
     per_image = rng.random((4, 16, 16)) > 0.5
     index = rng.integers(0, 4, 11)
-    whole = analyse(maps, per_image, per_image, image_index=index, artefact_masks=per_image, batch_size=64)
-    batched = analyse(maps, per_image, per_image, image_index=index, artefact_masks=per_image, batch_size=3)
-    per_map = analyse(maps, per_image[index], per_image[index], artefact_masks=per_image[index], batch_size=4)
+    whole = analyse(maps, per_image, per_image, image_index=index, artefact_masks=per_image,
+                    options=AnalysisOptions(batch_size=64))
+    batched = analyse(maps, per_image, per_image, image_index=index, artefact_masks=per_image,
+                      options=AnalysisOptions(batch_size=3))
+    per_map = analyse(maps, per_image[index], per_image[index], artefact_masks=per_image[index],
+                      options=AnalysisOptions(batch_size=4))
     import pandas as pd
 
     pd.testing.assert_frame_equal(whole, batched)
@@ -263,19 +267,19 @@ def test_batches_warn_once_and_name_bad_maps_by_their_place_in_the_whole_input()
     masks = rng.random((10, 12, 12)) > 0.5
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        table = analyse(maps, masks, localisation=False, batch_size=4)
+        table = analyse(maps, masks, options=AnalysisOptions(localisation=False, batch_size=4))
     degenerate = [w for w in caught if issubclass(w.category, DegenerateMapWarning)]
     assert len(degenerate) == 1 and str(degenerate[0].message).startswith("3 map(s)")
     assert (table.loc[[1, 6, 9], "c_IoU"] == 0).all() and len(table) == 10
     maps[6, 3, 3] = np.nan
     with pytest.raises(ValueError, match=r"maps \[6\]"):
-        quiet(analyse, maps, masks, batch_size=4)
+        quiet(analyse, maps, masks, options=AnalysisOptions(batch_size=4))
 
 
 def test_one_map_of_shape_h_w_is_one_row_whatever_the_batch_size():
     heat = blob(square(5, 7))
     mask = square(4, 8)
-    one = analyse(heat, mask, mask, batch_size=2)
+    one = analyse(heat, mask, mask, options=AnalysisOptions(batch_size=2))
     assert len(one) == 1
     assert one["c_IoU"][0] == pytest.approx(analyse(heat[None], mask[None], mask[None])["c_IoU"][0])
 
@@ -301,8 +305,8 @@ def test_large_batches_with_fine_threshold_grids_count_in_int64_and_give_the_sam
     rng = np.random.default_rng(10)
     maps = rng.random((440, 6, 6)).astype(np.float32)
     predicted, truth = rng.random((440, 6, 6)) > 0.5, rng.random((440, 6, 6)) > 0.5
-    large = quiet(analyse, maps, predicted, truth, n_thresholds=10001, batch_size=440)   # 440 * 40,004 > 2**24
-    small = quiet(analyse, maps, predicted, truth, n_thresholds=10001, batch_size=16)
+    large = quiet(analyse, maps, predicted, truth, options=AnalysisOptions(n_thresholds=10001, batch_size=440))   # 440 * 40,004 > 2**24
+    small = quiet(analyse, maps, predicted, truth, options=AnalysisOptions(n_thresholds=10001, batch_size=16))
     import pandas as pd
 
     pd.testing.assert_frame_equal(large, small)
@@ -327,7 +331,7 @@ def test_segx_scores_on_the_masks_pixels_only_equal_the_reference_at_the_edges(w
     truth = rng.random((10, 12, 12)) > 0.6
     truth[3] = False                                       # empty ground truth
     truth[9] = predicted[9]
-    table = quiet(analyse, maps, predicted, truth, p=10.0)
+    table = quiet(analyse, maps, predicted, truth, options=AnalysisOptions(p=10.0))
     names = {"IoU@10%": "top-10% IoU", "relevance mass": "relevance mass", "relevance rank": "relevance rank",
              "pointing game": "pointing game"}
     for order in ("mask-then-top", "top-then-mask"):

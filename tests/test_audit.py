@@ -121,10 +121,11 @@ def test_audit_equals_the_notebook_path(archive, tmp_path):
     from segx_helpers.scores.analysis import binarise_masks
     from segx_helpers.models.checkpoints import load_trained, split_tensors
     from segx_helpers.data.format import load_dataset
+    from segx_helpers.explain.api import RunOptions
     from segx_helpers.explain.gradient_shap import GradientShapOptions
     from segx_helpers.workflows.explanation_recipes import background_images, explain_predictions
     from segx_helpers.models.masks import mask_probabilities
-    from segx_helpers.workflows.results import explanation_results
+    from segx_helpers.workflows.results import SplitLabels, explanation_results
 
     result = _audit(_options(archive, tmp_path / "out", masks=archive / "segmenter.pt", split="test", shard_size=64,
                              batch_size=32, nsamples=4, background=3))
@@ -144,9 +145,10 @@ def test_audit_equals_the_notebook_path(archive, tmp_path):
         for method, options in (("gradcam", None),
                                 ("gradient_shap", GradientShapOptions(background_images(data, classifier.meta, 3, 0),
                                                                       nsamples=4))):
-            e = explain_predictions(classifier, test["image"], method, options=options, progress=False, device="cpu")
-            frames.append(explanation_results(e, test["image_id"], test["target"].numpy(), "multiclass", CLASSES,
-                                              predicted, truth, test["has_mask"]).table)
+            e = explain_predictions(classifier, test["image"], method, options=options,
+                                    run=RunOptions(progress=False, device="cpu"))
+            labels = SplitLabels(test["image_id"], test["target"].numpy(), "multiclass", CLASSES)
+            frames.append(explanation_results(e, labels, predicted, truth, test["has_mask"]).table)
     expected = pd.concat(frames, ignore_index=True)
     assert len(table) == len(expected) == 2 * len(test["image_id"])
     for column in expected.columns:
@@ -263,14 +265,14 @@ def test_plain_image_folder_maps_open_with_numpy(archive, tmp_path):
     assert not any(c.startswith("original") for c in table.columns)  # no ground truth, no localisation
     assert set(table["split"]) == {"archive"} and result.summary["segu_auroc_incorrect"] is None
     # maps: plain numpy, aligned with the rows; rescoring the stored maps gives the table's SegU
-    from segx_helpers.scores.analysis import analyse
+    from segx_helpers.scores.analysis import AnalysisOptions, analyse
 
     for shard, part in table.groupby("shard"):
         with np.load(shard_paths(tmp_path / "out", shard)["maps"], allow_pickle=False) as z:
             maps, mask_row = z["maps"], z["mask_row"]
             assert list(z["image_id"]) == list(part["image_id"]) and list(z["class_index"]) == list(part["class_index"])
             rescored = analyse(maps[part["map_row"]], z["predicted_masks"], image_index=mask_row[part["map_row"]],
-                               localisation=False)
+                               options=AnalysisOptions(localisation=False))
         np.testing.assert_allclose(rescored["c_AUITC"], part["c_AUITC"], rtol=1e-9)
         np.testing.assert_allclose(rescored["c_IoU"], part["c_IoU"], rtol=1e-9)
 

@@ -20,9 +20,9 @@ def test_benchmark_runs_and_fast_paths_match(tmp_path, monkeypatch):
     assert module.analyse is analysis.analyse and module.segx_saliency is analysis.segx_saliency
     calls = set()
 
-    def recorded(maps, predicted_masks, true_masks=None, **options):
-        calls.add((len(maps), true_masks is not None, options.get("n_thresholds", 101)))
-        return analysis.analyse(maps, predicted_masks, true_masks, **options)
+    def recorded(maps, predicted_masks, true_masks=None, *, options=None):
+        calls.add((len(maps), true_masks is not None, (options or analysis.AnalysisOptions()).n_thresholds))
+        return analysis.analyse(maps, predicted_masks, true_masks, options=options)
 
     monkeypatch.setattr(module, "analyse", recorded)
     assert module.main(["--image-size", "64", "--images", "3", "--shap-images", "1", "--nsamples", "4",

@@ -33,13 +33,26 @@ def _png(color: str) -> bytes:
     return buffer.getvalue()
 
 
-def _executed_notebook(name: str) -> nbformat.NotebookNode:
+MACHINE = "/home/builder/segx-run"
+"""The fixture notebooks' run folder, as papermill injected it and outputs printed it (the book's own root is
+another: both must be absent from the site)."""
+
+
+def _executed_notebook(name: str, root: str = MACHINE) -> nbformat.NotebookNode:
     nb = nbformat.v4.new_notebook()
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nb.metadata["language_info"] = {"name": "python"}
     picture = nbformat.v4.new_output("display_data", data={"image/png": base64.b64encode(_png("red")).decode(),
                                                            "text/plain": "<Figure>"})
+    injected = nbformat.v4.new_code_cell(f"# Parameters\nQUICK = True\nROOT = \"{root}\"\n", execution_count=2,
+                                         metadata={"tags": ["injected-parameters"]})
     nb.cells = [nbformat.v4.new_markdown_cell(f"# {name}\n\n{colab_badge(name)}\n\nWhat this notebook does."),
+                nbformat.v4.new_code_cell('ROOT = ".."', execution_count=1, metadata={"tags": ["parameters"]}),
+                injected,
+                nbformat.v4.new_markdown_cell("The score: $$c_{IoU} = \\frac{|a \\cap b|}{|a \\cup b|}$$ and $x^2$."),
+                nbformat.v4.new_code_cell("print(paths.root)", execution_count=3,
+                                          outputs=[nbformat.v4.new_output("stream", name="stdout",
+                                                                          text=f"written to {root}/outputs/x\n")]),
                 nbformat.v4.new_code_cell("show_figure()", execution_count=1,
                                           outputs=[picture, nbformat.v4.new_output("stream", name="stdout", text="ok\n")]),
                 nbformat.v4.new_code_cell("explorer()", execution_count=2, outputs=[nbformat.v4.new_output(
@@ -57,7 +70,7 @@ def book(tmp_path_factory):
     notebooks = root / "outputs" / "notebooks"
     notebooks.mkdir(parents=True)
     for name in NAMES:
-        nbformat.write(_executed_notebook(name), notebooks / f"{name}.ipynb")
+        nbformat.write(_executed_notebook(name, str(root.resolve())), notebooks / f"{name}.ipynb")
     (root / "outputs" / "timings.json").write_text(json.dumps({NAMES[0]: RECORD}))
     repo = root / "repo"
     (repo / "docs" / "figures").mkdir(parents=True)
@@ -93,6 +106,38 @@ def test_each_notebook_page_starts_with_its_badge_and_how_it_was_run(book):
         assert fact in page, fact
     assert "not recorded" in (index.parent / "notebooks" / f"{NAMES[1]}.html").read_text()
     assert WIDGET_NOTE.strip("*") in page and "VBox" not in page
+
+
+def test_the_site_shows_no_path_of_the_machine_that_ran_the_notebooks(book):
+    """papermill's injected-parameters cell (``ROOT = "/abs/path"``) is left out and printed paths of the run's folder
+    read ``ROOT/...``: no absolute path of the build machine anywhere in the built site."""
+    root, index = book
+    html = index.parent
+    pages = {page: page.read_text(encoding="utf-8", errors="replace") for page in html.rglob("*") if page.is_file()
+             and page.suffix in (".html", ".js", ".txt", ".json")}
+    assert [str(page) for page, text in pages.items() if str(root.resolve()) in text or str(root) in text] == []
+    page = pages[html / "notebooks" / f"{NAMES[0]}.html"]
+    assert "QUICK" not in page  # the injected cell; the notebook's own parameters cell stays
+    assert "written to ROOT/outputs/x" in page
+
+
+def test_without_machine_paths_drops_the_injected_cell_and_writes_root_for_the_run_folder(tmp_path):
+    from segx_helpers.cli.book import without_machine_paths
+
+    nb = without_machine_paths(_executed_notebook(NAMES[0], str(tmp_path)), tmp_path)
+    assert not any("injected-parameters" in c.metadata.get("tags", []) for c in nb.cells)
+    assert str(tmp_path) not in json.dumps(nb) and "written to ROOT/outputs/x" in json.dumps(nb)
+    assert len(nb.cells) == len(_executed_notebook(NAMES[0]).cells) - 1
+
+
+def test_math_is_rendered_by_the_bundled_mathjax(book):
+    """``$...$`` and ``$$...$$`` become math for the MathJax copied into the site (no CDN)."""
+    _, index = book
+    html = index.parent
+    page = (html / "notebooks" / f"{NAMES[0]}.html").read_text()
+    assert 'class="math' in page and "\\frac{|a \\cap b|}" in page
+    assert "_static/mathjax/tex-chtml.js" in page and (html / "_static" / "mathjax" / "tex-chtml.js").is_file()
+    assert remote_resources(html) == []
 
 
 def test_run_header_and_badge_placement():

@@ -9,11 +9,11 @@ import torch
 from torch import nn
 from torchvision import models as tv_models
 
-from segx_helpers.explain.api import explain
+from segx_helpers.explain.api import RunOptions, explain
 from segx_helpers.explain.cams import CAM_CLASSES, CamOptions
 from segx_helpers.explain.gradient_shap import GradientShapOptions
 from segx_helpers.explain.registry import ExplanationMethod, method_names, register_method, unregister_method
-from segx_helpers.explain.targets import predicted_targets
+from segx_helpers.explain.targets import TargetChoice, predicted_targets
 from segx_helpers.models.networks import build_classifier
 from segx_helpers.scores.analysis import analyse
 
@@ -40,7 +40,7 @@ def tiny():
 @pytest.mark.parametrize("method", list(CAM_CLASSES))
 def test_every_cam_method_gives_maps_at_input_resolution(tiny, method):
     model, x = tiny
-    result = explain(model, x, targets=[0, 1, 2, 0, 1], method=method, progress=False)
+    result = explain(model, x, targets=[0, 1, 2, 0, 1], method=method, run=RunOptions(progress=False))
     assert result.maps.shape == (5, 32, 32) and result.maps.dtype == np.float32
     assert np.isfinite(result.maps).all() and result.maps.min() >= 0 and result.maps.max() <= 1 + 1e-6
     assert result.class_index.tolist() == [0, 1, 2, 0, 1]
@@ -51,8 +51,8 @@ def test_fast_gradcam_matches_pytorch_grad_cam_for_several_classes_per_image():
     model = build_classifier("resnet18", 4).eval()
     x = torch.randn(6, 3, 64, 64)
     targets = [[0], [1, 3], [], [0, 1, 2, 3], [2], [3, 0]]
-    fast = explain(model, x, targets, "gradcam", engine="fast", batch_size=4, progress=False)
-    library = explain(model, x, targets, "gradcam", engine="library", batch_size=4, progress=False)
+    fast = explain(model, x, targets, "gradcam", run=RunOptions(engine="fast", batch_size=4, progress=False))
+    library = explain(model, x, targets, "gradcam", run=RunOptions(engine="library", batch_size=4, progress=False))
     assert fast.image_index.tolist() == library.image_index.tolist() == [0, 1, 1, 3, 3, 3, 3, 4, 5, 5]
     assert fast.class_index.tolist() == library.class_index.tolist() == [0, 1, 3, 0, 1, 2, 3, 2, 3, 0]
     assert np.abs(fast.maps - library.maps).max() <= 1e-5
@@ -62,7 +62,7 @@ def test_default_targets_follow_the_prediction(tiny):
     model, x = tiny
     with torch.no_grad():
         probs = model(x).softmax(1).numpy()
-    result = explain(model, x, method="gradcam", progress=False)
+    result = explain(model, x, method="gradcam", run=RunOptions(progress=False))
     assert result.class_index.tolist() == probs.argmax(1).tolist()
     assert np.allclose(result.confidence, probs.max(1), atol=1e-6)
     multilabel = predicted_targets(np.array([[0.9, 0.2, 0.6], [0.1, 0.1, 0.1]]), "multilabel", [0.5, 0.5, 0.7])
@@ -78,7 +78,8 @@ def test_gradient_shap_engines_are_exact_on_a_linear_model():
     expected = ((x - background) * weight[1]).abs().mean(1).numpy()
     for engine in ("fast", "library"):
         result = explain(model, x, targets=1, method="gradient_shap",
-                         options=GradientShapOptions(background, nsamples=4), engine=engine, progress=False)
+                         options=GradientShapOptions(background, nsamples=4),
+                         run=RunOptions(engine=engine, progress=False))
         assert np.allclose(result.maps, expected, atol=1e-5), engine
 
 
@@ -88,9 +89,9 @@ def test_gradient_shap_on_torchvision_resnet_with_inplace_relus():
     assert any(isinstance(m, nn.ReLU) and m.inplace for m in model.modules())
     x, background = torch.randn(2, 3, 32, 32), torch.randn(8, 3, 32, 32)
     options = GradientShapOptions(background, nsamples=32)
-    fast = explain(model, x, targets=[0, 2], method="gradient_shap", options=options, progress=False)
-    library = explain(model, x, targets=[0, 2], method="gradient_shap", options=options, engine="library",
-                      progress=False)
+    fast = explain(model, x, targets=[0, 2], method="gradient_shap", options=options, run=RunOptions(progress=False))
+    library = explain(model, x, targets=[0, 2], method="gradient_shap", options=options,
+                      run=RunOptions(engine="library", progress=False))
     assert fast.maps.shape == library.maps.shape == (2, 32, 32)
     for a, b in zip(fast.maps, library.maps):
         assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.5
@@ -99,21 +100,23 @@ def test_gradient_shap_on_torchvision_resnet_with_inplace_relus():
 def test_gradient_shap_needs_a_background(tiny):
     model, x = tiny
     with pytest.raises(TypeError, match="options=GradientShapOptions.*background"):
-        explain(model, x, method="gradient_shap", progress=False)
+        explain(model, x, method="gradient_shap", run=RunOptions(progress=False))
     with pytest.raises(ValueError, match="background images"):
         GradientShapOptions(None)
     with pytest.raises(ValueError, match="nsamples"):
         GradientShapOptions(torch.zeros(1, 3, 32, 32), nsamples=0)
     with pytest.raises(ValueError, match=r"background \(1, 3, 8, 8\) must have the images' shape"):
-        explain(model, x, method="gradient_shap", options=GradientShapOptions(torch.zeros(1, 3, 8, 8)), progress=False)
+        explain(model, x, method="gradient_shap", options=GradientShapOptions(torch.zeros(1, 3, 8, 8)),
+                run=RunOptions(progress=False))
     with pytest.raises(TypeError, match=r"options for gradcam must be CamOptions\(...\), got GradientShapOptions"):
-        explain(model, x, method="gradcam", options=GradientShapOptions(torch.zeros(1, 3, 32, 32)), progress=False)
+        explain(model, x, method="gradcam", options=GradientShapOptions(torch.zeros(1, 3, 32, 32)),
+                run=RunOptions(progress=False))
 
 
 def test_densenet_gradcam_works():
     torch.manual_seed(0)
     model = build_classifier("densenet121", 2)
-    result = explain(model, torch.randn(2, 3, 64, 64), [0, 1], "gradcam", progress=False)
+    result = explain(model, torch.randn(2, 3, 64, 64), [0, 1], "gradcam", run=RunOptions(progress=False))
     assert result.maps.shape == (2, 64, 64) and result.maps.max() > 0
 
 
@@ -121,7 +124,7 @@ def test_model_state_is_restored(tiny):
     model, x = tiny
     model.train()
     model.head[2].weight.requires_grad_(False)
-    explain(model, x, method="gradcam", progress=False)
+    explain(model, x, method="gradcam", run=RunOptions(progress=False))
     assert model.training
     assert not model.head[2].weight.requires_grad and model.features[0].weight.requires_grad
 
@@ -129,19 +132,19 @@ def test_model_state_is_restored(tiny):
 def test_bad_inputs_are_refused(tiny):
     model, x = tiny
     with pytest.raises(ValueError, match="shape \\(N, C, H, W\\)"):
-        explain(model, x[0], progress=False)
+        explain(model, x[0], run=RunOptions(progress=False))
     with pytest.raises(ValueError, match="out of range"):
-        explain(model, x, targets=7, progress=False)
+        explain(model, x, targets=7, run=RunOptions(progress=False))
     with pytest.raises(ValueError, match="one entry per image"):
-        explain(model, x, targets=[0, 1], progress=False)
+        explain(model, x, targets=[0, 1], run=RunOptions(progress=False))
     with pytest.raises(ValueError, match="Unknown method"):
-        explain(model, x, method="lime", progress=False)
+        explain(model, x, method="lime", run=RunOptions(progress=False))
     with pytest.raises(ValueError, match="target_layers"):
-        explain(nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 2)), x, progress=False)
+        explain(nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 2)), x, run=RunOptions(progress=False))
     bad = x.clone()
     bad[0, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
-        explain(model, bad, progress=False)
+        explain(model, bad, run=RunOptions(progress=False))
 
 
 # ------------------------------------------------------------------------------ reference behaviour as switches
@@ -155,21 +158,24 @@ def test_output_switch_explains_probabilities_for_both_methods_and_engines(engin
     x = torch.randn(3, 3, 64, 64)
     background = torch.randn(4, 3, 64, 64)
     for method, options in (("gradcam", None), ("gradient_shap", GradientShapOptions(background, nsamples=8))):
-        logit = explain(model, x, [0, 1, 2], method, options=options, engine=engine, progress=False).maps
-        prob = explain(model, x, [0, 1, 2], method, options=options, engine=engine, output="probability",
-                       progress=False).maps
-        sig = explain(model, x, [0, 1, 2], method, options=options, engine=engine, output="sigmoid",
-                      progress=False).maps
+        logit = explain(model, x, [0, 1, 2], method, options=options, run=RunOptions(engine=engine, progress=False)).maps
+        prob = explain(model, x, [0, 1, 2], method, options=options, explained=TargetChoice(output="probability"),
+                       run=RunOptions(engine=engine, progress=False)).maps
+        sig = explain(model, x, [0, 1, 2], method, options=options, explained=TargetChoice(output="sigmoid"),
+                      run=RunOptions(engine=engine, progress=False)).maps
         assert not np.allclose(logit, prob, atol=1e-3) and not np.allclose(prob, sig, atol=1e-3), method
         if method == "gradient_shap":
             # not a constant factor apart: the probability's gradient is rescaled differently per sample
             ratio = prob[logit > 1e-6] / logit[logit > 1e-6]
             assert ratio.std() > 0.05 * ratio.mean()
-    fast = explain(model, x, [0, 1, 2], "gradcam", engine="fast", output="sigmoid", progress=False).maps
-    library = explain(model, x, [0, 1, 2], "gradcam", engine="library", output="sigmoid", progress=False).maps
+    fast = explain(model, x, [0, 1, 2], "gradcam", explained=TargetChoice(output="sigmoid"),
+                   run=RunOptions(engine="fast", progress=False)).maps
+    library = explain(model, x, [0, 1, 2], "gradcam", explained=TargetChoice(output="sigmoid"),
+                      run=RunOptions(engine="library", progress=False)).maps
     assert np.abs(fast - library).max() < 1e-4
     with pytest.raises(ValueError, match="output"):
-        explain(model, x, [0, 1, 2], "gradcam", output="softmax", progress=False)
+        explain(model, x, [0, 1, 2], "gradcam", explained=TargetChoice(output="softmax"),
+                run=RunOptions(progress=False))
 
 
 def test_reference_selection_explains_every_class_above_its_threshold():
@@ -198,9 +204,9 @@ def test_engine_auto_is_silent_and_fast_says_when_it_falls_back(tiny):
     model, x = tiny
     with _warnings.catch_warnings():
         _warnings.simplefilter("error")
-        explain(model, x, 0, "gradcam++", progress=False)
+        explain(model, x, 0, "gradcam++", run=RunOptions(progress=False))
     with pytest.warns(UserWarning, match="no fast engine"):
-        explain(model, x, 0, "gradcam++", engine="fast", progress=False)
+        explain(model, x, 0, "gradcam++", run=RunOptions(engine="fast", progress=False))
 
 
 # ------------------------------------------------------------------------------ reliability (issue 13)
@@ -222,7 +228,7 @@ def test_model_state_is_restored_exactly(tiny, method, engine):
     grads = {name: (p.grad, None if p.grad is None else p.grad.clone()) for name, p in model.named_parameters()}
     assert grads["features.0.weight"][0] is not None and grads["head.2.bias"][0] is None
     options = GradientShapOptions(torch.randn(4, 3, 32, 32), nsamples=4) if method == "gradient_shap" else None
-    explain(model, x, [0, 1, 2, 0, 1], method, options=options, engine=engine, progress=False)
+    explain(model, x, [0, 1, 2, 0, 1], method, options=options, run=RunOptions(engine=engine, progress=False))
     assert {name: m.training for name, m in model.named_modules()} == modes
     assert {name: p.requires_grad for name, p in model.named_parameters()} == flags
     for name, p in model.named_parameters():
@@ -260,9 +266,10 @@ def test_inplace_op_after_the_target_layer_does_not_change_cams(engine):
     model = ConvInplace()
     reference = _out_of_place_copy(model)
     x, targets = torch.randn(4, 3, 16, 16), [0, 1, 2, 1]
-    got = explain(model, x, targets, "gradcam", options=CamOptions([model.conv2]), engine=engine, progress=False).maps
-    want = explain(reference, x, targets, "gradcam", options=CamOptions([reference.conv2]), engine=engine,
-                   progress=False).maps
+    got = explain(model, x, targets, "gradcam", options=CamOptions([model.conv2]),
+                  run=RunOptions(engine=engine, progress=False)).maps
+    want = explain(reference, x, targets, "gradcam", options=CamOptions([reference.conv2]),
+                   run=RunOptions(engine=engine, progress=False)).maps
     assert np.abs(got - want).max() <= 1e-5
     assert np.abs(want).max() > 0.5
 
@@ -275,28 +282,29 @@ def test_raw_torchvision_densenet_gives_the_same_cams_as_the_out_of_place_one():
     raw = tv_models.densenet121(weights=None, num_classes=3).eval()
     reference = DenseNetClassifier(raw)
     x = torch.randn(2, 3, 64, 64)
-    want = explain(reference, x, [0, 2], "gradcam", engine="fast", progress=False).maps
+    want = explain(reference, x, [0, 2], "gradcam", run=RunOptions(engine="fast", progress=False)).maps
     for engine in ("fast", "library"):
-        got = explain(raw, x, [0, 2], "gradcam", engine=engine, progress=False).maps
+        got = explain(raw, x, [0, 2], "gradcam", run=RunOptions(engine=engine, progress=False)).maps
         assert np.abs(got - want).max() <= 1e-4, engine
 
 
 def test_bad_targets_and_target_layers_fail_clearly(tiny):
     model, x = tiny
-    one = explain(model, x, torch.tensor(1), progress=False)
-    per_image = explain(model, x, torch.tensor([0, 1, 2, 0, 1]), progress=False)
-    array = explain(model, x, np.array([0, 1, 2, 0, 1]), progress=False)
+    one = explain(model, x, torch.tensor(1), run=RunOptions(progress=False))
+    per_image = explain(model, x, torch.tensor([0, 1, 2, 0, 1]), run=RunOptions(progress=False))
+    array = explain(model, x, np.array([0, 1, 2, 0, 1]), run=RunOptions(progress=False))
     assert one.class_index.tolist() == [1] * 5
     assert per_image.class_index.tolist() == array.class_index.tolist() == [0, 1, 2, 0, 1]
     with pytest.raises(TypeError, match="integer class indices.*1.5"):
-        explain(model, x, 1.5, progress=False)
+        explain(model, x, 1.5, run=RunOptions(progress=False))
     with pytest.raises(TypeError, match="integer class indices"):
-        explain(model, x, torch.tensor([0.2, 0.8, 0.1, 0.0, 0.4]), progress=False)
+        explain(model, x, torch.tensor([0.2, 0.8, 0.1, 0.0, 0.4]), run=RunOptions(progress=False))
     with pytest.raises(TypeError, match="integer class indices"):
-        explain(model, x, [[0.5], [1], [2], [0], [1]], progress=False)
+        explain(model, x, [[0.5], [1], [2], [0], [1]], run=RunOptions(progress=False))
     for engine in ("fast", "library"):
         with pytest.raises(ValueError, match=r"target layer Linear.*\(N, C, H, W\)"):
-            explain(model, x, 0, "gradcam", options=CamOptions([model.head[2]]), engine=engine, progress=False)
+            explain(model, x, 0, "gradcam", options=CamOptions([model.head[2]]),
+                    run=RunOptions(engine=engine, progress=False))
 
 
 def test_one_output_model_is_refused_for_multiclass():
@@ -305,8 +313,9 @@ def test_one_output_model_is_refused_for_multiclass():
     x = torch.randn(2, 3, 16, 16)
     for method in ("gradcam", "gradcam++"):
         with pytest.raises(ValueError, match="one output.*multilabel"):
-            explain(model, x, None, method, progress=False)
-    result = explain(model, x, None, "gradcam", task="multilabel", thresholds=[1e-3], progress=False)
+            explain(model, x, None, method, run=RunOptions(progress=False))
+    result = explain(model, x, None, "gradcam", explained=TargetChoice(task="multilabel", thresholds=[1e-3]),
+                     run=RunOptions(progress=False))
     assert len(result) == 2 and (result.confidence < 1).all()
 
 
@@ -343,8 +352,8 @@ def test_torchvision_classifiers_give_non_zero_gradcams_and_both_engines_agree(n
     x = torch.randn(2, 3, 64, 64)
     with _warnings.catch_warnings():
         _warnings.simplefilter("error")  # no all-zero or near-input warning for any of them
-        fast = explain(model, x, [0, 2], "gradcam", engine="fast", progress=False)
-        library = explain(model, x, [0, 2], "gradcam", engine="library", progress=False)
+        fast = explain(model, x, [0, 2], "gradcam", run=RunOptions(engine="fast", progress=False))
+        library = explain(model, x, [0, 2], "gradcam", run=RunOptions(engine="library", progress=False))
     assert fast.maps.shape == library.maps.shape == (2, 64, 64)
     assert np.isfinite(fast.maps).all() and np.isfinite(library.maps).all()
     # scaled to [0, 1] before the resize; one map of a random-weight model may be zero (ReLU of a negative sum)
@@ -370,7 +379,7 @@ def test_vision_transformer_target_is_the_last_blocks_norm_with_a_token_grid():
 def test_library_cams_read_vision_transformer_tokens(method):
     torch.manual_seed(0)
     model = _random_head(_tiny_vit()).eval()
-    result = explain(model, torch.randn(2, 3, 32, 32), [0, 1], method, progress=False)
+    result = explain(model, torch.randn(2, 3, 32, 32), [0, 1], method, run=RunOptions(progress=False))
     assert result.maps.shape == (2, 32, 32) and np.isfinite(result.maps).all() and result.maps.max() > 0.5
 
 
@@ -380,7 +389,7 @@ def test_all_zero_maps_and_a_target_layer_at_the_input_are_warned():
     torch.manual_seed(0)
     vit = _tiny_vit().eval()  # as torchvision builds it: zero head, so no input changes any output
     with pytest.warns(UserWarning, match="All 2 gradcam maps are zero"):
-        result = explain(vit, torch.randn(2, 3, 32, 32), [0, 1], progress=False)
+        result = explain(vit, torch.randn(2, 3, 32, 32), [0, 1], run=RunOptions(progress=False))
     assert not result.maps.any()
     with pytest.warns(UserWarning, match="right at the input"):
         assert find_target_layer(vit, rule="last-conv") is vit.conv_proj
@@ -417,7 +426,7 @@ def test_a_registered_method_runs_through_explain_and_the_analysis(input_method)
     x[1, :, :8, :] = 1.0   # top half
     x[2] = 0.5             # everywhere
     assert "mean_abs_input" in method_names()
-    result = explain(model, x, [[0, 2], 1, []], "mean_abs_input", progress=False)
+    result = explain(model, x, [[0, 2], 1, []], "mean_abs_input", run=RunOptions(progress=False))
     assert result.method == "mean_abs_input" and result.maps.shape == (3, 16, 16) and result.maps.dtype == np.float32
     assert result.image_index.tolist() == [0, 0, 1] and result.class_index.tolist() == [0, 2, 1]
     assert np.array_equal(result.maps, x.abs().mean(1).numpy()[[0, 0, 1]])
@@ -428,27 +437,27 @@ def test_a_registered_method_runs_through_explain_and_the_analysis(input_method)
     left[:, :, :8] = True
     table = analyse(result.maps, left, image_index=result.image_index)
     assert table["SegU mass"].to_numpy() == pytest.approx([1.0, 1.0, 0.5])
-    every = explain(model, x, None, "mean_abs_input", progress=False)
+    every = explain(model, x, None, "mean_abs_input", run=RunOptions(progress=False))
     assert np.array_equal(every.maps, x.abs().mean(1).numpy())
     with pytest.warns(UserWarning, match="mean_abs_input has no fast engine"):
-        explain(model, x, 0, "mean_abs_input", engine="fast", progress=False)
+        explain(model, x, 0, "mean_abs_input", run=RunOptions(engine="fast", progress=False))
 
 
 def test_the_registry_refuses_unknown_and_duplicate_names_and_wrong_maps(tiny, input_method):
     model, x = tiny
     with pytest.raises(ValueError, match=r"Unknown method 'lime'; choose one of the registered methods \(.*'gradcam'.*"
                                          r"'gradient_shap'.*'mean_abs_input'\)"):
-        explain(model, x, method="lime", progress=False)
+        explain(model, x, method="lime", run=RunOptions(progress=False))
     with pytest.raises(ValueError, match="'mean_abs_input' is already registered"):
         register_method(ExplanationMethod("mean_abs_input", InputOptions, _input_maps))
     with pytest.raises(ValueError, match="'gradcam' is already registered"):
         register_method(ExplanationMethod("gradcam", InputOptions, _input_maps))
     with pytest.raises(TypeError, match=r"options for mean_abs_input must be InputOptions\(...\), got CamOptions"):
-        explain(model, x, 0, "mean_abs_input", options=CamOptions(), progress=False)
+        explain(model, x, 0, "mean_abs_input", options=CamOptions(), run=RunOptions(progress=False))
     register_method(ExplanationMethod("one_map", InputOptions, lambda model, images, *rest: images[:1, 0].numpy()))
     try:
         with pytest.raises(ValueError, match="one_map gave maps of shape .* one map per pair"):
-            explain(model, x, 0, "one_map", progress=False)
+            explain(model, x, 0, "one_map", run=RunOptions(progress=False))
     finally:
         unregister_method("one_map")
     assert "one_map" not in method_names()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 
 import matplotlib
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
@@ -22,9 +23,12 @@ from segx_helpers.tutorial import viz
 from segx_helpers.workflows.explanation_recipes import score_split, segmenter_masks
 from segx_helpers.tutorial.modality_recipes import FAULTS, SmallCNN, auroc_validation, broken_copy, run_segx
 from segx_helpers.workflows.results import Results, rows_for_images
-from segx_helpers.tutorial.segu_recipes import (BASELINE, LOGISTIC, PRODUCT, SEGU, degraded_masks, distance_sections,
-                                                mask_dependence, prediction_scores, segu_sections, segu_summary,
-                                                selective_prediction, separation_by_variant)
+from segx_helpers.tutorial.segu_recipes import (BASELINE, DISTANCE_COLUMNS, LOGISTIC, NO_TWINS, PRODUCT, SEGU,
+                                                SeguTables, degraded_masks, distance_sections, mask_dependence,
+                                                prediction_scores, segu_sections, segu_summary, selective_prediction,
+                                                separation_by_variant, shortcut_dial, shortcut_ground_truth)
+from segx_helpers.studies.shortcut import DistanceBins
+from segx_helpers.workflows.report import distance_findings
 from segx_helpers.workflows.settings import QUICK_MODE, TutorialPaths, with_image_size
 
 matplotlib.use("Agg")
@@ -126,13 +130,16 @@ def test_segu_summaries_take_their_numbers_from_the_tables():
     assert sections["confidence"]["auroc_incorrect"] == stats.iloc[2]["auroc"]
     assert sections["aurc"]["segu"] == selective.curves[SEGU][2]
     assert segu_sections(stats, None, ["gradcam"], selective)["confidence"]["auroc_shortcut"] is None
+    no_twins = segu_sections(stats, ground_truth.iloc[:0], ["gradcam"], selective)  # an empty ground truth: no twins
+    assert no_twins["segu"]["gradcam"]["c_iou"]["auroc_shortcut"] is None and no_twins["segu"]["gradcam"]["c_iou"]["auroc_shortcut_ci"] is None
 
     table4 = (scores.assign(prediction=np.where(scores["correct"], "correct", "incorrect"))
               .pivot_table(index="method", columns="prediction", values=["c_IoU"], aggfunc="mean"))
     ablation = separation_by_variant({"x": _rows()}, n_resamples=10)
     dependence = separation_by_variant({"y": _rows()}, label="masks", n_resamples=10)
-    summary = segu_summary("d", True, 5.0, table4, stats, stats.assign(errors="all errors"), selective, ablation,
-                           dependence)
+    tables = SeguTables(table4=table4, separation=stats, by_error_type=stats.assign(errors="all errors"),
+                        selective=selective, ablation_method=ablation, ablation_masks=dependence)
+    summary = segu_summary("d", True, 5.0, tables)
     assert summary["segu_means"]["gradcam c_IoU correct"] == pytest.approx(scores.query("method == 'gradcam' and correct")["c_IoU"].mean())
     assert summary["aurc"] == {name: c[2] for name, c in selective.curves.items()}
     assert summary["ablation_masks"][0]["masks"] == "y" and len(summary["separation"]) == 6
@@ -142,6 +149,28 @@ def test_segu_summaries_take_their_numbers_from_the_tables():
     sections = distance_sections(by_distance, {"last block": pd.DataFrame({"bin": ["near"], "n": [1]})})
     assert [sections[k][0]["n"] for k in ("shortcut_by_distance", "shortcut_by_distance_block_before",
                                           "shortcut_by_distance_patch_present")] == [3, 4, 1]
+    assert distance_sections({}, {}) == {}
+
+
+def test_without_counterfactual_twins_the_synthetic_only_sections_are_empty_and_say_so(make_tiny_dataset, capsys):
+    """Notebook 05's sections 5 and 6 run straight through on a dataset without twins (real data): no ``if`` in the
+    notebook, empty tables, figures and a paragraph that say there is nothing to show, nothing for summary.json."""
+    data = load_dataset(make_tiny_dataset())
+    scores = _rows().assign(method="gradcam", image_id="img_000", **{"class": "a", "patch": False})
+    truth = shortcut_ground_truth(None, data, scores, ["c_IoU", "confidence"], n_resamples=10)
+    assert NO_TWINS in capsys.readouterr().out
+    assert truth.scores.empty and "shortcut_driven" in truth.scores and truth.rates.empty
+    assert truth.separation.empty and {"group", "certainty", "n_incorrect", "auroc"} <= set(truth.separation)
+    layers = {"last block": Results(scores, np.zeros((len(scores), 4, 4)), np.zeros((len(scores), 4, 4)))}
+    dial = shortcut_dial(truth, layers, DistanceBins(cell_px=8), data, 32)
+    assert dial.by_distance == {} and dial.present == {} and dial.examples == {}
+    assert dial.table().empty and list(dial.table(patch_present=True)) == DISTANCE_COLUMNS and dial.table4().empty
+    assert distance_sections(dial.by_distance, dial.present) == {}
+    assert "no counterfactual twins" in distance_findings(dial.by_distance)
+    for fig in (viz.plot_auroc_by_distance(dial.by_distance, "by distance"),
+                viz.plot_certainty_by_outcome(truth.scores, "artefact mass", "mass", outcome="shortcut_driven")):
+        assert "Nothing to plot" in " ".join(text.get_text() for text in fig.axes[0].texts)
+        plt.close(fig)
 
 
 # ------------------------------------------------------------------------------ galleries and rows of results

@@ -134,6 +134,23 @@ def test_kernel_environment_is_set_while_a_kernel_starts_and_restored(monkeypatc
     assert os.environ["MPLBACKEND"] == "Agg" and "SEGX_TEST_UNSET" not in os.environ
 
 
+def test_the_runners_kernels_start_without_the_plain_tcp_warning(tmp_path, capfd):
+    """A notebook executed by the runner starts its kernel with encrypted transport: no "Kernel is running over TCP
+    without encryption" on the terminal (make tutorial used to print it once per notebook)."""
+    folder = tmp_path / "notebooks"
+    folder.mkdir()
+    nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "language": "python",
+                                                           "display_name": "Python 3"}})
+    nb.cells = [nbformat.v4.new_code_cell("QUICK = True", metadata={"tags": ["parameters"]}),
+                nbformat.v4.new_code_cell("print('ran', QUICK)")]
+    nbformat.write(nb, folder / "tiny.ipynb")
+    run_notebooks(tmp_path, quick=True, only=["tiny"], notebook_dir=folder)
+    executed = nbformat.read(tmp_path / "outputs" / "notebooks" / "tiny.ipynb", as_version=4)
+    assert executed.cells[-1].outputs[0]["text"] == "ran True\n"
+    captured = capfd.readouterr()
+    assert "without encryption" not in captured.err + captured.out
+
+
 def test_runner_main_passes_the_parameters_on(monkeypatch, tmp_path):
     calls = {}
     monkeypatch.setattr(runner, "run_notebooks", lambda root, **kw: calls.update(root=root, **kw) or {"01_dataset_prep": 1.0})

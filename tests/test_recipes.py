@@ -13,12 +13,12 @@ from torch import nn
 from segx_helpers.models.checkpoints import load_trained, split_tensors
 from segx_helpers.data import SyntheticConfig, generate_synthetic_derm, load_dataset
 from segx_helpers.data.synthetic import load_artefacts
-from segx_helpers.explain.api import explain
+from segx_helpers.explain.api import RunOptions, explain
 from segx_helpers.explain.cams import CamOptions
 from segx_helpers.workflows.explanation_recipes import explain_predictions, segx_results
 from segx_helpers.models.masks import mask_probabilities
 from segx_helpers.workflows.settings import MissingArtifactError, TutorialPaths, run_settings
-from segx_helpers.workflows.results import load_results, load_split_arrays, prediction_table, save_results
+from segx_helpers.workflows.results import SplitLabels, load_results, load_split_arrays, prediction_table, save_results
 from segx_helpers.scores.segu import segu_scores
 from segx_helpers.studies.artefacts import shortcut_breakdown
 from segx_helpers.scores.segx import segx
@@ -97,10 +97,10 @@ def test_evaluations_return_documented_keys(trained):
 def test_results_round_trip_and_segu(trained, tmp_path):
     root, data, seg, cls = trained
     tensors = split_tensors(data, "test", cls.meta)
-    e = explain_predictions(cls, tensors["image"], "gradcam", progress=False)
+    e = explain_predictions(cls, tensors["image"], "gradcam", run=RunOptions(progress=False))
     masks = mask_probabilities(seg, data, "test", 64)
     aligned = segx(e.maps, masks[e.image_index])
-    table = prediction_table(e, tensors["image_id"], tensors["target"].numpy(), "multiclass", data.info.class_names)
+    table = prediction_table(e, SplitLabels.of(tensors, data.info))
     assert (table["correct"] == (tensors["target"].numpy()[e.image_index] == e.class_index)).all()
     images = np.random.default_rng(0).random((len(tensors["image"]), 64, 64, 3))
     folder = save_results(tmp_path / "gradcam", table, e.maps, aligned, images, masks)
@@ -154,7 +154,7 @@ def test_segx_results_writes_what_notebook_05_reads(trained):
     root, data, seg, cls = trained
     paths = TutorialPaths.at(root)
     settings = run_settings(quick=True)
-    made = segx_results("synthetic-derm", paths, data, seg, cls, settings, methods=("gradcam",))
+    made = segx_results(paths.maps("synthetic-derm"), data, seg, cls, settings, methods=("gradcam",))
     arrays = load_split_arrays(paths.maps("synthetic-derm") / "test_masks.npz")
     loaded = load_results(paths.maps("synthetic-derm") / "gradcam")
     assert arrays["mask_prob"].shape[0] == len(arrays["image_id"]) and len(loaded.table) == len(loaded.maps)
@@ -169,11 +169,10 @@ def test_notebook_path_and_benchmark_path_give_identical_tables(trained):
 
     root, data, seg, cls = trained
     tensors = split_tensors(data, "test", cls.meta)
-    e = explain_predictions(cls, tensors["image"], "gradcam", progress=False)
+    e = explain_predictions(cls, tensors["image"], "gradcam", run=RunOptions(progress=False))
     predicted = binarise_masks(mask_probabilities(seg, data, "test", 64), seg.meta["threshold"])
     truth = tensors["mask"][:, 0].numpy() > 0.5
-    notebook = explanation_results(e, tensors["image_id"], tensors["target"].numpy(), "multiclass",
-                                   data.info.class_names, predicted, truth, tensors["has_mask"]).table
+    notebook = explanation_results(e, SplitLabels.of(tensors, data.info), predicted, truth, tensors["has_mask"]).table
     benchmark = analyse(e.maps, predicted[e.image_index], truth[e.image_index])
     pd.testing.assert_frame_equal(notebook[benchmark.columns], benchmark)
 
@@ -195,7 +194,8 @@ def test_foreign_classifier_and_callable_mask_source(trained):
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
     tensors = split_tensors(data, "test", cls.meta)
-    e = explain(model, tensors["image"], None, "gradcam", options=CamOptions(target_layers=[model[2]]), progress=False)
+    e = explain(model, tensors["image"], None, "gradcam", options=CamOptions(target_layers=[model[2]]),
+                run=RunOptions(progress=False))
     centre = np.zeros((len(tensors["image"]), 64, 64))
     centre[:, 16:48, 16:48] = 1
     masks = mask_probabilities(lambda x: centre, data, "test", 64, images=tensors["image"])
@@ -221,9 +221,9 @@ def test_error_taxonomy_on_the_synthetic_set_and_other_datasets(trained):
 
     root, data, seg, cls = trained
     tensors = split_tensors(data, "test", cls.meta)
-    e = explain_predictions(cls, tensors["image"], "gradcam", progress=False)
+    e = explain_predictions(cls, tensors["image"], "gradcam", run=RunOptions(progress=False))
     targets = tensors["target"].numpy()
-    table = prediction_table(e, tensors["image_id"], targets, "multiclass", data.info.class_names)
+    table = prediction_table(e, SplitLabels(tensors["image_id"], targets, "multiclass", data.info.class_names))
     kinds = error_taxonomy(data, table, targets)
     ink = load_artefacts(data.root).set_index("image_id").loc[table["image_id"], "patch"].to_numpy(bool)
     wrong = ~table["correct"].to_numpy()

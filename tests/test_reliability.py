@@ -11,7 +11,7 @@ import torch
 from segx_helpers.data import load_dataset
 from segx_helpers.data.format import DatasetInfo, make_splits, write_dataset
 from segx_helpers.data.torch_dataset import SegXDataset
-from segx_helpers.explain.api import explain
+from segx_helpers.explain.api import RunOptions, explain
 from segx_helpers.explain.gradient_shap import GradientShapOptions
 from segx_helpers.data.io import atomic_path, check_safe_id
 from segx_helpers.models.networks import build_classifier
@@ -76,10 +76,10 @@ def test_explanations_and_scores_are_deterministic():
     model = build_classifier("resnet18", 3)
     x, background = torch.randn(3, 3, 32, 32), torch.randn(4, 3, 32, 32)
     runs = [explain(model, x, [0, 1, 2], "gradient_shap", options=GradientShapOptions(background, nsamples=8, seed=5),
-                    progress=False).maps for _ in range(2)]
+                    run=RunOptions(progress=False)).maps for _ in range(2)]
     assert np.array_equal(runs[0], runs[1])
     other = explain(model, x, [0, 1, 2], "gradient_shap", options=GradientShapOptions(background, nsamples=8, seed=6),
-                    progress=False).maps
+                    run=RunOptions(progress=False)).maps
     assert not np.array_equal(runs[0], other)
 
 
@@ -625,22 +625,22 @@ def test_regenerating_a_synthetic_dataset_keeps_files_the_user_added(tmp_path):
                                             (np.array([0.0, 0.9]), r"must hold integers .* image_index\[1\] is 0\.9"),
                                             ([0], r"shape \(1,\) but there are 2 maps")])
 def test_analyse_and_explanation_results_refuse_bad_image_indices(index, message):
-    from segx_helpers.scores.analysis import analyse
+    from segx_helpers.scores.analysis import AnalysisOptions, analyse
     from segx_helpers.explain.targets import Explanations
-    from segx_helpers.workflows.results import explanation_results
+    from segx_helpers.workflows.results import SplitLabels, explanation_results
 
     rng = np.random.default_rng(0)
     maps = rng.random((2, 8, 8)).astype(np.float32)
     masks = np.zeros((2, 8, 8), bool)
     masks[:, 2:6, 2:6] = True
     with pytest.raises(ValueError, match=message):
-        analyse(maps, masks, image_index=index, localisation=False)
+        analyse(maps, masks, image_index=index, options=AnalysisOptions(localisation=False))
     if len(index) == 2:
         e = Explanations(maps=maps, image_index=np.asarray(index), class_index=np.array([0, 1]),
                          confidence=np.array([0.9, 0.8]), method="gradcam")
         with pytest.raises(ValueError, match=message):
-            explanation_results(e, ["a", "b"], np.array([0, 1]), "multiclass", ["x", "y"], masks)
-    assert len(analyse(maps, masks, image_index=np.array([1, 0]), localisation=False)) == 2
+            explanation_results(e, SplitLabels(["a", "b"], np.array([0, 1]), "multiclass", ["x", "y"]), masks)
+    assert len(analyse(maps, masks, image_index=np.array([1, 0]), options=AnalysisOptions(localisation=False))) == 2
 
 
 def test_maps_near_the_float32_limit_are_scored_like_the_same_maps_at_scale_one():

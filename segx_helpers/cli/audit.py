@@ -34,18 +34,19 @@ from tqdm.auto import tqdm
 from segx_helpers import __version__
 from segx_helpers.cli import distributed
 import segx_helpers.explain.api  # noqa: F401 (importing it registers the built-in methods)
-from segx_helpers.explain.api import explain
+from segx_helpers.explain.api import RunOptions, explain
 from segx_helpers.explain.gradient_shap import GradientShapOptions
+from segx_helpers.explain.targets import TargetChoice
 from segx_helpers.explain.registry import method_names
 from segx_helpers.models.checkpoints import load_trained, require_finished_run
 from segx_helpers.data.format import IMAGE_SUFFIXES, DatasetInfo, LoadedDataset, image_size, load_dataset, read_mask
 from segx_helpers.data.torch_dataset import Normalization, SegXDataset
 from segx_helpers.data.io import atomic_path, check_safe_id, write_json
 from segx_helpers.models.training import predict_masks
-from segx_helpers.scores.analysis import binarise_masks, score_columns
+from segx_helpers.scores.analysis import AnalysisOptions, binarise_masks, score_columns
 from segx_helpers.scores.selective import separation_table
 from segx_helpers.workflows.explanation_recipes import background_images
-from segx_helpers.workflows.results import explanation_results
+from segx_helpers.workflows.results import SplitLabels, explanation_results
 
 FORMAT = "segx-audit-v1"
 RUN_FILE = "run.json"
@@ -504,13 +505,14 @@ class ShardWorker:
             for method in opts.methods:
                 options = (GradientShapOptions(self.background, nsamples=opts.nsamples, seed=opts.seed + int(index[0]))
                            if method == "gradient_shap" else None)
-                e = explain(self.classifier.model, batch["image"], None, method, options=options, task=self.task,
-                            thresholds=self.classifier.meta.get("thresholds"), batch_size=opts.batch_size,
-                            progress=False, device=str(self.device))
+                e = explain(self.classifier.model, batch["image"], None, method, options=options,
+                            explained=TargetChoice(task=self.task, thresholds=self.classifier.meta.get("thresholds")),
+                            run=RunOptions(batch_size=opts.batch_size, progress=False, device=str(self.device)))
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # degenerate maps/masks: scored 0 as documented, once per shard below
-                    result = explanation_results(e, ids, targets, self.task, self.class_names, predicted, truth,
-                                                 has if self.localise else None, p=opts.p, device=self.device)
+                    result = explanation_results(e, SplitLabels(ids, targets, self.task, self.class_names), predicted,
+                                                 truth, has if self.localise else None,
+                                                 options=AnalysisOptions(p=opts.p, device=self.device))
                 table = result.table
                 rows = table["image_index"].to_numpy()
                 table["image_index"] = index[rows]

@@ -4,11 +4,14 @@
 
 Builds a static HTML site from the notebooks that ``make tutorial`` executed (``<root>/outputs/notebooks/``; they
 are never executed again) with Sphinx, myst-nb and sphinx-book-theme (the ``docs`` extra): the README as the landing
-page, notebooks 01-07 in order with their figures and tables, then docs/NOTES.md, docs/REFERENCE.md and
-docs/audit.md. Each notebook page starts with its Colab badge and how it was run (mode, device, start, commit, run
-time: the runner's ``outputs/timings.json``). The Sphinx project is written to ``<out>/source`` and the site to
+page, notebooks 01-07 in order with their figures and tables, then the pages of docs/ (:data:`PAGES`). Each
+notebook page starts with its Colab badge and how it was run (mode, device, start, commit, run time: the runner's
+``outputs/timings.json``). The Sphinx project is written to ``<out>/source`` and the site to
 ``<out>/html`` (default ``<root>/outputs/book``); open ``<out>/html/index.html`` from disk. The site loads nothing
-from the network: the Colab badge is a local picture and :func:`remote_resources` checks every page.
+from the network: the Colab badge is a local picture, math (``$...$`` and ``$$...$$``) is rendered by the MathJax
+that sphinx-mathjax-offline bundles, and :func:`remote_resources` checks every page. Nothing of the machine that ran
+the notebooks shows: papermill's injected-parameters cell is left out (the run header says the mode and parameters)
+and the run's absolute paths in the notebooks are written relative to ``ROOT`` (:func:`without_machine_paths`).
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ from segx_helpers.workflows.report import read_run_records
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MARKER = ".made-by-segx-book"
-PAGES = ("docs/NOTES.md", "docs/REFERENCE.md", "docs/audit.md")
+PAGES = ("docs/real-data.md", "docs/audit.md", "docs/scale.md", "docs/REFERENCE.md", "docs/NOTES.md")
 """Markdown pages after the notebooks, as paths in the repository."""
 FOLDERS = ("docs/figures",)
 """Folders of the repository the pages refer to (pictures), copied as they are."""
@@ -49,14 +52,14 @@ CONF = """\
 # Written by segx_helpers.cli.book (make book): rewritten on every build.
 project = "SegX tutorials"
 html_title = "SegX tutorials"
-extensions = ["myst_nb"]
+extensions = ["myst_nb", "sphinx-mathjax-offline"]  # MathJax from the package, not from a CDN
 root_doc = "index"
 exclude_patterns = []
 html_theme = "sphinx_book_theme"
 html_theme_options = {"show_toc_level": 2, "use_download_button": False, "use_fullscreen_button": False}
 html_copy_source = False
 html_show_sourcelink = False
-myst_enable_extensions = []          # no $...$ math, so no page asks for MathJax from a CDN
+myst_enable_extensions = ["dollarmath"]  # $...$ and $$...$$ math, as Jupyter and Colab show it
 nb_execution_mode = "off"            # the notebooks were executed by make tutorial
 nb_output_stderr = "remove"          # progress bars and warnings
 nb_ipywidgets_js = {}                # no widget JavaScript from a CDN (widget outputs are replaced by a note)
@@ -135,6 +138,35 @@ def without_widgets(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
     return nb
 
 
+INJECTED = "injected-parameters"
+"""The tag of the cell papermill adds after a notebook's parameters cell (``QUICK``, ``ROOT``: the run's own values)."""
+
+
+def without_machine_paths(nb: nbformat.NotebookNode, root: Path) -> nbformat.NotebookNode:
+    """A copy of ``nb`` without papermill's injected-parameters cell, and with every text of its cells and outputs
+    naming the run's folder ``root`` (an absolute path of the machine that ran it) written as ``ROOT`` instead, the
+    notebooks' parameter for that folder."""
+    nb = copy.deepcopy(nb)
+    nb.cells = [cell for cell in nb.cells if INJECTED not in cell.get("metadata", {}).get("tags", [])]
+    spellings = sorted({str(Path(root).absolute()), str(Path(root).resolve())}, key=len, reverse=True)
+    for cell in nb.cells:
+        cell.source = _relative_to_root(cell.source, spellings)
+        for output in cell.get("outputs", []):
+            if isinstance(output.get("text"), str):
+                output["text"] = _relative_to_root(output["text"], spellings)
+            for kind, value in output.get("data", {}).items():
+                if isinstance(value, str) and kind.startswith("text/"):
+                    output["data"][kind] = _relative_to_root(value, spellings)
+    return nb
+
+
+def _relative_to_root(text: str, spellings: list[str]) -> str:
+    """``text`` with each spelling of the run's folder (longest first: a symlinked folder has two) as ``ROOT``."""
+    for spelling in spellings:
+        text = text.replace(spelling, "ROOT")
+    return text
+
+
 def prepare_folder(folder: Path) -> None:
     """Empty ``folder`` for a new build if this module made it (it holds :data:`MARKER`); refuse any other."""
     if folder.exists():
@@ -155,7 +187,8 @@ def stage_source(root: str | Path, source: Path, repo: Path = REPO_ROOT) -> list
     (source / "notebooks").mkdir()
     (source / "notebooks" / BADGE_FILE).write_text(BADGE_SVG)
     for name, path in notebooks.items():
-        nb = with_run_header(without_widgets(nbformat.read(path, as_version=4)), name, records.get(name))
+        nb = without_machine_paths(without_widgets(nbformat.read(path, as_version=4)), root)
+        nb = with_run_header(nb, name, records.get(name))
         nbformat.write(nb, source / "notebooks" / f"{name}.ipynb")
     pages = [page for page in PAGES if (repo / page).is_file()]
     for page in pages:
@@ -246,7 +279,7 @@ def build_book(root: str | Path, out: str | Path | None = None, repo: Path = REP
 
     Raises :class:`BookError` when the notebooks were not executed, the ``docs`` extra is not installed, Sphinx
     fails, or a page would load something from the network."""
-    if importlib.util.find_spec("myst_nb") is None or importlib.util.find_spec("sphinx_book_theme") is None:
+    if any(importlib.util.find_spec(name) is None for name in ("myst_nb", "sphinx_book_theme", "sphinx-mathjax-offline")):
         raise BookError("the book needs the docs extra: pip install -e '.[docs]' (make book installs it)")
     out = Path(out) if out is not None else Path(root) / "outputs" / "book"
     out.mkdir(parents=True, exist_ok=True)

@@ -200,6 +200,12 @@ INLINE_BACKEND = "module://matplotlib_inline.backend_inline"
 them), even when the runner itself runs headless with ``MPLBACKEND=Agg`` (as ``make tutorial`` does)."""
 
 
+KERNEL_MANAGER_CONFIG = {"KernelManager": {"transport_encryption": "auto"}}
+"""jupyter_client's configuration for the notebooks' kernels: CurveZMQ-encrypted transport where the kernel declares
+support for it (ipykernel 7 does), instead of plain TCP, which ipykernel warns about on every start ("Kernel is
+running over TCP without encryption"). A kernel without that support starts as before."""
+
+
 @contextlib.contextmanager
 def kernel_environment(**variables: str):
     """Set environment ``variables`` while a kernel starts (it inherits them), and restore the previous values."""
@@ -223,7 +229,8 @@ def run_notebooks(root: str | Path, quick: bool = True, only: list[str] | None =
     executed copy with the error is kept). Each finished notebook's :func:`run_record` goes to
     ``<root>/outputs/timings.json``.
     """
-    import papermill  # lazy: 2.5 s to import, only running the notebooks needs it
+    import papermill  # lazy: slow to import, only running the notebooks needs it
+    from traitlets.config import Config
 
     from segx_helpers.models.networks import pick_device  # lazy: importing the runner does not load torch
 
@@ -246,6 +253,7 @@ def run_notebooks(root: str | Path, quick: bool = True, only: list[str] | None =
                 str(notebook_dir / f"{name}.ipynb"), str(out_dir / f"{name}.ipynb"),
                 parameters={"QUICK": quick, "ROOT": str(root), **per_notebook[name]},
                 cwd=str(notebook_dir), progress_bar=False, kernel_name="python3",
+                config=Config(KERNEL_MANAGER_CONFIG),
             )
         timings[name] = round(time.perf_counter() - clock, 1)
         record_run(root, name, run_record(timings[name], quick, device, started, commit, per_notebook[name]))

@@ -6,8 +6,8 @@ The fast engine gives pytorch-grad-cam's Grad-CAM with far fewer passes: one for
 gives the probabilities and the predicted classes) and one backward per round of targets, not per image and
 class. Tests check that it agrees with the library.
 
-pytorch-grad-cam is imported inside the functions that use it: it takes about 2 s to import (OpenCV and
-more), which importing the package (and ``segx --help``) should not pay.
+pytorch-grad-cam is imported inside the functions that use it: it is slow to import (OpenCV and more), which
+importing the package (and ``segx --help``) should not pay.
 """
 from __future__ import annotations
 

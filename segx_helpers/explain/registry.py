@@ -35,7 +35,7 @@ class ExplanationMethod:
     ``name``: what ``explain(..., method=name)`` takes. ``options``: the dataclass of its own settings;
     ``explain(..., options=None)`` uses ``options()`` (its defaults). ``maps``: the reference computation, a
     :data:`~segx_helpers.explain.targets.MapsFunction` (one map ``(M, H, W)`` per (image, class) pair).
-    ``fast``: an optional :data:`~segx_helpers.explain.targets.Engine`, what ``engine="fast"`` (and
+    ``fast``: an optional :data:`~segx_helpers.explain.targets.Engine`, what ``RunOptions(engine="fast")`` (and
     ``"auto"``) runs; wrap a maps function with :func:`~segx_helpers.explain.targets.explain_pairs` when
     the speed-up needs nothing else. ``prepare``: optional ``prepare(options, model, images) -> options``,
     the options checked and completed for this model and these images (``(N, C, H, W)``) before

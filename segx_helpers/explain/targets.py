@@ -39,12 +39,37 @@ class Explanations:
         return len(self.maps)
 
 
+TASKS = ("multiclass", "multilabel")
 SELECTIONS = ("decision", "above-threshold")
 
 OUTPUTS = ("logit", "probability", "sigmoid")
 """What an explanation differentiates: the class ``logit`` (our default), the class ``probability``
 (softmax for multiclass, sigmoid for multilabel), or the ``sigmoid`` of the logit whatever the task
 (what the reference code explains, for both of its datasets)."""
+
+
+@dataclass(frozen=True)
+class TargetChoice:
+    """What :func:`segx_helpers.explain.api.explain` explains. ``task``: ``"multiclass"`` (softmax) or
+    ``"multilabel"`` (sigmoid). With ``targets=None``, ``selection`` (:data:`SELECTIONS`) picks the classes: the
+    model's decision with the cut-offs ``thresholds`` chosen on validation (``"decision"``; a checkpoint's
+    ``meta["thresholds"]``, see :mod:`segx_helpers.scores.decisions`), or every class at or above its per-class
+    ``thresholds`` (``"above-threshold"``, the reference code's rule). ``output`` (:data:`OUTPUTS`): the class
+    ``"logit"`` (default), its ``"probability"`` (softmax or sigmoid by ``task``) or its ``"sigmoid"`` (the
+    reference code's choice). Bad values are refused here, naming the field."""
+
+    task: str = "multiclass"
+    thresholds: Sequence[float] | None = None
+    selection: str = "decision"
+    output: str = "logit"
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
+        if self.output not in OUTPUTS:
+            raise ValueError(f"output must be one of {OUTPUTS}, got {self.output!r}")
 
 
 @dataclass(frozen=True)
@@ -89,7 +114,7 @@ def predicted_targets(probs: np.ndarray, task: str, thresholds: Sequence[float] 
     probs = np.asarray(probs)
     if selection not in SELECTIONS:
         raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
-    if task not in ("multiclass", "multilabel"):
+    if task not in TASKS:
         raise ValueError(f"task must be 'multiclass' or 'multilabel', got {task!r}")
     if task == "multiclass" and selection == "decision":
         return [[int(c)] for c in decide(probs, task, thresholds)]

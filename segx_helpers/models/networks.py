@@ -385,8 +385,8 @@ class CpuTraining:
 
     ``fast_kernels`` (with ``channels_last``): two kernel choices that change results only by rounding. Batch
     norms whose channel count is not a multiple of 16 get contiguous (NCHW) inputs
-    (:func:`contiguous_narrow_norms`): PyTorch's channels_last backward for them is 4-9x slower on this CPU
-    (8 channels at 128 px, batch 32: 43 ms against 6 ms), and the tutorial's narrow decoder ends in 8 channels.
+    (:func:`contiguous_narrow_norms`): PyTorch's channels_last backward for them is several times slower
+    (docs/NOTES.md, "Faster feedback"), and the tutorial's narrow decoder ends in 8 channels.
     And AdamW takes its fused CPU step (:func:`segx_helpers.models.training.make_optimizer`).
 
     ``CpuTraining.for_this_cpu()`` is the setting the notebooks train with here; ``CpuTraining()`` is plain float32.

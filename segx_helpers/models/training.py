@@ -96,7 +96,7 @@ class DiceBCELoss(nn.Module):
 
     def __init__(self, dice_weight: float = 1.0, bce_weight: float = 1.0) -> None:
         super().__init__()
-        import segmentation_models_pytorch as smp  # lazy: about 1 s to import, and only segmenters need it
+        import segmentation_models_pytorch as smp  # lazy: slow to import, and only segmenters need it
 
         self.dice = smp.losses.DiceLoss(mode="binary", from_logits=True)
         self.bce = nn.BCEWithLogitsLoss()
@@ -163,8 +163,8 @@ class TrainConfig:
     start.
     ``amp``: on a GPU float16 autocast with a gradient scaler, on a CPU the channels_last memory format;
     ``amp=False`` trains plain float32. ``cpu_bf16`` (opt-in, with ``amp``): bfloat16 autocast on a CPU that
-    computes bfloat16 natively (:func:`segx_helpers.models.networks.cpu_supports_bf16`), about 2x the images/s of the
-    tutorial's U-Net and ResNet-18 at 128 px (``make benchmark-training``); the notebooks' run modes turn it on
+    computes bfloat16 natively (:func:`segx_helpers.models.networks.cpu_supports_bf16`), more images/s for the
+    tutorial's U-Net and ResNet-18 (``make benchmark-training``; docs/NOTES.md); the notebooks' run modes turn it on
     (:class:`segx_helpers.workflows.settings.RunSettings`). ``cpu_fast_kernels`` (opt-in, with ``amp``, on a CPU):
     :class:`~segx_helpers.models.networks.CpuTraining`'s ``fast_kernels`` (batch norms of a width that is not a
     multiple of 16 on contiguous inputs, AdamW's fused step): faster, but results change by rounding, so the

@@ -61,10 +61,10 @@ def _tensor(x, device, dtype=None) -> torch.Tensor:
 
 
 def _as_float(mask: torch.Tensor) -> torch.Tensor:
-    """A boolean mask as its 0.0/1.0 float32 indicator (through uint8: torch's bool-to-float cast is several
-    times slower). The engine keeps every region and mask as such an indicator: counts are float sums,
-    exact below 2**24 pixels, where summing booleans copies them to integers first (20 times slower), and
-    comparisons write floats, several times faster than writing booleans."""
+    """A boolean mask as its 0.0/1.0 float32 indicator (through uint8: torch's bool-to-float cast is slower). The
+    engine keeps every region and mask as such an indicator: counts are float sums, exact below 2**24 pixels, where
+    summing booleans copies them to integers first, and comparisons write floats, faster than writing booleans
+    (docs/NOTES.md, "How the engine works", has the measurements)."""
     return mask.view(torch.uint8).float() if mask.dtype == torch.bool else mask.float()
 
 
@@ -104,7 +104,7 @@ def _check_maps(maps: torch.Tensor, first: int = 0) -> tuple[torch.Tensor, torch
     if not maps.numel():
         return maps, maps.new_zeros(len(maps)), maps.new_zeros(len(maps))
     flat = maps.flatten(1)
-    low, high = flat.amin(dim=1), flat.amax(dim=1)  # NaN and inf propagate into these (aminmax is 20x slower on CPU)
+    low, high = flat.amin(dim=1), flat.amax(dim=1)  # NaN and inf propagate into these (aminmax is slower on a CPU)
     if not (torch.isfinite(low).all() and torch.isfinite(high).all()):
         bad = (torch.nonzero(~(torch.isfinite(low) & torch.isfinite(high))).flatten()[:5] + first).tolist()
         raise ValueError(f"maps contain NaN or inf values (maps {bad}); refusing to score them")
@@ -146,9 +146,9 @@ def kth_largest(flat: torch.Tensor, k: torch.Tensor, positive: torch.Tensor | No
 
 def _numpy_selects(flat: torch.Tensor, positive: torch.Tensor | None = None) -> list[bool]:
     """Per row of the non-negative ``flat`` ``(M, P)`` (``positive`` its positive counts, if known): whether
-    to select with numpy's ``partition``, 2 to 4 times faster than torch's selection on the CPU, but 20
-    times slower when most of a row is one value (a SegX map's zeros off the mask): yes when at most half
-    the row is zero."""
+    to select with numpy's ``partition``, faster than torch's selection on the CPU but far slower when most of a
+    row is one value (a SegX map's zeros off the mask; docs/NOTES.md, "How the engine works"): yes when at most
+    half the row is zero."""
     positive = _count(_test(torch.gt, flat, 0.0)) if positive is None else positive
     return (positive * 2 >= flat.shape[1]).tolist()
 
@@ -253,7 +253,7 @@ class Support:
 
 def _flat_nonzero(mask: torch.Tensor) -> torch.Tensor:
     """Flat indices ``(S,)`` int64 of the true values of a boolean tensor, in order (numpy's ``flatnonzero``
-    on the CPU, 3 times faster there than ``torch.nonzero``)."""
+    on the CPU, where it is faster than ``torch.nonzero``)."""
     if mask.device.type == "cpu":
         return torch.from_numpy(np.flatnonzero(mask.numpy()))
     return torch.nonzero(mask.reshape(-1)).squeeze(1)
@@ -423,77 +423,118 @@ def _segx_region(flat: torch.Tensor, masks: torch.Tensor, order: str, p: float) 
         return support.unpack(top_p_indicator(values, p, positive, flat.shape[1]).bool())
 
 
-def analyse(maps, predicted_masks, true_masks=None, image_index=None, has_true_mask=None, *, p: float = 5.0,
-            n_thresholds: int = 101, orders: Sequence[str] = ORDERS, localisation: bool = True,
-            distance: bool = False, artefact_masks=None, device: str | torch.device | None = None,
-            batch_size: int | None = None) -> pd.DataFrame:
+@dataclass(frozen=True)
+class AnalysisOptions:
+    """What :func:`analyse` scores and how.
+
+    ``p``: the top-percentage of a saliency map (5 in the paper). ``n_thresholds``: the evenly spaced thresholds of
+    the AUITC's trapezoid rule. ``orders``: the SegX orders whose maps are localised (:data:`ORDERS`).
+    ``localisation``: score against the true masks when they are given. ``distance``: add ``SegU distance``
+    (scipy's exact distance transform on the CPU, once per distinct mask). ``device``: where to compute (default:
+    the maps' own). ``batch_size``: maps per batch (default 16 on the CPU, 1,024 on a GPU; docs/NOTES.md says
+    why); the scores do not depend on it. Bad values are refused here, naming the field."""
+
+    p: float = 5.0
+    n_thresholds: int = 101
+    orders: Sequence[str] = ORDERS
+    localisation: bool = True
+    distance: bool = False
+    device: str | torch.device | None = None
+    batch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        top_p_count(self.p, 1)
+        threshold_grid(self.n_thresholds)
+        for order in self.orders:
+            check_order(order)
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+
+
+def _on_device(masks, device: torch.device) -> torch.Tensor | None:
+    """Masks (numpy or torch, ``(N, H, W)`` or one ``(H, W)``) as a tensor on ``device``, once for every batch."""
+    if masks is None:
+        return None
+    masks = _tensor(masks if torch.is_tensor(masks) else np.asarray(masks), device)
+    return masks[None] if masks.ndim == 2 else masks
+
+
+def _rows_of(masks: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
+    """The masks of a batch's maps when masks are given one per map (None stays None)."""
+    return None if masks is None else masks[rows]
+
+
+def analyse(maps, predicted_masks, true_masks=None, image_index=None, has_true_mask=None, artefact_masks=None, *,
+            options: AnalysisOptions | None = None) -> pd.DataFrame:
     """Every SegU and localisation score, one row per map.
 
-    ``maps`` ``(M, H, W)`` the *original* explanations (numpy or torch; computed on ``device``, default
-    the maps' own). ``predicted_masks`` the segmenter's *binary* masks (see :func:`binarise_masks`),
-    ``true_masks`` the ground truth (optional), both ``(N, H, W)`` picked per map by ``image_index``
-    ``(M,)``, or ``(M, H, W)`` when ``image_index`` is None. ``has_true_mask`` ``(N,)``: images without a
-    ground-truth mask get NaN localisation scores.
+    ``maps`` ``(M, H, W)`` the *original* explanations (numpy or torch). ``predicted_masks`` the segmenter's
+    *binary* masks (see :func:`binarise_masks`), ``true_masks`` the ground truth (optional), both ``(N, H, W)``
+    picked per map by ``image_index`` ``(M,)``, or ``(M, H, W)`` when ``image_index`` is None. ``has_true_mask``
+    ``(N,)``: images without a ground-truth mask get NaN localisation scores. ``artefact_masks`` (where spurious
+    artefacts are, e.g. the synthetic sets' artefact maps, picked like the other masks): adds ``artefact mass``,
+    the share of the original map's attribution on them. ``options``: :class:`AnalysisOptions` (``p``, the
+    thresholds, the SegX orders, which scores, device and batch size).
 
     Columns: the paper's SegU scores ``c_IoU`` (IoU of the original top-``p`` % region with the predicted
     mask, Eq. 9) and ``c_AUITC`` (area under the IoU–threshold curve, Eq. 10, trapezoid over
     ``n_thresholds`` evenly spaced thresholds), then our variants ``SegU share inside`` (share of the top
     ``p`` % inside the mask), ``SegU mass`` (share of all attribution inside) and, with
-    ``distance=True``, ``SegU distance`` (scipy's exact distance transform on the CPU, once per distinct
-    mask). Given ``true_masks`` (and ``localisation``): ``IoU@p``, ``AUITC``, relevance mass, relevance
-    rank and pointing game of the original map and of the SegX map of each order, as
-    ``"<original|SegX <order>> <metric>"`` with ``IoU@p`` written ``IoU@5%`` for ``p = 5``. Given
-    ``artefact_masks`` (where spurious artefacts are, e.g. the synthetic sets' artefact maps, picked like
-    the other masks): ``artefact mass``, the share of the original map's attribution on them.
+    ``distance=True``, ``SegU distance``. Given ``true_masks`` (and ``localisation``): ``IoU@p``, ``AUITC``,
+    relevance mass, relevance rank and pointing game of the original map and of the SegX map of each order, as
+    ``"<original|SegX <order>> <metric>"`` with ``IoU@p`` written ``IoU@5%`` for ``p = 5``; then ``artefact mass``.
 
     Degenerate inputs (an all-zero map, an empty mask) score 0.0 with a :class:`DegenerateMapWarning`;
-    an empty batch gives an empty frame with the same columns. Maps are scored ``batch_size`` at a time
-    (default 16 on the CPU, 1,024 on a GPU; docs/NOTES.md says why): the scores do not depend on it.
+    an empty batch gives an empty frame with the same columns.
     """
-    for order in orders:
-        check_order(order)
+    options = options if options is not None else AnalysisOptions()
     maps = torch.as_tensor(maps)
     maps = maps[None] if maps.ndim == 2 else maps  # one map (H, W)
-    device = torch.device(device) if device is not None else maps.device
-    if batch_size is None:
-        batch_size = 16 if device.type == "cpu" else 1024
-    columns = score_columns(p, orders, true_masks is not None and localisation, distance) + \
+    device = torch.device(options.device) if options.device is not None else maps.device
+    batch_size = options.batch_size or (16 if device.type == "cpu" else 1024)
+    localised = true_masks is not None and options.localisation
+    columns = score_columns(options.p, options.orders, localised, options.distance) + \
         (["artefact mass"] if artefact_masks is not None else [])
     if len(maps) == 0:
         warnings.warn("no maps to analyse: returning an empty table", DegenerateMapWarning, stacklevel=2)
         return pd.DataFrame({c: pd.Series(dtype=float) for c in columns})
-
-    def on_device(masks):  # once, not per batch
-        if masks is None:
-            return None
-        masks = _tensor(masks if torch.is_tensor(masks) else np.asarray(masks), device)
-        return masks[None] if masks.ndim == 2 else masks
-
-    predicted_masks, true_masks, artefact_masks = map(on_device, (predicted_masks, true_masks, artefact_masks))
+    masks = _BatchMasks(_on_device(predicted_masks, device), _on_device(true_masks, device) if localised else None,
+                        _on_device(artefact_masks, device))
     per_map = image_index is None  # masks are given per map: cut them like the maps
     if not per_map:
-        image_index = check_image_index(image_index, len(maps), len(predicted_masks))
+        image_index = check_image_index(image_index, len(maps), len(masks.predicted))
     parts, degenerate = [], 0
     for start in range(0, len(maps), batch_size):
         rows = slice(start, start + batch_size)
-        pick = (lambda masks: None if masks is None else masks[rows]) if per_map else (lambda masks: masks)
-        scores, flags = _analyse_batch(maps[rows], pick(predicted_masks), pick(true_masks),
-                                       None if per_map else np.asarray(image_index)[rows],
-                                       artefact_masks=pick(artefact_masks), p=p, n_thresholds=n_thresholds,
-                                       orders=orders, localisation=localisation, distance=distance, device=device,
-                                       first=start)
+        batch_masks = masks.rows(rows) if per_map else masks
+        scores, flags = _analyse_batch(maps[rows], batch_masks, None if per_map else image_index[rows], options,
+                                       device, start)
         parts.append(scores)
         degenerate += flags
     if degenerate:
         warnings.warn(f"{degenerate} map(s) have no positive value or an empty predicted mask; their SegU scores are "
                       "set to 0.0", DegenerateMapWarning, stacklevel=2)
     frame = pd.DataFrame({name: np.concatenate([part[name] for part in parts]) for name in parts[0]})
-    if true_masks is not None and localisation and has_true_mask is not None:
+    if localised and has_true_mask is not None:
         known = np.asarray(has_true_mask, dtype=bool)
         known = known[np.asarray(image_index)] if image_index is not None else known
         located = [c for c in frame.columns if c.startswith(("original ", "SegX "))]
         frame.loc[~known, located] = np.nan
     return frame[columns]
+
+
+@dataclass
+class _BatchMasks:
+    """The masks :func:`analyse` scores against, on the device: ``predicted`` (always), ``true`` (None: no
+    localisation) and ``artefacts`` (None: no artefact mass), each ``(N, H, W)`` bool per image or per map."""
+
+    predicted: torch.Tensor
+    true: torch.Tensor | None
+    artefacts: torch.Tensor | None
+
+    def rows(self, rows: slice) -> "_BatchMasks":
+        """The masks of a batch of maps, when they are given one per map."""
+        return _BatchMasks(self.predicted[rows], _rows_of(self.true, rows), _rows_of(self.artefacts, rows))
 
 
 def check_image_index(image_index, n_maps: int, n_images: int) -> np.ndarray:
@@ -517,29 +558,31 @@ def check_image_index(image_index, n_maps: int, n_images: int) -> np.ndarray:
     return index.astype(np.int64)
 
 
-def _analyse_batch(maps, predicted_masks, true_masks, image_index, *, artefact_masks, p, n_thresholds, orders,
-                   localisation, distance, device, first) -> tuple[dict[str, np.ndarray], int]:
+def _analyse_batch(maps, masks: _BatchMasks, image_index: np.ndarray | None, options: AnalysisOptions, device,
+                   first: int) -> tuple[dict[str, np.ndarray], int]:
     """The scores of one batch of maps ``(B, H, W)`` as ``{column: (B,) float64}``, and the number of
-    degenerate maps (no positive value or an empty predicted mask) in it; ``first`` the batch's first map.
-    The steps: the SegU scores (:func:`_segu_scores`), ``SegU distance``, ``artefact mass``, then the
-    localisation of the original map and of the SegX map of each order (:func:`_localisation_scores`)."""
+    degenerate maps (no positive value or an empty predicted mask) in it; ``image_index`` ``(B,)`` picks each map's
+    masks (None: ``masks`` are the batch's own), ``first`` is the batch's first map. The steps: the SegU scores
+    (:func:`_segu_scores`), ``SegU distance``, ``artefact mass``, then the localisation of the original map and of
+    the SegX map of each order (:func:`_localisation_scores`)."""
+    p, n_thresholds = options.p, options.n_thresholds
     maps, low, high = _check_maps(maps.to(device), first)
     m, h, w = maps.shape
     index = None if image_index is None else _tensor(np.asarray(image_index, dtype=np.int64), device)
     batch = _Maps(maps.reshape(m, h * w), low, high, (m, h, w))
-    predicted_bits = _masks_per_map(predicted_masks, index, batch.shape, device)
+    predicted_bits = _masks_per_map(masks.predicted, index, batch.shape, device)
     predicted = _as_float(predicted_bits)
-    truth = _Truth.of(_as_float(_masks_per_map(true_masks, index, batch.shape, device)), batch.pixels) \
-        if true_masks is not None and localisation else None
+    truth = _Truth.of(_as_float(_masks_per_map(masks.true, index, batch.shape, device)), batch.pixels) \
+        if masks.true is not None else None
     with torch.no_grad():
         out, shared = _segu_scores(batch, predicted, truth, p, n_thresholds)
-        if distance:
+        if options.distance:
             out["SegU distance"] = _distance_scores(shared.top, predicted_bits, batch.shape)
-        if artefact_masks is not None:
-            artefacts = _as_float(_masks_per_map(artefact_masks, index, batch.shape, device))
+        if masks.artefacts is not None:
+            artefacts = _as_float(_masks_per_map(masks.artefacts, index, batch.shape, device))
             out["artefact mass"] = _mass(batch.flat, artefacts, shared.total, shared.scratch)
         if truth is not None:
-            out.update(_localisation_scores(batch, truth, predicted_bits, shared, orders, p, n_thresholds))
+            out.update(_localisation_scores(batch, truth, predicted_bits, shared, options.orders, p, n_thresholds))
     return {name: value.cpu().numpy().astype(np.float64) for name, value in out.items()}, int((~shared.usable).sum())
 
 

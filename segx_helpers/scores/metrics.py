@@ -402,13 +402,17 @@ def segmentation_summary(y_true: np.ndarray, y_pred: np.ndarray, n_resamples: in
 # A map with no positive value, or an empty mask, gets the documented value 0.0 and a warning.
 
 
-def _loc_inputs(maps: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def localisation_inputs(maps: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Checked maps ``(N, H, W)`` and boolean masks of their shape (a non-boolean mask is read as ``>= 0.5``), as
+    every localisation score and SegU score takes them."""
     maps = check_maps(maps)
     masks = check_masks(masks, maps.shape)
     return maps, (masks >= 0.5) if masks.dtype != bool else masks
 
 
-def _warn_degenerate(flags: np.ndarray, what: str, value: float = 0.0) -> None:
+def warn_degenerate(flags: np.ndarray, what: str, value: float = 0.0) -> None:
+    """One :class:`DegenerateMapWarning` saying how many samples (``flags`` ``(N,)`` bool) have ``what`` and the
+    ``value`` their score is set to; nothing when none has."""
     if flags.any():
         warnings.warn(f"{int(flags.sum())} sample(s) have {what}; their score is set to {value}",
                       DegenerateMapWarning, stacklevel=3)
@@ -416,10 +420,10 @@ def _warn_degenerate(flags: np.ndarray, what: str, value: float = 0.0) -> None:
 
 def relevance_mass(maps: np.ndarray, masks: np.ndarray) -> np.ndarray:
     """Share of the (positive) attribution inside the mask, ``sum(a * m) / sum(a)``, per sample ``(N,)``."""
-    maps, masks = _loc_inputs(maps, masks)
+    maps, masks = localisation_inputs(maps, masks)
     total = maps.sum(axis=(1, 2), dtype=np.float64)
     inside = (maps * masks).sum(axis=(1, 2), dtype=np.float64)
-    _warn_degenerate(total <= 0, "an all-zero map")
+    warn_degenerate(total <= 0, "an all-zero map")
     return np.where(total > 0, inside / np.where(total > 0, total, 1), 0.0)
 
 
@@ -428,13 +432,13 @@ def relevance_rank_accuracy(maps: np.ndarray, masks: np.ndarray) -> np.ndarray:
 
     Pixels tied with the K-th value count in expectation (as if ties were ordered at random).
     """
-    maps, masks = _loc_inputs(maps, masks)
+    maps, masks = localisation_inputs(maps, masks)
     n = len(maps)
     flat = maps.reshape(n, -1)
     flat_masks = masks.reshape(n, -1)
     sizes = np.count_nonzero(flat_masks, axis=1)
     valid = (sizes > 0) & (flat.max(axis=1) > 0)
-    _warn_degenerate(~valid, "an empty mask or an all-zero map")
+    warn_degenerate(~valid, "an empty mask or an all-zero map")
     out = np.zeros(n)
     rows = np.flatnonzero(valid)
     if len(rows):
@@ -452,17 +456,17 @@ def relevance_rank_accuracy(maps: np.ndarray, masks: np.ndarray) -> np.ndarray:
 
 def pointing_game(maps: np.ndarray, masks: np.ndarray) -> np.ndarray:
     """1.0 where a maximal pixel of the map lies inside the mask, else 0.0 ``(N,)`` (as in Quantus)."""
-    maps, masks = _loc_inputs(maps, masks)
+    maps, masks = localisation_inputs(maps, masks)
     peak = maps.max(axis=(1, 2), keepdims=True)
     hit = ((maps == peak) & masks).any(axis=(1, 2))
     valid = peak[:, 0, 0] > 0
-    _warn_degenerate(~valid, "an all-zero map")
+    warn_degenerate(~valid, "an all-zero map")
     return np.where(valid, hit, False).astype(float)
 
 
 def top_percent_iou(maps: np.ndarray, masks: np.ndarray, p: float = 5.0) -> np.ndarray:
     """IoU of each map's top-``p`` % saliency region with the mask ``(N,)`` (0.0 when both are empty)."""
-    maps, masks = _loc_inputs(maps, masks)
+    maps, masks = localisation_inputs(maps, masks)
     return iou_score(masks, top_percent(maps, p), empty_value=0.0)
 
 
@@ -473,11 +477,11 @@ def auitc(maps: np.ndarray, masks: np.ndarray, n_thresholds: int = 101) -> np.nd
     Each map is min-max scaled to [0, 1] (a constant positive map becomes all ones); at each
     threshold ``τ_j = j / (n_thresholds - 1)`` the region ``scaled >= τ`` is compared with
     the mask by IoU, and the curve is integrated with the trapezoid rule. The error of the grid falls
-    as ``1 / n_thresholds`` (tested); 101 thresholds are within 0.005 of the limit on our maps. This is
+    as ``1 / n_thresholds`` (tested; docs/NOTES.md gives it for 101 thresholds on the tutorial's maps). This is
     the plain reference, one pass per threshold; :mod:`segx_helpers.scores.analysis` computes it from one
     histogram per map.
     """
-    maps, masks = _loc_inputs(maps, masks)
+    maps, masks = localisation_inputs(maps, masks)
     if n_thresholds < 2:
         raise ValueError(f"n_thresholds must be at least 2, got {n_thresholds}")
     low = maps.min(axis=(1, 2), keepdims=True)
@@ -491,11 +495,11 @@ def auitc(maps: np.ndarray, masks: np.ndarray, n_thresholds: int = 101) -> np.nd
 def energy_pointing_game(maps: np.ndarray, masks: np.ndarray) -> np.ndarray:
     """Energy-based pointing game (Score-CAM paper): the share of the min-max normalised map's energy
     inside the mask ``(N,)``. Unlike :func:`relevance_mass` the map is shifted by its minimum first."""
-    maps, masks = _loc_inputs(maps, masks)
+    maps, masks = localisation_inputs(maps, masks)
     low = maps.min(axis=(1, 2), keepdims=True)
     span = maps.max(axis=(1, 2), keepdims=True) - low
     valid = span[:, 0, 0] > 0
-    _warn_degenerate(~valid, "a constant map")
+    warn_degenerate(~valid, "a constant map")
     normalised = np.where(span > 0, (maps - low) / np.where(span > 0, span, 1), 0)
     total = normalised.sum(axis=(1, 2), dtype=np.float64)
     inside = (normalised * masks).sum(axis=(1, 2), dtype=np.float64)
@@ -506,7 +510,7 @@ def localisation_scores(maps: np.ndarray, masks: np.ndarray, p: float = 5.0) -> 
     """Every localisation metric per sample: a frame with one column per metric, ``N`` rows
     (the top-p % region is computed once and shared by the IoU and Dice columns, named after ``p``:
     ``top-5% IoU`` for ``p = 5``)."""
-    maps, masks = _loc_inputs(maps, masks)
+    maps, masks = localisation_inputs(maps, masks)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         top = top_percent(maps, p)

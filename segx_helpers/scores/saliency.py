@@ -79,8 +79,8 @@ def kth_largest_positive(flat: np.ndarray, k: int | np.ndarray) -> np.ndarray:
     values, else 0 (so ``flat >= kth`` together with ``flat > 0`` keeps every positive pixel).
 
     ``k`` may differ per row. Zeros are replaced by distinct negative numbers before partitioning:
-    with thousands of tied zeros (a SegX map is zero outside the mask) numpy's partition is ten
-    times slower.
+    numpy's partition is far slower on thousands of tied zeros (a SegX map is zero outside the mask; docs/NOTES.md,
+    "Numbers that left the docstrings").
     """
     pixels = flat.shape[1]
     work = np.where(flat > 0, flat, -np.arange(1, pixels + 1, dtype=np.float32)[None, :])

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
-from segx_helpers.scores.metrics import _loc_inputs, _warn_degenerate, auitc, relevance_mass, top_percent_iou
+from segx_helpers.scores.metrics import localisation_inputs, warn_degenerate, auitc, relevance_mass, top_percent_iou
 from segx_helpers.scores.saliency import DegenerateMapWarning, top_percent
 
 
@@ -34,7 +34,7 @@ def segu_share_inside(maps: np.ndarray, masks: np.ndarray, p: float = 5.0) -> np
     Unlike the paper's :func:`segu_iou` it does not penalise a small saliency region inside a large
     mask, so it reads "did the explanation stay inside the region?" rather than "does it cover it?".
     """
-    maps, masks = _loc_inputs(maps, masks)
+    maps, masks = localisation_inputs(maps, masks)
     return overlap_from_top(top_percent(maps, p), masks)
 
 
@@ -43,26 +43,26 @@ def overlap_from_top(top: np.ndarray, masks: np.ndarray) -> np.ndarray:
     size = top.sum(axis=(1, 2))
     inside = (top & masks).sum(axis=(1, 2))
     degenerate = (size == 0) | ~masks.any(axis=(1, 2))
-    _warn_degenerate(degenerate, "an all-zero map or an empty mask")
+    warn_degenerate(degenerate, "an all-zero map or an empty mask")
     return np.where(degenerate, 0.0, inside / np.maximum(size, 1))
 
 
 def segu_mass(maps: np.ndarray, masks: np.ndarray) -> np.ndarray:
     """Continuous variant without a threshold: the share of all attribution inside the mask."""
-    maps, masks = _loc_inputs(maps, masks)
+    maps, masks = localisation_inputs(maps, masks)
     empty = ~masks.any(axis=(1, 2))
-    _warn_degenerate(empty, "an empty mask")
+    warn_degenerate(empty, "an empty mask")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         score = relevance_mass(maps, masks)
-    _warn_degenerate(~empty & (maps.max(axis=(1, 2)) <= 0), "an all-zero map")
+    warn_degenerate(~empty & (maps.max(axis=(1, 2)) <= 0), "an all-zero map")
     return np.where(empty, 0.0, score)
 
 
 def segu_iou(maps: np.ndarray, masks: np.ndarray, p: float = 5.0) -> np.ndarray:
     """The paper's ``c_IoU`` (Eq. 9): IoU of the *original* map's top-``p`` % region with the predicted mask."""
-    maps, masks = _loc_inputs(maps, masks)
-    _warn_degenerate(~masks.any(axis=(1, 2)) | (maps.max(axis=(1, 2)) <= 0), "an all-zero map or an empty mask")
+    maps, masks = localisation_inputs(maps, masks)
+    warn_degenerate(~masks.any(axis=(1, 2)) | (maps.max(axis=(1, 2)) <= 0), "an all-zero map or an empty mask")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return np.where(masks.any(axis=(1, 2)), top_percent_iou(maps, masks, p), 0.0)
@@ -84,9 +84,9 @@ def segu_auitc(maps: np.ndarray, masks: np.ndarray, n_thresholds: int = 101) -> 
     """The paper's ``c_AUITC`` (Eq. 10): the area under the IoU–threshold curve of the *original* map
     against the predicted mask, ``∫_0^1 c_IoU(τ) dτ`` (see :func:`segx_helpers.scores.metrics.auitc` for the
     grid and the scaling). 0.0 for an all-zero map or an empty mask, with a warning."""
-    maps, masks = _loc_inputs(maps, masks)
+    maps, masks = localisation_inputs(maps, masks)
     degenerate = ~masks.any(axis=(1, 2)) | (maps.max(axis=(1, 2)) <= 0)
-    _warn_degenerate(degenerate, "an all-zero map or an empty mask")
+    warn_degenerate(degenerate, "an all-zero map or an empty mask")
     return np.where(degenerate, 0.0, auitc(maps, masks, n_thresholds))
 
 
@@ -97,7 +97,7 @@ def segu_distance(maps: np.ndarray, masks: np.ndarray, p: float = 5.0) -> np.nda
     the nearest mask pixel (0 inside the mask), ``diagonal`` the image diagonal: 1.0 when the whole
     saliency region is inside the mask, lower the farther away it lies.
     """
-    maps, masks = _loc_inputs(maps, masks)
+    maps, masks = localisation_inputs(maps, masks)
     return distance_from_top(top_percent(maps, p), masks)
 
 
@@ -107,7 +107,7 @@ def distance_from_top(top: np.ndarray, masks: np.ndarray) -> np.ndarray:
     n, h, w = top.shape
     diagonal = float(np.hypot(h, w))
     degenerate = ~top.any(axis=(1, 2)) | ~masks.any(axis=(1, 2))
-    _warn_degenerate(degenerate, "an all-zero map or an empty mask")
+    warn_degenerate(degenerate, "an all-zero map or an empty mask")
     out = np.zeros(n)
     distances: dict[bytes, np.ndarray] = {}
     for i in np.flatnonzero(~degenerate):

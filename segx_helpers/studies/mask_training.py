@@ -42,10 +42,11 @@ from segx_helpers.models.training import TrainConfig, classification_loss, fit, 
 from segx_helpers.workflows.training_recipes import evaluate_classifier
 from segx_helpers.data.synthetic import load_artefacts, shortcut_pairs
 from segx_helpers.models.masks import mask_probabilities
-from segx_helpers.scores.analysis import binarise_masks
+from segx_helpers.explain.api import RunOptions
+from segx_helpers.scores.analysis import AnalysisOptions, binarise_masks
 from segx_helpers.studies.shortcut import prediction_rows, shortcut_artefact_masks, shortcut_driven
 from segx_helpers.workflows.explanation_recipes import explain_predictions
-from segx_helpers.workflows.results import explanation_results
+from segx_helpers.workflows.results import SplitLabels, explanation_results
 
 FIXES = ("rrr", "background")
 FILLS = ("shuffle", "noise")
@@ -436,9 +437,9 @@ def selection_table(candidates: dict[str, TrainedModel], data: LoadedDataset, sp
             loss = float(nn.functional.nll_loss(probs.log(), targets.long()))
         else:
             loss = float(nn.functional.binary_cross_entropy(probs, targets.double()))
-        e = explain_predictions(trained, tensors["image"], method, progress=False)
-        scored = explanation_results(e, tensors["image_id"], tensors["target"].numpy(), trained.meta["task"],
-                                     trained.meta["class_names"], true_masks, p=p, localisation=False)
+        e = explain_predictions(trained, tensors["image"], method, run=RunOptions(progress=False))
+        labels = SplitLabels(tensors["image_id"], tensors["target"].numpy(), trained.meta["task"], trained.meta["class_names"])
+        scored = explanation_results(e, labels, true_masks, options=AnalysisOptions(p=p, localisation=False))
         outside = float(1.0 - scored.table["SegU mass"].mean())
         fix = trained.meta.get("fix") or {"method": "none", "strength": 0.0}
         rows.append({"model": name, "method": fix["method"], "strength": fix["strength"], "val loss": loss,
@@ -558,9 +559,10 @@ def compare_fixes(models: dict[str, TrainedModel], data: LoadedDataset, predicte
         tensors = split_tensors(data, "test", meta)
         true_masks = tensors["mask"][:, 0].numpy() > 0.5
         artefacts = shortcut_artefact_masks(data, tensors["image_id"], meta["image_size"])
-        e = explain_predictions(trained, tensors["image"], method, progress=False)
-        res = explanation_results(e, tensors["image_id"], tensors["target"].numpy(), meta["task"], class_names,
-                                  predicted_masks, true_masks, tensors["has_mask"], p=p, artefact_masks=artefacts)
+        e = explain_predictions(trained, tensors["image"], method, run=RunOptions(progress=False))
+        labels = SplitLabels(tensors["image_id"], tensors["target"].numpy(), meta["task"], class_names)
+        res = explanation_results(e, labels, predicted_masks, true_masks, tensors["has_mask"], artefacts,
+                                  options=AnalysisOptions(p=p))
         results[name] = res
         ids = res.table["image_id"].to_numpy()
         columns = (["artefact mass"] if artefacts is not None else []) + ["c_IoU", "c_AUITC", f"original IoU@{p:g}%",

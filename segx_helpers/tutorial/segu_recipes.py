@@ -1,18 +1,26 @@
 """Notebook 05's analyses, one call each: the per-prediction score table (:func:`prediction_scores`, the
-classifier's score named ``confidence``), SegU's AUROC per explanation variant or mask source
+classifier's probability named ``confidence``), SegU's AUROC per explanation variant or mask source
 (:func:`separation_by_variant`, :func:`degraded_masks`, :func:`mask_dependence`), selective prediction
-(:func:`selective_prediction`) and what the notebook writes (:func:`segu_summary`, :func:`segu_sections`,
-:func:`distance_sections`)."""
+(:func:`selective_prediction`), what the counterfactual twins of a synthetic set show (:func:`shortcut_ground_truth`,
+:func:`shortcut_dial`: empty on a dataset without twins, so the notebook needs no ``if``) and what the notebook
+writes (:func:`segu_summary`, :func:`segu_sections`, :func:`distance_sections`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
 
-from segx_helpers.scores.analysis import analyse
+from segx_helpers.data.format import LoadedDataset
+from segx_helpers.data.synthetic import shortcut_pairs
+from segx_helpers.scores.analysis import AnalysisOptions, analyse
 from segx_helpers.scores.selective import augrc, aurc, combined_confidence, fit_combination, risk_coverage, separation_table
 from segx_helpers.scores.segx import dilate
+from segx_helpers.studies.shortcut import (DistanceBins, artefact_distance, examples_by_distance, shortcut_by_distance,
+                                           shortcut_driven)
+from segx_helpers.models.checkpoints import TrainedModel
+from segx_helpers.workflows.results import Results
 
 SEGU = "SegU c_IoU (Grad-CAM)"
 LOGISTIC = "logistic (fit on val)"
@@ -57,8 +65,9 @@ def mask_dependence(results, mask_sources: dict[str, np.ndarray], p: float = 5.0
     source (column ``masks``)."""
     rows = []
     for name, masks in mask_sources.items():
-        table = results.table.assign(c_IoU=analyse(results.maps, masks, image_index=results.table["image_index"], p=p,
-                                                   localisation=False)["c_IoU"])
+        scored = analyse(results.maps, masks, image_index=results.table["image_index"],
+                         options=AnalysisOptions(p=p, localisation=False))
+        table = results.table.assign(c_IoU=scored["c_IoU"])
         rows.append(separation_table(table, ["c_IoU"], n_resamples=n_resamples, seed=seed).assign(masks=name))
     return pd.concat(rows, ignore_index=True)
 
@@ -104,34 +113,50 @@ def selective_prediction(test: pd.DataFrame, val: pd.DataFrame, min_errors: int 
     return SelectivePrediction(certainty, curves, table)
 
 
-def segu_summary(dataset: str, quick: bool, p: float, table4: pd.DataFrame, stats: pd.DataFrame,
-                 by_type: pd.DataFrame, selective: SelectivePrediction, ablation: pd.DataFrame,
-                 dependence: pd.DataFrame) -> dict:
+@dataclass
+class SeguTables:
+    """Notebook 05's tables that ``outputs/<dataset>/segu/summary.json`` keeps: the paper's group means
+    (``table4``: mean ``c_IoU`` / ``c_AUITC`` per method, columns (score, correct|incorrect)), the separation of
+    incorrect predictions (``separation`` per method and ``by_error_type``, from
+    :mod:`segx_helpers.scores.selective`), :func:`selective_prediction`, and the method and mask ablations
+    (:func:`separation_by_variant`, :func:`mask_dependence`)."""
+
+    table4: pd.DataFrame
+    separation: pd.DataFrame
+    by_error_type: pd.DataFrame
+    selective: SelectivePrediction
+    ablation_method: pd.DataFrame
+    ablation_masks: pd.DataFrame
+
+
+def segu_summary(dataset: str, quick: bool, p: float, tables: SeguTables) -> dict:
     """``outputs/<dataset>/segu/summary.json``: notebook 05's tables (group means, separation, per error type, AURC,
     the method and mask ablations) as plain values."""
     ci = ["auroc", "auroc_low", "auroc_high"]
     return {
         "dataset": dataset, "quick": quick, "p": p,
-        "segu_means": {f"{m} {s} {o}": float(v) for (s, o), row in table4.T.iterrows() for m, v in row.items()},
-        "separation": stats.to_dict(orient="records"),
-        "by_error_type": by_type[["errors", "certainty", "n_incorrect", *ci]].to_dict(orient="records"),
-        "aurc": {name: c[2] for name, c in selective.curves.items()},
-        "ablation_method": ablation[["variant", *ci]].to_dict(orient="records"),
-        "ablation_masks": dependence[["masks", *ci]].to_dict(orient="records"),
+        "segu_means": {f"{m} {s} {o}": float(v) for (s, o), row in tables.table4.T.iterrows() for m, v in row.items()},
+        "separation": tables.separation.to_dict(orient="records"),
+        "by_error_type": tables.by_error_type[["errors", "certainty", "n_incorrect", *ci]].to_dict(orient="records"),
+        "aurc": {name: c[2] for name, c in tables.selective.curves.items()},
+        "ablation_method": tables.ablation_method[["variant", *ci]].to_dict(orient="records"),
+        "ablation_masks": tables.ablation_masks[["masks", *ci]].to_dict(orient="records"),
     }
 
 
-def _aurocs(stats: pd.DataFrame, ground_truth: pd.DataFrame | None, method: str, score: str) -> dict:
-    """AUROC (with CI) of a low ``score`` of ``method`` for incorrect and (with a ground truth) shortcut-driven
-    predictions."""
-    def pick(frame):
-        row = frame[(frame["group"] == method) & (frame["certainty"] == score)].iloc[0]
-        return row["auroc"], [row["auroc_low"], row["auroc_high"]]
+def _row(frame: pd.DataFrame, method: str, score: str) -> pd.Series:
+    """The row of a separation table for ``method`` (column ``group``) and ``score`` (column ``certainty``)."""
+    return frame[(frame["group"] == method) & (frame["certainty"] == score)].iloc[0]
 
-    incorrect, incorrect_ci = pick(stats)
-    shortcut, shortcut_ci = pick(ground_truth) if ground_truth is not None else (None, None)
-    return {"auroc_incorrect": incorrect, "auroc_incorrect_ci": incorrect_ci, "auroc_shortcut": shortcut,
-            "auroc_shortcut_ci": shortcut_ci}
+
+def _aurocs(stats: pd.DataFrame, ground_truth: pd.DataFrame | None, method: str, score: str) -> dict:
+    """AUROC (with CI) of a low ``score`` of ``method`` for incorrect and (with a ground truth, not empty)
+    shortcut-driven predictions."""
+    incorrect = _row(stats, method, score)
+    shortcut = _row(ground_truth, method, score) if ground_truth is not None and len(ground_truth) else None
+    return {"auroc_incorrect": incorrect["auroc"], "auroc_incorrect_ci": [incorrect["auroc_low"], incorrect["auroc_high"]],
+            "auroc_shortcut": None if shortcut is None else shortcut["auroc"],
+            "auroc_shortcut_ci": None if shortcut is None else [shortcut["auroc_low"], shortcut["auroc_high"]]}
 
 
 def segu_sections(stats: pd.DataFrame, ground_truth: pd.DataFrame | None, methods, selective: SelectivePrediction,
@@ -139,8 +164,9 @@ def segu_sections(stats: pd.DataFrame, ground_truth: pd.DataFrame | None, method
     """Notebook 05's sections of ``outputs/summary.json`` (keyword arguments of
     :func:`~segx_helpers.workflows.report.update_summary`): per method the AUROC of ``c_IoU`` and ``c_AUITC`` for
     flagging incorrect and shortcut-driven predictions (``stats`` and ``ground_truth``:
-    :func:`~segx_helpers.scores.segu.separation_table` per method), the same for the classifier's confidence, and
-    the AURC and AUGRC of confidence, SegU and their combination."""
+    :func:`~segx_helpers.scores.segu.separation_table` per method; ``ground_truth`` None or empty without
+    counterfactual twins), the same for the classifier's confidence, and the AURC and AUGRC of confidence, SegU and
+    their combination."""
     return {"segu": {m: {"c_iou": _aurocs(stats, ground_truth, m, "c_IoU"),
                          "c_auitc": _aurocs(stats, ground_truth, m, "c_AUITC")} for m in methods},
             "confidence": _aurocs(stats, ground_truth, confidence_method, "confidence"),
@@ -150,8 +176,113 @@ def segu_sections(stats: pd.DataFrame, ground_truth: pd.DataFrame | None, method
 def distance_sections(by_distance: dict[str, pd.DataFrame], present: dict[str, pd.DataFrame],
                       layers: tuple[str, str] = ("last block", "block before")) -> dict:
     """Notebook 05's shortcut-by-distance tables as sections of ``outputs/summary.json``: both layers of
-    ``by_distance`` and the first layer of ``present`` (the images that carry the patch)."""
+    ``by_distance`` and the first layer of ``present`` (the images that carry the patch); none when the tables are
+    empty (a dataset without counterfactual twins)."""
+    if not by_distance:
+        return {}
     last, before = layers
     return {"shortcut_by_distance": by_distance[last].to_dict(orient="records"),
             "shortcut_by_distance_block_before": by_distance[before].to_dict(orient="records"),
             "shortcut_by_distance_patch_present": present[last].to_dict(orient="records")}
+
+
+# ------------------------------------------------------------------------------ what the counterfactual twins show
+
+NO_TWINS = ("This dataset has no counterfactual twins (real data): sections 5 and 6 need a synthetic set, so their "
+            "tables stay empty.")
+SEPARATION_COLUMNS = ["group", "certainty", "n_correct", "n_incorrect", "mann_whitney_u", "p_value", "rank_biserial",
+                      "auroc", "auroc_low", "auroc_high", "auprc", "auprc_low", "auprc_high", "error_rate"]
+"""The columns of :func:`~segx_helpers.scores.selective.separation_table` grouped by method."""
+DISTANCE_COLUMNS = ["bin", "n", "n_shortcut_driven", "c_iou_auroc", "c_auitc_auroc", "confidence_auroc"]
+TABLE4_COLUMNS = ["n", "c_iou_correct", "c_iou_incorrect", "c_auitc_correct", "c_auitc_incorrect"]
+
+
+@dataclass
+class ShortcutGroundTruth:
+    """Which predictions relied on the shortcut, by counterfactual twins (notebook 05, section 5).
+
+    ``scores``: the prediction rows with a ``shortcut_driven`` column; ``rates``: per method the predictions
+    (``size``), the shortcut-driven ones (``sum``) and their share (``mean``); ``separation``: how well a low score
+    flags a shortcut-driven prediction, per method (column ``group``) and ``certainty``, as
+    :func:`~segx_helpers.scores.selective.separation_table` (``n_incorrect`` counts the shortcut-driven ones).
+    Every table is empty on a dataset without twins."""
+
+    scores: pd.DataFrame
+    rates: pd.DataFrame
+    separation: pd.DataFrame
+
+
+def shortcut_ground_truth(classifier: TrainedModel, data: LoadedDataset, scores: pd.DataFrame,
+                          certainties: Sequence[str], n_resamples: int = 1000, seed: int = 0) -> ShortcutGroundTruth:
+    """:class:`ShortcutGroundTruth` for the prediction rows ``scores`` (columns ``method``, ``image_id``, ``class``
+    and the ``certainties``): each prediction's counterfactual twin (the shortcut artefact flipped) is classified
+    again (:func:`~segx_helpers.studies.shortcut.shortcut_driven`). Without twins it says so and returns empty
+    tables."""
+    if not shortcut_pairs(data.info):
+        print(NO_TWINS)
+        return ShortcutGroundTruth(scores.iloc[:0].assign(shortcut_driven=np.zeros(0, dtype=bool)),
+                                   pd.DataFrame(columns=["size", "sum", "mean"]), pd.DataFrame(columns=SEPARATION_COLUMNS))
+    scores = scores.assign(shortcut_driven=shortcut_driven(classifier.model, classifier.meta, data, scores))
+    separation = separation_table(scores.assign(correct=~scores["shortcut_driven"]), list(certainties), group="method",
+                                  n_resamples=n_resamples, seed=seed)
+    rates = scores.groupby("method")["shortcut_driven"].agg(["size", "sum", "mean"])
+    return ShortcutGroundTruth(scores, rates, separation)
+
+
+@dataclass
+class ShortcutDial:
+    """Where SegU can see the shortcut, by the artefact's distance from the lesion (notebook 05, section 6).
+
+    ``predictions``: layer name -> that layer's prediction rows with ``distance_px``, ``shortcut_driven`` and
+    ``patch``; ``by_distance`` / ``present``: layer name -> :func:`~segx_helpers.studies.shortcut.shortcut_by_distance`
+    over every prediction / over the images that carry the patch; ``examples``: shortcut-driven predictions of the
+    first layer far from and next to the lesion (:func:`~segx_helpers.studies.shortcut.examples_by_distance`).
+    Every entry is missing on a dataset without twins, and the tables below are then empty."""
+
+    predictions: dict[str, pd.DataFrame]
+    by_distance: dict[str, pd.DataFrame]
+    present: dict[str, pd.DataFrame]
+    examples: dict[str, Results]
+
+    def table(self, patch_present: bool = False) -> pd.DataFrame:
+        """The AUROC of each score for flagging shortcut-driven predictions, per layer and distance bin (over the
+        images that carry the patch with ``patch_present``)."""
+        tables = self.present if patch_present else self.by_distance
+        if not tables:
+            return pd.DataFrame(columns=DISTANCE_COLUMNS)
+        return pd.concat(tables, names=["layer"])[DISTANCE_COLUMNS]
+
+    def table4(self) -> pd.DataFrame:
+        """The paper's Table 4 format per distance bin of the first layer: mean ``c_IoU`` and ``c_AUITC`` of correct
+        and incorrect predictions."""
+        if not self.by_distance:
+            return pd.DataFrame(columns=TABLE4_COLUMNS)
+        return next(iter(self.by_distance.values())).set_index("bin")[TABLE4_COLUMNS]
+
+    def caption(self, row: dict) -> str:
+        """A gallery caption for a prediction row of the first layer: image, class, the patch's distance, ``c_IoU``."""
+        first = next(iter(self.predictions.values()))
+        distance = first.set_index(["image_id", "class"]).loc[(row["image_id"], row["class"]), "distance_px"]
+        return f"{row['image_id']} → {row['class']}\npatch {distance:.0f} px, c_IoU {row['c_IoU']:.2f}"
+
+
+def shortcut_dial(truth: ShortcutGroundTruth, layers: dict[str, Results], bins: DistanceBins, data: LoadedDataset,
+                  image_size: int, n_resamples: int = 1000, seed: int = 0) -> ShortcutDial:
+    """:class:`ShortcutDial` for the explanations of ``layers`` (layer name -> Grad-CAM results of the same
+    predictions; the first is the method whose rows ``truth.scores`` holds as ``gradcam``), binned by ``bins``;
+    ``image_size``: the classifier's input size, at which the artefact's distance is measured. Empty when ``truth``
+    is (no counterfactual twins)."""
+    if truth.scores.empty:
+        return ShortcutDial({}, {}, {}, {})
+    (first_name, first), *others = layers.items()
+    rows = truth.scores[truth.scores["method"] == "gradcam"]
+    rows = rows.assign(distance_px=artefact_distance(data, rows["image_id"], image_size))
+    shared = rows[["image_id", "class", "shortcut_driven", "distance_px", "confidence", "patch"]]
+    predictions = {first_name: rows}
+    for name, results in others:  # the same predictions, this layer's scores
+        predictions[name] = results.table.drop(columns="confidence").merge(shared, on=["image_id", "class"])
+    by_distance = {name: shortcut_by_distance(table, bins, n_resamples=n_resamples, seed=seed)
+                   for name, table in predictions.items()}
+    present = {name: shortcut_by_distance(table[table["patch"]], bins, n_resamples=n_resamples, seed=seed)
+               for name, table in predictions.items()}
+    return ShortcutDial(predictions, by_distance, present, examples_by_distance(first, rows, bins, n=4))

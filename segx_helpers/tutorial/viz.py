@@ -278,10 +278,25 @@ def plot_localisation_change(summary: pd.DataFrame, title: str) -> plt.Figure:
     return grid.figure
 
 
+def plot_nothing_to_show(title: str, reason: str) -> plt.Figure:
+    """A small figure with ``title`` that says in words why there is nothing to plot (e.g. a synthetic-only
+    analysis on real data), so a notebook cell can show and save it like any other."""
+    fig, ax = plt.subplots(figsize=(7, 1.4))
+    ax.axis("off")
+    ax.set_title(title)
+    ax.text(0.5, 0.4, reason, ha="center", va="center", wrap=True, fontsize=9)
+    return fig
+
+
+NO_ROWS = "Nothing to plot: no rows (a synthetic-only analysis on a dataset without counterfactual twins?)."
+
+
 def plot_certainty_by_outcome(table: pd.DataFrame, score: str, title: str, by: str = "method",
                               outcome: str = "correct", labels: tuple[str, str] = ("correct", "incorrect")) -> plt.Figure:
     """Violin plots with points of a certainty score for the two values of a boolean ``outcome`` column
-    (True first, named by ``labels``), per ``by``."""
+    (True first, named by ``labels``), per ``by``; :func:`plot_nothing_to_show` for a table without rows."""
+    if table.empty:
+        return plot_nothing_to_show(title, NO_ROWS)
     frame = table.assign(prediction=np.where(table[outcome], labels[0], labels[1]))
     fig, ax = plt.subplots(figsize=(7, 3.8))
     sns.violinplot(data=frame, x=by, y=score, hue="prediction", hue_order=list(labels), cut=0,
@@ -325,7 +340,10 @@ def plot_auroc_with_ci(table: pd.DataFrame, label: str, title: str) -> plt.Figur
 def plot_auroc_by_distance(tables: dict[str, pd.DataFrame], title: str) -> plt.Figure:
     """AUROC (95 % CI as error bars) for flagging shortcut-driven predictions against the artefact's distance
     bin: one line per SegU score and layer, the classifier's confidence dashed. ``tables``: layer name ->
-    :func:`segx_helpers.studies.shortcut.shortcut_by_distance` (same bins); confidence comes from the first."""
+    :func:`segx_helpers.studies.shortcut.shortcut_by_distance` (same bins); confidence comes from the first.
+    :func:`plot_nothing_to_show` without tables."""
+    if not tables:
+        return plot_nothing_to_show(title, NO_ROWS)
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
     first = next(iter(tables.values()))
     x = np.arange(len(first))

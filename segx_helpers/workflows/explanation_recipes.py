@@ -5,20 +5,22 @@ and :func:`segx_results`, notebook 04's results in one call; :func:`segmenter_ma
 notebook 05's extra variants (another split, layer or method)."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 
-from segx_helpers.scores.analysis import binarise_masks
+from segx_helpers.scores.analysis import AnalysisOptions, binarise_masks
 from segx_helpers.models.checkpoints import TrainedModel, split_tensors
 from segx_helpers.data.format import LoadedDataset
 from segx_helpers.data.torch_dataset import Normalization, SegXDataset
-from segx_helpers.explain.api import explain
+from segx_helpers.explain.api import RunOptions, explain
 from segx_helpers.explain.gradient_shap import GradientShapOptions
+from segx_helpers.explain.targets import TargetChoice
 from segx_helpers.models.masks import mask_probabilities
-from segx_helpers.workflows.settings import RunSettings, TutorialPaths
-from segx_helpers.workflows.results import explanation_results, save_split_arrays
+from segx_helpers.workflows.settings import RunSettings
+from segx_helpers.workflows.results import SplitLabels, explanation_results, save_split_arrays
 
 
 def background_images(data: LoadedDataset, meta: dict, n: int, seed: int = 0, as_reference_code: bool = False) -> torch.Tensor:
@@ -57,40 +59,43 @@ def explain_predictions(classifier: TrainedModel, images: torch.Tensor, method: 
     """:func:`segx_helpers.explain.api.explain` for a trained classifier: its predicted classes
     (argmax, or the per-class validation thresholds for multilabel) are the targets. ``subset``:
     positions of the images to explain (e.g. :func:`explained_subset`); the result's ``image_index``
-    still refers to rows of ``images``. ``keywords`` go to ``explain``, e.g. ``options=``, ``progress=``."""
+    still refers to rows of ``images``. ``keywords`` go to ``explain``: ``options=`` (the method's) and ``run=``
+    (:class:`~segx_helpers.explain.api.RunOptions`)."""
     rows = np.arange(len(images)) if subset is None else np.asarray(subset, dtype=np.int64)
-    e = explain(classifier.model, images[torch.as_tensor(rows)], None, method, task=classifier.meta["task"],
-                thresholds=classifier.meta.get("thresholds"), **keywords)
+    explained = TargetChoice(task=classifier.meta["task"], thresholds=classifier.meta.get("thresholds"))
+    e = explain(classifier.model, images[torch.as_tensor(rows)], None, method, explained=explained, **keywords)
     e.image_index = rows[e.image_index]
     return e
 
 
-def segx_results(name: str, paths: TutorialPaths, data: LoadedDataset, segmenter: TrainedModel,
-                 classifier: TrainedModel, settings: RunSettings, methods: Sequence[str] = ("gradcam", "gradient_shap"),
-                 seed: int = 0, p: float = 5.0) -> dict:
+def segx_results(folder: str | Path, data: LoadedDataset, segmenter: TrainedModel, classifier: TrainedModel,
+                 settings: RunSettings, methods: Sequence[str] = ("gradcam", "gradient_shap"), seed: int = 0,
+                 p: float = 5.0) -> dict:
     """Notebook 04's results in one call (for a fresh runtime that skipped it), with the same package
     calls as the notebook: explain the test split, score every prediction with the one analysis path
-    (:func:`segx_helpers.workflows.results.explanation_results`), save each method's results folder and the test
-    masks. Returns method -> :class:`~segx_helpers.workflows.results.Results`."""
+    (:func:`segx_helpers.workflows.results.explanation_results`), save each method's results in
+    ``<folder>/<method>`` and the test masks in ``<folder>/test_masks.npz`` (the notebooks' ``paths.maps(DATASET)``).
+    Returns method -> :class:`~segx_helpers.workflows.results.Results`."""
+    folder = Path(folder)
     test = split_tensors(data, "test", classifier.meta)
     images = Normalization(**classifier.meta["normalization"]).denormalize(test["image"])
     mask_prob = mask_probabilities(segmenter, data, "test", classifier.meta["image_size"])
     predicted = binarise_masks(mask_prob, segmenter.meta["threshold"])
     true_masks = test["mask"][:, 0].numpy() > 0.5
-    targets = test["target"].numpy()
+    labels = SplitLabels.of(test, data.info)
     out = {}
     for method in methods:
         if method == "gradient_shap":
-            rows = explained_subset(targets, settings.shap_images, seed)
+            rows = explained_subset(labels.targets, settings.shap_images, seed)
             background = background_images(data, classifier.meta, settings.shap_background, seed)
             e = explain_predictions(classifier, test["image"], method, subset=rows,
                                     options=GradientShapOptions(background, nsamples=settings.shap_nsamples))
         else:
             e = explain_predictions(classifier, test["image"], method)
-        out[method] = explanation_results(e, test["image_id"], targets, data.info.task, data.info.class_names,
-                                          predicted, true_masks, test["has_mask"], p=p)
-        out[method].save(paths.maps(name) / method, images, predicted, p=p)
-    save_split_arrays(paths.maps(name) / "test_masks.npz", mask_prob=mask_prob, predicted_masks=predicted,
+        out[method] = explanation_results(e, labels, predicted, true_masks, test["has_mask"],
+                                          options=AnalysisOptions(p=p))
+        out[method].save(folder / method, images, predicted, p=p)
+    save_split_arrays(folder / "test_masks.npz", mask_prob=mask_prob, predicted_masks=predicted,
                       true_masks=true_masks, has_mask=np.asarray(test["has_mask"]), image_id=np.array(test["image_id"]))
     return out
 
@@ -107,6 +112,5 @@ def score_split(classifier: TrainedModel, data: LoadedDataset, tensors: dict, me
     path. ``tensors``: :func:`~segx_helpers.models.checkpoints.split_tensors` of the split; ``keywords`` go to
     :func:`explain_predictions` (e.g. ``options=CamOptions(target_layers=...)``). Returns
     :class:`~segx_helpers.workflows.results.Results`."""
-    e = explain_predictions(classifier, tensors["image"], method, progress=False, **keywords)
-    return explanation_results(e, tensors["image_id"], tensors["target"].numpy(), data.info.task,
-                               data.info.class_names, masks, p=p)
+    e = explain_predictions(classifier, tensors["image"], method, run=RunOptions(progress=False), **keywords)
+    return explanation_results(e, SplitLabels.of(tensors, data.info), masks, options=AnalysisOptions(p=p))

@@ -354,7 +354,10 @@ def distance_findings(by_distance: dict[str, pd.DataFrame], score: str = "c_IoU"
     artefact's distance from the region: per bin, ``score``'s AUROC against the classifier's confidence (for
     the first layer of ``by_distance``, then where another layer changes the verdict), and the paper's Table 4
     pattern (mean ``score`` correct vs incorrect) in the nearest and farthest bins. ``by_distance``: layer name ->
-    :func:`segx_helpers.studies.shortcut.shortcut_by_distance`. Written from the tables, so it cannot drift from them."""
+    :func:`segx_helpers.studies.shortcut.shortcut_by_distance`; empty without counterfactual twins. Written from the
+    tables, so it cannot drift from them."""
+    if not by_distance:
+        return "_No distance tables (this dataset has no counterfactual twins): nothing to say here._"
     key = score.lower()
 
     def interval(row, name) -> str:

@@ -2,8 +2,9 @@
 
 ::
 
-    <folder>/manifest.csv        one row per (image, class): image_id, class, class_index, score,
-                                 true_label, correct, outcome (TP/FP or correct/wrong), file paths
+    <folder>/manifest.csv        one row per (image, class): image_id, class, class_index, confidence,
+                                 true_label, correct, outcome (TP/FP or correct/incorrect), every score,
+                                 file paths
     <folder>/raw/<id>__<class>.npy       original map (H, W) float32
     <folder>/segx/<id>__<class>.npy      SegX map (H, W) float32
     <folder>/overlays/<id>__<class>.png  image + map heat + mask outline + top-p % outline
@@ -29,31 +30,54 @@ from scipy import ndimage
 
 from segx_helpers.explain.targets import Explanations
 from segx_helpers.data.io import atomic_path, check_only_listed_files, check_safe_id, files_below
-from segx_helpers.scores.analysis import analyse
+from segx_helpers.scores.analysis import AnalysisOptions, analyse
 from segx_helpers.scores.segx import segx, top_percent
 
 MANIFEST = "manifest.csv"
 MARKER = ".segx_results.json"
 
 
-def prediction_table(explanations: Explanations, image_ids: Sequence[str], targets: np.ndarray, task: str,
-                     class_names: Sequence[str]) -> pd.DataFrame:
-    """One row per explained (image, class): score, true label and whether the prediction is right.
+@dataclass(frozen=True)
+class SplitLabels:
+    """The images an explanation's ``image_index`` refers to, and what is known of them: ``image_ids`` ``(N,)``,
+    ``targets`` ``(N,)`` class indices (multiclass) or ``(N, C)`` 0/1 (multilabel), the ``task`` and the
+    ``class_names``. :meth:`of` takes them from a split's tensors and the dataset's info."""
+
+    image_ids: Sequence[str]
+    targets: np.ndarray
+    task: str
+    class_names: Sequence[str]
+
+    def __post_init__(self) -> None:
+        if self.task not in ("multiclass", "multilabel"):
+            raise ValueError(f"task must be 'multiclass' or 'multilabel', got {self.task!r}")
+        if len(self.image_ids) != len(self.targets):
+            raise ValueError(f"{len(self.image_ids)} image ids but {len(self.targets)} targets: give one per image")
+
+    @classmethod
+    def of(cls, tensors: dict, info) -> "SplitLabels":
+        """From :func:`~segx_helpers.models.checkpoints.split_tensors` (``image_id``, ``target``) and a dataset's
+        info (``task``, ``class_names``)."""
+        return cls(tensors["image_id"], np.asarray(tensors["target"]), info.task, info.class_names)
+
+
+def prediction_table(explanations: Explanations, labels: SplitLabels) -> pd.DataFrame:
+    """One row per explained (image, class): confidence, true label and whether the prediction is right.
 
     Multilabel: a predicted class is a true positive (TP) if the image has that finding, else a false
-    positive (FP). Multiclass: the prediction is correct if it is the image's class.
+    positive (FP). Multiclass: the prediction is correct if it is the image's class, else incorrect.
     """
-    targets = np.asarray(targets)
+    targets = np.asarray(labels.targets)
     rows = explanations.image_index
     classes = explanations.class_index
-    if task == "multiclass":
+    if labels.task == "multiclass":
         true_label = (targets[rows] == classes).astype(int)
-        outcome = np.where(true_label == 1, "correct", "wrong")
+        outcome = np.where(true_label == 1, "correct", "incorrect")
     else:
         true_label = targets[rows, classes].astype(int)
         outcome = np.where(true_label == 1, "TP", "FP")
-    return pd.DataFrame({"image_id": [image_ids[i] for i in rows], "image_index": rows,
-                         "class": [class_names[c] for c in classes], "class_index": classes,
+    return pd.DataFrame({"image_id": [labels.image_ids[i] for i in rows], "image_index": rows,
+                         "class": [labels.class_names[c] for c in classes], "class_index": classes,
                          "confidence": explanations.confidence, "true_label": true_label, "correct": true_label == 1,
                          "outcome": outcome, "method": explanations.method})
 
@@ -105,7 +129,7 @@ def _check_replaceable(folder: Path) -> None:
 @dataclass
 class Results:
     """One method's explanations with their rows, aligned: ``table`` has one row per map (image id,
-    class, score, correct, every SegU and localisation score), ``maps`` ``(M, H, W)`` the original
+    class, confidence, correct, every SegU and localisation score), ``maps`` ``(M, H, W)`` the original
     explanations and ``segx_maps`` ``(M, H, W)`` the SegX maps, row ``k`` of each belonging together.
 
     Select with :meth:`select`, :meth:`sort` and :meth:`head`; the maps follow the rows, so nobody
@@ -166,19 +190,21 @@ def rows_for_images(results: Results, image_ids: Sequence[str]) -> Results:
     return results.select(np.array([first[i] for i in image_ids], dtype=np.int64))
 
 
-def explanation_results(explanations: Explanations, image_ids: Sequence[str], targets: np.ndarray, task: str,
-                        class_names: Sequence[str], predicted_masks: np.ndarray, true_masks: np.ndarray | None = None,
-                        has_true_mask: np.ndarray | None = None, *, p: float = 5.0, order: str = "mask-then-top",
-                        **analysis_options) -> Results:
+def explanation_results(explanations: Explanations, labels: SplitLabels, predicted_masks: np.ndarray,
+                        true_masks: np.ndarray | None = None, has_true_mask: np.ndarray | None = None,
+                        artefact_masks: np.ndarray | None = None, *, order: str = "mask-then-top",
+                        options: AnalysisOptions | None = None) -> Results:
     """Explanations of one method, scored: the prediction rows (:func:`prediction_table`), every SegU and
-    localisation score from :func:`segx_helpers.scores.analysis.analyse` (the one analysis path), the maps and
-    their SegX maps in the given ``order``. ``predicted_masks`` / ``true_masks`` are boolean ``(N, H, W)``
-    per image (binarise once with :func:`segx_helpers.scores.analysis.binarise_masks`)."""
-    scores = analyse(explanations.maps, predicted_masks, true_masks, explanations.image_index, has_true_mask, p=p,
-                     **analysis_options)
-    table = pd.concat([prediction_table(explanations, image_ids, targets, task, class_names), scores], axis=1)
+    localisation score from :func:`segx_helpers.scores.analysis.analyse` (the one analysis path; the masks and
+    ``options`` as it takes them), the maps and their SegX maps in the given ``order``. ``predicted_masks`` /
+    ``true_masks`` are boolean ``(N, H, W)`` per image (binarise once with
+    :func:`segx_helpers.scores.analysis.binarise_masks`)."""
+    options = options if options is not None else AnalysisOptions()
+    scores = analyse(explanations.maps, predicted_masks, true_masks, explanations.image_index, has_true_mask,
+                     artefact_masks, options=options)
+    table = pd.concat([prediction_table(explanations, labels), scores], axis=1)
     masks = np.asarray(predicted_masks)[explanations.image_index]
-    aligned = segx(explanations.maps, masks, order=order, p=p) if len(masks) else explanations.maps.copy()
+    aligned = segx(explanations.maps, masks, order=order, p=options.p) if len(masks) else explanations.maps.copy()
     return Results(table, explanations.maps, aligned)
 
 

@@ -125,8 +125,9 @@ class RunSettings:
 
     ``seg_image_size`` is the segmenter's input size: quick mode segments at half resolution (the
     clinical regions are large blobs) and upsamples the probabilities, which makes it 4x cheaper.
-    ``cpu_bf16``: train with bfloat16 autocast on a CPU that computes it natively (``TrainConfig.cpu_bf16``), about
-    twice as fast there (``make benchmark-training``); a CPU without it trains in float32, and a GPU ignores it.
+    ``cpu_bf16``: train with bfloat16 autocast on a CPU that computes it natively (``TrainConfig.cpu_bf16``), faster
+    there (``make benchmark-training``; docs/NOTES.md has the numbers); a CPU without it trains in float32, and a GPU
+    ignores it.
     ``cpu_fast_kernels`` (``TrainConfig.cpu_fast_kernels``, the notebooks' ``CPU_FAST_KERNELS``): faster CPU training
     whose results differ from the published ones by rounding; off unless asked for.
     """
