@@ -95,7 +95,12 @@ def dice_rows(image_size: int, repeats: int, seed: int = 0) -> list[dict]:
         for round_ in range(repeats):
             for index, (name, fields) in enumerate(DICE_SETTINGS.items()):
                 started = time.perf_counter()
-                trained = train_segmenter(data, Path(tmp) / f"seg_{index}_{round_}.pt", SegmenterSpec(image_size=image_size), config=dataclasses.replace(config, **fields))
+                trained = train_segmenter(
+                    data,
+                    Path(tmp) / f"seg_{index}_{round_}.pt",
+                    SegmenterSpec(image_size=image_size),
+                    config=dataclasses.replace(config, **fields),
+                )
                 seconds = time.perf_counter() - started
                 dice = float(evaluate_segmenter(trained, data, "test", image_size=QUICK_MODE.image_size)["dice"].mean())
                 best = found.setdefault(name, {"seconds": seconds, "dice": dice})

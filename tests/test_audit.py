@@ -284,7 +284,7 @@ import json, sys, torch
 from pathlib import Path
 from torch import nn
 from segx_helpers.cli import distributed
-from segx_helpers.models.training import TrainConfig
+from segx_helpers.models.training import CheckpointPlan, TrainConfig
 
 torch.set_num_threads(1)
 out = Path(sys.argv[1])
@@ -308,8 +308,8 @@ def validate(m):
         return {"val_score": -float(loss_fn(m(val.x), val.y))}
 loader = distributed.distributed_loader(Items(64, 0), 16, ctx, shuffle=True, seed=3)
 config = TrainConfig(epochs=3, lr=1e-2, monitor="val_score", patience=10)  # amp: channels_last, as segx train
-history = distributed.ddp_fit(model, loss_fn, loader, validate, config, ctx, checkpoint_path=out / "model.pt",
-                              meta={"note": "ddp"})
+history = distributed.ddp_fit(model, loss_fn, loader, validate, config, ctx,
+                              CheckpointPlan(path=out / "model.pt", meta={"note": "ddp"}))
 if ctx.is_main:
     torch.save(model.state_dict(), out / "final.pt")
     (out / "history.json").write_text(json.dumps(history.records))

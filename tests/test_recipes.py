@@ -50,8 +50,18 @@ def trained(tmp_path_factory):
         data_root = generate_synthetic_derm(root / "data" / "synthetic-derm",
                                             SyntheticConfig(n_images=60, image_size=64, seed=3), progress=False)
         data = load_dataset(data_root)
-        seg = train_segmenter(data, root / "artifacts" / "synthetic-derm" / "segmenter.pt", SegmenterSpec(image_size=64, decoder_channels=(16, 8, 8, 8, 8)), config=TrainConfig(epochs=1, monitor="val_dice"))
-        cls = train_classifier(data, root / "artifacts" / "synthetic-derm" / "classifier.pt", ClassifierSpec(image_size=64), config=TrainConfig(epochs=1, monitor="val_auroc"))
+        seg = train_segmenter(
+            data,
+            root / "artifacts" / "synthetic-derm" / "segmenter.pt",
+            SegmenterSpec(image_size=64, decoder_channels=(16, 8, 8, 8, 8)),
+            config=TrainConfig(epochs=1, monitor="val_dice"),
+        )
+        cls = train_classifier(
+            data,
+            root / "artifacts" / "synthetic-derm" / "classifier.pt",
+            ClassifierSpec(image_size=64),
+            config=TrainConfig(epochs=1, monitor="val_auroc"),
+        )
     finally:
         socket.socket.connect = real_connect
     return root, data, seg, cls

@@ -241,12 +241,18 @@ def test_segx_train_refuses_a_batch_size_larger_than_the_training_split(make_tin
 
 
 def test_fit_refuses_an_epoch_without_a_training_step(tmp_path):
-    from segx_helpers.models.training import TrainConfig, classification_loss, fit
+    from segx_helpers.models.training import CheckpointPlan, TrainConfig, classification_loss, fit
 
     model = build_classifier("resnet18", 3)
     with pytest.raises(ValueError, match="epoch 1 took no training step"):
-        fit(model, classification_loss("multiclass"), [], lambda m: {"val_auroc": 0.5},
-            TrainConfig(epochs=1, monitor="val_auroc"), checkpoint_path=tmp_path / "c.pt")
+        fit(
+            model,
+            classification_loss("multiclass"),
+            [],
+            lambda m: {"val_auroc": 0.5},
+            TrainConfig(epochs=1, monitor="val_auroc"),
+            checkpoint=CheckpointPlan(path=tmp_path / "c.pt"),
+        )
     assert not list(tmp_path.iterdir())
 
 

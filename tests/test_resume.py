@@ -19,7 +19,7 @@ from segx_helpers.data.torch_dataset import SegXDataset
 from segx_helpers.models.checkpoints import (CheckpointError, UnverifiedCheckpointWarning, last_checkpoint_path,
                                              read_checkpoint, save_checkpoint)
 from segx_helpers.models.networks import build_classifier
-from segx_helpers.models.training import TrainConfig, classification_loss, fit, make_loader
+from segx_helpers.models.training import CheckpointPlan, TrainConfig, classification_loss, fit, make_loader
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,9 +53,14 @@ def _fit(data, checkpoint: Path, killed_at: int | None = None, resume: bool = Fa
         with torch.no_grad():
             return {"val_loss": float(loss_fn(m(val["image"]), val["target"]))}
 
-    fit(model, KilledAtStep(killed_at), train, validate, TrainConfig(epochs=epochs, lr=1e-2, monitor="val_loss",
-                                                                     patience=10, amp=False),
-        checkpoint_path=checkpoint, resume=resume)
+    fit(
+        model,
+        KilledAtStep(killed_at),
+        train,
+        validate,
+        TrainConfig(epochs=epochs, lr=1e-2, monitor="val_loss", patience=10, amp=False),
+        checkpoint=CheckpointPlan(path=checkpoint, resume=resume),
+    )
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 

@@ -9,7 +9,15 @@ from segx_helpers.data import load_dataset
 from segx_helpers.data.torch_dataset import Normalization, SegXDataset
 from segx_helpers.models.networks import build_classifier
 from segx_helpers.models.checkpoints import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
-from segx_helpers.models.training import DiceBCELoss, TrainConfig, balanced_class_weights, classification_loss, fit, make_loader
+from segx_helpers.models.training import (
+    CheckpointPlan,
+    DiceBCELoss,
+    TrainConfig,
+    balanced_class_weights,
+    classification_loss,
+    fit,
+    make_loader,
+)
 from segx_helpers.workflows.training_recipes import ClassifierSpec, SegmenterSpec, train_classifier, train_segmenter
 
 META = {"kind": "classifier", "arch": "resnet18", "class_names": ["a", "b", "c"], "in_channels": 3}
@@ -117,16 +125,33 @@ def test_train_classifier_writes_checkpoint_resumes_and_is_deterministic(make_ti
     longer = TrainConfig(epochs=3, lr=1e-3, monitor="val_auroc")
     from segx_helpers.workflows.training_recipes import _datasets
     train_set, val_set = _datasets(data, 32, Normalization())
-    fit(build_classifier("resnet18", 3), classification_loss("multiclass"), make_loader(train_set, 32, True),
-        lambda m: {"val_auroc": 0.5}, config, checkpoint_path=tmp_path / "c.pt")
-    history = fit(build_classifier("resnet18", 3), classification_loss("multiclass"), make_loader(train_set, 32, True),
-                  lambda m: {"val_auroc": 0.5}, longer, checkpoint_path=tmp_path / "c.pt", resume=True)
+    fit(
+        build_classifier("resnet18", 3),
+        classification_loss("multiclass"),
+        make_loader(train_set, 32, True),
+        lambda m: {"val_auroc": 0.5},
+        config,
+        checkpoint=CheckpointPlan(path=tmp_path / "c.pt"),
+    )
+    history = fit(
+        build_classifier("resnet18", 3),
+        classification_loss("multiclass"),
+        make_loader(train_set, 32, True),
+        lambda m: {"val_auroc": 0.5},
+        longer,
+        checkpoint=CheckpointPlan(path=tmp_path / "c.pt", resume=True),
+    )
     assert [r["epoch"] for r in history.records] == [1, 2, 3]
 
 
 def test_train_segmenter_stores_threshold(make_tiny_dataset, tmp_path):
     data = load_dataset(make_tiny_dataset(n=30, size=32))
-    train_segmenter(data, tmp_path / "s.pt", SegmenterSpec(image_size=32, decoder_channels=(16, 8, 8, 8, 8)), config=TrainConfig(epochs=1, monitor="val_dice"))
+    train_segmenter(
+        data,
+        tmp_path / "s.pt",
+        SegmenterSpec(image_size=32, decoder_channels=(16, 8, 8, 8, 8)),
+        config=TrainConfig(epochs=1, monitor="val_dice"),
+    )
     meta = read_checkpoint(tmp_path / "s.pt")["meta"]
     assert 0.1 <= meta["threshold"] <= 0.9 and meta["kind"] == "segmenter"
     loaded, _ = load_checkpoint(tmp_path / "s.pt")
@@ -238,8 +263,14 @@ def _nan_fit(tmp_path=None, scores=None):
     values = iter(scores or [math.nan] * 3)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        history = fit(model, nn.CrossEntropyLoss(), batches, lambda m: {"val_score": next(values)},
-                      TrainConfig(epochs=3, amp=False), checkpoint_path=None if tmp_path is None else tmp_path / "c.pt")
+        history = fit(
+            model,
+            nn.CrossEntropyLoss(),
+            batches,
+            lambda m: {"val_score": next(values)},
+            TrainConfig(epochs=3, amp=False),
+            checkpoint=CheckpointPlan(path=None if tmp_path is None else tmp_path / "c.pt"),
+        )
     return model, initial, history, [str(w.message) for w in caught]
 
 
@@ -323,7 +354,12 @@ def test_prepare_models_refuses_models_of_another_mode(make_tiny_dataset, tmp_pa
     paths = TutorialPaths.at(tmp_path)
     quick = dataclasses.replace(QUICK_MODE, image_size=32, seg_image_size=32, seg_epochs=1, cls_epochs=1,
                                 max_batches_per_epoch=1)
-    train_segmenter(data, paths.segmenter("tiny"), SegmenterSpec(image_size=32, decoder_channels=(16, 8, 8, 8, 8)), config=segmenter_config(quick))
+    train_segmenter(
+        data,
+        paths.segmenter("tiny"),
+        SegmenterSpec(image_size=32, decoder_channels=(16, 8, 8, 8, 8)),
+        config=segmenter_config(quick),
+    )
     train_classifier(data, paths.classifier("tiny"), ClassifierSpec(image_size=32), config=classifier_config(quick))
     segmenter, classifier = prepare_models("tiny", paths, data, quick)
     assert classifier.meta["class_names"] == ["a", "b", "c"]

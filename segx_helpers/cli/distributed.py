@@ -24,7 +24,7 @@ Training under DDP (:func:`ddp_fit`) reuses :func:`segx_helpers.models.training.
   the same best-epoch and early-stopping decisions; checkpoints are written by rank 0 only, with every
   rank's random state, so that a run killed in any epoch resumes (the same torchrun command with
   ``--resume``, the same number of processes) to the weights of an uninterrupted run;
-* ``sync_batchnorm=True`` converts BatchNorm layers to ``SyncBatchNorm`` (CUDA only in PyTorch), so
+* :func:`sync_batchnorm` (``segx train --sync-bn``) converts BatchNorm layers to ``SyncBatchNorm`` (CUDA only), so
   batch statistics are those of the global batch. Without it each rank normalises with its own
   share of the batch, the usual DDP behaviour, and the result differs slightly from one process.
 """
@@ -45,9 +45,15 @@ from torch.utils.data import DataLoader, DistributedSampler
 from segx_helpers.data.format import LoadedDataset, load_dataset
 from segx_helpers.data.torch_dataset import Normalization, SegXDataset
 from segx_helpers.models.checkpoints import check_fingerprint, last_checkpoint_path, read_checkpoint
-from segx_helpers.models.networks import (RANDOM, build_classifier, build_segmenter, classifier_normalization, pick_device,
-                                          prepare_for_cpu_training)
-from segx_helpers.models.training import TrainConfig, cpu_setting, fit, make_loader, set_seed
+from segx_helpers.models.networks import (
+    RANDOM,
+    build_classifier,
+    build_segmenter,
+    classifier_normalization,
+    pick_device,
+    prepare_for_cpu_training,
+)
+from segx_helpers.models.training import CheckpointPlan, TrainConfig, cpu_setting, fit, make_loader, set_seed
 from segx_helpers.workflows.training_recipes import (ClassifierSpec, Recipe, SegmenterSpec, classifier_fingerprint,
                                                     classifier_recipe, classifier_selection, finish_training,
                                                     segmenter_fingerprint, segmenter_recipe)
@@ -205,21 +211,16 @@ def distributed_loader(dataset, global_batch_size: int, ctx: Context, shuffle: b
 
 
 def ddp_fit(model: nn.Module, loss_fn: nn.Module, train_loader: DataLoader, validate: Callable[[nn.Module], dict],
-            config, ctx: Context, checkpoint_path: str | Path | None = None, meta: dict | None = None,
-            overwrite: bool = False, sync_batchnorm: bool = False, target_key: str = "target", resume: bool = False):
+            config, ctx: Context, checkpoint: CheckpointPlan = CheckpointPlan(), target_key: str = "target"):
     """:func:`segx_helpers.models.training.fit` on every rank with the model under DDP (see the module
     docstring). ``train_loader`` should come from :func:`distributed_loader`. Returns fit's
     ``History``; ``model`` (the bare model, not the wrapper) ends holding the best weights on every
-    rank. With one process this is plain ``fit`` with the same loader. ``resume``: every rank continues from
-    ``<checkpoint_path>.last.pt`` as rank 0 reads it (fit's ``resume``)."""
+    rank. With one process this is plain ``fit`` with the same loader. ``checkpoint.resume``: every rank continues
+    from ``<checkpoint.path>.last.pt`` as rank 0 reads it (fit's ``resume``). For SyncBatchNorm, convert the model
+    first (:func:`sync_batchnorm`)."""
     config = dataclasses.replace(config, device=str(ctx.device))
     if not ctx.distributed:
-        return fit(model, loss_fn, train_loader, validate, config, target_key=target_key,
-                   checkpoint_path=checkpoint_path, meta=meta, overwrite=overwrite, resume=resume)
-    if sync_batchnorm:
-        if ctx.device.type != "cuda":
-            raise ValueError("sync_batchnorm needs CUDA devices (PyTorch's SyncBatchNorm does not run on the CPU)")
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        return fit(model, loss_fn, train_loader, validate, config, checkpoint=checkpoint, target_key=target_key)
     model.to(ctx.device)
     # the memory format fit trains in, before DDP lays out its gradient buckets: changed afterwards, the first
     # step's convolution gradients would be copied through buckets of the old strides (scrambled)
@@ -231,10 +232,21 @@ def ddp_fit(model: nn.Module, loss_fn: nn.Module, train_loader: DataLoader, vali
 
     if not ctx.is_main:
         os.environ["TQDM_DISABLE"] = "1"
-    history = fit(wrapped, GlobalMeanLoss(loss_fn, ctx), train_loader, shared_validate, config, target_key=target_key,
-                  checkpoint_path=checkpoint_path, meta=meta, overwrite=overwrite, resume=resume)
+    history = fit(wrapped, GlobalMeanLoss(loss_fn, ctx), train_loader, shared_validate, config, checkpoint=checkpoint,
+                  target_key=target_key)
     barrier(ctx)
     return history
+
+
+def sync_batchnorm(model: nn.Module, ctx: Context) -> nn.Module:
+    """``model`` with its BatchNorm layers as ``SyncBatchNorm`` for DDP on CUDA (statistics over every rank's
+    share of the batch); a ``ValueError`` on a CPU, where PyTorch's SyncBatchNorm does not run; ``model``
+    itself when not distributed."""
+    if not ctx.distributed:
+        return model
+    if ctx.device.type != "cuda":
+        raise ValueError("sync_batchnorm needs CUDA devices (PyTorch's SyncBatchNorm does not run on the CPU)")
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
 
 @dataclass(frozen=True)
@@ -322,9 +334,10 @@ def train(data_dir: str | Path, checkpoint: str | Path, spec: TrainSpec, process
         if resume:
             check = functools.partial(resumable_epochs, checkpoint, recipe.meta["fingerprint"])
             splits.loader.sampler.start_at(run_on_main(ctx, check))
-        history = ddp_fit(model, recipe.loss, splits.loader, recipe.validate, config, ctx, checkpoint_path=checkpoint,
-                          meta=recipe.meta, overwrite=overwrite, sync_batchnorm=processes.sync_batchnorm,
-                          target_key=recipe.target_key, resume=resume)
+        if processes.sync_batchnorm:
+            model = sync_batchnorm(model, ctx)
+        plan = CheckpointPlan(path=checkpoint, meta=recipe.meta, overwrite=overwrite, resume=resume)
+        history = ddp_fit(model, recipe.loss, splits.loader, recipe.validate, config, ctx, plan, recipe.target_key)
         result = run_on_main(ctx, lambda: _finish(recipe, model, history, config, checkpoint, ctx))
     except BaseException:
         cleanup(ctx, failed=True)
@@ -368,7 +381,9 @@ def _model_and_recipe(data: LoadedDataset, spec: TrainSpec, config: TrainConfig,
                                     normalization=splits.norm).resolved(data)
         fingerprint = classifier_fingerprint(data, classifier, config, RANDOM, **common)
         model = build_classifier(spec.arch, num_classes=data.info.num_classes, in_channels=data.info.channels)
-        return model, classifier_recipe(data, classifier, RANDOM, splits.val_loader, fingerprint, device=str(ctx.device))
+        return model, classifier_recipe(
+            data, classifier, RANDOM, splits.val_loader, fingerprint, device=str(ctx.device)
+        )
     segmenter = SegmenterSpec(encoder=spec.encoder, image_size=spec.image_size, batch_size=spec.batch_size,
                               normalization=splits.norm).resolved(data)
     fingerprint = segmenter_fingerprint(data, segmenter, config, RANDOM, **common)

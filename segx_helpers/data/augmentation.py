@@ -42,9 +42,14 @@ class Augmentation:
         if isinstance(self.rotation, bool) or not isinstance(self.rotation, (int, float)) or not 0 <= self.rotation <= 180:
             raise ValueError(f"augmentation rotation must be a number of degrees in [0, 180], got {self.rotation!r}")
         object.__setattr__(self, "rotation", float(self.rotation))
-        if self.crop_scale is not None and (isinstance(self.crop_scale, bool) or not isinstance(self.crop_scale, (int, float))
-                                            or not 0 < self.crop_scale <= 1):
-            raise ValueError(f"augmentation crop_scale must be None or a share of the area in (0, 1], got {self.crop_scale!r}")
+        if self.crop_scale is not None and (
+            isinstance(self.crop_scale, bool)
+            or not isinstance(self.crop_scale, (int, float))
+            or not 0 < self.crop_scale <= 1
+        ):
+            raise ValueError(
+                f"augmentation crop_scale must be None or a share of the area in (0, 1], got {self.crop_scale!r}"
+            )
         if isinstance(self.colour_jitter, bool) or not isinstance(self.colour_jitter, (int, float)) \
                 or not 0 <= self.colour_jitter < 1:
             raise ValueError(f"augmentation colour_jitter must be a number in [0, 1), got {self.colour_jitter!r}")

@@ -62,9 +62,17 @@ def make_transforms(image_size: int, normalization: Normalization, train: bool =
                     rotation_degrees: float = 15.0, augmentation: Augmentation | None = None) -> v2.Compose:
     """Paired transforms for ``(tv_tensors.Image uint8, tv_tensors.Mask)``; augmentation only when ``train``:
     ``augmentation``'s crop, flips, rotations and colour jitter (default: both flips and ``rotation_degrees``)."""
-    augmentation = (augmentation if augmentation is not None else Augmentation(rotation=rotation_degrees)) if train else None
+    augmentation = (
+        (augmentation if augmentation is not None else Augmentation(rotation=rotation_degrees))
+        if train
+        else None
+    )
     if augmentation is not None and augmentation.crop_scale is not None:
-        steps: list = [v2.RandomResizedCrop((image_size, image_size), scale=(augmentation.crop_scale, 1.0), antialias=True)]
+        steps: list = [
+            v2.RandomResizedCrop(
+                (image_size, image_size), scale=(augmentation.crop_scale, 1.0), antialias=True
+            )
+        ]
     else:
         steps = [v2.Resize((image_size, image_size), antialias=True)]
     if augmentation is not None:
@@ -73,7 +81,11 @@ def make_transforms(image_size: int, normalization: Normalization, train: bool =
         steps += [RandomRotate90()] if augmentation.rotate90 else []
         steps += [v2.RandomRotation(augmentation.rotation)] if augmentation.rotation else []
         jitter = augmentation.colour_jitter
-        steps += [v2.ColorJitter(brightness=jitter, contrast=jitter, saturation=jitter, hue=jitter / 4)] if jitter else []
+        steps += (
+            [v2.ColorJitter(brightness=jitter, contrast=jitter, saturation=jitter, hue=jitter / 4)]
+            if jitter
+            else []
+        )
     steps += [v2.ToDtype({tv_tensors.Image: torch.float32, tv_tensors.Mask: torch.float32, "others": None}, scale=True),
               v2.Normalize(mean=list(normalization.mean), std=list(normalization.std))]
     return v2.Compose(steps)
@@ -107,8 +119,11 @@ class SegXDataset(Dataset):
         self.transform = make_transforms(image_size, self.normalization, train=train, augmentation=self.augmentation)
         # the cache keeps images resized to what the transforms' first step reads: the training size (a no-op
         # resize then), or twice it for random resized crops, so that a crop keeps detail
-        self.cached_size = image_size * 2 if self.augmentation is not None and self.augmentation.crop_scale is not None \
+        self.cached_size = (
+            image_size * 2
+            if self.augmentation is not None and self.augmentation.crop_scale is not None
             else image_size
+        )
         all_targets = data.targets
         index = {image_id: i for i, image_id in enumerate(data.table["image_id"])}
         self.targets = all_targets[[index[i] for i in self.rows["image_id"]]]

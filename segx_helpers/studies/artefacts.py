@@ -248,7 +248,9 @@ def classifier_decides(test: dict, data: LoadedDataset, meta: dict, n_resamples:
     the cut-offs chosen on validation). Compared with :func:`decision_baselines`."""
     order = data.table.loc[data.table["split"] == "test", "image_id"].tolist()
     if list(test["image_id"]) != order:
-        raise ValueError("classifier_decides: test predictions must be in the dataset's test order (evaluate_classifier)")
+        raise ValueError(
+            "classifier_decides: test predictions must be in the dataset's test order (evaluate_classifier)"
+        )
     validation_labels = data.targets[(data.table["split"] == "val").to_numpy()]
     return decides_check(test["targets"], test["probs"], meta["task"], meta["class_names"], meta.get("thresholds"),
                          decision_baselines(data), validation_labels, n_resamples)

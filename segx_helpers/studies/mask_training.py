@@ -38,7 +38,15 @@ from segx_helpers.data.format import LoadedDataset
 from segx_helpers.data.torch_dataset import Normalization, SegXDataset
 from segx_helpers.scores.metrics import bootstrap_ci, macro_auroc, select_decision_thresholds
 from segx_helpers.models.networks import build_classifier
-from segx_helpers.models.training import TrainConfig, classification_loss, fit, make_loader, predict_classifier, set_seed
+from segx_helpers.models.training import (
+    CheckpointPlan,
+    TrainConfig,
+    classification_loss,
+    fit,
+    make_loader,
+    predict_classifier,
+    set_seed,
+)
 from segx_helpers.workflows.training_recipes import evaluate_classifier
 from segx_helpers.data.synthetic import load_artefacts, shortcut_pairs
 from segx_helpers.models.masks import mask_probabilities
@@ -322,13 +330,32 @@ def train_with_mask(data: LoadedDataset, checkpoint: str | Path, fix: MaskFix, *
     task_loss = classification_loss(task)
     model = _model_to_train(data, fix, arch, init, config.seed, splits.train_set)
     batch_loss = RRRLoss(task_loss, task, float(fix.strength), fix.penalty_images) if fix.method == "rrr" else None
-    meta = {"kind": "classifier", "arch": arch, "task": task, "class_names": data.info.class_names,
-            "in_channels": data.info.channels, "image_size": image_size, "normalization": asdict(norm),
-            "dataset": data.info.name, "init": "random", "pretrained": False, "thresholds": None, "fingerprint": fingerprint,
-            "fix": record, "finished": False}
+    meta = {
+        "kind": "classifier",
+        "arch": arch,
+        "task": task,
+        "class_names": data.info.class_names,
+        "in_channels": data.info.channels,
+        "image_size": image_size,
+        "normalization": asdict(norm),
+        "dataset": data.info.name,
+        "init": "random",
+        "pretrained": False,
+        "thresholds": None,
+        "fingerprint": fingerprint,
+        "fix": record,
+        "finished": False,
+    }
     started = time.perf_counter()
-    history = fit(model, task_loss, splits.train_loader, splits.validate, config, checkpoint_path=checkpoint,
-                  meta=meta, overwrite=retrain, batch_loss=batch_loss)
+    history = fit(
+        model,
+        task_loss,
+        splits.train_loader,
+        splits.validate,
+        config,
+        checkpoint=CheckpointPlan(path=checkpoint, meta=meta, overwrite=retrain),
+        batch_loss=batch_loss,
+    )
     meta["train_seconds"] = time.perf_counter() - started
     _finish_meta(meta, model, history, splits, batch_loss, config)
     save_checkpoint(checkpoint, model, meta, overwrite=True)

@@ -32,8 +32,18 @@ from segx_helpers.models.checkpoints import (TrainedModel, last_checkpoint_path,
 from segx_helpers.models.masks import mask_probabilities
 from segx_helpers.models.networks import (CPU_DECODER_CHANNELS, Initialisation, build_classifier, build_segmenter,
                                           classifier_normalization, resolve_weights)
-from segx_helpers.models.training import (DiceBCELoss, TrainConfig, balanced_class_weights, classification_loss, fit,
-                                          make_loader, predict_classifier, predict_masks, set_seed)
+from segx_helpers.models.training import (
+    CheckpointPlan,
+    DiceBCELoss,
+    TrainConfig,
+    balanced_class_weights,
+    classification_loss,
+    fit,
+    make_loader,
+    predict_classifier,
+    predict_masks,
+    set_seed,
+)
 from segx_helpers.scores.metrics import (classification_report, dice_score, iou_score, macro_auroc, predict_labels,
                                          select_decision_thresholds, select_mask_threshold)
 from segx_helpers.workflows.settings import RunSettings, TutorialPaths, require
@@ -142,7 +152,9 @@ class SegmenterSpec:
     batch_size: int = 32
 
     def resolved(self, data: LoadedDataset) -> "SegmenterSpec":
-        return dataclasses.replace(self, normalization=self.normalization or Normalization.for_channels(data.info.channels))
+        return dataclasses.replace(
+            self, normalization=self.normalization or Normalization.for_channels(data.info.channels)
+        )
 
 
 def classifier_fingerprint(data: LoadedDataset, spec: ClassifierSpec, config: TrainConfig, init: Initialisation,
@@ -189,11 +201,22 @@ def segmenter_recipe(data: LoadedDataset, spec: SegmenterSpec, init: Initialisat
     threshold chosen on validation. ``spec`` resolved (:meth:`SegmenterSpec.resolved`); ``val_set`` /
     ``val_loader``: the validation split."""
     val_masks = val_set.tensors()["mask"][:, 0].numpy() > 0.5
-    meta = {"kind": "segmenter", "arch": "Unet", "encoder": spec.encoder, "decoder_channels": list(spec.decoder_channels),
-            "in_channels": data.info.channels, "image_size": spec.image_size, "normalization": asdict(spec.normalization),
-            "dataset": data.info.name, "init": init.name, "init_source": init.source,
-            "mask_description": data.info.mask_description, "threshold": 0.5, "fingerprint": fingerprint,
-            "finished": False}
+    meta = {
+        "kind": "segmenter",
+        "arch": "Unet",
+        "encoder": spec.encoder,
+        "decoder_channels": list(spec.decoder_channels),
+        "in_channels": data.info.channels,
+        "image_size": spec.image_size,
+        "normalization": asdict(spec.normalization),
+        "dataset": data.info.name,
+        "init": init.name,
+        "init_source": init.source,
+        "mask_description": data.info.mask_description,
+        "threshold": 0.5,
+        "fingerprint": fingerprint,
+        "finished": False,
+    }
 
     def validate(model: nn.Module) -> dict:
         return {"val_dice": float(dice_score(val_masks, predict_masks(model, val_loader, device=device) >= 0.5).mean())}
@@ -215,10 +238,22 @@ def classifier_recipe(data: LoadedDataset, spec: ClassifierSpec, init: Initialis
     (:func:`~segx_helpers.scores.metrics.select_decision_thresholds`: balanced accuracy for multiclass, Youden's J
     for two classes, F1 per class for multilabel) stored in the checkpoint."""
     task = data.info.task
-    meta = {"kind": "classifier", "arch": spec.arch, "task": task, "class_names": data.info.class_names,
-            "in_channels": data.info.channels, "image_size": spec.image_size, "normalization": asdict(spec.normalization),
-            "dataset": data.info.name, "init": init.name, "init_source": init.source, "pretrained": init.name == "imagenet",
-            "thresholds": None, "fingerprint": fingerprint, "finished": False}
+    meta = {
+        "kind": "classifier",
+        "arch": spec.arch,
+        "task": task,
+        "class_names": data.info.class_names,
+        "in_channels": data.info.channels,
+        "image_size": spec.image_size,
+        "normalization": asdict(spec.normalization),
+        "dataset": data.info.name,
+        "init": init.name,
+        "init_source": init.source,
+        "pretrained": init.name == "imagenet",
+        "thresholds": None,
+        "fingerprint": fingerprint,
+        "finished": False,
+    }
 
     loss = classification_loss(task, class_weights, spec.label_smoothing)
 
@@ -273,8 +308,15 @@ def train_segmenter(data: LoadedDataset, checkpoint: str | Path, spec: Segmenter
     set_seed(config.seed)
     model = build_segmenter(spec.encoder, encoder_weights=init, in_channels=data.info.channels,
                             decoder_channels=spec.decoder_channels)
-    history = fit(model, recipe.loss, train_loader, recipe.validate, config, target_key=recipe.target_key,
-                  checkpoint_path=checkpoint, meta=recipe.meta, overwrite=retrain)
+    history = fit(
+        model,
+        recipe.loss,
+        train_loader,
+        recipe.validate,
+        config,
+        checkpoint=CheckpointPlan(path=checkpoint, meta=recipe.meta, overwrite=retrain),
+        target_key=recipe.target_key,
+    )
     return TrainedModel(model, finish_training(recipe, model, history, config, checkpoint), history.frame())
 
 
@@ -306,8 +348,15 @@ def train_classifier(data: LoadedDataset, checkpoint: str | Path, spec: Classifi
     model = build_classifier(spec.arch, num_classes=data.info.num_classes, in_channels=data.info.channels,
                              weights=init)
     recipe = classifier_recipe(data, spec, init, val_loader, fingerprint, weights)
-    history = fit(model, recipe.loss, train_loader, recipe.validate, config, target_key=recipe.target_key,
-                  checkpoint_path=checkpoint, meta=recipe.meta, overwrite=retrain)
+    history = fit(
+        model,
+        recipe.loss,
+        train_loader,
+        recipe.validate,
+        config,
+        checkpoint=CheckpointPlan(path=checkpoint, meta=recipe.meta, overwrite=retrain),
+        target_key=recipe.target_key,
+    )
     return TrainedModel(model, finish_training(recipe, model, history, config, checkpoint), history.frame())
 
 
@@ -384,13 +433,24 @@ class ClassifierTraining:
         """Every choice of the recipe, one row each (setting, value)."""
         spec, config = self.spec, self.config
         augmentation = spec.augmentation.describe() if spec.augmentation is not None else "the dataset's own"
-        rows = [("recipe", self.recipe), ("architecture", spec.arch), ("starts from", spec.weights or "random"),
-                ("image size", spec.image_size), ("class weighting", spec.class_weighting),
-                ("label smoothing", spec.label_smoothing), ("augmentation", augmentation),
-                ("batch size", spec.batch_size), ("optimiser", f"AdamW, lr {config.lr:g}, weight decay {config.weight_decay:g}"),
-                ("schedule", f"{config.warmup_epochs} warm-up epochs, then cosine" if config.warmup_epochs else "cosine"),
-                ("epochs", config.epochs), ("model selection", config.selection_rule()),
-                ("decision", "cut-offs chosen on validation (balanced accuracy; Youden's J for two classes)")]
+        rows = [
+            ("recipe", self.recipe),
+            ("architecture", spec.arch),
+            ("starts from", spec.weights or "random"),
+            ("image size", spec.image_size),
+            ("class weighting", spec.class_weighting),
+            ("label smoothing", spec.label_smoothing),
+            ("augmentation", augmentation),
+            ("batch size", spec.batch_size),
+            ("optimiser", f"AdamW, lr {config.lr:g}, weight decay {config.weight_decay:g}"),
+            (
+                "schedule",
+                f"{config.warmup_epochs} warm-up epochs, then cosine" if config.warmup_epochs else "cosine",
+            ),
+            ("epochs", config.epochs),
+            ("model selection", config.selection_rule()),
+            ("decision", "cut-offs chosen on validation (balanced accuracy; Youden's J for two classes)"),
+        ]
         return pd.DataFrame(rows, columns=["setting", "value"]).astype({"value": str})
 
 
