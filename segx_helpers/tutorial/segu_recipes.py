@@ -17,6 +17,7 @@ from segx_helpers.data.synthetic import shortcut_pairs
 from segx_helpers.scores.analysis import AnalysisOptions, analyse
 from segx_helpers.scores.selective import augrc, aurc, combined_confidence, fit_combination, risk_coverage, separation_table
 from segx_helpers.scores.segx import dilate
+from segx_helpers.studies.artefacts import segu_within, with_size_columns
 from segx_helpers.studies.shortcut import (DistanceBins, artefact_distance, examples_by_distance, shortcut_by_distance,
                                            shortcut_driven)
 from segx_helpers.models.checkpoints import TrainedModel
@@ -119,7 +120,8 @@ class SeguTables:
     (``table4``: mean ``c_IoU`` / ``c_AUITC`` per method, columns (score, correct|incorrect)), the separation of
     incorrect predictions (``separation`` per method and ``by_error_type``, from
     :mod:`segx_helpers.scores.selective`), :func:`selective_prediction`, and the method and mask ablations
-    (:func:`separation_by_variant`, :func:`mask_dependence`)."""
+    (:func:`separation_by_variant`, :func:`mask_dependence`), SegU within predicted classes and lesion-size strata
+    per layer (``within``, :func:`within_layers`) and the share of maps peaking in a border cell of their grid."""
 
     table4: pd.DataFrame
     separation: pd.DataFrame
@@ -127,6 +129,8 @@ class SeguTables:
     selective: SelectivePrediction
     ablation_method: pd.DataFrame
     ablation_masks: pd.DataFrame
+    within: pd.DataFrame | None = None
+    peaks_in_border_cell: dict[str, float] | None = None
 
 
 def segu_summary(dataset: str, quick: bool, p: float, tables: SeguTables) -> dict:
@@ -141,6 +145,8 @@ def segu_summary(dataset: str, quick: bool, p: float, tables: SeguTables) -> dic
         "aurc": {name: c[2] for name, c in tables.selective.curves.items()},
         "ablation_method": tables.ablation_method[["variant", *ci]].to_dict(orient="records"),
         "ablation_masks": tables.ablation_masks[["masks", *ci]].to_dict(orient="records"),
+        "within": [] if tables.within is None else tables.within.to_dict(orient="records"),
+        "peaks_in_border_cell": dict(tables.peaks_in_border_cell or {}),
     }
 
 
@@ -286,3 +292,29 @@ def shortcut_dial(truth: ShortcutGroundTruth, layers: dict[str, Results], bins: 
     present = {name: shortcut_by_distance(table[table["patch"]], bins, n_resamples=n_resamples, seed=seed)
                for name, table in predictions.items()}
     return ShortcutDial(predictions, by_distance, present, examples_by_distance(first, rows, bins, n=4))
+
+
+def within_layers(results: dict, data: LoadedDataset, predicted_area: pd.Series, p: float = 5.0, n_resamples: int = 1000,
+                  seed: int = 0) -> pd.DataFrame:
+    """:func:`segx_helpers.studies.artefacts.segu_within` for each layer's Grad-CAM results (``results``: layer name ->
+    :class:`~segx_helpers.workflows.results.Results` of the same test split), with the lesion-size columns
+    (:func:`~segx_helpers.studies.artefacts.with_size_columns`; ``predicted_area``: each image's predicted mask share,
+    by image id). One table with a ``layer`` column first."""
+    frames = [segu_within(with_size_columns(r.table, data, predicted_area, p=p), n_resamples, seed).assign(layer=name)
+              for name, r in results.items()]
+    out = pd.concat(frames, ignore_index=True)
+    return out[["layer", *[c for c in out.columns if c != "layer"]]]
+
+
+def within_display(within: pd.DataFrame) -> pd.DataFrame:
+    """:func:`within_layers` as people read it: one row per (layer, certainty), one column per view and group,
+    each cell "AUROC [low, high]" for flagging incorrect predictions (n incorrect / n in the column header)."""
+    frame = within.copy()
+    frame["cell"] = [f"{a:.2f} [{lo:.2f}, {hi:.2f}]" if np.isfinite(a) else "n/a"
+                     for a, lo, hi in zip(frame["auroc"], frame["auroc_low"], frame["auroc_high"])]
+    sizes = frame.groupby(["view", "group"], sort=False)[["n_incorrect", "n_correct"]].first()
+    frame["column"] = [f"{v}: {g} ({int(sizes.loc[(v, g), 'n_incorrect'])}/"
+                       f"{int(sizes.loc[(v, g)].sum())})" for v, g in zip(frame["view"], frame["group"])]
+    order = list(dict.fromkeys(frame["column"]))
+    table = frame.pivot_table(index=["layer", "certainty"], columns="column", values="cell", aggfunc="first", sort=False)
+    return table[order]

@@ -17,6 +17,7 @@ import pandas as pd
 from segx_helpers.data.format import load_info
 from segx_helpers.data.synthetic import shortcut_pairs
 from segx_helpers.data.io import write_json, write_text
+from segx_helpers.scores.metrics import DECIDES_RULE, DecidesCheck
 from segx_helpers.workflows.settings import TutorialPaths
 
 
@@ -51,7 +52,7 @@ def update_summary(root: str | Path, dataset: str, **sections) -> Path:
 
 
 def segu_findings(stats: pd.DataFrame, by_type: pd.DataFrame, ground_truth: pd.DataFrame | None,
-                  method: str = "gradcam", score: str = "c_IoU") -> str:
+                  check: DecidesCheck | None = None, method: str = "gradcam", score: str = "c_IoU") -> str:
     """One paragraph, in Markdown, of what held in this run: the paper's claim (mean SegU higher for
     correct predictions), SegU against the classifier's confidence for all errors, per error type and for
     shortcut-driven predictions. Written from the tables themselves, so the text cannot drift from the numbers.
@@ -59,7 +60,9 @@ def segu_findings(stats: pd.DataFrame, by_type: pd.DataFrame, ground_truth: pd.D
 
     ``stats``: :func:`segx_helpers.scores.selective.separation_table` grouped by method; ``by_type``:
     :func:`segx_helpers.scores.selective.separation_by_error_type` for ``method``; ``ground_truth``: the separation
-    table for shortcut-driven predictions (or None without twins)."""
+    table for shortcut-driven predictions (or None without twins); ``check``: whether the classifier decides
+    (:func:`segx_helpers.scores.metrics.decides_check`). When it does not, the paragraph opens by saying the tables are
+    not a valid test of SegU and never says the paper's claim "did not hold"."""
     def row(frame, **where):
         part = frame
         for key, value in where.items():
@@ -87,10 +90,15 @@ def segu_findings(stats: pd.DataFrame, by_type: pd.DataFrame, ground_truth: pd.D
         return f"{score} AUROC {auroc(a)} {verdict} {against}, {auroc(b)}{inverted}"
 
     lines = []
+    valid = check is None or check.decides
+    if not valid:
+        lines.append(f"- **Not a valid test of SegU:** {check.verdict()} The numbers below are measured all the same, "
+                     "for reading, not for a verdict on the paper.")
     seg, conf = row(stats, group=method, certainty=score), row(stats, group=method, certainty="confidence")
     if seg is not None and conf is not None and seg["n_incorrect"] > 0:
         held = ("held" if seg["rank_biserial"] > 0 and seg["p_value"] < 0.05 else
                 "pointed the right way but was not significant" if seg["rank_biserial"] > 0 else "did not hold")
+        held = held if valid else "cannot be judged here (the classifier does not decide)"
         lines.append(f"- **The paper's claim** (higher {score} for correct than for incorrect predictions) {held} for "
                      f"{method}: rank-biserial {seg['rank_biserial']:.2f}, p = {seg['p_value']:.3g}.")
         against = "the classifier's confidence"
@@ -236,6 +244,10 @@ def build_report(root: str | Path, dataset: str = "synthetic-derm") -> str:
             "it loses here." if synthetic else "Macro AUROC against chance (0.5) and accuracy against the majority class.")
     parts.append(section(f"Classification ({test_split})", look,
                          metrics_table(path) if path.is_file() else missing("03_train_classifier")))
+    classifier = run.get("classifier", {})
+    parts.append(section("Does the classifier decide?", f"Rule: {DECIDES_RULE}. If it does not, no SegU table below "
+                         "is a valid test of SegU.", decides_text(classifier) if "decides" in classifier
+                         else missing("03_train_classifier")))
 
     path = here / "localisation_table.csv"
     if path.is_file():
@@ -263,6 +275,15 @@ def build_report(root: str | Path, dataset: str = "synthetic-derm") -> str:
         body += ("\n\nSelective prediction (Grad-CAM): the AURC is the mean risk as the least certain predictions are "
                  "set aside (lower is better).\n\n"
                  + markdown_table(pd.DataFrame(selective)))
+        if summary.get("within"):
+            body += ("\n\nWithin each predicted class and each third of lesion size (Grad-CAM, last block and the block "
+                     "before; AUROC for flagging errors, with the size-aware variants and lesion area alone):\n\n"
+                     + within_table(summary["within"]))
+        if summary.get("peaks_in_border_cell"):
+            body += "\n\nMaps peaking in a border cell of their grid: " + ", ".join(
+                f"{k} {v:.0%}" for k, v in summary["peaks_in_border_cell"].items()) + "."
+        if classifier.get("decides") is False:
+            body = "**Not a valid test of SegU: the classifier does not decide** (see above).\n\n" + body
     else:
         body = missing("05_segu_analysis")
     parts.append(section("SegU: does the explanation flag incorrect predictions?",
@@ -304,6 +325,32 @@ def build_report(root: str | Path, dataset: str = "synthetic-derm") -> str:
         parts.append(f"![{title}]({path.relative_to(out).as_posix()})" if path.is_file() else f"_{title}: missing._")
         parts.append("")
     return "\n".join(parts)
+
+
+def decides_text(classifier: dict) -> str:
+    """The ``classifier`` section of ``outputs/summary.json`` as a verdict and a table: the share of test images
+    decided as each class, sensitivity and specificity, and the one-feature baselines' AUROC beside the classifier's."""
+    verdict = ("**It decides.**" if classifier["decides"] else
+               "**It does not decide** (" + "; ".join(classifier.get("decides_reasons", [])) + ").")
+    classes = pd.DataFrame({"predicted share": classifier.get("predicted_share", {}),
+                            "sensitivity": classifier.get("sensitivity", {}),
+                            "specificity": classifier.get("specificity", {})}).rename_axis("class").reset_index()
+    baselines = pd.DataFrame({"score": ["classifier (macro AUROC)", *classifier.get("baseline_auroc", {})],
+                              "test AUROC": [classifier.get("auroc"), *classifier.get("baseline_auroc", {}).values()]})
+    return (f"{verdict} Started from: {classifier.get('weights', 'n/a')}; cut-offs "
+            f"{[round(t, 3) for t in classifier.get('thresholds', [])]}.\n\n" + markdown_table(classes)
+            + "\n\n" + markdown_table(baselines))
+
+
+def within_table(rows: list[dict]) -> str:
+    """SegU within predicted classes and lesion-size strata (``segu/summary.json``'s ``within``) as a Markdown table:
+    one row per (layer, certainty), one column per view and group."""
+    frame = pd.DataFrame(rows)
+    frame["cell"] = [interval(r["auroc"], (r["auroc_low"], r["auroc_high"])) for _, r in frame.iterrows()]
+    frame["column"] = frame["view"] + ": " + frame["group"].astype(str)
+    table = frame.pivot_table(index=["layer", "certainty"], columns="column", values="cell", aggfunc="first",
+                              sort=False).reset_index()
+    return markdown_table(table)
 
 
 def distance_table(rows: list[dict]) -> str:
