@@ -225,6 +225,11 @@ def test_tutorial_classifier_learns_and_uses_the_shortcut(tutorial_run):
     assert classifier["auroc"] > 0.6 and _probability(classifier["accuracy"])  # AUROC 0.62-0.79 over seeds 0-2 (NOTES)
     assert 0.0 < classifier["shortcut_driven_rate"] < 1.0  # some test predictions flip with their patch twin
     assert (tutorial_run.root / "artifacts" / DATASET / "classifier.pt").is_file()
+    # issue 32: what initialised it, the cut-offs chosen on validation and the decides check
+    assert classifier["weights"] == "random" and len(classifier["thresholds"]) == 3
+    assert sum(classifier["thresholds"]) == pytest.approx(1.0)
+    assert sum(classifier["predicted_share"].values()) == pytest.approx(1.0)
+    assert {"lesion area", "patch"} <= set(classifier["baseline_auroc"]) and isinstance(classifier["decides"], bool)
 
 
 def test_tutorial_segu_analysis_scores_both_methods_against_confidence(tutorial_run):
@@ -379,3 +384,10 @@ def test_real_data_path_runs_on_a_tiny_isic_trap_copy(tmp_path):
     assert segu["stratum"].str.startswith(("small", "medium", "large", "all strata")).all()
     for kind in ("segmenter", "classifier"):  # REAL_DATA = 64 reached every notebook alike
         assert load_trained(tmp_path / "artifacts" / "isic2018-trap" / f"{kind}.pt", kind).meta["image_size"] == 64
+    classifier = load_trained(tmp_path / "artifacts" / "isic2018-trap" / "classifier.pt", "classifier").meta
+    assert classifier["arch"] == "efficientnet_lite0" and classifier["init"] == "imagenet"  # the real-data recipe
+    summary = json.loads((tmp_path / "outputs" / "summary.json").read_text())["isic2018-trap"]["classifier"]
+    assert {"ruler", "lesion area"} <= set(summary["baseline_auroc"]) and "decides" in summary
+    within = pd.DataFrame(json.loads((out / "segu" / "summary.json").read_text())["within"])
+    assert set(within["view"]) == {"all", "predicted class", "lesion size"}
+    assert {"last block", "block before"} == set(within["layer"]) and "c_IoU / max" in set(within["certainty"])

@@ -188,3 +188,34 @@ def test_segu_findings_calls_two_aurocs_below_chance_inverted_not_a_win():
     stats.loc[1, ["auroc", "auroc_low", "auroc_high"]] = [0.7, 0.62, 0.78]
     text = segu_findings(stats, stats.iloc[:0].assign(errors=[]), None)
     assert "beats" not in text and "is inverted (below 0.5)" in text
+
+
+def test_a_classifier_that_predicts_one_class_makes_the_report_say_not_a_valid_test(tmp_path):
+    """Issue 32: the decides check of a classifier that calls every image benign fails, the report's decides section
+    says so with its reasons and labels the SegU tables "not a valid test", and the what-held paragraph never says
+    the paper's claim "did not hold"."""
+    import numpy as np
+    import pandas as pd
+
+    from segx_helpers.scores.metrics import decides_check
+    from segx_helpers.workflows.report import build_report, segu_findings
+
+    rng = np.random.default_rng(0)
+    y = (rng.random(300) < 0.2).astype(int)
+    p1 = np.clip(0.05 + 0.1 * y + rng.normal(0, 0.05, 300), 0.01, 0.45)  # never above 0.5: always "benign"
+    check = decides_check(y, np.stack([1 - p1, p1], 1), "multiclass", ["benign", "malignant"], n_resamples=50)
+    assert not check.decides and check.predicted_share["malignant"] == 0.0
+    _write_run(tmp_path, "isic2018-random", generator={})
+    update_summary(tmp_path, "isic2018-random", classifier={"auroc": 0.65, "weights": "random", **check.summary()})
+    text = build_report(tmp_path, "isic2018-random")
+    decides = text.split("## Does the classifier decide?")[1].split("\n## ")[0]
+    assert "It does not decide" in decides and "recall below 20% for malignant" in decides
+    assert "| malignant | 0.000 |" in decides
+    assert "Not a valid test of SegU" in text.split("## SegU: does the explanation")[1]
+    stats = pd.DataFrame([
+        {"group": "gradcam", "certainty": s, "n_incorrect": 60, "rank_biserial": r, "p_value": 0.001, "auroc": a,
+         "auroc_low": a - 0.05, "auroc_high": a + 0.05} for s, r, a in (("c_IoU", -0.2, 0.4), ("confidence", 0.3, 0.65))])
+    findings = segu_findings(stats, stats.iloc[:0].assign(errors=[]), None, check)
+    assert findings.startswith("- **Not a valid test of SegU:**") and "did not hold" not in findings
+    assert "cannot be judged here" in findings
+    assert "did not hold" in segu_findings(stats, stats.iloc[:0].assign(errors=[]), None)
