@@ -577,3 +577,20 @@ def test_a_filesystem_without_locks_warns_and_runs(archive, tmp_path, monkeypatc
     monkeypatch.setattr(fcntl, "flock", no_locks)
     with pytest.warns(UserWarning, match="cannot lock .*run one segx audit at a time"):
         assert _audit(_options(archive, tmp_path / "out", methods=("gradcam",), max_shards=1)).done_now == [0]
+
+
+def test_the_audit_summary_says_whether_the_classifier_decides(reference):
+    """Issue 32: the table keeps each image's probabilities and true mask area, and the summary's decides check is
+    computed from them (one row per image, the checkpoint's cut-offs); the untrained test classifier does not decide,
+    so the summary and its printed form say the SegU numbers are not a valid test."""
+    from segx_helpers.cli.audit import format_summary, probability_columns
+
+    table = pd.read_parquet(reference.table).drop_duplicates("image_id")
+    probs = table[probability_columns(CLASSES)].to_numpy()
+    assert np.allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    assert ((table["true mask area"] > 0) & (table["true mask area"] < 1)).all()
+    classifier = reference.summary["classifier"]
+    shares = pd.Series(probs.argmax(axis=1)).value_counts(normalize=True)
+    assert classifier["predicted_share"] == pytest.approx({c: shares.get(i, 0.0) for i, c in enumerate(CLASSES)})
+    assert "true mask area" in classifier["baseline_auroc"]
+    assert classifier["decides"] is False and "not a valid test of SegU" in format_summary(reference.summary)

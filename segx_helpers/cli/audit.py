@@ -44,6 +44,7 @@ from segx_helpers.data.torch_dataset import Normalization, SegXDataset
 from segx_helpers.data.io import atomic_path, check_safe_id, write_json
 from segx_helpers.models.training import predict_masks
 from segx_helpers.scores.analysis import AnalysisOptions, binarise_masks, score_columns
+from segx_helpers.scores.metrics import Baseline, decides_check
 from segx_helpers.scores.selective import separation_table
 from segx_helpers.workflows.explanation_recipes import background_images
 from segx_helpers.workflows.results import SplitLabels, explanation_results
@@ -454,6 +455,12 @@ def shard_done(out: Path, k: int) -> bool:
 
 TABLE_HEAD = ("image_id", "split", "image_index", "method", "class", "class_index", "confidence", "label", "true_label",
               "correct", "outcome", "has_true_mask")
+TRUE_MASK_AREA = "true mask area"
+
+
+def probability_columns(class_names: Sequence[str]) -> list[str]:
+    """The table's columns holding the classifier's probability of each class for the row's image."""
+    return [f"probability {name}" for name in class_names]
 
 
 def _arrow_schema(columns: Sequence[str]):
@@ -482,7 +489,8 @@ class ShardWorker:
         self.task, self.class_names = meta["task"], list(meta["class_names"])
         self.background = (background(archive, meta, options.background, options.seed).to(device)
                            if "gradient_shap" in options.methods else None)
-        self.columns = list(TABLE_HEAD) + score_columns(options.p, localisation=localise) + ["shard", "map_row"]
+        self.columns = (list(TABLE_HEAD) + probability_columns(self.class_names) + [TRUE_MASK_AREA]
+                        + score_columns(options.p, localisation=localise) + ["shard", "map_row"])
 
     def run(self, out: Path, k: int, start: int, stop: int, progress=None, rank: int = 0, world_size: int = 1) -> int:
         started = time.perf_counter()
@@ -520,6 +528,10 @@ class ShardWorker:
                 table["label"] = np.asarray(_label_text(targets, self.task, self.class_names), dtype=object)[rows] \
                     if len(rows) else []
                 table["has_true_mask"] = has[rows]
+                for column, values in zip(probability_columns(self.class_names), e.probabilities.T):
+                    table[column] = values[rows]
+                area = truth.mean(axis=(1, 2)) if truth is not None else np.full(len(ids), np.nan)
+                table[TRUE_MASK_AREA] = np.where(has, area, np.nan)[rows]
                 table["mask_row"] = len(mask_ids) - len(ids) + rows
                 tables[method].append(table)
                 maps[method].append(result.maps)
@@ -589,17 +601,19 @@ def merge(out: Path, n_shards: int) -> Path:
     return out / TABLE_FILE
 
 
-def summarise(out: Path, labels_known: bool, images_now: int, seconds: float) -> dict:
-    """Images, predictions per method, this run's throughput and, with labels, how well low SegU
-    certainty finds incorrect predictions (:func:`segx_helpers.scores.selective.separation_table`)."""
+def summarise(out: Path, labels_known: bool, images_now: int, seconds: float, meta: dict) -> dict:
+    """Images, predictions per method, this run's throughput and, with labels, whether the classifier decides
+    (:func:`classifier_decides_on_table`) and how well low SegU certainty finds incorrect predictions
+    (:func:`segx_helpers.scores.selective.separation_table`). ``meta``: the classifier checkpoint's metadata."""
     table = pd.read_parquet(out / TABLE_FILE, columns=["image_id", "method", "correct", "c_IoU", "c_AUITC"])
     summary = {"images": int(table["image_id"].nunique()), "predictions": {m: int(n) for m, n in
                                                                            table.groupby("method").size().items()},
                "images_this_run": int(images_now), "seconds_this_run": round(seconds, 2),
                "images_per_second": round(images_now / seconds, 3) if seconds > 0 and images_now else None,
-               "segu_auroc_incorrect": None}
+               "segu_auroc_incorrect": None, "classifier": None}
     summary["peak_rss_mb_rank0"] = peak_rss_mb()
     if labels_known and len(table):
+        summary["classifier"] = classifier_decides_on_table(out / TABLE_FILE, meta)
         known = table[table["correct"].notna()].copy()
         known["correct"] = known["correct"].astype(bool)
         with warnings.catch_warnings():
@@ -613,11 +627,40 @@ def summarise(out: Path, labels_known: bool, images_now: int, seconds: float) ->
     return summary
 
 
+def classifier_decides_on_table(table_path: Path, meta: dict) -> dict | None:
+    """Whether the classifier decides on the audited images (:func:`segx_helpers.scores.metrics.decides_check`,
+    one row per image, the checkpoint's cut-offs), against the true mask's area as a one-feature baseline when every
+    image has a true mask. An audit has no validation split of its own, so the baseline's direction is taken from
+    the audited images themselves: optimistic for the baseline, so the check is, if anything, too strict. None when
+    fewer than two classes occur."""
+    names = list(meta["class_names"])
+    columns = probability_columns(names)
+    frame = pd.read_parquet(table_path, columns=["image_id", "label", TRUE_MASK_AREA, *columns])
+    frame = frame.drop_duplicates("image_id")
+    sets = [set(text.split("|")) - {""} for text in frame["label"].fillna("")]  # the image's labels, as text
+    if meta["task"] == "multiclass":
+        labels = np.array([names.index(next(iter(s))) for s in sets], dtype=np.int64)
+        if len(np.unique(labels)) < 2:
+            return None
+    else:
+        labels = np.array([[int(n in s) for n in names] for s in sets], dtype=np.int64)
+        if not (0 < labels.sum(axis=0)).any() or (labels.sum(axis=0) == len(labels)).all():
+            return None
+    probs = frame[columns].to_numpy(float)
+    area = frame[TRUE_MASK_AREA].to_numpy(float)
+    baselines = {"true mask area": Baseline(area, area)} if np.isfinite(area).all() else {}
+    check = decides_check(labels, probs, meta["task"], meta["class_names"], meta.get("thresholds"), baselines,
+                          labels, n_resamples=200)
+    return {"auroc": check.auroc[0], "verdict": check.verdict(), **check.summary()}
+
+
 def format_summary(summary: dict) -> str:
     lines = [f"images: {summary['images']}; predictions: "
              + ", ".join(f"{m} {n}" for m, n in summary["predictions"].items()),
              f"this run: {summary['images_this_run']} images in {summary['seconds_this_run']} s"
              + (f" ({summary['images_per_second']} images/s)" if summary["images_per_second"] else "")]
+    if summary.get("classifier"):
+        lines.append(summary["classifier"]["verdict"].replace("**", ""))
     for row in summary["segu_auroc_incorrect"] or []:
         lines.append(f"SegU {row['certainty']} ({row['method']}): AUROC for incorrect predictions {row['auroc']:.3f} "
                      f"[{row['auroc_low']:.3f}, {row['auroc_high']:.3f}] ({row['incorrect']} incorrect, "
@@ -684,7 +727,8 @@ def run_audit(options: AuditOptions, arguments: dict | None = None) -> AuditResu
             if all(shard_done(out, k) for k in range(len(ranges))):
                 result.table = merge(out, len(ranges))
                 images_now = sum(ranges[k][1] - ranges[k][0] for k in todo)
-                result.summary = summarise(out, archive.labels_known, images_now, time.perf_counter() - started)
+                result.summary = summarise(out, archive.labels_known, images_now, time.perf_counter() - started,
+                                           classifier.meta)
             return result
 
         result = distributed.run_on_main(ctx, finish)

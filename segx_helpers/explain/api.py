@@ -105,4 +105,4 @@ def explain(model: nn.Module, images: torch.Tensor | np.ndarray, targets=None, m
     return Explanations(maps=maps.astype(np.float32), image_index=image_index, class_index=class_index,
                         confidence=decision_confidence(probs, settings)[image_index, class_index] if len(pairs)
                         else np.zeros(0, np.float32),
-                        method=method)
+                        method=method, probabilities=np.asarray(probs, np.float32))

@@ -26,7 +26,8 @@ class Explanations:
     ``maps`` float32 ``(M, H, W)`` at input resolution, non-negative; ``image_index`` ``(M,)`` the row
     of ``images`` each map explains; ``class_index`` ``(M,)`` the explained class; ``confidence`` ``(M,)``
     the confidence of that decision (:func:`decision_confidence`: the model's probability for the class after the
-    prior correction of the validation-chosen cut-offs; the probability itself without cut-offs).
+    prior correction of the validation-chosen cut-offs; the probability itself without cut-offs);
+    ``probabilities`` ``(N, classes)`` the model's probabilities for every image (softmax or sigmoid), when known.
     """
 
     maps: np.ndarray
@@ -34,6 +35,7 @@ class Explanations:
     class_index: np.ndarray
     confidence: np.ndarray
     method: str
+    probabilities: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.maps)
