@@ -484,6 +484,6 @@ def test_a_method_returning_another_type_than_an_array_is_named_with_the_expecte
     try:
         with pytest.raises(TypeError, match=rf"explanation method 'wrong_type' returned a {kind}, not a numpy array "
                                             r"\(M, H, W\)"):
-            explain(model, x, 0, "wrong_type", progress=False)
+            explain(model, x, 0, "wrong_type", run=RunOptions(progress=False))
     finally:
         unregister_method("wrong_type")

@@ -81,7 +81,7 @@ def test_classification_report_tables():
     scores[np.arange(120), y] += 0.5
     summary, per_class = classification_report(y, scores / scores.sum(1, keepdims=True), "multiclass", ["a", "b", "c"],
                                                n_resamples=50)
-    assert summary["metric"].tolist() == ["macro AUROC", "macro AUPRC", "macro F1", "accuracy"]
+    assert summary["metric"].tolist() == ["macro AUROC", "macro AUPRC", "macro F1", "accuracy", "balanced accuracy"]
     assert (summary["ci_low"] <= summary["value"]).all() and (summary["value"] <= summary["ci_high"]).all()
     assert per_class["support"].sum() == 120
 

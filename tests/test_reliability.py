@@ -358,11 +358,11 @@ def test_runner_checks_its_arguments_before_any_notebook_starts(tmp_path, monkey
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["-p", "REAL_DATA=100"], ("-p REAL_DATA=100: 02_train_segmenter expects a bool for REAL_DATA (its default is "
-                               "False), not the int 100")),
+    (["-p", "REAL_DATA=100"], ("-p REAL_DATA=100: REAL_DATA must be False, True (256 px) or an image size that is a "
+                               "multiple of 32, got 100")),
     (["-p", "SEED=1.5"], "expects a int for SEED (its default is 0), not the float 1.5"),
     (["-p", "P=True"], "expects a float for P (its default is 5.0), not the bool True"),
-    (["-p", "ARCH=3"], "expects a str for ARCH (its default is 'resnet18'), not the int 3")])
+    (["-p", "ENCODER=3"], "expects a str for ENCODER (its default is 'resnet18'), not the int 3")])
 def test_runner_refuses_a_value_of_another_type_than_the_default_before_any_kernel(tmp_path, monkeypatch, capsys, argv,
                                                                                    message):
     """Issue 35 item 10: ``-p REAL_DATA=100`` (a number for a True/False switch) is refused up front like text for a
@@ -662,3 +662,16 @@ def test_maps_near_the_float32_limit_are_scored_like_the_same_maps_at_scale_one(
         huge = analyse(maps * np.float32(1e37), masks, truth, image_index=np.arange(3))
     assert np.isfinite(huge.to_numpy(float)).all()
     pd.testing.assert_frame_equal(huge, plain, rtol=1e-5)
+
+
+def test_runner_accepts_real_data_as_a_switch_or_an_image_size():
+    """``-p REAL_DATA=128`` (the CPU recipe's size) and ``-p REAL_DATA=True`` pass the up-front check that refuses
+    ``-p REAL_DATA=100``."""
+    from segx_helpers.cli.runner import RunnerInputError, parameters_per_notebook
+    from segx_helpers.workflows.settings import NOTEBOOKS
+
+    for value in (True, False, 128, 256):
+        assert parameters_per_notebook(list(NOTEBOOKS[:5]), {"REAL_DATA": value})["03_train_classifier"] == {
+            "REAL_DATA": value}
+    with pytest.raises(RunnerInputError, match="multiple of 32"):
+        parameters_per_notebook(list(NOTEBOOKS[:5]), {"REAL_DATA": 100})

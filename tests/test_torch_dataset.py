@@ -160,9 +160,9 @@ def test_training_transforms_follow_the_augmentation(make_tiny_dataset):
 
 def test_synthetic_cxr_writes_its_modality_augmentation(tmp_path):
     from segx_helpers.data import SyntheticConfig, generate_synthetic_cxr
-    from segx_helpers.data.augmentation import MODALITY_AUGMENTATION
+    from segx_helpers.data.augmentation import MODALITY_AUGMENTATION, Augmentation
 
     root = generate_synthetic_cxr(tmp_path / "cxr", SyntheticConfig(n_images=24, image_size=32, seed=0))
     data = load_dataset(root)
-    assert data.info.augmentation == MODALITY_AUGMENTATION["chest x-ray"].to_dict()
+    assert Augmentation.from_dict(data.info.augmentation) == MODALITY_AUGMENTATION["chest x-ray"]
     assert SegXDataset(data, "train", 32, train=True).augmentation == MODALITY_AUGMENTATION["chest x-ray"]

@@ -118,7 +118,7 @@ def test_train_classifier_writes_checkpoint_resumes_and_is_deterministic(make_ti
     with pytest.raises(FileExistsError):
         from segx_helpers.models.training import fit as _fit
         _fit(build_classifier("resnet18", 3), classification_loss("multiclass"), [], lambda m: {}, config,
-             checkpoint_path=tmp_path / "a.pt")
+             CheckpointPlan(path=tmp_path / "a.pt"))
     reloaded = train_classifier(data, tmp_path / "a.pt", ClassifierSpec(image_size=32), config=config)
     assert reloaded.meta["history"] == meta["history"]
     assert not (tmp_path / "a.pt.last.pt").exists()  # the resume state goes once training finished

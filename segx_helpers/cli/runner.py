@@ -36,7 +36,7 @@ import nbformat
 
 from segx_helpers.data.synthetic import GENERATORS
 from segx_helpers.data.io import check_safe_id, write_json
-from segx_helpers.workflows.settings import NOTEBOOKS, TutorialPaths
+from segx_helpers.workflows.settings import NOTEBOOKS, TutorialPaths, real_data_size
 from segx_helpers.workflows.report import read_run_records, write_report
 
 NOTEBOOK_DIR = Path(__file__).resolve().parents[2] / "notebooks"
@@ -135,6 +135,12 @@ def parameters_per_notebook(names: list[str], parameters: dict, notebook_dir: Pa
     for name, defaults in declared.items():
         for key, value in parameters.items():
             default = defaults.get(key)
+            if key == "REAL_DATA" and key in defaults:  # True, False or an image size: the settings' own rule
+                try:
+                    real_data_size(value)
+                except ValueError as err:
+                    raise RunnerInputError(f"-p {key}={value}: {err}") from None
+                continue
             if key in defaults and not fits_default(value, default):
                 given = f"the text {value!r}" if isinstance(value, str) else f"the {type(value).__name__} {value!r}"
                 raise RunnerInputError(f"-p {key}={value}: {name} expects a {type(default).__name__} for {key} (its "

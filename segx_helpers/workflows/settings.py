@@ -157,6 +157,20 @@ FULL_MODE = RunSettings(n_images=1000, image_size=128, seg_image_size=128, seg_e
                         shap_images=200, shap_nsamples=50, shap_background=50, bootstrap=1000)
 
 
+def real_data_size(real_data: bool | int | None) -> int | None:
+    """The image size a notebook's ``REAL_DATA`` asks for: ``None`` for ``False``/``None`` (the embedded data), 256 for
+    ``True`` (the paper's size), or the size itself (a multiple of 32, at least 32); a ``ValueError`` naming the value
+    otherwise (e.g. ``REAL_DATA = 100``)."""
+    if real_data is None or real_data is False:
+        return None
+    if real_data is True:
+        return 256
+    if isinstance(real_data, int) and real_data >= 32 and real_data % 32 == 0:
+        return real_data
+    raise ValueError(f"REAL_DATA must be False, True (256 px) or an image size that is a multiple of 32, "
+                     f"got {real_data!r}")
+
+
 def run_settings(quick: bool, real_data: bool | int = False, cpu_fast_kernels: bool = False) -> RunSettings:
     """:data:`QUICK_MODE` (``quick=True``) or :data:`FULL_MODE`; ``real_data=True`` switches to the paper's full image
     size (256 px) for the classifier, for datasets fetched by ``data_download.sh``, with the segmenter at
@@ -165,15 +179,9 @@ def run_settings(quick: bool, real_data: bool | int = False, cpu_fast_kernels: b
     for a test on a tiny copy), which every notebook then uses alike (``-p REAL_DATA=128`` with the runner).
     ``cpu_fast_kernels``: see :class:`RunSettings` (``-p CPU_FAST_KERNELS=True``)."""
     settings = dataclasses.replace(QUICK_MODE if quick else FULL_MODE, cpu_fast_kernels=bool(cpu_fast_kernels))
-    if real_data is None or real_data is False:
+    size = real_data_size(real_data)
+    if size is None:
         return settings
-    if real_data is True:
-        size = 256
-    elif isinstance(real_data, int) and real_data >= 32 and real_data % 32 == 0:
-        size = real_data
-    else:
-        raise ValueError(f"REAL_DATA must be False, True (256 px) or an image size that is a multiple of 32, "
-                         f"got {real_data!r}")
     return dataclasses.replace(settings, image_size=size, seg_image_size=min(size, REAL_DATA_SEG_IMAGE_SIZE),
                                real_data=True)
 
