@@ -27,8 +27,8 @@ from segx_helpers.data.augmentation import REAL_DERMOSCOPY, Augmentation, augmen
 from segx_helpers.data.format import LoadedDataset, load_dataset
 from segx_helpers.data.synthetic import GENERATORS, SyntheticConfig, ensure_synthetic
 from segx_helpers.data.torch_dataset import Normalization, SegXDataset
-from segx_helpers.models.checkpoints import (TrainedModel, last_checkpoint_path, load_trained, save_checkpoint,
-                                             split_tensors, training_fingerprint)
+from segx_helpers.models.checkpoints import (TrainedModel, check_fingerprint, last_checkpoint_path, load_checkpoint,
+                                             load_trained, save_checkpoint, split_tensors, training_fingerprint)
 from segx_helpers.models.masks import mask_probabilities
 from segx_helpers.models.networks import (CPU_DECODER_CHANNELS, Initialisation, build_classifier, build_segmenter,
                                           classifier_normalization, resolve_weights)
@@ -56,6 +56,20 @@ _DATA_AND_MODE = ("dataset", "class_names", "task", "image_size", "channels", "t
 def _retrain_hint(path: Path, notebook: str | None = None) -> str:
     where = f"run notebook {notebook} again with RETRAIN = True" if notebook else "pass retrain=True (RETRAIN = True in the notebook)"
     return f"To train again, {where} to replace it, or delete or rename {path} (keep it to reuse it with its own settings)."
+
+
+def _interrupted_run(checkpoint: Path, kind: str, fingerprint: dict) -> bool:
+    """True when ``checkpoint`` holds an unfinished run of exactly ``fingerprint`` whose resume state
+    (``<checkpoint>.last.pt``) is still there: running the notebook again then continues it (:func:`fit`'s
+    ``resume``) instead of refusing it. Another fingerprint is refused as for a finished checkpoint."""
+    if not last_checkpoint_path(checkpoint).exists():
+        return False
+    _, meta = load_checkpoint(checkpoint, expected_kind=kind)
+    if meta.get("finished") is not False:
+        return False
+    check_fingerprint(checkpoint, meta, fingerprint, _retrain_hint(checkpoint), require_finished=False)
+    print(f"{checkpoint} holds an interrupted run of these settings: resuming it from {last_checkpoint_path(checkpoint)}")
+    return True
 
 
 # A validation class with fewer images than this makes "best epoch by validation AUROC" a coin toss.
@@ -295,7 +309,8 @@ def train_segmenter(data: LoadedDataset, checkpoint: str | Path, spec: Segmenter
     spec = spec.resolved(data)
     init = resolve_weights(spec.encoder_weights, spec.encoder, kind="segmenter")
     fingerprint = segmenter_fingerprint(data, spec, config, init)
-    if checkpoint.exists() and not retrain:
+    resume = checkpoint.exists() and not retrain and _interrupted_run(checkpoint, "segmenter", fingerprint)
+    if checkpoint.exists() and not retrain and not resume:
         return load_trained(checkpoint, "segmenter", fingerprint, _retrain_hint(checkpoint))
     if spec.image_size % 32:
         raise ValueError(f"image_size must be divisible by 32 for a U-Net, got {spec.image_size}")
@@ -314,7 +329,7 @@ def train_segmenter(data: LoadedDataset, checkpoint: str | Path, spec: Segmenter
         train_loader,
         recipe.validate,
         config,
-        checkpoint=CheckpointPlan(path=checkpoint, meta=recipe.meta, overwrite=retrain),
+        checkpoint=CheckpointPlan(path=checkpoint, meta=recipe.meta, overwrite=retrain, resume=resume),
         target_key=recipe.target_key,
     )
     return TrainedModel(model, finish_training(recipe, model, history, config, checkpoint), history.frame())
@@ -338,7 +353,8 @@ def train_classifier(data: LoadedDataset, checkpoint: str | Path, spec: Classifi
     spec = spec.resolved(data)
     init = resolve_weights(spec.weights, spec.arch)
     fingerprint = classifier_fingerprint(data, spec, config, init)
-    if checkpoint.exists() and not retrain:
+    resume = checkpoint.exists() and not retrain and _interrupted_run(checkpoint, "classifier", fingerprint)
+    if checkpoint.exists() and not retrain and not resume:
         return load_trained(checkpoint, "classifier", fingerprint, _retrain_hint(checkpoint))
     train_set, val_set = _datasets(data, spec.image_size, spec.normalization, spec.augmentation)
     train_loader = make_loader(train_set, spec.batch_size, shuffle=True, seed=config.seed, num_workers=num_workers)
@@ -354,7 +370,7 @@ def train_classifier(data: LoadedDataset, checkpoint: str | Path, spec: Classifi
         train_loader,
         recipe.validate,
         config,
-        checkpoint=CheckpointPlan(path=checkpoint, meta=recipe.meta, overwrite=retrain),
+        checkpoint=CheckpointPlan(path=checkpoint, meta=recipe.meta, overwrite=retrain, resume=resume),
         target_key=recipe.target_key,
     )
     return TrainedModel(model, finish_training(recipe, model, history, config, checkpoint), history.frame())
