@@ -71,7 +71,11 @@ def segx_results(name: str, paths: TutorialPaths, data: LoadedDataset, segmenter
     """Notebook 04's results in one call (for a fresh runtime that skipped it), with the same package
     calls as the notebook: explain the test split, score every prediction with the one analysis path
     (:func:`segx_helpers.workflows.results.explanation_results`), save each method's results folder and the test
-    masks. Returns method -> :class:`~segx_helpers.workflows.results.Results`."""
+    masks. Returns method -> :class:`~segx_helpers.workflows.results.Results`. Prints what it computes."""
+    shap = (f", Gradient SHAP on {settings.shap_images} test images with {settings.shap_nsamples} samples"
+            if "gradient_shap" in methods else "")
+    print(f"preparing notebook 04's results ({settings.name} mode: {', '.join(methods)}; Grad-CAM family on every "
+          f"test image{shap}) into {paths.maps(name)} ...", flush=True)
     test = split_tensors(data, "test", classifier.meta)
     images = Normalization(**classifier.meta["normalization"]).denormalize(test["image"])
     mask_prob = mask_probabilities(segmenter, data, "test", classifier.meta["image_size"])
