@@ -37,6 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 PINS = Path(__file__).with_name("colab_pins.txt")
 KERNEL_NAME = "colab-emulated"
 STAMP = ".built"
+MARKER = ".colab-emulation"
 COLAB_REQUIRES = ("ipykernel", "ipython", "notebook", "tornado")
 """The pins Colab's own ``google-colab`` package declares (the stand-in declares the same, from colab_pins.txt)."""
 NOT_ON_COLAB = ("segx_helpers", "__editable__", "papermill")
@@ -134,11 +135,11 @@ def build_env(env: Path, base_venv: Path) -> None:
     kernel pins are the installed versions."""
     env, base_venv = env.resolve(), base_venv.resolve()
     if env.exists():
-        if not (env / STAMP).is_file():
+        if not (env / MARKER).is_file():
             raise FileExistsError(f"{env} exists and was not built by tests/colab_emulation.py; remove it yourself")
         shutil.rmtree(env)
-    base_python = env_python(base_venv)
-    subprocess.run([str(base_python), "-m", "venv", str(env)], check=True)
+    subprocess.run([str(env_python(base_venv)), "-m", "venv", str(env)], check=True)
+    (env / MARKER).write_text("built by tests/colab_emulation.py (make colab-env); safe to delete\n")
     site = site_packages(env)
     count = link_preinstalled(site_packages(base_venv), env / "preinstalled")
     (site / "zz-colab-preinstalled.pth").write_text(f"{env / 'preinstalled'}\n")  # after site-packages itself
