@@ -139,10 +139,14 @@ def test_badges_and_links_agree_with_repo_url(name):
     assert colab_badge(name) in nb.cells[0].source
     text = "\n".join(c.source for c in nb.cells)
     for url in re.findall(r"https://github\.com/[^\s)`\"']+", text):
-        assert url.startswith(REPO_URL + "/") or url.startswith("https://github.com/JasonZuu/"), url
-    # every mention of a page of the repository's docs is a full link (a notebook on Colab has no docs/ folder)
-    for page in re.findall(r"(?<![/\w])(docs/[\w.-]+\.md|README\.md)", text):
-        assert False, f"{name} names {page} as a path; link it as {docs_url(page)}"
+        assert url == REPO_URL or url.startswith(REPO_URL + "/") or url.startswith("https://github.com/JasonZuu/"), url
+    # a link to a page of the repository points at a file that exists; any other mention of a page is a full link
+    # (a notebook opened on Colab has no docs/ folder next to it)
+    for label, page in re.findall(rf"\[([^\]]+)\]\({re.escape(REPO_URL)}/blob/main/([^)#]+)\)", text):
+        assert (REPO / page).is_file(), f"{name} links {page}, which does not exist"
+    unlinked = re.sub(rf"\[[^\]]+\]\({re.escape(REPO_URL)}/[^)]+\)", "", text)
+    for page in re.findall(r"(?<![/\w])(docs/[\w.-]+\.md|README\.md)", unlinked):
+        assert False, f"{name} names {page} as a path; link it as [{page}]({docs_url(page)})"
 
 
 CHECKOUT_ONLY = ("./data_download.sh", "make tutorial", "make test", "make book", "outputs/report.md", "terminal")
@@ -155,11 +159,30 @@ def test_every_instruction_is_true_on_colab_or_marked_in_a_checkout(name):
         pieces = cell.source.split("\n\n") if cell.cell_type == "markdown" else cell.source.splitlines()
         for piece in pieces:
             if any(word in piece for word in CHECKOUT_ONLY):
-                assert "in a checkout" in piece, f"{name}: {piece!r}"
+                assert "in a checkout" in " ".join(piece.lower().split()), f"{name}: {piece!r}"
 
 
 def test_docs_url_is_built_from_repo_url():
     assert docs_url("docs/colab.md") == f"{REPO_URL}/blob/main/docs/colab.md"
+
+
+def test_the_runner_outside_a_checkout_says_so_in_one_line(tmp_path, monkeypatch, capsys):
+    from segx_helpers.cli import runner
+
+    monkeypatch.setattr(runner, "NOTEBOOK_DIR", tmp_path / "site-packages" / "notebooks")
+    assert runner.main(["--only", "01_dataset_prep"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "needs a checkout" in err[0] and f"git clone {REPO_URL}" in err[0]
+    assert not (tmp_path / "site-packages").exists()
+
+
+def test_a_missing_real_dataset_says_which_command_makes_it(tmp_path):
+    from segx_helpers.workflows.settings import MissingArtifactError, TutorialPaths, run_settings
+    from segx_helpers.workflows.training_recipes import prepare_dataset
+
+    with pytest.raises(MissingArtifactError, match=r"Make it first: python -m segx_helpers.cli.download ham10000 "
+                                                   r"--data-dir .*/data"):
+        prepare_dataset("ham10000", TutorialPaths.at(tmp_path), run_settings(True), prepare_missing=True)
 
 
 # ------------------------------------------------------------------------------------------ the emulation

@@ -162,14 +162,16 @@ class MissingArtifactError(FileNotFoundError):
 
 
 def require(path: str | Path, made_by: str) -> Path:
-    """Return ``path`` if it exists, else raise :class:`MissingArtifactError` naming the notebook to run."""
+    """Return ``path`` if it exists, else raise :class:`MissingArtifactError` saying what makes it: ``made_by`` is
+    a notebook (``"01_dataset_prep"``) or a command or call that makes it."""
     path = Path(path)
-    if not path.exists():
+    if path.exists():
+        return path
+    if made_by[:2].isdigit():
         raise MissingArtifactError(
             f"{path} is missing. Run notebook {made_by} first (or set PREPARE_MISSING = True in the parameters cell "
-            "to prepare it here, in this notebook's mode)."
-        )
-    return path
+            "to prepare it here, in this notebook's mode).")
+    raise MissingArtifactError(f"{path} is missing. Make it first: {made_by}")
 
 
 def resolve_quick(quick: bool | None, device: str | None = None) -> bool:

@@ -342,7 +342,8 @@ def prepare_dataset(name: str, paths: TutorialPaths, settings: RunSettings, prep
               f"notebook 01's default parameters ({generator_description(asdict(config))}). To use other ones, run "
               "notebook 01 with them first on the same ROOT (on Colab: GOOGLE_DRIVE = True in both).")
         ensure_synthetic(name, root, config)
-    made_by = "01_dataset_prep" if name in GENERATORS else f"python -m segx_helpers.cli.download {name}"
+    made_by = ("01_dataset_prep" if name in GENERATORS else
+               f"python -m segx_helpers.cli.download {name} --data-dir {paths.root / 'data'} (see its -h)")
     data = load_dataset(require(root, made_by), check_files=False)
     generator = data.info.generator or {}
     if generator and name in GENERATORS:
