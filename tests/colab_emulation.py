@@ -258,7 +258,6 @@ def run_on_fresh_runtime(name: str, emulation: Emulation, scratch: Path, timeout
     copy of ``emulation.env``, torch runs on one thread. Raises nbclient's ``CellExecutionError`` if a cell fails;
     the executed notebook is written to ``scratch/<name>.executed.ipynb`` either way."""
     from nbclient import NotebookClient
-    from nbclient.exceptions import CellExecutionError
 
     scratch.mkdir(parents=True)
     workdir = scratch / "content"

@@ -125,11 +125,12 @@ def test_parameters_and_setup_cells_use_the_one_root_mechanism(name):
     nb = notebooks()[name]
     code = [c for c in nb.cells if c.cell_type == "code"]
     params = next(c for c in code if "parameters" in c.metadata.get("tags", []))
-    assert re.search(r"^ROOT = None +#", params.source, re.M) and re.search(r"^GOOGLE_DRIVE = False +#", params.source, re.M)
+    assert re.search(r"^ROOT = None +#", params.source, re.MULTILINE)
+    assert re.search(r"^GOOGLE_DRIVE = False +#", params.source, re.MULTILINE)
     assert sum("paths = tutorial_paths(ROOT, GOOGLE_DRIVE)" in c.source for c in code) == 1
     assert not any("TutorialPaths.at(ROOT)" in c.source for c in code)
     if "PREPARE_MISSING" in params.source:
-        assert re.search(r"^PREPARE_MISSING = None +#", params.source, re.M)
+        assert re.search(r"^PREPARE_MISSING = None +#", params.source, re.MULTILINE)
         assert sum("PREPARE_MISSING = resolve_prepare_missing(PREPARE_MISSING)" in c.source for c in code) == 1
 
 
@@ -139,10 +140,10 @@ def test_badges_and_links_agree_with_repo_url(name):
     assert colab_badge(name) in nb.cells[0].source
     text = "\n".join(c.source for c in nb.cells)
     for url in re.findall(r"https://github\.com/[^\s)`\"']+", text):
-        assert url == REPO_URL or url.startswith(REPO_URL + "/") or url.startswith("https://github.com/JasonZuu/"), url
+        assert url == REPO_URL or url.startswith((REPO_URL + "/", "https://github.com/JasonZuu/")), url
     # a link to a page of the repository points at a file that exists; any other mention of a page is a full link
     # (a notebook opened on Colab has no docs/ folder next to it)
-    for label, page in re.findall(rf"\[([^\]]+)\]\({re.escape(REPO_URL)}/blob/main/([^)#]+)\)", text):
+    for _label, page in re.findall(rf"\[([^\]]+)\]\({re.escape(REPO_URL)}/blob/main/([^)#]+)\)", text):
         assert (REPO / page).is_file(), f"{name} links {page}, which does not exist"
     unlinked = re.sub(rf"\[[^\]]+\]\({re.escape(REPO_URL)}/[^)]+\)", "", text)
     for page in re.findall(r"(?<![/\w])(docs/[\w.-]+\.md|README\.md)", unlinked):

@@ -25,9 +25,9 @@ import subprocess
 import sys
 import zipfile
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 from urllib.error import HTTPError, URLError
 from urllib.parse import urlsplit
 from urllib.request import Request, urlopen
@@ -305,7 +305,7 @@ def _stream(url: str, part: Path, target: Path) -> None:
     start = part.stat().st_size if part.exists() else 0
     request = Request(url, headers={"Range": f"bytes={start}-"} if start else {})
     try:
-        response = urlopen(request, timeout=30)  # noqa: S310 (https, or http for a noted fallback or SEGX_*_URL)
+        response = urlopen(request, timeout=30)
     except HTTPError as err:
         if err.code == 416 and start:  # nothing left to fetch: the partial file was complete
             return
@@ -404,7 +404,7 @@ def fetch_kaggle(raw: Path) -> None:
         print(f"{KAGGLE_FILE}: already downloaded, not fetching it again")
     else:
         print(f"downloading {KAGGLE_BUNDLE} from Kaggle ...", flush=True)
-        done = subprocess.run(["kaggle", "datasets", "download", KAGGLE_BUNDLE, "-p", str(raw)])
+        done = subprocess.run(["kaggle", "datasets", "download", KAGGLE_BUNDLE, "-p", str(raw)], check=False)
         if done.returncode != 0:
             raise DownloadError(f"the Kaggle download of {KAGGLE_BUNDLE} failed (offline, or its terms not accepted "
                                 f"on https://www.kaggle.com/datasets/{KAGGLE_BUNDLE}?)")

@@ -118,14 +118,14 @@ def mount_google_drive(cwd: str | Path | None = None) -> Path:
     if not on_colab():
         raise RuntimeError("GOOGLE_DRIVE = True works on Colab only (it mounts Google Drive); elsewhere set ROOT to "
                            "a folder instead")
-    from google.colab import drive  # noqa: PLC0415 (exists on Colab only)
+    from google.colab import drive  # exists on Colab only
 
     mountpoint = (Path.cwd() if cwd is None else Path(cwd)) / "drive"
     drive.mount(str(mountpoint))
     return mountpoint / "MyDrive" / COLAB_FOLDER
 
 
-def tutorial_paths(root: str | Path | None = None, google_drive: bool = False) -> "TutorialPaths":
+def tutorial_paths(root: str | Path | None = None, google_drive: bool = False) -> TutorialPaths:
     """The notebooks' ``ROOT`` and ``GOOGLE_DRIVE`` parameters as :class:`TutorialPaths`; prints where ROOT is.
 
     ``root`` given (a folder, e.g. injected by the runner): that folder. ``None``: :func:`default_root`.
