@@ -142,9 +142,9 @@ def test_preparing_a_missing_dataset_says_what_it_generates_and_reuses_notebook_
     paths = TutorialPaths.at(tmp_path)
     prepare_dataset("synthetic-derm", paths, settings, prepare_missing=True, seed=1)
     out = capsys.readouterr().out
-    assert "preparing the dataset (notebook 01's step)" in out
-    assert ("notebook 01's default parameters (60 images at 64 px, seed 1, shortcut correlation 0.85 in train/val and "
-            "-0.4 in test, artefact 'patch')") in out
+    assert "preparing the dataset (notebook 01's step)" in out and "notebook 01's default parameters" in out
+    assert ("dataset: synthetic-derm as generated under ROOT (60 images at 64 px, seed 1, shortcut correlation 0.85 in "
+            "train/val and -0.4 in test, artefact 'patch')") in out
     # a dataset notebook 01 made with its own parameters is used as it is, and its parameters are said
     ensure_synthetic("synthetic-derm", paths.dataset("synthetic-derm"),
                      SyntheticConfig(n_images=60, image_size=64, seed=1, shortcut_correlation=0.5), progress=False)

@@ -322,8 +322,9 @@ def classifier_config(settings: RunSettings, seed: int = 0) -> TrainConfig:
 
 def generator_description(generator: dict) -> str:
     """The parameters of a generated dataset (``dataset.json``'s ``generator``) a later notebook depends on, as
-    one phrase: images and their size, seed, the shortcut's correlation in train/val and test, the artefact."""
-    style = generator.get("artefact_style")
+    one phrase: images and their size, seed, the shortcut's correlation in train/val and test, and the artefact
+    style of a set that has one (synthetic-derm's ``shortcut_artefact``)."""
+    style = generator.get("artefact_style") if generator.get("shortcut_artefact") else None
     return (f"{generator.get('n_images')} images at {generator.get('image_size')} px, seed {generator.get('seed')}, "
             f"shortcut correlation {generator.get('shortcut_correlation')} in train/val and "
             f"{generator.get('test_shortcut_correlation')} in test" + (f", artefact {style!r}" if style else ""))
@@ -337,11 +338,10 @@ def prepare_dataset(name: str, paths: TutorialPaths, settings: RunSettings, prep
     are), and notes an image size other than this run mode's."""
     root = paths.dataset(name)
     if not root.exists() and prepare_missing and name in GENERATORS:
-        config = SyntheticConfig(n_images=settings.n_images, image_size=settings.image_size, seed=seed)
         print(f"preparing the dataset (notebook 01's step): {name} is not under ROOT, so it is generated here with "
-              f"notebook 01's default parameters ({generator_description(asdict(config))}). To use other ones, run "
-              "notebook 01 with them first on the same ROOT (on Colab: GOOGLE_DRIVE = True in both).")
-        ensure_synthetic(name, root, config)
+              "notebook 01's default parameters (below). To use other ones, run notebook 01 with them first on the "
+              "same ROOT (on Colab: GOOGLE_DRIVE = True in both).", flush=True)
+        ensure_synthetic(name, root, SyntheticConfig(n_images=settings.n_images, image_size=settings.image_size, seed=seed))
     made_by = ("01_dataset_prep" if name in GENERATORS else
                f"python -m segx_helpers.cli.download {name} --data-dir {paths.root / 'data'} (see its -h)")
     data = load_dataset(require(root, made_by), check_files=False)
