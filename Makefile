@@ -5,7 +5,10 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: tutorial tutorial-full book test test-fast benchmark clean-outputs
+COLAB_ENV   := .colab-venv
+COLAB_STAMP := $(COLAB_ENV)/.built
+
+.PHONY: tutorial tutorial-full book test test-fast benchmark clean-outputs colab-env
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "Python 3.10+ is needed, found " + sys.version' 
@@ -28,8 +31,15 @@ book: $(STAMP)
 	@$(PY) -c 'import importlib, myst_nb, sphinx_book_theme; importlib.import_module("sphinx-mathjax-offline")' 2>/dev/null || $(PY) -m pip install --quiet -e ".[docs]"
 	$(PY) -m segx_helpers.cli.book
 
+## The emulated Colab runtime the Colab test runs notebooks on (Colab's pinned kernel packages; torch and the rest
+## seen from .venv, not installed again); rebuilt when the pins change
+$(COLAB_STAMP): tests/colab_pins.txt tests/colab_emulation.py $(STAMP)
+	$(PY) tests/colab_emulation.py build-env $(COLAB_ENV) $(VENV)
+
+colab-env: $(COLAB_STAMP)
+
 ## The test suite, notebooks included (what CI runs); installs the headless browser the browser test drives
-test: $(STAMP)
+test: $(STAMP) $(COLAB_STAMP)
 	@bash scripts/install-browser.sh
 	MPLBACKEND=Agg $(PY) -m pytest
 

@@ -1,4 +1,5 @@
-"""data_download.sh against a local HTTP server (with Range support) serving tiny fixture archives."""
+"""The downloader (``python -m segx_helpers.cli.download``, and ``data_download.sh``, its thin wrapper in a checkout)
+against a local HTTP server (with Range support) serving tiny fixture archives."""
 from __future__ import annotations
 
 import hashlib
@@ -20,6 +21,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from segx_helpers.cli import download
 from segx_helpers.data import load_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -244,7 +246,8 @@ def test_multi_file_dataset_fetches_every_file(tmp_path, server):
 
 def test_usage_and_unknown_dataset(tmp_path):
     usage = run(tmp_path, "-h")
-    assert usage.returncode == 0 and "usage: ./data_download.sh <dataset>" in usage.stdout
+    assert usage.returncode == 0 and "usage: python -m segx_helpers.cli.download <dataset>" in usage.stdout
+    assert "./data_download.sh <dataset>" in usage.stdout
     assert "SEGX_<DATASET>_URL" in usage.stdout
     unknown = run(tmp_path, "nope")
     assert unknown.returncode == 2 and "unknown dataset 'nope'" in unknown.stderr
@@ -346,48 +349,36 @@ def test_sha256_is_recorded_and_checked_on_re_runs(tmp_path, server):
     assert not (tmp_path / "data" / "shenzhen" / "dataset").exists() and len(server.requests) == 1
 
 
-def fake_curl(bin_dir: Path) -> Path:
-    """A stand-in ``curl``: logs each URL, fails like a host without TLS for https://resource.deepwise.com,
-    otherwise copies $FAKE_CURL_DIR/<file name> to the -o target and prints status 200."""
-    bin_dir.mkdir(parents=True, exist_ok=True)
-    script = bin_dir / "curl"
-    script.write_text(
-        '#!/bin/bash\nurl=${@: -1}\necho "$url" >> "$FAKE_CURL_LOG"\n'
-        'while (($#)); do [[ $1 == -o ]] && out=$2; shift; done\n'
-        '[[ $url != https://resource.deepwise.com/* ]] || exit 35\n'
-        'cp "$FAKE_CURL_DIR/${url##*/}" "$out" && printf 200\n'
-    )
-    script.chmod(0o755)
-    return bin_dir
+def test_https_first_with_a_noted_fallback_to_http(tmp_path, server, monkeypatch, capsys):
+    """Default URLs use HTTPS; only a host listed in HTTP_FALLBACK_HOSTS whose HTTPS fails (here: the local
+    server, which speaks plain HTTP) falls back to plain HTTP, saying so; any other host's failure is an error."""
+    assert all(source.url.startswith("https://") for source in download.SOURCES)
+    assert "resource.deepwise.com" in download.HTTP_FALLBACK_HOSTS
+    assert "https://resource.deepwise.com/xraychallenge/train_data.zip" in {s.url for s in download.SOURCES}
+    server.files["ChinaSet_AllFiles.zip"] = shenzhen_zip()
+    https = server.url.replace("http://", "https://")
+    monkeypatch.setenv("SEGX_SHENZHEN_URL", https)
+    with pytest.raises(download.DownloadError, match="HTTPS"):
+        download.download("shenzhen", data_dir=tmp_path / "refused")
+    assert server.requests == []
+    monkeypatch.setattr(download, "HTTP_FALLBACK_HOSTS", ("127.0.0.1",))
+    out = download.download("shenzhen", data_dir=tmp_path / "data")
+    assert "falling back to plain HTTP for ChinaSet_AllFiles.zip" in capsys.readouterr().out
+    assert len(load_dataset(out).table) == 20 and [p for p, _ in server.requests] == ["/ChinaSet_AllFiles.zip"]
 
 
-def test_https_first_with_a_noted_fallback_to_http(tmp_path):
-    """Default URLs use HTTPS; only a host whose HTTPS fails falls back to its plain-HTTP URL, saying so."""
-    script = (REPO / "data_download.sh").read_text()
-    assert "http://resource" not in script and "https://resource.deepwise.com/xraychallenge/train_data.zip" in script
-    files = tmp_path / "files"
-    files.mkdir()
-    train = [{"file_name": f"{100 + i}.png", "syms": ["Nodule"] if i % 2 else [], "boxes": []} for i in range(16)]
-    test = [{"file_name": f"{200 + i}.png", "syms": ["Mass"] if i % 2 else [], "boxes": []} for i in range(6)]
-    (files / "train.json").write_text(json.dumps(train))
-    (files / "test.json").write_text(json.dumps(test))
-    (files / "train_data.zip").write_bytes(zip_bytes({f"train/{r['file_name']}": png_bytes(i) for i, r in enumerate(train)}))
-    (files / "test_data.zip").write_bytes(zip_bytes({f"test/{r['file_name']}": png_bytes(i) for i, r in enumerate(test)}))
-    log = tmp_path / "curl.log"
-    checksums = {f"SEGX_CHESTX_DET10_{key}_SHA256": sha256((files / name).read_bytes())
-                 for key, name in [("TRAIN_JSON", "train.json"), ("TEST_JSON", "test.json")]}
-    result = run(tmp_path, "chestx-det10", PATH=f"{fake_curl(tmp_path / 'bin')}:{os.environ['PATH']}",
-                 FAKE_CURL_LOG=str(log), FAKE_CURL_DIR=str(files), **checksums)
-    assert result.returncode == 0, result.stderr
-    urls = log.read_text().split()
-    assert [u for u in urls if "deepwise.com" in u] == [
-        "https://resource.deepwise.com/xraychallenge/train_data.zip", "http://resource.deepwise.com/xraychallenge/train_data.zip",
-        "https://resource.deepwise.com/xraychallenge/test_data.zip", "http://resource.deepwise.com/xraychallenge/test_data.zip"]
-    assert all(u.startswith("https://") for u in urls if "githubusercontent" in u)
-    assert "falling back to plain HTTP" in result.stdout
+def test_the_python_call_is_what_a_notebook_on_colab_uses(tmp_path, server, monkeypatch):
+    """``download(...)`` from Python, in-process, as a notebook cell calls it; a usage mistake is a clear error."""
+    server.files["ChinaSet_AllFiles.zip"] = body = shenzhen_zip()
+    monkeypatch.setenv("SEGX_SHENZHEN_URL", server.url)
+    monkeypatch.setenv("SEGX_SHENZHEN_SHA256", sha256(body))
+    out = download.download("shenzhen", data_dir=tmp_path / "root" / "data")
+    assert out == tmp_path / "root" / "data" / "shenzhen" / "dataset" and len(load_dataset(out).table) == 20
+    with pytest.raises(download.UsageError, match="unknown dataset 'nope'"):
+        download.download("nope", data_dir=tmp_path)
 
 
-def test_interrupted_run_leaves_no_temporary_log(tmp_path, server):
+def test_interrupted_run_leaves_only_the_resumable_part(tmp_path, server):
     import signal
     import time
 
@@ -404,7 +395,6 @@ def test_interrupted_run_leaves_no_temporary_log(tmp_path, server):
                 break
             time.sleep(0.1)
         assert server.requests, "the download never started"
-        assert list(temp.iterdir()), "the script should hold a temporary log while downloading"
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=60)
     finally:
@@ -412,7 +402,9 @@ def test_interrupted_run_leaves_no_temporary_log(tmp_path, server):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     assert proc.returncode != 0
-    assert list(temp.iterdir()) == []
+    assert list(temp.iterdir()) == []  # no temporary file left behind
+    raw = tmp_path / "data" / "shenzhen" / "raw"
+    assert [p.name for p in raw.iterdir()] == ["ChinaSet_AllFiles.zip.part"]  # what a re-run resumes from
 
 
 # ------------------------------------------------------------------------------ ISIC 2018 trap sets
@@ -485,10 +477,10 @@ def test_isic2018_trap_pins_the_published_csvs(tmp_path, server):
     assert result.returncode != 0
     assert "isic_bias.csv has sha256" in result.stderr and "moved it aside" in result.stderr
     assert [path for path, _ in server.requests] == ["/isic_bias.csv"]
-    script = (REPO / "data_download.sh").read_text()
-    assert "raw.githubusercontent.com/alceubissoto/debiasing-skin/" in script
-    assert 'ISIC_ARCHIVE="https://isic-challenge-data.s3.amazonaws.com/2018"' in script
-    assert "$ISIC_ARCHIVE/ISIC2018_Task1-2_Training_Input.zip" in script
+    urls = {source.file: source.url for source in download.SOURCES}
+    assert urls["isic_bias.csv"].startswith("https://raw.githubusercontent.com/alceubissoto/debiasing-skin/f93c865")
+    assert urls["ISIC2018_Task1-2_Training_Input.zip"] == (
+        "https://isic-challenge-data.s3.amazonaws.com/2018/ISIC2018_Task1-2_Training_Input.zip")
 
 
 def test_isic2018_trap_offline_and_bad_options(tmp_path):
@@ -522,7 +514,7 @@ def test_command_line_mistakes_say_what_is_wrong_in_one_line(tmp_path, args, mes
     result = run(tmp_path, *args)
     lines = result.stderr.splitlines()
     assert result.returncode == 2 and lines[0].startswith("error: " + message), result.stderr
-    assert lines[1:] == ["run ./data_download.sh -h for the usage"] and "usage:" not in result.stderr
+    assert lines[1:] == ["run python -m segx_helpers.cli.download -h for the usage"] and "usage:" not in result.stderr
     assert not (tmp_path / "data").exists()
 
 

@@ -160,6 +160,48 @@ def test_prepare_dataset_checks_every_file_before_any_training(make_tiny_dataset
         prepare_dataset("mine", TutorialPaths.at(root), run_settings(quick=True))
 
 
+def test_preparing_a_missing_dataset_says_what_it_generates_and_reuses_notebook_01s(tmp_path, capsys):
+    import dataclasses
+
+    from segx_helpers.data.synthetic import ensure_synthetic
+
+    settings = dataclasses.replace(run_settings(quick=True), n_images=60, image_size=64)
+    paths = TutorialPaths.at(tmp_path)
+    prepare_dataset("synthetic-derm", paths, settings, prepare_missing=True, seed=1)
+    out = capsys.readouterr().out
+    assert "preparing the dataset (notebook 01's step)" in out and "notebook 01's default parameters" in out
+    assert ("dataset: synthetic-derm as generated under ROOT (60 images at 64 px, seed 1, shortcut correlation 0.85 in "
+            "train/val and -0.4 in test, artefact 'patch')") in out
+    # a dataset notebook 01 made with its own parameters is used as it is, and its parameters are said
+    ensure_synthetic("synthetic-derm", paths.dataset("synthetic-derm"),
+                     SyntheticConfig(n_images=60, image_size=64, seed=1, shortcut_correlation=0.5), progress=False)
+    data = prepare_dataset("synthetic-derm", paths, dataclasses.replace(settings, image_size=128), prepare_missing=True)
+    out = capsys.readouterr().out
+    assert "preparing" not in out and data.info.generator["shortcut_correlation"] == 0.5
+    assert "shortcut correlation 0.5 in train/val" in out and "its images are 64 px and this run mode uses 128 px" in out
+
+
+def test_models_of_a_dataset_generated_with_other_parameters_are_not_reused(trained, tmp_path):
+    """Notebook 01 run again with another shortcut strength: the same image ids, other images. The checkpoints
+    trained before must be refused (they carry the generator's parameters), not silently reused."""
+    import dataclasses
+    import shutil
+
+    from segx_helpers.models.checkpoints import CheckpointError
+
+    root, data, seg, cls = trained
+    shutil.copytree(root / "artifacts", tmp_path / "artifacts")
+    changed = load_dataset(generate_synthetic_derm(
+        tmp_path / "data" / "synthetic-derm",
+        SyntheticConfig(n_images=60, image_size=64, seed=3, shortcut_correlation=0.5), progress=False))
+    assert sorted(changed.split("train")["image_id"]) == sorted(data.split("train")["image_id"])
+    trained_with = dataclasses.replace(run_settings(quick=True), image_size=64, seg_image_size=64, seg_epochs=1,
+                                       cls_epochs=1, max_batches_per_epoch=None)
+    with pytest.raises(CheckpointError, match="dataset_generator") as refused:
+        prepare_models("synthetic-derm", TutorialPaths.at(tmp_path), changed, trained_with)
+    assert "train_ids_sha256" not in str(refused.value)
+
+
 def test_segx_results_writes_what_notebook_05_reads(trained):
     root, data, seg, cls = trained
     paths = TutorialPaths.at(root)

@@ -32,11 +32,9 @@ import sys
 import time
 from pathlib import Path
 
-import nbformat
-
 from segx_helpers.data.synthetic import GENERATORS
 from segx_helpers.data.io import check_safe_id, write_json
-from segx_helpers.workflows.settings import NOTEBOOKS, TutorialPaths, real_data_size
+from segx_helpers.workflows.settings import NOTEBOOKS, REPO_URL, TutorialPaths, real_data_size
 from segx_helpers.workflows.report import read_run_records, write_report
 
 NOTEBOOK_DIR = Path(__file__).resolve().parents[2] / "notebooks"
@@ -80,6 +78,8 @@ def notebook_parameters(name: str, notebook_dir: Path = NOTEBOOK_DIR) -> list[st
 
 def notebook_defaults(name: str, notebook_dir: Path = NOTEBOOK_DIR) -> dict[str, object]:
     """Each name a notebook's parameters cell assigns -> its default value (when a literal, else None)."""
+    import nbformat  # lazy: installed with the tutorial extra (or Jupyter), not by the package itself
+
     nb = nbformat.read(notebook_dir / f"{name}.ipynb", as_version=4)
     defaults: dict[str, object] = {}
     for cell in nb.cells:
@@ -313,8 +313,16 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict]
     return args, parameters
 
 
+NEEDS_CHECKOUT = (f"the runner needs a checkout of the repository (it runs the notebooks of its notebooks/ folder, "
+                  f"which an installed package does not have): git clone {REPO_URL} && cd {REPO_URL.rsplit('/', 1)[-1]} "
+                  "&& make tutorial")
+
+
 def main(argv: list[str] | None = None) -> int:
     args, parameters = parse_args(argv)
+    if not args.report_only and not NOTEBOOK_DIR.is_dir():
+        print(f"error: {NEEDS_CHECKOUT}", file=sys.stderr)
+        return 2
     if args.report_only:
         print(write_report(args.root, parameters.get("DATASET", "synthetic-derm")))
         return 0

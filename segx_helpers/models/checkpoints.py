@@ -257,19 +257,21 @@ def load_trained(checkpoint: str | Path, kind: str, expected: dict | None = None
 
 def training_fingerprint(data: LoadedDataset, image_size: int, config, **choices) -> dict:
     """What a model is trained on, as stored in its checkpoint (``meta["fingerprint"]``): dataset name,
-    class names in order, task, image size, channels, SHA-256 of the sorted training ids, the training
-    settings (epochs, max_batches_per_epoch, lr, weight decay, patience, monitor, seed) and ``choices``
+    class names in order, task, image size, channels, SHA-256 of the sorted training ids, for a generated
+    dataset its generator's parameters (``dataset_generator``: shortcut strength, artefact, image size, ...), the
+    training settings (epochs, max_batches_per_epoch, lr, weight decay, patience, monitor, seed) and ``choices``
     (architecture, weights, batch size, normalisation).
 
     ``config`` is a :class:`~segx_helpers.models.training.TrainConfig`, read as a dataclass (every field but
     ``device``, ``amp``, ``cpu_bf16`` and ``cpu_fast_kernels``), so this module needs no import of the training
     loop, which imports it."""
     train_ids = sorted(str(i) for i in data.split("train")["image_id"])
+    generator = getattr(data.info, "generator", None) or {}
     settings = {k: v for k, v in asdict(config).items() if k not in ("device", "amp", "cpu_bf16", "cpu_fast_kernels")}
     fingerprint = {"dataset": data.info.name, "class_names": list(data.info.class_names), "task": data.info.task,
                    "image_size": int(image_size), "channels": int(data.info.channels),
                    "train_ids_sha256": hashlib.sha256("\n".join(train_ids).encode()).hexdigest(),
-                   **settings, **choices}
+                   **({"dataset_generator": generator} if generator else {}), **settings, **choices}
     return json.loads(json.dumps(fingerprint, default=_plain))
 
 

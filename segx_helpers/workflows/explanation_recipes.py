@@ -75,8 +75,12 @@ def segx_results(folder: str | Path, data: LoadedDataset, segmenter: TrainedMode
     calls as the notebook: explain the test split, score every prediction with the one analysis path
     (:func:`segx_helpers.workflows.results.explanation_results`), save each method's results in
     ``<folder>/<method>`` and the test masks in ``<folder>/test_masks.npz`` (the notebooks' ``paths.maps(DATASET)``).
-    Returns method -> :class:`~segx_helpers.workflows.results.Results`."""
+    Returns method -> :class:`~segx_helpers.workflows.results.Results`. Prints what it computes."""
     folder = Path(folder)
+    shap = (f", Gradient SHAP on {settings.shap_images} test images with {settings.shap_nsamples} samples"
+            if "gradient_shap" in methods else "")
+    print(f"preparing notebook 04's results ({settings.name} mode: {', '.join(methods)}; Grad-CAM family on every "
+          f"test image{shap}) into {folder} ...", flush=True)
     test = split_tensors(data, "test", classifier.meta)
     images = Normalization(**classifier.meta["normalization"]).denormalize(test["image"])
     mask_prob = mask_probabilities(segmenter, data, "test", classifier.meta["image_size"])

@@ -1,15 +1,20 @@
-"""Small helpers the notebooks share: where files live, what to run when something is missing,
-the run mode (quick or full, :class:`RunSettings`), and the Colab setup cell.
+"""Small helpers the notebooks share: where files live (``ROOT``, on Colab too), what to run or prepare when
+something is missing, the run mode (quick or full, :class:`RunSettings`), and the Colab setup cell.
 
-The repository URL lives here and only here; the notebooks' Colab cells are checked against it.
+The repository URL lives here and only here; the notebooks' Colab badges, setup cells and links to the docs are
+checked against it (docs/colab.md, "Publishing").
 """
 from __future__ import annotations
 
 import dataclasses
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 REPO_URL = "https://github.com/segx-tutorials/segx-tutorials"
+COLAB_FOLDER = "segx-tutorials"
+"""The folder that holds ``data/``, ``artifacts/`` and ``outputs/`` on Colab: in the working directory (``/content``
+there), or in ``MyDrive`` with ``GOOGLE_DRIVE = True``."""
 NOTEBOOKS = (
     "01_dataset_prep", "02_train_segmenter", "03_train_classifier", "04_segx_maps", "05_segu_analysis",
     "06_adapt_new_modality", "07_train_with_the_mask",
@@ -23,8 +28,15 @@ def colab_badge(notebook: str) -> str:
             f"(https://colab.research.google.com/github/{repo}/blob/main/notebooks/{notebook}.ipynb)")
 
 
+def docs_url(page: str) -> str:
+    """The web address of ``page`` in the repository (e.g. ``"docs/NOTES.md"``): how notebooks link to the docs,
+    which a notebook opened on Colab has no copy of."""
+    return f"{REPO_URL}/blob/main/{page}"
+
+
 def colab_setup_source() -> str:
-    """Source of every notebook's first code cell: on Colab only, install this package; elsewhere do nothing."""
+    """Source of every notebook's first code cell: on Colab only, install this package (its required dependencies
+    are what the notebooks import, so none of Colab's pinned packages changes); elsewhere do nothing."""
     return (
         "# Colab only: install the helper package from the repository (does nothing anywhere else).\n"
         "import sys\n"
@@ -82,19 +94,84 @@ class TutorialPaths:
         return self.outputs(name) / "segu"
 
 
+def on_colab() -> bool:
+    """True inside a Google Colab runtime (its kernel imports ``google.colab`` at start)."""
+    return "google.colab" in sys.modules
+
+
+def default_root(cwd: str | Path | None = None) -> tuple[Path, str]:
+    """Where ``ROOT = None`` puts data, checkpoints and results, and why (one phrase).
+
+    On Colab: ``<working directory>/segx-tutorials`` (``/content/segx-tutorials``, where Colab's file browser
+    looks; it lasts as long as the runtime). Elsewhere: the folder above the notebook's working directory, which
+    in a checkout (notebooks run in ``notebooks/``) is the repository root."""
+    cwd = Path.cwd() if cwd is None else Path(cwd)
+    if on_colab():
+        return (cwd / COLAB_FOLDER).resolve(), ("on Colab: a folder in the working directory that lasts as long as "
+                                                "this runtime; GOOGLE_DRIVE = True keeps it in your Google Drive")
+    return cwd.resolve().parent, "the folder above the notebook's, the repository root in a checkout"
+
+
+def mount_google_drive(cwd: str | Path | None = None) -> Path:
+    """Mount Google Drive (Colab asks for access) at ``<working directory>/drive`` and return
+    ``MyDrive/segx-tutorials`` in it, the ``ROOT`` that every notebook of the series finds again on a new runtime."""
+    if not on_colab():
+        raise RuntimeError("GOOGLE_DRIVE = True works on Colab only (it mounts Google Drive); elsewhere set ROOT to "
+                           "a folder instead")
+    from google.colab import drive  # exists on Colab only
+
+    mountpoint = (Path.cwd() if cwd is None else Path(cwd)) / "drive"
+    drive.mount(str(mountpoint))
+    return mountpoint / "MyDrive" / COLAB_FOLDER
+
+
+def tutorial_paths(root: str | Path | None = None, google_drive: bool = False) -> TutorialPaths:
+    """The notebooks' ``ROOT`` and ``GOOGLE_DRIVE`` parameters as :class:`TutorialPaths`; prints where ROOT is.
+
+    ``root`` given (a folder, e.g. injected by the runner): that folder. ``None``: :func:`default_root`.
+    ``google_drive=True`` (Colab only): :func:`mount_google_drive`, so that the next notebook, opened on a new
+    runtime, finds this one's results."""
+    if root is not None and google_drive:
+        raise ValueError("set either ROOT (a folder) or GOOGLE_DRIVE = True (Colab: ROOT in your Google Drive), "
+                         "not both")
+    if root is not None:
+        folder, why = Path(root).resolve(), "as set"
+    elif google_drive:
+        folder, why = mount_google_drive(), "in your Google Drive: the next notebooks find these results there"
+    else:
+        folder, why = default_root()
+    folder.mkdir(parents=True, exist_ok=True)
+    print(f"ROOT: {folder} ({why})")
+    return TutorialPaths(folder)
+
+
+def resolve_prepare_missing(prepare_missing: bool | None) -> bool:
+    """The notebooks' ``PREPARE_MISSING`` as a boolean: ``None`` (the default) means yes on Colab, where each
+    notebook opens on a fresh runtime without the earlier notebooks' results, and no elsewhere (a missing result
+    then stops with the notebook to run). Prints one line when it prepares."""
+    if prepare_missing is None:
+        prepare_missing = on_colab()
+        if prepare_missing:
+            print("PREPARE_MISSING = None on Colab: whatever earlier notebooks would have left under ROOT and is "
+                  "missing is prepared here first, each step printed")
+    return bool(prepare_missing)
+
+
 class MissingArtifactError(FileNotFoundError):
     """An earlier notebook's output is missing; the message says which notebook makes it."""
 
 
 def require(path: str | Path, made_by: str) -> Path:
-    """Return ``path`` if it exists, else raise :class:`MissingArtifactError` naming the notebook to run."""
+    """Return ``path`` if it exists, else raise :class:`MissingArtifactError` saying what makes it: ``made_by`` is
+    a notebook (``"01_dataset_prep"``) or a command or call that makes it."""
     path = Path(path)
-    if not path.exists():
+    if path.exists():
+        return path
+    if made_by[:2].isdigit():
         raise MissingArtifactError(
             f"{path} is missing. Run notebook {made_by} first (or set PREPARE_MISSING = True in the parameters cell "
-            "to produce it here in quick mode)."
-        )
-    return path
+            "to prepare it here, in this notebook's mode).")
+    raise MissingArtifactError(f"{path} is missing. Make it first: {made_by}")
 
 
 def resolve_quick(quick: bool | None, device: str | None = None) -> bool:
@@ -129,7 +206,8 @@ class RunSettings:
     there (``make benchmark-training``; docs/NOTES.md has the numbers); a CPU without it trains in float32, and a GPU
     ignores it.
     ``cpu_fast_kernels`` (``TrainConfig.cpu_fast_kernels``, the notebooks' ``CPU_FAST_KERNELS``): faster CPU training
-    whose results differ from the published ones by rounding; off unless asked for.
+    whose results differ from the published ones by rounding; off unless asked for. ``name``: ``"quick"`` or
+    ``"full"`` (the mode a notebook prints), ``"custom"`` for settings made by hand.
     """
 
     n_images: int
@@ -144,6 +222,7 @@ class RunSettings:
     bootstrap: int
     cpu_bf16: bool = True
     cpu_fast_kernels: bool = False
+    name: str = "custom"
     real_data: bool = False
 
 
@@ -152,9 +231,9 @@ REAL_DATA_SEG_IMAGE_SIZE = 128
 probabilities are upsampled to the classifier's size (at 256 px a U-Net at 128 px trains 4x faster)."""
 
 QUICK_MODE = RunSettings(n_images=1000, image_size=128, seg_image_size=64, seg_epochs=3, cls_epochs=3, max_batches_per_epoch=12,
-                         shap_images=48, shap_nsamples=16, shap_background=16, bootstrap=200)
+                         shap_images=48, shap_nsamples=16, shap_background=16, bootstrap=200, name="quick")
 FULL_MODE = RunSettings(n_images=1000, image_size=128, seg_image_size=128, seg_epochs=15, cls_epochs=15, max_batches_per_epoch=None,
-                        shap_images=200, shap_nsamples=50, shap_background=50, bootstrap=1000)
+                        shap_images=200, shap_nsamples=50, shap_background=50, bootstrap=1000, name="full")
 
 
 def real_data_size(real_data: bool | int | None) -> int | None:

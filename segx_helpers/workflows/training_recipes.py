@@ -31,7 +31,7 @@ from segx_helpers.models.checkpoints import (TrainedModel, check_fingerprint, la
                                              load_trained, save_checkpoint, split_tensors, training_fingerprint)
 from segx_helpers.models.masks import mask_probabilities
 from segx_helpers.models.networks import (CPU_DECODER_CHANNELS, Initialisation, build_classifier, build_segmenter,
-                                          classifier_normalization, resolve_weights)
+                                          classifier_normalization, pick_device, resolve_weights)
 from segx_helpers.models.training import (
     CheckpointPlan,
     DiceBCELoss,
@@ -50,7 +50,7 @@ from segx_helpers.workflows.settings import RunSettings, TutorialPaths, require
 
 # The fingerprint fields prepare_models checks: the data and the run mode, not the notebooks' model choices.
 _DATA_AND_MODE = ("dataset", "class_names", "task", "image_size", "channels", "train_ids_sha256", "epochs",
-                  "max_batches_per_epoch")
+                  "max_batches_per_epoch", "dataset_generator")
 
 
 def _retrain_hint(path: Path, notebook: str | None = None) -> str:
@@ -498,16 +498,49 @@ def classifier_training(settings: RunSettings, recipe: str, data: LoadedDataset,
     return ClassifierTraining(recipe, spec, config)
 
 
+def generator_description(generator: dict) -> str:
+    """The parameters of a generated dataset (``dataset.json``'s ``generator``) a later notebook depends on, as
+    one phrase: images and their size, seed, the shortcut's correlation in train/val and test, and the artefact
+    style of a set that has one (synthetic-derm's ``shortcut_artefact``)."""
+    style = generator.get("artefact_style") if generator.get("shortcut_artefact") else None
+    return (f"{generator.get('n_images')} images at {generator.get('image_size')} px, seed {generator.get('seed')}, "
+            f"shortcut correlation {generator.get('shortcut_correlation')} in train/val and "
+            f"{generator.get('test_shortcut_correlation')} in test" + (f", artefact {style!r}" if style else ""))
+
+
 def prepare_dataset(name: str, paths: TutorialPaths, settings: RunSettings, prepare_missing: bool = False,
                     seed: int = 0) -> LoadedDataset:
     """Load ``data/<name>``, checking that every image and mask can be read (a corrupt file is a
     :class:`~segx_helpers.data.format.DatasetFormatError` naming it, before any training); when it is missing,
-    generate it (synthetic sets, ``prepare_missing``) or say which notebook or script makes it."""
+    generate it (synthetic sets, ``prepare_missing``) with notebook 01's default parameters, or say which notebook or
+    command makes it. Prints which of the two happened and the generated dataset's parameters (those notebook 01
+    chose are kept in its ``dataset.json`` and reused as they are), and notes an image size other than this run
+    mode's."""
     root = paths.dataset(name)
     if not root.exists() and prepare_missing and name in GENERATORS:
+        print(f"preparing the dataset (notebook 01's step): {name} is not under ROOT, so it is generated here with "
+              "notebook 01's default parameters (below). To use other ones, run notebook 01 with them first on the "
+              "same ROOT (on Colab: GOOGLE_DRIVE = True in both).", flush=True)
         ensure_synthetic(name, root, SyntheticConfig(n_images=settings.n_images, image_size=settings.image_size, seed=seed))
-    made_by = "01_dataset_prep" if name in GENERATORS else f"data_download.sh {name}"
-    return load_dataset(require(root, made_by), check_files=True)
+    made_by = ("01_dataset_prep" if name in GENERATORS else
+               f"python -m segx_helpers.cli.download {name} --data-dir {paths.root / 'data'} (see its -h)")
+    data = load_dataset(require(root, made_by), check_files=True)
+    generator = data.info.generator or {}
+    if generator and name in GENERATORS:
+        print(f"dataset: {name} as generated under ROOT ({generator_description(generator)})")
+        if generator.get("image_size") not in (None, settings.image_size):
+            print(f"note: its images are {generator['image_size']} px and this run mode uses {settings.image_size} px: "
+                  "they are resized (run notebook 01 in this mode to generate them at that size)")
+    return data
+
+
+def describe_training(settings: RunSettings, kind: str) -> str:
+    """How a run mode trains the ``"segmenter"`` or the ``"classifier"``, as one phrase for what a notebook
+    prints (mode, epochs, the cap on batches per epoch, image size)."""
+    epochs, size = ((settings.seg_epochs, settings.seg_image_size) if kind == "segmenter"
+                    else (settings.cls_epochs, settings.image_size))
+    cap = f" of at most {settings.max_batches_per_epoch} batches" if settings.max_batches_per_epoch else ""
+    return f"{settings.name} mode: {epochs} epochs{cap} at {size} px"
 
 
 def prepare_models(name: str, paths: TutorialPaths, data: LoadedDataset, settings: RunSettings,
@@ -519,11 +552,16 @@ def prepare_models(name: str, paths: TutorialPaths, data: LoadedDataset, setting
     channels, training ids) at this mode's image size, epochs and ``max_batches_per_epoch``, else
     :class:`CheckpointError` (a full run never silently reuses a quick model). Architecture and
     learning-rate choices made in notebooks 02 and 03 are not checked here."""
+    device = pick_device()
     if not paths.segmenter(name).exists() and prepare_missing:
+        print(f"preparing the segmenter (notebook 02's step, {describe_training(settings, 'segmenter')}, on {device}): "
+              f"{paths.segmenter(name)} is missing ...", flush=True)
         train_segmenter(data, paths.segmenter(name), SegmenterSpec(image_size=settings.seg_image_size),
                         config=segmenter_config(settings, seed))
     if not paths.classifier(name).exists() and prepare_missing:
         training = classifier_training(settings, "real-data" if settings.real_data else "tutorial", data, seed)
+        print(f"preparing the classifier (notebook 03's step with its defaults, {describe_training(settings, 'classifier')}"
+              f", on {device}): {paths.classifier(name)} is missing ...", flush=True)
         train_classifier(data, paths.classifier(name), training.spec, training.config)
     loaded = []
     for kind, path, image_size, config, notebook in (
