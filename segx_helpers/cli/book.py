@@ -4,7 +4,7 @@
 
 Builds a static HTML site from the notebooks that ``make tutorial`` executed (``<root>/outputs/notebooks/``; they
 are never executed again) with Sphinx, myst-nb and sphinx-book-theme (the ``docs`` extra): the README as the landing
-page, notebooks 01-07 in order with their figures and tables, then docs/NOTES.md, docs/REFERENCE.md and
+page, notebooks 01-08 in order with their figures and tables, then docs/NOTES.md, docs/REFERENCE.md and
 docs/audit.md. Each notebook page starts with its Colab badge and how it was run (mode, device, start, commit, run
 time: the runner's ``outputs/timings.json``). The Sphinx project is written to ``<out>/source`` and the site to
 ``<out>/html`` (default ``<root>/outputs/book``); open ``<out>/html/index.html`` from disk. The site loads nothing

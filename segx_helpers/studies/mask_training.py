@@ -243,7 +243,7 @@ def _as_pixel_masks(masks: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
         masks = masks[:, None]
     if masks.shape[0] != images.shape[0] or masks.shape[-2:] != images.shape[-2:]:
         raise ValueError(f"masks {tuple(masks.shape)} do not match images {tuple(images.shape)}")
-    return masks > 0.5
+    return masks.float() > 0.5
 
 
 class RegionIntervention:

@@ -28,6 +28,7 @@ and a dataset, with whichever ground truth the dataset has.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +51,7 @@ from segx_helpers.scores.saliency import top_percent
 from segx_helpers.studies.artefacts import artefact_columns, artefact_table
 from segx_helpers.studies.shortcut import shortcut_driven
 from segx_helpers.workflows.results import Results, load_results, load_split_arrays
+from segx_helpers.workflows.settings import TutorialPaths
 
 PIXEL_ARTEFACTS = ("patch", "ruler", "hair", "vignette")
 """The artefacts of synthetic-derm whose per-pixel maps name the clusters (``artefacts/<id>.png``)."""
@@ -537,13 +539,44 @@ def cells_to_pixels(cells: np.ndarray, size: int) -> np.ndarray:
     return np.repeat(np.repeat(cells, size // h, axis=1), size // w, axis=2)
 
 
-def concept_regions(study: RevealStudy, classifier: TrainedModel, data: LoadedDataset,
-                    split: str = "train") -> dict[str, np.ndarray]:
-    """Per image of ``split``: where the study's concept (``study.concept``) fires, image id -> bool ``(S, S)`` at the
+def concept_regions(study: RevealStudy, classifier: TrainedModel, tensors: dict) -> dict[str, np.ndarray]:
+    """Per image of a split (``tensors``: its :func:`~segx_helpers.models.checkpoints.split_tensors`, e.g. the
+    training split's): where the study's concept (``study.concept``) fires, image id -> bool ``(S, S)`` at the
     classifier's input size (:func:`concept_cells` on the same layer's features, each cell a block of pixels). The
     region the classifier is trained against in notebook 08 (``MaskFix("region", ...)``); it uses no artefact
     label, only the classifier's features and the clusters."""
-    tensors = split_tensors(data, split, classifier.meta)
     layer = classifier_layer(classifier.model, study.options.layer)
     cells = concept_cells(feature_maps(classifier.model, tensors["image"], layer), study.concept)
-    return dict(zip(tensors["image_id"], cells_to_pixels(cells, classifier.meta["image_size"])))
+    return dict(zip(tensors["image_id"], cells_to_pixels(cells, tensors["image"].shape[-1])))
+
+
+# ------------------------------------------------------------------------------ what notebook 08 records
+
+def notebook_07_fix(paths: TutorialPaths, dataset: str) -> Path | None:
+    """The checkpoint of notebook 07's chosen mask-based fix on ``dataset``: the background intervention with the q it
+    chose on validation (``outputs/summary.json``'s ``fix.chosen.background``, e.g. ``"background q=0.5"``), in
+    ``artifacts/<dataset>/fix/``; None when notebook 07 has not run under ``paths``."""
+    summary_path = paths.root / "outputs" / "summary.json"
+    summary = json.loads(summary_path.read_text()).get(dataset, {}) if summary_path.is_file() else {}
+    q = ((summary.get("fix") or {}).get("chosen") or {}).get("background", "").partition("q=")[2]
+    path = paths.fixes(dataset) / f"background_{q}.pt"
+    return path if q and path.is_file() else None
+
+
+def reveal_summary(study: RevealStudy, comparison, baseline: str = "baseline", revised: str = "revised") -> dict:
+    """The ``"reveal"`` entry of ``outputs/summary.json``: ``n_low_segu`` (predictions collected), ``n_clusters`` and
+    per *what* cluster ``size``, ``shortcut_driven_share`` and ``artefact_share`` (patch, ruler, hair, vignette: the
+    share of members whose off-region top touches each; null without artefact maps), the best patch cluster's
+    ``patch_cluster_purity`` and ``patch_cluster_recall``, and ``revise``: the shortcut-driven rate of ``baseline`` and
+    ``revised`` and the revised accuracy, from ``comparison``
+    (:class:`~segx_helpers.studies.mask_training.FixComparison`)."""
+    clusters = []
+    for row in study.clusters.to_dict("records"):
+        clusters.append({"size": int(row["size"]), "shortcut_driven_share": row.get("shortcut-driven share"),
+                         "artefact_share": {kind: row.get(f"on {kind}") for kind in PIXEL_ARTEFACTS}})
+    patch = study.patch or {}
+    return {"n_low_segu": len(study.rows), "n_clusters": int(study.what.k), "clusters": clusters,
+            "patch_cluster_purity": patch.get("purity"), "patch_cluster_recall": patch.get("recall"),
+            "revise": {"baseline_shortcut_driven_rate": comparison.value(baseline, "shortcut-driven rate"),
+                       "revised_shortcut_driven_rate": comparison.value(revised, "shortcut-driven rate"),
+                       "revised_accuracy": comparison.value(revised, "accuracy")}}

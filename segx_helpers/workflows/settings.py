@@ -12,7 +12,7 @@ from pathlib import Path
 REPO_URL = "https://github.com/segx-tutorials/segx-tutorials"
 NOTEBOOKS = (
     "01_dataset_prep", "02_train_segmenter", "03_train_classifier", "04_segx_maps", "05_segu_analysis",
-    "06_adapt_new_modality", "07_train_with_the_mask",
+    "06_adapt_new_modality", "07_train_with_the_mask", "08_from_where_to_what",
 )
 
 
