@@ -110,17 +110,24 @@ def test_concept_detector_fires_on_the_cells_like_its_cluster_without_labels():
     features = np.zeros((3, 3, 4, 4), np.float32)
     features[:, 0] = 1.0                          # ordinary surroundings
     features[0, :, 1, 1] = [0.1, 0.0, 1.0]         # the concept in image 0's cell (1, 1)
+    features[1, :, 2, 2] = [0.5, 0.0, 1.0]         # a weaker form of it in image 1's cell (2, 2)
     collected = OffRegion(pd.DataFrame({"image_index": [0, 1, 2]}), np.zeros((3, 8, 8)), np.zeros((3, 8, 8), bool))
-    collected.top[0, 2:4, 2:4] = True              # prediction 0 looked at the concept ...
-    collected.top[1:, 0:2, 0:2] = True             # ... the others at plain surroundings
-    descriptors = np.array([[0.1, 0, 1.0], [1.0, 0, 0], [1.0, 0, 0.05]], np.float32)
-    concept = concept_detector(features, collected, np.array([0, 1, 1]), 0, descriptors)
-    assert 0.1 < concept.threshold < 0.99
+    collected.top[0, 2:4, 2:4] = True              # predictions 0 and 1 looked at the concept ...
+    collected.top[1, 4:6, 4:6] = True
+    collected.top[2, 0:2, 0:2] = True              # ... prediction 2 at plain surroundings
+    descriptors = np.array([[0.1, 0, 1.0], [0.5, 0, 1.0], [1.0, 0, 0.05]], np.float32)
+    concept = concept_detector(features, collected, np.array([0, 0, 1]), 0, descriptors)
+    seen = [np.dot(v, concept.centroid) / np.linalg.norm(v) for v in ([0.1, 0, 1.0], [0.5, 0, 1.0])]
+    assert concept.threshold == pytest.approx(np.percentile(seen, 25), abs=1e-6)  # the members' lower quartile
     cells = concept_cells(features, concept, grow=0)
-    assert cells[0, 1, 1] and cells.sum() == 1
-    grown = concept_cells(features, concept, grow=1)
-    assert grown[0, :3, :3].all() and grown.sum() == 9
+    assert cells[0 if seen[0] > seen[1] else 1].sum() == 1 and cells.sum() == 1  # the clearer one only
+    grown = concept_cells(features, Concept(0, concept.centroid, min(seen) - 1e-4), grow=1)
+    assert cells_fired(grown[0]) == 9 and cells_fired(grown[1]) == 9 and not grown[2].any()  # 3 x 3 around each
     assert not concept_cells(features, Concept(0, centroid, 1.1)).any()
+
+
+def cells_fired(grid: np.ndarray) -> int:
+    return int(np.asarray(grid).sum())
 
 
 def test_peak_crops_centre_on_the_off_region_peak_and_stay_inside_the_image():

@@ -19,8 +19,8 @@ a heatmap is made of) and Reveal to Revise (Pahde et al. 2023):
    corner?), image-level flags (:func:`flag_auroc`, the ISIC 2018 trap sets: the AUROC of cluster membership for
    each artefact against a random-cluster baseline) and counterfactual twins (the shortcut-driven share).
 5. **Revise** (:func:`concept_regions`): the cluster least like ordinary skin (:func:`concept_cluster`) becomes a
-   detector on the classifier's features (:func:`concept_detector`); where it fires in each training image is the
-   region the classifier is then trained against, with no artefact label used
+   detector on the classifier's features (:func:`concept_detector`); where it fires in each training image, grown by
+   a cell, is the region the classifier is then trained against, with no artefact label used
    (:class:`segx_helpers.studies.mask_training.MaskFix` ``"region"``).
 
 :func:`reveal_study` runs steps 1 to 4 on a :class:`~segx_helpers.workflows.results.Results` (or its folder)
@@ -64,8 +64,8 @@ class RevealOptions:
     ``share``: the share of predictions with the lowest ``score`` collected (0.5: the less certain half by
     SegU); ``p``: the off-region top ``p`` % pixels are where the model looked off the region (5, as the paper's
     saliency map); ``layer``: the classifier module whose features describe *what* (a name for
-    ``model.get_submodule``, e.g. ``"layer3"``; None: the block before the last,
-    :func:`~segx_helpers.models.networks.previous_block`); ``grid``: the *where* descriptor's size (``grid`` ×
+    ``model.get_submodule``, e.g. ``"layer3"``; None: :func:`classifier_layer`'s default); ``grid``: the *where*
+    descriptor's size (``grid`` ×
     ``grid`` cells); ``max_clusters``: the largest number of clusters tried (from 2); ``seed``: k-means and
     spectral clustering's seed.
     """
@@ -147,10 +147,13 @@ def where_descriptors(off: np.ndarray, grid: int = 8) -> np.ndarray:
 
 
 def classifier_layer(model: nn.Module, layer: str | None = None) -> nn.Module:
-    """The module named ``layer`` (``model.get_submodule``), or the block before the last when None. A bad name is a
-    ``ValueError`` listing the model's top-level modules."""
+    """The module named ``layer`` (``model.get_submodule``). None: a ResNet's second block (``layer2``: 16 × 16 cells
+    of 8 px at 128 px, fine enough to outline a small artefact), any other model's block before the last
+    (:func:`~segx_helpers.models.networks.previous_block`). A bad name is a ``ValueError`` listing the model's
+    top-level modules."""
     if layer is None:
-        return previous_block(model)
+        second = getattr(model, "layer2", None)
+        return second[-1] if isinstance(second, nn.Sequential) else previous_block(model)
     try:
         return model.get_submodule(layer)
     except AttributeError:
@@ -507,16 +510,14 @@ def concept_cluster(descriptors: np.ndarray, labels: np.ndarray, background: np.
 def concept_detector(features: np.ndarray, collected: OffRegion, labels: np.ndarray, cluster: int,
                      descriptors: np.ndarray) -> Concept:
     """A detector for ``cluster``'s concept: its centroid in the *what* space (``descriptors``), and a threshold set
-    from the clusters alone: for each collected prediction the highest similarity of a cell under its off-region
-    top pixels to the centroid; the threshold is halfway between the members' median and the other predictions'
-    median (the two groups the clustering made). ``features``: the split's, ``(N, K, h, w)``."""
+    from the cluster alone: for each member, the highest similarity to the centroid of a cell under its off-region
+    top pixels; the threshold is the lower quartile of those (three members in four show the concept at least this
+    clearly where they looked). ``features``: the split's, ``(N, K, h, w)``."""
     centroid = centroids(descriptors, labels)[cluster]
     index = collected.rows["image_index"].to_numpy()
     looked = _pool(np.asarray(collected.top, np.float32), features.shape[2:]) > 0
     similarity = np.where(looked, cell_similarity(features[index], centroid), -1.0).reshape(len(index), -1).max(axis=1)
-    members = np.asarray(labels) == cluster
-    others = similarity[~members] if (~members).any() else np.array([-1.0])
-    return Concept(cluster, centroid, float((np.median(similarity[members]) + np.median(others)) / 2))
+    return Concept(cluster, centroid, float(np.percentile(similarity[np.asarray(labels) == cluster], 25)))
 
 
 def concept_cells(features: np.ndarray, concept: Concept, grow: int = 1) -> np.ndarray:
