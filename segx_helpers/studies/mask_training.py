@@ -698,6 +698,58 @@ def fix_summary(comparison: FixComparison, names: dict[str, str] | None = None) 
     return out
 
 
+def input_gradient_energy(model: nn.Module, images: torch.Tensor, masks: np.ndarray, task: str,
+                          artefacts: np.ndarray | None = None, batch_size: int = 50) -> pd.DataFrame:
+    """Where a classifier is *locally* sensitive, per image of ``images`` ``(N, C, H, W)``: the squared input gradient
+    of the summed log-probabilities (what :func:`rrr_penalty` differentiates), summed over channels and over the
+    pixels ``outside`` the mask (bool ``(N, H, W)``: exactly RRR's penalty), ``inside`` it, and ``on artefact``
+    (``artefacts`` bool ``(N, H, W)``; NaN where an image has none). In eval mode, float32, without a graph for the
+    parameters. A counterfactual twin tests a *finite* change of the artefact; this tests an infinitesimal one."""
+    parameter = next(model.parameters(), None)
+    device = parameter.device if parameter is not None else images.device
+    was_training = model.training
+    model.eval()
+    energies = []
+    try:
+        for start in range(0, len(images), batch_size):
+            batch = images[start:start + batch_size].detach().float().to(device).requires_grad_(True)
+            (grads,) = torch.autograd.grad(log_probabilities(model(batch).float(), task).sum(), batch)
+            energies.append(grads.pow(2).sum(dim=1).cpu().numpy())
+    finally:
+        model.train(was_training)
+    energy = np.concatenate(energies) if energies else np.zeros((0,) + tuple(images.shape[-2:]), np.float32)
+    inside = np.asarray(masks, dtype=bool)
+    table = pd.DataFrame({"outside": (energy * ~inside).sum(axis=(1, 2)), "inside": (energy * inside).sum(axis=(1, 2))})
+    if artefacts is not None:
+        artefacts = np.asarray(artefacts, dtype=bool)
+        on = (energy * artefacts).sum(axis=(1, 2))
+        table["on artefact"] = np.where(artefacts.any(axis=(1, 2)), on, np.nan)
+    return table
+
+
+def sensitivity_table(comparison: FixComparison, models: dict[str, TrainedModel], data: LoadedDataset) -> pd.DataFrame:
+    """Why an input-gradient penalty can be met while the shortcut stays: per model, the mean of
+    :func:`input_gradient_energy` over the test images, outside the true masks (RRR's penalty), inside them and on
+    the shortcut artefact (images that carry it), the artefact's share of each such image's gradient energy, and the
+    shortcut-driven rate of ``comparison`` (the twins: a finite change). One row per model of ``models``."""
+    rows = []
+    for name, trained in models.items():
+        tensors = split_tensors(data, "test", trained.meta)
+        artefacts = shortcut_artefact_masks(data, tensors["image_id"], trained.meta["image_size"])
+        energy = input_gradient_energy(trained.model, tensors["image"], tensors["mask"][:, 0].numpy() > 0.5,
+                                       trained.meta["task"], artefacts)
+        row = {"model": name, "gradient² outside the mask (RRR's penalty)": float(energy["outside"].mean()),
+               "gradient² inside the mask": float(energy["inside"].mean())}
+        if "on artefact" in energy:
+            carried = energy["on artefact"].notna()
+            row["gradient² on the artefact"] = float(energy.loc[carried, "on artefact"].mean())
+            row["artefact share of the gradient²"] = float((energy.loc[carried, "on artefact"] / (
+                energy.loc[carried, "outside"] + energy.loc[carried, "inside"])).mean())
+        row["shortcut-driven rate"] = comparison.value(name, "shortcut-driven rate")
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def target_check(comparison: FixComparison, baseline: str, fixed: str,
                  metrics: tuple[str, ...] = ("shortcut-driven rate", "agree − disagree gap")) -> pd.DataFrame:
     """The issue's targets for one fixed model against the baseline: each metric at most half the baseline's,
