@@ -82,6 +82,10 @@ def test_naming_counts_hits_per_cluster_and_scores_the_best_match():
     patch[[0, 1, 2], 0, 0] = True
     hits = artefact_hits(top, {"patch": patch, "ruler": np.zeros_like(patch)})
     assert hits["patch"].tolist() == [True, True, True, False] and not hits["ruler"].any()
+    near = np.zeros((4, 4, 4), bool)
+    near[3, 0, 2] = True  # prediction 3's artefact lies 2 px from its top pixel
+    assert artefact_hits(top, {"near": near}, tolerance_px=1.5)["near"].tolist() == [False] * 4
+    assert artefact_hits(top, {"near": near}, tolerance_px=2.0)["near"].tolist() == [False, False, False, True]
     labels = np.array([0, 0, 1, 1])
     rows = pd.DataFrame({"class": ["a", "a", "b", "b"], "confidence": [0.9, 0.7, 0.6, 0.8],
                          "shortcut_driven": [True, True, False, False]})
@@ -233,6 +237,8 @@ def test_reveal_study_names_the_clusters_with_the_artefact_maps_of_synthetic_dat
     results, masks = _fake_results(data, classifier, looked_at_patch=True)
     study = reveal_study(results, data, classifier, masks, options=RevealOptions(share=1.0, max_clusters=4))
     assert len(study.rows) == len(results) and {"what cluster", "where cluster", "shortcut_driven", "on patch"} <= set(study.rows)
+    assert study.tolerance_px == 64 / 2 / 4  # a quarter of the last block's cell: 2 x 2 cells at 64 px
+    assert study.patch_touching["purity"] <= 1.0
     assert study.clusters["size"].sum() == len(results) and "on vignette" in study.clusters
     on_patch = study.rows["on patch"].to_numpy()
     assert on_patch.any() and not on_patch.all()

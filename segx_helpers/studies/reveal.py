@@ -46,7 +46,7 @@ from torch import nn
 from segx_helpers.data.format import LoadedDataset
 from segx_helpers.data.synthetic import artefact_masks, shortcut_pairs
 from segx_helpers.models.checkpoints import TrainedModel, split_tensors
-from segx_helpers.models.networks import previous_block
+from segx_helpers.models.networks import feature_grid, find_target_layer, previous_block
 from segx_helpers.scores.saliency import top_percent
 from segx_helpers.studies.artefacts import artefact_columns, artefact_table
 from segx_helpers.studies.shortcut import shortcut_driven
@@ -65,9 +65,11 @@ class RevealOptions:
     SegU); ``p``: the off-region top ``p`` % pixels are where the model looked off the region (5, as the paper's
     saliency map); ``layer``: the classifier module whose features describe *what* (a name for
     ``model.get_submodule``, e.g. ``"layer3"``; None: :func:`classifier_layer`'s default); ``grid``: the *where*
-    descriptor's size (``grid`` ×
-    ``grid`` cells); ``max_clusters``: the largest number of clusters tried (from 2); ``seed``: k-means and
-    spectral clustering's seed.
+    descriptor's size (``grid`` × ``grid`` cells); ``max_clusters``: the largest number of clusters tried (from 2);
+    ``seed``: k-means and spectral clustering's seed; ``tolerance_px``: how near its off-region top must come to an
+    artefact for a prediction to count as looking at it, in pixels of the maps (None: a quarter of a Grad-CAM cell of
+    the classifier's last block, 8 px at 128 px with a 4 × 4 grid: notebook 05's nearest distance bin, below what
+    such a map can resolve).
     """
 
     share: float = 0.5
@@ -77,6 +79,7 @@ class RevealOptions:
     grid: int = 8
     max_clusters: int = 6
     seed: int = 0
+    tolerance_px: float | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 < self.share <= 1.0:
@@ -284,11 +287,18 @@ def centroids(descriptors: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 # ------------------------------------------------------------------------------ 4. name: the ground truth a dataset has
 
-def artefact_hits(top: np.ndarray, artefacts: dict[str, np.ndarray]) -> pd.DataFrame:
-    """Does each prediction's off-region top (bool ``(M, H, W)``) touch each artefact? ``artefacts``: kind -> bool
-    ``(M, H, W)`` (the artefact's pixels in each prediction's image, at the maps' size). One bool column per kind."""
-    return pd.DataFrame({kind: (np.asarray(top, bool) & np.asarray(where, bool)).any(axis=(1, 2))
-                         for kind, where in artefacts.items()})
+def artefact_hits(top: np.ndarray, artefacts: dict[str, np.ndarray], tolerance_px: float = 0.0) -> pd.DataFrame:
+    """Does each prediction's off-region top (bool ``(M, H, W)``) come within ``tolerance_px`` of each artefact (0:
+    touch it)? ``artefacts``: kind -> bool ``(M, H, W)`` (the artefact's pixels in each prediction's image, at the
+    maps' size). One bool column per kind."""
+    top = np.asarray(top, bool)
+    out = {}
+    for kind, where in artefacts.items():
+        where = np.asarray(where, bool)
+        if tolerance_px > 0:
+            where = np.stack([ndimage.distance_transform_edt(~w) <= tolerance_px if w.any() else w for w in where])
+        out[kind] = (top & where).any(axis=(1, 2))
+    return pd.DataFrame(out)
 
 
 def pixel_artefacts(data: LoadedDataset, image_ids, size: int, kinds=PIXEL_ARTEFACTS) -> dict[str, np.ndarray] | None:
@@ -399,9 +409,10 @@ class RevealStudy:
     ``rows``: the collected rows with ``what cluster``, ``where cluster``, ``shortcut_driven`` (twins) and one
     ``on <artefact>`` column per artefact map; ``clusters`` / ``where_clusters``: :func:`cluster_table` of each;
     ``concept``: the :class:`Concept` of the cluster chosen without labels (:func:`concept_cluster`,
-    :func:`concept_detector`); ``patch`` / ``where_patch``:
-    :func:`best_match` against the predictions whose off-region top touches the patch (None without artefact maps);
-    ``flags``: :func:`flag_auroc` per image-level artefact flag (None without flags); ``options``."""
+    :func:`concept_detector`); ``patch`` / ``where_patch``: :func:`best_match` of the *what* / *where* clusters against
+    the predictions whose off-region top comes within ``tolerance_px`` of the patch, ``patch_touching`` the *what*
+    clusters' against those whose top touches it (None without artefact maps); ``flags``: :func:`flag_auroc` per
+    image-level artefact flag (None without flags); ``options``; ``tolerance_px``: the tolerance used."""
 
     collected: OffRegion
     what: Clustering
@@ -413,8 +424,10 @@ class RevealStudy:
     where_clusters: pd.DataFrame
     concept: Concept
     options: RevealOptions
+    tolerance_px: float = 0.0
     patch: dict | None = None
     where_patch: dict | None = None
+    patch_touching: dict | None = None
     flags: pd.DataFrame | None = None
 
     def members(self, cluster: int, clustering: str = "what") -> np.ndarray:
@@ -446,8 +459,7 @@ def reveal_study(results: Results | str | Path, data: LoadedDataset, classifier:
     results, masks = _results_and_masks(results, masks)
     collected = collect_off_region(results, masks, options)
     tensors = split_tensors(data, split, classifier.meta)
-    layer = classifier_layer(classifier.model, options.layer)
-    features = feature_maps(classifier.model, tensors["image"], layer)
+    features = feature_maps(classifier.model, tensors["image"], classifier_layer(classifier.model, options.layer))
     index = collected.rows["image_index"].to_numpy()
     what_x = what_descriptors(features, collected.top, index)
     where_x = where_descriptors(collected.off, options.grid)
@@ -456,22 +468,41 @@ def reveal_study(results: Results | str | Path, data: LoadedDataset, classifier:
     rows = collected.rows.reset_index(drop=True).assign(**{"what cluster": what.labels, "where cluster": where.labels})
     if shortcut_pairs(data.info):
         rows["shortcut_driven"] = shortcut_driven(classifier.model, classifier.meta, data, rows)
-    ids = [tensors["image_id"][i] for i in index]
-    pixel = pixel_artefacts(data, ids, collected.top.shape[-1])
-    hits = artefact_hits(collected.top, pixel) if pixel else None
-    if hits is not None:
-        rows = pd.concat([rows, hits.add_prefix("on ")], axis=1)
-    flags = None if pixel else image_flags(data, ids)
     chosen = concept_cluster(what_x, what.labels, background_feature(features, masks))
     concept = concept_detector(features, collected, what.labels, chosen, what_x)
-    study = RevealStudy(collected, what, where, what_x, where_x, rows, cluster_table(rows, what.labels, hits),
-                        cluster_table(rows, where.labels, hits), concept, options)
-    if hits is not None and "patch" in hits:
-        study.patch = best_match(what.labels, hits["patch"].to_numpy())
-        study.where_patch = best_match(where.labels, hits["patch"].to_numpy())
-    if flags is not None:
-        study.flags = flag_auroc(what.labels, flags, seed=options.seed)
+    study = RevealStudy(collected, what, where, what_x, where_x, rows, cluster_table(rows, what.labels),
+                        cluster_table(rows, where.labels), concept, options)
+    _name_clusters(study, data, classifier, [tensors["image_id"][i] for i in index])
     return study
+
+
+def quarter_cell_px(classifier: TrainedModel) -> float:
+    """A quarter of a Grad-CAM cell of ``classifier``'s last block, in pixels of its input (8 at 128 px with 4 × 4)."""
+    size = classifier.meta["image_size"]
+    grid = feature_grid(classifier.model, find_target_layer(classifier.model), size, classifier.meta.get("in_channels", 3))
+    return size / grid[0] / 4
+
+
+def _name_clusters(study: RevealStudy, data: LoadedDataset, classifier: TrainedModel, image_ids: list[str]) -> None:
+    """Step 4 on ``study`` (in place): ``on <artefact>`` columns and the per-cluster shares from per-pixel artefact maps
+    (within ``options.tolerance_px``, default :func:`quarter_cell_px`), the patch matches, or else the image-level flags'
+    :func:`flag_auroc`."""
+    collected, options = study.collected, study.options
+    pixel = pixel_artefacts(data, image_ids, collected.top.shape[-1])
+    if not pixel:
+        flags = image_flags(data, image_ids)
+        study.flags = None if flags is None else flag_auroc(study.what.labels, flags, seed=options.seed)
+        return
+    study.tolerance_px = float(options.tolerance_px if options.tolerance_px is not None else quarter_cell_px(classifier))
+    hits = artefact_hits(collected.top, pixel, study.tolerance_px)
+    study.rows = pd.concat([study.rows, hits.add_prefix("on ")], axis=1)
+    study.clusters = cluster_table(study.rows, study.what.labels, hits)
+    study.where_clusters = cluster_table(study.rows, study.where.labels, hits)
+    if "patch" in hits:
+        study.patch = best_match(study.what.labels, hits["patch"].to_numpy())
+        study.where_patch = best_match(study.where.labels, hits["patch"].to_numpy())
+        touching = artefact_hits(collected.top, {"patch": pixel["patch"]})["patch"].to_numpy()
+        study.patch_touching = best_match(study.what.labels, touching)
 
 
 # ------------------------------------------------------------------------------ 5. revise: where the concept fires
