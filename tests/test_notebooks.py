@@ -307,9 +307,9 @@ def test_tutorial_notebook_08_names_what_the_least_certain_predictions_looked_at
     import pandas as pd
 
     comparison = pd.read_csv(tutorial_run.outputs / "reveal_comparison.csv")
-    assert set(comparison["model"]) == {"baseline", "revised", "07: background (mask)"}  # beside 07's fix
+    assert set(comparison["model"]) == {"baseline", "revised", "07: control (no fix)", "07: RRR", "07: background"}
     rates = pd.read_csv(tutorial_run.outputs / "reveal_rate_by_distance.csv")
-    assert set(rates["model"]) == set(comparison["model"]) and len(rates) == 3 * len(set(rates["bin"]))
+    assert set(rates["model"]) == set(comparison["model"]) and len(rates) == 5 * len(set(rates["bin"]))
     assert "From where to what" in (tutorial_run.root / "outputs" / "report.md").read_text()
 
 

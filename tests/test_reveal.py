@@ -264,3 +264,18 @@ def test_reveal_study_runs_on_a_real_layout_with_image_level_flags_only(tmp_path
     flagged = study.flags.dropna(subset=["AUROC"])
     assert set(flagged["artefact"]) == {"ruler", "ink", "dark_corner"}  # the fixture's flags that vary
     assert ((flagged["AUROC"] >= 0.5) & (flagged["random AUROC"] >= 0.5)).all()
+
+
+def test_notebook_07s_fixes_stand_beside_without_its_baseline(tmp_path):
+    from segx_helpers.studies.reveal import with_notebook_07
+    from segx_helpers.workflows.settings import TutorialPaths
+
+    paths = TutorialPaths.at(tmp_path)
+    here = pd.DataFrame({"model": ["baseline", "revised"], "metric": "accuracy", "value": [0.5, 0.7]})
+    assert with_notebook_07(here, paths, "synthetic-derm", "fix_comparison.csv").equals(here)  # 07 has not run
+    paths.outputs("synthetic-derm").mkdir(parents=True)
+    pd.DataFrame({"model": ["baseline", "RRR", "background"], "metric": "accuracy", "value": [0.5, 0.3, 0.7],
+                  "ci_low": 0.0, "ci_high": 1.0}).to_csv(paths.outputs("synthetic-derm") / "fix_comparison.csv", index=False)
+    both = with_notebook_07(here, paths, "synthetic-derm", "fix_comparison.csv")
+    assert both["model"].tolist() == ["baseline", "revised", "07: RRR", "07: background"]
+    assert list(both.columns) == ["model", "metric", "value"] and both["value"].tolist() == [0.5, 0.7, 0.3, 0.7]

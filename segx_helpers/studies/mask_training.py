@@ -577,15 +577,21 @@ class FixComparison:
     evaluations: dict
 
     def wide(self, digits: int = 3) -> pd.DataFrame:
-        """One row per model, one column per metric, each cell ``value [low, high]``."""
-        cells = self.metrics.assign(text=[f"{v:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
-                                          for v, lo, hi in self.metrics[["value", "ci_low", "ci_high"]].to_numpy()])
-        return cells.pivot(index="model", columns="metric", values="text").loc[list(self.results)][
-            list(dict.fromkeys(self.metrics["metric"]))]
+        """One row per model, one column per metric, each cell ``value [low, high]`` (:func:`wide_metrics`)."""
+        return wide_metrics(self.metrics, digits)
 
     def value(self, model: str, metric: str, what: str = "value") -> float:
         row = self.metrics[(self.metrics["model"] == model) & (self.metrics["metric"] == metric)]
         return float(row[what].iloc[0]) if len(row) else float("nan")
+
+
+def wide_metrics(metrics: pd.DataFrame, digits: int = 3) -> pd.DataFrame:
+    """``metrics`` (model, metric, value, ci_low, ci_high) as one row per model and one column per metric, in the order
+    they first appear, each cell ``value [low, high]``."""
+    cells = metrics.assign(text=[f"{v:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+                                 for v, lo, hi in metrics[["value", "ci_low", "ci_high"]].to_numpy()])
+    return cells.pivot(index="model", columns="metric", values="text").loc[list(dict.fromkeys(metrics["model"]))][
+        list(dict.fromkeys(metrics["metric"]))]
 
 
 def _mean_ci(values, groups, n_resamples: int, seed: int) -> tuple[float, float, float]:

@@ -28,7 +28,6 @@ and a dataset, with whichever ground truth the dataset has.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -584,15 +583,16 @@ def concept_regions(study: RevealStudy, classifier: TrainedModel, tensors: dict)
 
 # ------------------------------------------------------------------------------ what notebook 08 records
 
-def notebook_07_fix(paths: TutorialPaths, dataset: str) -> Path | None:
-    """The checkpoint of notebook 07's chosen mask-based fix on ``dataset``: the background intervention with the q it
-    chose on validation (``outputs/summary.json``'s ``fix.chosen.background``, e.g. ``"background q=0.5"``), in
-    ``artifacts/<dataset>/fix/``; None when notebook 07 has not run under ``paths``."""
-    summary_path = paths.root / "outputs" / "summary.json"
-    summary = json.loads(summary_path.read_text()).get(dataset, {}) if summary_path.is_file() else {}
-    q = ((summary.get("fix") or {}).get("chosen") or {}).get("background", "").partition("q=")[2]
-    path = paths.fixes(dataset) / f"background_{q}.pt"
-    return path if q and path.is_file() else None
+def with_notebook_07(table: pd.DataFrame, paths: TutorialPaths, dataset: str, name: str) -> pd.DataFrame:
+    """``table`` followed by notebook 07's rows of the same table (``outputs/<dataset>/<name>``: ``fix_comparison.csv``
+    or ``fix_rate_by_distance.csv``, with a ``model`` column) for its fixes, renamed ``07: <model>``; its baseline
+    rows are left out (the same classifier, measured here too). ``table`` unchanged when notebook 07 has not run."""
+    path = paths.outputs(dataset) / name
+    if not path.is_file():
+        return table
+    earlier = pd.read_csv(path)
+    earlier = earlier[earlier["model"] != "baseline"]
+    return pd.concat([table, earlier.assign(model="07: " + earlier["model"])[table.columns]], ignore_index=True)
 
 
 def reveal_summary(study: RevealStudy, comparison, baseline: str = "baseline", revised: str = "revised") -> dict:
