@@ -15,8 +15,8 @@ a heatmap is made of) and Reveal to Revise (Pahde et al. 2023):
 3. **Cluster** (:func:`cluster_descriptors`) with scikit-learn: k-means on *what*, the number of clusters by the
    silhouette score; spectral clustering on *where*, the number by the eigengap of the graph Laplacian.
 4. **Name** the clusters with what the data knows, never used before this step: per-pixel artefact maps
-   (:func:`artefact_hits`, the synthetic sets: does the off-region top touch the patch, a ruler, hair, a dark
-   corner?), image-level flags (:func:`flag_auroc`, the ISIC 2018 trap sets: the AUROC of cluster membership for
+   (:func:`artefact_hits`, the synthetic sets: does the off-region top come within a quarter of a Grad-CAM cell of
+   the patch, a ruler, hair, a dark corner?), image-level flags (:func:`flag_auroc`, the ISIC 2018 trap sets: the AUROC of cluster membership for
    each artefact against a random-cluster baseline) and counterfactual twins (the shortcut-driven share).
 5. **Revise** (:func:`concept_regions`): the cluster least like ordinary skin (:func:`concept_cluster`) becomes a
    detector on the classifier's features (:func:`concept_detector`); where it fires in each training image, grown by
