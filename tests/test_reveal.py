@@ -107,6 +107,10 @@ def test_flag_auroc_beats_random_clusters_only_for_a_flag_the_clusters_follow():
     assert table.loc["ruler", "random AUROC"] < 0.75
     assert not table.loc["ink", "above random"]
     assert np.isnan(table.loc["never", "AUROC"]) and table.loc["never", "with"] == 0
+    from sklearn.metrics import roc_auc_score
+
+    ink = flags["ink"].to_numpy()
+    assert table.loc["ink", "AUROC"] == pytest.approx(max(roc_auc_score(ink, labels == c) for c in range(3)))
 
 
 def test_concept_detector_fires_on_the_cells_like_its_cluster_without_labels():
@@ -253,10 +257,10 @@ def test_reveal_study_runs_on_a_real_layout_with_image_level_flags_only(tmp_path
 
     from segx_helpers.data.converters import convert_isic2018_trap
 
-    make_isic_trap(tmp_path / "raw", "official", n=60, size=64)
+    make_isic_trap(tmp_path / "raw", "official", n=48, size=32)
     convert_isic2018_trap(tmp_path / "raw", tmp_path / "isic", verbose=False)
     data = load_dataset(tmp_path / "isic")
-    classifier = _untrained(data, 64)
+    classifier = _untrained(data, 32)
     results, masks = _fake_results(data, classifier, looked_at_patch=False)
     study = reveal_study(results, data, classifier, masks, options=RevealOptions(share=1.0, max_clusters=4))
     assert study.patch is None and "shortcut_driven" not in study.rows
