@@ -54,7 +54,7 @@ def make_tiny_dataset(tmp_path):
 
 @pytest.fixture(scope="session")
 def tutorial_run(tmp_path_factory) -> TutorialRun:
-    """The seven notebooks executed once in quick mode (minutes); every test taking this fixture reads this run."""
+    """The eight notebooks executed once in quick mode (minutes); every test taking this fixture reads this run."""
     return run_tutorial(tmp_path_factory.mktemp("tutorial"))
 
 

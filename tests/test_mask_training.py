@@ -230,3 +230,38 @@ def test_train_with_mask_trains_reuses_and_refuses_another_fix(make_tiny_dataset
     assert background.meta["metrics"]["images_swapped"] > 0 and background.meta["fix"]["init"]
     with pytest.raises(ValueError, match="probability"):
         train_with_mask(data, tmp_path / "x.pt", MaskFix("background", 2.0), config=config, classifier=small)
+
+
+class SaturatedReader(nn.Module):
+    """Class 1 when pixel (0, 0) of channel 0 is bright, through a saturating tanh: locally flat around a drawn
+    artefact, yet removing it flips the prediction (what RRR's penalty cannot see, issue 34)."""
+
+    def forward(self, x):
+        evidence = 10 * torch.tanh(20 * (x[:, 0, 0, 0] - 1.0))
+        return torch.stack([torch.zeros_like(evidence), evidence], dim=1)
+
+
+def test_input_gradient_energy_is_rrrs_penalty_and_misses_a_saturated_artefact():
+    from segx_helpers.studies.mask_training import input_gradient_energy
+
+    torch.manual_seed(0)
+    model = RegionReader(_square())
+    images = torch.randn(3, 3, 16, 16)
+    square = _square().bool().numpy()[None].repeat(3, axis=0)
+    energy = input_gradient_energy(model, images, square, "multiclass")
+    penalty, _ = rrr_penalty(model.eval(), images, torch.as_tensor(square).float()[:, None], "multiclass")
+    assert energy["outside"].max() < 1e-12 and (energy["inside"] > 0).all()
+    assert energy["outside"].mean() == pytest.approx(float(penalty.detach()), abs=1e-9)
+    whole = input_gradient_energy(model, images, np.zeros_like(square), "multiclass")
+    assert whole["outside"].to_numpy() == pytest.approx(energy["inside"].to_numpy(), rel=1e-5)  # nothing inside now
+    drawn = torch.zeros(1, 3, 16, 16)
+    drawn[0, 0, 0, 0] = 3.0  # the artefact drawn, far into the tanh's flat part
+    artefact = np.zeros((1, 16, 16), bool)
+    artefact[0, 0, 0] = True
+    flat = input_gradient_energy(SaturatedReader(), drawn, np.zeros((1, 16, 16), bool), "multiclass", artefact)
+    assert flat.loc[0, "on artefact"] < 1e-12  # the penalty is met on the artefact ...
+    twin = drawn.clone()
+    twin[0, 0, 0, 0] = 0.0
+    assert SaturatedReader()(drawn).argmax(1).item() == 1 and SaturatedReader()(twin).argmax(1).item() == 0  # ... yet it flips
+    assert np.isnan(input_gradient_energy(SaturatedReader(), twin, np.zeros((1, 16, 16), bool), "multiclass",
+                                          np.zeros((1, 16, 16), bool)).loc[0, "on artefact"])

@@ -161,7 +161,7 @@ def test_runner_main_passes_the_parameters_on(monkeypatch, tmp_path):
 
 
 # ---------------------------------------------------------------- the tutorial, run once (tests/notebook_run.py)
-# Each test below reads the one quick-mode run of the seven notebooks (the session fixture ``tutorial_run``);
+# Each test below reads the one quick-mode run of the eight notebooks (the session fixture ``tutorial_run``);
 # taking the fixture marks a test ``notebooks``. Values come from outputs/summary.json and the notebooks' own files.
 
 def _probability(value) -> bool:
@@ -194,6 +194,7 @@ SUMMARY_SECTIONS = {
     "05_segu_analysis": {"segu", "confidence", "aurc", "augrc", "shortcut_by_distance",
                          "shortcut_by_distance_block_before", "shortcut_by_distance_patch_present"},
     "07_train_with_the_mask": {"fix"},
+    "08_from_where_to_what": {"reveal"},
 }
 
 
@@ -308,12 +309,38 @@ def test_tutorial_fixes_are_compared_on_both_datasets(tutorial_run):
     assert {"baseline", "rrr", "background"} <= set(cxr) and set(cxr["targets_met"]) == {"rrr", "background"}
 
 
+def test_tutorial_notebook_08_names_what_the_least_certain_predictions_looked_at(tutorial_run):
+    """Issue 34: the reveal entry has exactly the issue's schema, its clusters cover the collected predictions, the
+    shares are probabilities, and the revised classifier is measured with the twins against the same baseline as 07."""
+    reveal = tutorial_run.summary()["reveal"]
+    assert set(reveal) == {"n_low_segu", "n_clusters", "clusters", "patch_cluster_purity", "patch_cluster_recall",
+                           "revise"}
+    assert isinstance(reveal["n_low_segu"], int) and reveal["n_clusters"] == len(reveal["clusters"]) >= 2
+    assert sum(c["size"] for c in reveal["clusters"]) == reveal["n_low_segu"]
+    for cluster in reveal["clusters"]:
+        assert set(cluster) == {"size", "shortcut_driven_share", "artefact_share"} and isinstance(cluster["size"], int)
+        assert set(cluster["artefact_share"]) == {"patch", "ruler", "hair", "vignette"}
+        assert _probability(cluster["shortcut_driven_share"]) and all(map(_probability, cluster["artefact_share"].values()))
+    assert _probability(reveal["patch_cluster_purity"]) and _probability(reveal["patch_cluster_recall"])
+    revise = reveal["revise"]
+    assert set(revise) == {"baseline_shortcut_driven_rate", "revised_shortcut_driven_rate", "revised_accuracy"}
+    assert all(map(_probability, revise.values()))
+    assert revise["baseline_shortcut_driven_rate"] == pytest.approx(tutorial_run.summary()["fix"]["baseline"]["shortcut_driven_rate"])
+    import pandas as pd
+
+    comparison = pd.read_csv(tutorial_run.outputs / "reveal_comparison.csv")
+    assert set(comparison["model"]) == {"baseline", "revised", "07: control (no fix)", "07: RRR", "07: background"}
+    rates = pd.read_csv(tutorial_run.outputs / "reveal_rate_by_distance.csv")
+    assert set(rates["model"]) == set(comparison["model"]) and len(rates) == 5 * len(set(rates["bin"]))
+    assert "From where to what" in (tutorial_run.root / "outputs" / "report.md").read_text()
+
+
 def test_tutorial_writes_its_figures_and_report(tutorial_run):
     from segx_helpers.workflows.report import write_report
 
     figures = tutorial_run.outputs / "figures"
     for figure in ("01_examples.png", "02_worst_cases.png", "03_shortcut_accuracy.png", "04_gallery.png",
-                   "05_risk_coverage.png", "07_fix_comparison.png"):
+                   "05_risk_coverage.png", "07_fix_comparison.png", "08_cluster_crops.png", "08_revise_comparison.png"):
         assert (figures / figure).is_file(), figure
     report = write_report(tutorial_run.root).read_text()
     assert "Missing" not in report and "AUROC" in report

@@ -219,3 +219,20 @@ def test_a_classifier_that_predicts_one_class_makes_the_report_say_not_a_valid_t
     assert findings.startswith("- **Not a valid test of SegU:**") and "did not hold" not in findings
     assert "cannot be judged here" in findings
     assert "did not hold" in segu_findings(stats, stats.iloc[:0].assign(errors=[]), None)
+
+
+def test_report_shows_notebook_08s_clusters_and_the_revision(tmp_path):
+    from segx_helpers.workflows.report import build_report
+
+    shares = {"patch": 0.9, "ruler": 0.0, "hair": 0.1, "vignette": 0.2}
+    update_summary(tmp_path, "synthetic-derm", classifier={"shortcut_driven_rate": 0.5}, reveal={
+        "n_low_segu": 100, "n_clusters": 2, "patch_cluster_purity": 0.94, "patch_cluster_recall": 1.0,
+        "clusters": [{"size": 60, "shortcut_driven_share": 0.8, "artefact_share": shares},
+                     {"size": 40, "shortcut_driven_share": 0.3, "artefact_share": {k: 0.0 for k in shares}}],
+        "revise": {"baseline_shortcut_driven_rate": 0.5, "revised_shortcut_driven_rate": 0.05, "revised_accuracy": 0.7}})
+    text = build_report(tmp_path)
+    assert "100 least certain predictions, 2 clusters." in text
+    assert "| 0 | 60 | 0.800 | 0.900 | 0.000 | 0.100 | 0.200 |" in text
+    assert "purity 0.940, recall 1.000" in text and "0.500 (baseline) → 0.050" in text
+    update_summary(tmp_path / "without", "synthetic-derm", classifier={"shortcut_driven_rate": 0.5})
+    assert "Missing: run notebook 08" in build_report(tmp_path / "without")  # a synthetic run without notebook 08

@@ -4,7 +4,7 @@
 
 Builds a static HTML site from the notebooks that ``make tutorial`` executed (``<root>/outputs/notebooks/``; they
 are never executed again) with Sphinx, myst-nb and sphinx-book-theme (the ``docs`` extra): the README as the landing
-page, notebooks 01-07 in order with their figures and tables, then the pages of docs/ (:data:`PAGES`). Each
+page, notebooks 01-08 in order with their figures and tables, then the pages of docs/ (:data:`PAGES`). Each
 notebook page starts with its Colab badge and how it was run (mode, device, start, commit, run time: the runner's
 ``outputs/timings.json``). The Sphinx project is written to ``<out>/source`` and the site to
 ``<out>/html`` (default ``<root>/outputs/book``); open ``<out>/html/index.html`` from disk. The site loads nothing
@@ -33,7 +33,7 @@ from segx_helpers.workflows.report import read_run_records
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MARKER = ".made-by-segx-book"
-PAGES = ("docs/real-data.md", "docs/audit.md", "docs/scale.md", "docs/REFERENCE.md", "docs/NOTES.md")
+PAGES = ("docs/real-data.md", "docs/colab.md", "docs/audit.md", "docs/scale.md", "docs/REFERENCE.md", "docs/NOTES.md")
 """Markdown pages after the notebooks, as paths in the repository."""
 FOLDERS = ("docs/figures",)
 """Folders of the repository the pages refer to (pictures), copied as they are."""

@@ -11,6 +11,11 @@ the supervision needed to change it. Two fixes, both tested:
   the region outside the mask is replaced by another training image's pixels (``fill="shuffle"``) or by
   noise (``fill="noise"``), so nothing outside the mask can predict the label,
   :class:`BackgroundIntervention` (a ``collate_fn``).
+- **Region intervention** (notebook 08, the same idea restricted to a region found in the data, not to the
+  mask): with probability ``q`` per training image, the pixels of its own artefact region and of another training
+  image's are replaced by that other image's, so the artefact moves between images whatever their labels,
+  :func:`swap_regions` and :class:`RegionIntervention`; the regions come from
+  :func:`segx_helpers.studies.reveal.concept_regions`, with no artefact label.
 
 Which mask: the training split's ground-truth masks by default; a segmenter's predicted masks as an option
 (what a user has who lacks masks for every training image). Images without a mask are left alone (no penalty,
@@ -32,6 +37,7 @@ import torch
 from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, default_collate
+from torchvision import tv_tensors
 
 from segx_helpers.models.checkpoints import TrainedModel, load_trained, save_checkpoint, split_tensors, training_fingerprint
 from segx_helpers.data.format import LoadedDataset
@@ -56,7 +62,7 @@ from segx_helpers.studies.shortcut import prediction_rows, shortcut_artefact_mas
 from segx_helpers.workflows.explanation_recipes import explain_predictions
 from segx_helpers.workflows.results import SplitLabels, explanation_results
 
-FIXES = ("rrr", "background")
+FIXES = ("rrr", "background", "region")
 FILLS = ("shuffle", "noise")
 
 
@@ -214,6 +220,60 @@ class BackgroundIntervention:
         return batch
 
 
+# ------------------------------------------------------------------------------ the region intervention (notebook 08)
+
+def swap_regions(images: torch.Tensor, regions: torch.Tensor, q: float, generator: torch.Generator | None = None,
+                 keep: torch.Tensor | None = None) -> torch.Tensor:
+    """A copy of ``images`` ``(N, C, H, W)`` where, for each image with probability ``q``, the pixels inside its own
+    region or inside the region of a donor (another image of the batch, in a random cyclic order) take the donor's
+    values: the donor's artefact moves in and the image's own moves out, so whether an image shows the artefact no
+    longer depends on its label. ``regions`` ``(N, 1, H, W)`` or ``(N, H, W)``, 1 where the artefact is;
+    ``keep`` (same shape): pixels never replaced (e.g. the lesion). A batch of one image is returned unchanged."""
+    if not 0.0 <= q <= 1.0:
+        raise ValueError(f"q must lie in [0, 1], got {q}")
+    n = images.shape[0]
+    regions = _as_pixel_masks(regions, images)
+    if n < 2:
+        return images.clone()
+    order = torch.randperm(n, generator=generator)
+    donor = torch.empty(n, dtype=torch.long)
+    donor[order] = order.roll(-1)
+    chosen = (torch.rand(n, generator=generator) < q).to(images.device)[:, None, None, None]
+    replace = (regions | regions[donor.to(regions.device)]) & chosen
+    if keep is not None:
+        replace = replace & ~_as_pixel_masks(keep, images)
+    return torch.where(replace, images[donor.to(images.device)], images)
+
+
+def _as_pixel_masks(masks: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """``masks`` as bool ``(N, 1, H, W)`` on ``images``' device; ``ValueError`` when they do not match ``images``."""
+    masks = torch.as_tensor(masks, device=images.device)
+    if masks.ndim == 3:
+        masks = masks[:, None]
+    if masks.shape[0] != images.shape[0] or masks.shape[-2:] != images.shape[-2:]:
+        raise ValueError(f"masks {tuple(masks.shape)} do not match images {tuple(images.shape)}")
+    return masks.float() > 0.5
+
+
+class RegionIntervention:
+    """A ``collate_fn``: the default collation, then :func:`swap_regions` on the batch's images with the batch's
+    ``region`` (:class:`RegionDataset`), never touching the lesion (``mask`` of the images that have one); seeded.
+    ``swapped`` counts the images changed so far."""
+
+    def __init__(self, q: float, seed: int = 0) -> None:
+        self.q = float(q)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.swapped = 0
+
+    def __call__(self, items: list[dict]) -> dict:
+        batch = default_collate(items)
+        before = batch["image"]
+        lesion = batch["mask"] * torch.as_tensor(batch["has_mask"], dtype=batch["mask"].dtype)[:, None, None, None]
+        batch["image"] = swap_regions(before, batch["region"], self.q, self.generator, keep=lesion)
+        self.swapped += int((batch["image"] != before).flatten(1).any(dim=1).sum())
+        return batch
+
+
 # ------------------------------------------------------------------------------ which mask
 
 class MaskSourceDataset(SegXDataset):
@@ -236,6 +296,33 @@ class MaskSourceDataset(SegXDataset):
         return image, source
 
 
+class RegionDataset(MaskSourceDataset):
+    """A :class:`MaskSourceDataset` whose items also carry ``region`` ``(1, H, W)`` in {0, 1}: ``regions[image_id]``
+    (bool ``(H, W)``, any size: resized nearest; an image without one gets none), transformed with the image and
+    its mask (the same flips and rotation)."""
+
+    def __init__(self, data: LoadedDataset, split: str, image_size: int, normalization: Normalization | None = None,
+                 train: bool = False, masks: dict | None = None, regions: dict | None = None) -> None:
+        super().__init__(data, split, image_size, normalization, train=train, masks=masks)
+        self.regions = regions or {}
+
+    def __getitem__(self, i: int) -> dict:
+        image, mask = self._load(i)
+        has_mask = mask is not None
+        mask_array = mask if has_mask else np.zeros(image.shape[:2], dtype=bool)
+        image_id = self.rows.iloc[i]["image_id"]
+        region = np.asarray(self.regions.get(image_id, np.zeros(image.shape[:2], dtype=bool)), dtype=bool)
+        if region.shape != image.shape[:2]:
+            region = np.asarray(Image.fromarray(region).resize(image.shape[1::-1], Image.NEAREST))
+        image_t, mask_t, region_t = self.transform(tv_tensors.Image(torch.from_numpy(image).permute(2, 0, 1)),
+                                                   tv_tensors.Mask(torch.from_numpy(mask_array.astype(np.uint8))[None]),
+                                                   tv_tensors.Mask(torch.from_numpy(region.astype(np.uint8))[None]))
+        target = torch.as_tensor(self.targets[i], dtype=torch.int64 if self.data.info.task == "multiclass" else torch.float32)
+        return {"image": image_t.as_subclass(torch.Tensor), "mask": (mask_t.as_subclass(torch.Tensor) > 0.5).float(),
+                "region": (region_t.as_subclass(torch.Tensor) > 0.5).float(), "target": target, "has_mask": has_mask,
+                "image_id": image_id}
+
+
 def predicted_training_masks(segmenter: TrainedModel, data: LoadedDataset, split: str = "train") -> dict:
     """A segmenter's binary masks for one split, image id -> bool ``(H, W)`` at its own input size (the
     mask source for a user without ground-truth masks for every training image)."""
@@ -251,7 +338,9 @@ class MaskFix:
     """Which fix :func:`train_with_mask` applies, how strongly, and with which masks.
 
     ``method``: ``"rrr"`` (``strength`` = λ of :class:`RRRLoss`, ``penalty_images`` as there),
-    ``"background"`` (``strength`` = q of :class:`BackgroundIntervention`, ``fill`` as there) or ``"none"``
+    ``"background"`` (``strength`` = q of :class:`BackgroundIntervention`, ``fill`` as there), ``"region"``
+    (``strength`` = q of :class:`RegionIntervention`, with ``regions``: image id -> bool ``(H, W)``, where each
+    training image's artefact is; ``region_name`` names them in the checkpoint) or ``"none"``
     (the control: the same training without a fix). ``masks`` (image id -> bool ``(H, W)``) replaces the
     training split's ground-truth masks (e.g. :func:`predicted_training_masks`); ``mask_name`` names the
     source in the checkpoint. A ``ValueError`` names a bad method or strength.
@@ -263,14 +352,18 @@ class MaskFix:
     penalty_images: int | None = None
     masks: dict | None = None
     mask_name: str = "ground truth"
+    regions: dict | None = None
+    region_name: str = ""
 
     def __post_init__(self) -> None:
         if self.method not in FIXES + ("none",):
             raise ValueError(f"method must be one of {FIXES}, got {self.method!r}")
         if not (isinstance(self.strength, (int, float)) and math.isfinite(self.strength) and self.strength >= 0):
             raise ValueError(f"strength must be a finite number >= 0, got {self.strength!r}")
-        if self.method == "background" and self.strength > 1:
-            raise ValueError(f"the background intervention's strength is a probability q in [0, 1], got {self.strength}")
+        if self.method in ("background", "region") and self.strength > 1:
+            raise ValueError(f"the {self.method} intervention's strength is a probability q in [0, 1], got {self.strength}")
+        if self.method == "region" and not self.regions:
+            raise ValueError("method='region' needs regions= (image id -> bool (H, W), e.g. reveal.concept_regions)")
 
     def record(self, init: TrainedModel | None) -> dict:
         """The fix as the checkpoint stores it (``meta["fix"]``, part of the fingerprint), with a SHA-256 of
@@ -279,7 +372,19 @@ class MaskFix:
                 "fill": self.fill if self.method == "background" else None, "masks": self.mask_name,
                 "penalty_images": self.penalty_images if self.method == "rrr" else None,
                 "init": None if init is None else hashlib.sha256(
-                    json.dumps(init.meta.get("fingerprint"), sort_keys=True).encode()).hexdigest()}
+                    json.dumps(init.meta.get("fingerprint"), sort_keys=True).encode()).hexdigest(),
+                **({"regions": self.region_name, "regions_sha256": regions_digest(self.regions)}
+                   if self.method == "region" else {})}
+
+
+def regions_digest(regions: dict) -> str:
+    """SHA-256 of ``regions`` (image id -> bool ``(H, W)``): the ids in order, each region's shape and bits."""
+    digest = hashlib.sha256()
+    for image_id in sorted(regions):
+        region = np.asarray(regions[image_id], dtype=bool)
+        digest.update(f"{image_id}:{region.shape}".encode())
+        digest.update(np.packbits(region).tobytes())
+    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -372,7 +477,7 @@ class _FixSplits:
     train_set: MaskSourceDataset
     train_loader: DataLoader
     val_loader: DataLoader
-    intervention: BackgroundIntervention | None
+    intervention: BackgroundIntervention | RegionIntervention | None
     last: dict | None = None
 
     @classmethod
@@ -381,9 +486,13 @@ class _FixSplits:
         """A ``ValueError`` when the training split has no masks and ``fix`` brings none."""
         if data.table.loc[data.table["split"] == "train", "mask_path"].isna().all() and not fix.masks:
             raise ValueError(f"{data.root} has no masks for its training split: pass masks= (e.g. predicted_training_masks)")
-        train_set = MaskSourceDataset(data, "train", image_size, norm, train=True, masks=fix.masks)
+        if fix.method == "region":
+            train_set = RegionDataset(data, "train", image_size, norm, train=True, masks=fix.masks, regions=fix.regions)
+            intervention = RegionIntervention(fix.strength, seed=seed)
+        else:
+            train_set = MaskSourceDataset(data, "train", image_size, norm, train=True, masks=fix.masks)
+            intervention = BackgroundIntervention(fix.strength, fix.fill, seed=seed) if fix.method == "background" else None
         val_set = SegXDataset(data, "val", image_size, norm)
-        intervention = BackgroundIntervention(fix.strength, fix.fill, seed=seed) if fix.method == "background" else None
         generator = torch.Generator().manual_seed(seed)
         train_loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, generator=generator,
                                   collate_fn=intervention)
@@ -495,15 +604,21 @@ class FixComparison:
     evaluations: dict
 
     def wide(self, digits: int = 3) -> pd.DataFrame:
-        """One row per model, one column per metric, each cell ``value [low, high]``."""
-        cells = self.metrics.assign(text=[f"{v:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
-                                          for v, lo, hi in self.metrics[["value", "ci_low", "ci_high"]].to_numpy()])
-        return cells.pivot(index="model", columns="metric", values="text").loc[list(self.results)][
-            list(dict.fromkeys(self.metrics["metric"]))]
+        """One row per model, one column per metric, each cell ``value [low, high]`` (:func:`wide_metrics`)."""
+        return wide_metrics(self.metrics, digits)
 
     def value(self, model: str, metric: str, what: str = "value") -> float:
         row = self.metrics[(self.metrics["model"] == model) & (self.metrics["metric"] == metric)]
         return float(row[what].iloc[0]) if len(row) else float("nan")
+
+
+def wide_metrics(metrics: pd.DataFrame, digits: int = 3) -> pd.DataFrame:
+    """``metrics`` (model, metric, value, ci_low, ci_high) as one row per model and one column per metric, in the order
+    they first appear, each cell ``value [low, high]``."""
+    cells = metrics.assign(text=[f"{v:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+                                 for v, lo, hi in metrics[["value", "ci_low", "ci_high"]].to_numpy()])
+    return cells.pivot(index="model", columns="metric", values="text").loc[list(dict.fromkeys(metrics["model"]))][
+        list(dict.fromkeys(metrics["metric"]))]
 
 
 def _mean_ci(values, groups, n_resamples: int, seed: int) -> tuple[float, float, float]:
@@ -615,6 +730,58 @@ def fix_summary(comparison: FixComparison, names: dict[str, str] | None = None) 
             entry[f"{key}_ci"] = [comparison.value(model, metric, "ci_low"), comparison.value(model, metric, "ci_high")]
         out[(names or {}).get(model, model)] = entry
     return out
+
+
+def input_gradient_energy(model: nn.Module, images: torch.Tensor, masks: np.ndarray, task: str,
+                          artefacts: np.ndarray | None = None, batch_size: int = 50) -> pd.DataFrame:
+    """Where a classifier is *locally* sensitive, per image of ``images`` ``(N, C, H, W)``: the squared input gradient
+    of the summed log-probabilities (what :func:`rrr_penalty` differentiates), summed over channels and over the
+    pixels ``outside`` the mask (bool ``(N, H, W)``: exactly RRR's penalty), ``inside`` it, and ``on artefact``
+    (``artefacts`` bool ``(N, H, W)``; NaN where an image has none). In eval mode, float32, without a graph for the
+    parameters. A counterfactual twin tests a *finite* change of the artefact; this tests an infinitesimal one."""
+    parameter = next(model.parameters(), None)
+    device = parameter.device if parameter is not None else images.device
+    was_training = model.training
+    model.eval()
+    energies = []
+    try:
+        for start in range(0, len(images), batch_size):
+            batch = images[start:start + batch_size].detach().float().to(device).requires_grad_(True)
+            (grads,) = torch.autograd.grad(log_probabilities(model(batch).float(), task).sum(), batch)
+            energies.append(grads.pow(2).sum(dim=1).cpu().numpy())
+    finally:
+        model.train(was_training)
+    energy = np.concatenate(energies) if energies else np.zeros((0,) + tuple(images.shape[-2:]), np.float32)
+    inside = np.asarray(masks, dtype=bool)
+    table = pd.DataFrame({"outside": (energy * ~inside).sum(axis=(1, 2)), "inside": (energy * inside).sum(axis=(1, 2))})
+    if artefacts is not None:
+        artefacts = np.asarray(artefacts, dtype=bool)
+        on = (energy * artefacts).sum(axis=(1, 2))
+        table["on artefact"] = np.where(artefacts.any(axis=(1, 2)), on, np.nan)
+    return table
+
+
+def sensitivity_table(comparison: FixComparison, models: dict[str, TrainedModel], data: LoadedDataset) -> pd.DataFrame:
+    """Why an input-gradient penalty can be met while the shortcut stays: per model, the mean of
+    :func:`input_gradient_energy` over the test images, outside the true masks (RRR's penalty), inside them and on
+    the shortcut artefact (images that carry it), the artefact's share of each such image's gradient energy, and the
+    shortcut-driven rate of ``comparison`` (the twins: a finite change). One row per model of ``models``."""
+    rows = []
+    for name, trained in models.items():
+        tensors = split_tensors(data, "test", trained.meta)
+        artefacts = shortcut_artefact_masks(data, tensors["image_id"], trained.meta["image_size"])
+        energy = input_gradient_energy(trained.model, tensors["image"], tensors["mask"][:, 0].numpy() > 0.5,
+                                       trained.meta["task"], artefacts)
+        row = {"model": name, "gradient² outside the mask (RRR's penalty)": float(energy["outside"].mean()),
+               "gradient² inside the mask": float(energy["inside"].mean())}
+        if "on artefact" in energy:
+            carried = energy["on artefact"].notna()
+            row["gradient² on the artefact"] = float(energy.loc[carried, "on artefact"].mean())
+            row["artefact share of the gradient²"] = float((energy.loc[carried, "on artefact"] / (
+                energy.loc[carried, "outside"] + energy.loc[carried, "inside"])).mean())
+        row["shortcut-driven rate"] = comparison.value(name, "shortcut-driven rate")
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def target_check(comparison: FixComparison, baseline: str, fixed: str,

@@ -514,3 +514,74 @@ def save_figure(fig, path: str | Path, dpi: int = 120) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi, bbox_inches="tight")
     return path
+
+
+# ------------------------------------------------------------------------------ from where to what (notebook 08)
+
+def plot_cluster_choice(criteria: dict[str, pd.DataFrame], chosen: dict[str, int], title: str) -> plt.Figure:
+    """One panel per clustering: its criterion against the number of clusters k, the chosen k marked. ``criteria``:
+    name -> table with ``k`` and one criterion column (e.g. ``silhouette``, ``eigengap``, as
+    :func:`segx_helpers.studies.reveal.cluster_descriptors` keeps them); ``chosen``: name -> k."""
+    fig, axes = plt.subplots(1, len(criteria), figsize=(4.2 * len(criteria), 3.0), squeeze=False)
+    for ax, (name, table) in zip(axes[0], criteria.items()):
+        column = [c for c in table.columns if c not in ("k", "eigenvalue")][0]
+        ax.plot(table["k"], table[column], marker="o", color="#4c72b0")
+        best = table[table["k"] == chosen[name]]
+        ax.scatter(best["k"], best[column], s=140, facecolors="none", edgecolors="#c44e52", linewidths=2,
+                   label=f"chosen: k = {chosen[name]}", zorder=3)
+        ax.set(title=name, xlabel="number of clusters k", ylabel=column)
+        ax.set_xticks(table["k"])
+        ax.legend(frameon=False, fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_cluster_crops(crops: np.ndarray, labels: np.ndarray, table: pd.DataFrame, title: str,
+                       per_cluster: int = 8) -> plt.Figure:
+    """A gallery row per cluster: the first ``per_cluster`` crops ``(M, s, s, C)`` in [0, 1] of its members (what each
+    looked at off the region), titled with the row of ``table`` (:func:`segx_helpers.studies.reveal.cluster_table`:
+    size, shortcut-driven share when known, mean confidence, the predicted class)."""
+    labels = np.asarray(labels)
+    clusters = table["cluster"].tolist()
+    fig, axes = plt.subplots(len(clusters), per_cluster, figsize=(1.25 * per_cluster, 1.75 * len(clusters)),
+                             squeeze=False)
+    for ax_row, row in zip(axes, table.to_dict("records")):
+        members = np.flatnonzero(labels == row["cluster"])[:per_cluster]
+        for ax in ax_row:
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_visible(False)
+        for ax, k in zip(ax_row, members):
+            ax.imshow(_as_display(crops[k]), cmap="gray" if crops.shape[-1] == 1 else None)
+        driven = (f", shortcut-driven {row['shortcut-driven share']:.0%}" if "shortcut-driven share" in row
+                  and np.isfinite(row["shortcut-driven share"]) else "")
+        ax_row[0].set_title(f"cluster {row['cluster']}: {row['size']} predictions{driven}, mean confidence "
+                            f"{row['mean confidence']:.2f}, predicted {row['predicted']}", fontsize=8, loc="left")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_region_intervention(before: np.ndarray, after: np.ndarray, regions: np.ndarray, masks: np.ndarray,
+                             title: str) -> plt.Figure:
+    """Training images before (top row, the discovered artefact region outlined in orange, the lesion in cyan) and
+    after (bottom row) the region intervention. ``before``/``after`` ``(N, H, W, C)`` in [0, 1]; ``regions`` and
+    ``masks`` bool ``(N, H, W)``."""
+    n = len(before)
+    fig, axes = plt.subplots(2, n, figsize=(2.2 * n, 4.6), squeeze=False)
+    for k in range(n):
+        for row, images in enumerate((before, after)):
+            axes[row, k].imshow(overlay(images[k], np.zeros(masks[k].shape), masks[k] >= 0.5, alpha=0.0))
+            _outline(axes[row, k], np.asarray(regions[k], bool), colour="#ff9f1c", width=1.5)
+            axes[row, k].set_xticks([])
+            axes[row, k].set_yticks([])
+    axes[0, 0].set_ylabel("as drawn", fontsize=9)
+    axes[1, 0].set_ylabel("regions swapped", fontsize=9)
+    handles = [plt.Line2D([], [], color="#ff9f1c", label="where the discovered concept fires"),
+               plt.Line2D([], [], color=(0.0, 0.9, 1.0), label="lesion (kept)")]
+    fig.legend(handles=handles, loc="lower center", ncol=2, frameon=False, fontsize=9)
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.05, 1, 0.95))
+    return fig

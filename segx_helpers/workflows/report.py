@@ -316,6 +316,14 @@ def build_report(root: str | Path, dataset: str = "synthetic-derm") -> str:
                          "while accuracy holds; 'target met' is at most half the baseline's, with intervals apart.",
                          fix_table(fix) if fix else missing("07_train_with_the_mask")))
 
+    reveal = run.get("reveal")
+    if synthetic or reveal:
+        parts.append(section("From where to what: what the least certain predictions looked at (notebook 08)",
+                             "Each cluster of the predictions SegU marks least certain, named with the artefact maps "
+                             "(the share of members whose off-region top touches each artefact); the revised classifier "
+                             "was trained against the discovered region, with no artefact label.",
+                             reveal_table(reveal) if reveal else missing("08_from_where_to_what")))
+
     figures = [("SegX gallery", "04_gallery.png"), ("Localisation", "04_localisation.png"),
                ("SegU by outcome", "05_segu_by_outcome.png"),
                ("SegU by the artefact's distance", "05_segu_by_distance.png"), ("Risk-coverage", "05_risk_coverage.png")]
@@ -389,6 +397,24 @@ def fix_table(fix: dict) -> str:
         return "_No models in the fix entry._"
     how = f"\n\nChosen on the validation split by {chosen['criterion']}." if chosen.get("criterion") else ""
     return markdown_table(pd.DataFrame(rows)) + how
+
+
+def reveal_table(reveal: dict) -> str:
+    """Notebook 08's ``reveal`` entry of summary.json as Markdown: one row per cluster (size, shortcut-driven share,
+    share on each artefact), then the best patch cluster's purity and recall and the shortcut-driven rate before and
+    after the revision."""
+    rows = [{"cluster": k, "size": c["size"], "shortcut-driven": c.get("shortcut_driven_share"),
+             **{f"on {kind}": share for kind, share in (c.get("artefact_share") or {}).items()}}
+            for k, c in enumerate(reveal.get("clusters", []))]
+    revise = reveal.get("revise", {})
+    text = (f"{reveal.get('n_low_segu')} least certain predictions, {reveal.get('n_clusters')} clusters.\n\n"
+            + (markdown_table(pd.DataFrame(rows)) if rows else "_No clusters._")
+            + f"\n\nBest patch cluster: purity {number(reveal.get('patch_cluster_purity'))}, recall "
+            f"{number(reveal.get('patch_cluster_recall'))}. Shortcut-driven rate "
+            f"{number(revise.get('baseline_shortcut_driven_rate'))} (baseline) → "
+            f"{number(revise.get('revised_shortcut_driven_rate'))} (revised against the discovered region), revised "
+            f"accuracy {number(revise.get('revised_accuracy'))}.")
+    return text
 
 
 def write_report(root: str | Path, dataset: str = "synthetic-derm") -> Path:

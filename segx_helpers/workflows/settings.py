@@ -17,7 +17,7 @@ COLAB_FOLDER = "segx-tutorials"
 there), or in ``MyDrive`` with ``GOOGLE_DRIVE = True``."""
 NOTEBOOKS = (
     "01_dataset_prep", "02_train_segmenter", "03_train_classifier", "04_segx_maps", "05_segu_analysis",
-    "06_adapt_new_modality", "07_train_with_the_mask",
+    "06_adapt_new_modality", "07_train_with_the_mask", "08_from_where_to_what",
 )
 
 
