@@ -197,21 +197,31 @@ def colab_env() -> Path:
 
 
 @pytest.mark.notebooks
-def test_notebooks_01_and_05_run_on_fresh_colab_runtimes(colab_env, tmp_path):
-    """The committed HEAD, installed as Colab's setup cell installs it, in quick mode (no GPU here): each notebook in
-    a folder holding only itself, with its default parameters; 05 prepares what notebooks 01 to 04 would have left."""
-    emulation = Emulation(colab_env, bare_clone(REPO, tmp_path / "segx-tutorials.git"))
-    for name, made in (("01_dataset_prep", "data/synthetic-derm/dataset.json"),
-                       ("05_segu_analysis", "outputs/synthetic-derm/segu/summary.json")):
-        run = run_on_fresh_runtime(name, emulation, tmp_path / name)
+def test_notebooks_01_and_02_run_on_fresh_colab_runtimes(colab_env, tmp_path):
+    """The committed HEAD, installed as Colab's setup cell installs it, in quick mode (no GPU here), each notebook in
+    a folder holding only itself: 01 with its default parameters (ROOT a folder in the working directory); 02 on
+    another fresh runtime with ``GOOGLE_DRIVE = True`` and an empty Drive, so it prepares notebook 01's dataset
+    itself and leaves both results in the Drive, which outlives the runtime. (Notebook 05 preparing 01 to 04 on a
+    fresh runtime, and 01 to 07 one after another through the Drive: docs/NOTES.md, "Colab, emulated"; here the
+    two cheapest notebooks keep make test within its time.)"""
+    clone = bare_clone(REPO, tmp_path / "segx-tutorials.git")
+    drive = tmp_path / "drive"
+    runs = {}
+    for name, emulation in (("01_dataset_prep", Emulation(colab_env, clone)),
+                            ("02_train_segmenter", Emulation(colab_env, clone, drive))):
+        run = runs[name] = run_on_fresh_runtime(name, emulation, tmp_path / name)
         assert RESOLVER_ERROR not in run.setup_output and "ERROR" not in run.setup_output, run.setup_output
         assert pins_changed(run.versions_after) == {}
-        root = run.workdir.resolve() / COLAB_FOLDER
-        assert (root / made).is_file(), f"{name} wrote nothing to {root / made}"
-        assert sorted(p.name for p in run.workdir.iterdir()) == sorted([f"{name}.ipynb", COLAB_FOLDER])
-        text = run.text()
-        assert f"ROOT: {root} (on Colab" in text and "mode: quick" in text
-    for step in ("preparing the dataset (notebook 01's step)", "preparing the segmenter (notebook 02's step, quick mode",
-                 "preparing the classifier (notebook 03's step with its defaults, quick mode",
-                 "preparing notebook 04's results (quick mode"):
-        assert step in text
+        assert "mode: quick" in run.text()
+    first = runs["01_dataset_prep"]
+    root = first.workdir.resolve() / COLAB_FOLDER
+    assert (root / "data/synthetic-derm/dataset.json").is_file()
+    assert sorted(p.name for p in first.workdir.iterdir()) == sorted(["01_dataset_prep.ipynb", COLAB_FOLDER])
+    assert f"ROOT: {root} (on Colab" in first.text()
+    second = runs["02_train_segmenter"]
+    in_drive = drive.resolve() / COLAB_FOLDER
+    text = second.text()
+    assert "ROOT: " in text and f"/MyDrive/{COLAB_FOLDER} (in your Google Drive" in text
+    assert "preparing the dataset (notebook 01's step)" in text
+    assert (in_drive / "data/synthetic-derm/dataset.json").is_file()
+    assert (in_drive / "artifacts/synthetic-derm/segmenter.pt").is_file()
