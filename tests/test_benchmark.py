@@ -26,17 +26,17 @@ def test_benchmark_runs_and_fast_paths_match(tmp_path, monkeypatch):
 
     monkeypatch.setattr(module, "analyse", recorded)
     assert module.main(["--image-size", "64", "--images", "3", "--shap-images", "1", "--nsamples", "4",
-                        "--background", "3", "--classes", "4", "--out", str(tmp_path)]) == 0
+                        "--background", "3", "--classes", "4", "--tiled-maps", "64", "--out", str(tmp_path)]) == 0
     table = pd.read_csv(tmp_path / "benchmark.csv").set_index("method")
     gradcam = table[table.index.str.startswith("Grad-CAM")]
     assert len(gradcam) == 3 and (gradcam["max_abs_diff"] <= 1e-5).all()
     shap = table[table.index.str.startswith("Gradient SHAP")]
     assert shap.loc["Gradient SHAP: shap per target class", "correlation"] > 0.999
-    assert calls == {(6, False, 101), (6, True, 101), (1024, False, 101), (1024, True, 101),
+    assert calls == {(6, False, 101), (6, True, 101), (64, False, 101), (64, True, 101),
                      (6, False, 11), (6, False, 1001), (6, False, 10001)}
     cpu = table[~table.index.str.contains("cuda|CUDA")]
-    assert list(cpu["maps"]) == [6] * 3 + [2, 2, 2] + [6] * 4 + [1024] * 2 + [6] * 6  # 3 images x 2 classes
-    assert cpu.index[6:].str.endswith(("[cpu, 6 maps]", "[cpu, 1024 maps]")).all()
+    assert list(cpu["maps"]) == [6] * 3 + [2, 2, 2] + [6] * 4 + [64] * 2 + [6] * 6  # 3 images x 2 classes
+    assert cpu.index[6:].str.endswith(("[cpu, 6 maps]", "[cpu, 64 maps]")).all()
     assert (np.isfinite(cpu["seconds"]) & (cpu["seconds"] > 0)).all()
     assert np.allclose(cpu["maps_per_s"], cpu["maps"] / cpu["seconds"])
     assert (table.loc[["Grad-CAM: reference loop (per image, per class)",
