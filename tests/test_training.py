@@ -493,3 +493,44 @@ def test_auto_monitors_the_auroc_when_every_validation_class_is_large_enough(mak
     assert classifier_selection(TrainConfig(monitor="auto"), data).monitor == "val_auroc"
     assert classifier_selection(TrainConfig(monitor="val_loss"), data).monitor == "val_loss"
     assert not [w for w in recwarn if issubclass(w.category, SmallValidationWarning)]
+
+
+def test_a_notebook_run_interrupted_in_training_continues_when_run_again(make_tiny_dataset, tmp_path, monkeypatch,
+                                                                         capsys):
+    """Notebook 02 or 03 killed in epoch 2, then run again: the unfinished checkpoint of the same settings is resumed
+    from its ``.last.pt`` (before: refused as unfinished until RETRAIN), to the weights of an uninterrupted run; with
+    other settings it is still refused."""
+    from segx_helpers.models.checkpoints import CheckpointError
+    from segx_helpers.workflows import training_recipes
+
+    data = load_dataset(make_tiny_dataset(n=30, size=32))
+    config = TrainConfig(epochs=3, lr=1e-3, monitor="val_auroc")
+    spec = ClassifierSpec(image_size=32)
+    uninterrupted = train_classifier(data, tmp_path / "whole.pt", spec, config=config)
+
+    def dies_in_epoch_2(*args, **kwargs):
+        model = build_classifier(*args, **kwargs)
+        steps = []
+
+        def hook(module, inputs):
+            if module.training:
+                steps.append(1)
+                if len(steps) == 2:  # one batch per epoch here: the second training step is epoch 2's
+                    raise KeyboardInterrupt
+
+        model.register_forward_pre_hook(hook)
+        return model
+
+    monkeypatch.setattr(training_recipes, "build_classifier", dies_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        train_classifier(data, tmp_path / "c.pt", spec, config=config)
+    monkeypatch.undo()
+    assert (tmp_path / "c.pt.last.pt").exists() and read_checkpoint(tmp_path / "c.pt")["meta"]["finished"] is False
+    with pytest.raises(CheckpointError, match="epochs: checkpoint 3, now 4"):
+        train_classifier(data, tmp_path / "c.pt", spec, config=TrainConfig(epochs=4, lr=1e-3, monitor="val_auroc"))
+    resumed = train_classifier(data, tmp_path / "c.pt", spec, config=config)
+    assert "holds an interrupted run of these settings: resuming it" in capsys.readouterr().out
+    assert resumed.meta["finished"] is True and not (tmp_path / "c.pt.last.pt").exists()
+    assert [r["epoch"] for r in resumed.meta["history"]] == [1, 2, 3]
+    for k, v in uninterrupted.model.state_dict().items():
+        assert torch.equal(v, resumed.model.state_dict()[k]), k
