@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from segx_helpers.data.format import DatasetInfo, make_splits, write_dataset
-from notebook_run import TutorialRun, run_tutorial
+from notebook_run import BackgroundTutorial, TutorialRun
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ.setdefault("TQDM_DISABLE", "1")
@@ -52,10 +52,32 @@ def make_tiny_dataset(tmp_path):
     return make
 
 
+@pytest.fixture(scope="session", autouse=True)
+def tutorial_in_background(request, tmp_path_factory):
+    """When the session holds a test that reads the notebook run, start that run at once in a process of its own
+    (:class:`BackgroundTutorial`) and give every process one torch thread: the notebooks take one core, the other
+    tests the other (two threads each would only contend on 2 cores)."""
+    if not any("tutorial_run" in getattr(item, "fixturenames", ()) for item in request.session.items):
+        yield None
+        return
+    threads = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    run = BackgroundTutorial(tmp_path_factory.mktemp("tutorial"), {**os.environ, **threads, "MPLBACKEND": "Agg"})
+    with pytest.MonkeyPatch.context() as env:
+        for key, value in threads.items():
+            env.setenv(key, value)
+        before = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            yield run
+        finally:
+            torch.set_num_threads(before)
+            run.stop()
+
+
 @pytest.fixture(scope="session")
-def tutorial_run(tmp_path_factory) -> TutorialRun:
+def tutorial_run(tutorial_in_background) -> TutorialRun:
     """The eight notebooks executed once in quick mode (minutes); every test taking this fixture reads this run."""
-    return run_tutorial(tmp_path_factory.mktemp("tutorial"))
+    return tutorial_in_background.result()
 
 
 def pytest_collection_modifyitems(items):

@@ -1,7 +1,7 @@
-"""One quick-mode run of the seven tutorial notebooks per pytest session, shared by every notebook assertion.
+"""One quick-mode run of the eight tutorial notebooks per pytest session, shared by every notebook assertion.
 
 The ``tutorial_run`` fixture (tests/conftest.py) executes the notebooks once, as ``make tutorial`` does, into a
-temporary root, and hands each test a :class:`TutorialRun` to read: ``summary()`` (``outputs/summary.json`` for
+temporary root (in a process of its own, started with the session and running beside the other tests), and hands each test a :class:`TutorialRun` to read: ``summary()`` (``outputs/summary.json`` for
 the dataset), ``segu_summary()`` (``outputs/<dataset>/segu/summary.json``), ``text(name)`` (what an executed
 notebook printed) and paths under the run's root. Every test that takes ``tutorial_run`` is marked
 ``notebooks`` automatically (``pytest -m "not notebooks"`` skips them and the run). To check something new in
@@ -10,25 +10,27 @@ the tutorial, add one function::
     def test_something(tutorial_run):
         assert tutorial_run.summary()["segu"]["gradcam"]["c_iou"]["auroc_incorrect"] is not None
 
-If the run itself fails (a notebook raises), every test using it fails with papermill's error, naming the cell.
+If the run itself fails (a notebook raises), every test using it fails with the runner's output, naming the cell.
 """
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import nbformat
 import pandas as pd
 
-from segx_helpers.cli.runner import run_notebooks
 
 DATASET = "synthetic-derm"
+REPO = Path(__file__).resolve().parent.parent
 
 
 @dataclass(frozen=True)
 class TutorialRun:
-    """The result of :func:`run_tutorial`: ``root`` (with ``data/``, ``artifacts/``, ``outputs/``) and the
+    """The result of :class:`BackgroundTutorial`: ``root`` (with ``data/``, ``artifacts/``, ``outputs/``) and the
     seconds per notebook, in the order they ran."""
 
     root: Path
@@ -72,6 +74,32 @@ def executed_text(notebook: nbformat.NotebookNode) -> str:
     return "\n".join(parts)
 
 
-def run_tutorial(root: Path) -> TutorialRun:
-    """Execute every tutorial notebook in quick mode under ``root`` (as ``make tutorial``) and return the run."""
-    return TutorialRun(Path(root), run_notebooks(root, quick=True))
+class BackgroundTutorial:
+    """The quick-mode run of every notebook (``python -m segx_helpers.cli.runner --root <root>``, what ``make
+    tutorial`` runs) in a process of its own, started when the test session starts, so the notebooks run on one
+    core while the other tests use the other: ``make test`` on 2 cores takes the time of the longer of the two
+    instead of their sum. ``result()`` waits for it; a failed run raises with the runner's last output (the
+    executed notebook with papermill's error is under ``<root>/outputs/notebooks``)."""
+
+    def __init__(self, root: Path, env: dict[str, str]) -> None:
+        self.root = Path(root)
+        self.log = self.root / "runner.log"
+        self._log_file = self.log.open("w")
+        self.process = subprocess.Popen([sys.executable, "-m", "segx_helpers.cli.runner", "--root", str(self.root)],
+                                        stdout=self._log_file, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+
+    def result(self) -> TutorialRun:
+        code = self.process.wait()
+        self._log_file.close()
+        if code != 0:
+            tail = self.log.read_text()[-6000:]
+            raise RuntimeError(f"the tutorial notebooks failed (runner exit {code}; log {self.log}):\n{tail}")
+        records = json.loads((self.root / "outputs" / "timings.json").read_text())
+        return TutorialRun(self.root, {name: record["seconds"] for name, record in records.items()})
+
+    def stop(self) -> None:
+        """End the run if the session ends first (e.g. interrupted)."""
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self._log_file.close()
