@@ -251,8 +251,9 @@ def test_tutorial_segu_analysis_scores_both_methods_against_confidence(tutorial_
     segu = tutorial_run.segu_summary()
     assert {row["certainty"] for row in segu["separation"]} >= {"c_IoU", "c_AUITC", "confidence"}
     assert {row["group"] for row in segu["separation"]} == {"gradcam", "gradient_shap"}
-    assert {row["errors"] for row in segu["by_error_type"]} == {"all errors", "artefact present", "artefact absent",
-                                                                 "other error"}
+    kinds = {row["errors"] for row in segu["by_error_type"]}  # "other error" only when the run made one
+    assert {"all errors", "artefact present", "artefact absent"} <= kinds <= {"all errors", "artefact present",
+                                                                              "artefact absent", "other error"}
     assert set(segu["aurc"]) >= {"confidence", "SegU c_IoU (Grad-CAM)", "confidence × c_IoU"}
     variants = [row["variant"] for row in segu["ablation_method"]]
     assert variants[:3] == ["Grad-CAM, last block", "Grad-CAM, block before", "LayerCAM, block before"]
