@@ -296,6 +296,14 @@ def finish_training(recipe: Recipe, model: nn.Module, history, config: TrainConf
     return recipe.meta
 
 
+def fit_recipe(model: nn.Module, recipe: Recipe, train_loader, config: TrainConfig, plan: CheckpointPlan) -> TrainedModel:
+    """:func:`fit` ``model`` with ``recipe``'s loss and validation, writing checkpoints as ``plan`` says, then
+    :func:`finish_training`: the step :func:`train_segmenter` and :func:`train_classifier` share."""
+    history = fit(model, recipe.loss, train_loader, recipe.validate, config, checkpoint=plan,
+                  target_key=recipe.target_key)
+    return TrainedModel(model, finish_training(recipe, model, history, config, Path(plan.path)), history.frame())
+
+
 def train_segmenter(data: LoadedDataset, checkpoint: str | Path, spec: SegmenterSpec = SegmenterSpec(),
                     config: TrainConfig | None = None, num_workers: int = 0, retrain: bool = False) -> TrainedModel:
     """Train (or load) a U-Net (``spec``) on the dataset's masks; Dice + BCE loss, best epoch by validation Dice.
@@ -323,16 +331,8 @@ def train_segmenter(data: LoadedDataset, checkpoint: str | Path, spec: Segmenter
     set_seed(config.seed)
     model = build_segmenter(spec.encoder, encoder_weights=init, in_channels=data.info.channels,
                             decoder_channels=spec.decoder_channels)
-    history = fit(
-        model,
-        recipe.loss,
-        train_loader,
-        recipe.validate,
-        config,
-        checkpoint=CheckpointPlan(path=checkpoint, meta=recipe.meta, overwrite=retrain, resume=resume),
-        target_key=recipe.target_key,
-    )
-    return TrainedModel(model, finish_training(recipe, model, history, config, checkpoint), history.frame())
+    plan = CheckpointPlan(path=checkpoint, meta=recipe.meta, overwrite=retrain, resume=resume)
+    return fit_recipe(model, recipe, train_loader, config, plan)
 
 
 def train_classifier(data: LoadedDataset, checkpoint: str | Path, spec: ClassifierSpec = ClassifierSpec(),
@@ -364,16 +364,8 @@ def train_classifier(data: LoadedDataset, checkpoint: str | Path, spec: Classifi
     model = build_classifier(spec.arch, num_classes=data.info.num_classes, in_channels=data.info.channels,
                              weights=init)
     recipe = classifier_recipe(data, spec, init, val_loader, fingerprint, weights)
-    history = fit(
-        model,
-        recipe.loss,
-        train_loader,
-        recipe.validate,
-        config,
-        checkpoint=CheckpointPlan(path=checkpoint, meta=recipe.meta, overwrite=retrain, resume=resume),
-        target_key=recipe.target_key,
-    )
-    return TrainedModel(model, finish_training(recipe, model, history, config, checkpoint), history.frame())
+    plan = CheckpointPlan(path=checkpoint, meta=recipe.meta, overwrite=retrain, resume=resume)
+    return fit_recipe(model, recipe, train_loader, config, plan)
 
 
 def evaluate_segmenter(trained: TrainedModel, data: LoadedDataset, split: str = "test",
