@@ -81,7 +81,10 @@ def tutorial_run(tutorial_in_background) -> TutorialRun:
 
 
 def pytest_collection_modifyitems(items):
-    """Mark every test that uses the notebook run ``notebooks``, so ``-m "not notebooks"`` leaves the run out."""
-    for item in items:
-        if "tutorial_run" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.notebooks)
+    """Mark every test that uses the notebook run ``notebooks``, so ``-m "not notebooks"`` leaves the run out, and
+    run those tests last: the run itself starts with the session (:func:`tutorial_in_background`), and every other
+    test runs beside it meanwhile instead of waiting for it."""
+    reads_the_run = [item for item in items if "tutorial_run" in getattr(item, "fixturenames", ())]
+    for item in reads_the_run:
+        item.add_marker(pytest.mark.notebooks)
+    items[:] = [item for item in items if item not in reads_the_run] + reads_the_run
