@@ -55,13 +55,15 @@ def make_tiny_dataset(tmp_path):
 @pytest.fixture(scope="session", autouse=True)
 def tutorial_in_background(request, tmp_path_factory):
     """When the session holds a test that reads the notebook run, start that run at once in a process of its own
-    (:class:`BackgroundTutorial`) and give every process one torch thread: the notebooks take one core, the other
-    tests the other (two threads each would only contend on 2 cores)."""
+    (:class:`BackgroundTutorial`). The other tests, run meanwhile, get one torch thread (their processes too); the
+    notebooks get two, waiting passively (``OMP_WAIT_POLICY``) so that they yield the second core while the other
+    tests run and take both once those are done: the run is the longer of the two."""
     if not any("tutorial_run" in getattr(item, "fixturenames", ()) for item in request.session.items):
         yield None
         return
     threads = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    run = BackgroundTutorial(tmp_path_factory.mktemp("tutorial"), {**os.environ, **threads, "MPLBACKEND": "Agg"})
+    notebooks = {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2", "OMP_WAIT_POLICY": "PASSIVE", "MPLBACKEND": "Agg"}
+    run = BackgroundTutorial(tmp_path_factory.mktemp("tutorial"), {**os.environ, **notebooks})
     with pytest.MonkeyPatch.context() as env:
         for key, value in threads.items():
             env.setenv(key, value)

@@ -76,9 +76,9 @@ def executed_text(notebook: nbformat.NotebookNode) -> str:
 
 class BackgroundTutorial:
     """The quick-mode run of every notebook (``python -m segx_helpers.cli.runner --root <root>``, what ``make
-    tutorial`` runs) in a process of its own, started when the test session starts, so the notebooks run on one
-    core while the other tests use the other: ``make test`` on 2 cores takes the time of the longer of the two
-    instead of their sum. ``result()`` waits for it; a failed run raises with the runner's last output (the
+    tutorial`` runs) in a process of its own, started when the test session starts, so the notebooks run while the
+    other tests use the other core: ``make test`` on 2 cores takes the time of the longer of the two instead of
+    their sum. ``result()`` waits for it; a failed run raises with the runner's last output (the
     executed notebook with papermill's error is under ``<root>/outputs/notebooks``)."""
 
     def __init__(self, root: Path, env: dict[str, str]) -> None:
