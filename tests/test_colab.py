@@ -197,31 +197,23 @@ def colab_env() -> Path:
 
 
 @pytest.mark.notebooks
-def test_notebooks_01_and_02_run_on_fresh_colab_runtimes(colab_env, tmp_path):
-    """The committed HEAD, installed as Colab's setup cell installs it, in quick mode (no GPU here), each notebook in
-    a folder holding only itself: 01 with its default parameters (ROOT a folder in the working directory); 02 on
-    another fresh runtime with ``GOOGLE_DRIVE = True`` and an empty Drive, so it prepares notebook 01's dataset
-    itself and leaves both results in the Drive, which outlives the runtime. (Notebook 05 preparing 01 to 04 on a
-    fresh runtime, and 01 to 07 one after another through the Drive: docs/NOTES.md, "Colab, emulated"; here the
-    two cheapest notebooks keep make test within its time.)"""
+def test_notebook_02_runs_on_a_fresh_colab_runtime_with_google_drive(colab_env, tmp_path):
+    """The committed HEAD, installed as Colab's setup cell installs it, in quick mode (no GPU here): notebook 02 in a
+    folder holding only itself, with ``GOOGLE_DRIVE = True`` and an empty Drive, so it prepares notebook 01's
+    dataset itself and leaves both results in the Drive, which outlives the runtime, and nothing in the working
+    directory. (ROOT's default on Colab, a folder in the working directory: test_root_on_colab_is_a_folder_in_the_working_directory;
+    notebook 05 preparing 01 to 04 on a fresh runtime, and 01 to 07 one after another through the Drive:
+    docs/NOTES.md, "Colab, emulated"; here one notebook keeps make test within its time.)"""
     clone = bare_clone(REPO, tmp_path / "segx-tutorials.git")
     drive = tmp_path / "drive"
-    runs = {}
-    for name, emulation in (("01_dataset_prep", Emulation(colab_env, clone)),
-                            ("02_train_segmenter", Emulation(colab_env, clone, drive))):
-        run = runs[name] = run_on_fresh_runtime(name, emulation, tmp_path / name)
-        assert RESOLVER_ERROR not in run.setup_output and "ERROR" not in run.setup_output, run.setup_output
-        assert pins_changed(run.versions_after) == {}
-        assert "mode: quick" in run.text()
-    first = runs["01_dataset_prep"]
-    root = first.workdir.resolve() / COLAB_FOLDER
-    assert (root / "data/synthetic-derm/dataset.json").is_file()
-    assert sorted(p.name for p in first.workdir.iterdir()) == sorted(["01_dataset_prep.ipynb", COLAB_FOLDER])
-    assert f"ROOT: {root} (on Colab" in first.text()
-    second = runs["02_train_segmenter"]
+    run = run_on_fresh_runtime("02_train_segmenter", Emulation(colab_env, clone, drive), tmp_path / "runtime")
+    assert RESOLVER_ERROR not in run.setup_output and "ERROR" not in run.setup_output, run.setup_output
+    assert pins_changed(run.versions_after) == {}
+    text = run.text()
+    assert "mode: quick" in text
     in_drive = drive.resolve() / COLAB_FOLDER
-    text = second.text()
     assert "ROOT: " in text and f"/MyDrive/{COLAB_FOLDER} (in your Google Drive" in text
     assert "preparing the dataset (notebook 01's step)" in text
     assert (in_drive / "data/synthetic-derm/dataset.json").is_file()
     assert (in_drive / "artifacts/synthetic-derm/segmenter.pt").is_file()
+    assert sorted(p.name for p in run.workdir.iterdir()) == ["02_train_segmenter.ipynb"]

@@ -265,3 +265,39 @@ def test_input_gradient_energy_is_rrrs_penalty_and_misses_a_saturated_artefact()
     assert SaturatedReader()(drawn).argmax(1).item() == 1 and SaturatedReader()(twin).argmax(1).item() == 0  # ... yet it flips
     assert np.isnan(input_gradient_energy(SaturatedReader(), twin, np.zeros((1, 16, 16), bool), "multiclass",
                                           np.zeros((1, 16, 16), bool)).loc[0, "on artefact"])
+
+
+def test_the_fix_comparison_on_a_multilabel_grayscale_set(tmp_path):
+    """Notebook 07's chest X-ray section (full mode, or ``CXR = True``) on a tiny synthetic-cxr: multi-label,
+    one channel, a token per finding with counterfactual twins; quick mode skips that section, so this is where
+    make test reaches its path (training both fixes, then :func:`compare_fixes`, :func:`fix_summary` and
+    :func:`target_check`)."""
+    from segx_helpers.data import SyntheticConfig, generate_synthetic_cxr, load_dataset
+    from segx_helpers.models.checkpoints import split_tensors
+    from segx_helpers.studies.mask_training import compare_fixes, fix_summary
+
+    data = load_dataset(generate_synthetic_cxr(tmp_path / "cxr", SyntheticConfig(n_images=60, image_size=32, seed=0),
+                                               progress=False))
+    assert data.info.task == "multilabel" and data.info.channels == 1
+    config = TrainConfig(epochs=1, lr=1e-3, monitor="val_auroc", seed=0, max_batches_per_epoch=2)
+    base = train_with_mask(data, tmp_path / "base.pt", MaskFix("none", 0.0), config=config, batch_size=8,
+                           classifier=NewClassifier(image_size=32))
+    models = {"baseline": base,
+              "RRR": train_with_mask(data, tmp_path / "rrr.pt", MaskFix("rrr", 10.0, penalty_images=4), config=config,
+                                     batch_size=8, init=base),
+              "background": train_with_mask(data, tmp_path / "bg.pt", MaskFix("background", 1.0), config=config,
+                                            batch_size=8, init=base)}
+    lungs = split_tensors(data, "test", base.meta)["mask"][:, 0].numpy() > 0.5
+    comparison = compare_fixes(models, data, lungs, n_resamples=20)
+    test_ids = set(data.table.loc[data.table["split"] == "test", "image_id"])
+    for name, table in comparison.predictions.items():  # one row per (test image, finding decided present)
+        assert len(table) and set(table["image_id"]) <= test_ids, name
+        assert table["shortcut_driven"].isin([0, 1]).all(), name
+    summary = fix_summary(comparison, {"baseline": "baseline", "RRR": "rrr", "background": "background"})
+    for name in ("baseline", "rrr", "background"):
+        for key in ("accuracy", "auroc", "shortcut_driven_rate", "artefact_mass", "segu_c_iou_mean"):
+            low, high = summary[name][f"{key}_ci"]
+            assert 0 <= low <= summary[name][key] <= high <= 1, (name, key)
+    assert models["background"].meta["metrics"]["images_swapped"] > 0  # the fix trained on this set
+    check = target_check(comparison, "baseline", "background").set_index("metric")
+    assert {"shortcut-driven rate", "agree − disagree gap"} <= set(check.index)
