@@ -216,4 +216,5 @@ def test_notebook_02_runs_on_a_fresh_colab_runtime_with_google_drive(colab_env, 
     assert "preparing the dataset (notebook 01's step)" in text
     assert (in_drive / "data/synthetic-derm/dataset.json").is_file()
     assert (in_drive / "artifacts/synthetic-derm/segmenter.pt").is_file()
-    assert sorted(p.name for p in run.workdir.iterdir()) == ["02_train_segmenter.ipynb"]
+    # nothing but the notebook and the Drive's mount point (drive/, as /content/drive on Colab)
+    assert sorted(p.name for p in run.workdir.iterdir()) == ["02_train_segmenter.ipynb", "drive"]
