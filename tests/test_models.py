@@ -74,6 +74,25 @@ def test_weights_files_load_by_name_and_shape_and_other_architectures_are_refuse
         resolve_weights(tmp_path / "junk.pt", "resnet18")
 
 
+def test_notebook_03s_weights_segmenter_is_notebook_02s_checkpoint(tmp_path):
+    """``WEIGHTS = "segmenter"`` (notebook 03) starts the classifier from the segmenter checkpoint's encoder;
+    other requests pass through; without the checkpoint the error names it and notebook 02."""
+    from segx_helpers.models.checkpoints import save_checkpoint
+    from segx_helpers.workflows.training_recipes import classifier_weights
+
+    path = tmp_path / "artifacts" / "segmenter.pt"
+    with pytest.raises(FileNotFoundError, match=r"segmenter\.pt does not exist: run notebook 02"):
+        classifier_weights("segmenter", path)
+    path.parent.mkdir()
+    segmenter = build_segmenter("resnet18", decoder_channels=(16, 8, 8, 8, 8))
+    save_checkpoint(path, segmenter, {"kind": "segmenter"})
+    assert classifier_weights("segmenter", path) == str(path)
+    classifier = build_classifier("resnet18", num_classes=3, weights=classifier_weights("segmenter", path))
+    assert torch.equal(classifier.conv1.weight, segmenter.encoder.conv1.weight)
+    for request in (None, "random", "imagenet", True, str(tmp_path / "mine.pt")):
+        assert classifier_weights(request, path) == request
+
+
 @pytest.mark.parametrize("arch, expected", [("resnet18", "layer4"), ("densenet121", "features"),
                                             ("efficientnet_lite0", "bn2")])
 def test_target_layer_is_the_last_block(arch, expected):

@@ -465,6 +465,20 @@ class ClassifierTraining:
 CLASSIFIER_RECIPES = ("tutorial", "real-data")
 
 
+def classifier_weights(request, segmenter: str | Path):
+    """Notebook 03's ``WEIGHTS`` as :func:`~segx_helpers.models.networks.build_classifier` takes it: ``"segmenter"``
+    becomes the path of notebook 02's segmenter checkpoint ``segmenter`` (its U-Net encoder has the classifier's
+    ResNet backbone; ``load_matching`` takes the tensors whose names and shapes match, the head stays new);
+    anything else passes through unchanged. ``"segmenter"`` without that checkpoint is a ``FileNotFoundError``
+    naming it and notebook 02."""
+    if not (isinstance(request, str) and request == "segmenter"):
+        return request
+    if not Path(segmenter).is_file():
+        raise FileNotFoundError(f"WEIGHTS = 'segmenter' starts the classifier from notebook 02's segmenter, but "
+                                f"{segmenter} does not exist: run notebook 02 first, or choose other WEIGHTS")
+    return str(segmenter)
+
+
 def classifier_training(settings: RunSettings, recipe: str, data: LoadedDataset, seed: int = 0) -> ClassifierTraining:
     """The classifier recipe ``recipe`` for a run mode on ``data``.
 
