@@ -54,16 +54,18 @@ def make_tiny_dataset(tmp_path):
 
 @pytest.fixture(scope="session", autouse=True)
 def tutorial_in_background(request, tmp_path_factory):
-    """When the session holds a test that reads the notebook run, start that run at once in a process of its own
-    (:class:`BackgroundTutorial`). The other tests, run meanwhile, get one torch thread (their processes too); the
-    notebooks get two, waiting passively (``OMP_WAIT_POLICY``) so that they yield the second core while the other
-    tests run and take both once those are done: the run is the longer of the two."""
+    """When the session holds a test that reads the notebook run, start that run at once in processes of its own
+    (:class:`BackgroundTutorial`: notebook 06 in a second process, one torch thread). The other tests, run
+    meanwhile, get one torch thread (their processes too); the chain of the other notebooks gets two, waiting
+    passively (``OMP_WAIT_POLICY``) so that they yield the second core while the other tests run and take both
+    once those are done: the run is the longest of the three."""
     if not any("tutorial_run" in getattr(item, "fixturenames", ()) for item in request.session.items):
         yield None
         return
     threads = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     notebooks = {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2", "OMP_WAIT_POLICY": "PASSIVE", "MPLBACKEND": "Agg"}
-    run = BackgroundTutorial(tmp_path_factory.mktemp("tutorial"), {**os.environ, **notebooks})
+    run = BackgroundTutorial(tmp_path_factory.mktemp("tutorial"), {**os.environ, **notebooks},
+                             beside_env={**os.environ, **notebooks, **threads})
     with pytest.MonkeyPatch.context() as env:
         for key, value in threads.items():
             env.setenv(key, value)

@@ -1,7 +1,7 @@
 """One quick-mode run of the eight tutorial notebooks per pytest session, shared by every notebook assertion.
 
 The ``tutorial_run`` fixture (tests/conftest.py) executes the notebooks once, as ``make tutorial`` does, into a
-temporary root (in a process of its own, started with the session and running beside the other tests), and hands each test a :class:`TutorialRun` to read: ``summary()`` (``outputs/summary.json`` for
+temporary root (in processes of their own, started with the session and running beside the other tests), and hands each test a :class:`TutorialRun` to read: ``summary()`` (``outputs/summary.json`` for
 the dataset), ``segu_summary()`` (``outputs/<dataset>/segu/summary.json``), ``text(name)`` (what an executed
 notebook printed) and paths under the run's root. Every test that takes ``tutorial_run`` is marked
 ``notebooks`` automatically (``pytest -m "not notebooks"`` skips them and the run). To check something new in
@@ -74,32 +74,53 @@ def executed_text(notebook: nbformat.NotebookNode) -> str:
     return "\n".join(parts)
 
 
+BESIDE = ("06_adapt_new_modality",)
+"""Notebooks that read nothing the others write (notebook 06 makes its own dataset): the background run executes
+them in a second runner process on the same root, beside the chain 01 -> 05, 07, 08. The summary and the run
+records they share are updated under a lock (:func:`segx_helpers.data.io.locked`)."""
+
+
 class BackgroundTutorial:
     """The quick-mode run of every notebook (``python -m segx_helpers.cli.runner --root <root>``, what ``make
-    tutorial`` runs) in a process of its own, started when the test session starts, so the notebooks run while the
-    other tests use the other core: ``make test`` on 2 cores takes the time of the longer of the two instead of
-    their sum. ``result()`` waits for it; a failed run raises with the runner's last output (the
-    executed notebook with papermill's error is under ``<root>/outputs/notebooks``)."""
+    tutorial`` runs) in processes of their own, started when the test session starts, so the notebooks run while
+    the other tests use the other core: ``make test`` on 2 cores takes the time of the longest of them instead of
+    their sum. The notebooks in :data:`BESIDE` run in a second runner on the same root (one torch thread), the
+    others in order in the first (``threads``). ``result()`` waits for both; a failed run raises with the
+    runner's last output (the executed notebook with papermill's error is under ``<root>/outputs/notebooks``)."""
 
-    def __init__(self, root: Path, env: dict[str, str]) -> None:
+    def __init__(self, root: Path, env: dict[str, str], beside_env: dict[str, str] | None = None) -> None:
+        from segx_helpers.cli.runner import available_notebooks
+
         self.root = Path(root)
-        self.log = self.root / "runner.log"
-        self._log_file = self.log.open("w")
-        self.process = subprocess.Popen([sys.executable, "-m", "segx_helpers.cli.runner", "--root", str(self.root)],
-                                        stdout=self._log_file, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        names = available_notebooks()
+        chain = [name for name in names if name not in BESIDE]
+        beside = [name for name in names if name in BESIDE]
+        self.runs = [self._start("runner.log", chain, env)]
+        if beside:
+            self.runs.append(self._start("runner_beside.log", beside, beside_env or env))
+
+    def _start(self, log_name: str, names: list[str], env: dict[str, str]):
+        log = self.root / log_name
+        log_file = log.open("w")
+        command = [sys.executable, "-m", "segx_helpers.cli.runner", "--root", str(self.root), "--only", *names]
+        return subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=REPO), log, log_file
 
     def result(self) -> TutorialRun:
-        code = self.process.wait()
-        self._log_file.close()
-        if code != 0:
-            tail = self.log.read_text()[-6000:]
-            raise RuntimeError(f"the tutorial notebooks failed (runner exit {code}; log {self.log}):\n{tail}")
+        failures = []
+        for process, log, log_file in self.runs:
+            code = process.wait()
+            log_file.close()
+            if code != 0:
+                failures.append(f"runner exit {code}; log {log}:\n{log.read_text()[-6000:]}")
+        if failures:
+            raise RuntimeError("the tutorial notebooks failed (" + "\n".join(failures) + ")")
         records = json.loads((self.root / "outputs" / "timings.json").read_text())
-        return TutorialRun(self.root, {name: record["seconds"] for name, record in records.items()})
+        return TutorialRun(self.root, {name: records[name]["seconds"] for name in sorted(records)})
 
     def stop(self) -> None:
         """End the run if the session ends first (e.g. interrupted)."""
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-        self._log_file.close()
+        for process, _, log_file in self.runs:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+            log_file.close()

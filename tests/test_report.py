@@ -236,3 +236,24 @@ def test_report_shows_notebook_08s_clusters_and_the_revision(tmp_path):
     assert "purity 0.940, recall 1.000" in text and "0.500 (baseline) → 0.050" in text
     update_summary(tmp_path / "without", "synthetic-derm", classifier={"shortcut_driven_rate": 0.5})
     assert "Missing: run notebook 08" in build_report(tmp_path / "without")  # a synthetic run without notebook 08
+
+
+def _update_many(root: str, writer: int, n: int) -> None:
+    for i in range(n):
+        update_summary(root, "shared-set", **{f"writer{writer}": {f"entry{i}": i}})
+
+
+def test_notebooks_updating_one_summary_at_once_keep_every_entry(tmp_path):
+    """Two notebooks run at once on one root (the test suite's notebook run does this) each merge their sections
+    into outputs/summary.json: under the lock, no read-modify-write loses another process's entry."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    writers = [context.Process(target=_update_many, args=(str(tmp_path), w, 40)) for w in range(4)]
+    for process in writers:
+        process.start()
+    for process in writers:
+        process.join()
+    assert all(process.exitcode == 0 for process in writers)
+    summary = json.loads((tmp_path / "outputs" / "summary.json").read_text())["shared-set"]
+    assert summary == {f"writer{w}": {f"entry{i}": i for i in range(40)} for w in range(4)}

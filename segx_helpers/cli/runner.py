@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 from segx_helpers.data.synthetic import GENERATORS
-from segx_helpers.data.io import check_safe_id, write_json
+from segx_helpers.data.io import check_safe_id, locked, write_json
 from segx_helpers.workflows.settings import NOTEBOOKS, REPO_URL, TutorialPaths, real_data_size
 from segx_helpers.workflows.report import read_run_records, write_report
 
@@ -194,11 +194,13 @@ def run_record(seconds: float, quick: bool, device: str, started: datetime.datet
 
 
 def record_run(root: Path, name: str, record: dict) -> Path:
-    """Store ``record`` under ``name`` in ``<root>/outputs/timings.json``, atomically, keeping the other notebooks'
+    """Store ``record`` under ``name`` in ``<root>/outputs/timings.json``, atomically and under a lock, keeping the other notebooks'
     records (a run with ``--only`` replaces only what it ran; a damaged file is replaced, with a warning)."""
-    records = read_run_records(root)
-    records[name] = record
-    return write_json(Path(root) / "outputs" / "timings.json", records)
+    path = Path(root) / "outputs" / "timings.json"
+    with locked(path):  # two runs on one root (e.g. two notebooks at once) keep each other's records
+        records = read_run_records(root)
+        records[name] = record
+        return write_json(path, records)
 
 
 INLINE_BACKEND = "module://matplotlib_inline.backend_inline"

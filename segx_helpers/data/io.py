@@ -154,6 +154,26 @@ def check_only_listed_files(folder: Path, marker: str, refuse: str) -> None:
                               f"{' ...' if len(extra) > 5 else ''}): {refuse}.")
 
 
+@contextlib.contextmanager
+def locked(path: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (through ``.<name>.lock`` beside it) for a read-modify-write of the file:
+    two processes that update the same JSON file (two notebooks run at once on one root) then take turns instead of
+    one losing the other's entry. Where the platform has no ``fcntl`` (Windows) the block runs unlocked."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    with open(path.parent / f".{path.name}.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def write_json(path: str | os.PathLike, data: object, overwrite: bool = True) -> Path:
     """Write ``data`` as indented JSON atomically."""
     path = Path(path)

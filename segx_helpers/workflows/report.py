@@ -16,7 +16,7 @@ import pandas as pd
 
 from segx_helpers.data.format import load_info
 from segx_helpers.data.synthetic import shortcut_pairs
-from segx_helpers.data.io import write_json, write_text
+from segx_helpers.data.io import locked, write_json, write_text
 from segx_helpers.scores.metrics import DECIDES_RULE, DecidesCheck
 from segx_helpers.workflows.settings import TutorialPaths
 
@@ -26,7 +26,7 @@ SUMMARY = "summary.json"
 
 def update_summary(root: str | Path, dataset: str, **sections) -> Path:
     """Merge ``sections`` into ``<root>/outputs/summary.json`` under ``dataset`` (nested dicts merge, values
-    replace), atomically: each notebook adds what it measured, and the report and README read it.
+    replace), atomically and under a lock: each notebook adds what it measured, and the report and README read it.
     Non-finite floats are written as null."""
     def clean(value):
         if isinstance(value, dict):
@@ -44,10 +44,10 @@ def update_summary(root: str | Path, dataset: str, **sections) -> Path:
         return into
 
     path = Path(root) / "outputs" / SUMMARY
-    path.parent.mkdir(parents=True, exist_ok=True)
-    current = json.loads(path.read_text()) if path.is_file() else {}
-    current[dataset] = merge(current.get(dataset, {}), clean(sections))
-    write_json(path, current)
+    with locked(path):  # notebooks run at once on one root take turns here
+        current = json.loads(path.read_text()) if path.is_file() else {}
+        current[dataset] = merge(current.get(dataset, {}), clean(sections))
+        write_json(path, current)
     return path
 
 
