@@ -156,22 +156,23 @@ def check_only_listed_files(folder: Path, marker: str, refuse: str) -> None:
 
 @contextlib.contextmanager
 def locked(path: str | os.PathLike) -> Iterator[None]:
-    """Hold an exclusive lock on ``path`` (through ``.<name>.lock`` beside it) for a read-modify-write of the file:
-    two processes that update the same JSON file (two notebooks run at once on one root) then take turns instead of
-    one losing the other's entry. Where the platform has no ``fcntl`` (Windows) the block runs unlocked."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Hold an exclusive lock on the folder of ``path`` for a read-modify-write of the file: two processes that
+    update the same JSON file (two notebooks run at once on one root) then take turns instead of one losing the
+    other's entry. The lock is the folder's own (``flock`` on it), so no lock file is left behind; where the
+    platform has no ``fcntl`` (Windows) the block runs unlocked."""
+    folder = Path(path).parent
+    folder.mkdir(parents=True, exist_ok=True)
     try:
         import fcntl
     except ImportError:  # pragma: no cover - Windows
         yield
         return
-    with open(path.parent / f".{path.name}.lock", "a") as handle:
+    handle = os.open(folder, os.O_RDONLY)
+    try:
         fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+        yield
+    finally:
+        os.close(handle)  # closing the descriptor releases the lock
 
 
 def write_json(path: str | os.PathLike, data: object, overwrite: bool = True) -> Path:
