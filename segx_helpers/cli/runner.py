@@ -194,8 +194,9 @@ def run_record(seconds: float, quick: bool, device: str, started: datetime.datet
 
 
 def record_run(root: Path, name: str, record: dict) -> Path:
-    """Store ``record`` under ``name`` in ``<root>/outputs/timings.json``, atomically and under a lock, keeping the other notebooks'
-    records (a run with ``--only`` replaces only what it ran; a damaged file is replaced, with a warning)."""
+    """Store ``record`` under ``name`` in ``<root>/outputs/timings.json``, atomically and under a lock, keeping the
+    other notebooks' records (a run with ``--only`` replaces only what it ran; a damaged file is replaced, with a
+    warning)."""
     path = Path(root) / "outputs" / "timings.json"
     with locked(path):  # two runs on one root (e.g. two notebooks at once) keep each other's records
         records = read_run_records(root)
