@@ -85,7 +85,7 @@ class BackgroundTutorial:
     tutorial`` runs) in processes of their own, started when the test session starts, so the notebooks run while
     the other tests use the other core: ``make test`` on 2 cores takes the time of the longest of them instead of
     their sum. The notebooks in :data:`BESIDE` run in a second runner on the same root (one torch thread), the
-    others in order in the first (``threads``). ``result()`` waits for both; a failed run raises with the
+    others in order in the first. ``result()`` waits for both; a failed run raises with the
     runner's last output (the executed notebook with papermill's error is under ``<root>/outputs/notebooks``)."""
 
     def __init__(self, root: Path, env: dict[str, str], beside_env: dict[str, str] | None = None) -> None:
