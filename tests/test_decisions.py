@@ -152,6 +152,27 @@ def test_segu_within_predicted_classes_and_lesion_size_strata(make_tiny_dataset)
     assert set(out["view"]) == {"all", "predicted class", "lesion size"}
     assert set(out.loc[out["view"] == "predicted class", "group"]) == {"a", "b"}
     assert set(out["certainty"]) == {"c_IoU", "c_AUITC", "SegU share inside", "c_IoU / max", "confidence",
-                                     "lesion area"}
+                                     "lesion area"}  # no validation results: no predicted-class baseline
     whole = out[(out["view"] == "all") & (out["certainty"] == "c_IoU")].iloc[0]
     assert whole["n_correct"] + whole["n_incorrect"] == len(ids)
+
+
+def test_the_predicted_class_alone_is_a_certainty_fitted_on_validation():
+    """Class "b"'s calls are mostly wrong on validation and on test: the predicted class alone flags test errors
+    (AUROC 1 here), with its value the validation precision of the class; within one predicted class it is
+    constant, so 0.5; a class never predicted on validation gets the validation accuracy."""
+    import pandas as pd
+
+    from segx_helpers.studies.artefacts import segu_within, with_class_precision
+
+    validation = pd.DataFrame({"class": ["a"] * 4 + ["b"] * 4, "correct": [True] * 4 + [True, False, False, False]})
+    test = pd.DataFrame({"image_id": [f"t{i}" for i in range(8)], "class": ["a"] * 4 + ["b"] * 3 + ["c"],
+                         "correct": [True] * 4 + [False] * 3 + [True], "c_IoU": np.linspace(0, 1, 8)})
+    scored = with_class_precision(test, validation)
+    assert scored["predicted class"].tolist() == pytest.approx([1.0] * 4 + [0.25] * 3 + [5 / 8])
+    out = segu_within(scored.assign(**{"size stratum": "all"}), n_resamples=20,
+                      certainties=("c_IoU", "predicted class"))
+    row = out[(out["view"] == "all") & (out["certainty"] == "predicted class")].iloc[0]
+    assert row["auroc"] == pytest.approx(1.0)
+    inside = out[(out["view"] == "predicted class") & (out["group"] == "b") & (out["certainty"] == "predicted class")]
+    assert inside["n_incorrect"].iloc[0] == 3 and inside["n_correct"].iloc[0] == 0

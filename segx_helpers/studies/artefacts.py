@@ -273,9 +273,24 @@ def with_size_columns(table: pd.DataFrame, data: LoadedDataset, predicted_area: 
                            "c_IoU / max": relative})
 
 
-SIZE_AWARE_CERTAINTIES = ("c_IoU", "c_AUITC", "SegU share inside", "c_IoU / max", "confidence", "lesion area")
-"""The certainty columns of :func:`segu_within`: the paper's two scores, two size-aware variants, the classifier's
-confidence (of its decision) and the lesion's area alone (a score that knows nothing of the explanation)."""
+def with_class_precision(table: pd.DataFrame, validation: pd.DataFrame) -> pd.DataFrame:
+    """``table`` (one row per prediction, with ``class``) with a ``predicted class`` column: the share of the
+    validation split's predictions of that class that were correct (``validation``: a results table of the same
+    classifier on validation, with ``class`` and ``correct``). A certainty that knows only which class was
+    predicted, fitted without a test label: where one class's calls are mostly wrong (a cut-off chosen for
+    sensitivity), it flags errors by itself, and SegU must beat it. A class never predicted on validation gets
+    the validation accuracy of all predictions."""
+    precision = validation.groupby("class")["correct"].mean()
+    values = table["class"].map(precision).astype(float).fillna(float(validation["correct"].mean()))
+    return table.assign(**{"predicted class": values.to_numpy()})
+
+
+SIZE_AWARE_CERTAINTIES = ("c_IoU", "c_AUITC", "SegU share inside", "c_IoU / max", "confidence", "lesion area",
+                          "predicted class")
+"""The certainty columns of :func:`segu_within` (those the table has): the paper's two scores, two size-aware
+variants, the classifier's confidence (of its decision), the lesion's area alone (a score that knows nothing of
+the explanation) and the predicted class alone (:func:`with_class_precision`; constant within a predicted class,
+so 0.5 there)."""
 
 
 def segu_within(table: pd.DataFrame, n_resamples: int = 1000, seed: int = 0,
@@ -285,11 +300,12 @@ def segu_within(table: pd.DataFrame, n_resamples: int = 1000, seed: int = 0,
     with ``correct``, ``class``, the certainty columns and ``size stratum`` (:func:`with_size_columns`). Columns:
     view ("all", "predicted class", "lesion size"), group, certainty, n_correct, n_incorrect, auroc, auroc_low,
     auroc_high. Within a predicted class SegU cannot ride on which class was predicted; within a size stratum it
-    cannot ride on lesion size."""
+    cannot ride on lesion size. Certainties the table lacks are left out."""
     views = (("all", None), ("predicted class", "class"), ("lesion size", "size stratum"))
+    present = [c for c in certainties if c in table.columns]
     frames = []
     for view, column in views:
-        part = separation_table(table, list(certainties), group=column, n_resamples=n_resamples, seed=seed)
+        part = separation_table(table, present, group=column, n_resamples=n_resamples, seed=seed)
         frames.append(part.assign(view=view))
     out = pd.concat(frames, ignore_index=True)
     return out[["view", "group", "certainty", "n_correct", "n_incorrect", "auroc", "auroc_low", "auroc_high"]]

@@ -17,7 +17,7 @@ from segx_helpers.data.synthetic import shortcut_pairs
 from segx_helpers.scores.analysis import AnalysisOptions, analyse
 from segx_helpers.scores.selective import augrc, aurc, combined_confidence, fit_combination, risk_coverage, separation_table
 from segx_helpers.scores.segx import dilate
-from segx_helpers.studies.artefacts import segu_within, with_size_columns
+from segx_helpers.studies.artefacts import segu_within, with_class_precision, with_size_columns
 from segx_helpers.studies.shortcut import (DistanceBins, artefact_distance, examples_by_distance, shortcut_by_distance,
                                            shortcut_driven)
 from segx_helpers.models.checkpoints import TrainedModel
@@ -294,14 +294,29 @@ def shortcut_dial(truth: ShortcutGroundTruth, layers: dict[str, Results], bins: 
     return ShortcutDial(predictions, by_distance, present, examples_by_distance(first, rows, bins, n=4))
 
 
-def within_layers(results: dict, data: LoadedDataset, predicted_area: pd.Series, p: float = 5.0, n_resamples: int = 1000,
+@dataclass
+class WithinInputs:
+    """What :func:`within_layers` reads besides the layers' results: the test images' predicted mask shares
+    (``predicted_area``, by image id), the same classifier's results table on the validation split
+    (``validation``: ``class``, ``correct``; for the predicted-class baseline, left out when ``None``) and the
+    saliency percentage ``p``."""
+
+    predicted_area: pd.Series
+    validation: pd.DataFrame | None = None
+    p: float = 5.0
+
+
+def within_layers(results: dict, data: LoadedDataset, inputs: WithinInputs, n_resamples: int = 1000,
                   seed: int = 0) -> pd.DataFrame:
     """:func:`segx_helpers.studies.artefacts.segu_within` for each layer's Grad-CAM results (``results``: layer name ->
     :class:`~segx_helpers.workflows.results.Results` of the same test split), with the lesion-size columns
-    (:func:`~segx_helpers.studies.artefacts.with_size_columns`; ``predicted_area``: each image's predicted mask share,
-    by image id). One table with a ``layer`` column first."""
-    frames = [segu_within(with_size_columns(r.table, data, predicted_area, p=p), n_resamples, seed).assign(layer=name)
-              for name, r in results.items()]
+    (:func:`~segx_helpers.studies.artefacts.with_size_columns`) and, given validation results, the predicted class
+    alone (:func:`~segx_helpers.studies.artefacts.with_class_precision`). One table with a ``layer`` column first."""
+    def columns(table: pd.DataFrame) -> pd.DataFrame:
+        sized = with_size_columns(table, data, inputs.predicted_area, p=inputs.p)
+        return sized if inputs.validation is None else with_class_precision(sized, inputs.validation)
+
+    frames = [segu_within(columns(r.table), n_resamples, seed).assign(layer=name) for name, r in results.items()]
     out = pd.concat(frames, ignore_index=True)
     return out[["layer", *[c for c in out.columns if c != "layer"]]]
 

@@ -277,7 +277,8 @@ def build_report(root: str | Path, dataset: str = "synthetic-derm") -> str:
                  + markdown_table(pd.DataFrame(selective)))
         if summary.get("within"):
             body += ("\n\nWithin each predicted class and each third of lesion size (Grad-CAM, last block and the block "
-                     "before; AUROC for flagging errors, with the size-aware variants and lesion area alone):\n\n"
+                     "before; AUROC for flagging errors, with the size-aware variants, lesion area alone and the predicted "
+                     "class alone):\n\n"
                      + within_table(summary["within"]))
         if summary.get("peaks_in_border_cell"):
             body += "\n\nMaps peaking in a border cell of their grid: " + ", ".join(
