@@ -160,7 +160,7 @@ def test_segu_within_predicted_classes_and_lesion_size_strata(make_tiny_dataset)
 def test_the_predicted_class_alone_is_a_certainty_fitted_on_validation():
     """Class "b"'s calls are mostly wrong on validation and on test: the predicted class alone flags test errors
     (AUROC 1 here), with its value the validation precision of the class; within one predicted class it is
-    constant, so 0.5; a class never predicted on validation gets the validation accuracy."""
+    constant, so left blank; a class never predicted on validation gets the validation accuracy."""
     import pandas as pd
 
     from segx_helpers.studies.artefacts import segu_within, with_class_precision
@@ -176,3 +176,5 @@ def test_the_predicted_class_alone_is_a_certainty_fitted_on_validation():
     assert row["auroc"] == pytest.approx(1.0)
     inside = out[(out["view"] == "predicted class") & (out["group"] == "b") & (out["certainty"] == "predicted class")]
     assert inside["n_incorrect"].iloc[0] == 3 and inside["n_correct"].iloc[0] == 0
+    within_a = out[(out["view"] == "predicted class") & (out["group"] == "a") & (out["certainty"] == "predicted class")]
+    assert np.isnan(within_a["auroc"].iloc[0])  # constant within a class: nothing to rank, blank, not 0.5

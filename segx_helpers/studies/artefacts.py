@@ -290,7 +290,7 @@ SIZE_AWARE_CERTAINTIES = ("c_IoU", "c_AUITC", "SegU share inside", "c_IoU / max"
 """The certainty columns of :func:`segu_within` (those the table has): the paper's two scores, two size-aware
 variants, the classifier's confidence (of its decision), the lesion's area alone (a score that knows nothing of
 the explanation) and the predicted class alone (:func:`with_class_precision`; constant within a predicted class,
-so 0.5 there)."""
+so left blank (NaN) there)."""
 
 
 def segu_within(table: pd.DataFrame, n_resamples: int = 1000, seed: int = 0,
@@ -308,4 +308,6 @@ def segu_within(table: pd.DataFrame, n_resamples: int = 1000, seed: int = 0,
         part = separation_table(table, present, group=column, n_resamples=n_resamples, seed=seed)
         frames.append(part.assign(view=view))
     out = pd.concat(frames, ignore_index=True)
+    constant = (out["view"] == "predicted class") & (out["certainty"] == "predicted class")  # nothing to rank
+    out.loc[constant, ["auroc", "auroc_low", "auroc_high"]] = np.nan
     return out[["view", "group", "certainty", "n_correct", "n_incorrect", "auroc", "auroc_low", "auroc_high"]]
