@@ -159,7 +159,7 @@ def test_segu_within_predicted_classes_and_lesion_size_strata(make_tiny_dataset)
 
 def test_the_predicted_class_alone_is_a_certainty_fitted_on_validation():
     """Class "b"'s calls are mostly wrong on validation and on test: the predicted class alone flags test errors
-    (AUROC 1 here), with its value the validation precision of the class; within one predicted class it is
+    (13.5 of 16 error/correct pairs ranked right), with its value the validation precision of the class; within one predicted class it is
     constant, so left blank; a class never predicted on validation gets the validation accuracy."""
     import pandas as pd
 
@@ -167,14 +167,15 @@ def test_the_predicted_class_alone_is_a_certainty_fitted_on_validation():
 
     validation = pd.DataFrame({"class": ["a"] * 4 + ["b"] * 4, "correct": [True] * 4 + [True, False, False, False]})
     test = pd.DataFrame({"image_id": [f"t{i}" for i in range(8)], "class": ["a"] * 4 + ["b"] * 3 + ["c"],
-                         "correct": [True] * 4 + [False] * 3 + [True], "c_IoU": np.linspace(0, 1, 8)})
+                         "correct": [True] * 3 + [False] * 4 + [True], "c_IoU": np.linspace(0, 1, 8)})
     scored = with_class_precision(test, validation)
     assert scored["predicted class"].tolist() == pytest.approx([1.0] * 4 + [0.25] * 3 + [5 / 8])
     out = segu_within(scored.assign(**{"size stratum": "all"}), n_resamples=20,
                       certainties=("c_IoU", "predicted class"))
     row = out[(out["view"] == "all") & (out["certainty"] == "predicted class")].iloc[0]
-    assert row["auroc"] == pytest.approx(1.0)
+    assert row["auroc"] == pytest.approx(13.5 / 16)  # errors 1, .25, .25, .25 against correct 1, 1, 1, .625
     inside = out[(out["view"] == "predicted class") & (out["group"] == "b") & (out["certainty"] == "predicted class")]
     assert inside["n_incorrect"].iloc[0] == 3 and inside["n_correct"].iloc[0] == 0
     within_a = out[(out["view"] == "predicted class") & (out["group"] == "a") & (out["certainty"] == "predicted class")]
+    assert within_a["n_incorrect"].iloc[0] == 1 and within_a["n_correct"].iloc[0] == 3
     assert np.isnan(within_a["auroc"].iloc[0])  # constant within a class: nothing to rank, blank, not 0.5
