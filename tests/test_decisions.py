@@ -179,3 +179,5 @@ def test_the_predicted_class_alone_is_a_certainty_fitted_on_validation():
     within_a = out[(out["view"] == "predicted class") & (out["group"] == "a") & (out["certainty"] == "predicted class")]
     assert within_a["n_incorrect"].iloc[0] == 1 and within_a["n_correct"].iloc[0] == 3
     assert np.isnan(within_a["auroc"].iloc[0])  # constant within a class: nothing to rank, blank, not 0.5
+    with pytest.raises(ValueError, match="validation has no column"):
+        with_class_precision(test, validation.drop(columns="correct"))

@@ -280,6 +280,10 @@ def with_class_precision(table: pd.DataFrame, validation: pd.DataFrame) -> pd.Da
     predicted, fitted without a test label: where one class's calls are mostly wrong (a cut-off chosen for
     sensitivity), it flags errors by itself, and SegU must beat it. A class never predicted on validation gets
     the validation accuracy of all predictions."""
+    for name, frame, needed in (("table", table, {"class"}), ("validation", validation, {"class", "correct"})):
+        missing = needed - set(frame.columns)
+        if missing:
+            raise ValueError(f"with_class_precision: {name} has no column {sorted(missing)} (a results table has)")
     precision = validation.groupby("class")["correct"].mean()
     values = table["class"].map(precision).astype(float).fillna(float(validation["correct"].mean()))
     return table.assign(**{"predicted class": values.to_numpy()})
