@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import average_precision_score, roc_auc_score
 
-from segx_helpers.scores.metrics import (accuracy, bootstrap_ci, classification_report, dice_score, iou_score, macro_auprc,
+from segx_helpers.scores.metrics import (accuracy, average_precision, average_ranks, bootstrap_ci, classification_report, dice_score, iou_score, macro_auprc,
                                   macro_auroc, macro_f1, per_class_auroc, predict_labels, select_mask_threshold,
                                   select_thresholds)
 
@@ -29,6 +29,29 @@ def test_per_class_auroc_equals_scikit_learn_with_ties(task):
     assert np.isnan(per_class_auroc(onehot, scores)[2]) and np.isfinite(per_class_auroc(onehot, scores)[[0, 1, 3]]).all()
     with pytest.raises(ValueError, match="NaN"):
         per_class_auroc(y, np.where(scores > 0.9, np.nan, scores))
+
+
+@pytest.mark.parametrize("n, distinct, share", [(90, 6, 0.3), (200, 1000, 0.1), (40, 2, 0.9), (7, 3, 1.0), (1, 1, 1.0)])
+def test_average_precision_is_scikit_learns_to_the_last_bit(n, distinct, share):
+    """Ties (few distinct scores), a rare and a common positive class, every item positive, one item."""
+    rng = np.random.default_rng(n)
+    for _ in range(20):
+        score = rng.integers(0, distinct, n) / distinct - 0.5
+        positive = rng.random(n) < share
+        positive[rng.integers(n)] = True
+        assert average_precision(positive, score) == average_precision_score(positive.astype(int), score)
+        assert average_precision(positive, -score) == average_precision_score(positive.astype(int), -score)
+    assert np.isnan(average_precision(np.zeros(n, bool), score))  # no positive: undefined
+    with pytest.raises(ValueError, match="NaN"):
+        average_precision(positive, np.full(n, np.nan))
+
+
+def test_average_ranks_are_scipys_with_ties():
+    from scipy.stats import rankdata
+
+    rng = np.random.default_rng(5)
+    for values in (rng.integers(0, 4, (50, 3)) / 3.0, rng.normal(size=(30, 2)), np.zeros((5, 1)), np.ones((1, 2))):
+        np.testing.assert_array_equal(average_ranks(values), rankdata(values, axis=0))
 
 
 def test_macro_auroc_ignores_absent_classes():

@@ -17,9 +17,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import average_precision_score
 
-from segx_helpers.scores.metrics import bootstrap_ci, per_class_auroc
+from segx_helpers.scores.metrics import average_precision, bootstrap_ci, per_class_auroc
 
 
 def separation(correct: np.ndarray, certainty: np.ndarray, n_resamples: int = 1000, seed: int = 0,
@@ -49,7 +48,7 @@ def separation(correct: np.ndarray, certainty: np.ndarray, n_resamples: int = 10
         return per_class_auroc(y, -s[:, None])[0]
 
     def auprc(y, s):
-        return average_precision_score(y, -s) if y.sum() > 0 else np.nan
+        return average_precision(y, -s)
 
     auroc_ci = bootstrap_ci(auroc, wrong, certainty, n_resamples=n_resamples, seed=seed, groups=groups)
     with warnings.catch_warnings():
