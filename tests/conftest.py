@@ -59,7 +59,8 @@ def tutorial_in_background(request, tmp_path_factory):
     meanwhile, get one torch thread (their processes too); the chain of the other notebooks gets two, waiting
     passively (``OMP_WAIT_POLICY``) so that they yield the second core while the other tests run and take both
     once those are done: the run is the longest of the three."""
-    if not any("tutorial_run" in getattr(item, "fixturenames", ()) for item in request.session.items):
+    uses = ("tutorial_run", "tutorial_in_progress")
+    if not any(set(uses) & set(getattr(item, "fixturenames", ())) for item in request.session.items):
         yield None
         return
     threads = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -79,6 +80,13 @@ def tutorial_in_background(request, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tutorial_in_progress(tutorial_in_background) -> BackgroundTutorial:
+    """The notebook run while it goes on, for a test that needs only its first notebooks:
+    ``tutorial_in_progress.finished("02_train_segmenter")`` waits for that one and returns the run's root."""
+    return tutorial_in_background
+
+
+@pytest.fixture(scope="session")
 def tutorial_run(tutorial_in_background) -> TutorialRun:
     """The eight notebooks executed once in quick mode (minutes); every test taking this fixture reads this run."""
     return tutorial_in_background.result()
@@ -89,6 +97,7 @@ def pytest_collection_modifyitems(items):
     run those tests last: the run itself starts with the session (:func:`tutorial_in_background`), and every other
     test runs beside it meanwhile instead of waiting for it."""
     reads_the_run = [item for item in items if "tutorial_run" in getattr(item, "fixturenames", ())]
-    for item in reads_the_run:
-        item.add_marker(pytest.mark.notebooks)
+    for item in items:
+        if {"tutorial_run", "tutorial_in_progress"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.notebooks)
     items[:] = [item for item in items if item not in reads_the_run] + reads_the_run

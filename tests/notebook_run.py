@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,6 +105,23 @@ class BackgroundTutorial:
         log_file = log.open("w")
         command = [sys.executable, "-m", "segx_helpers.cli.runner", "--root", str(self.root), "--only", *names]
         return subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=REPO), log, log_file
+
+    def finished(self, name: str, timeout: float = 3600) -> Path:
+        """Wait until the chain has finished notebook ``name`` (its record is in ``outputs/timings.json``), so a
+        test can read what it wrote while the later notebooks still run; the run's root. Raises if the chain
+        ended without it (with the runner's last output) or after ``timeout`` seconds."""
+        timings = self.root / "outputs" / "timings.json"
+        process, log, _ = self.runs[0]
+        deadline = time.monotonic() + timeout
+        while True:
+            if timings.is_file() and name in json.loads(timings.read_text()):
+                return self.root
+            if process.poll() is not None:
+                raise RuntimeError(f"the notebook chain ended (exit {process.returncode}) without {name}; "
+                                   f"log {log}:\n{log.read_text()[-6000:]}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{name} did not finish within {timeout:.0f} s; log {log}")
+            time.sleep(2)
 
     def result(self) -> TutorialRun:
         failures = []

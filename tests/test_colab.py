@@ -3,7 +3,9 @@ file browser looks (or in Google Drive), notebooks that prepare what a fresh run
 link true there, and notebooks 01 and 05 run on emulated fresh Colab runtimes (tests/colab_emulation.py)."""
 from __future__ import annotations
 
+import hashlib
 import re
+import shutil
 import sys
 import tomllib
 import types
@@ -197,24 +199,31 @@ def colab_env() -> Path:
 
 
 @pytest.mark.notebooks
-def test_notebook_02_runs_on_a_fresh_colab_runtime_with_google_drive(colab_env, tmp_path):
+def test_notebook_02_on_a_fresh_colab_runtime_finds_the_last_sessions_results_in_google_drive(
+        colab_env, tutorial_in_progress, tmp_path):
     """The committed HEAD, installed as Colab's setup cell installs it, in quick mode (no GPU here): notebook 02 in a
-    folder holding only itself, with ``GOOGLE_DRIVE = True`` and an empty Drive, so it prepares notebook 01's
-    dataset itself and leaves both results in the Drive, which outlives the runtime, and nothing in the working
-    directory. (ROOT's default on Colab, a folder in the working directory: test_root_on_colab_is_a_folder_in_the_working_directory;
+    folder holding only itself, with ``GOOGLE_DRIVE = True`` and a Drive holding what notebooks 01 and 02 left
+    there in an earlier session (the test suite's own quick-mode run of them, copied), so it reuses both, changes
+    neither and writes nothing to the working directory: results persist between runtimes. (Preparing a missing
+    dataset: tests/test_recipes.py; ROOT's default on Colab: test_root_on_colab_is_a_folder_in_the_working_directory;
     notebook 05 preparing 01 to 04 on a fresh runtime, and 01 to 07 one after another through the Drive:
-    docs/NOTES.md, "Colab, emulated"; here one notebook keeps make test within its time.)"""
-    clone = bare_clone(REPO, tmp_path / "segx-tutorials.git")
+    docs/NOTES.md, "Colab, emulated"; here one notebook, without training, keeps make test within its time.)"""
+    earlier = tutorial_in_progress.finished("02_train_segmenter")
     drive = tmp_path / "drive"
+    in_drive = drive / COLAB_FOLDER  # the folder the stand-in drive.mount links as MyDrive
+    shutil.copytree(earlier / "data" / "synthetic-derm", in_drive / "data" / "synthetic-derm")
+    (in_drive / "artifacts" / "synthetic-derm").mkdir(parents=True)
+    segmenter = in_drive / "artifacts" / "synthetic-derm" / "segmenter.pt"
+    shutil.copy2(earlier / "artifacts" / "synthetic-derm" / "segmenter.pt", segmenter)
+    before = hashlib.sha256(segmenter.read_bytes()).hexdigest()
+    clone = bare_clone(REPO, tmp_path / "segx-tutorials.git")
     run = run_on_fresh_runtime("02_train_segmenter", Emulation(colab_env, clone, drive), tmp_path / "runtime")
     assert RESOLVER_ERROR not in run.setup_output and "ERROR" not in run.setup_output, run.setup_output
     assert pins_changed(run.versions_after) == {}
     text = run.text()
     assert "mode: quick" in text
-    in_drive = drive.resolve() / COLAB_FOLDER
     assert "ROOT: " in text and f"/MyDrive/{COLAB_FOLDER} (in your Google Drive" in text
-    assert "preparing the dataset (notebook 01's step)" in text
-    assert (in_drive / "data/synthetic-derm/dataset.json").is_file()
-    assert (in_drive / "artifacts/synthetic-derm/segmenter.pt").is_file()
-    # nothing but the notebook and the Drive's mount point (drive/, as /content/drive on Colab)
+    assert "dataset: synthetic-derm as generated under ROOT" in text  # found in the Drive, not generated again
+    assert hashlib.sha256(segmenter.read_bytes()).hexdigest() == before  # reused, not trained again
+    assert "Dice" in text and (in_drive / "outputs" / "synthetic-derm" / "segmentation_metrics.csv").is_file()
     assert sorted(p.name for p in run.workdir.iterdir()) == ["02_train_segmenter.ipynb", "drive"]
