@@ -94,10 +94,15 @@ def tutorial_run(tutorial_in_background) -> TutorialRun:
 
 def pytest_collection_modifyitems(items):
     """Mark every test that uses the notebook run ``notebooks``, so ``-m "not notebooks"`` leaves the run out, and
-    run those tests last: the run itself starts with the session (:func:`tutorial_in_background`), and every other
-    test runs beside it meanwhile instead of waiting for it."""
+    run those tests last (those reading the run in progress just before those reading its result): the run itself
+    starts with the session (:func:`tutorial_in_background`), and every other test runs beside it meanwhile instead
+    of waiting for it."""
     reads_the_run = [item for item in items if "tutorial_run" in getattr(item, "fixturenames", ())]
     for item in items:
         if {"tutorial_run", "tutorial_in_progress"} & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.notebooks)
-    items[:] = [item for item in items if item not in reads_the_run] + reads_the_run
+    # a test reading the run in progress (tutorial_in_progress) waits for its first notebooks: run it after the
+    # others, when they are long done, so the suite does not stand idle meanwhile
+    in_progress = [item for item in items if "tutorial_in_progress" in getattr(item, "fixturenames", ())
+                   and item not in reads_the_run]
+    items[:] = [item for item in items if item not in reads_the_run and item not in in_progress] + in_progress + reads_the_run
