@@ -1,6 +1,7 @@
 """Colab as a learner uses it (issue 33): an install that leaves Colab's pinned packages alone, ROOT where Colab's
 file browser looks (or in Google Drive), notebooks that prepare what a fresh runtime lacks, every instruction and
-link true there, and notebooks 01 and 05 run on emulated fresh Colab runtimes (tests/colab_emulation.py)."""
+link true there, and notebook 02 run on an emulated fresh Colab runtime that finds an earlier session's
+results in Google Drive (tests/colab_emulation.py)."""
 from __future__ import annotations
 
 import hashlib
