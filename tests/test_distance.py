@@ -61,6 +61,26 @@ def test_shortcut_by_distance_gives_nan_for_a_bin_without_both_outcomes():
     assert np.isfinite(out.loc["20+ px (0.62+ cell)", "c_iou_auroc"])
 
 
+def test_the_predicted_class_alone_is_binned_beside_segu_and_shown_in_the_figure_and_the_report():
+    """A baseline that knows only which class was called: where the shortcut makes one class's calls the
+    shortcut-driven ones, it flags them by itself in every bin, and the table, the figure and the report show it."""
+    from segx_helpers.workflows.report import distance_table
+
+    table = _predictions()
+    table["predicted class"] = np.where(table["shortcut_driven"], 0.3, 0.9)  # validation precision of the class called
+    scores = ("c_IoU", "c_AUITC", "confidence", "predicted class")
+    out = shortcut_by_distance(table, DistanceBins(cell_px=32), scores, n_resamples=20).set_index("bin")
+    assert (out["predicted_class_auroc"] == 1.0).all()
+    assert out.loc["20+ px (0.62+ cell)", "c_iou_auroc"] == pytest.approx(1.0)  # the other keys are unchanged
+    fig = viz.plot_auroc_by_distance({"last block": out.reset_index()}, "test")
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert "the predicted class alone" in labels and len(fig.axes[0].containers) == 4
+    markdown = distance_table(out.reset_index().to_dict(orient="records"))
+    assert "predicted class AUROC" in markdown.splitlines()[0] and "1.000 [1.000, 1.000]" in markdown
+    assert "predicted class" not in distance_table(shortcut_by_distance(table, DistanceBins(cell_px=32), n_resamples=20)
+                                                   .to_dict(orient="records"))
+
+
 def test_shortcut_rate_by_distance_counts_per_model_and_bin():
     predictions = {"baseline": pd.DataFrame({"image_id": ["a", "b", "c", "d"], "shortcut_driven": [True, True, False, True]}),
                    "fixed": pd.DataFrame({"image_id": ["a", "b", "c", "d"], "shortcut_driven": [False, True, False, False]})}

@@ -130,6 +130,10 @@ def test_segu_summaries_take_their_numbers_from_the_tables():
     assert sections["confidence"]["auroc_incorrect"] == stats.iloc[2]["auroc"]
     assert sections["aurc"]["segu"] == selective.curves[SEGU][2]
     assert segu_sections(stats, None, ["gradcam"], selective)["confidence"]["auroc_shortcut"] is None
+    by_class = pd.DataFrame([{"group": "gradcam", "certainty": "predicted class", "auroc": 0.8, "auroc_low": 0.7,
+                              "auroc_high": 0.9}])
+    with_class = segu_sections(stats, pd.concat([ground_truth, by_class]), ["gradcam"], selective)
+    assert with_class["predicted_class"] == {"auroc_shortcut": 0.8, "auroc_shortcut_ci": [0.7, 0.9]}
     no_twins = segu_sections(stats, ground_truth.iloc[:0], ["gradcam"], selective)  # an empty ground truth: no twins
     assert no_twins["segu"]["gradcam"]["c_iou"]["auroc_shortcut"] is None and no_twins["segu"]["gradcam"]["c_iou"]["auroc_shortcut_ci"] is None
 
@@ -150,6 +154,29 @@ def test_segu_summaries_take_their_numbers_from_the_tables():
     assert [sections[k][0]["n"] for k in ("shortcut_by_distance", "shortcut_by_distance_block_before",
                                           "shortcut_by_distance_patch_present")] == [3, 4, 1]
     assert distance_sections({}, {}) == {}
+
+
+def test_the_shortcut_dial_bins_the_predicted_class_for_every_layer(tmp_path):
+    """The predicted class alone is a score of the prediction, not of the map: the block before's rows take it (and
+    confidence) from the first layer's, matched by image and class, and both layers bin it."""
+    from segx_helpers.data.synthetic import SyntheticConfig, generate_synthetic_derm
+    from segx_helpers.tutorial.segu_recipes import ShortcutGroundTruth
+
+    data = load_dataset(generate_synthetic_derm(tmp_path / "derm", SyntheticConfig(n_images=60, image_size=32),
+                                                progress=False))
+    rows = _rows(60).assign(image_id=[f"derm_{k:05d}" for k in range(60)], method="gradcam", patch=True,
+                            c_AUITC=lambda t: t["c_IoU"], shortcut_driven=np.arange(60) % 2 == 0)
+    rows["predicted class"] = np.where(rows["shortcut_driven"], 0.2, 0.8)
+    truth = ShortcutGroundTruth(rows, pd.DataFrame(), pd.DataFrame())
+    before = rows[["image_id", "class", "image_index", "correct", "c_IoU", "c_AUITC", "confidence"]]
+    layers = {"last block": _results(rows), "block before": _results(before.assign(confidence=-1.0))}
+    dial = shortcut_dial(truth, layers, DistanceBins(cell_px=8), data, SIZE, n_resamples=10)
+    merged = dial.predictions["block before"].set_index("image_id")
+    assert (merged["predicted class"] == rows.set_index("image_id")["predicted class"]).all()
+    assert (merged["confidence"] == rows.set_index("image_id")["confidence"]).all()  # the prediction's, not the layer's
+    table = dial.table()
+    assert list(table) == DISTANCE_COLUMNS and (table["predicted_class_auroc"].dropna() == 1.0).all()
+    assert table["predicted_class_auroc"].notna().sum() >= 2  # both layers, in every bin with both outcomes
 
 
 def test_without_counterfactual_twins_the_synthetic_only_sections_are_empty_and_say_so(make_tiny_dataset, capsys):

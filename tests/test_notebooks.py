@@ -191,7 +191,7 @@ def test_tutorial_keeps_its_figures_in_the_executed_notebooks(tutorial_run):
 SUMMARY_SECTIONS = {
     "02_train_segmenter": {"segmenter"},
     "03_train_classifier": {"classifier"},
-    "05_segu_analysis": {"segu", "confidence", "aurc", "augrc", "shortcut_by_distance",
+    "05_segu_analysis": {"segu", "confidence", "predicted_class", "aurc", "augrc", "shortcut_by_distance",
                          "shortcut_by_distance_block_before", "shortcut_by_distance_patch_present"},
     "07_train_with_the_mask": {"fix"},
     "08_from_where_to_what": {"reveal"},
@@ -265,8 +265,8 @@ def test_tutorial_segu_analysis_scores_both_methods_against_confidence(tutorial_
 
 def test_tutorial_measures_segu_by_the_patch_distance(tutorial_run):
     """Notebook 05 section 6 (issue 23): per distance bin, in pixels and Grad-CAM cells, for both layers and for
-    the images that carry the patch, the AUROC of c_IoU, c_AUITC and confidence for flagging shortcut-driven
-    predictions; the bins hold every test prediction once; notebook 07 gives the rate per bin for every model."""
+    the images that carry the patch, the AUROC of c_IoU, c_AUITC, confidence and the predicted class alone for
+    flagging shortcut-driven predictions; the bins hold every test prediction once; notebook 07 gives the rate per bin for every model."""
     import pandas as pd
 
     summary = tutorial_run.summary()
@@ -277,7 +277,7 @@ def test_tutorial_measures_segu_by_the_patch_distance(tutorial_run):
         for row in rows:
             assert 0 < row["n_shortcut_driven"] < row["n"], (key, row["bin"])
             assert row["distance_px"][0] < row["distance_px"][1] and row["distance_cells"][0] == row["distance_px"][0] / 32
-            for score in ("c_iou", "c_auitc", "confidence"):
+            for score in ("c_iou", "c_auitc", "confidence", "predicted_class"):
                 assert _probability(row[f"{score}_auroc"]), (key, row["bin"], score)
                 assert row[f"{score}_auroc_low"] <= row[f"{score}_auroc"] <= row[f"{score}_auroc_high"]
     rows = summary["shortcut_by_distance"]
@@ -285,6 +285,7 @@ def test_tutorial_measures_segu_by_the_patch_distance(tutorial_run):
     assert sum(row["n"] for row in rows) == n_test
     assert sum(row["n_shortcut_driven"] for row in rows) == round(summary["classifier"]["shortcut_driven_rate"] * n_test)
     assert summary["shortcut_by_distance_block_before"][0]["n"] == rows[0]["n"]
+    assert _probability(summary["predicted_class"]["auroc_shortcut"])  # the predicted class alone, over all bins
     assert (tutorial_run.outputs / "figures" / "05_segu_by_distance.png").is_file()
     rates = pd.read_csv(tutorial_run.outputs / "fix_rate_by_distance.csv")
     assert set(rates["model"]) == {"baseline", "control (no fix)", "RRR", "background"}

@@ -34,6 +34,10 @@ def test_segu_findings_states_what_the_tables_say():
     text = segu_findings(stats, by_type, None)
     assert "held for gradcam" in text and "is beaten by the classifier's confidence" in text
     assert "artefact present** (20 errors)" in text and "below chance" in text
+    truth = pd.concat([stats, stats.iloc[:1].assign(certainty="predicted class", auroc=0.7, auroc_low=0.6,
+                                                    auroc_high=0.8)])
+    shortcut = next(line for line in segu_findings(stats, by_type, truth).splitlines() if "Shortcut-driven" in line)
+    assert shortcut.endswith("; the predicted class alone 0.700 [0.600, 0.800].")
 
 
 def test_report_shows_the_ground_truth_and_the_fix_from_summary_json(tmp_path):
@@ -42,11 +46,13 @@ def test_report_shows_the_ground_truth_and_the_fix_from_summary_json(tmp_path):
     update_summary(tmp_path, "synthetic-derm", classifier={"shortcut_driven_rate": 0.33},
                    segu={"gradcam": {"c_iou": {"auroc_shortcut": 0.59, "auroc_shortcut_ci": [0.5, 0.67]}}},
                    confidence={"auroc_shortcut": 0.8, "auroc_shortcut_ci": [0.74, 0.86]},
+                   predicted_class={"auroc_shortcut": 0.71, "auroc_shortcut_ci": [0.65, 0.77]},
                    fix={"baseline": {"accuracy": 0.7, "shortcut_driven_rate": 0.44},
                         "rrr": {"accuracy": 0.63, "shortcut_driven_rate": 0.03}})
     text = build_report(tmp_path)
     assert "Shortcut-driven test predictions (counterfactual twins): 33.0%" in text
     assert "| gradcam c_iou | 0.590 [0.500, 0.670] |" in text and "| confidence | 0.800 [0.740, 0.860] |" in text
+    assert "| the predicted class alone | 0.710 [0.650, 0.770] |" in text
     assert "| rrr | 0.630 | 0.030 |" in text
 
 

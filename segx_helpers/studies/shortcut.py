@@ -129,6 +129,12 @@ class DistanceBins:
         return pd.Categorical.from_codes(codes, categories=self.labels, ordered=True)
 
 
+def score_key(score: str) -> str:
+    """A certainty column's name as a key of :func:`shortcut_by_distance`'s rows: ``"c_IoU"`` -> ``"c_iou"``,
+    ``"predicted class"`` -> ``"predicted_class"``."""
+    return score.lower().replace(" ", "_")
+
+
 def shortcut_by_distance(table: pd.DataFrame, bins: DistanceBins,
                          scores: Sequence[str] = ("c_IoU", "c_AUITC", "confidence"), n_resamples: int = 1000,
                          seed: int = 0) -> pd.DataFrame:
@@ -138,9 +144,10 @@ def shortcut_by_distance(table: pd.DataFrame, bins: DistanceBins,
     ``table``: one row per prediction with ``distance_px`` (:func:`artefact_distance`), ``shortcut_driven``,
     ``correct`` and the ``scores`` columns. One row per bin: ``bin``, ``n``, ``n_shortcut_driven``,
     ``distance_px`` and ``distance_cells`` as ``[low, high]`` (the open last bin ends at the largest distance in
-    it), then per score (lower-cased) ``<score>_auroc`` with ``_low`` / ``_high`` (95 % bootstrap CI of the AUROC
-    of a *low* score for flagging shortcut-driven predictions: 0.5 is chance; NaN without both outcomes), and
-    ``<score>_correct`` / ``<score>_incorrect``, the mean score of correct and of incorrect predictions.
+    it), then per score (its :func:`score_key`, e.g. ``c_iou``, ``predicted_class``) ``<key>_auroc`` with ``_low`` /
+    ``_high`` (95 % bootstrap CI of the AUROC of a *low* score for flagging shortcut-driven predictions: 0.5 is
+    chance; NaN without both outcomes), and ``<key>_correct`` / ``<key>_incorrect``, the mean score of correct and
+    of incorrect predictions.
     """
     assigned = bins.assign(table["distance_px"].to_numpy())
     rows = []
@@ -158,7 +165,7 @@ def shortcut_by_distance(table: pd.DataFrame, bins: DistanceBins,
             flagged = separation_table(part.assign(correct=~driven), list(scores), n_resamples=n_resamples,
                                        seed=seed).set_index("certainty")
         for score in scores:
-            key = score.lower()
+            key = score_key(score)
             for stat in ("auroc", "auroc_low", "auroc_high"):
                 row[f"{key}_{stat}"] = float(flagged.loc[score, stat]) if flagged is not None else float("nan")
             row[f"{key}_correct"] = float(part[score][correct].mean()) if correct.any() else float("nan")

@@ -172,11 +172,20 @@ def segu_sections(stats: pd.DataFrame, ground_truth: pd.DataFrame | None, method
     flagging incorrect and shortcut-driven predictions (``stats`` and ``ground_truth``:
     :func:`~segx_helpers.scores.segu.separation_table` per method; ``ground_truth`` None or empty without
     counterfactual twins), the same for the classifier's confidence, and the AURC and AUGRC of confidence, SegU and
-    their combination."""
-    return {"segu": {m: {"c_iou": _aurocs(stats, ground_truth, m, "c_IoU"),
-                         "c_auitc": _aurocs(stats, ground_truth, m, "c_AUITC")} for m in methods},
-            "confidence": _aurocs(stats, ground_truth, confidence_method, "confidence"),
-            "aurc": selective.entry("AURC"), "augrc": selective.entry("AUGRC")}
+    their combination. Where ``ground_truth`` rates the predicted class alone (certainty ``"predicted class"``),
+    also ``predicted_class``: its AUROC for flagging shortcut-driven predictions (its AUROC for errors is in
+    notebook 05's within table)."""
+    sections = {"segu": {m: {"c_iou": _aurocs(stats, ground_truth, m, "c_IoU"),
+                             "c_auitc": _aurocs(stats, ground_truth, m, "c_AUITC")} for m in methods},
+                "confidence": _aurocs(stats, ground_truth, confidence_method, "confidence"),
+                "aurc": selective.entry("AURC"), "augrc": selective.entry("AUGRC")}
+    rated = ground_truth is not None and ((ground_truth["group"] == confidence_method)
+                                          & (ground_truth["certainty"] == "predicted class")).any()
+    if rated:
+        row = _row(ground_truth, confidence_method, "predicted class")
+        sections["predicted_class"] = {"auroc_shortcut": row["auroc"],
+                                       "auroc_shortcut_ci": [row["auroc_low"], row["auroc_high"]]}
+    return sections
 
 
 def distance_sections(by_distance: dict[str, pd.DataFrame], present: dict[str, pd.DataFrame],
@@ -199,7 +208,11 @@ NO_TWINS = ("This dataset has no counterfactual twins (real data): sections 5 an
 SEPARATION_COLUMNS = ["group", "certainty", "n_correct", "n_incorrect", "mann_whitney_u", "p_value", "rank_biserial",
                       "auroc", "auroc_low", "auroc_high", "auprc", "auprc_low", "auprc_high", "error_rate"]
 """The columns of :func:`~segx_helpers.scores.selective.separation_table` grouped by method."""
-DISTANCE_COLUMNS = ["bin", "n", "n_shortcut_driven", "c_iou_auroc", "c_auitc_auroc", "confidence_auroc"]
+DISTANCE_COLUMNS = ["bin", "n", "n_shortcut_driven", "c_iou_auroc", "c_auitc_auroc", "confidence_auroc",
+                    "predicted_class_auroc"]
+DIAL_SCORES = ("c_IoU", "c_AUITC", "confidence", "predicted class")
+"""The scores :func:`shortcut_dial` bins, where the prediction rows have them: the paper's two, the classifier's
+confidence and the predicted class alone (:func:`~segx_helpers.studies.artefacts.with_class_precision`)."""
 TABLE4_COLUMNS = ["n", "c_iou_correct", "c_iou_incorrect", "c_auitc_correct", "c_auitc_incorrect"]
 
 
@@ -256,7 +269,7 @@ class ShortcutDial:
         tables = self.present if patch_present else self.by_distance
         if not tables:
             return pd.DataFrame(columns=DISTANCE_COLUMNS)
-        return pd.concat(tables, names=["layer"])[DISTANCE_COLUMNS]
+        return pd.concat(tables, names=["layer"]).reindex(columns=DISTANCE_COLUMNS)  # NaN for a score not binned
 
     def table4(self) -> pd.DataFrame:
         """The paper's Table 4 format per distance bin of the first layer: mean ``c_IoU`` and ``c_AUITC`` of correct
@@ -276,20 +289,22 @@ def shortcut_dial(truth: ShortcutGroundTruth, layers: dict[str, Results], bins: 
                   image_size: int, n_resamples: int = 1000, seed: int = 0) -> ShortcutDial:
     """:class:`ShortcutDial` for the explanations of ``layers`` (layer name -> Grad-CAM results of the same
     predictions; the first is the method whose rows ``truth.scores`` holds as ``gradcam``), binned by ``bins``;
-    ``image_size``: the classifier's input size, at which the artefact's distance is measured. Empty when ``truth``
-    is (no counterfactual twins)."""
+    ``image_size``: the classifier's input size, at which the artefact's distance is measured. The scores binned
+    are those of :data:`DIAL_SCORES` that ``truth.scores`` has. Empty when ``truth`` is (no counterfactual twins)."""
     if truth.scores.empty:
         return ShortcutDial({}, {}, {}, {})
     (first_name, first), *others = layers.items()
     rows = truth.scores[truth.scores["method"] == "gradcam"]
     rows = rows.assign(distance_px=artefact_distance(data, rows["image_id"], image_size))
-    shared = rows[["image_id", "class", "shortcut_driven", "distance_px", "confidence", "patch"]]
+    binned = [score for score in DIAL_SCORES if score in rows]
+    of_the_prediction = [score for score in ("confidence", "predicted class") if score in rows]  # not the map's
+    shared = rows[["image_id", "class", "shortcut_driven", "distance_px", "patch", *of_the_prediction]]
     predictions = {first_name: rows}
     for name, results in others:  # the same predictions, this layer's scores
         predictions[name] = results.table.drop(columns="confidence").merge(shared, on=["image_id", "class"])
-    by_distance = {name: shortcut_by_distance(table, bins, n_resamples=n_resamples, seed=seed)
+    by_distance = {name: shortcut_by_distance(table, bins, binned, n_resamples=n_resamples, seed=seed)
                    for name, table in predictions.items()}
-    present = {name: shortcut_by_distance(table[table["patch"]], bins, n_resamples=n_resamples, seed=seed)
+    present = {name: shortcut_by_distance(table[table["patch"]], bins, binned, n_resamples=n_resamples, seed=seed)
                for name, table in predictions.items()}
     return ShortcutDial(predictions, by_distance, present, examples_by_distance(first, rows, bins, n=4))
 

@@ -339,8 +339,9 @@ def plot_auroc_with_ci(table: pd.DataFrame, label: str, title: str) -> plt.Figur
 
 def plot_auroc_by_distance(tables: dict[str, pd.DataFrame], title: str) -> plt.Figure:
     """AUROC (95 % CI as error bars) for flagging shortcut-driven predictions against the artefact's distance
-    bin: one line per SegU score and layer, the classifier's confidence dashed. ``tables``: layer name ->
-    :func:`segx_helpers.studies.shortcut.shortcut_by_distance` (same bins); confidence comes from the first.
+    bin: one line per SegU score and layer, the classifier's confidence dashed and, where the tables have it, the
+    predicted class alone dotted. ``tables``: layer name -> :func:`segx_helpers.studies.shortcut.shortcut_by_distance`
+    (same bins); confidence and the predicted class come from the first.
     :func:`plot_nothing_to_show` without tables."""
     if not tables:
         return plot_nothing_to_show(title, NO_ROWS)
@@ -352,9 +353,12 @@ def plot_auroc_by_distance(tables: dict[str, pd.DataFrame], title: str) -> plt.F
     lines = [(f"{score} ({layer})", table, key, *styles[key]) for layer, table in tables.items()
              for score, key in (("c_IoU", "c_iou"), ("c_AUITC", "c_auitc"))]
     lines.append(("classifier confidence", first, "confidence", "D", "--"))
+    if "predicted_class_auroc" in first:
+        lines.append(("the predicted class alone", first, "predicted_class", "v", ":"))
+    baselines = {"confidence": "black", "predicted_class": "#8d6e63"}
     for k, (label, table, key, marker, style) in enumerate(lines):
         shift = (k - (len(lines) - 1) / 2) * 0.05
-        colour = "black" if key == "confidence" else next(colours)
+        colour = baselines.get(key) or next(colours)
         auroc = table[f"{key}_auroc"].to_numpy(dtype=float)
         error = [auroc - table[f"{key}_auroc_low"].to_numpy(dtype=float),
                  table[f"{key}_auroc_high"].to_numpy(dtype=float) - auroc]

@@ -113,8 +113,10 @@ def segu_findings(stats: pd.DataFrame, by_type: pd.DataFrame, ground_truth: pd.D
     if ground_truth is not None:
         a, b = row(ground_truth, group=method, certainty=score), row(ground_truth, group=method, certainty="confidence")
         if a is not None and b is not None:
+            by_class = row(ground_truth, group=method, certainty="predicted class")
+            alone = f"; the predicted class alone {auroc(by_class)}" if by_class is not None else ""
             lines.append(f"- **Shortcut-driven predictions** ({int(a['n_incorrect'])}, by counterfactual twins): "
-                         f"{versus(a, b, 'confidence')}.")
+                         f"{versus(a, b, 'confidence')}{alone}.")
     return "\n".join(lines) if lines else "_Not enough correct and incorrect predictions to say anything._"
 
 
@@ -298,6 +300,9 @@ def build_report(root: str | Path, dataset: str = "synthetic-derm") -> str:
         if "confidence" in run:
             rows.append({"certainty": "confidence", "AUROC, shortcut-driven predictions": interval(
                 run["confidence"].get("auroc_shortcut"), run["confidence"].get("auroc_shortcut_ci"))})
+        if "predicted_class" in run:
+            rows.append({"certainty": "the predicted class alone", "AUROC, shortcut-driven predictions": interval(
+                run["predicted_class"].get("auroc_shortcut"), run["predicted_class"].get("auroc_shortcut_ci"))})
         rate = run.get("classifier", {}).get("shortcut_driven_rate")
         head = f"Shortcut-driven test predictions (counterfactual twins): {rate:.1%}.\n\n" if rate is not None else ""
         parts.append(section("SegU against the ground truth of shortcut reliance",
@@ -364,14 +369,17 @@ def within_table(rows: list[dict]) -> str:
 
 def distance_table(rows: list[dict]) -> str:
     """The ``shortcut_by_distance`` rows of summary.json as a Markdown table: per bin the shortcut-driven count and
-    the AUROC [95 % CI] of ``c_IoU``, ``c_AUITC`` and confidence for flagging them, then Table 4's mean ``c_IoU``
-    for correct vs incorrect predictions."""
+    the AUROC [95 % CI] of ``c_IoU``, ``c_AUITC``, confidence and (where the rows have it) the predicted class alone
+    for flagging them, then Table 4's mean ``c_IoU`` for correct vs incorrect predictions."""
+    scores = [("c_IoU", "c_iou"), ("c_AUITC", "c_auitc"), ("confidence", "confidence")]
+    if any("predicted_class_auroc" in r for r in rows):
+        scores.append(("predicted class", "predicted_class"))
     frame = pd.DataFrame({
         "distance": [r["bin"] for r in rows],
         "shortcut-driven / predictions": [f"{r['n_shortcut_driven']} / {r['n']}" for r in rows],
         **{f"{name} AUROC": [interval(r.get(f"{key}_auroc"), (r.get(f"{key}_auroc_low"), r.get(f"{key}_auroc_high")))
                              for r in rows]
-           for name, key in (("c_IoU", "c_iou"), ("c_AUITC", "c_auitc"), ("confidence", "confidence"))},
+           for name, key in scores},
         "mean c_IoU, correct / incorrect": [f"{number(r.get('c_iou_correct'))} / {number(r.get('c_iou_incorrect'))}"
                                             for r in rows]})
     return markdown_table(frame)
