@@ -227,6 +227,22 @@ def test_plot_results_rows_draws_one_gallery_row_per_result_set_with_its_own_ima
     assert [ax.get_title() for ax in fig.axes if ax.get_images()][3] == "second/False"
 
 
+def test_a_gallerys_two_line_titles_do_not_cover_the_images_of_the_row_above():
+    """Notebook 05's least-certain gallery titles each panel with two lines; they must sit below the images above."""
+    rng = np.random.default_rng(0)
+    n = 8
+    fig = viz.plot_prediction_gallery(rng.random((n, SIZE, SIZE, 3)), rng.random((n, SIZE, SIZE)),
+                                      np.zeros((n, SIZE, SIZE)), ["derm_00292: melanoma\nINCORRECT, c_IoU 0.00, patch"] * n,
+                                      "title")
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    first, second = fig.axes[:4], fig.axes[4:8]
+    lowest_image = min(ax.get_window_extent(renderer).y0 for ax in first)
+    highest_title = max(ax.title.get_window_extent(renderer).y1 for ax in second)
+    assert highest_title <= lowest_image
+    plt.close(fig)
+
+
 def test_plot_audit_maps_reads_each_rows_map_and_mask_from_its_shard(tmp_path):
     from PIL import Image
 

@@ -378,7 +378,8 @@ def plot_prediction_gallery(images: np.ndarray, maps: np.ndarray, masks: np.ndar
     """One panel per prediction: the image with its original map, mask outline and top-p % outline."""
     n = len(maps)
     nrows = max(1, int(np.ceil(n / ncols)))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(2.6 * ncols, 3.2 * nrows), squeeze=False)
+    # constrained layout leaves room for two-line titles above square images (tight_layout let them overlap the row above)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(2.6 * ncols, 3.2 * nrows), squeeze=False, layout="constrained")
     for ax in axes.ravel():
         ax.axis("off")
     for k in range(n):
@@ -388,9 +389,8 @@ def plot_prediction_gallery(images: np.ndarray, maps: np.ndarray, masks: np.ndar
     handles = [plt.Line2D([], [], color=(0.0, 0.9, 1.0), label="predicted clinical-interest mask"),
                plt.Line2D([], [], color="white", marker="s", markerfacecolor="white", markeredgecolor="black",
                           linestyle="none", label=f"top {p:g} % of the original map")]
-    fig.legend(handles=handles, loc="lower center", ncol=2, frameon=False, fontsize=9)
+    fig.legend(handles=handles, loc="outside lower center", ncol=2, frameon=False, fontsize=9)
     fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0.04, 1, 0.97))
     return fig
 
 
