@@ -383,8 +383,10 @@ def test_notebook_06_runs_unchanged_on_any_folder_in_the_format(tmp_path, make_t
 
 @pytest.mark.notebooks
 def test_real_data_path_runs_on_a_tiny_isic_trap_copy(tmp_path):
-    """Notebooks 01-05 with REAL_DATA on a fixture-sized isic2018-trap (60 images at 64 px), as the converter
-    makes it from the official layout: CI cannot download the real data, but a broken real-data path fails here."""
+    """Notebooks 01-05, 07 and 08 with REAL_DATA on a fixture-sized isic2018-trap (60 images at 64 px), as the
+    converter makes it from the official layout: CI cannot download the real data, but a broken real-data path fails
+    here. 07 and 08 must take REAL_DATA too: without it they would ask for a 128 px classifier and stop at the
+    fingerprint check."""
     import pandas as pd
     from test_real_converters import make_isic_trap
 
@@ -393,7 +395,7 @@ def test_real_data_path_runs_on_a_tiny_isic_trap_copy(tmp_path):
 
     make_isic_trap(tmp_path / "raw", "official", n=60, size=64)
     convert_isic2018_trap(tmp_path / "raw", tmp_path / "data" / "isic2018-trap", verbose=False)
-    names = NAMES[:5]
+    names = [name for name in NAMES if not name.startswith("06")]  # 06 brings its own folder
     timings = run_notebooks(tmp_path, quick=True, only=names,
                             extra_parameters={"DATASET": "isic2018-trap", "REAL_DATA": 64})
     assert list(timings) == names
@@ -418,3 +420,6 @@ def test_real_data_path_runs_on_a_tiny_isic_trap_copy(tmp_path):
     assert set(within["view"]) == {"all", "predicted class", "lesion size"}
     assert {"last block", "block before"} == set(within["layer"])
     assert {"c_IoU / max", "lesion area", "predicted class"} <= set(within["certainty"])
+    flags = pd.read_csv(out / "reveal_flags.csv")  # notebook 08 names its clusters with the image-level flags
+    assert set(flags["artefact"]) == {"dark_corner", "hair", "gel_border", "gel_bubble", "ruler", "ink", "patches"}
+    assert {"fix", "reveal"} <= set(json.loads((tmp_path / "outputs" / "summary.json").read_text())["isic2018-trap"])
