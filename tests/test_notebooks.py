@@ -422,4 +422,5 @@ def test_real_data_path_runs_on_a_tiny_isic_trap_copy(tmp_path):
     assert {"c_IoU / max", "lesion area", "predicted class"} <= set(within["certainty"])
     flags = pd.read_csv(out / "reveal_flags.csv")  # notebook 08 names its clusters with the image-level flags
     assert set(flags["artefact"]) == {"dark_corner", "hair", "gel_border", "gel_bubble", "ruler", "ink", "patches"}
+    assert {"predicted class AUROC", "beyond predicted class"} <= set(flags.columns)  # the prediction as a baseline
     assert {"fix", "reveal"} <= set(json.loads((tmp_path / "outputs" / "summary.json").read_text())["isic2018-trap"])

@@ -113,6 +113,22 @@ def test_flag_auroc_beats_random_clusters_only_for_a_flag_the_clusters_follow():
     assert table.loc["ink", "AUROC"] == pytest.approx(max(roc_auc_score(ink, labels == c) for c in range(3)))
 
 
+def test_flag_auroc_sets_the_clusters_beside_what_the_predicted_class_alone_says():
+    """A classifier that learnt an artefact calls its images one class: clusters that only split the predicted classes
+    name that artefact no better than the prediction does, and the table must say so."""
+    rng = np.random.default_rng(0)
+    predicted = np.repeat(["malignant", "benign"], 30)
+    labels = np.repeat([0, 1, 2], 20)                    # cluster 0 inside the malignant calls, 2 inside the benign
+    flags = pd.DataFrame({"ruler": predicted == "malignant", "patch": labels == 2, "ink": rng.random(60) < 0.4})
+    table = flag_auroc(labels, flags, n_random=50, predicted=predicted).set_index("artefact")
+    assert table.loc["ruler", "predicted class AUROC"] == 1.0 and not table.loc["ruler", "beyond predicted class"]
+    assert table.loc["ruler", "above random"]             # above random clusters, yet nothing the prediction lacks
+    assert table.loc["patch", "AUROC"] == 1.0
+    assert table.loc["patch", "predicted class AUROC"] == 0.875   # benign calls: (1 + 20/20 - 10/40) / 2
+    assert table.loc["patch", "beyond predicted class"]
+    assert "predicted class AUROC" not in flag_auroc(labels, flags, n_random=5).columns  # only when given
+
+
 def test_concept_detector_fires_on_the_cells_like_its_cluster_without_labels():
     centroid = np.array([0.0, 0.0, 1.0], np.float32)
     features = np.zeros((3, 3, 4, 4), np.float32)

@@ -367,14 +367,20 @@ def best_match(labels: np.ndarray, hit: np.ndarray) -> dict:
     return best
 
 
-def flag_auroc(labels: np.ndarray, flags: pd.DataFrame, n_random: int = 200, seed: int = 0) -> pd.DataFrame:
+def flag_auroc(labels: np.ndarray, flags: pd.DataFrame, n_random: int = 200, seed: int = 0,
+               predicted: np.ndarray | None = None) -> pd.DataFrame:
     """For each artefact flag (bool columns of ``flags``, one row per collected prediction): the AUROC of membership
     in the cluster that best separates images with the artefact from those without (the best over clusters),
     next to the same best-of-clusters AUROC for random clusters of the same sizes (``n_random`` shuffles of the
     labels: their mean and 95th percentile). Columns: ``artefact``, ``with``, ``without``, ``cluster``, ``AUROC``,
     ``random AUROC``, ``random 95th``, ``above random`` (AUROC above the random 95th percentile). NaN where the
-    artefact is always or never present among the collected predictions."""
+    artefact is always or never present among the collected predictions.
+
+    ``predicted`` (the predicted class of each collected prediction) adds the baseline a classifier that learnt the
+    artefact already offers: ``predicted class AUROC``, the same best-membership AUROC with the predicted classes as
+    the clusters, and ``beyond predicted class`` (the clusters' AUROC above it)."""
     labels = np.asarray(labels)
+    classes = None if predicted is None else pd.factorize(np.asarray(predicted))[0]
     rng = np.random.default_rng(seed)
     shuffles = [rng.permutation(labels) for _ in range(n_random)]
     rows = []
@@ -388,6 +394,10 @@ def flag_auroc(labels: np.ndarray, flags: pd.DataFrame, n_random: int = 200, see
             random = np.array([_best_membership_auroc(s, present)[1] for s in shuffles])
             row["random AUROC"], row["random 95th"] = float(random.mean()), float(np.percentile(random, 95))
         row["above random"] = bool(row["AUROC"] > row["random 95th"])
+        if classes is not None:
+            row["predicted class AUROC"] = (_best_membership_auroc(classes, present)[1] if 0 < present.sum() < len(present)
+                                            else float("nan"))
+            row["beyond predicted class"] = bool(row["AUROC"] > row["predicted class AUROC"])
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -492,7 +502,8 @@ def _name_clusters(study: RevealStudy, data: LoadedDataset, classifier: TrainedM
     pixel = pixel_artefacts(data, image_ids, collected.top.shape[-1])
     if not pixel:
         flags = image_flags(data, image_ids)
-        study.flags = None if flags is None else flag_auroc(study.what.labels, flags, seed=options.seed)
+        study.flags = None if flags is None else flag_auroc(study.what.labels, flags, seed=options.seed,
+                                                            predicted=study.rows["class"].to_numpy())
         return
     study.tolerance_px = float(options.tolerance_px if options.tolerance_px is not None else quarter_cell_px(classifier))
     hits = artefact_hits(collected.top, pixel, study.tolerance_px)
