@@ -243,6 +243,31 @@ def test_a_gallerys_two_line_titles_do_not_cover_the_images_of_the_row_above():
     plt.close(fig)
 
 
+def test_cluster_crops_label_each_row_without_squeezing_the_layout_or_covering_the_row_above():
+    """Notebook 08's crops: each row's label spans the row; as an axes title it made tight_layout give up (a warning
+    in every run of notebook 08) and squeeze the first crop."""
+    import warnings
+
+    labels = np.repeat([0, 1, 2], 8)
+    table = pd.DataFrame({"cluster": [0, 1, 2], "size": [8, 8, 8], "mean confidence": [0.9, 0.8, 0.7],
+                          "predicted": ["benign (96%)", "malignant (100%)", "benign (94%)"],
+                          "shortcut-driven share": [0.9, 0.1, 0.0]})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "Tight layout not applied" fails here
+        fig = viz.plot_cluster_crops(np.random.default_rng(0).random((24, 40, 40, 3)), labels, table, "crops")
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    rows = np.array(fig.axes).reshape(3, 8)
+    widths = [ax.get_window_extent(renderer).width for ax in rows[:, 0]] + [rows[0, 1].get_window_extent(renderer).width]
+    assert max(widths) - min(widths) < 1  # the first crop as wide as the others
+    for above, row in zip(rows[:-1], rows[1:]):
+        label = row[0].texts[0]
+        assert label.get_text().startswith("cluster ")
+        assert label.get_window_extent(renderer).y1 <= above[0].get_window_extent(renderer).y0
+        assert label.get_window_extent(renderer).y0 >= row[0].get_window_extent(renderer).y1
+    plt.close(fig)
+
+
 def test_plot_audit_maps_reads_each_rows_map_and_mask_from_its_shard(tmp_path):
     from PIL import Image
 

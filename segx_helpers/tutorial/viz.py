@@ -561,8 +561,10 @@ def plot_cluster_crops(crops: np.ndarray, labels: np.ndarray, table: pd.DataFram
             ax.imshow(_as_display(crops[k]), cmap="gray" if crops.shape[-1] == 1 else None)
         driven = (f", shortcut-driven {row['shortcut-driven share']:.0%}" if "shortcut-driven share" in row
                   and np.isfinite(row["shortcut-driven share"]) else "")
-        ax_row[0].set_title(f"cluster {row['cluster']}: {row['size']} predictions{driven}, mean confidence "
-                            f"{row['mean confidence']:.2f}, predicted {row['predicted']}", fontsize=8, loc="left")
+        label = ax_row[0].text(0.0, 1.04, f"cluster {row['cluster']}: {row['size']} predictions{driven}, mean "
+                               f"confidence {row['mean confidence']:.2f}, predicted {row['predicted']}", fontsize=8,
+                               transform=ax_row[0].transAxes, va="bottom")
+        label.set_in_layout(False)  # it spans the row: a title would make tight_layout squeeze the first crop
     fig.suptitle(title)
     fig.tight_layout()
     return fig
