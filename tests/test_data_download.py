@@ -389,9 +389,10 @@ def test_interrupted_run_leaves_only_the_resumable_part(tmp_path, server):
     proc = subprocess.Popen([BASH, "data_download.sh", "shenzhen", "--data-dir", str(tmp_path / "data")], cwd=REPO,
                             env={**base, "SEGX_SHENZHEN_URL": server.url, "TMPDIR": str(temp)},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    part = tmp_path / "data" / "shenzhen" / "raw" / "ChinaSet_AllFiles.zip.part"
     try:
-        for _ in range(600):  # wait until the download is under way (a safety bound, not a timing assertion)
-            if server.requests:
+        for _ in range(600):  # wait until the part file exists (a safety bound, not a timing assertion): killing
+            if server.requests and part.is_file():  # at the request alone raced the part file's creation
                 break
             time.sleep(0.1)
         assert server.requests, "the download never started"
